@@ -1,0 +1,184 @@
+"""Python API: hold a seat for the duration of a block.
+
+    async with Seat("CLOCK.EXE", "4.00") as seat:
+        ...  # seat.lease; seat.lost is set if the seat is taken away
+
+Goes through the workstation agent at the config's `socket` when one answers; with no agent
+it talks to the servers itself with the same failover and retry policy (an in-process
+LeaseKeeper).  Errors are the protocol's: Denied, Unavailable, AuthFailed, LockedOut, ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from typing import Any
+
+import structlog
+
+from metering_client.config import ClientConfig, load_client_config
+from metering_client.connector import Connector
+from metering_client.keeper import HeldLease, LeaseKeeper
+from metering_client.serverlist import ServerList
+from metering_protocol.client import ProtocolClient
+from metering_protocol.errors import ConnectionLost, MeteringError
+
+log = structlog.get_logger("metering.client")
+
+
+async def connect_agent(config: ClientConfig) -> ProtocolClient | None:
+    """A hello'd connection to the local agent, or None when no agent answers."""
+    if not config.socket.exists():
+        return None
+    try:
+        client = await ProtocolClient.connect(
+            f"unix://{config.socket}", timeout=config.connect_timeout_s
+        )
+        await client.hello(config.name, user=None, token=None, timeout=config.request_timeout_s)
+    except MeteringError as exc:
+        log.debug("agent_not_answering", socket=str(config.socket), error=str(exc))
+        return None
+    return client
+
+
+class Seat:
+    def __init__(
+        self,
+        product: str,
+        version: str,
+        *,
+        config: ClientConfig | None = None,
+        wait_s: float = 0.0,
+        user: str | None = None,
+        use_agent: bool = True,
+    ):
+        self.product, self.version = product, version
+        self.config = config or load_client_config()
+        self.wait_s = wait_s
+        self.user = user
+        self.use_agent = use_agent
+        self.lease: str | None = None
+        self.reply: dict[str, Any] = {}
+        self.lost = asyncio.Event()
+        self.via_agent = False
+        self._agent: ProtocolClient | None = None
+        self._keeper: LeaseKeeper | None = None
+        self._watch: asyncio.Task | None = None
+
+    async def __aenter__(self) -> Seat:
+        if self.use_agent:
+            self._agent = await connect_agent(self.config)
+        if self._agent is not None:
+            self.via_agent = True
+            self._agent.on_event = self._on_agent_event
+            fields: dict[str, Any] = {
+                "product": self.product,
+                "version": self.version,
+                "wait_s": self.wait_s,
+            }
+            if self.user:
+                fields["user"] = self.user
+            try:
+                self.reply = await self._agent.request(
+                    "checkout", timeout=self._agent_timeout(), **fields
+                )
+            except BaseException:
+                await self._agent.close()
+                raise
+            self.lease = self.reply["lease"]
+            self._watch = asyncio.create_task(self._stay_attached())
+            return self
+        servers = ServerList(
+            self.config.servers.list,
+            self.config.state_dir / "servers.json" if _writable(self.config) else None,
+        )
+        servers.load()
+        self._keeper = LeaseKeeper(Connector(self.config, servers), on_lost=self._on_lost)
+        try:
+            held, self.reply = await self._keeper.checkout(
+                self.product, self.version, user=self.user, wait_s=self.wait_s
+            )
+        except BaseException:
+            await self._keeper.stop()
+            raise
+        self.lease = held.handle
+        self._keeper.start()
+        return self
+
+    def _agent_timeout(self) -> float:
+        # The agent itself bounds its failover; this only guards against a hung agent.
+        c = self.config.servers
+        budget = c.retries * len(c.list) * (c.connect_timeout_ms + c.request_timeout_ms)
+        return self.wait_s + budget / 1000 + c.retries * c.backoff_max_ms / 1000 + 5
+
+    def _on_agent_event(self, msg: dict[str, Any]) -> None:
+        if msg.get("event") == "revoked" and msg.get("lease") == self.lease:
+            self.lost.set()
+
+    def _on_lost(self, held: HeldLease, reason: str) -> None:
+        self.lost.set()
+
+    async def _stay_attached(self) -> None:
+        """If the agent restarts while we hold a seat, re-attach to it with our lease id."""
+        while True:
+            assert self._agent is not None
+            await asyncio.shield(self._agent.closed)
+            log.warning("agent_connection_lost", lease=self.lease)
+            while True:
+                await asyncio.sleep(0.5)
+                client = await connect_agent(self.config)
+                if client is None:
+                    continue
+                try:
+                    reply = await client.request(
+                        "checkout",
+                        timeout=self._agent_timeout(),
+                        product=self.product,
+                        version=self.version,
+                        lease=self.lease,
+                    )
+                except MeteringError as exc:
+                    await client.close()
+                    if not exc.retryable:
+                        self.lost.set()
+                        return
+                    continue
+                client.on_event = self._on_agent_event
+                self._agent, self.lease = client, reply["lease"]
+                log.info("agent_reattached", lease=self.lease)
+                break
+
+    async def release(self) -> bool:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+            self._watch = None
+        released = False
+        try:
+            if self._agent is not None and self.lease is not None:
+                with contextlib.suppress(ConnectionLost):
+                    reply = await self._agent.request(
+                        "checkin", timeout=self._agent_timeout(), lease=self.lease
+                    )
+                    released = bool(reply.get("released"))
+            elif self._keeper is not None and self.lease is not None:
+                released = await self._keeper.checkin(self.lease)
+        finally:
+            if self._agent is not None:
+                await self._agent.close()
+            if self._keeper is not None:
+                await self._keeper.stop()
+        return released
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.release()
+
+
+def _writable(config: ClientConfig) -> bool:
+    try:
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(config.state_dir, os.W_OK)

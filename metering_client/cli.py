@@ -1,0 +1,298 @@
+"""`metering-client`: the agent daemon and the workstation commands.
+
+Only this module turns errors into exit codes (sysexits): 75 denied / no server reachable,
+77 authentication refused, 78 config, 64 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from metering_client.config import ClientConfig, load_client_config
+from metering_protocol.config import ConfigError
+from metering_protocol.errors import (
+    AuthFailed,
+    CredentialUnusable,
+    Forbidden,
+    LockedOut,
+    MeteringError,
+    UnknownProduct,
+)
+from metering_protocol.logs import configure_logging
+
+EX_USAGE, EX_UNAVAILABLE, EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 64, 69, 75, 77, 78
+
+
+def exit_code(exc: MeteringError) -> int:
+    if isinstance(exc, AuthFailed | LockedOut | Forbidden):
+        return EX_NOPERM
+    if isinstance(exc, CredentialUnusable):
+        return EX_CONFIG
+    if isinstance(exc, UnknownProduct):
+        return EX_UNAVAILABLE
+    if exc.retryable:
+        return EX_TEMPFAIL  # denied, unavailable, overloaded, shutting down ...
+    return EX_UNAVAILABLE
+
+
+def _globals(p: argparse.ArgumentParser, sub: bool) -> None:
+    d = {"default": argparse.SUPPRESS} if sub else {}
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        type=Path,
+        help="client config (TOML); default "
+        "$METERING_CLIENT_CONFIG, then /etc/metering/client.toml, then built-in "
+        "defaults",
+        **d,
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output", **d)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="metering-client",
+        description="License metering client: the workstation agent "
+        "and commands that hold seats for programs.",
+    )
+    _globals(p, sub=False)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    a = sub.add_parser("agent", help="run the workstation agent daemon (foreground)")
+    _globals(a, sub=True)
+    r = sub.add_parser(
+        "run",
+        help="check out a seat, run CMD, check in; exit with CMD's status",
+        description="Exit codes: CMD's own; 75 denied or no server reachable; "
+        "77 authentication refused; 78 config problem.",
+    )
+    _globals(r, sub=True)
+    _product_args(r)
+    r.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...")
+    c = sub.add_parser(
+        "checkout",
+        help="check out a seat and print its lease id (held by the agent until `checkin`)",
+    )
+    _globals(c, sub=True)
+    _product_args(c)
+    i = sub.add_parser("checkin", help="release a lease")
+    _globals(i, sub=True)
+    i.add_argument("lease")
+    s = sub.add_parser("status", help="agent state and the servers' license pools")
+    _globals(s, sub=True)
+    return p
+
+
+def _product_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--product", required=True)
+    p.add_argument("--version", required=True)
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="queue up to S seconds for a free seat (default 0: do not wait)",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        config = load_client_config(args.config)
+    except ConfigError as exc:
+        print(f"metering-client: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    if args.command == "run":
+        cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+        if not cmd:
+            print(
+                "metering-client run: no command given (… run --product P --version V -- CMD)",
+                file=sys.stderr,
+            )
+            return EX_USAGE
+        args.cmd = cmd
+    configure_logging(
+        "console" if args.command != "agent" else config.log_format,
+        config.log_level if args.command == "agent" else "warning",
+    )
+    try:
+        return _run_loop(_dispatch(args, config))
+    except MeteringError as exc:
+        print(f"metering-client: {exc}", file=sys.stderr)
+        return exit_code(exc)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run_loop(coro: Any) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        return asyncio.run(coro)
+    return asyncio.run(coro, loop_factory=uvloop.new_event_loop)
+
+
+async def _dispatch(args: argparse.Namespace, config: ClientConfig) -> int:
+    if args.command == "agent":
+        from metering_client.agent import Agent
+
+        agent = Agent(config)
+        await agent.start()
+        await agent.serve_forever(handle_signals=True)
+        return 0
+    if args.command == "run":
+        return await run_command(config, args.product, args.version, args.wait, args.cmd)
+    if args.command == "checkout":
+        return await _checkout(config, args)
+    if args.command == "checkin":
+        return await _checkin(config, args)
+    return await _status(config, args)
+
+
+async def run_command(
+    config: ClientConfig, product: str, version: str, wait_s: float, cmd: list[str]
+) -> int:
+    from metering_client.api import Seat
+
+    async with Seat(product, version, config=config, wait_s=wait_s) as seat:
+        try:
+            proc = await asyncio.create_subprocess_exec(*cmd)
+        except OSError as exc:
+            print(
+                f"metering-client run: cannot start {cmd[0]!r}: {exc.strerror or exc}",
+                file=sys.stderr,
+            )
+            return 127 if isinstance(exc, FileNotFoundError) else 126
+        loop = asyncio.get_running_loop()
+        forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+        for sig in forwarded:
+            loop.add_signal_handler(sig, _forward, proc, sig)
+        try:
+            code = await proc.wait()
+        finally:
+            for sig in forwarded:
+                loop.remove_signal_handler(sig)
+        if seat.lost.is_set():
+            print(
+                f"metering-client run: the seat ({seat.lease}) was lost while {cmd[0]} ran",
+                file=sys.stderr,
+            )
+    return 128 - code if code < 0 else code
+
+
+def _forward(proc: asyncio.subprocess.Process, sig: int) -> None:
+    if proc.returncode is None:
+        proc.send_signal(sig)
+
+
+def _print(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
+    print(json.dumps(data, indent=None if args.json else 2) if args.json else text)
+
+
+async def _checkout(config: ClientConfig, args: argparse.Namespace) -> int:
+    from metering_client.api import connect_agent
+
+    agent = await connect_agent(config)
+    if agent is None:
+        print(
+            "metering-client checkout: no agent answers at "
+            f"{config.socket}; start `metering-client agent` (a seat checked out here would "
+            "not be kept alive)",
+            file=sys.stderr,
+        )
+        return EX_TEMPFAIL
+    try:
+        reply = await agent.request(
+            "checkout",
+            timeout=None,
+            product=args.product,
+            version=args.version,
+            wait_s=args.wait,
+            detach=True,
+        )
+    finally:
+        await agent.close()
+    _print(args, reply, reply["lease"])
+    return 0
+
+
+async def _checkin(config: ClientConfig, args: argparse.Namespace) -> int:
+    from metering_client.api import connect_agent
+
+    agent = await connect_agent(config)
+    if agent is not None:
+        try:
+            reply = await agent.request("checkin", timeout=None, lease=args.lease)
+        finally:
+            await agent.close()
+    else:
+        keeper = _direct_keeper(config)
+        try:
+            reply = await keeper.call("checkin", lease=args.lease)
+        finally:
+            await keeper.stop()
+    _print(args, reply, "released" if reply.get("released") else "already released")
+    return 0
+
+
+async def _status(config: ClientConfig, args: argparse.Namespace) -> int:
+    from metering_client.api import connect_agent
+
+    agent = await connect_agent(config)
+    if agent is not None:
+        try:
+            reply = await agent.request("status", timeout=None)
+        finally:
+            await agent.close()
+    else:
+        keeper = _direct_keeper(config)
+        try:
+            reply = await keeper.call("status")
+            reply["agent"] = None
+        finally:
+            await keeper.stop()
+    _print(args, reply, _status_text(reply))
+    info = reply.get("agent") or {}
+    err = info.get("error")
+    if err and err.get("code") in ("auth_failed", "locked_out"):
+        return EX_NOPERM
+    return 0
+
+
+def _status_text(reply: dict[str, Any]) -> str:
+    lines = []
+    agent = reply.get("agent")
+    if agent:
+        state = f"connected to {agent['server']}" if agent["connected"] else "not connected"
+        lines.append(
+            f"agent: {state}; {len(agent['held'])} lease(s) held; {agent['failovers']} failover(s)"
+        )
+        if agent.get("error"):
+            lines.append(f"agent error: {agent['error']['code']}: {agent['error']['message']}")
+    if reply.get("server"):
+        lines.append(f"server: {reply['server']}")
+    lines.append(f"{'PRODUCT':<20} {'VERSION':<10} {'IN USE':>6} {'SEATS':>6} {'QUEUED':>6}  MODE")
+    for p in reply.get("products", []):
+        lines.append(
+            f"{p['product']:<20} {p['version']:<10} {p['in_use']:>6} {p['seats']:>6} "
+            f"{p['queued']:>6}  {p['mode']}"
+        )
+    return "\n".join(lines)
+
+
+def _direct_keeper(config: ClientConfig):
+    from metering_client.connector import Connector
+    from metering_client.keeper import LeaseKeeper
+    from metering_client.serverlist import ServerList
+
+    servers = ServerList(config.servers.list, None)
+    return LeaseKeeper(Connector(config, servers))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

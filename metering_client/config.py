@@ -1,0 +1,166 @@
+"""The client's one typed config ([client], [servers], [watch]), loaded once."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+
+from metering_protocol.address import AddressError, parse_address
+from metering_protocol.config import ConfigError, convert, read_toml, resolve
+
+DEFAULT_CONFIG = Path("/etc/metering/client.toml")
+Pos = Annotated[int, msgspec.Meta(gt=0)]
+NonNeg = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class _S(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    pass
+
+
+class ClientSection(_S):
+    name: str | None = None
+    user: str | None = None
+    token_file: str | None = "token"
+    state_dir: str | None = None
+    socket: str | None = None
+    log_format: Literal["json", "console"] = "json"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class ServersSection(_S):
+    list: list[str] = msgspec.field(default_factory=lambda: ["tcp://127.0.0.1:7001"])
+    retries: Pos = 5
+    retry_interval_ms: NonNeg = 1000
+    backoff_max_ms: Pos = 60000
+    connect_timeout_ms: Pos = 2000
+    request_timeout_ms: Pos = 2000
+    reprobe_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    auth_holdoff_s: Annotated[float, msgspec.Meta(ge=0)] = 3600.0
+    tls_ca_file: str | None = None
+
+
+class WatchSection(_S):
+    enabled: bool = True
+    interval_ms: Pos = 500
+
+
+class _File(_S):
+    client: ClientSection = ClientSection()
+    servers: ServersSection = ServersSection()
+    watch: WatchSection = WatchSection()
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    path: Path | None
+    name: str
+    user: str
+    token_file: Path | None
+    state_dir: Path
+    socket: Path
+    servers: ServersSection
+    watch: WatchSection
+    tls_ca_file: Path | None
+    log_format: str
+    log_level: str
+
+    @property
+    def connect_timeout_s(self) -> float:
+        return self.servers.connect_timeout_ms / 1000
+
+    @property
+    def request_timeout_s(self) -> float:
+        return self.servers.request_timeout_ms / 1000
+
+
+def default_config_path() -> Path:
+    env = os.environ.get("METERING_CLIENT_CONFIG")
+    return Path(env) if env else DEFAULT_CONFIG
+
+
+def load_client_config(path: Path | str | None = None) -> ClientConfig:
+    """`path` None: $METERING_CLIENT_CONFIG, then /etc/metering/client.toml, then defaults
+    (a local run needs no config at all)."""
+    if path is None:
+        path = default_config_path()
+        if not path.exists() and "METERING_CLIENT_CONFIG" not in os.environ:
+            return build_client_config({}, None)
+    path = Path(path)
+    return build_client_config(read_toml(path), path)
+
+
+def _user_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(base) / "metering-client"
+
+
+def build_client_config(data: dict, path: Path | None) -> ClientConfig:
+    where = path if path is not None else "<defaults>"
+    cfg = convert(data, _File, where)
+    base = path.parent.resolve() if path is not None else Path.cwd()
+    if not cfg.servers.list:
+        raise ConfigError(where, "servers.list", "needs at least one server address")
+    for i, addr in enumerate(cfg.servers.list):
+        try:
+            parse_address(addr)
+        except AddressError as exc:
+            raise ConfigError(where, f"servers.list[{i}]", str(exc)) from None
+    name = cfg.client.name or socket.gethostname()
+    state_dir = resolve(base, cfg.client.state_dir) if cfg.client.state_dir else _user_state_dir()
+    sock = resolve(base, cfg.client.socket) if cfg.client.socket else state_dir / "agent.sock"
+    token_file = None
+    if cfg.client.token_file and path is not None:
+        token_file = resolve(base, cfg.client.token_file)
+    ca = resolve(base, cfg.servers.tls_ca_file) if cfg.servers.tls_ca_file else None
+    if ca is not None and not ca.is_file():
+        raise ConfigError(where, "servers.tls_ca_file", f"file {ca} does not exist")
+    return ClientConfig(
+        path=path,
+        name=name,
+        user=cfg.client.user or name,
+        token_file=token_file,
+        state_dir=state_dir,
+        socket=sock,
+        servers=cfg.servers,
+        watch=cfg.watch,
+        tls_ca_file=ca,
+        log_format=cfg.client.log_format,
+        log_level=cfg.client.log_level,
+    )
+
+
+class TokenError(ValueError):
+    pass
+
+
+def read_token(path: Path | None) -> str | None:
+    """The bearer token, refusing a file others can read (mode must be 0600 or stricter)."""
+    if path is None:
+        return None
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    if st.st_mode & 0o077:
+        raise TokenError(
+            f"{path}: token file must not be readable by group or others "
+            f"(mode {st.st_mode & 0o777:o}; chmod 600 it)"
+        )
+    token = path.read_text(encoding="utf-8").strip()
+    return token or None
+
+
+def token_stamp(path: Path | None) -> tuple | None:
+    """What identifies this version of the token file: a change lifts the auth hold-off."""
+    if path is None:
+        return None
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)

@@ -1,0 +1,58 @@
+"""The credential hold-off: the fix for the classic client's logon storm.
+
+After `auth_failed`, no new attempt with the same credential, on any server, for
+`auth_holdoff_s` — unless the token file changed (an admin fixed it).  After `locked_out`,
+no attempt before the server's `retry_after_s` has passed, whatever the token file does,
+because the lock is on the principal.  Pure: the caller passes the clock and the file stamp.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from metering_protocol.errors import AuthFailed, LockedOut, MeteringError
+
+
+@dataclass
+class _Hold:
+    error: MeteringError
+    until: float
+    stamp: Any
+    lifted_by_new_token: bool
+
+
+class AuthHoldoff:
+    def __init__(self, holdoff_s: float):
+        self.holdoff_s = holdoff_s
+        self._hold: _Hold | None = None
+
+    def record(self, error: MeteringError, now: float, stamp: Any) -> None:
+        if isinstance(error, LockedOut):
+            wait = max(error.retry_after_s or 0.0, 1.0)
+            self._hold = _Hold(error, now + wait, stamp, lifted_by_new_token=False)
+        elif isinstance(error, AuthFailed):
+            self._hold = _Hold(error, now + self.holdoff_s, stamp, lifted_by_new_token=True)
+
+    def blocked(self, now: float, stamp: Any) -> MeteringError | None:
+        """The error to answer instead of trying, or None when an attempt may be made."""
+        hold = self._hold
+        if hold is None:
+            return None
+        if now >= hold.until or (hold.lifted_by_new_token and stamp != hold.stamp):
+            self._hold = None
+            return None
+        left = hold.until - now
+        err = type(hold.error)(
+            f"{hold.error.message} (not retrying this credential for {left:.0f} s"
+            + (" or until the token file changes)" if hold.lifted_by_new_token else ")"),
+            retry_after_s=round(left, 3),
+        )
+        return err
+
+    @property
+    def active_error(self) -> MeteringError | None:
+        return self._hold.error if self._hold else None
+
+    def clear(self) -> None:
+        self._hold = None

@@ -1,0 +1,394 @@
+"""LeaseKeeper: holds seats for local programs across server deaths.
+
+It owns the current server session.  Heartbeats (or pings, when nothing is held) run every
+`heartbeat_s` the server announced, each bounded by `request_timeout_ms`: a silent server is
+a dead one.  On any sign of death — reset, timeout, `shutdown` event, `shutting_down` — it
+fails over at once to the next server and reclaims every held lease there (`checkout` with
+`lease`) before the TTL runs out, so the program holding the seat never notices.  After a
+failover it re-probes preferred servers every `reprobe_interval_s` and moves back without
+dropping a lease.  The agent daemon and the in-process `metering-client run` both use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import structlog
+
+from metering_client.connector import Connector, ServerSession
+from metering_protocol.errors import (
+    AUTH_TERMINAL,
+    ConnectionLost,
+    CredentialUnusable,
+    Denied,
+    Internal,
+    LeaseNotFound,
+    MeteringError,
+    Overloaded,
+    ProtocolViolation,
+    ShuttingDown,
+    Unavailable,
+)
+
+log = structlog.get_logger("metering.client")
+
+# Errors after which the session is considered dead and the request is retried elsewhere.
+SESSION_FAULTS = (ConnectionLost, ProtocolViolation, ShuttingDown, Overloaded, Internal)
+
+
+@dataclass
+class HeldLease:
+    handle: str  # the id the local program knows; stays the same across reclaims
+    lease: str  # the server's current lease id
+    product: str
+    version: str
+    user: str
+    pid: int | None = None
+    detached: bool = False
+    seats: int = 0
+    mode: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class LeaseKeeper:
+    def __init__(
+        self,
+        connector: Connector,
+        *,
+        on_lost: Callable[[HeldLease, str], None] | None = None,
+        on_change: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.connector = connector
+        self.config = connector.config
+        self.on_lost = on_lost
+        self.on_change = on_change
+        self.clock = clock
+        self.held: dict[str, HeldLease] = {}
+        self.session: ServerSession | None = None
+        self._connect_lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._failed_address: str | None = None
+        self._gave_up = False  # after a full bounded attempt failed: one pass per backoff_max
+        self.failovers = 0
+        connector.on_event = self._on_event
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._maintain(), name="lease-keeper")
+            self._task.add_done_callback(_log_crash)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    @property
+    def request_timeout(self) -> float:
+        return self.config.request_timeout_s
+
+    # --- sessions ----------------------------------------------------------------------------
+    async def ensure_session(self, *, passes: int | None = None) -> ServerSession:
+        async with self._connect_lock:
+            if self.session is not None and not self.session.dead:
+                return self.session
+            old, self.session = self.session, None
+            if old is not None:
+                self._failed_address = old.entry.address
+                await old.close()
+            session = await self.connector.connect(avoid=self._failed_address, passes=passes)
+            try:
+                await self._reclaim_all(session)
+            except SESSION_FAULTS:
+                await session.close()
+                raise
+            if self._failed_address is not None:
+                self.failovers += 1
+                log.info("failed_over", server=session.server, leases=len(self.held))
+            self._failed_address = None
+            self._gave_up = False
+            self.session = session
+            self._wake.set()
+            return session
+
+    def session_failed(self, session: ServerSession, why: str) -> None:
+        if not session.dead:
+            log.warning("session_dead", server=session.server, reason=why)
+            session.client.abort(ConnectionLost(why))
+        self._failed_address = session.entry.address
+        self._wake.set()
+
+    async def _reclaim_all(self, session: ServerSession) -> None:
+        for held in list(self.held.values()):
+            await self._reclaim(session, held)
+
+    async def _reclaim(self, session: ServerSession, held: HeldLease) -> None:
+        try:
+            reply = await session.request(
+                "checkout",
+                timeout=self.request_timeout,
+                product=held.product,
+                version=held.version,
+                user=held.user,
+                lease=held.lease,
+            )
+        except (Denied, LeaseNotFound, MeteringError) as exc:
+            if isinstance(exc, SESSION_FAULTS):
+                raise
+            self._lose(held, f"reclaim refused: {exc}")
+            return
+        if reply["lease"] != held.lease:
+            log.warning("lease_regranted", handle=held.handle, old=held.lease, new=reply["lease"])
+            held.lease = reply["lease"]
+            self._changed()
+        log.info(
+            "lease_reclaimed" if reply.get("reclaimed") else "lease_regranted_fresh",
+            lease=held.lease,
+            server=session.server,
+        )
+
+    def _lose(self, held: HeldLease, reason: str) -> None:
+        if self.held.pop(held.handle, None) is None:
+            return
+        log.warning("lease_lost", handle=held.handle, lease=held.lease, reason=reason)
+        self._changed()
+        if self.on_lost is not None:
+            self.on_lost(held, reason)
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+    # --- requests with failover -------------------------------------------------------------
+    async def call(self, op: str, *, extra_timeout: float = 0.0, **fields: Any) -> dict[str, Any]:
+        """Send one request to the current server; on a dead session fail over and send it
+        again, within the retry bound."""
+        tries = 0
+        limit = max(1, len(self.connector.servers.entries())) * self.config.servers.retries
+        while True:
+            session = await self.ensure_session()
+            if op == "checkout" and not ({"agent", "admin"} & set(session.hello.get("roles", ()))):
+                fields.pop("user", None)  # a plain `user` principal holds seats as itself
+            try:
+                return await session.request(
+                    op, timeout=self.request_timeout + extra_timeout, **fields
+                )
+            except SESSION_FAULTS as exc:
+                self.session_failed(session, f"{op}: {exc}")
+                tries += 1
+                if tries >= limit:
+                    raise Unavailable(f"{op} failed on {tries} server session(s): {exc}") from None
+
+    async def checkout(
+        self,
+        product: str,
+        version: str,
+        *,
+        user: str | None = None,
+        wait_s: float = 0.0,
+        pid: int | None = None,
+        detached: bool = False,
+        reclaim: str | None = None,
+    ) -> tuple[HeldLease, dict[str, Any]]:
+        if reclaim is not None and reclaim in self.held:
+            held = self.held[reclaim]  # still held here: nothing to ask the server
+            held.pid = pid if pid is not None else held.pid
+            self._changed()
+            return held, {
+                "lease": held.handle,
+                "reclaimed": True,
+                "seats": held.seats,
+                "mode": held.mode,
+            }
+        fields: dict[str, Any] = {"product": product, "version": version}
+        if user is not None:
+            fields["user"] = user
+        if wait_s:
+            fields["wait_s"] = wait_s
+        if reclaim is not None:
+            fields["lease"] = reclaim
+        reply = await self.call("checkout", extra_timeout=wait_s, **fields)
+        held = HeldLease(
+            handle=reply["lease"],
+            lease=reply["lease"],
+            product=product,
+            version=version,
+            user=user or self.config.user,
+            pid=pid,
+            detached=detached,
+            seats=reply.get("seats", 0),
+            mode=reply.get("mode", ""),
+        )
+        self.held[held.handle] = held
+        self._changed()
+        self._wake.set()  # heartbeats now matter
+        return held, reply
+
+    async def checkin(self, handle: str) -> bool:
+        held = self.held.get(handle)
+        if held is None:
+            return False
+        try:
+            reply = await self.call("checkin", lease=held.lease)
+        except LeaseNotFound:
+            reply = {"released": False}
+        finally:
+            self.held.pop(handle, None)
+            self._changed()
+        return bool(reply.get("released"))
+
+    def adopt(self, held: HeldLease) -> None:
+        """Take over a lease recorded before a restart; the next session reclaims it."""
+        self.held[held.handle] = held
+
+    # --- events ------------------------------------------------------------------------------
+    def _on_event(self, session: ServerSession, msg: dict[str, Any]) -> None:
+        event = msg.get("event")
+        if event == "servers":
+            if self.connector.servers.learn(msg.get("servers") or []):
+                log.info(
+                    "server_list_learned",
+                    servers=[e.address for e in self.connector.servers.entries()],
+                )
+        elif event == "shutdown":
+            self.session_failed(session, "server is shutting down")
+        elif event == "revoked":
+            for held in list(self.held.values()):
+                if held.lease == msg.get("lease"):
+                    self._lose(held, str(msg.get("reason", "revoked")))
+
+    # --- maintenance -------------------------------------------------------------------------
+    async def _maintain(self) -> None:
+        next_beat = 0.0
+        next_probe = float("inf")
+        while True:
+            session = self.session
+            if session is None or session.dead:
+                if not await self._reconnect_in_background():
+                    continue
+                session = self.session
+                assert session is not None
+                next_beat = self.clock() + session.heartbeat_s
+                next_probe = self._next_probe_time(session)
+            now = self.clock()
+            due = min(next_beat, next_probe)
+            if due > now:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(due - now):
+                        await self._wake.wait()
+                continue
+            if now >= next_beat:
+                await self._beat(session)
+                next_beat = self.clock() + session.heartbeat_s
+            if self.clock() >= next_probe:
+                await self._move_back(session)
+                next_probe = self._next_probe_time(self.session)
+
+    def _next_probe_time(self, session: ServerSession | None) -> float:
+        if session is None:
+            return float("inf")
+        if session.entry.priority > self.connector.servers.preferred_priority():
+            return self.clock() + self.config.servers.reprobe_interval_s
+        return float("inf")
+
+    async def _reconnect_in_background(self) -> bool:
+        try:
+            await self.ensure_session(passes=1 if self._gave_up else None)
+            return True
+        except AUTH_TERMINAL as exc:
+            wait = min(exc.retry_after_s or 1.0, 5.0)  # re-check the token file now and then
+        except CredentialUnusable as exc:
+            log.error("credential_unusable", error=exc.message)
+            wait = 5.0
+        except MeteringError as exc:
+            self._gave_up = True
+            wait = self.connector.policy.background_delay_s()
+            log.warning("no_server_reachable", error=exc.message, retry_in_s=round(wait, 2))
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                await self._wake.wait()
+        return False
+
+    async def _beat(self, session: ServerSession) -> None:
+        leases = [h.lease for h in self.held.values()]
+        try:
+            if not leases:
+                await session.request("ping", timeout=self.request_timeout)
+                return
+            reply = await session.request("heartbeat", timeout=self.request_timeout, leases=leases)
+        except SESSION_FAULTS as exc:
+            self.session_failed(session, f"heartbeat: {exc}")
+            return
+        except MeteringError as exc:
+            log.error("heartbeat_refused", error=str(exc))
+            return
+        lost = set(reply.get("lost") or ())
+        for held in [h for h in self.held.values() if h.lease in lost]:
+            # Expired or revoked meanwhile: try once to get a seat again, as a reclaim would.
+            try:
+                await self._reclaim(session, held)
+            except SESSION_FAULTS as exc:
+                self.session_failed(session, f"reclaim: {exc}")
+                return
+
+    async def _move_back(self, session: ServerSession | None) -> None:
+        if session is None or session.dead:
+            return
+        better = [
+            e for e in self.connector.servers.entries() if e.priority < session.entry.priority
+        ]
+        for entry in better:
+            try:
+                candidate = await self.connector.probe(entry)
+            except MeteringError:
+                return
+            if candidate is None:
+                continue
+            async with self._connect_lock:
+                try:
+                    await self._reclaim_all(candidate)
+                except SESSION_FAULTS:
+                    await candidate.close()
+                    continue
+                old, self.session = self.session, candidate
+            log.info(
+                "moved_back", server=candidate.server, left=old.server if old is not None else None
+            )
+            if old is not None:
+                await old.close()
+            return
+
+    def status(self) -> dict[str, Any]:
+        s = self.session
+        err = self.connector.holdoff.active_error or self.connector.last_error
+        return {
+            "server": s.server if s and not s.dead else None,
+            "server_address": s.entry.address if s and not s.dead else None,
+            "connected": bool(s and not s.dead),
+            "held": [h.to_json() for h in self.held.values()],
+            "failovers": self.failovers,
+            "connection_attempts": self.connector.attempts,
+            "servers": [e.address for e in self.connector.servers.entries()],
+            "error": None if err is None else {"code": err.code, "message": err.message},
+        }
+
+
+def _log_crash(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("keeper_crashed", error=repr(task.exception()))

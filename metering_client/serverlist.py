@@ -1,0 +1,203 @@
+"""The servers a client knows: its static config merged with the list the site hands out.
+
+Servers send the site's current list at hello and push changes; persisting it lets a client
+that restarts go straight to the right servers instead of waiting for its next configuration
+cycle. The configured addresses stay as a last resort, so a stale or wrong learned list can
+never leave a client with nowhere to go.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from metering_protocol.address import AddressError, parse_address
+
+_STATE_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ServerEntry:
+    address: str  # "tcp://host:port" | "tls://host:port" | "unix:///path"
+    name: str = ""  # server name if known
+    priority: int = 0  # lower is preferred
+
+
+def _normalize(address: str) -> str:
+    # One spelling per server, so "tcp://LOCALHOST:7001" in the config and
+    # "tcp://localhost:7001" from the wire are recognised as the same server.
+    return str(parse_address(address))
+
+
+def _parse_entry(raw: Any) -> ServerEntry:
+    """Validate one wire/state entry; raises ValueError naming what is wrong."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"server entry is not an object: {raw!r}")
+    name = raw.get("name", "")
+    if not isinstance(name, str):
+        raise ValueError(f"server entry name is not a string: {raw!r}")
+    priority = raw.get("priority")
+    # bool is an int subclass; `true` as a priority is a sender bug, not priority 1.
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise ValueError(f"server entry priority is not an integer: {raw!r}")
+    try:
+        address = _normalize(raw.get("address"))
+    except AddressError as exc:
+        raise ValueError(f"server entry address is invalid: {exc}") from None
+    return ServerEntry(address=address, name=name, priority=priority)
+
+
+def _dedupe(entries: Sequence[ServerEntry]) -> list[ServerEntry]:
+    # A server listed twice is attempted once, at its best priority; equal priorities
+    # keep the sender's order because attempt ordering rotates within a priority.
+    best: dict[str, ServerEntry] = {}
+    for entry in sorted(entries, key=lambda e: e.priority):
+        best.setdefault(entry.address, entry)
+    return list(best.values())
+
+
+class ServerList:
+    """Configured list merged with the list learned from servers.
+
+    The learned list is authoritative for what it contains and replaces the previous one as a
+    whole, so servers removed from the site disappear. Configured addresses it lacks are kept
+    as fallbacks after every learned server.
+    """
+
+    def __init__(self, configured: Sequence[str], state_path: Path | None) -> None:
+        # An unparsable configured address is a config error: let AddressError reach the caller.
+        self._configured: list[str] = list(dict.fromkeys(_normalize(a) for a in configured))
+        self._state_path = state_path
+        self._learned: list[ServerEntry] = []
+        self.load_error: str | None = None
+        self.save_error: str | None = None
+        # Entries the last learn() skipped, for the caller to log.
+        self.learn_errors: list[str] = []
+
+    def load(self) -> None:
+        """Adopt the list persisted by an earlier run.
+
+        A damaged file is ignored as a whole (described in `load_error`): half of a list is
+        worse than the configured fallbacks, and the next hello replaces it anyway.
+        """
+        self.load_error = None
+        if self._state_path is None:
+            return
+        try:
+            text = self._state_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return
+        except (OSError, UnicodeDecodeError) as exc:
+            self.load_error = f"cannot read {self._state_path}: {exc}"
+            return
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict) or data.get("version") != _STATE_VERSION:
+                raise ValueError(f"not a version {_STATE_VERSION} server list")
+            servers = data.get("servers")
+            if not isinstance(servers, list):
+                raise ValueError("'servers' is not a list")
+            learned = [_parse_entry(raw) for raw in servers]
+        except ValueError as exc:  # json.JSONDecodeError is a ValueError
+            self.load_error = f"ignoring {self._state_path}: {exc}"
+            return
+        self._learned = _dedupe(learned)
+
+    def learn(self, servers: list[dict]) -> bool:
+        """Replace the learned list with one a server sent; True if the effective list changed.
+
+        Invalid entries are skipped (see `learn_errors`). If a non-empty list has no valid
+        entry at all, it is ignored rather than allowed to wipe a good list; an empty list is
+        taken at its word and leaves only the configured servers.
+        """
+        self.learn_errors = []
+        if not isinstance(servers, list):
+            self.learn_errors.append(f"server list is not a list: {servers!r}")
+            return False
+        learned: list[ServerEntry] = []
+        for raw in servers:
+            try:
+                learned.append(_parse_entry(raw))
+            except ValueError as exc:
+                self.learn_errors.append(str(exc))
+        if servers and not learned:
+            return False
+        learned = _dedupe(learned)
+        if learned == self._learned:
+            return False
+        before = self.entries()
+        self._learned = learned
+        # Persisted even when the effective list happens to look the same (a learned list
+        # that mirrors the config): what is on disk must be what the site said last.
+        self._save()
+        return self.entries() != before
+
+    def entries(self) -> list[ServerEntry]:
+        """The effective list, preferred first."""
+        if not self._learned:
+            return [ServerEntry(address=a, priority=i) for i, a in enumerate(self._configured)]
+        known = {e.address for e in self._learned}
+        base = max(e.priority for e in self._learned) + 1
+        fallbacks = [
+            ServerEntry(address=a, priority=base + i)
+            for i, a in enumerate(self._configured)
+            if a not in known
+        ]
+        return sorted(self._learned, key=lambda e: e.priority) + fallbacks
+
+    def preferred_priority(self) -> int:
+        """Lowest priority present: the tier a client fails back to when it is healthy."""
+        return min((e.priority for e in self.entries()), default=0)
+
+    def _save(self) -> None:
+        # Failing to persist is not fatal: the in-memory list is right, and the next hello
+        # or push retries the write. The caller logs `save_error`.
+        self.save_error = None
+        path = self._state_path
+        if path is None:
+            return
+        data = {
+            "version": _STATE_VERSION,
+            "servers": [
+                {"name": e.name, "address": e.address, "priority": e.priority}
+                for e in self._learned
+            ],
+        }
+        tmp: str | None = None
+        try:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=1)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            tmp = None
+            _fsync_dir(path.parent)
+        except OSError as exc:
+            self.save_error = f"cannot write {path}: {exc}"
+        finally:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; some platforms cannot open a directory, which only
+    # costs durability across a power cut, not correctness.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

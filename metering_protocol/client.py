@@ -1,0 +1,186 @@
+"""A protocol v1 client connection: pipelined requests matched to replies by id, events to a
+callback.  Used by the client agent, `metering-client` and `metering-admin`.
+
+Every wait is bounded: connecting by `connect_timeout`, each request by its `timeout`.  A
+request unanswered in time means the session is dead (a silent peer is not a slow one), so
+the connection is closed and the request fails with ConnectionLost — never wait for the OS's
+TCP timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from .address import Address, parse_address
+from .errors import CertificateError, ConnectionLost, MeteringError, ProtocolViolation, TooLarge
+from .framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, decode, encode
+
+_CONNECTION_FATAL = {"too_large", "overloaded", "auth_required", "shutting_down"}
+EventHandler = Callable[[dict[str, Any]], None]
+
+
+class ProtocolClient:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        address: Address,
+        *,
+        on_event: EventHandler | None = None,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    ):
+        self.address = address
+        self.reader = reader
+        self.writer = writer
+        self.on_event = on_event
+        self._decoder = FrameDecoder(max_frame_bytes)
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future] = {}
+        self.closed = asyncio.get_running_loop().create_future()
+        self._reader_task = asyncio.create_task(self._read_loop(), name=f"client-read {address}")
+        self.hello_reply: dict[str, Any] | None = None
+
+    @classmethod
+    async def connect(
+        cls,
+        address: str | Address,
+        *,
+        timeout: float,
+        ssl_context: ssl.SSLContext | None = None,
+        on_event: EventHandler | None = None,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    ) -> ProtocolClient:
+        addr = parse_address(address) if isinstance(address, str) else address
+        try:
+            async with asyncio.timeout(timeout):
+                if addr.is_unix:
+                    reader, writer = await asyncio.open_unix_connection(addr.path, limit=2**16)
+                else:
+                    ctx = None
+                    if addr.scheme == "tls":
+                        ctx = ssl_context or ssl.create_default_context()
+                    reader, writer = await asyncio.open_connection(
+                        addr.host,
+                        addr.port,
+                        ssl=ctx,
+                        limit=2**16,
+                        server_hostname=addr.host if ctx else None,
+                        ssl_handshake_timeout=timeout if ctx else None,
+                    )
+        except TimeoutError:
+            raise ConnectionLost(f"{addr}: no connection within {timeout:g} s") from None
+        except ssl.SSLCertVerificationError as exc:
+            raise CertificateError(
+                f"{addr}: server certificate not trusted: {exc.verify_message}"
+            ) from None
+        except ssl.SSLError as exc:
+            raise ConnectionLost(f"{addr}: TLS handshake failed: {exc.reason or exc}") from None
+        except OSError as exc:
+            raise ConnectionLost(f"{addr}: {exc.strerror or exc}") from None
+        return cls(reader, writer, addr, on_event=on_event, max_frame_bytes=max_frame_bytes)
+
+    async def hello(
+        self, client: str, *, user: str | None, token: str | None, timeout: float
+    ) -> dict[str, Any]:
+        fields: dict[str, Any] = {"protocol": 1, "client": client}
+        if user is not None:
+            fields["user"] = user
+        if token is not None:
+            fields["token"] = token
+        self.hello_reply = await self.request("hello", timeout=timeout, **fields)
+        return self.hello_reply
+
+    async def request(self, op: str, *, timeout: float | None, **fields: Any) -> dict[str, Any]:
+        rid = next(self._ids)
+        fut = self.send(op, rid, **fields)
+        try:
+            async with asyncio.timeout(timeout):
+                reply = await asyncio.shield(fut)
+        except TimeoutError:
+            self._pending.pop(rid, None)
+            self.abort(ConnectionLost(f"{self.address}: no reply to {op} within {timeout:g} s"))
+            raise ConnectionLost(f"{self.address}: no reply to {op} within {timeout:g} s") from None
+        finally:
+            self._pending.pop(rid, None)
+        if reply.get("ok") is True:
+            return reply
+        raise MeteringError.from_wire(reply.get("error"))
+
+    def send(self, op: str, rid: int, **fields: Any) -> asyncio.Future:
+        if self.closed.done():
+            raise ConnectionLost(f"{self.address}: connection is closed")
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        self.writer.write(encode({"id": rid, "op": op, **fields}))
+        return fut
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    async def _read_loop(self) -> None:
+        error: MeteringError = ConnectionLost(f"{self.address}: connection closed by server")
+        try:
+            while True:
+                data = await self.reader.read(65536)
+                if not data:
+                    break
+                for raw in self._decoder.feed(data):
+                    self._dispatch(decode(raw))
+                if self._decoder.overflow is not None:
+                    raise TooLarge(str(self._decoder.overflow.message))
+        except asyncio.CancelledError:
+            raise
+        except MeteringError as exc:
+            error = ProtocolViolation(f"{self.address}: {exc.message}")
+        except (OSError, ConnectionError) as exc:
+            error = ConnectionLost(f"{self.address}: {exc.strerror or exc}")
+        finally:
+            self._finish(error)
+
+    def _dispatch(self, msg: dict[str, Any]) -> None:
+        if "event" in msg and "id" not in msg:
+            if self.on_event is not None:
+                self.on_event(msg)
+            return
+        rid = msg.get("id")
+        fut = self._pending.pop(rid, None) if isinstance(rid, int) else None
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
+        elif rid is None and msg.get("ok") is False:
+            error = MeteringError.from_wire(msg.get("error"))
+            if error.code in _CONNECTION_FATAL:
+                # The server is closing this connection (overloaded, too_large, no hello).
+                self._finish(error)
+
+    def _finish(self, error: MeteringError) -> None:
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(error)
+        self._pending.clear()
+        if not self.closed.done():
+            self.closed.set_result(error)
+            with contextlib.suppress(Exception):
+                self.writer.close()
+
+    def abort(self, error: MeteringError | None = None) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.transport.abort()
+        self._finish(error or ConnectionLost(f"{self.address}: aborted"))
+
+    @property
+    def is_closed(self) -> bool:
+        return self.closed.done()
+
+    async def close(self) -> None:
+        self._finish(ConnectionLost(f"{self.address}: closed"))
+        self._reader_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._reader_task
+        with contextlib.suppress(Exception):
+            self.writer.close()
+            await asyncio.wait_for(self.writer.wait_closed(), 1.0)

@@ -1,0 +1,66 @@
+"""TOML config loading shared by both daemons: one typed, frozen object, errors naming file and key.
+
+Each daemon declares its config as msgspec Structs with `forbid_unknown_fields` (a typo is an
+error, not a silently ignored key) and calls `load_toml_struct`.  Every problem becomes one
+ConfigError line: "<file>: <key>: <problem>".
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config problem, already phrased as one line for the operator."""
+
+    def __init__(self, path: Path | str, key: str, problem: str):
+        self.path, self.key, self.problem = str(path), key, problem
+        super().__init__(f"{path}: {key}: {problem}" if key else f"{path}: {problem}")
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(path, "", "file not found") from None
+    except PermissionError:
+        raise ConfigError(path, "", "permission denied") from None
+    except IsADirectoryError:
+        raise ConfigError(path, "", "is a directory, not a config file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "", f"invalid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, "", "not valid UTF-8") from None
+
+
+def convert(data: dict[str, Any], cls: type[T], path: Path | str) -> T:
+    try:
+        return msgspec.convert(data, cls)
+    except msgspec.ValidationError as exc:
+        key, problem = _split(str(exc))
+        raise ConfigError(path, key, problem) from None
+
+
+def _split(text: str) -> tuple[str, str]:
+    problem, sep, where = text.partition(" - at `$")
+    where = where.rstrip("`").lstrip(".") if sep else ""
+    if problem.startswith("Object contains unknown field `"):
+        field = problem.split("`")[1]
+        return (f"{where}.{field}" if where else field), "unknown key"
+    if problem.startswith("Object missing required field `"):
+        field = problem.split("`")[1]
+        return (f"{where}.{field}" if where else field), "required key is missing"
+    return where, problem[0].lower() + problem[1:] if problem else problem
+
+
+def resolve(base: Path, value: str) -> Path:
+    """Relative paths in a config file resolve against the file's own directory."""
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p)

@@ -1,0 +1,392 @@
+"""Principals and their bearer tokens.
+
+The server never stores a token, only a salted scrypt hash of it, so a leaked credentials file
+(or backup of it) does not hand out working secrets. The hash string carries its own scrypt
+parameters: raising the cost later needs no migration, old hashes keep verifying.
+
+The credentials file is edited by people and by `metering-admin add-principal`; a mistake in it
+must fail loudly with one line naming the file and the key rather than silently dropping a
+principal (which would look like a bad token to a client and lock it out).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import os
+import secrets
+import tempfile
+import tomllib
+import unicodedata
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DEFAULT_N",
+    "MAX_NAME_CHARS",
+    "ROLES",
+    "Credentials",
+    "CredentialsError",
+    "Principal",
+    "add_principal",
+    "hash_token",
+    "new_token",
+    "validate_name",
+    "verify_token",
+]
+
+ROLES = ("user", "agent", "admin")
+
+# Production cost: ~50 ms and 16 MiB per verification. Cheap enough for a hello, expensive
+# enough that an offline guess at a stolen hash is slow. Tests pass a smaller n.
+DEFAULT_N = 16384
+DEFAULT_R = 8
+DEFAULT_P = 1
+_SALT_BYTES = 16
+_DKLEN = 32
+# Upper bounds on parameters read from a file: a hand-edited n=2**30 would otherwise make each
+# hello allocate 128 GiB. Bounds, not exact values, so the cost can still be raised later.
+_MAX_N = 2**20
+_MAX_R = 32
+_MAX_P = 16
+
+MAX_NAME_CHARS = 128
+
+_ALLOWED_PRINCIPAL_KEYS = frozenset({"name", "roles", "token_hash"})
+
+
+class CredentialsError(ValueError):
+    """A credentials file (or an edit of one) that cannot be used; the message is one line."""
+
+
+@dataclass(frozen=True)
+class _ScryptParams:
+    n: int
+    r: int
+    p: int
+
+    def format(self) -> str:
+        return f"n={self.n},r={self.r},p={self.p}"
+
+
+@dataclass(frozen=True)
+class _ParsedHash:
+    params: _ScryptParams
+    salt: bytes
+    digest: bytes
+
+
+_B64URL = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def _b64e(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64d(text: str) -> bytes:
+    if not text or any(c not in _B64URL for c in text):
+        raise ValueError("not base64url")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _check_params(n: int, r: int, p: int) -> _ScryptParams:
+    if n < 2 or n & (n - 1) or n > _MAX_N:
+        raise ValueError(f"scrypt n must be a power of two between 2 and {_MAX_N}, got {n}")
+    if not 1 <= r <= _MAX_R:
+        raise ValueError(f"scrypt r must be between 1 and {_MAX_R}, got {r}")
+    if not 1 <= p <= _MAX_P:
+        raise ValueError(f"scrypt p must be between 1 and {_MAX_P}, got {p}")
+    return _ScryptParams(n, r, p)
+
+
+def _parse_hash(stored: str) -> _ParsedHash:
+    """Raise ValueError with a short reason; callers add the file and key."""
+    parts = stored.split("$")
+    if len(parts) != 4 or parts[0] != "scrypt":
+        raise ValueError("token hash must look like 'scrypt$n=..,r=..,p=..$<salt>$<hash>'")
+    raw: dict[str, int] = {}
+    for item in parts[1].split(","):
+        key, sep, value = item.partition("=")
+        if not sep or key not in ("n", "r", "p") or key in raw or not value.isdigit():
+            raise ValueError(f"bad scrypt parameters {parts[1]!r}")
+        raw[key] = int(value)
+    if raw.keys() != {"n", "r", "p"}:
+        raise ValueError(f"bad scrypt parameters {parts[1]!r} (need n, r and p)")
+    params = _check_params(raw["n"], raw["r"], raw["p"])
+    try:
+        salt = _b64d(parts[2])
+        digest = _b64d(parts[3])
+    except (ValueError, binascii.Error):
+        raise ValueError("salt and hash must be base64url") from None
+    if len(salt) < 8:
+        raise ValueError("salt is shorter than 8 bytes")
+    if len(digest) < 16:
+        raise ValueError("hash is shorter than 16 bytes")
+    return _ParsedHash(params, salt, digest)
+
+
+def _scrypt(token: str, salt: bytes, params: _ScryptParams, dklen: int) -> bytes:
+    # surrogatepass: a token decoded from an untrusted frame may hold lone surrogates; it must
+    # simply fail to match, not raise halfway through authentication.
+    password = token.encode("utf-8", "surrogatepass")
+    maxmem = 128 * params.r * (params.n + params.p + 2) + (1 << 20)
+    return hashlib.scrypt(
+        password, salt=salt, n=params.n, r=params.r, p=params.p, maxmem=maxmem, dklen=dklen
+    )
+
+
+def hash_token(token: str, *, n: int = DEFAULT_N, r: int = DEFAULT_R, p: int = DEFAULT_P) -> str:
+    """Salted slow hash, self-describing so the cost can be changed without a migration."""
+    params = _check_params(n, r, p)
+    salt = secrets.token_bytes(_SALT_BYTES)
+    digest = _scrypt(token, salt, params, _DKLEN)
+    return f"scrypt${params.format()}${_b64e(salt)}${_b64e(digest)}"
+
+
+def verify_token(token: str, stored: str) -> bool:
+    """Constant-time comparison so response time does not leak how much of a guess matched.
+
+    Raises ValueError for a malformed `stored`; `Credentials.load` rejects those up front.
+    """
+    parsed = _parse_hash(stored)
+    candidate = _scrypt(token, parsed.salt, parsed.params, len(parsed.digest))
+    return hmac.compare_digest(candidate, parsed.digest)
+
+
+def new_token() -> str:
+    """256 bits from the OS CSPRNG, URL-safe so it survives token files, env vars and JSON."""
+    return secrets.token_urlsafe(32)
+
+
+def _dummy_hash(params: _ScryptParams) -> str:
+    # Never matches in practice (an all-zero digest); it exists so that an unknown principal
+    # costs the same scrypt run as a known one.
+    return f"scrypt${params.format()}${_b64e(bytes(_SALT_BYTES))}${_b64e(bytes(_DKLEN))}"
+
+
+def validate_name(name: object) -> str | None:
+    """Return why `name` is not a usable principal name, or None.
+
+    Whitespace and control/format characters are refused because names end up in logs,
+    reports and TOML written by tools; an invisible character would make two principals look
+    identical to an operator.
+    """
+    if not isinstance(name, str):
+        return "must be a string"
+    if not 1 <= len(name) <= MAX_NAME_CHARS:
+        return f"must be 1 to {MAX_NAME_CHARS} characters"
+    for ch in name:
+        if ch.isspace() or unicodedata.category(ch).startswith("C"):
+            return f"contains whitespace or a control character ({ch!r})"
+    return None
+
+
+@dataclass(frozen=True)
+class Principal:
+    name: str
+    roles: frozenset[str]
+    # None: the principal can only authenticate by peer credentials (Unix socket uid).
+    token_hash: str | None
+
+
+class Credentials:
+    """The principals of one credentials file, immutable once built (a reload builds a new one)."""
+
+    def __init__(self, principals: Iterable[Principal] = (), *, source: Path | None = None):
+        self.source = source
+        self._by_name: dict[str, Principal] = {}
+        for principal in principals:
+            if principal.name in self._by_name:
+                raise ValueError(f"duplicate principal {principal.name!r}")
+            self._by_name[principal.name] = principal
+        params = _ScryptParams(DEFAULT_N, DEFAULT_R, DEFAULT_P)
+        for principal in self._by_name.values():
+            if principal.token_hash is not None:
+                # Match the cost of the real hashes so a miss takes as long as a hit would.
+                params = _parse_hash(principal.token_hash).params
+                break
+        self._dummy = _dummy_hash(params)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, missing_ok: bool = False) -> Credentials:
+        """Strict: unknown keys and wrong types are errors, never ignored."""
+        path = Path(path)
+        try:
+            with path.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            if missing_ok:
+                return cls(source=path)
+            raise CredentialsError(f"{path}: file not found") from None
+        except OSError as exc:
+            raise CredentialsError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise CredentialsError(f"{path}: invalid TOML: {exc}") from None
+        except UnicodeDecodeError:
+            raise CredentialsError(f"{path}: invalid TOML: not UTF-8") from None
+        return cls(_parse_principals(path, data), source=path)
+
+    def get(self, name: str) -> Principal | None:
+        return self._by_name.get(name)
+
+    def __iter__(self) -> Iterator[Principal]:
+        return iter(self._by_name.values())
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def authenticate(self, name: str, token: str) -> Principal | None:
+        """Always exactly one scrypt run, so timing does not tell whether `name` exists."""
+        principal = self._by_name.get(name)
+        if principal is None or principal.token_hash is None:
+            verify_token(token, self._dummy)
+            return None
+        return principal if verify_token(token, principal.token_hash) else None
+
+    def roles_for(self, name: str) -> frozenset[str]:
+        """Peer-credential principals need roles too; unlisted ones are plain users."""
+        principal = self._by_name.get(name)
+        return principal.roles if principal is not None else frozenset({"user"})
+
+
+def _parse_principals(path: Path, data: dict[str, Any]) -> list[Principal]:
+    def fail(key: str, problem: str) -> CredentialsError:
+        return CredentialsError(f"{path}: {key}: {problem}")
+
+    for key in data:
+        if key != "principals":
+            raise fail(key, "unknown key (expected only [[principals]])")
+    entries = data.get("principals", [])
+    if not isinstance(entries, list):
+        raise fail("principals", "must be an array of tables ([[principals]])")
+
+    principals: list[Principal] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(entries):
+        where = f"principals[{i}]"
+        if not isinstance(entry, dict):
+            raise fail(where, "must be a table")
+        for key in entry:
+            if key not in _ALLOWED_PRINCIPAL_KEYS:
+                raise fail(f"{where}.{key}", "unknown key (expected name, roles, token_hash)")
+        for key in ("name", "roles"):
+            if key not in entry:
+                raise fail(f"{where}.{key}", "missing")
+
+        name = entry["name"]
+        problem = validate_name(name)
+        if problem:
+            raise fail(f"{where}.name", problem)
+        if name in seen:
+            raise fail(f"{where}.name", f"duplicate principal {name!r}")
+        seen.add(name)
+
+        roles = entry["roles"]
+        if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+            raise fail(f"{where}.roles", "must be an array of strings")
+        if not roles:
+            raise fail(f"{where}.roles", f"must name at least one of {', '.join(ROLES)}")
+        for role in roles:
+            if role not in ROLES:
+                raise fail(f"{where}.roles", f"unknown role {role!r} (one of {', '.join(ROLES)})")
+
+        token_hash = entry.get("token_hash")
+        if token_hash is not None:
+            if not isinstance(token_hash, str):
+                raise fail(f"{where}.token_hash", "must be a string")
+            try:
+                _parse_hash(token_hash)
+            except ValueError as exc:
+                raise fail(f"{where}.token_hash", f"malformed: {exc}") from None
+
+        principals.append(Principal(name, frozenset(roles), token_hash))
+    return principals
+
+
+def _toml_str(value: str) -> str:
+    out = ['"']
+    for ch in value:
+        if ch == '"':
+            out.append('\\"')
+        elif ch == "\\":
+            out.append("\\\\")
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def _render(principals: Iterable[Principal]) -> str:
+    lines = [
+        "# Managed by `metering-admin add-principal`; tokens are stored only as salted hashes.",
+    ]
+    for principal in principals:
+        # Keep the role order of ROLES so the file diffs stably.
+        roles = ", ".join(_toml_str(r) for r in ROLES if r in principal.roles)
+        lines += ["", "[[principals]]", f"name = {_toml_str(principal.name)}", f"roles = [{roles}]"]
+        if principal.token_hash is not None:
+            lines.append(f"token_hash = {_toml_str(principal.token_hash)}")
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    # Same directory so os.replace is a rename on one file system; mkstemp creates mode 0600,
+    # so the file is never readable by others, not even between create and rename.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fchmod(fh.fileno(), 0o600)
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def add_principal(path: str | os.PathLike[str], name: str, role: str, *, n: int = DEFAULT_N) -> str:
+    """Create or re-key a principal and return its new token (the only time it exists in clear).
+
+    Re-running it for an existing name is the way to rotate a token or change the role; other
+    principals are kept. The file is rewritten, so comments in it are not preserved. An invalid
+    existing file is an error rather than being overwritten. Concurrent runs against the same
+    file are not serialised: the last writer wins.
+    """
+    path = Path(path)
+    problem = validate_name(name)
+    if problem:
+        raise CredentialsError(f"{path}: principal name {name!r}: {problem}")
+    if role not in ROLES:
+        raise CredentialsError(f"{path}: role {role!r}: unknown role (one of {', '.join(ROLES)})")
+    if not path.parent.is_dir():
+        raise CredentialsError(f"{path}: directory {path.parent} does not exist")
+
+    existing = list(Credentials.load(path, missing_ok=True))
+    token = new_token()
+    updated = Principal(name, frozenset({role}), hash_token(token, n=n))
+    for i, principal in enumerate(existing):
+        if principal.name == name:
+            existing[i] = updated
+            break
+    else:
+        existing.append(updated)
+    try:
+        _write_atomically(path, _render(existing))
+    except OSError as exc:
+        raise CredentialsError(f"{path}: cannot write: {exc.strerror or exc}") from None
+    return token

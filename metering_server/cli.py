@@ -1,0 +1,100 @@
+"""`metering-server`: the daemon's command line. Only this module turns errors into exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+import structlog
+
+from metering_protocol.config import ConfigError
+from metering_protocol.logs import configure_logging
+from metering_server.auth.credentials import Credentials, CredentialsError
+from metering_server.config import ServerConfig, build_server_config, load_server_config
+from metering_server.listeners import BindError
+
+EX_USAGE, EX_UNAVAILABLE, EX_SOFTWARE, EX_CONFIG = 64, 69, 70, 78
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="metering-server",
+        description="License metering server: grants time-limited leases on counted seats "
+        "over TCP/TLS and Unix sockets. Runs in the foreground (systemd runs it).",
+    )
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--config",
+        metavar="FILE",
+        type=Path,
+        help="server config (TOML); without it: defaults, state under ./metering-state",
+    )
+    g.add_argument(
+        "--check-config",
+        metavar="FILE",
+        type=Path,
+        help="validate FILE (and its credentials file), print a summary, exit 0 or 78",
+    )
+    return p
+
+
+def load(path: Path | None) -> ServerConfig:
+    if path is None:
+        return build_server_config({"server": {"state_dir": "metering-state"}}, None)
+    cfg = load_server_config(path)
+    Credentials.load(cfg.credentials_path, missing_ok=True)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        cfg = load(args.check_config or args.config)
+    except (ConfigError, CredentialsError) as exc:
+        print(f"metering-server: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    if args.check_config:
+        print(
+            f"{args.check_config}: OK: server {cfg.server.name!r}, site {cfg.server.site!r}, "
+            f"{len(cfg.server.listen)} listener(s), {len(cfg.products)} product(s)"
+        )
+        return 0
+    configure_logging(cfg.server.log_format, cfg.server.log_level)
+    try:
+        _run(cfg)
+    except BindError as exc:
+        structlog.get_logger("metering.server").error("bind_failed", error=str(exc))
+        print(f"metering-server: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    except (ConfigError, CredentialsError) as exc:
+        print(f"metering-server: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _run(cfg: ServerConfig) -> None:
+    from metering_server.app import MeteringServer
+
+    async def serve() -> None:
+        server = MeteringServer(cfg)
+        await server.start()
+        await server.serve_forever(handle_signals=True)
+
+    run_loop(serve())
+
+
+def run_loop(coro) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - platforms without uvloop
+        asyncio.run(coro)
+    else:
+        asyncio.run(coro, loop_factory=uvloop.new_event_loop)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

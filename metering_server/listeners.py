@@ -1,0 +1,113 @@
+"""One listener abstraction over TCP, TLS and Unix sockets, each reporting its bound address."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import ssl
+import stat
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from metering_protocol.address import Address
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class BindError(OSError):
+    """A listen address could not be bound; the message says what to change."""
+
+
+@dataclass
+class Listener:
+    configured: Address
+    bound: Address
+    server: asyncio.Server
+
+    def close(self) -> None:
+        self.server.close()
+        if self.bound.is_unix:
+            _remove_socket_file(Path(self.bound.path))
+
+
+def _remove_socket_file(path: Path) -> None:
+    """Remove a Unix socket path only if it *is* a socket: never delete an operator's file."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            path.unlink()
+
+
+async def bind(
+    address: Address,
+    handler: Handler,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    unix_mode: int = 0o666,
+    limit: int = 2**16,
+) -> Listener:
+    try:
+        if address.is_unix:
+            path = Path(address.path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists() and not stat.S_ISSOCK(path.lstat().st_mode):
+                raise BindError(f"{address}: {path} exists and is not a socket; move it away")
+            _refuse_if_live(path, address)
+            _remove_socket_file(path)
+            server = await asyncio.start_unix_server(handler, path=str(path), limit=limit)
+            os.chmod(path, unix_mode)
+            return Listener(address, address, server)
+        server = await asyncio.start_server(
+            handler,
+            host=address.host,
+            port=address.port,
+            ssl=ssl_context,
+            limit=limit,
+            reuse_address=True,
+        )
+    except BindError:
+        raise
+    except OSError as exc:
+        raise BindError(
+            f"cannot listen on {address}: {exc.strerror or exc}; "
+            "pick a free address in server.listen"
+        ) from None
+    sock = server.sockets[0]
+    host, port = sock.getsockname()[:2]
+    return Listener(address, Address(address.scheme, host=host, port=port), server)
+
+
+def _refuse_if_live(path: Path, address: Address) -> None:
+    """Another live server on this socket path must not be silently replaced."""
+    if not path.exists():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(0.5)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return  # stale socket file: nobody listens
+    finally:
+        probe.close()
+    raise BindError(f"{address}: another process is listening on {path}")
+
+
+def peer_credentials(writer: asyncio.StreamWriter) -> tuple[int, int, int] | None:
+    """(pid, uid, gid) of a Unix-socket peer via SO_PEERCRED, None for other transports."""
+    sock = writer.get_extra_info("socket")
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    import struct
+
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+def server_ssl_context(cert: Path, key: Path | None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cert), str(key) if key else None)
+    return ctx

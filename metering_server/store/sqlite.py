@@ -1,0 +1,330 @@
+"""Embedded SQLite store.
+
+Every call runs on one dedicated thread that owns the connection, so the event loop never
+blocks on disk.  Check-and-grant runs in `BEGIN IMMEDIATE` (the write lock is taken before
+counting), which serialises grants across every process sharing the file; WAL with
+synchronous=FULL makes a commit durable before the reply goes out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import TypeVar
+
+from metering_protocol.errors import LeaseNotFound
+from metering_server.auth.lockout import FailureState, LockoutPolicy
+from metering_server.licensing import decide
+
+from .base import GrantOutcome, GrantRequest, LeaseRecord, LeaseStore, RenewOutcome
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS leases (
+    lease TEXT PRIMARY KEY,
+    product TEXT NOT NULL,
+    version TEXT NOT NULL,
+    pool_product TEXT NOT NULL,
+    pool_version TEXT NOT NULL,
+    principal TEXT NOT NULL,
+    user TEXT NOT NULL,
+    client TEXT NOT NULL,
+    server TEXT NOT NULL,
+    granted_at REAL NOT NULL,
+    renewed_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    overuse INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS leases_pool ON leases (pool_product, pool_version, expires_at);
+CREATE INDEX IF NOT EXISTS leases_expiry ON leases (expires_at);
+CREATE TABLE IF NOT EXISTS auth_failures (
+    key TEXT PRIMARY KEY,
+    count INTEGER NOT NULL,
+    window_start REAL NOT NULL,
+    locked_until REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1');
+"""
+
+_COLUMNS = (
+    "lease, product, version, pool_product, pool_version, principal, user, client, server, "
+    "granted_at, renewed_at, expires_at, overuse"
+)
+
+
+def _record(row: tuple) -> LeaseRecord:
+    return LeaseRecord(*row[:12], overuse=bool(row[12]))
+
+
+def new_lease_id() -> str:
+    return "L" + secrets.token_hex(12)
+
+
+class SQLiteStore(LeaseStore):
+    def __init__(self, path: str | Path, busy_timeout_s: float = 30.0):
+        self.path = Path(path)
+        self.busy_timeout_s = busy_timeout_s
+        self._executor: ThreadPoolExecutor | None = None
+        self._db: sqlite3.Connection | None = None
+
+    # --- plumbing --------------------------------------------------------------------------
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        assert self._executor is not None, "store is not open"
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._call, fn)
+
+    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        assert self._db is not None
+        return fn(self._db)
+
+    def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> Callable[[sqlite3.Connection], T]:
+        def run(db: sqlite3.Connection) -> T:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(db)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return result
+
+        return run
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+
+        def connect(_: object) -> None:
+            db = sqlite3.connect(
+                self.path,
+                timeout=self.busy_timeout_s,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_s * 1000)}")
+            db.executescript(SCHEMA)
+            self._db = db
+
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, connect, None)
+
+    async def close(self) -> None:
+        if self._executor is None:
+            return
+
+        def shut(db: sqlite3.Connection) -> None:
+            db.close()
+
+        if self._db is not None:
+            await self._run(shut)
+            self._db = None
+        self._executor.shutdown(wait=True)
+        self._executor = None
+
+    # --- leases ------------------------------------------------------------------------------
+    async def grant(self, req: GrantRequest) -> GrantOutcome:
+        def grant(db: sqlite3.Connection) -> GrantOutcome:
+            pool = req.pool
+            if req.reclaim is not None:
+                row = db.execute(
+                    f"SELECT {_COLUMNS} FROM leases WHERE lease = ?", (req.reclaim,)
+                ).fetchone()
+                if row is not None:
+                    held = _record(row)
+                    mine = held.principal == req.principal and held.client == req.client
+                    same_pool = held.pool_key == pool.key
+                    if mine and same_pool and held.expires_at > req.now:
+                        expires = req.now + req.ttl_s
+                        db.execute(
+                            "UPDATE leases SET renewed_at = ?, expires_at = ?, server = ? "
+                            "WHERE lease = ?",
+                            (req.now, expires, req.server, held.lease),
+                        )
+                        in_use = self._count(db, pool.key, req.now)
+                        lease = replace(
+                            held, renewed_at=req.now, expires_at=expires, server=req.server
+                        )
+                        return GrantOutcome(True, in_use, lease, reclaimed=True)
+                    if mine and held.expires_at <= req.now:
+                        db.execute("DELETE FROM leases WHERE lease = ?", (held.lease,))
+            in_use = self._count(db, pool.key, req.now)
+            decision = decide(pool, in_use)
+            if not decision.granted:
+                return GrantOutcome(False, in_use)
+            lease = LeaseRecord(
+                lease=new_lease_id(),
+                product=req.product,
+                version=req.version,
+                pool_product=pool.product,
+                pool_version=pool.version,
+                principal=req.principal,
+                user=req.user,
+                client=req.client,
+                server=req.server,
+                granted_at=req.now,
+                renewed_at=req.now,
+                expires_at=req.now + req.ttl_s,
+                overuse=decision.overuse,
+            )
+            db.execute(
+                f"INSERT INTO leases ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (*_values(lease),),
+            )
+            return GrantOutcome(True, in_use + 1, lease)
+
+        return await self._run(self._tx(grant))
+
+    @staticmethod
+    def _count(db: sqlite3.Connection, key: tuple[str, str], now: float) -> int:
+        return db.execute(
+            "SELECT COUNT(*) FROM leases WHERE pool_product = ? AND pool_version = ? "
+            "AND expires_at > ?",
+            (*key, now),
+        ).fetchone()[0]
+
+    async def renew(
+        self, leases: list[str], principal: str, client: str, server: str, now: float, ttl_s: float
+    ) -> RenewOutcome:
+        def renew(db: sqlite3.Connection) -> RenewOutcome:
+            renewed, lost = [], []
+            for lease in leases:
+                cur = db.execute(
+                    "UPDATE leases SET renewed_at = ?, expires_at = ?, server = ? "
+                    "WHERE lease = ? AND principal = ? AND client = ? AND expires_at > ?",
+                    (now, now + ttl_s, server, lease, principal, client, now),
+                )
+                (renewed if cur.rowcount else lost).append(lease)
+            return RenewOutcome(renewed, lost)
+
+        return await self._run(self._tx(renew))
+
+    async def release(self, lease: str, principal: str, client: str) -> LeaseRecord | None:
+        def release(db: sqlite3.Connection) -> LeaseRecord | None:
+            row = db.execute(f"SELECT {_COLUMNS} FROM leases WHERE lease = ?", (lease,)).fetchone()
+            if row is None:
+                return None
+            held = _record(row)
+            if held.principal != principal or held.client != client:
+                raise LeaseNotFound(f"lease {lease} is not held by this principal and client")
+            db.execute("DELETE FROM leases WHERE lease = ?", (lease,))
+            return held
+
+        return await self._run(self._tx(release))
+
+    async def revoke(self, lease: str) -> LeaseRecord | None:
+        def revoke(db: sqlite3.Connection) -> LeaseRecord | None:
+            row = db.execute(f"SELECT {_COLUMNS} FROM leases WHERE lease = ?", (lease,)).fetchone()
+            if row is not None:
+                db.execute("DELETE FROM leases WHERE lease = ?", (lease,))
+                return _record(row)
+            return None
+
+        return await self._run(self._tx(revoke))
+
+    async def expire(self, now: float) -> list[LeaseRecord]:
+        def expire(db: sqlite3.Connection) -> list[LeaseRecord]:
+            rows = db.execute(
+                f"SELECT {_COLUMNS} FROM leases WHERE expires_at <= ?", (now,)
+            ).fetchall()
+            if rows:
+                db.execute("DELETE FROM leases WHERE expires_at <= ?", (now,))
+            return [_record(r) for r in rows]
+
+        return await self._run(self._tx(expire))
+
+    async def leases(self, now: float, product: str | None = None) -> list[LeaseRecord]:
+        def select(db: sqlite3.Connection) -> list[LeaseRecord]:
+            sql = f"SELECT {_COLUMNS} FROM leases WHERE expires_at > ?"
+            args: tuple = (now,)
+            if product is not None:
+                sql += " AND upper(product) = upper(?)"
+                args += (product,)
+            return [_record(r) for r in db.execute(sql + " ORDER BY granted_at", args)]
+
+        return await self._run(select)
+
+    async def in_use(self, now: float) -> dict[tuple[str, str], int]:
+        def count(db: sqlite3.Connection) -> dict[tuple[str, str], int]:
+            rows = db.execute(
+                "SELECT pool_product, pool_version, COUNT(*) FROM leases WHERE expires_at > ? "
+                "GROUP BY pool_product, pool_version",
+                (now,),
+            )
+            return {(p, v): n for p, v, n in rows}
+
+        return await self._run(count)
+
+    # --- lockout ------------------------------------------------------------------------------
+    @staticmethod
+    def _states(db: sqlite3.Connection, keys: list[str]) -> dict[str, FailureState]:
+        out = {}
+        for key in keys:
+            row = db.execute(
+                "SELECT count, window_start, locked_until FROM auth_failures WHERE key = ?", (key,)
+            ).fetchone()
+            if row is not None:
+                out[key] = FailureState(*row)
+        return out
+
+    async def auth_states(self, keys: list[str]) -> dict[str, FailureState]:
+        return await self._run(lambda db: self._states(db, keys))
+
+    async def record_auth_failure(
+        self, keys: list[str], now: float, policy: LockoutPolicy
+    ) -> dict[str, FailureState]:
+        def record(db: sqlite3.Connection) -> dict[str, FailureState]:
+            states = self._states(db, keys)
+            out = {}
+            for key in keys:
+                new = policy.record_failure(states.get(key), now)
+                db.execute(
+                    "INSERT INTO auth_failures (key, count, window_start, locked_until) "
+                    "VALUES (?,?,?,?) ON CONFLICT(key) DO UPDATE SET count = excluded.count, "
+                    "window_start = excluded.window_start, locked_until = excluded.locked_until",
+                    (key, new.count, new.window_start, new.locked_until),
+                )
+                out[key] = new
+            # Keep the table small: forget states whose window and lock are over.
+            db.execute(
+                "DELETE FROM auth_failures WHERE locked_until < ? AND window_start < ?",
+                (now, now - policy.settings.window_s),
+            )
+            return out
+
+        return await self._run(self._tx(record))
+
+    async def clear_auth_failures(self, keys: list[str], now: float, policy: LockoutPolicy) -> None:
+        def clear(db: sqlite3.Connection) -> None:
+            states = self._states(db, keys)
+            for key, state in states.items():
+                if policy.on_success(state, now) is None:
+                    db.execute("DELETE FROM auth_failures WHERE key = ?", (key,))
+
+        await self._run(self._tx(clear))
+
+
+def _values(r: LeaseRecord) -> tuple:
+    return (
+        r.lease,
+        r.product,
+        r.version,
+        r.pool_product,
+        r.pool_version,
+        r.principal,
+        r.user,
+        r.client,
+        r.server,
+        r.granted_at,
+        r.renewed_at,
+        r.expires_at,
+        int(r.overuse),
+    )

@@ -1,0 +1,68 @@
+"""FIFO queues of checkouts waiting for a seat, one per pool, bounded by `max_waiters`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from metering_protocol.errors import Overloaded
+
+
+@dataclass(eq=False)
+class Waiter:
+    pool_key: tuple[str, str]
+    request: Any  # the Checkout request
+    session: Any  # the Session that waits
+    future: asyncio.Future = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+    @property
+    def live(self) -> bool:
+        return not self.future.done()
+
+
+class WaitQueues:
+    def __init__(self, max_waiters: int):
+        self.max_waiters = max_waiters
+        self._queues: dict[tuple[str, str], deque[Waiter]] = {}
+
+    def add(self, waiter: Waiter) -> None:
+        queue = self._queues.setdefault(waiter.pool_key, deque())
+        if len(queue) >= self.max_waiters:
+            raise Overloaded(
+                f"{len(queue)} checkouts already wait for {waiter.pool_key[0]}", retry_after_s=1.0
+            )
+        queue.append(waiter)
+
+    def discard(self, waiter: Waiter) -> None:
+        queue = self._queues.get(waiter.pool_key)
+        if queue is None:
+            return
+        try:
+            queue.remove(waiter)
+        except ValueError:
+            pass
+        if not queue:
+            del self._queues[waiter.pool_key]
+
+    def head(self, pool_key: tuple[str, str]) -> Waiter | None:
+        """The oldest waiter still waiting; waiters already answered are dropped on the way."""
+        queue = self._queues.get(pool_key)
+        while queue:
+            if queue[0].live:
+                return queue[0]
+            queue.popleft()
+        self._queues.pop(pool_key, None)
+        return None
+
+    def queued(self, pool_key: tuple[str, str]) -> int:
+        return sum(1 for w in self._queues.get(pool_key, ()) if w.live)
+
+    def pools(self) -> list[tuple[str, str]]:
+        return list(self._queues)
+
+    def all(self) -> list[Waiter]:
+        return [w for q in self._queues.values() for w in q]
