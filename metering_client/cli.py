@@ -134,7 +134,7 @@ def _run_loop(coro: Any) -> int:
         import uvloop
     except ImportError:  # pragma: no cover
         return asyncio.run(coro)
-    return asyncio.run(coro, loop_factory=uvloop.new_event_loop)
+    return uvloop.run(coro)
 
 
 async def _dispatch(args: argparse.Namespace, config: ClientConfig) -> int:

@@ -90,6 +90,7 @@ class MeteringServer:
         ssl_ctx = None
         if cfg.tls_cert is not None:
             ssl_ctx = server_ssl_context(cfg.tls_cert, cfg.tls_key)
+        inherited = systemd.listen_sockets()
         try:
             for text in cfg.server.listen:
                 addr = parse_address(text)
@@ -99,6 +100,7 @@ class MeteringServer:
                     handler,
                     ssl_context=ssl_ctx if addr.scheme == "tls" else None,
                     unix_mode=cfg.server.unix_socket_mode,
+                    inherited=inherited,
                 )
                 self.listeners.append(listener)
         except BaseException:

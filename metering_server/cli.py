@@ -93,7 +93,7 @@ def run_loop(coro) -> None:
     except ImportError:  # pragma: no cover - platforms without uvloop
         asyncio.run(coro)
     else:
-        asyncio.run(coro, loop_factory=uvloop.new_event_loop)
+        uvloop.run(coro)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,16 @@ async def bind(
     ssl_context: ssl.SSLContext | None = None,
     unix_mode: int = 0o666,
     limit: int = 2**16,
+    inherited: list[socket.socket] | None = None,
 ) -> Listener:
+    sock = _take_inherited(address, inherited or [])
+    if sock is not None:
+        if address.is_unix:
+            server = await asyncio.start_unix_server(handler, sock=sock, limit=limit)
+            return Listener(address, address, server)
+        server = await asyncio.start_server(handler, sock=sock, ssl=ssl_context, limit=limit)
+        host, port = sock.getsockname()[:2]
+        return Listener(address, Address(address.scheme, host=host, port=port), server)
     try:
         if address.is_unix:
             path = Path(address.path)
@@ -77,6 +86,23 @@ async def bind(
     sock = server.sockets[0]
     host, port = sock.getsockname()[:2]
     return Listener(address, Address(address.scheme, host=host, port=port), server)
+
+
+def _take_inherited(address: Address, inherited: list[socket.socket]) -> socket.socket | None:
+    """The socket-activated socket bound to this address, if systemd (or a test) passed one."""
+    for sock in inherited:
+        name = sock.getsockname()
+        if address.is_unix:
+            match = sock.family == socket.AF_UNIX and name == address.path
+        else:
+            match = sock.family in (socket.AF_INET, socket.AF_INET6) and (
+                name[1] == address.port and (address.host in (name[0], "0.0.0.0", "::"))
+            )
+        if match:
+            inherited.remove(sock)
+            sock.setblocking(False)
+            return sock
+    return None
 
 
 def _refuse_if_live(path: Path, address: Address) -> None:

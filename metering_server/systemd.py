@@ -18,3 +18,19 @@ def notify(state: str) -> bool:
         except OSError:
             return False
     return True
+
+
+SD_LISTEN_FDS_START = 3
+
+
+def listen_sockets() -> list[socket.socket]:
+    """Sockets passed by systemd socket activation (LISTEN_PID/LISTEN_FDS), once."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return []
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(key, None)
+    return [socket.socket(fileno=SD_LISTEN_FDS_START + i) for i in range(count)]

@@ -1,0 +1,295 @@
+"""Test support: config files, credentials, daemons as real processes, condition waits.
+
+Daemons get their listening sockets pre-bound on port 0 and passed by socket activation
+(LISTEN_FDS), so tests never probe for a free port and never race for one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from metering_server.auth.credentials import hash_token
+
+FAST_N = 2**10  # scrypt cost for test credentials: real hashing, test-suite speed
+
+
+# --- TOML ---------------------------------------------------------------------------------------
+def _scalar(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_scalar(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def to_toml(data: dict[str, Any], prefix: str = "") -> str:
+    lines: list[str] = []
+    tables: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+        elif isinstance(value, list) and value and all(isinstance(x, dict) for x in value):
+            tables.append((key, value))
+        else:
+            lines.append(f"{key} = {_scalar(value)}")
+    for key, value in tables:
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            lines.append(f"\n[{name}]")
+            lines.append(to_toml(value, prefix=name + "."))
+        else:
+            for item in value:
+                lines.append(f"\n[[{name}]]")
+                lines.append(to_toml(item, prefix=name + "."))
+    return "\n".join(lines) + "\n"
+
+
+def write_toml(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(to_toml(data), encoding="utf-8")
+    return path
+
+
+def write_credentials(path: Path, principals: dict[str, tuple[list[str], str | None]]) -> Path:
+    """principals: name -> (roles, token or None)."""
+    entries = []
+    for name, (roles, token) in principals.items():
+        entry: dict[str, Any] = {"name": name, "roles": roles}
+        if token is not None:
+            entry["token_hash"] = hash_token(token, n=FAST_N)
+        entries.append(entry)
+    write_toml(path, {"principals": entries})
+    return path
+
+
+def write_token(path: Path, token: str) -> Path:
+    path.write_text(token + "\n", encoding="utf-8")
+    path.chmod(0o600)
+    return path
+
+
+def short_tmpdir() -> Path:
+    """Unix socket paths are limited to ~107 bytes; pytest's tmp_path can be longer."""
+    return Path(tempfile.mkdtemp(prefix="mt", dir="/tmp"))
+
+
+# --- waiting --------------------------------------------------------------------------------------
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float = 10.0,
+    what: str = "condition",
+    interval: float = 0.02,
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+async def async_wait_until(
+    predicate: Callable[[], Any],
+    timeout: float = 10.0,
+    what: str = "condition",
+    interval: float = 0.02,
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+# --- daemons as processes -------------------------------------------------------------------------
+def bind_tcp(host: str = "127.0.0.1") -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    sock.listen(512)
+    return sock
+
+
+class Daemon:
+    """A metering daemon run as a real process, its JSON log captured to a file."""
+
+    def __init__(
+        self,
+        argv: list[str],
+        log_path: Path,
+        *,
+        ready_event: str,
+        sockets: list[socket.socket] | None = None,
+        env: dict[str, str] | None = None,
+        wrap: list[str] | None = None,
+    ):
+        self.argv = argv
+        self.log_path = log_path
+        self.ready_event = ready_event
+        self.sockets = sockets or []
+        self.env = env or {}
+        self.wrap = wrap or []
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 15.0) -> Daemon:
+        env = {**os.environ, **self.env}
+        fds = [s.fileno() for s in self.sockets]
+        self.log_path.touch()
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        preexec = None
+        if fds:
+            env["LISTEN_FDS"] = str(len(fds))
+
+            def preexec() -> None:  # move the sockets to fds 3.. in the child
+                for i, fd in enumerate(fds):
+                    os.dup2(fd, 100 + i)
+                for i in range(len(fds)):
+                    os.dup2(100 + i, 3 + i)
+                    os.set_inheritable(3 + i, True)
+                os.environ["LISTEN_PID"] = str(os.getpid())
+
+            argv = [*self.wrap, "/bin/sh", "-c", 'LISTEN_PID=$$ exec "$@"', "sh", *self.argv]
+        else:
+            argv = [*self.wrap, *self.argv]
+        self.offset = self.log_path.stat().st_size
+        try:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=env,
+                preexec_fn=preexec,
+                pass_fds=tuple(range(3, 3 + len(fds))),
+                start_new_session=True,
+            )
+        finally:
+            log.close()
+        self.ready = wait_until(lambda: self._ready(), timeout, f"{self.argv} to be ready")
+        return self
+
+    def _ready(self) -> dict[str, Any] | None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"{self.argv} exited {self.proc.returncode}:\n{self.text()}")
+        for ev in self.events(since_start=True):
+            if ev.get("event") == self.ready_event:
+                return ev
+        return None
+
+    def text(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def events(self, since_start: bool = False) -> list[dict[str, Any]]:
+        data = self.log_path.read_bytes()
+        if since_start:
+            data = data[self.offset :]
+        out = []
+        for line in data.splitlines():
+            with contextlib.suppress(ValueError):
+                obj = json.loads(line)
+                if isinstance(obj, dict):
+                    out.append(obj)
+        return out
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def kill9(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.wait(10)
+
+    def terminate(self, timeout: float = 15.0) -> int | None:
+        self.signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float) -> int | None:
+        if self.proc is None:
+            return None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(5)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.terminate(10)
+
+
+def python_argv(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+def cli_path(name: str) -> str:
+    found = shutil.which(name, path=str(Path(sys.executable).parent))
+    assert found, f"{name} is not installed in the venv"
+    return found
+
+
+def server_config(
+    *,
+    name: str,
+    listen: list[str],
+    state_dir: Path,
+    store: Path | None = None,
+    products: list[dict[str, Any]] | None = None,
+    site: list[dict[str, Any]] | None = None,
+    **sections: Any,
+) -> dict[str, Any]:
+    """A server config dict; `sections` merge into [server], [leases], [auth] by key prefix,
+    e.g. leases={"ttl_s": 5}."""
+    cfg: dict[str, Any] = {
+        "server": {
+            "name": name,
+            "site": "test",
+            "listen": listen,
+            "state_dir": str(state_dir),
+            "log_format": "json",
+            "sweep_interval_s": 0.2,
+            "drain_timeout_s": 2.0,
+        },
+        "leases": {"ttl_s": 10.0, "heartbeat_s": 1.0},
+        "auth": {
+            "credentials_file": str(state_dir / "credentials.toml"),
+            "security_log_window_s": 60.0,
+        },
+        "products": products
+        if products is not None
+        else [{"name": "CLOCK.EXE", "version": "4.00", "seats": 2, "mode": "enforce"}],
+    }
+    if store is not None:
+        cfg["store"] = {"url": f"sqlite://{store}"}
+    if site:
+        cfg["site"] = {"servers": site}
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg
