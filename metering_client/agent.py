@@ -96,7 +96,7 @@ class Agent:
     def __init__(self, config: ClientConfig):
         self.config = config
         config.state_dir.mkdir(parents=True, exist_ok=True)
-        self.servers = ServerList(config.servers.list, config.state_dir / "servers.json")
+        self.servers = ServerList(config.servers.addresses, config.state_dir / "servers.json")
         self.servers.load()
         if self.servers.load_error:
             log.warning("server_list_state_ignored", error=self.servers.load_error)

@@ -90,7 +90,7 @@ class Seat:
             self._watch = asyncio.create_task(self._stay_attached())
             return self
         servers = ServerList(
-            self.config.servers.list,
+            self.config.servers.addresses,
             self.config.state_dir / "servers.json" if _writable(self.config) else None,
         )
         servers.load()
@@ -109,7 +109,7 @@ class Seat:
     def _agent_timeout(self) -> float:
         # The agent itself bounds its failover; this only guards against a hung agent.
         c = self.config.servers
-        budget = c.retries * len(c.list) * (c.connect_timeout_ms + c.request_timeout_ms)
+        budget = c.retries * len(c.addresses) * (c.connect_timeout_ms + c.request_timeout_ms)
         return self.wait_s + budget / 1000 + c.retries * c.backoff_max_ms / 1000 + 5
 
     def _on_agent_event(self, msg: dict[str, Any]) -> None:

@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         return exit_code(exc)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug: one line for the operator, details in the log
+        print(f"metering-client: internal error: {exc!r}", file=sys.stderr)
+        return 70
 
 
 def _run_loop(coro: Any) -> int:
@@ -191,7 +194,10 @@ def _forward(proc: asyncio.subprocess.Process, sig: int) -> None:
 
 
 def _print(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
-    print(json.dumps(data, indent=None if args.json else 2) if args.json else text)
+    if args.json:
+        print(json.dumps({k: v for k, v in data.items() if k not in ("id", "ok")}))
+    else:
+        print(text)
 
 
 async def _checkout(config: ClientConfig, args: argparse.Namespace) -> int:
@@ -290,7 +296,7 @@ def _direct_keeper(config: ClientConfig):
     from metering_client.keeper import LeaseKeeper
     from metering_client.serverlist import ServerList
 
-    servers = ServerList(config.servers.list, None)
+    servers = ServerList(config.servers.addresses, None)
     return LeaseKeeper(Connector(config, servers))
 
 

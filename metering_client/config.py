@@ -33,7 +33,9 @@ class ClientSection(_S):
 
 
 class ServersSection(_S):
-    list: list[str] = msgspec.field(default_factory=lambda: ["tcp://127.0.0.1:7001"])
+    addresses: list[str] = msgspec.field(
+        name="list", default_factory=lambda: ["tcp://127.0.0.1:7001"]
+    )
     retries: Pos = 5
     retry_interval_ms: NonNeg = 1000
     backoff_max_ms: Pos = 60000
@@ -103,9 +105,9 @@ def build_client_config(data: dict, path: Path | None) -> ClientConfig:
     where = path if path is not None else "<defaults>"
     cfg = convert(data, _File, where)
     base = path.parent.resolve() if path is not None else Path.cwd()
-    if not cfg.servers.list:
+    if not cfg.servers.addresses:
         raise ConfigError(where, "servers.list", "needs at least one server address")
-    for i, addr in enumerate(cfg.servers.list):
+    for i, addr in enumerate(cfg.servers.addresses):
         try:
             parse_address(addr)
         except AddressError as exc:

@@ -114,19 +114,21 @@ class Connector:
                 order = [e for e in order if e.address != avoid] + [
                     e for e in order if e.address == avoid
                 ]
+            hopeless = True  # every server refused in a way another pass cannot change
             for entry in order:
                 try:
                     return await self.open(entry)
                 except (*AUTH_TERMINAL, CredentialUnusable):
                     raise
                 except MeteringError as exc:
+                    hopeless = hopeless and not exc.retryable  # e.g. certificate_untrusted
                     if not exc.retryable and not isinstance(exc, ConnectionLost):
                         errors.append(f"{entry.address}: {exc}")
                     else:
                         errors.append(f"{entry.address}: {exc.message}")
                     log.info("server_unreachable", server=entry.address, error=str(exc))
             done += 1
-            delay = self.policy.pass_delay_s(done) if done < passes else None
+            delay = self.policy.pass_delay_s(done) if done < passes and not hopeless else None
             if delay is None:
                 self.last_error = Unavailable(
                     f"no server reachable after {done} pass(es) over {len(order)} server(s): "

@@ -110,12 +110,22 @@ class LeaseKeeper:
             if old is not None:
                 self._failed_address = old.entry.address
                 await old.close()
-            session = await self.connector.connect(avoid=self._failed_address, passes=passes)
-            try:
-                await self._reclaim_all(session)
-            except SESSION_FAULTS:
-                await session.close()
-                raise
+            faults = 0
+            while True:
+                session = await self.connector.connect(avoid=self._failed_address, passes=passes)
+                try:
+                    await self._reclaim_all(session)
+                    break
+                except SESSION_FAULTS as exc:
+                    # A server that dies or sheds load while we reclaim is one more dead
+                    # server: go on to the next one now, not after a background back-off.
+                    await session.close()
+                    faults += 1
+                    if faults >= len(self.connector.servers.entries()):
+                        raise
+                    log.warning("session_dead", server=session.server, reason=f"reclaim: {exc}")
+                    self._failed_address = session.entry.address
+            self._watch(session)
             if self._failed_address is not None:
                 self.failovers += 1
                 log.info("failed_over", server=session.server, leases=len(self.held))
@@ -124,6 +134,10 @@ class LeaseKeeper:
             self.session = session
             self._wake.set()
             return session
+
+    def _watch(self, session: ServerSession) -> None:
+        # A reset or EOF wakes the maintainer at once: fail over now, not at the next beat.
+        session.client.closed.add_done_callback(lambda _: self._wake.set())
 
     def session_failed(self, session: ServerSession, why: str) -> None:
         if not session.dead:
@@ -366,6 +380,7 @@ class LeaseKeeper:
                 except SESSION_FAULTS:
                     await candidate.close()
                     continue
+                self._watch(candidate)
                 old, self.session = self.session, candidate
             log.info(
                 "moved_back", server=candidate.server, left=old.server if old is not None else None

@@ -8,6 +8,7 @@ ConfigError line: "<file>: <key>: <problem>".
 from __future__ import annotations
 
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -45,7 +46,25 @@ def convert(data: dict[str, Any], cls: type[T], path: Path | str) -> T:
         return msgspec.convert(data, cls)
     except msgspec.ValidationError as exc:
         key, problem = _split(str(exc))
+        if problem.startswith("invalid enum value"):
+            choices = _literal_choices(cls, key)
+            if choices:
+                problem += f" (one of: {', '.join(map(repr, choices))})"
         raise ConfigError(path, key, problem) from None
+
+
+def _literal_choices(cls: type, key: str) -> tuple[Any, ...]:
+    """The allowed values of the Literal-typed field at `key` (e.g. "products[0].mode")."""
+    tp: Any = cls
+    for part in key.split("."):
+        name = part.split("[")[0]
+        hints = typing.get_type_hints(tp, include_extras=True) if isinstance(tp, type) else {}
+        tp = hints.get(name)
+        while typing.get_origin(tp) is list:
+            tp = typing.get_args(tp)[0]
+        if tp is None:
+            return ()
+    return typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else ()
 
 
 def _split(text: str) -> tuple[str, str]:

@@ -126,6 +126,13 @@ class ShuttingDown(MeteringError):
     retryable = True
 
 
+class ReloadFailed(MeteringError):
+    """Addition to PROTOCOL.md: the new config is invalid; the server keeps the old one."""
+
+    code = "reload_failed"
+    retryable = False
+
+
 class Internal(MeteringError):
     code = "internal"
     retryable = True

@@ -17,9 +17,10 @@ from typing import Any
 import structlog
 
 from metering_protocol.address import parse_address
-from metering_protocol.errors import ShuttingDown
+from metering_protocol.config import ConfigError
+from metering_protocol.errors import ReloadFailed, ShuttingDown
 from metering_server import systemd
-from metering_server.auth.credentials import Credentials
+from metering_server.auth.credentials import Credentials, CredentialsError
 from metering_server.auth.lockout import LockoutSettings
 from metering_server.authn import Authenticator
 from metering_server.config import ServerConfig, load_server_config
@@ -150,7 +151,11 @@ class MeteringServer:
         self._stop.set()
 
     def request_reload(self) -> None:
-        self._spawn(self.reload(), "reload")
+        self._spawn(self._reload_quietly(), "reload")
+
+    async def _reload_quietly(self) -> None:
+        with contextlib.suppress(ReloadFailed):  # already logged; SIGHUP has nobody to answer
+            await self.reload()
 
     async def shutdown(self, timeout: float | None = None) -> None:
         if self.draining:
@@ -182,6 +187,7 @@ class MeteringServer:
                 await self._sweeper
         for task in list(self._background):
             task.cancel()
+        self.authenticator.seclog.flush(final=True)
         await self.store.close()
         log.info("server_stopped")
         self._stopped.set()
@@ -291,15 +297,18 @@ class MeteringServer:
         """
         async with self._reload_lock:
             if self.config.path is None:
-                return {"error": "no config file to reload"}
+                raise ReloadFailed("this server was started without a config file")
             try:
                 new = load_server_config(self.config.path)
                 credentials = Credentials.load(new.credentials_path, missing_ok=True)
-            except Exception as exc:
+            except (ConfigError, CredentialsError) as exc:
                 log.error("reload_failed", error=str(exc))
-                return {"error": str(exc)}
+                raise ReloadFailed(f"kept the running config: {exc}") from None
             old = self.config
             changed: dict[str, Any] = {}
+            before = {(p.name, p.roles, p.token_hash) for p in self.authenticator.credentials}
+            if before != {(p.name, p.roles, p.token_hash) for p in credentials}:
+                changed["credentials"] = f"{len(credentials)} principal(s)"
             if new.products != old.products:
                 changed["products"] = (
                     sorted({p.name for p in new.products} ^ {p.name for p in old.products})

@@ -143,8 +143,15 @@ def build_server_config(data: dict, path: Path | None) -> ServerConfig:
             raise ConfigError(where, key, f"file {p} does not exist")
     state_dir = resolve(base, cfg.server.state_dir)
     store_url = cfg.store.url or f"sqlite://{state_dir / 'metering.db'}"
-    if not (store_url.startswith("sqlite://") or store_url.startswith("postgresql://")):
-        raise ConfigError(where, "store.url", "must start with sqlite:// or postgresql://")
+    if store_url.startswith("postgresql://"):
+        raise ConfigError(
+            where,
+            "store.url",
+            "the PostgreSQL store is not in this release yet; "
+            "use sqlite:// (servers on one host may share the file)",
+        )
+    if not store_url.startswith("sqlite://"):
+        raise ConfigError(where, "store.url", "must start with sqlite://")
     if store_url.startswith("sqlite://"):
         db = store_url[len("sqlite://") :]
         store_url = f"sqlite://{resolve(base, db)}" if db else store_url

@@ -62,7 +62,10 @@ class Connection:
 
     # --- output -------------------------------------------------------------------------------
     def send(self, message: dict[str, Any]) -> None:
-        if self.closing or self.writer.is_closing():
+        # Not `self.closing`: that only stops reading. Requests already in flight (a client
+        # that half-closed after pipelining, a drain, a frame after which framing was lost)
+        # still get their replies until the socket itself is closed.
+        if self.writer.is_closing():
             return
         self.writer.write(framing.encode(message))
         limit = self.app.config.server.max_write_buffer_bytes

@@ -43,9 +43,7 @@ def to_toml(data: dict[str, Any], prefix: str = "") -> str:
     lines: list[str] = []
     tables: list[tuple[str, Any]] = []
     for key, value in data.items():
-        if isinstance(value, dict):
-            tables.append((key, value))
-        elif isinstance(value, list) and value and all(isinstance(x, dict) for x in value):
+        if isinstance(value, dict) or (isinstance(value, list) and value and all(isinstance(x, dict) for x in value)):
             tables.append((key, value))
         else:
             lines.append(f"{key} = {_scalar(value)}")
@@ -188,7 +186,8 @@ class Daemon:
             )
         finally:
             log.close()
-        self.ready = wait_until(lambda: self._ready(), timeout, f"{self.argv} to be ready")
+        if self.ready_event is not None:  # None: pre-bound sockets already queue connections
+            self.ready = wait_until(lambda: self._ready(), timeout, f"{self.argv} to be ready")
         return self
 
     def _ready(self) -> dict[str, Any] | None:

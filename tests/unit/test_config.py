@@ -1,0 +1,109 @@
+from pathlib import Path
+
+import pytest
+
+from metering_client.config import build_client_config, read_token
+from metering_protocol.config import ConfigError
+from metering_server.config import load_server_config
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "server.toml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        ("[server]\nlisen = []\n", "server.lisen", "unknown key"),
+        ("[server]\nlisten = ['ftp://x:1']\n", "server.listen[0]", "unknown scheme"),
+        ("[server]\nlisten = []\n", "server.listen", "at least one"),
+        ("[server]\nmax_connections = 0\n", "server.max_connections", ">"),
+        (
+            "[server]\nlog_format = 'xml'\n",
+            "server.log_format",
+            "invalid enum value 'xml' (one of: 'json', 'console')",
+        ),
+        ("[leases]\nttl_s = 10\nheartbeat_s = 10\n", "leases.heartbeat_s", "smaller"),
+        ("[[products]]\nname = 'A'\nversion = '1'\nseats = 'five'\n", "products[0].seats", "int"),
+        (
+            "[[products]]\nname = 'A'\nversion = '1'\nseats = 1\nmode = 'x'\n",
+            "products[0].mode",
+            "one of: 'enforce', 'meter'",
+        ),
+        (
+            "[[products]]\nname='A'\nversion='1'\nseats=1\n[[products]]\nname='a'\nversion='1'\n"
+            "seats=2\n",
+            "products[1]",
+            "duplicate",
+        ),
+        ("[[products]]\nversion = '1'\nseats = 1\n", "products[0].name", "required"),
+        ("[server]\nlisten = ['tls://127.0.0.1:1']\n", "server.tls_cert_file", "required"),
+        ("[store]\nurl = 'mysql://x'\n", "store.url", "must start with sqlite://"),
+        ("[store]\nurl = 'postgresql://db/m'\n", "store.url", "not in this release"),
+        (
+            "[[site.servers]]\nname = 'a'\naddress = 'tcp://nope'\n",
+            "site.servers[0].address",
+            "HOST:PORT",
+        ),
+    ],
+)
+def test_server_config_errors_name_file_key_and_problem(tmp_path, text, key, problem):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_server_config(path)
+    line = str(err.value)
+    assert "\n" not in line
+    assert line.startswith(f"{path}: {key}: "), line
+    assert problem in line
+
+
+def test_invalid_toml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_server_config(write(tmp_path, "[server\n"))
+    with pytest.raises(ConfigError, match="file not found"):
+        load_server_config(tmp_path / "nope.toml")
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path):
+    cfg = load_server_config(write(tmp_path, "[server]\nstate_dir = 'st'\n"))
+    assert cfg.state_dir == tmp_path / "st"
+    assert cfg.store_url == f"sqlite://{tmp_path / 'st' / 'metering.db'}"
+    assert cfg.credentials_path == tmp_path / "credentials.toml"
+
+
+def test_client_config_keys_and_errors(tmp_path):
+    path = tmp_path / "client.toml"
+    cfg = build_client_config(
+        {"servers": {"list": ["tcp://a:1", "unix:///s.sock"], "retries": 2}}, path
+    )
+    assert cfg.servers.addresses == ["tcp://a:1", "unix:///s.sock"]
+    assert cfg.token_file == tmp_path / "token"
+    with pytest.raises(ConfigError, match=r"servers\.retries: expected `int` >= 1"):
+        build_client_config({"servers": {"retries": 0}}, path)
+    with pytest.raises(ConfigError, match=r"client\.nmae: unknown key"):
+        build_client_config({"client": {"nmae": "x"}}, path)
+    with pytest.raises(ConfigError, match=r"servers\.list\[0\]"):
+        build_client_config({"servers": {"list": ["a:1"]}}, path)
+
+
+def test_token_file_must_be_private(tmp_path):
+    tok = tmp_path / "token"
+    tok.write_text("s3cret\n")
+    tok.chmod(0o644)
+    with pytest.raises(ValueError, match="chmod 600"):
+        read_token(tok)
+    tok.chmod(0o600)
+    assert read_token(tok) == "s3cret"
+    assert read_token(tmp_path / "missing") is None
+
+
+def test_shipped_example_configs_are_valid():
+    root = Path(__file__).resolve().parents[2]
+    server = load_server_config(root / "configs" / "server.toml")
+    assert [p.name for p in server.products] == ["CLOCK.EXE", "PAINT.EXE"]
+    from metering_client.config import load_client_config
+
+    client = load_client_config(root / "configs" / "client.toml")
+    assert client.servers.retries == 5 and client.servers.auth_holdoff_s == 3600

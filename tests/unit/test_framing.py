@@ -1,0 +1,65 @@
+import pytest
+
+from metering_protocol.errors import BadRequest
+from metering_protocol.framing import FrameDecoder, decode, encode
+
+
+def test_frames_split_across_feeds_and_blank_lines_skipped():
+    d = FrameDecoder(100)
+    assert d.feed(b'{"id":1') == []
+    assert d.feed(b',"op":"ping"}\n\n  \r\n{"id":2}\n{"id"') == [
+        b'{"id":1,"op":"ping"}',
+        b'{"id":2}',
+    ]
+    assert d.pending == 5
+    assert d.overflow is None
+
+
+def test_byte_by_byte_feed_yields_the_same_frames():
+    data = b'{"a":1}\n{"b":"\xc3\xa9"}\n'
+    d = FrameDecoder(100)
+    frames = [f for i in range(len(data)) for f in d.feed(data[i : i + 1])]
+    assert [decode(f) for f in frames] == [{"a": 1}, {"b": "é"}]
+
+
+def test_oversized_frame_keeps_earlier_frames_then_overflows():
+    d = FrameDecoder(10)
+    frames = d.feed(b'{"a":1}\n' + b"x" * 20 + b"\n" + b'{"b":2}\n')
+    assert frames == [b'{"a":1}']
+    assert d.overflow is not None and d.overflow.code == "too_large"
+    assert d.feed(b'{"c":3}\n') == []  # framing is lost for good
+
+
+def test_oversized_frame_without_newline_overflows_early():
+    d = FrameDecoder(10)
+    assert d.feed(b"y" * 11) == []
+    assert d.overflow is not None
+
+
+def test_frame_exactly_at_the_limit_is_accepted():
+    d = FrameDecoder(8)
+    assert d.feed(b'{"a":12}\n') == [b'{"a":12}']
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        (b'{"a":NaN}', "invalid JSON"),
+        (b'{"a":Infinity}', "invalid JSON"),
+        (b'{"a":"\\ud800"}', "surrogate"),
+        (b'{"a":"\xff"}', "UTF-8"),
+        (b"[1,2]", "must be a JSON object"),
+        (b"42", "must be a JSON object"),
+        (b"{", "invalid JSON"),
+    ],
+)
+def test_strict_decoding_names_the_problem(raw, needle):
+    with pytest.raises(BadRequest) as err:
+        decode(raw)
+    assert needle in err.value.message
+
+
+def test_encode_is_one_line():
+    out = encode({"id": 1, "ok": True, "text": "a\nb"})
+    assert out.endswith(b"\n") and out.count(b"\n") == 1
+    assert decode(out.rstrip(b"\n")) == {"id": 1, "ok": True, "text": "a\nb"}

@@ -1,0 +1,65 @@
+import pytest
+
+from metering_protocol.errors import BadRequest, MeteringError
+from metering_protocol.messages import MAX_ID, Checkout, parse_request, request_id
+
+
+def test_checkout_parses_with_defaults():
+    req = parse_request({"id": 7, "op": "checkout", "product": "A", "version": "1"})
+    assert isinstance(req, Checkout)
+    assert (req.wait_s, req.lease, req.user) == (0.0, None, None)
+
+
+def test_unknown_fields_are_ignored_for_forward_compatibility():
+    req = parse_request({"id": 1, "op": "ping", "trace": "x"})
+    assert req.op == "ping"
+
+
+@pytest.mark.parametrize(
+    ("frame", "rid", "needle"),
+    [
+        ({"op": "ping"}, None, "missing field `id`"),
+        ({"id": "1", "op": "ping"}, None, "`id` must be an integer"),
+        ({"id": True, "op": "ping"}, None, "`id` must be an integer"),
+        ({"id": -1, "op": "ping"}, None, "`id` must be an integer"),
+        ({"id": MAX_ID + 1, "op": "ping"}, None, "`id` must be an integer"),
+        ({"id": 3, "op": 5}, 3, "`op`"),
+        ({"id": 3, "op": "fly"}, 3, "unknown op 'fly'"),
+        ({"id": 4, "op": "checkout", "product": "A"}, 4, "missing field `version`"),
+        ({"id": 4, "op": "checkout", "product": 1, "version": "1"}, 4, "product:"),
+        ({"id": 4, "op": "checkout", "product": "A", "version": "1", "wait_s": -1}, 4, "wait_s"),
+        (
+            {"id": 4, "op": "checkout", "product": "A", "version": "1", "lease": "x" * 129},
+            4,
+            "lease",
+        ),
+        ({"id": 5, "op": "heartbeat", "leases": "L1"}, 5, "leases"),
+        ({"id": 5, "op": "heartbeat", "leases": [1]}, 5, "leases[0]"),
+        ({"id": 6, "op": "hello", "protocol": "1", "client": "c"}, 6, "protocol"),
+    ],
+)
+def test_bad_requests_name_the_field_and_keep_a_readable_id(frame, rid, needle):
+    assert request_id(frame) == rid
+    with pytest.raises(BadRequest) as err:
+        parse_request(frame)
+    assert needle in err.value.message
+    assert err.value.to_wire()["retryable"] is False
+
+
+def test_error_round_trip_keeps_code_fields_and_retryability():
+    wire = {
+        "code": "denied",
+        "message": "full",
+        "retryable": True,
+        "retry_after_s": None,
+        "in_use": 5,
+        "seats": 5,
+    }
+    err = MeteringError.from_wire(wire)
+    assert err.code == "denied" and err.retryable and err.fields == {"in_use": 5, "seats": 5}
+    assert err.to_wire() == wire
+
+
+def test_unknown_error_code_is_not_retried():
+    err = MeteringError.from_wire({"code": "martian", "message": "?", "retryable": True})
+    assert err.retryable is False and err.wire_code == "martian"
