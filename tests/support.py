@@ -43,7 +43,9 @@ def to_toml(data: dict[str, Any], prefix: str = "") -> str:
     lines: list[str] = []
     tables: list[tuple[str, Any]] = []
     for key, value in data.items():
-        if isinstance(value, dict) or (isinstance(value, list) and value and all(isinstance(x, dict) for x in value)):
+        if isinstance(value, dict) or (
+            isinstance(value, list) and value and all(isinstance(x, dict) for x in value)
+        ):
             tables.append((key, value))
         else:
             lines.append(f"{key} = {_scalar(value)}")
