@@ -104,6 +104,7 @@ class Agent:
         self.journal = LeaseJournal(config.state_dir / "leases.json")
         self.keeper = LeaseKeeper(self.connector, on_lost=self._lost, on_change=self._persist)
         self.connections: dict[str, LocalConnection] = {}  # handle -> holder connection
+        self.local: set[LocalConnection] = set()  # every open local connection (owned here)
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
         self._stop = asyncio.Event()
@@ -151,6 +152,12 @@ class Agent:
                 self.config.socket.unlink()
         for task in list(self._tasks):
             task.cancel()
+        # Local connections end by closing their sockets, not by cancelling the server's
+        # handler tasks; their in-flight requests are cancelled and awaited.
+        for conn in list(self.local):
+            conn.shutdown()
+        for conn in list(self.local):
+            await conn.finished.wait()
         await self.keeper.stop()
         log.info("agent_stopped", leases_kept=len(self.keeper.held))
 
@@ -180,7 +187,12 @@ class Agent:
             await asyncio.sleep(2.0)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await LocalConnection(self, reader, writer).run()
+        conn = LocalConnection(self, reader, writer)
+        self.local.add(conn)
+        try:
+            await conn.run()
+        finally:
+            self.local.discard(conn)
 
 
 class LocalConnection:
@@ -194,6 +206,15 @@ class LocalConnection:
         self.user: str | None = None
         self.handles: set[str] = set()
         self.tasks: set[asyncio.Task] = set()
+        self.finished = asyncio.Event()
+        self.stopping = False
+
+    def shutdown(self) -> None:
+        """Agent stop: keep this program's leases (the journal has them), close the socket."""
+        self.stopping = True
+        for task in list(self.tasks):
+            task.cancel()
+        self.writer.transport.abort()
 
     def send(self, msg: dict[str, Any]) -> None:
         if not self.writer.is_closing():
@@ -213,8 +234,12 @@ class LocalConnection:
         finally:
             for task in list(self.tasks):
                 task.cancel()
+            if self.tasks:
+                await asyncio.gather(*self.tasks, return_exceptions=True)
             self.writer.close()
-            await self._release_mine()
+            if not self.stopping:
+                await self._release_mine()
+            self.finished.set()
 
     async def _release_mine(self) -> None:
         for handle in list(self.handles):

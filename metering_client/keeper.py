@@ -77,6 +77,7 @@ class LeaseKeeper:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._failed_address: str | None = None
+        self._dead_logged: ServerSession | None = None
         self._gave_up = False  # after a full bounded attempt failed: one pass per backoff_max
         self.failovers = 0
         connector.on_event = self._on_event
@@ -140,8 +141,11 @@ class LeaseKeeper:
         session.client.closed.add_done_callback(lambda _: self._wake.set())
 
     def session_failed(self, session: ServerSession, why: str) -> None:
-        if not session.dead:
+        # Logged once per session, also when a request timeout already closed it.
+        if self._dead_logged is not session:
+            self._dead_logged = session
             log.warning("session_dead", server=session.server, reason=why)
+        if not session.dead:
             session.client.abort(ConnectionLost(why))
         self._failed_address = session.entry.address
         self._wake.set()

@@ -41,7 +41,7 @@ def start_server(tmp_path, name, sock, store, **kw) -> Daemon:
 @pytest.mark.asyncio
 async def test_granted_lease_survives_kill9_and_restart(tmp_path):
     sock = bind_tcp()
-    addr = "tcp://%s:%d" % sock.getsockname()
+    addr = "tcp://{}:{}".format(*sock.getsockname())
     store = tmp_path / "site.db"
     products = [{"name": "A", "version": "1", "seats": 1}]
     srv = start_server(tmp_path, "srv-a", sock, store, products=products)

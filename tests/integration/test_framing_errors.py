@@ -1,0 +1,398 @@
+"""Malformed input over real sockets: every bad frame is answered, the connection survives
+unless framing itself is lost (too_large), and other connections are never disturbed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import Any
+
+import pytest
+
+from metering_protocol.address import parse_address
+from tests.conftest import hello
+
+TOKEN = "tok-alice"
+CREDS = {"alice": (["user"], TOKEN)}
+
+
+class Raw:
+    """A bare socket speaking bytes, for input no well-behaved client would send."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, address: str) -> Raw:
+        addr = parse_address(address)
+        if addr.is_unix:
+            reader, writer = await asyncio.open_unix_connection(addr.path, limit=2**20)
+        else:
+            reader, writer = await asyncio.open_connection(addr.host, addr.port, limit=2**20)
+        return cls(reader, writer)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def recv(self, timeout: float = 5.0) -> dict[str, Any] | None:
+        """The next frame, or None at EOF."""
+        async with asyncio.timeout(timeout):
+            line = await self.reader.readline()
+        if not line:
+            return None
+        return json.loads(line)
+
+    async def request(self, frame: dict[str, Any] | bytes) -> dict[str, Any]:
+        data = frame if isinstance(frame, bytes) else json.dumps(frame).encode()
+        await self.send(data + b"\n")
+        reply = await self.recv()
+        assert reply is not None, "connection closed instead of a reply"
+        return reply
+
+    async def hello(self, **fields: Any) -> dict[str, Any]:
+        reply = await self.request(
+            {"id": 0, "op": "hello", "protocol": 1, "client": "raw", **fields}
+        )
+        assert reply["ok"] is True, reply
+        return reply
+
+    async def ping(self, rid: int = 99) -> None:
+        assert await self.request({"id": rid, "op": "ping"}) == {"id": rid, "ok": True}
+
+    async def until_closed(self, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """Every frame up to EOF (a reset after the last frame counts as EOF)."""
+        frames: list[dict[str, Any]] = []
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    line = await self.reader.readline()
+                except ConnectionError:
+                    return frames
+                if not line:
+                    return frames
+                frames.append(json.loads(line))
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self.writer.wait_closed()
+
+
+def assert_bad_request(reply: dict[str, Any], rid: int | None, *words: str) -> None:
+    assert reply["id"] == rid, reply
+    assert reply["ok"] is False, reply
+    err = reply["error"]
+    assert err["code"] == "bad_request", reply
+    assert err["retryable"] is False
+    for word in words:
+        assert word in err["message"], (word, err["message"])
+
+
+# frame, id the reply must carry, words its message must contain
+BAD_FRAMES = [
+    pytest.param(b'{"id":7,"op":"ping","x":"\xff"}', None, ["UTF-8"], id="invalid-utf8-in-string"),
+    pytest.param(b'{"id":7,"op":"p\xc3ing"}', None, ["UTF-8"], id="truncated-utf8-sequence"),
+    pytest.param(b"\xff\xfe{}", None, ["invalid JSON"], id="invalid-utf8-leading"),
+    pytest.param(b'{"id":7,"op":', None, ["invalid JSON"], id="truncated-json"),
+    pytest.param(b'{"id":7 "op":"ping"}', None, ["invalid JSON"], id="missing-comma"),
+    pytest.param(b'{"id":7,"op":"ping"} x', None, ["invalid JSON"], id="trailing-garbage"),
+    pytest.param(b'{"id":7,"op":"ping","x":NaN}', None, ["invalid JSON"], id="nan"),
+    pytest.param(b'{"id":7,"op":"ping","x":Infinity}', None, ["invalid JSON"], id="infinity"),
+    pytest.param(b'{"id":7,"op":"ping","x":-Infinity}', None, ["invalid JSON"], id="-infinity"),
+    pytest.param(
+        b'{"id":7,"op":"ping","x":"\\ud800"}', None, ["surrogate"], id="lone-high-surrogate"
+    ),
+    pytest.param(
+        b'{"id":7,"op":"ping","x":"\\udc00x"}', None, ["surrogate"], id="lone-low-surrogate"
+    ),
+    pytest.param(b'[{"id":7,"op":"ping"}]', None, ["object", "list"], id="array"),
+    pytest.param(b"42", None, ["object", "int"], id="number"),
+    pytest.param(b'"ping"', None, ["object", "str"], id="string"),
+    pytest.param(b"null", None, ["object"], id="null"),
+    pytest.param(b'{"id":7,"op":"frobnicate"}', 7, ["unknown op", "frobnicate"], id="unknown-op"),
+    pytest.param(b'{"id":7}', 7, ["op"], id="missing-op"),
+    pytest.param(b'{"id":7,"op":5}', 7, ["op"], id="op-not-string"),
+    pytest.param(b'{"op":"ping"}', None, ["id"], id="missing-id"),
+    pytest.param(b'{"id":"7","op":"ping"}', None, ["id"], id="id-string"),
+    pytest.param(b'{"id":-1,"op":"ping"}', None, ["id"], id="id-negative"),
+    pytest.param(b'{"id":7.5,"op":"ping"}', None, ["id"], id="id-float"),
+    pytest.param(b'{"id":true,"op":"ping"}', None, ["id"], id="id-bool"),
+    pytest.param(b'{"id":9007199254740992,"op":"ping"}', None, ["id"], id="id-over-2^53"),
+    pytest.param(b'{"id":null,"op":"ping"}', None, ["id"], id="id-null"),
+    pytest.param(
+        b'{"id":7,"op":"checkout","product":5,"version":"4.00"}', 7, ["product"], id="product-int"
+    ),
+    pytest.param(
+        b'{"id":7,"op":"checkout","product":"CLOCK.EXE","version":"4.00","wait_s":-1}',
+        7,
+        ["wait_s"],
+        id="wait_s-negative",
+    ),
+    pytest.param(
+        b'{"id":7,"op":"checkout","product":"CLOCK.EXE","version":"4.00","wait_s":"5"}',
+        7,
+        ["wait_s"],
+        id="wait_s-string",
+    ),
+    pytest.param(
+        b'{"id":7,"op":"checkout","product":"CLOCK.EXE","version":4}',
+        7,
+        ["version"],
+        id="version-int",
+    ),
+    pytest.param(
+        b'{"id":7,"op":"checkout","version":"4.00"}', 7, ["product"], id="missing-product"
+    ),
+    pytest.param(
+        b'{"id":7,"op":"checkout","product":"CLOCK.EXE"}', 7, ["version"], id="missing-version"
+    ),
+    pytest.param(b'{"id":7,"op":"heartbeat","leases":"L1"}', 7, ["leases"], id="leases-not-list"),
+    pytest.param(b'{"id":7,"op":"heartbeat","leases":[1]}', 7, ["leases"], id="leases-item-int"),
+    pytest.param(b'{"id":7,"op":"heartbeat"}', 7, ["leases"], id="missing-leases"),
+    pytest.param(b'{"id":7,"op":"checkin"}', 7, ["lease"], id="missing-lease"),
+    pytest.param(b'{"id":7,"op":"checkin","lease":""}', 7, ["lease"], id="lease-empty"),
+    pytest.param(
+        b'{"id":7,"op":"checkin","lease":"' + b"L" * 129 + b'"}', 7, ["lease"], id="lease-too-long"
+    ),
+    pytest.param(b'{"id":7,"op":"cancel","request":"3"}', 7, ["request"], id="cancel-request-str"),
+    pytest.param(b'{"id":7,"op":"cancel"}', 7, ["request"], id="cancel-missing-request"),
+]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("frame", "rid", "words"), BAD_FRAMES)
+async def test_bad_frame_answered_and_connection_survives(make_server, frame, rid, words):
+    server = await make_server()
+    raw = await Raw.open(server.address("unix"))
+    try:
+        await raw.hello()
+        assert_bad_request(await raw.request(frame), rid, *words)
+        await raw.ping()
+        # the session is intact, not just the socket: real work still succeeds
+        status = await raw.request({"id": 100, "op": "status"})
+        assert status["ok"] is True
+    finally:
+        await raw.close()
+
+
+@pytest.mark.asyncio
+async def test_many_bad_frames_after_hello_do_not_close_the_connection(make_server):
+    server = await make_server()
+    raw = await Raw.open(server.address("unix"))
+    try:
+        await raw.hello()
+        for p in BAD_FRAMES:
+            frame, rid, words = p.values
+            assert_bad_request(await raw.request(frame), rid, *words)
+        await raw.ping()
+    finally:
+        await raw.close()
+
+
+@pytest.mark.asyncio
+async def test_bad_frames_over_tcp(make_server):
+    server = await make_server(credentials=CREDS)
+    raw = await Raw.open(server.address("tcp"))
+    try:
+        await raw.hello(user="alice", token=TOKEN)
+        assert_bad_request(await raw.request(b"{not json"), None, "invalid JSON")
+        assert_bad_request(await raw.request(b"[]"), None, "object")
+        await raw.ping()
+    finally:
+        await raw.close()
+
+
+@pytest.mark.asyncio
+async def test_blank_lines_are_ignored(make_server):
+    server = await make_server()
+    raw = await Raw.open(server.address("unix"))
+    try:
+        await raw.send(b"\n\r\n  \n\t\n")
+        await raw.hello()  # blank lines are not frames: not even "bad frames before hello"
+        await raw.send(b"\n\n\n")
+        # the first frame after the blank lines is the ping's reply: they got no answer
+        await raw.ping(5)
+        await raw.send(b'   {"id":6,"op":"ping"}  \r\n')
+        assert await raw.recv() == {"id": 6, "ok": True}
+    finally:
+        await raw.close()
+
+
+@pytest.mark.asyncio
+async def test_crlf_line_endings_are_accepted(make_server):
+    server = await make_server()
+    raw = await Raw.open(server.address("unix"))
+    try:
+        await raw.send(b'{"id":1,"op":"hello","protocol":1,"client":"raw"}\r\n')
+        assert (await raw.recv())["ok"] is True
+        await raw.send(b'{"id":2,"op":"ping"}\r\n')
+        assert await raw.recv() == {"id": 2, "ok": True}
+    finally:
+        await raw.close()
+
+
+@pytest.mark.asyncio
+async def test_frame_split_across_many_tiny_writes(make_server):
+    server = await make_server()
+    raw = await Raw.open(server.address("unix"))
+    try:
+        data = (
+            b'{"id":1,"op":"hello","protocol":1,"client":"raw"}\n'
+            + b'{"id":2,"op":"checkout","product":"CLOCK.EXE","version":"4.00",'
+            + b'"user":"al\xc3\xafce"}\n'
+            + b'{"id":3,"op":"leases"}\n'
+        )
+        for i in range(len(data)):
+            await raw.send(data[i : i + 1])  # splits even the 2-byte UTF-8 sequence
+            if data[i : i + 1] == b"\n":
+                assert (await raw.recv())["ok"] is True
+        # the multi-byte character survived reassembly
+        leases = await raw.request({"id": 4, "op": "leases"})
+        assert [lease["user"] for lease in leases["leases"]] == ["al\u00efce"]
+    finally:
+        await raw.close()
+
+
+@pytest.mark.asyncio
+async def test_pipelined_requests_are_all_answered(make_server):
+    server = await make_server(
+        products=[{"name": "CLOCK.EXE", "version": "4.00", "seats": 100, "mode": "enforce"}]
+    )
+    raw = await Raw.open(server.address("unix"))
+    try:
+        frames = [{"id": 0, "op": "hello", "protocol": 1, "client": "raw"}]
+        frames += [{"id": i, "op": "ping"} for i in range(1, 51)]
+        frames += [
+            {"id": i, "op": "checkout", "product": "CLOCK.EXE", "version": "4.00"}
+            for i in range(51, 61)
+        ]
+        frames += [{"id": 61, "op": "status"}, {"id": 62, "op": "bogus"}]
+        await raw.send(b"".join(json.dumps(f).encode() + b"\n" for f in frames))
+        replies = {}
+        for _ in frames:
+            reply = await raw.recv()
+            assert reply is not None
+            assert reply["id"] not in replies
+            replies[reply["id"]] = reply
+        assert set(replies) == set(range(63))
+        assert all(replies[i]["ok"] for i in range(62))
+        leases = {replies[i]["lease"] for i in range(51, 61)}
+        assert len(leases) == 10
+        assert replies[62]["error"]["code"] == "bad_request"
+    finally:
+        await raw.close()
+
+
+@pytest.mark.asyncio
+async def test_requests_before_half_close_are_all_answered(make_server):
+    """A script piping requests into a socket and closing its write side still gets every
+    reply (`printf ... | nc -U`), including those of ops that do not answer at once."""
+    server = await make_server()
+    raw = await Raw.open(server.address("unix"))
+    try:
+        frames = [
+            {"id": 0, "op": "hello", "protocol": 1, "client": "raw"},
+            {"id": 1, "op": "status"},
+            {"id": 2, "op": "leases"},
+            {"id": 3, "op": "ping"},
+        ]
+        await raw.send(b"".join(json.dumps(f).encode() + b"\n" for f in frames))
+        raw.writer.write_eof()
+        replies = await raw.until_closed()
+        assert sorted(r["id"] for r in replies) == [0, 1, 2, 3]
+        assert all(r["ok"] for r in replies)
+    finally:
+        await raw.close()
+
+
+# --- too_large ------------------------------------------------------------------------------
+LIMIT = 1024
+
+
+def assert_too_large(frames: list[dict[str, Any]]) -> dict[str, Any]:
+    errors = [f for f in frames if f.get("ok") is False]
+    assert len(errors) == 1, frames
+    reply = errors[0]
+    assert reply["id"] is None
+    assert reply["error"]["code"] == "too_large"
+    assert reply["error"]["retryable"] is False
+    assert str(LIMIT) in reply["error"]["message"]
+    return reply
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("scheme", ["tcp", "unix"])
+async def test_huge_frame_too_large_then_closed_while_others_are_served(make_server, scheme):
+    server = await make_server(credentials=CREDS, server={"max_frame_bytes": LIMIT})
+    big = await Raw.open(server.address(scheme))
+    other = await hello(server.address("unix"), client="ws-other")
+    try:
+        await big.hello(user="alice", token=TOKEN)
+        # a long frame arrives slowly; the server keeps serving the other connection meanwhile
+        await big.send(b'{"id":5,"op":"ping","pad":"' + b"x" * (LIMIT - 100))
+        await other.request("ping", timeout=5)
+        await big.send(b"x" * 200 + b'"}\n')
+        assert_too_large(await big.until_closed())
+        assert await other.request("status", timeout=5)
+        await other.request("ping", timeout=5)
+    finally:
+        await big.close()
+        await other.close()
+
+
+@pytest.mark.asyncio
+async def test_huge_frame_without_newline_too_large_then_closed(make_server):
+    server = await make_server(server={"max_frame_bytes": LIMIT})
+    big = await Raw.open(server.address("unix"))
+    other = await hello(server.address("unix"), client="ws-other")
+    try:
+        await big.hello()
+        await big.send(b"y" * (LIMIT + 1))
+        reply = assert_too_large(await big.until_closed())
+        assert "newline" in reply["error"]["message"]
+        await other.request("ping", timeout=5)
+    finally:
+        await big.close()
+        await other.close()
+
+
+@pytest.mark.asyncio
+async def test_huge_frame_before_hello_too_large(make_server):
+    server = await make_server(server={"max_frame_bytes": LIMIT})
+    big = await Raw.open(server.address("unix"))
+    try:
+        await big.send(b"{" + b" " * (2 * LIMIT) + b"}\n")
+        assert_too_large(await big.until_closed())
+    finally:
+        await big.close()
+
+
+@pytest.mark.asyncio
+async def test_frame_at_the_limit_is_accepted(make_server):
+    server = await make_server(server={"max_frame_bytes": LIMIT})
+    raw = await Raw.open(server.address("unix"))
+    try:
+        await raw.hello()
+        head = b'{"id":8,"op":"ping","pad":"'
+        frame = head + b"z" * (LIMIT - len(head) - 2) + b'"}'
+        assert len(frame) == LIMIT
+        assert await raw.request(frame) == {"id": 8, "ok": True}
+    finally:
+        await raw.close()
+
+
+@pytest.mark.asyncio
+async def test_requests_before_a_huge_frame_are_still_answered(make_server):
+    server = await make_server(server={"max_frame_bytes": LIMIT})
+    raw = await Raw.open(server.address("unix"))
+    try:
+        await raw.hello()
+        await raw.send(b'{"id":1,"op":"ping"}\n' + b"w" * (2 * LIMIT) + b"\n")
+        frames = await raw.until_closed()
+        assert_too_large(frames)
+        assert {"id": 1, "ok": True} in frames
+    finally:
+        await raw.close()

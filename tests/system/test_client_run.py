@@ -1,0 +1,261 @@
+"""`metering-client run`, the agent and the Python API, all as real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from metering_client.api import Seat
+from metering_client.config import load_client_config
+from metering_protocol.errors import Denied
+from tests.support import (
+    Daemon,
+    bind_tcp,
+    cli_path,
+    python_argv,
+    server_config,
+    short_tmpdir,
+    wait_until,
+    write_credentials,
+    write_token,
+    write_toml,
+)
+
+pytestmark = pytest.mark.system
+CLIENT = cli_path("metering-client")
+
+
+class Site:
+    def __init__(self, tmp: Path, seats: int = 1):
+        self.tmp = tmp
+        self.sock = bind_tcp()
+        self.addr = "tcp://{}:{}".format(*self.sock.getsockname())
+        state = tmp / "srv"
+        state.mkdir()
+        write_credentials(state / "credentials.toml", {"ws": (["agent"], "tok-ws")})
+        cfg = server_config(
+            name="srv-a",
+            listen=[self.addr],
+            state_dir=state,
+            store=tmp / "site.db",
+            products=[{"name": "CLOCK.EXE", "version": "4.00", "seats": seats}],
+            leases={"ttl_s": 30.0, "heartbeat_s": 1.0},
+        )
+        self.server = Daemon(
+            python_argv("metering_server", "--config", str(write_toml(state / "server.toml", cfg))),
+            state / "log.jsonl",
+            ready_event="server_started",
+            sockets=[self.sock],
+        ).start()
+        self.short = short_tmpdir()
+        token = write_token(tmp / "token", "tok-ws")
+        self.client_toml = write_toml(
+            tmp / "client.toml",
+            {
+                "client": {
+                    "name": "ws-1",
+                    "user": "ws",
+                    "token_file": str(token),
+                    "state_dir": str(tmp / "client"),
+                    "socket": str(self.short / "a.sock"),
+                    "log_format": "json",
+                },
+                "servers": {
+                    "list": [self.addr],
+                    "retries": 2,
+                    "retry_interval_ms": 50,
+                    "backoff_max_ms": 500,
+                    "connect_timeout_ms": 1000,
+                    "request_timeout_ms": 2000,
+                },
+            },
+        )
+        self.agent: Daemon | None = None
+
+    def start_agent(self) -> Daemon:
+        self.agent = Daemon(
+            [CLIENT, "--config", str(self.client_toml), "agent"],
+            self.tmp / "agent.jsonl",
+            ready_event="connected",
+        ).start()
+        return self.agent
+
+    def client(self, *args: str, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [CLIENT, "--config", str(self.client_toml), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            **kw,
+        )
+
+    def run_popen(self, *cmd: str, pipes: bool = True) -> subprocess.Popen:
+        out = subprocess.PIPE if pipes else subprocess.DEVNULL
+        return subprocess.Popen(
+            [
+                CLIENT,
+                "--config",
+                str(self.client_toml),
+                "run",
+                "--product",
+                "CLOCK.EXE",
+                "--version",
+                "4.00",
+                "--",
+                *cmd,
+            ],
+            stdout=out,
+            stderr=out,
+            text=True,
+        )
+
+    def in_use(self) -> int:
+        out = self.client("status", "--json")
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)["products"][0]["in_use"]
+
+    def close(self) -> None:
+        if self.agent is not None:
+            self.agent.stop()
+        self.server.stop()
+        self.sock.close()
+
+
+@pytest.fixture
+def site(tmp_path):
+    s = Site(tmp_path)
+    yield s
+    s.close()
+
+
+def hold_until(flag: Path, code: int = 0) -> list[str]:
+    """A program that runs until `flag` exists, then exits `code`."""
+    return [
+        sys.executable,
+        "-c",
+        "import os, sys, time\n"
+        f"while not os.path.exists({str(flag)!r}): time.sleep(0.02)\n"
+        f"sys.exit({code})",
+    ]
+
+
+@pytest.mark.parametrize("use_agent", [True, False], ids=["agent", "direct"])
+def test_run_passes_exit_codes_through_and_always_checks_in(site, use_agent):
+    if use_agent:
+        site.start_agent()
+    for cmd, expected in (
+        (["true"], 0),
+        ([sys.executable, "-c", "import sys; sys.exit(3)"], 3),
+        (
+            [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"],
+            128 + signal.SIGTERM,
+        ),
+        (["/nonexistent/program"], 127),
+    ):
+        proc = site.client("run", "--product", "CLOCK.EXE", "--version", "4.00", "--", *cmd)
+        assert proc.returncode == expected, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert site.in_use() == 0  # the seat came back each time
+    assert site.client("run", "--product", "NOPE", "--version", "1", "--", "true").returncode == 69
+
+
+def test_second_run_is_denied_75_while_the_seat_is_held(site):
+    site.start_agent()
+    flag = site.tmp / "release"
+    holder = site.run_popen(*hold_until(flag))
+    wait_until(lambda: site.in_use() == 1, what="seat held")
+    denied = site.client("run", "--product", "CLOCK.EXE", "--version", "4.00", "--", "true")
+    assert denied.returncode == 75
+    assert denied.stderr.strip().count("\n") == 0 and "denied" in denied.stderr
+    flag.touch()
+    assert holder.wait(30) == 0
+    holder.communicate()
+    wait_until(lambda: site.in_use() == 0, what="seat returned")
+
+
+def test_interrupted_run_forwards_the_signal_and_checks_in(site):
+    site.start_agent()
+    flag = site.tmp / "never"
+    proc = site.run_popen(*hold_until(flag))
+    wait_until(lambda: site.in_use() == 1, what="seat held")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(30) == 128 + signal.SIGINT
+    proc.communicate()
+    assert site.in_use() == 0
+
+
+def test_killed_run_seat_is_returned_by_the_agent(site):
+    """kill -9 of the `run` wrapper: its connection to the agent closes, the seat comes back."""
+    site.start_agent()
+    flag = site.tmp / "release"
+    proc = site.run_popen(*hold_until(flag), pipes=False)  # the orphaned program keeps no pipe
+    try:
+        wait_until(lambda: site.in_use() == 1, what="seat held")
+        proc.kill()
+        proc.wait(10)
+        wait_until(lambda: site.in_use() == 0, what="agent to check the seat in")
+    finally:
+        flag.touch()  # ends the orphaned program
+
+
+def test_agent_crash_and_restart_keeps_the_running_programs_seat(site):
+    agent = site.start_agent()
+    flag = site.tmp / "release"
+    holder = site.run_popen(*hold_until(flag))
+    wait_until(lambda: site.in_use() == 1, what="seat held")
+    journal = json.loads((site.tmp / "client" / "leases.json").read_text())
+    lease = journal["leases"][0]["lease"]
+    agent.kill9()
+    agent = site.start_agent()  # reads the journal, reclaims the live program's lease
+    wait_until(
+        lambda: any(e.get("event") == "lease_reclaimed" for e in agent.events()),
+        what="the restarted agent to reclaim the journal's lease",
+    )
+    # The lease id is unchanged on the server and no second seat was taken.
+    status = json.loads(site.client("status", "--json").stdout)
+    assert [h["lease"] for h in status["agent"]["held"]] == [lease]
+    assert status["products"][0]["in_use"] == 1
+    flag.touch()
+    assert holder.wait(30) == 0
+    _, err = holder.communicate()
+    assert "Traceback" not in err
+    wait_until(lambda: site.in_use() == 0, what="seat returned after the program ended")
+
+
+def test_agent_checks_in_leases_of_programs_that_died_while_it_was_down(site):
+    agent = site.start_agent()
+    flag = site.tmp / "release"
+    holder = site.run_popen(*hold_until(flag), pipes=False)
+    wait_until(lambda: site.in_use() == 1, what="seat held")
+    agent.kill9()
+    holder.kill()  # the `run` wrapper dies while the agent is down
+    holder.wait(10)
+    flag.touch()  # and so does its program
+    site.start_agent()
+    wait_until(lambda: site.in_use() == 0, timeout=15, what="dead program's seat returned")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("use_agent", [True, False], ids=["agent", "direct"])
+async def test_python_api_seat(site, use_agent):
+    if use_agent:
+        site.start_agent()
+    config = load_client_config(site.client_toml)
+    async with Seat("CLOCK.EXE", "4.00", config=config) as seat:
+        assert seat.lease and seat.via_agent is use_agent
+        with pytest.raises(Denied):
+            async with Seat("CLOCK.EXE", "4.00", config=config):
+                pass
+    async with Seat("CLOCK.EXE", "4.00", config=config, wait_s=5) as again:
+        assert again.lease != seat.lease
+    deadline = time.monotonic() + 10
+    while await asyncio.to_thread(site.in_use) != 0:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
