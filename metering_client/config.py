@@ -12,6 +12,7 @@ import msgspec
 
 from metering_protocol.address import AddressError, parse_address
 from metering_protocol.config import ConfigError, convert, read_toml, resolve
+from metering_protocol.tokens import read_token_file
 
 DEFAULT_CONFIG = Path("/etc/metering/client.toml")
 Pos = Annotated[int, msgspec.Meta(gt=0)]
@@ -136,25 +137,9 @@ def build_client_config(data: dict, path: Path | None) -> ClientConfig:
     )
 
 
-class TokenError(ValueError):
-    pass
-
-
 def read_token(path: Path | None) -> str | None:
-    """The bearer token, refusing a file others can read (mode must be 0600 or stricter)."""
-    if path is None:
-        return None
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    if st.st_mode & 0o077:
-        raise TokenError(
-            f"{path}: token file must not be readable by group or others "
-            f"(mode {st.st_mode & 0o777:o}; chmod 600 it)"
-        )
-    token = path.read_text(encoding="utf-8").strip()
-    return token or None
+    """The agent's bearer token (None: no token file, e.g. peer credentials on unix://)."""
+    return read_token_file(path) if path is not None else None
 
 
 def token_stamp(path: Path | None) -> tuple | None:

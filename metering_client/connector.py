@@ -18,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from metering_client.config import ClientConfig, TokenError, read_token, token_stamp
+from metering_client.config import ClientConfig, read_token, token_stamp
 from metering_client.holdoff import AuthHoldoff
 from metering_client.retry import RetryPolicy, RetrySettings, attempt_order
 from metering_client.serverlist import ServerEntry, ServerList
@@ -30,6 +30,7 @@ from metering_protocol.errors import (
     MeteringError,
     Unavailable,
 )
+from metering_protocol.tokens import TokenFileError
 
 log = structlog.get_logger("metering.client")
 
@@ -90,7 +91,7 @@ class Connector:
     def _credential(self) -> tuple[str | None, str | None, Any]:
         try:
             token = read_token(self.config.token_file)
-        except (TokenError, OSError) as exc:
+        except TokenFileError as exc:
             raise CredentialUnusable(str(exc)) from None
         return self.config.user, token, token_stamp(self.config.token_file)
 

@@ -43,6 +43,7 @@ from metering_protocol.errors import (
     UnsupportedProtocol,
 )
 from metering_protocol.timefmt import parse_rfc3339, rfc3339
+from metering_protocol.tokens import TokenFileError, read_token_file
 from metering_server.auth.credentials import ROLES, CredentialsError, add_principal
 
 PROG = "metering-admin"
@@ -259,27 +260,12 @@ def _os_user() -> str:
 
 
 def read_token(path: Path) -> str:
-    """The bare token; a file others can read is refused (a leaked admin token is the keys)."""
     try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise AdminError(f"token file {path}: not found", EX_CONFIG) from None
-    except OSError as exc:
-        raise AdminError(f"token file {path}: {exc.strerror or exc}", EX_CONFIG) from None
-    if st.st_mode & 0o077:
-        raise AdminError(
-            f"token file {path}: readable by group or others (mode {st.st_mode & 0o777:o}); "
-            f"chmod 600 it",
-            EX_CONFIG,
-        )
-    try:
-        token = path.read_text(encoding="utf-8").strip()
-    except UnicodeDecodeError:
-        raise AdminError(f"token file {path}: not UTF-8 text", EX_CONFIG) from None
-    except OSError as exc:
-        raise AdminError(f"token file {path}: {exc.strerror or exc}", EX_CONFIG) from None
-    if not token:
-        raise AdminError(f"token file {path}: empty", EX_CONFIG)
+        token = read_token_file(path)
+    except TokenFileError as exc:
+        raise AdminError(str(exc), EX_CONFIG) from None
+    if token is None:
+        raise AdminError(f"token file {path}: not found or empty", EX_CONFIG)
     return token
 
 
