@@ -53,6 +53,13 @@ def _globals(p: argparse.ArgumentParser, sub: bool) -> None:
         **d,
     )
     p.add_argument("--json", action="store_true", help="machine-readable output", **d)
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log what the client does (failover, retries) to stderr",
+        **d,
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -116,14 +123,15 @@ def main(argv: list[str] | None = None) -> int:
             )
             return EX_USAGE
         args.cmd = cmd
-    configure_logging(
-        "console" if args.command != "agent" else config.log_format,
-        config.log_level if args.command == "agent" else "warning",
-    )
+    if args.command == "agent":
+        configure_logging(config.log_format, config.log_level)
+    else:  # commands print one line per outcome themselves; the log is for -v
+        configure_logging("console", "info" if getattr(args, "verbose", False) else "critical")
     try:
         return _run_loop(_dispatch(args, config))
     except MeteringError as exc:
-        print(f"metering-client: {exc}", file=sys.stderr)
+        hint = f" (retry after {exc.retry_after_s:.0f} s)" if exc.retry_after_s else ""
+        print(f"metering-client: {exc}{hint}", file=sys.stderr)
         return exit_code(exc)
     except KeyboardInterrupt:
         return 130

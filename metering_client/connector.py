@@ -123,10 +123,11 @@ class Connector:
                     raise
                 except MeteringError as exc:
                     hopeless = hopeless and not exc.retryable  # e.g. certificate_untrusted
-                    if not exc.retryable and not isinstance(exc, ConnectionLost):
-                        errors.append(f"{entry.address}: {exc}")
-                    else:
-                        errors.append(f"{entry.address}: {exc.message}")
+                    # Transport errors already name the address; server answers do not.
+                    text = exc.message if isinstance(exc, ConnectionLost) else str(exc)
+                    if not text.startswith(entry.address):
+                        text = f"{entry.address}: {text}"
+                    errors.append(text)
                     log.info("server_unreachable", server=entry.address, error=str(exc))
             done += 1
             delay = self.policy.pass_delay_s(done) if done < passes and not hopeless else None
