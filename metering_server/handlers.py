@@ -231,7 +231,7 @@ class Handlers:
     async def op_checkin(self, session: Session, req: m.Checkin) -> dict[str, Any]:
         app = self.app
         assert session.principal is not None
-        rec = await app.store.release(req.lease, session.principal, session.client)
+        rec = await app.store.release(req.lease, session.principal, session.client, app.clock())
         if rec is None:
             return {"released": False}
         app.lease_sessions.pop(rec.lease, None)

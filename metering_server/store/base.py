@@ -82,8 +82,11 @@ class LeaseStore(abc.ABC):
     ) -> RenewOutcome: ...
 
     @abc.abstractmethod
-    async def release(self, lease: str, principal: str, client: str) -> LeaseRecord | None:
-        """Release a lease of this principal and client; None when it is already gone.
+    async def release(
+        self, lease: str, principal: str, client: str, now: float
+    ) -> LeaseRecord | None:
+        """Release a lease of this principal and client; None when it is already gone
+        (including expired at `now` but not yet swept).
         Raises LeaseNotFound when it belongs to someone else."""
 
     @abc.abstractmethod

@@ -207,7 +207,9 @@ class SQLiteStore(LeaseStore):
 
         return await self._run(self._tx(renew))
 
-    async def release(self, lease: str, principal: str, client: str) -> LeaseRecord | None:
+    async def release(
+        self, lease: str, principal: str, client: str, now: float
+    ) -> LeaseRecord | None:
         def release(db: sqlite3.Connection) -> LeaseRecord | None:
             row = db.execute(f"SELECT {_COLUMNS} FROM leases WHERE lease = ?", (lease,)).fetchone()
             if row is None:
@@ -216,7 +218,8 @@ class SQLiteStore(LeaseStore):
             if held.principal != principal or held.client != client:
                 raise LeaseNotFound(f"lease {lease} is not held by this principal and client")
             db.execute("DELETE FROM leases WHERE lease = ?", (lease,))
-            return held
+            # Expired but not yet swept: already gone as far as the protocol is concerned.
+            return held if held.expires_at > now else None
 
         return await self._run(self._tx(release))
 

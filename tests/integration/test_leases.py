@@ -683,3 +683,14 @@ async def test_graceful_shutdown_pushes_event_and_keeps_leases(make_server, conn
     assert view["lease"] == lease
     back = await checkout(a2, lease=lease)
     assert (back["lease"], back["reclaimed"]) == (lease, True)
+
+
+@pytest.mark.asyncio
+async def test_checkin_of_an_expired_but_unswept_lease_reports_released_false(make_server, connect):
+    clock = FakeClock()
+    server = await make_server(products=one_seat(), clock=clock)
+    a = await connect(server, "ws-a")
+    old = (await checkout(a))["lease"]
+    clock.advance(TTL + 1)  # expired; the sweeper has not run for this clock
+    assert (await a.request("checkin", timeout=5, lease=old))["released"] is False
+    assert (await checkout(a))["in_use"] == 1
