@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from metering_client.config import ClientConfig, load_client_config
+from metering_protocol.cliargs import UsageParser, non_negative_float
 from metering_protocol.config import ConfigError
 from metering_protocol.errors import (
     AuthFailed,
@@ -63,7 +64,7 @@ def _globals(p: argparse.ArgumentParser, sub: bool) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = UsageParser(
         prog="metering-client",
         description="License metering client: the workstation agent "
         "and commands that hold seats for programs.",
@@ -100,7 +101,7 @@ def _product_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--version", required=True)
     p.add_argument(
         "--wait",
-        type=float,
+        type=non_negative_float,
         default=0.0,
         metavar="S",
         help="queue up to S seconds for a free seat (default 0: do not wait)",

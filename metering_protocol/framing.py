@@ -26,6 +26,8 @@ def decode(frame: bytes) -> dict[str, Any]:
         obj = _decoder.decode(frame)
     except UnicodeDecodeError as exc:
         raise BadRequest(f"frame is not valid UTF-8 (byte {exc.start})") from None
+    except RecursionError:
+        raise BadRequest("invalid JSON: nested too deeply") from None
     except msgspec.DecodeError as exc:
         detail = str(exc)
         if detail == "Input data was truncated":

@@ -112,6 +112,8 @@ def parse_request(frame: dict[str, Any], ops: dict[str, type[Request]] = REQUEST
         return msgspec.convert(frame, cls)
     except msgspec.ValidationError as exc:
         raise BadRequest(_describe(exc)) from None
+    except RecursionError:
+        raise BadRequest("a field is nested too deeply") from None
 
 
 def _describe(exc: msgspec.ValidationError) -> str:

@@ -23,9 +23,10 @@ import ssl
 import sys
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from metering_protocol.address import Address, AddressError, parse_address
+from metering_protocol.cliargs import UsageParser
 from metering_protocol.client import ProtocolClient
 from metering_protocol.config import ConfigError
 from metering_protocol.errors import (
@@ -68,11 +69,7 @@ class AdminError(Exception):
         self.code = code
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr and exit 64 (EX_USAGE)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EX_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+_Parser = UsageParser
 
 
 # --- command line ---------------------------------------------------------------------------

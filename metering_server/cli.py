@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import ssl
 import sys
 from pathlib import Path
 
 import structlog
 
+from metering_protocol.cliargs import UsageParser
 from metering_protocol.config import ConfigError
 from metering_protocol.logs import configure_logging
 from metering_server.auth.credentials import Credentials, CredentialsError
 from metering_server.config import ServerConfig, build_server_config, load_server_config
-from metering_server.listeners import BindError
+from metering_server.listeners import BindError, server_ssl_context
 
 EX_USAGE, EX_UNAVAILABLE, EX_SOFTWARE, EX_CONFIG = 64, 69, 70, 78
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = UsageParser(
         prog="metering-server",
         description="License metering server: grants time-limited leases on counted seats "
         "over TCP/TLS and Unix sockets. Runs in the foreground (systemd runs it).",
@@ -45,7 +48,38 @@ def load(path: Path | None) -> ServerConfig:
         return build_server_config({"server": {"state_dir": "metering-state"}}, None)
     cfg = load_server_config(path)
     Credentials.load(cfg.credentials_path, missing_ok=True)
+    preflight(cfg)
     return cfg
+
+
+def preflight(cfg: ServerConfig) -> None:
+    """What the TOML types cannot say: the files and directories named must be usable."""
+    where = cfg.path or "<defaults>"
+    if cfg.tls_cert is not None:
+        try:
+            server_ssl_context(cfg.tls_cert, cfg.tls_key)
+        except (ssl.SSLError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+            raise ConfigError(
+                where, "server.tls_cert_file", f"cannot load certificate/key: {reason}"
+            ) from None
+    for key, directory in (
+        ("server.state_dir", cfg.state_dir),
+        ("store.url", _sqlite_dir(cfg.store_url)),
+    ):
+        if directory is None:
+            continue
+        existing = directory
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ConfigError(where, key, f"{existing} is not a directory")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(where, key, f"{existing} is not writable by this user")
+
+
+def _sqlite_dir(url: str) -> Path | None:
+    return Path(url[len("sqlite://") :]).parent if url.startswith("sqlite://") else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,8 +105,20 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CredentialsError) as exc:
         print(f"metering-server: {exc}", file=sys.stderr)
         return EX_CONFIG
+    except (ssl.SSLError, OSError) as exc:
+        where = getattr(exc, "filename", None)
+        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+        print(
+            f"metering-server: cannot start: {where + ': ' if where else ''}{reason}",
+            file=sys.stderr,
+        )
+        return EX_CONFIG
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug: the log has the traceback, the operator one line
+        structlog.get_logger("metering.server").exception("server_crashed")
+        print(f"metering-server: internal error: {exc!r}", file=sys.stderr)
+        return EX_SOFTWARE
     return 0
 
 

@@ -159,6 +159,13 @@ BAD_FRAMES = [
     ),
     pytest.param(b'{"id":7,"op":"cancel","request":"3"}', 7, ["request"], id="cancel-request-str"),
     pytest.param(b'{"id":7,"op":"cancel"}', 7, ["request"], id="cancel-missing-request"),
+    pytest.param(b"[" * 20000 + b"]" * 20000, None, ["nested too deeply"], id="deep-nesting"),
+    pytest.param(
+        b'{"id":7,"op":"ping","x":' + b"[" * 20000 + b"]" * 20000 + b"}",
+        None,
+        ["nested too deeply"],
+        id="deep-nesting-in-field",
+    ),
 ]
 
 

@@ -63,3 +63,10 @@ def test_encode_is_one_line():
     out = encode({"id": 1, "ok": True, "text": "a\nb"})
     assert out.endswith(b"\n") and out.count(b"\n") == 1
     assert decode(out.rstrip(b"\n")) == {"id": 1, "ok": True, "text": "a\nb"}
+
+
+def test_deeply_nested_json_is_a_bad_request_not_a_crash():
+    with pytest.raises(BadRequest, match="nested too deeply"):
+        decode(b"[" * 30000 + b"]" * 30000)
+    with pytest.raises(BadRequest, match="nested too deeply"):
+        decode(b'{"id":1,"op":"ping","x":' + b"[" * 30000 + b"]" * 30000 + b"}")
