@@ -156,13 +156,14 @@ class LeaseKeeper:
 
     async def _reclaim(self, session: ServerSession, held: HeldLease) -> None:
         try:
+            fields = {
+                "product": held.product,
+                "version": held.version,
+                "user": held.user,
+                "lease": held.lease,
+            }
             reply = await session.request(
-                "checkout",
-                timeout=self.request_timeout,
-                product=held.product,
-                version=held.version,
-                user=held.user,
-                lease=held.lease,
+                "checkout", timeout=self.request_timeout, **seat_fields(session, fields)
             )
         except (Denied, LeaseNotFound, MeteringError) as exc:
             if isinstance(exc, SESSION_FAULTS):
@@ -199,8 +200,8 @@ class LeaseKeeper:
         limit = max(1, len(self.connector.servers.entries())) * self.config.servers.retries
         while True:
             session = await self.ensure_session()
-            if op == "checkout" and not ({"agent", "admin"} & set(session.hello.get("roles", ()))):
-                fields.pop("user", None)  # a plain `user` principal holds seats as itself
+            if op == "checkout":
+                fields = seat_fields(session, fields)
             try:
                 return await session.request(
                     op, timeout=self.request_timeout + extra_timeout, **fields
@@ -406,6 +407,14 @@ class LeaseKeeper:
             "servers": [e.address for e in self.connector.servers.entries()],
             "error": None if err is None else {"code": err.code, "message": err.message},
         }
+
+
+def seat_fields(session: ServerSession, fields: dict[str, Any]) -> dict[str, Any]:
+    """A principal with only the `user` role holds seats as itself: it must not name the
+    end user (the server would answer `forbidden`), on a first checkout or on a reclaim."""
+    if {"agent", "admin"} & set(session.hello.get("roles", ())):
+        return fields
+    return {k: v for k, v in fields.items() if k != "user"}
 
 
 def _log_crash(task: asyncio.Task) -> None:
