@@ -29,7 +29,14 @@ from metering_client.keeper import HeldLease, LeaseKeeper
 from metering_client.serverlist import ServerList
 from metering_protocol import framing
 from metering_protocol import messages as m
-from metering_protocol.errors import AuthRequired, BadRequest, Forbidden, Internal, MeteringError
+from metering_protocol.errors import (
+    AuthRequired,
+    BadRequest,
+    Cancelled,
+    Forbidden,
+    Internal,
+    MeteringError,
+)
 
 log = structlog.get_logger("metering.agent")
 
@@ -49,6 +56,7 @@ LOCAL_OPS: dict[str, type[m.Request]] = {
     "checkin": LocalCheckin,
     "heartbeat": m.Heartbeat,
     "status": m.Status,
+    "cancel": m.Cancel,
 }
 
 
@@ -206,6 +214,8 @@ class LocalConnection:
         self.user: str | None = None
         self.handles: set[str] = set()
         self.tasks: set[asyncio.Task] = set()
+        self.by_id: dict[int, asyncio.Task] = {}
+        self.withdrawn: set[int] = set()  # request ids cancelled by this program's `cancel`
         self.finished = asyncio.Event()
         self.stopping = False
 
@@ -261,13 +271,26 @@ class LocalConnection:
             return
         task = asyncio.create_task(self._dispatch(req))
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.by_id[req.id] = task
+        task.add_done_callback(lambda t, rid=req.id: self._done(t, rid))
+
+    def _done(self, task: asyncio.Task, rid: int) -> None:
+        self.tasks.discard(task)
+        if self.by_id.get(rid) is task:
+            del self.by_id[rid]
+        self.withdrawn.discard(rid)
 
     async def _dispatch(self, req: m.Request) -> None:
         try:
             if req.op != "hello" and self.user is None:
                 raise AuthRequired("send hello first")
             result = await getattr(self, f"op_{req.op}")(req)
+        except asyncio.CancelledError:
+            if req.id not in self.withdrawn:
+                raise
+            err = Cancelled(f"checkout {req.id} cancelled by its client")
+            self.send({"id": req.id, "ok": False, "error": err.to_wire()})
+            return
         except MeteringError as exc:
             self.send({"id": req.id, "ok": False, "error": exc.to_wire()})
             return
@@ -321,6 +344,14 @@ class LocalConnection:
         self.handles.discard(req.lease)
         self.agent.connections.pop(req.lease, None)
         return {"released": released}
+
+    async def op_cancel(self, req: m.Cancel) -> dict[str, Any]:
+        task = self.by_id.get(req.request)
+        if task is None or task.done() or req.request == req.id:
+            return {"cancelled": False}
+        self.withdrawn.add(req.request)
+        task.cancel()  # propagates to the server: the keeper's request withdraws its checkout
+        return {"cancelled": True}
 
     async def op_heartbeat(self, req: m.Heartbeat) -> dict[str, Any]:
         held = self.agent.keeper.held

@@ -101,6 +101,12 @@ class ProtocolClient:
         try:
             async with asyncio.timeout(timeout):
                 reply = await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            if op == "checkout" and fields.get("wait_s") and not self.closed.done():
+                # The caller is gone: withdraw the queued checkout, or a seat freed later
+                # would go to nobody. The reply to `cancel` is not awaited.
+                self.writer.write(encode({"id": self.next_id(), "op": "cancel", "request": rid}))
+            raise
         except TimeoutError:
             self._pending.pop(rid, None)
             self.abort(ConnectionLost(f"{self.address}: no reply to {op} within {timeout:g} s"))

@@ -1,0 +1,95 @@
+"""A waiting checkout whose caller goes away is withdrawn: no seat is granted to nobody."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from metering_client.agent import Agent
+from metering_client.config import build_client_config
+from metering_protocol.client import ProtocolClient
+from metering_protocol.errors import Cancelled
+from tests.conftest import hello
+from tests.support import async_wait_until, short_tmpdir, write_token
+
+PRODUCTS = [{"name": "A", "version": "1", "seats": 1}]
+
+
+async def queued(client: ProtocolClient) -> int:
+    return (await client.request("status", timeout=5))["products"][0]["queued"]
+
+
+@pytest.mark.asyncio
+async def test_cancelled_request_withdraws_its_queued_checkout(make_server):
+    server = await make_server(products=PRODUCTS)
+    holder = await hello(server.address("unix"), client="holder")
+    waiter = await hello(server.address("unix"), client="waiter")
+    lease = (await holder.request("checkout", timeout=5, product="A", version="1"))["lease"]
+    task = asyncio.create_task(
+        waiter.request("checkout", timeout=60, product="A", version="1", wait_s=30)
+    )
+    await async_wait_until(lambda: queued(holder), what="the checkout to queue")
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await async_wait_until(lambda: _zero(queued(holder)), what="the queue to empty")
+    await holder.request("checkin", timeout=5, lease=lease)
+    status = await holder.request("status", timeout=5)
+    assert status["products"][0]["in_use"] == 0  # the freed seat went to nobody
+    await holder.close()
+    await waiter.close()
+
+
+async def _zero(coro) -> bool:
+    return (await coro) == 0
+
+
+@pytest.mark.asyncio
+async def test_agent_local_cancel_and_disconnect_withdraw_the_server_side_wait(
+    make_server, tmp_path
+):
+    server = await make_server(products=PRODUCTS, credentials={"ws": (["agent"], "tok")})
+    short = short_tmpdir()
+    config = build_client_config(
+        {
+            "client": {
+                "name": "ws-1",
+                "user": "ws",
+                "token_file": str(write_token(tmp_path / "token", "tok")),
+                "state_dir": str(tmp_path / "st"),
+                "socket": str(short / "agent.sock"),
+            },
+            "servers": {"list": [server.address("tcp")]},
+        },
+        tmp_path / "client.toml",
+    )
+    agent = Agent(config)
+    await agent.start()
+    admin = await hello(server.address("unix"), client="watch")
+    try:
+        holder = await hello(f"unix://{config.socket}", client="p1")
+        await holder.request("checkout", timeout=10, product="A", version="1")
+        prog = await hello(f"unix://{config.socket}", client="p2")
+        rid = prog.next_id()
+        fut = prog.send("checkout", rid, product="A", version="1", wait_s=30)
+        await async_wait_until(lambda: queued(admin), what="the agent's checkout to queue")
+        assert (await prog.request("cancel", timeout=5, request=rid))["cancelled"] is True
+        reply = await asyncio.wait_for(fut, 5)
+        assert reply["ok"] is False and reply["error"]["code"] == Cancelled.code
+        await async_wait_until(lambda: _zero(queued(admin)), what="the server queue to empty")
+        # Again, but the program simply goes away while it waits.
+        prog.send("checkout", prog.next_id(), product="A", version="1", wait_s=30)
+        await async_wait_until(lambda: queued(admin), what="the second checkout to queue")
+        await prog.close()
+        await async_wait_until(lambda: _zero(queued(admin)), what="the server queue to empty")
+        await holder.close()  # its seat comes back; nobody else gets it
+        await async_wait_until(lambda: _in_use_zero(admin), what="the holder's seat to come back")
+    finally:
+        await admin.close()
+        await agent.stop()
+
+
+async def _in_use_zero(admin: ProtocolClient) -> bool:
+    return (await admin.request("status", timeout=5))["products"][0]["in_use"] == 0
