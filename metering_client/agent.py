@@ -35,6 +35,7 @@ from metering_protocol.errors import (
     Cancelled,
     Forbidden,
     Internal,
+    LeaseNotFound,
     MeteringError,
 )
 
@@ -311,7 +312,7 @@ class LocalConnection:
             name = pwd.getpwuid(self.uid).pw_name
         except KeyError:
             name = f"uid{self.uid}"
-        if req.user is not None and req.user != name and self.uid not in (0, os.getuid()):
+        if req.user is not None and req.user != name and not self.privileged:
             raise Forbidden(f"peer uid {self.uid} is {name!r}, not {req.user!r}")
         self.user = req.user or name
         return {
@@ -325,7 +326,22 @@ class LocalConnection:
     async def op_ping(self, req: m.Ping) -> dict[str, Any]:
         return {}
 
+    @property
+    def privileged(self) -> bool:
+        """root and the agent's own user may act for any local user; others only for
+        themselves (the socket is open to every local user)."""
+        return self.uid in (0, os.getuid())
+
+    def _mine(self, handle: str) -> bool:
+        held = self.agent.keeper.held.get(handle)
+        return held is not None and (self.privileged or held.user == self.user)
+
     async def op_checkout(self, req: LocalCheckout) -> dict[str, Any]:
+        if req.user is not None and req.user != self.user and not self.privileged:
+            raise Forbidden(f"{self.user!r} may not check out seats for {req.user!r}")
+        reclaim = req.lease
+        if reclaim is not None and reclaim in self.agent.keeper.held and not self._mine(reclaim):
+            reclaim = None  # another user's seat: answered like a fresh checkout
         held, reply = await self.agent.keeper.checkout(
             req.product,
             req.version,
@@ -333,13 +349,15 @@ class LocalConnection:
             wait_s=req.wait_s,
             pid=self.pid,
             detached=req.detach,
-            reclaim=req.lease,
+            reclaim=reclaim,
         )
         self.handles.add(held.handle)
         self.agent.connections[held.handle] = self
         return {**{k: v for k, v in reply.items() if k not in ("id", "ok")}, "lease": held.handle}
 
     async def op_checkin(self, req: LocalCheckin) -> dict[str, Any]:
+        if req.lease in self.agent.keeper.held and not self._mine(req.lease):
+            raise LeaseNotFound(f"lease {req.lease} is not held for {self.user!r}")
         released = await self.agent.keeper.checkin(req.lease)
         self.handles.discard(req.lease)
         self.agent.connections.pop(req.lease, None)
@@ -354,14 +372,16 @@ class LocalConnection:
         return {"cancelled": True}
 
     async def op_heartbeat(self, req: m.Heartbeat) -> dict[str, Any]:
-        held = self.agent.keeper.held
+        mine = {x for x in req.leases if self._mine(x)}
         return {
-            "renewed": [x for x in req.leases if x in held],
-            "lost": [x for x in req.leases if x not in held],
+            "renewed": [x for x in req.leases if x in mine],
+            "lost": [x for x in req.leases if x not in mine],
         }
 
     async def op_status(self, req: m.Status) -> dict[str, Any]:
         agent = self.agent.keeper.status()
+        if not self.privileged:
+            agent["held"] = [h for h in agent["held"] if h["user"] == self.user]
         products: list[Any] = []
         server = None
         if agent["connected"]:

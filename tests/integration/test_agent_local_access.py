@@ -1,0 +1,99 @@
+"""The agent's socket is open to every local user: each may act only on its own seats."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from metering_client.agent import Agent
+from metering_client.config import build_client_config
+from tests.conftest import hello
+from tests.support import short_tmpdir, write_token
+
+NOBODY = 65534
+PEER_SCRIPT = r"""
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile("rwb")
+def ask(**req):
+    f.write(json.dumps(req).encode() + b"\n"); f.flush()
+    return json.loads(f.readline())
+out = {"hello": ask(id=1, op="hello", protocol=1, client="evil")}
+out["checkin"] = ask(id=2, op="checkin", lease=sys.argv[2])
+out["for_alice"] = ask(id=3, op="checkout", product="A", version="1", user="alice")
+out["status"] = ask(id=4, op="status")
+out["heartbeat"] = ask(id=5, op="heartbeat", leases=[sys.argv[2]])
+print(json.dumps(out))
+"""
+
+
+def python_for_nobody() -> str | None:
+    for exe in ("/usr/bin/python3", shutil.which("python3")):
+        if (
+            exe
+            and subprocess.run(
+                [exe, "-c", "pass"], preexec_fn=lambda: os.setuid(NOBODY), capture_output=True
+            ).returncode
+            == 0
+        ):
+            return exe
+    return None
+
+
+@pytest.mark.asyncio
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a peer as another uid")
+async def test_other_local_users_cannot_touch_a_users_seat(make_server, tmp_path):
+    exe = python_for_nobody()
+    if exe is None:
+        pytest.skip("no python the `nobody` user can run")
+    server = await make_server(
+        products=[{"name": "A", "version": "1", "seats": 2}], credentials={"ws": (["agent"], "tok")}
+    )
+    short = short_tmpdir()
+    short.chmod(0o755)
+    config = build_client_config(
+        {
+            "client": {
+                "name": "ws-1",
+                "user": "ws",
+                "state_dir": str(tmp_path / "st"),
+                "token_file": str(write_token(tmp_path / "token", "tok")),
+                "socket": str(short / "agent.sock"),
+            },
+            "servers": {"list": [server.address("tcp")]},
+        },
+        tmp_path / "client.toml",
+    )
+    agent = Agent(config)
+    await agent.start()
+    try:
+        root = await hello(f"unix://{config.socket}", client="p1")
+        lease = (
+            await root.request(
+                "checkout", timeout=10, product="A", version="1", user="alice", detach=True
+            )
+        )["lease"]
+        await root.close()
+        proc = await asyncio.to_thread(
+            subprocess.run,
+            [exe, "-c", PEER_SCRIPT, str(config.socket), lease],
+            preexec_fn=lambda: os.setuid(NOBODY),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        assert out["hello"]["ok"] and out["hello"]["user"] == "nobody"
+        assert out["checkin"]["error"]["code"] == "lease_not_found"
+        assert out["for_alice"]["error"]["code"] == "forbidden"
+        assert out["status"]["agent"]["held"] == []
+        assert out["heartbeat"]["lost"] == [lease]
+        assert lease in agent.keeper.held  # alice's seat is untouched
+    finally:
+        await agent.stop()
+        shutil.rmtree(short, ignore_errors=True)
