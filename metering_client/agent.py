@@ -61,7 +61,19 @@ LOCAL_OPS: dict[str, type[m.Request]] = {
 }
 
 
-def pid_alive(pid: int | None) -> bool:
+def pid_start(pid: int | None) -> int | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid."""
+    if pid is None or pid <= 0:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def pid_alive(pid: int | None, start: int | None = None) -> bool:
+    """Still the same process: alive, and (when known) started when it was recorded."""
     if pid is None or pid <= 0:
         return False
     try:
@@ -69,7 +81,23 @@ def pid_alive(pid: int | None) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
+    return start is None or pid_start(pid) in (start, None)
+
+
+class AgentSocketError(OSError):
+    """The agent's socket path is taken: two agents must never share one state dir."""
+
+
+def _someone_listens(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(0.5)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False  # no file, or a stale socket file nobody listens on
+    finally:
+        probe.close()
     return True
 
 
@@ -126,9 +154,12 @@ class Agent:
             log.info("leases_recovered", count=len(self.keeper.held))
         path = self.config.socket
         path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() and not stat.S_ISSOCK(path.lstat().st_mode):
+            raise AgentSocketError(f"client.socket: {path} exists and is not a socket")
+        if _someone_listens(path):
+            raise AgentSocketError(f"client.socket: another agent is listening on {path}")
         with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(path.lstat().st_mode):
-                path.unlink()
+            path.unlink()
         self._server = await asyncio.start_unix_server(self._accept, path=str(path))
         os.chmod(path, 0o666)
         self.keeper.start()
@@ -173,7 +204,12 @@ class Agent:
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._reap)
+
+    def _reap(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("agent_task_failed", error=repr(task.exception()))
 
     def _persist(self) -> None:
         self.journal.save(list(self.keeper.held.values()))
@@ -189,10 +225,14 @@ class Agent:
             for held in list(self.keeper.held.values()):
                 if held.detached or held.handle in self.connections:
                     continue
-                if not pid_alive(held.pid):
+                if not pid_alive(held.pid, held.pid_start):
                     log.info("program_gone_checking_in", lease=held.handle, pid=held.pid)
-                    with contextlib.suppress(MeteringError):
+                    try:
                         await self.keeper.checkin(held.handle)
+                    except MeteringError as exc:
+                        log.warning("checkin_failed_will_retry", lease=held.handle, error=str(exc))
+                    except OSError as exc:  # journal write; the next round tries again
+                        log.error("lease_journal_write_failed", error=str(exc))
             await asyncio.sleep(2.0)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -348,6 +388,7 @@ class LocalConnection:
             user=req.user or self.user,
             wait_s=req.wait_s,
             pid=self.pid,
+            pid_start=pid_start(self.pid),
             detached=req.detach,
             reclaim=reclaim,
         )

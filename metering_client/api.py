@@ -35,11 +35,27 @@ async def connect_agent(config: ClientConfig) -> ProtocolClient | None:
         client = await ProtocolClient.connect(
             f"unix://{config.socket}", timeout=config.connect_timeout_s
         )
-        await client.hello(config.name, user=None, token=None, timeout=config.request_timeout_s)
     except MeteringError as exc:
         log.debug("agent_not_answering", socket=str(config.socket), error=str(exc))
         return None
+    try:
+        await client.hello(config.name, user=None, token=None, timeout=config.request_timeout_s)
+    except MeteringError as exc:
+        log.debug("agent_not_answering", socket=str(config.socket), error=str(exc))
+        await client.close()
+        return None
+    except BaseException:
+        await client.close()
+        raise
     return client
+
+
+def agent_request_timeout(config: ClientConfig, wait_s: float = 0.0) -> float:
+    """How long to wait for the agent: its own failover bound plus the seat wait. The agent
+    bounds its work itself; this only guards a program against a hung agent."""
+    c = config.servers
+    budget = c.retries * len(c.addresses) * (c.connect_timeout_ms + c.request_timeout_ms)
+    return wait_s + budget / 1000 + c.retries * c.backoff_max_ms / 1000 + 5
 
 
 class Seat:
@@ -107,10 +123,7 @@ class Seat:
         return self
 
     def _agent_timeout(self) -> float:
-        # The agent itself bounds its failover; this only guards against a hung agent.
-        c = self.config.servers
-        budget = c.retries * len(c.addresses) * (c.connect_timeout_ms + c.request_timeout_ms)
-        return self.wait_s + budget / 1000 + c.retries * c.backoff_max_ms / 1000 + 5
+        return agent_request_timeout(self.config, self.wait_s)
 
     def _on_agent_event(self, msg: dict[str, Any]) -> None:
         if msg.get("event") == "revoked" and msg.get("lease") == self.lease:

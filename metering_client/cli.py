@@ -136,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         return exit_code(exc)
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:  # a path from the config that cannot be used
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"metering-client: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EX_CONFIG
     except Exception as exc:  # a bug: one line for the operator, details in the log
         print(f"metering-client: internal error: {exc!r}", file=sys.stderr)
         return 70
@@ -210,7 +214,7 @@ def _print(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
 
 
 async def _checkout(config: ClientConfig, args: argparse.Namespace) -> int:
-    from metering_client.api import connect_agent
+    from metering_client.api import agent_request_timeout, connect_agent
 
     agent = await connect_agent(config)
     if agent is None:
@@ -224,7 +228,7 @@ async def _checkout(config: ClientConfig, args: argparse.Namespace) -> int:
     try:
         reply = await agent.request(
             "checkout",
-            timeout=None,
+            timeout=agent_request_timeout(config, args.wait),
             product=args.product,
             version=args.version,
             wait_s=args.wait,
@@ -237,12 +241,14 @@ async def _checkout(config: ClientConfig, args: argparse.Namespace) -> int:
 
 
 async def _checkin(config: ClientConfig, args: argparse.Namespace) -> int:
-    from metering_client.api import connect_agent
+    from metering_client.api import agent_request_timeout, connect_agent
 
     agent = await connect_agent(config)
     if agent is not None:
         try:
-            reply = await agent.request("checkin", timeout=None, lease=args.lease)
+            reply = await agent.request(
+                "checkin", timeout=agent_request_timeout(config), lease=args.lease
+            )
         finally:
             await agent.close()
     else:
@@ -256,12 +262,12 @@ async def _checkin(config: ClientConfig, args: argparse.Namespace) -> int:
 
 
 async def _status(config: ClientConfig, args: argparse.Namespace) -> int:
-    from metering_client.api import connect_agent
+    from metering_client.api import agent_request_timeout, connect_agent
 
     agent = await connect_agent(config)
     if agent is not None:
         try:
-            reply = await agent.request("status", timeout=None)
+            reply = await agent.request("status", timeout=agent_request_timeout(config))
         finally:
             await agent.close()
     else:

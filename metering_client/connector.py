@@ -193,10 +193,18 @@ class Connector:
         """Healthy = answers hello and ping within request_timeout. Used to move back."""
         try:
             session = await self.open(entry, timeout=self.config.request_timeout_s)
-            await session.request("ping", timeout=self.config.request_timeout_s)
-            return session
         except AUTH_TERMINAL:
             raise
         except MeteringError as exc:
             log.debug("probe_failed", server=entry.address, error=str(exc))
             return None
+        try:
+            await session.request("ping", timeout=self.config.request_timeout_s)
+        except MeteringError as exc:
+            log.debug("probe_failed", server=entry.address, error=str(exc))
+            await session.close()
+            return None
+        except BaseException:
+            await session.close()
+            raise
+        return session

@@ -49,6 +49,7 @@ class HeldLease:
     version: str
     user: str
     pid: int | None = None
+    pid_start: int | None = None  # with pid: tells a reused pid from the program
     detached: bool = False
     seats: int = 0
     mode: str = ""
@@ -117,10 +118,12 @@ class LeaseKeeper:
                 try:
                     await self._reclaim_all(session)
                     break
-                except SESSION_FAULTS as exc:
+                except BaseException as exc:
+                    await session.close()
+                    if not isinstance(exc, SESSION_FAULTS):
+                        raise  # cancelled (the program left) or a bug: no session leaks
                     # A server that dies or sheds load while we reclaim is one more dead
                     # server: go on to the next one now, not after a background back-off.
-                    await session.close()
                     faults += 1
                     if faults >= len(self.connector.servers.entries()):
                         raise
@@ -220,12 +223,14 @@ class LeaseKeeper:
         user: str | None = None,
         wait_s: float = 0.0,
         pid: int | None = None,
+        pid_start: int | None = None,
         detached: bool = False,
         reclaim: str | None = None,
     ) -> tuple[HeldLease, dict[str, Any]]:
         if reclaim is not None and reclaim in self.held:
             held = self.held[reclaim]  # still held here: nothing to ask the server
-            held.pid = pid if pid is not None else held.pid
+            if pid is not None:
+                held.pid, held.pid_start = pid, pid_start
             self._changed()
             return held, {
                 "lease": held.handle,
@@ -248,6 +253,7 @@ class LeaseKeeper:
             version=version,
             user=user or self.config.user,
             pid=pid,
+            pid_start=pid_start,
             detached=detached,
             seats=reply.get("seats", 0),
             mode=reply.get("mode", ""),
@@ -292,6 +298,18 @@ class LeaseKeeper:
 
     # --- maintenance -------------------------------------------------------------------------
     async def _maintain(self) -> None:
+        """Runs for the keeper's life: a fault in one round is logged and the next round
+        starts, so a bug never silently stops the heartbeats."""
+        while True:
+            try:
+                await self._maintain_rounds()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("keeper_round_failed")
+                await asyncio.sleep(1.0)
+
+    async def _maintain_rounds(self) -> None:
         next_beat = 0.0
         next_probe = float("inf")
         while True:

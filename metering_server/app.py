@@ -109,6 +109,9 @@ class MeteringServer:
                 listener.close()
             await self.store.close()
             raise
+        for sock in inherited:  # passed by systemd but matching no listen address
+            log.warning("inherited_socket_unused", address=str(sock.getsockname()))
+            sock.close()
         self._sweeper = asyncio.create_task(self._sweep_loop(), name="sweeper")
         log.info(
             "server_started",

@@ -30,6 +30,7 @@ class ServerSection(_S):
     max_write_buffer_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 1048576
     max_waiters: Pos = 1000
     hello_timeout_s: PosF = 10.0
+    idle_timeout_s: PosF = 300.0
     max_bad_frames_before_hello: Pos = 3
     sweep_interval_s: Annotated[float, msgspec.Meta(gt=0, le=5)] = 1.0
     drain_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0
@@ -131,6 +132,13 @@ def build_server_config(data: dict, path: Path | None) -> ServerConfig:
                 where, f"products[{i}]", f"duplicate product {prod.name} {prod.version}"
             )
         seen.add(key)
+    if cfg.server.idle_timeout_s <= cfg.leases.heartbeat_s:
+        raise ConfigError(
+            where,
+            "server.idle_timeout_s",
+            "must be larger than leases.heartbeat_s "
+            "(agents send a heartbeat or ping every heartbeat_s)",
+        )
     if cfg.leases.heartbeat_s >= cfg.leases.ttl_s:
         raise ConfigError(where, "leases.heartbeat_s", "must be smaller than leases.ttl_s")
     uses_tls = any(a.startswith("tls://") for a in cfg.server.listen)

@@ -105,7 +105,14 @@ class Connection:
             deadline = asyncio.get_running_loop().time() + cfg.hello_timeout_s
             while not self.closing:
                 if s.authenticated:
-                    data = await self.reader.read(65536)
+                    try:
+                        async with asyncio.timeout(cfg.idle_timeout_s):
+                            data = await self.reader.read(65536)
+                    except TimeoutError:
+                        if self.tasks:
+                            continue  # a checkout waits for a seat: not idle
+                        log.info("idle_timeout", idle_s=cfg.idle_timeout_s)
+                        break
                 else:
                     try:
                         async with asyncio.timeout_at(deadline):

@@ -26,10 +26,11 @@ class Listener:
     configured: Address
     bound: Address
     server: asyncio.Server
+    owned: bool = True  # False: systemd owns the socket (and its file) across restarts
 
     def close(self) -> None:
         self.server.close()
-        if self.bound.is_unix:
+        if self.bound.is_unix and self.owned:
             _remove_socket_file(Path(self.bound.path))
 
 
@@ -53,7 +54,7 @@ async def bind(
     if sock is not None:
         if address.is_unix:
             server = await asyncio.start_unix_server(handler, sock=sock, limit=limit)
-            return Listener(address, address, server)
+            return Listener(address, address, server, owned=False)
         server = await asyncio.start_server(handler, sock=sock, ssl=ssl_context, limit=limit)
         host, port = sock.getsockname()[:2]
         return Listener(address, Address(address.scheme, host=host, port=port), server)

@@ -89,10 +89,11 @@ class SQLiteStore(LeaseStore):
             db.execute("BEGIN IMMEDIATE")
             try:
                 result = fn(db)
+                db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # a failed COMMIT must not leave the lock held
+                    db.execute("ROLLBACK")
                 raise
-            db.execute("COMMIT")
             return result
 
         return run

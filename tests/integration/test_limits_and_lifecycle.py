@@ -1,0 +1,106 @@
+"""Idle connections, inherited sockets, a second agent, reused pids, unusable client paths."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+
+import pytest
+
+from metering_client.agent import Agent, AgentSocketError, pid_alive, pid_start
+from metering_client.config import build_client_config
+from metering_protocol.address import parse_address
+from metering_server.listeners import bind
+from tests.conftest import hello
+from tests.support import cli_path, short_tmpdir, write_token, write_toml
+
+
+@pytest.mark.asyncio
+async def test_idle_connection_is_closed_but_a_waiting_one_is_not(make_server):
+    server = await make_server(
+        products=[{"name": "A", "version": "1", "seats": 1}],
+        server={"idle_timeout_s": 0.3},
+        leases={"ttl_s": 10.0, "heartbeat_s": 0.1},
+    )
+    holder = await hello(server.address("unix"), client="holder")
+    lease = (await holder.request("checkout", timeout=5, product="A", version="1"))["lease"]
+    waiter = await hello(server.address("unix"), client="waiter")
+    wait = asyncio.create_task(
+        waiter.request("checkout", timeout=10, product="A", version="1", wait_s=5)
+    )
+    await asyncio.wait_for(holder.closed, 5)  # closed by the server, nothing in flight
+    assert not waiter.is_closed  # its checkout is waiting for a seat
+    admin = await hello(server.address("unix"), client="admin")  # root: admin by peer uid
+    await admin.request("revoke", timeout=5, lease=lease)
+    assert (await wait)["lease"]
+    for c in (holder, waiter, admin):
+        await c.close()
+
+
+@pytest.mark.asyncio
+async def test_inherited_unix_socket_file_stays_for_systemd(sockdir):
+    path = sockdir / "activated.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen()
+
+    async def handler(reader, writer):
+        writer.close()
+
+    listener = await bind(parse_address(f"unix://{path}"), handler, inherited=[sock])
+    listener.close()
+    await listener.server.wait_closed()
+    assert path.exists()
+
+
+@pytest.mark.asyncio
+async def test_second_agent_on_the_same_socket_refuses_to_start(tmp_path):
+    short = short_tmpdir()
+    config = build_client_config(
+        {
+            "client": {
+                "name": "ws",
+                "state_dir": str(tmp_path / "st"),
+                "socket": str(short / "agent.sock"),
+                "token_file": str(write_token(tmp_path / "token", "t")),
+            },
+            "servers": {"list": ["tcp://127.0.0.1:9"], "retries": 1, "retry_interval_ms": 0},
+        },
+        tmp_path / "client.toml",
+    )
+    first = Agent(config)
+    await first.start()
+    try:
+        with pytest.raises(AgentSocketError, match="another agent is listening"):
+            await Agent(config).start()
+        assert config.socket.exists()
+    finally:
+        await first.stop()
+
+
+def test_a_reused_pid_is_not_the_recorded_program():
+    me = os.getpid()
+    start = pid_start(me)
+    assert start is not None and pid_alive(me, start)
+    assert not pid_alive(me, start + 1)  # same pid, another process start time
+    assert pid_alive(me)  # nothing recorded: trust the pid
+
+
+def test_unusable_client_state_dir_is_one_line_exit_78(tmp_path):
+    cfg = write_toml(
+        tmp_path / "client.toml",
+        {
+            "client": {"state_dir": "/dev/null/state", "socket": str(tmp_path / "a.sock")},
+            "servers": {"list": ["tcp://127.0.0.1:9"]},
+        },
+    )
+    proc = subprocess.run(
+        [cli_path("metering-client"), "--config", str(cfg), "agent"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 78, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "/dev/null" in proc.stderr
