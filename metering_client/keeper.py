@@ -79,6 +79,7 @@ class LeaseKeeper:
         self._task: asyncio.Task | None = None
         self._failed_address: str | None = None
         self._dead_logged: ServerSession | None = None
+        self._retiring: set[asyncio.Task] = set()  # old sessions finishing their requests
         self._gave_up = False  # after a full bounded attempt failed: one pass per backoff_max
         self.failovers = 0
         connector.on_event = self._on_event
@@ -95,6 +96,10 @@ class LeaseKeeper:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        for task in list(self._retiring):
+            task.cancel()
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
         if self.session is not None:
             await self.session.close()
             self.session = None
@@ -409,8 +414,22 @@ class LeaseKeeper:
                 "moved_back", server=candidate.server, left=old.server if old is not None else None
             )
             if old is not None:
-                await old.close()
+                self._retire(old)
             return
+
+    def _retire(self, old: ServerSession) -> None:
+        """Close a session we moved away from once the requests it carries are answered:
+        a checkout queued there keeps its place in that server's queue."""
+        task = asyncio.create_task(self._close_when_drained(old), name="retire-session")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    @staticmethod
+    async def _close_when_drained(old: ServerSession) -> None:
+        try:
+            await old.client.drained()
+        finally:
+            await old.close()
 
     def status(self) -> dict[str, Any]:
         s = self.session

@@ -125,6 +125,13 @@ class ProtocolClient:
         self.writer.write(encode({"id": rid, "op": op, **fields}))
         return fut
 
+    async def drained(self) -> None:
+        """Until no request is waiting for its reply (each is bounded by its own timeout)."""
+        while self._pending and not self.closed.done():
+            await asyncio.wait(
+                [*self._pending.values(), self.closed], return_when=asyncio.FIRST_COMPLETED
+            )
+
     def next_id(self) -> int:
         return next(self._ids)
 

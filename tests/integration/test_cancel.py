@@ -93,3 +93,25 @@ async def test_agent_local_cancel_and_disconnect_withdraw_the_server_side_wait(
 
 async def _in_use_zero(admin: ProtocolClient) -> bool:
     return (await admin.request("status", timeout=5))["products"][0]["in_use"] == 0
+
+
+@pytest.mark.asyncio
+async def test_drained_waits_for_a_queued_checkout_before_a_session_is_retired(make_server):
+    """Move-back retires the old session only when drained: its queued checkout keeps its
+    place in that server's queue instead of being cut off."""
+    server = await make_server(products=PRODUCTS)
+    holder = await hello(server.address("unix"), client="holder")
+    old = await hello(server.address("unix"), client="old")
+    lease = (await holder.request("checkout", timeout=5, product="A", version="1"))["lease"]
+    wait = asyncio.create_task(
+        old.request("checkout", timeout=30, product="A", version="1", wait_s=20)
+    )
+    await async_wait_until(lambda: queued(holder), what="the checkout to queue")
+    drained = asyncio.create_task(old.drained())
+    await asyncio.sleep(0)
+    assert not drained.done()
+    await holder.request("checkin", timeout=5, lease=lease)
+    assert (await wait)["lease"]
+    await asyncio.wait_for(drained, 5)
+    await holder.close()
+    await old.close()
