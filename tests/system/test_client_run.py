@@ -7,7 +7,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from metering_client.config import load_client_config
 from metering_protocol.errors import Denied
 from tests.support import (
     Daemon,
+    async_wait_until,
     bind_tcp,
     cli_path,
     python_argv,
@@ -255,7 +255,8 @@ async def test_python_api_seat(site, use_agent):
                 pass
     async with Seat("CLOCK.EXE", "4.00", config=config, wait_s=5) as again:
         assert again.lease != seat.lease
-    deadline = time.monotonic() + 10
-    while await asyncio.to_thread(site.in_use) != 0:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
+    await async_wait_until(lambda: _seats_free(site), what="both seats back")
+
+
+async def _seats_free(site: Site) -> bool:
+    return await asyncio.to_thread(site.in_use) == 0
