@@ -13,11 +13,8 @@ import asyncio
 import contextlib
 import json
 import os
-import pwd
 import signal
-import socket
 import stat
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +35,7 @@ from metering_protocol.errors import (
     LeaseNotFound,
     MeteringError,
 )
+from metering_protocol.unixsock import peer_credentials, someone_listens, user_name
 
 log = structlog.get_logger("metering.agent")
 
@@ -87,18 +85,6 @@ def pid_alive(pid: int | None, start: int | None = None) -> bool:
 
 class AgentSocketError(OSError):
     """The agent's socket path is taken: two agents must never share one state dir."""
-
-
-def _someone_listens(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(0.5)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        return False  # no file, or a stale socket file nobody listens on
-    finally:
-        probe.close()
-    return True
 
 
 class LeaseJournal:
@@ -156,7 +142,7 @@ class Agent:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists() and not stat.S_ISSOCK(path.lstat().st_mode):
             raise AgentSocketError(f"client.socket: {path} exists and is not a socket")
-        if _someone_listens(path):
+        if someone_listens(path):
             raise AgentSocketError(f"client.socket: another agent is listening on {path}")
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -249,9 +235,9 @@ class LocalConnection:
         self.agent = agent
         self.reader = reader
         self.writer = writer
-        sock = writer.get_extra_info("socket")
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        self.pid, self.uid, _ = struct.unpack("3i", raw)
+        creds = peer_credentials(writer)
+        assert creds is not None, "the agent listens on a Unix socket only"
+        self.pid, self.uid, _ = creds
         self.user: str | None = None
         self.handles: set[str] = set()
         self.tasks: set[asyncio.Task] = set()
@@ -348,10 +334,7 @@ class LocalConnection:
         self.send({"id": req.id, "ok": True, **result})
 
     async def op_hello(self, req: m.Hello) -> dict[str, Any]:
-        try:
-            name = pwd.getpwuid(self.uid).pw_name
-        except KeyError:
-            name = f"uid{self.uid}"
+        name = user_name(self.uid) or f"uid{self.uid}"
         if req.user is not None and req.user != name and not self.privileged:
             raise Forbidden(f"peer uid {self.uid} is {name!r}, not {req.user!r}")
         self.user = req.user or name

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import pwd
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
 
 from metering_protocol.errors import AuthFailed, LockedOut
+from metering_protocol.unixsock import user_name
 from metering_server.auth.credentials import Credentials
 from metering_server.auth.lockout import LockoutPolicy, LockoutSettings
 from metering_server.seclog import SecurityLog
@@ -29,13 +29,6 @@ log = structlog.get_logger("metering.security")
 class Identity:
     principal: str
     roles: frozenset[str]
-
-
-def uid_name(uid: int) -> str | None:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return None
 
 
 class Authenticator:
@@ -117,7 +110,7 @@ class Authenticator:
         return Identity(principal.name, frozenset(principal.roles))
 
     def _by_peer(self, user: str | None, uid: int, source: str) -> Identity:
-        name = uid_name(uid)
+        name = user_name(uid)
         privileged = uid in (0, self.own_uid)
         if name is None and not privileged:
             self.seclog.event(

@@ -26,7 +26,7 @@ from metering_protocol.errors import (
     Overloaded,
     ShuttingDown,
 )
-from metering_server.listeners import peer_credentials
+from metering_protocol.unixsock import peer_credentials
 from metering_server.session import Session
 
 if TYPE_CHECKING:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from metering_protocol.address import Address
+from metering_protocol.unixsock import someone_listens
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -108,29 +109,8 @@ def _take_inherited(address: Address, inherited: list[socket.socket]) -> socket.
 
 def _refuse_if_live(path: Path, address: Address) -> None:
     """Another live server on this socket path must not be silently replaced."""
-    if not path.exists():
-        return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(0.5)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        return  # stale socket file: nobody listens
-    finally:
-        probe.close()
-    raise BindError(f"{address}: another process is listening on {path}")
-
-
-def peer_credentials(writer: asyncio.StreamWriter) -> tuple[int, int, int] | None:
-    """(pid, uid, gid) of a Unix-socket peer via SO_PEERCRED, None for other transports."""
-    sock = writer.get_extra_info("socket")
-    if sock is None or sock.family != socket.AF_UNIX:
-        return None
-    import struct
-
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
-    return pid, uid, gid
+    if someone_listens(path):
+        raise BindError(f"{address}: another process is listening on {path}")
 
 
 def server_ssl_context(cert: Path, key: Path | None) -> ssl.SSLContext:
