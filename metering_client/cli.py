@@ -14,7 +14,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from metering_client.agent import Agent
+from metering_client.api import Seat, agent_request_timeout, connect_agent
 from metering_client.config import ClientConfig, load_client_config
+from metering_client.connector import Connector
+from metering_client.keeper import LeaseKeeper
+from metering_client.serverlist import ServerList
 from metering_protocol.cliargs import UsageParser, non_negative_float
 from metering_protocol.config import ConfigError
 from metering_protocol.errors import (
@@ -155,8 +160,6 @@ def _run_loop(coro: Any) -> int:
 
 async def _dispatch(args: argparse.Namespace, config: ClientConfig) -> int:
     if args.command == "agent":
-        from metering_client.agent import Agent
-
         agent = Agent(config)
         await agent.start()
         await agent.serve_forever(handle_signals=True)
@@ -173,8 +176,6 @@ async def _dispatch(args: argparse.Namespace, config: ClientConfig) -> int:
 async def run_command(
     config: ClientConfig, product: str, version: str, wait_s: float, cmd: list[str]
 ) -> int:
-    from metering_client.api import Seat
-
     async with Seat(product, version, config=config, wait_s=wait_s) as seat:
         try:
             proc = await asyncio.create_subprocess_exec(*cmd)
@@ -214,8 +215,6 @@ def _print(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
 
 
 async def _checkout(config: ClientConfig, args: argparse.Namespace) -> int:
-    from metering_client.api import agent_request_timeout, connect_agent
-
     agent = await connect_agent(config)
     if agent is None:
         print(
@@ -241,8 +240,6 @@ async def _checkout(config: ClientConfig, args: argparse.Namespace) -> int:
 
 
 async def _checkin(config: ClientConfig, args: argparse.Namespace) -> int:
-    from metering_client.api import agent_request_timeout, connect_agent
-
     agent = await connect_agent(config)
     if agent is not None:
         try:
@@ -262,8 +259,6 @@ async def _checkin(config: ClientConfig, args: argparse.Namespace) -> int:
 
 
 async def _status(config: ClientConfig, args: argparse.Namespace) -> int:
-    from metering_client.api import agent_request_timeout, connect_agent
-
     agent = await connect_agent(config)
     if agent is not None:
         try:
@@ -307,10 +302,6 @@ def _status_text(reply: dict[str, Any]) -> str:
 
 
 def _direct_keeper(config: ClientConfig):
-    from metering_client.connector import Connector
-    from metering_client.keeper import LeaseKeeper
-    from metering_client.serverlist import ServerList
-
     servers = ServerList(config.servers.addresses, None)
     return LeaseKeeper(Connector(config, servers))
 

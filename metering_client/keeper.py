@@ -25,7 +25,6 @@ from metering_protocol.errors import (
     AUTH_TERMINAL,
     ConnectionLost,
     CredentialUnusable,
-    Denied,
     Internal,
     LeaseNotFound,
     MeteringError,
@@ -173,9 +172,9 @@ class LeaseKeeper:
             reply = await session.request(
                 "checkout", timeout=self.request_timeout, **seat_fields(session, fields)
             )
-        except (Denied, LeaseNotFound, MeteringError) as exc:
-            if isinstance(exc, SESSION_FAULTS):
-                raise
+        except SESSION_FAULTS:
+            raise
+        except MeteringError as exc:  # denied, lease_not_found, forbidden ...
             self._lose(held, f"reclaim refused: {exc}")
             return
         if reply["lease"] != held.lease:

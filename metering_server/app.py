@@ -14,16 +14,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import structlog
 
+from metering_protocol import framing
 from metering_protocol.address import parse_address
 from metering_protocol.config import ConfigError
-from metering_protocol.errors import ReloadFailed, ShuttingDown
+from metering_protocol.errors import Overloaded, ReloadFailed, ShuttingDown
 from metering_server import systemd
 from metering_server.auth.credentials import Credentials, CredentialsError
 from metering_server.auth.lockout import LockoutSettings
 from metering_server.authn import Authenticator
-from metering_server.config import ServerConfig, load_server_config
+from metering_server.config import ServerConfig, ServerSection, load_server_config
 from metering_server.connection import Connection
 from metering_server.handlers import Handlers
 from metering_server.licensing import Catalogue, Pool
@@ -216,9 +218,6 @@ class MeteringServer:
                 writer.close()
                 return
             if len(self.sessions) >= self.config.server.max_connections:
-                from metering_protocol import framing
-                from metering_protocol.errors import Overloaded
-
                 err = Overloaded("too many connections", retry_after_s=1.0)
                 writer.write(framing.encode({"id": None, "ok": False, "error": err.to_wire()}))
                 with contextlib.suppress(Exception):
@@ -362,9 +361,7 @@ class MeteringServer:
             return changed
 
 
-def _keep(new, old):
-    import msgspec
-
+def _keep(new: ServerSection, old: ServerSection) -> ServerSection:
     return msgspec.structs.replace(new, listen=old.listen, name=old.name)
 
 

@@ -18,8 +18,8 @@ from metering_protocol.errors import (
     Denied,
     Forbidden,
     LeaseNotFound,
-    MeteringError,
     ShuttingDown,
+    UnknownProduct,
     UnsupportedProtocol,
 )
 from metering_protocol.timefmt import rfc3339
@@ -142,9 +142,7 @@ class Handlers:
                 pool = app.catalogue.by_key(pool_key)
                 if pool is None:
                     waiter.future.set_exception(
-                        MeteringError.from_wire(
-                            {"code": "unknown_product", "message": "product left the catalogue"}
-                        )
+                        UnknownProduct(f"{pool_key[0]} {pool_key[1]} left the catalogue")
                     )
                     continue
                 req, session = waiter.request, waiter.session
