@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from metering_protocol.client import ProtocolClient  # noqa: E402
-from tests.support import Daemon, server_config, write_credentials, write_toml  # noqa: E402
+from tests.support import Daemon, server_config, server_daemon, write_credentials, write_toml  # noqa: E402
 
 
 def start_server(tmp: Path, seats: int) -> tuple[Daemon, str, socket.socket]:
@@ -49,12 +49,7 @@ def start_server(tmp: Path, seats: int) -> tuple[Daemon, str, socket.socket]:
     write_credentials(tmp / "credentials.toml", {"bench": (["agent"], "bench-token")})
     path = write_toml(tmp / "server.toml", cfg)
     # Readiness: the pre-bound socket queues connections until the server accepts them.
-    daemon = Daemon(
-        [sys.executable, "-m", "metering_server", "--config", str(path)],
-        tmp / "server.log",
-        ready_event=None,
-        sockets=[sock],
-    ).start()
+    daemon = server_daemon(path, sockets=[sock], ready_event=None).start()
     return daemon, f"tcp://{host}:{port}", sock
 
 

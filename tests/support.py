@@ -246,6 +246,46 @@ class Daemon:
             self.terminate(10)
 
 
+def server_daemon(
+    config_path: Path,
+    *,
+    sockets: list[socket.socket] | None = None,
+    wrap: list[str] | None = None,
+    ready_event: str | None = "server_started",
+) -> Daemon:
+    """`metering-server --config config_path` as a process (not started yet), its JSON log
+    in log.jsonl beside the config."""
+    return Daemon(
+        python_argv("metering_server", "--config", str(config_path)),
+        config_path.parent / "log.jsonl",
+        ready_event=ready_event,
+        sockets=sockets,
+        wrap=wrap,
+    )
+
+
+def run_client(config: Path, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """`metering-client --config config ARGS`, never with a traceback on stderr."""
+    proc = subprocess.run(
+        [cli_path("metering-client"), "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        env={k: v for k, v in os.environ.items() if k != "METERING_CLIENT_CONFIG"},
+    )
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
+def one_line(stderr: str, prog: str = "metering-client") -> str:
+    """The single line a command printed on stderr."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got: {stderr!r}"
+    assert lines[0].startswith(prog), lines[0]
+    return lines[0]
+
+
 def python_argv(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 

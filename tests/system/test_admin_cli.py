@@ -18,12 +18,12 @@ import pytest
 
 from metering_protocol.client import ProtocolClient
 from metering_server.auth.credentials import Credentials
+from tests import support
 from tests.support import (
-    Daemon,
     bind_tcp,
     cli_path,
-    python_argv,
     server_config,
+    server_daemon,
     short_tmpdir,
     write_credentials,
     write_token,
@@ -58,10 +58,7 @@ def tcp_address(sock: socket.socket) -> str:
 
 
 def one_line(stderr: str) -> str:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got: {stderr!r}"
-    assert lines[0].startswith("metering-admin"), lines[0]
-    return lines[0]
+    return support.one_line(stderr, prog="metering-admin")
 
 
 @dataclass
@@ -104,12 +101,7 @@ def site(tmp_path_factory):
         {"ws": (["agent"], "secret-ws"), "alice": (["user"], "secret-alice")},
     )
     config = write_toml(state / "server.toml", cfg)
-    srv = Daemon(
-        python_argv("metering_server", "--config", str(config)),
-        state / "log.jsonl",
-        ready_event="server_started",
-        sockets=[sock],
-    ).start()
+    srv = server_daemon(config, sockets=[sock]).start()
     try:
         added = admin("add-principal", "ops", "--role", "admin", "--config", str(config))
         assert added.returncode == 0, added.stderr

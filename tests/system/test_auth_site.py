@@ -29,8 +29,10 @@ from tests.support import (
     Daemon,
     bind_tcp,
     cli_path,
-    python_argv,
+    one_line,
+    run_client,
     server_config,
+    server_daemon,
     short_tmpdir,
     wait_until,
     write_credentials,
@@ -70,14 +72,7 @@ class Site:
                 name=name, listen=[addr], state_dir=state, store=tmp / "site.db", auth=auth
             )
             path = write_toml(state / "server.toml", cfg)
-            self.servers.append(
-                Daemon(
-                    python_argv("metering_server", "--config", str(path)),
-                    state / "log.jsonl",
-                    ready_event="server_started",
-                    sockets=[sock],
-                )
-            )
+            self.servers.append(server_daemon(path, sockets=[sock]))
 
     def start(self) -> Site:
         for srv in self.servers:
@@ -135,26 +130,6 @@ def client_config(
             },
         },
     )
-
-
-def client(config: Path, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [cli_path("metering-client"), "--config", str(config), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        env={k: v for k, v in os.environ.items() if k != "METERING_CLIENT_CONFIG"},
-    )
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return proc
-
-
-def one_line(stderr: str) -> str:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got: {stderr!r}"
-    assert lines[0].startswith("metering-client"), lines[0]
-    return lines[0]
 
 
 def replace_token(path: Path, token: str) -> None:
@@ -215,7 +190,7 @@ def test_wrong_token_makes_one_hello_per_holdoff_across_the_site(tmp_path, sockd
         def program() -> list[subprocess.CompletedProcess[str]]:
             done = []
             while time.monotonic() < deadline:
-                done.append(client(cfg, "run", *PRODUCT, "--", "true"))
+                done.append(run_client(cfg, "run", *PRODUCT, "--", "true"))
             return done
 
         with ThreadPoolExecutor(RUNNERS) as pool:
@@ -227,7 +202,7 @@ def test_wrong_token_makes_one_hello_per_holdoff_across_the_site(tmp_path, sockd
             assert "auth_failed" in line and "wrong token" in line, line
 
         # The agent shows the error too, and `status` exits 77 for it.
-        status = client(cfg, "status")
+        status = run_client(cfg, "status")
         assert status.returncode == 77, (status.stdout, status.stderr)
         assert "agent error: auth_failed" in status.stdout, status.stdout
 
@@ -240,10 +215,10 @@ def test_wrong_token_makes_one_hello_per_holdoff_across_the_site(tmp_path, sockd
         wait_until(lambda: len(refusals()) > before, HOLDOFF_S + 5, "the next refusal")
         fixed_at = time.monotonic()
         replace_token(token, "right-token")
-        ok = client(cfg, "run", *PRODUCT, "--", "sh", "-c", "exit 5")
+        ok = run_client(cfg, "run", *PRODUCT, "--", "sh", "-c", "exit 5")
         assert ok.returncode == 5, ok.stderr
         assert ok.stderr == ""
-        status = client(cfg, "status")
+        status = run_client(cfg, "status")
         assert status.returncode == 0 and "agent error" not in status.stdout, status.stdout
         storm_s = fixed_at - started
 
@@ -321,7 +296,7 @@ async def test_lockout_holds_across_server_processes(tmp_path, sockdir):
             token=token,
             sock=sockdir / "no-agent.sock",
         )
-        run = await asyncio.to_thread(client, cfg, "run", *PRODUCT, "--", "true")
+        run = await asyncio.to_thread(run_client, cfg, "run", *PRODUCT, "--", "true")
         assert run.returncode == 77, run.stderr
         # Without an agent the command is its own client: its console log (warning level and
         # up) may precede the one-line error, which comes last.

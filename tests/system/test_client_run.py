@@ -19,8 +19,8 @@ from tests.support import (
     async_wait_until,
     bind_tcp,
     cli_path,
-    python_argv,
     server_config,
+    server_daemon,
     short_tmpdir,
     wait_until,
     write_credentials,
@@ -48,11 +48,8 @@ class Site:
             products=[{"name": "CLOCK.EXE", "version": "4.00", "seats": seats}],
             leases={"ttl_s": 30.0, "heartbeat_s": 1.0},
         )
-        self.server = Daemon(
-            python_argv("metering_server", "--config", str(write_toml(state / "server.toml", cfg))),
-            state / "log.jsonl",
-            ready_event="server_started",
-            sockets=[self.sock],
+        self.server = server_daemon(
+            write_toml(state / "server.toml", cfg), sockets=[self.sock]
         ).start()
         self.short = short_tmpdir()
         token = write_token(tmp / "token", "tok-ws")

@@ -45,8 +45,8 @@ from metering_protocol.errors import Denied
 from tests.support import (
     Daemon,
     cli_path,
-    python_argv,
     server_config,
+    server_daemon,
     short_tmpdir,
     wait_until,
     write_credentials,
@@ -140,12 +140,7 @@ class Lab:
         )
         write_credentials(state / "credentials.toml", PRINCIPALS)
         path = write_toml(state / "server.toml", cfg)
-        daemon = Daemon(
-            python_argv("metering_server", "--config", str(path)),
-            state / "log.jsonl",
-            ready_event="server_started",
-            wrap=self.site.exec_argv(host, []),
-        )
+        daemon = server_daemon(path, wrap=self.site.exec_argv(host, []))
         self.daemons.append(daemon)
         daemon.start()
         server = Server(name, host, unix, daemon)

@@ -39,6 +39,7 @@ from tests.support import (
     cli_path,
     python_argv,
     server_config,
+    server_daemon,
     short_tmpdir,
     wait_until,
     write_credentials,
@@ -102,12 +103,7 @@ class Site:
         return self.config_paths[name]
 
     def start(self, name: str) -> Daemon:
-        daemon = Daemon(
-            python_argv("metering_server", "--config", str(self.config_paths[name])),
-            self.root / name / "log.jsonl",
-            ready_event="server_started",
-            sockets=[self.socks[name]],
-        )
+        daemon = server_daemon(self.config_paths[name], sockets=[self.socks[name]])
         self.daemons[name] = daemon
         return daemon.start()
 

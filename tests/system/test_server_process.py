@@ -12,8 +12,8 @@ from tests.conftest import hello
 from tests.support import (
     Daemon,
     bind_tcp,
-    python_argv,
     server_config,
+    server_daemon,
     write_credentials,
     write_toml,
 )
@@ -30,12 +30,7 @@ def start_server(tmp_path, name, sock, store, **kw) -> Daemon:
     )
     write_credentials(state / "credentials.toml", {"ws": (["agent"], "secret-ws")})
     path = write_toml(state / "server.toml", cfg)
-    return Daemon(
-        python_argv("metering_server", "--config", str(path)),
-        state / "log.jsonl",
-        ready_event="server_started",
-        sockets=[sock],
-    ).start()
+    return server_daemon(path, sockets=[sock]).start()
 
 
 @pytest.mark.asyncio

@@ -20,8 +20,8 @@ from tests.conftest import hello
 from tests.support import (
     Daemon,
     bind_tcp,
-    python_argv,
     server_config,
+    server_daemon,
     write_credentials,
     write_toml,
 )
@@ -54,12 +54,7 @@ def start_server(tmp_path, name, sock, store, principals) -> Daemon:
     )
     write_credentials(state / "credentials.toml", principals)
     path = write_toml(state / "server.toml", cfg)
-    return Daemon(
-        python_argv("metering_server", "--config", str(path)),
-        state / "log.jsonl",
-        ready_event="server_started",
-        sockets=[sock],
-    )
+    return server_daemon(path, sockets=[sock])
 
 
 def address(sock) -> str:

@@ -8,7 +8,6 @@ The CAs are generated at test time with trustme; nothing is read from the host's
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import time
@@ -21,8 +20,10 @@ from tests.support import (
     Daemon,
     bind_tcp,
     cli_path,
-    python_argv,
+    one_line,
+    run_client,
     server_config,
+    server_daemon,
     short_tmpdir,
     write_credentials,
     write_token,
@@ -87,26 +88,6 @@ def client_config(
     )
 
 
-def client(config: Path, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [cli_path("metering-client"), "--config", str(config), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        env={k: v for k, v in os.environ.items() if k != "METERING_CLIENT_CONFIG"},
-    )
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return proc
-
-
-def one_line(stderr: str) -> str:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got: {stderr!r}"
-    assert lines[0].startswith("metering-client"), lines[0]
-    return lines[0]
-
-
 @pytest.fixture
 def sockdir():
     d = short_tmpdir()
@@ -131,12 +112,7 @@ def tls_server(tmp_path):
         server={"tls_cert_file": str(chain), "tls_key_file": str(key)},
     )
     path = write_toml(state / "server.toml", cfg)
-    srv = Daemon(
-        python_argv("metering_server", "--config", str(path)),
-        state / "log.jsonl",
-        ready_event="server_started",
-        sockets=[sock],
-    )
+    srv = server_daemon(path, sockets=[sock])
     try:
         srv.start()
         yield srv, ca_pem, port
@@ -153,7 +129,7 @@ def test_tls_end_to_end_direct_and_through_agent(tls_server, tmp_path, sockdir):
 
     # Direct mode (no agent answers at the configured socket): the wrapped command's status.
     direct = client_config(tmp_path, "direct", [addr], ca=ca_pem, sock=sockdir / "none.sock")
-    proc = client(direct, "run", *PRODUCT, "--", "sh", "-c", "exit 3")
+    proc = run_client(direct, "run", *PRODUCT, "--", "sh", "-c", "exit 3")
     assert proc.returncode == 3, proc.stderr
     assert proc.stderr == ""
 
@@ -166,9 +142,9 @@ def test_tls_end_to_end_direct_and_through_agent(tls_server, tmp_path, sockdir):
     )
     try:
         agent.start()
-        proc = client(via, "run", *PRODUCT, "--", "sh", "-c", "exit 0")
+        proc = run_client(via, "run", *PRODUCT, "--", "sh", "-c", "exit 0")
         assert proc.returncode == 0, proc.stderr
-        status = client(via, "--json", "status")
+        status = run_client(via, "--json", "status")
         assert status.returncode == 0, status.stderr
         assert '"connected": true' in status.stdout, status.stdout
         assert agent.terminate() == 0, agent.text()
@@ -193,7 +169,7 @@ def test_untrusted_certificate_fails_quickly_and_clearly(tls_server, tmp_path, s
         default_retries=True,
     )
     started = time.monotonic()
-    proc = client(cfg, "run", *PRODUCT, "--", "true", timeout=20)
+    proc = run_client(cfg, "run", *PRODUCT, "--", "true", timeout=20)
     elapsed = time.monotonic() - started
     assert proc.returncode == 75, proc.stderr
     line = one_line(proc.stderr)
@@ -210,7 +186,7 @@ def test_plaintext_client_on_tls_port_fails_clearly_without_hanging(tls_server, 
         tmp_path, "plain", [f"tcp://127.0.0.1:{port}"], ca=None, sock=sockdir / "none.sock"
     )
     started = time.monotonic()
-    proc = client(cfg, "run", *PRODUCT, "--", "true", timeout=20)
+    proc = run_client(cfg, "run", *PRODUCT, "--", "true", timeout=20)
     elapsed = time.monotonic() - started
     assert proc.returncode == 75, proc.stderr
     line = one_line(proc.stderr)
