@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from metering_protocol.address import parse_address
 from metering_server.auth.credentials import hash_token
 
 FAST_N = 2**10  # scrypt cost for test credentials: real hashing, test-suite speed
@@ -122,6 +123,74 @@ async def async_wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+# --- raw sockets ------------------------------------------------------------------------------
+class Raw:
+    """A bare socket speaking bytes, for input no well-behaved client would send."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, address: str) -> Raw:
+        addr = parse_address(address)
+        if addr.is_unix:
+            reader, writer = await asyncio.open_unix_connection(addr.path, limit=2**20)
+        else:
+            reader, writer = await asyncio.open_connection(addr.host, addr.port, limit=2**20)
+        return cls(reader, writer)
+
+    async def send(self, data: bytes | dict[str, Any]) -> None:
+        """Bytes as they are; a dict as one frame."""
+        if isinstance(data, dict):
+            data = json.dumps(data).encode() + b"\n"
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def recv(self, timeout: float = 5.0) -> dict[str, Any] | None:
+        """The next frame, or None at EOF."""
+        async with asyncio.timeout(timeout):
+            line = await self.reader.readline()
+        if not line:
+            return None
+        return json.loads(line)
+
+    async def request(self, frame: dict[str, Any] | bytes) -> dict[str, Any]:
+        data = frame if isinstance(frame, bytes) else json.dumps(frame).encode()
+        await self.send(data + b"\n")
+        reply = await self.recv()
+        assert reply is not None, "connection closed instead of a reply"
+        return reply
+
+    async def hello(self, **fields: Any) -> dict[str, Any]:
+        reply = await self.request(
+            {"id": 0, "op": "hello", "protocol": 1, "client": "raw", **fields}
+        )
+        assert reply["ok"] is True, reply
+        return reply
+
+    async def ping(self, rid: int = 99) -> None:
+        assert await self.request({"id": rid, "op": "ping"}) == {"id": rid, "ok": True}
+
+    async def until_closed(self, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """Every frame up to EOF (a reset after the last frame counts as EOF)."""
+        frames: list[dict[str, Any]] = []
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    line = await self.reader.readline()
+                except ConnectionError:
+                    return frames
+                if not line:
+                    return frames
+                frames.append(json.loads(line))
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self.writer.wait_closed()
 
 
 # --- daemons as processes -------------------------------------------------------------------------

@@ -4,15 +4,12 @@ that apply before it, and the quiet security log."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
 import metering_server.auth.credentials as credentials_mod
-from metering_protocol.address import parse_address
 from metering_protocol.client import ProtocolClient
 from metering_protocol.errors import (
     AuthFailed,
@@ -24,7 +21,7 @@ from metering_protocol.errors import (
     UnsupportedProtocol,
 )
 from tests.conftest import hello
-from tests.support import async_wait_until
+from tests.support import Raw, async_wait_until
 
 ALICE, BOB, AGENT, ADMIN = "tok-alice", "tok-bob", "tok-agent", "tok-admin"
 CREDS = {
@@ -35,43 +32,6 @@ CREDS = {
     "nokey": (["user"], None),
 }
 SECURITY_EVENTS = {"auth_failed", "locked_out"}
-
-
-class Raw:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def open(cls, address: str) -> Raw:
-        addr = parse_address(address)
-        if addr.is_unix:
-            reader, writer = await asyncio.open_unix_connection(addr.path)
-        else:
-            reader, writer = await asyncio.open_connection(addr.host, addr.port)
-        return cls(reader, writer)
-
-    async def send(self, frame: dict[str, Any] | bytes) -> None:
-        data = frame if isinstance(frame, bytes) else json.dumps(frame).encode() + b"\n"
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def until_closed(self, timeout: float = 5.0) -> list[dict[str, Any]]:
-        frames: list[dict[str, Any]] = []
-        async with asyncio.timeout(timeout):
-            while True:
-                try:
-                    line = await self.reader.readline()
-                except ConnectionError:
-                    return frames
-                if not line:
-                    return frames
-                frames.append(json.loads(line))
-
-    async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(ConnectionError):
-            await self.writer.wait_closed()
 
 
 async def connect(address: str) -> ProtocolClient:
