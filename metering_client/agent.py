@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import stat
-from pathlib import Path
 from typing import Any
 
 import structlog
 
 from metering_client.config import ClientConfig
 from metering_client.connector import Connector
+from metering_client.journal import LeaseJournal
 from metering_client.keeper import HeldLease, LeaseKeeper
+from metering_client.programs import pid_alive, pid_start
 from metering_client.serverlist import ServerList
 from metering_protocol import framing
 from metering_protocol import messages as m
@@ -59,60 +59,8 @@ LOCAL_OPS: dict[str, type[m.Request]] = {
 }
 
 
-def pid_start(pid: int | None) -> int | None:
-    """The process's start time in clock ticks since boot (Linux), to tell a reused pid."""
-    if pid is None or pid <= 0:
-        return None
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
-def pid_alive(pid: int | None, start: int | None = None) -> bool:
-    """Still the same process: alive, and (when known) started when it was recorded."""
-    if pid is None or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return start is None or pid_start(pid) in (start, None)
-
-
 class AgentSocketError(OSError):
     """The agent's socket path is taken: two agents must never share one state dir."""
-
-
-class LeaseJournal:
-    """held leases -> state_dir/leases.json, written atomically and fsynced."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def load(self) -> list[HeldLease]:
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-            return [HeldLease(**item) for item in data.get("leases", [])]
-        except FileNotFoundError:
-            return []
-        except (ValueError, TypeError, OSError) as exc:
-            log.error("lease_journal_unreadable", path=str(self.path), error=str(exc))
-            return []
-
-    def save(self, held: list[HeldLease]) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        payload = json.dumps({"version": 1, "leases": [h.to_json() for h in held]}).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, payload)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
 
 
 class Agent:

@@ -20,7 +20,6 @@ from metering_client.config import ClientConfig, load_client_config
 from metering_client.connector import Connector
 from metering_client.keeper import LeaseKeeper
 from metering_client.serverlist import ServerList
-from metering_protocol.cliargs import UsageParser, non_negative_float
 from metering_protocol.config import ConfigError
 from metering_protocol.errors import (
     AuthFailed,
@@ -30,7 +29,8 @@ from metering_protocol.errors import (
     MeteringError,
     UnknownProduct,
 )
-from metering_protocol.logs import configure_logging
+from metering_runtime.cliargs import UsageParser, non_negative_float
+from metering_runtime.logs import configure_logging
 
 EX_USAGE, EX_UNAVAILABLE, EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 64, 69, 75, 77, 78
 

@@ -12,7 +12,7 @@ import msgspec
 
 from metering_protocol.address import AddressError, parse_address
 from metering_protocol.config import ConfigError, convert, read_toml, resolve
-from metering_protocol.tokens import read_token_file
+from metering_runtime.tokens import read_token_file
 
 DEFAULT_CONFIG = Path("/etc/metering/client.toml")
 Pos = Annotated[int, msgspec.Meta(gt=0)]

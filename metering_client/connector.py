@@ -30,7 +30,7 @@ from metering_protocol.errors import (
     MeteringError,
     Unavailable,
 )
-from metering_protocol.tokens import TokenFileError
+from metering_runtime.tokens import TokenFileError
 
 log = structlog.get_logger("metering.client")
 

@@ -1,0 +1,53 @@
+"""Task ownership: every background task has an owner that reaps it and reports its failure.
+
+The anti-pattern this replaces is the fire-and-forget `create_task`: a task whose exception
+nobody retrieves dies silently (and its reference may be dropped mid-flight).  An owner keeps
+a strong reference, logs a failure with the task's name, and cancels and awaits what is left
+when its component stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger("metering.tasks")
+
+
+class TaskOwner:
+    def __init__(self, owner: str):
+        self.owner = owner
+        self._tasks: set[asyncio.Task] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task:
+        task = asyncio.create_task(coro, name=f"{self.owner}:{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._reap)
+        return task
+
+    def _reap(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error(
+                "background_task_failed",
+                task=task.get_name(),
+                error=repr(exc),
+                exc_info=(type(exc), exc, exc.__traceback__),
+            )
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    async def cancel_all(self) -> None:
+        """Cancel every task still running and wait until each has finished."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
