@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from metering_protocol.address import Address, AddressError, parse_address
-from metering_runtime.cliargs import UsageParser
 from metering_protocol.client import ProtocolClient
 from metering_protocol.config import ConfigError
 from metering_protocol.errors import (
@@ -44,6 +43,7 @@ from metering_protocol.errors import (
     UnsupportedProtocol,
 )
 from metering_protocol.timefmt import parse_rfc3339, rfc3339
+from metering_runtime.cliargs import UsageParser
 from metering_runtime.tokens import TokenFileError, read_token_file
 from metering_server.auth.credentials import ROLES, CredentialsError, add_principal
 

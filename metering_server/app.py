@@ -22,6 +22,7 @@ from metering_protocol.address import parse_address
 from metering_protocol.config import ConfigError
 from metering_protocol.errors import Overloaded, ReloadFailed, ShuttingDown
 from metering_runtime import systemd
+from metering_runtime.listeners import Listener, bind, server_ssl_context
 from metering_server.auth.credentials import Credentials, CredentialsError
 from metering_server.auth.lockout import LockoutSettings
 from metering_server.authn import Authenticator
@@ -29,7 +30,6 @@ from metering_server.config import ServerConfig, ServerSection, load_server_conf
 from metering_server.connection import Connection
 from metering_server.handlers import Handlers
 from metering_server.licensing import Catalogue, Pool
-from metering_runtime.listeners import Listener, bind, server_ssl_context
 from metering_server.session import Session
 from metering_server.store.base import LeaseRecord, LeaseStore, open_store
 from metering_server.waiters import WaitQueues

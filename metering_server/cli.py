@@ -11,12 +11,12 @@ from pathlib import Path
 
 import structlog
 
-from metering_runtime.cliargs import UsageParser
 from metering_protocol.config import ConfigError
+from metering_runtime.cliargs import UsageParser
+from metering_runtime.listeners import BindError, server_ssl_context
 from metering_runtime.logs import configure_logging
 from metering_server.auth.credentials import Credentials, CredentialsError
 from metering_server.config import ServerConfig, build_server_config, load_server_config
-from metering_runtime.listeners import BindError, server_ssl_context
 
 EX_USAGE, EX_UNAVAILABLE, EX_SOFTWARE, EX_CONFIG = 64, 69, 70, 78
 

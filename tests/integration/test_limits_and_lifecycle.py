@@ -10,8 +10,8 @@ import subprocess
 import pytest
 
 from metering_client.agent import Agent, AgentSocketError
-from metering_client.programs import pid_alive, pid_start
 from metering_client.config import build_client_config
+from metering_client.programs import pid_alive, pid_start
 from metering_protocol.address import parse_address
 from metering_runtime.listeners import bind
 from tests.conftest import hello
