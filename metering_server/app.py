@@ -31,7 +31,8 @@ from metering_server.connection import Connection
 from metering_server.handlers import Handlers
 from metering_server.licensing import Catalogue, Pool
 from metering_server.session import Session
-from metering_server.store.base import LeaseRecord, LeaseStore, open_store
+from metering_server.store import open_store
+from metering_server.store.base import LeaseRecord, LeaseStore
 from metering_server.waiters import WaitQueues
 
 log = structlog.get_logger("metering.server")

@@ -114,11 +114,3 @@ class LeaseStore(abc.ABC):
     @abc.abstractmethod
     async def clear_auth_failures(self, keys: list[str], now: float, policy: LockoutPolicy) -> None:
         """Forget failure counts after a success, unless a key is locked."""
-
-
-def open_store(url: str) -> LeaseStore:
-    if url.startswith("sqlite://"):
-        from .sqlite import SQLiteStore
-
-        return SQLiteStore(url[len("sqlite://") :])
-    raise ValueError(f"unsupported store url {url!r} (this release has the sqlite store)")
