@@ -1,13 +1,24 @@
-"""Seat accounting policy: catalogue lookup and the grant decision. Pure: no I/O, no clock.
+"""Seat accounting policy: catalogue lookup, the grant decision and the lease rules.
+Pure: no I/O, no clock (the caller passes `now`, UTC epoch seconds).
 
-The store calls `decide` inside its check-and-grant transaction, so the same rule holds for
-one server or many servers sharing a store.
+Every store calls these inside its transactions, so the same rules hold for one server or many
+servers sharing a store, and a new store implements storage, never the rules:
+
+- `decide`: may a fresh lease be granted in a pool holding `in_use` live leases?
+- `is_live` / `lease_expiry`: the expiry rule.  A lease is live while `expires_at > now`;
+  at `now == expires_at` it has expired.  A store may also state the rule in its query
+  language to narrow or count rows (SQL `expires_at > :now` is live, `expires_at <= :now`
+  expired), and such a filter must agree with `is_live` exactly.
+- `is_owner`: a lease answers only to the principal and client it was granted to.
+- `reclaim_verdict`, `renew_verdict`, `release_verdict`: what a reclaim, a heartbeat and a
+  checkin do with a lease the store holds.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from enum import StrEnum
 
 from metering_protocol.errors import UnknownProduct
 
@@ -40,6 +51,104 @@ def decide(pool: Pool, in_use: int) -> Decision:
     if pool.mode == "meter":
         return Decision(granted=True, overuse=True)
     return Decision(granted=False)
+
+
+def is_live(expires_at: float, now: float) -> bool:
+    """The expiry rule, stated once: a lease is live while `expires_at > now`.
+
+    A lease at or past its expiry is gone as far as the protocol is concerned, whether or
+    not a sweep has deleted it yet: it holds no seat, is never renewed or reclaimed, and its
+    checkin answers `released: false`.
+    """
+    return expires_at > now
+
+
+def lease_expiry(now: float, ttl_s: float) -> float:
+    """When a lease granted or renewed at `now` expires."""
+    return now + ttl_s
+
+
+def is_owner(held_principal: str, held_client: str, principal: str, client: str) -> bool:
+    """A lease answers to the principal and client it was granted to, from any session or
+    server; a client name shared by two principals (or two clients of one principal) does
+    not make their leases common."""
+    return held_principal == principal and held_client == client
+
+
+class Reclaim(StrEnum):
+    """What a checkout naming a held lease (`reclaim`) does with it."""
+
+    RENEW = "renew"
+    """Still live, same owner, same pool: renew it, return the same id, cost no seat."""
+    DROP_EXPIRED = "drop_expired"
+    """The owner's lease, expired: delete it, then decide a fresh grant."""
+    FRESH = "fresh"
+    """Someone else's lease, or the owner's live lease in another pool: leave it alone and
+    decide a fresh grant."""
+
+
+def reclaim_verdict(
+    held_principal: str,
+    held_client: str,
+    held_pool_key: tuple[str, str],
+    held_expires_at: float,
+    principal: str,
+    client: str,
+    pool_key: tuple[str, str],
+    now: float,
+) -> Reclaim:
+    """The reclaim rule for a lease the store still has (a lease it has no row for is
+    `Reclaim.FRESH` without asking)."""
+    if not is_owner(held_principal, held_client, principal, client):
+        return Reclaim.FRESH
+    if not is_live(held_expires_at, now):
+        return Reclaim.DROP_EXPIRED
+    if held_pool_key != pool_key:
+        return Reclaim.FRESH
+    return Reclaim.RENEW
+
+
+def renew_verdict(
+    held_principal: str,
+    held_client: str,
+    held_expires_at: float,
+    principal: str,
+    client: str,
+    now: float,
+) -> bool:
+    """A heartbeat renews a lease the store still has when it is the caller's and live;
+    otherwise (and for a lease the store has no row for) the lease comes back in `lost`."""
+    return is_owner(held_principal, held_client, principal, client) and is_live(
+        held_expires_at, now
+    )
+
+
+class Release(StrEnum):
+    """What a checkin does with a lease the store still has."""
+
+    RELEASE = "release"
+    """The caller's live lease: delete it and report it released."""
+    DROP_EXPIRED = "drop_expired"
+    """The caller's lease, expired but not yet swept: delete it, report it already gone."""
+    NOT_OWNER = "not_owner"
+    """Someone else's lease: leave it alone and answer `lease_not_found`."""
+
+
+def release_verdict(
+    held_principal: str,
+    held_client: str,
+    held_expires_at: float,
+    principal: str,
+    client: str,
+    now: float,
+) -> Release:
+    """The checkin rule for a lease the store still has (a lease it has no row for is
+    already gone: `released: false`)."""
+    if not is_owner(held_principal, held_client, principal, client):
+        return Release.NOT_OWNER
+    if not is_live(held_expires_at, now):
+        return Release.DROP_EXPIRED
+    return Release.RELEASE
 
 
 class Catalogue:

@@ -12,6 +12,7 @@ import uvloop
 from metering_protocol.client import ProtocolClient
 from metering_server.app import MeteringServer
 from metering_server.config import build_server_config
+from tests.stores import STORE_IDS, STORES, opened
 from tests.support import server_config, short_tmpdir, write_credentials
 
 
@@ -70,3 +71,20 @@ async def hello(
     c = await ProtocolClient.connect(address, timeout=5)
     await c.hello(client, user=user, token=token, timeout=5)
     return c
+
+
+# --- stores: every store test runs once per store of tests/stores.py ------------------------
+@pytest_asyncio.fixture(params=STORE_IDS)
+async def store_site(request, tmp_path: Path):
+    """One empty database of the store named by the parameter; make instances on it with
+    `store_site.new_store()` (open and close them yourself, e.g. `tests.stores.opened`)."""
+    site = await STORES[request.param](tmp_path)
+    yield site
+    await site.destroy()
+
+
+@pytest_asyncio.fixture
+async def store(store_site):
+    """An open store instance on `store_site`'s database."""
+    async with opened(store_site.new_store()) as s:
+        yield s

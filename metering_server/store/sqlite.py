@@ -4,6 +4,11 @@ Every call runs on one dedicated thread that owns the connection, so the event l
 blocks on disk.  Check-and-grant runs in `BEGIN IMMEDIATE` (the write lock is taken before
 counting), which serialises grants across every process sharing the file; WAL with
 synchronous=FULL makes a commit durable before the reply goes out.
+
+The rules (expiry, ownership, reclaim, renew, release) are `metering_server.licensing`'s; this
+module stores rows and calls them.  SQL still filters and counts by expiry where that keeps a
+query cheap (`_LIVE`, `_EXPIRED` below); those clauses state `licensing.is_live` in SQL and
+must agree with it exactly.
 """
 
 from __future__ import annotations
@@ -19,7 +24,16 @@ from typing import TypeVar
 
 from metering_protocol.errors import LeaseNotFound
 from metering_server.auth.lockout import FailureState, LockoutPolicy
-from metering_server.licensing import decide
+from metering_server.licensing import (
+    Reclaim,
+    Release,
+    decide,
+    is_live,
+    lease_expiry,
+    reclaim_verdict,
+    release_verdict,
+    renew_verdict,
+)
 
 from .base import GrantOutcome, GrantRequest, LeaseRecord, LeaseStore, RenewOutcome
 
@@ -52,6 +66,11 @@ CREATE TABLE IF NOT EXISTS auth_failures (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1');
 """
+
+# `licensing.is_live(expires_at, now)` in SQL, for filtering and counting; bind `now`.  A lease
+# is live while expires_at > now, expired from expires_at <= now: the two are complements.
+_LIVE = "expires_at > ?"
+_EXPIRED = "expires_at <= ?"
 
 _COLUMNS = (
     "lease, product, version, pool_product, pool_version, principal, user, client, server, "
@@ -135,28 +154,24 @@ class SQLiteStore(LeaseStore):
     async def grant(self, req: GrantRequest) -> GrantOutcome:
         def grant(db: sqlite3.Connection) -> GrantOutcome:
             pool = req.pool
-            if req.reclaim is not None:
-                row = db.execute(
-                    f"SELECT {_COLUMNS} FROM leases WHERE lease = ?", (req.reclaim,)
-                ).fetchone()
-                if row is not None:
-                    held = _record(row)
-                    mine = held.principal == req.principal and held.client == req.client
-                    same_pool = held.pool_key == pool.key
-                    if mine and same_pool and held.expires_at > req.now:
-                        expires = req.now + req.ttl_s
-                        db.execute(
-                            "UPDATE leases SET renewed_at = ?, expires_at = ?, server = ? "
-                            "WHERE lease = ?",
-                            (req.now, expires, req.server, held.lease),
-                        )
-                        in_use = self._count(db, pool.key, req.now)
-                        lease = replace(
-                            held, renewed_at=req.now, expires_at=expires, server=req.server
-                        )
-                        return GrantOutcome(True, in_use, lease, reclaimed=True)
-                    if mine and held.expires_at <= req.now:
-                        db.execute("DELETE FROM leases WHERE lease = ?", (held.lease,))
+            held = self._get(db, req.reclaim) if req.reclaim is not None else None
+            if held is not None:
+                verdict = reclaim_verdict(
+                    held.principal,
+                    held.client,
+                    held.pool_key,
+                    held.expires_at,
+                    req.principal,
+                    req.client,
+                    pool.key,
+                    req.now,
+                )
+                if verdict is Reclaim.RENEW:
+                    lease = self._renew_row(db, held, req.server, req.now, req.ttl_s)
+                    in_use = self._count(db, pool.key, req.now)
+                    return GrantOutcome(True, in_use, lease, reclaimed=True)
+                if verdict is Reclaim.DROP_EXPIRED:
+                    self._delete(db, held.lease)
             in_use = self._count(db, pool.key, req.now)
             decision = decide(pool, in_use)
             if not decision.granted:
@@ -173,7 +188,7 @@ class SQLiteStore(LeaseStore):
                 server=req.server,
                 granted_at=req.now,
                 renewed_at=req.now,
-                expires_at=req.now + req.ttl_s,
+                expires_at=lease_expiry(req.now, req.ttl_s),
                 overuse=decision.overuse,
             )
             db.execute(
@@ -185,10 +200,30 @@ class SQLiteStore(LeaseStore):
         return await self._run(self._tx(grant))
 
     @staticmethod
+    def _get(db: sqlite3.Connection, lease: str) -> LeaseRecord | None:
+        row = db.execute(f"SELECT {_COLUMNS} FROM leases WHERE lease = ?", (lease,)).fetchone()
+        return None if row is None else _record(row)
+
+    @staticmethod
+    def _delete(db: sqlite3.Connection, lease: str) -> None:
+        db.execute("DELETE FROM leases WHERE lease = ?", (lease,))
+
+    @staticmethod
+    def _renew_row(
+        db: sqlite3.Connection, held: LeaseRecord, server: str, now: float, ttl_s: float
+    ) -> LeaseRecord:
+        expires = lease_expiry(now, ttl_s)
+        db.execute(
+            "UPDATE leases SET renewed_at = ?, expires_at = ?, server = ? WHERE lease = ?",
+            (now, expires, server, held.lease),
+        )
+        return replace(held, renewed_at=now, expires_at=expires, server=server)
+
+    @staticmethod
     def _count(db: sqlite3.Connection, key: tuple[str, str], now: float) -> int:
+        """Live leases of a pool: `licensing.is_live`, counted in SQL."""
         return db.execute(
-            "SELECT COUNT(*) FROM leases WHERE pool_product = ? AND pool_version = ? "
-            "AND expires_at > ?",
+            f"SELECT COUNT(*) FROM leases WHERE pool_product = ? AND pool_version = ? AND {_LIVE}",
             (*key, now),
         ).fetchone()[0]
 
@@ -198,12 +233,14 @@ class SQLiteStore(LeaseStore):
         def renew(db: sqlite3.Connection) -> RenewOutcome:
             renewed, lost = [], []
             for lease in leases:
-                cur = db.execute(
-                    "UPDATE leases SET renewed_at = ?, expires_at = ?, server = ? "
-                    "WHERE lease = ? AND principal = ? AND client = ? AND expires_at > ?",
-                    (now, now + ttl_s, server, lease, principal, client, now),
-                )
-                (renewed if cur.rowcount else lost).append(lease)
+                held = self._get(db, lease)
+                if held is not None and renew_verdict(
+                    held.principal, held.client, held.expires_at, principal, client, now
+                ):
+                    self._renew_row(db, held, server, now, ttl_s)
+                    renewed.append(lease)
+                else:
+                    lost.append(lease)
             return RenewOutcome(renewed, lost)
 
         return await self._run(self._tx(renew))
@@ -212,54 +249,57 @@ class SQLiteStore(LeaseStore):
         self, lease: str, principal: str, client: str, now: float
     ) -> LeaseRecord | None:
         def release(db: sqlite3.Connection) -> LeaseRecord | None:
-            row = db.execute(f"SELECT {_COLUMNS} FROM leases WHERE lease = ?", (lease,)).fetchone()
-            if row is None:
+            held = self._get(db, lease)
+            if held is None:
                 return None
-            held = _record(row)
-            if held.principal != principal or held.client != client:
+            verdict = release_verdict(
+                held.principal, held.client, held.expires_at, principal, client, now
+            )
+            if verdict is Release.NOT_OWNER:
                 raise LeaseNotFound(f"lease {lease} is not held by this principal and client")
-            db.execute("DELETE FROM leases WHERE lease = ?", (lease,))
-            # Expired but not yet swept: already gone as far as the protocol is concerned.
-            return held if held.expires_at > now else None
+            self._delete(db, lease)
+            # DROP_EXPIRED: expired but not yet swept, already gone as far as the protocol is
+            # concerned.
+            return held if verdict is Release.RELEASE else None
 
         return await self._run(self._tx(release))
 
     async def revoke(self, lease: str) -> LeaseRecord | None:
         def revoke(db: sqlite3.Connection) -> LeaseRecord | None:
-            row = db.execute(f"SELECT {_COLUMNS} FROM leases WHERE lease = ?", (lease,)).fetchone()
-            if row is not None:
-                db.execute("DELETE FROM leases WHERE lease = ?", (lease,))
-                return _record(row)
-            return None
+            held = self._get(db, lease)
+            if held is not None:
+                self._delete(db, lease)
+            return held
 
         return await self._run(self._tx(revoke))
 
     async def expire(self, now: float) -> list[LeaseRecord]:
         def expire(db: sqlite3.Connection) -> list[LeaseRecord]:
-            rows = db.execute(
-                f"SELECT {_COLUMNS} FROM leases WHERE expires_at <= ?", (now,)
-            ).fetchall()
-            if rows:
-                db.execute("DELETE FROM leases WHERE expires_at <= ?", (now,))
-            return [_record(r) for r in rows]
+            # SQL narrows to the candidates by the index; the rule decides.
+            rows = db.execute(f"SELECT {_COLUMNS} FROM leases WHERE {_EXPIRED}", (now,))
+            gone = [rec for rec in map(_record, rows) if not is_live(rec.expires_at, now)]
+            db.executemany("DELETE FROM leases WHERE lease = ?", [(r.lease,) for r in gone])
+            return gone
 
         return await self._run(self._tx(expire))
 
     async def leases(self, now: float, product: str | None = None) -> list[LeaseRecord]:
         def select(db: sqlite3.Connection) -> list[LeaseRecord]:
-            sql = f"SELECT {_COLUMNS} FROM leases WHERE expires_at > ?"
+            sql = f"SELECT {_COLUMNS} FROM leases WHERE {_LIVE}"
             args: tuple = (now,)
             if product is not None:
                 sql += " AND upper(product) = upper(?)"
                 args += (product,)
-            return [_record(r) for r in db.execute(sql + " ORDER BY granted_at", args)]
+            rows = db.execute(sql + " ORDER BY granted_at", args)
+            return [rec for rec in map(_record, rows) if is_live(rec.expires_at, now)]
 
         return await self._run(select)
 
     async def in_use(self, now: float) -> dict[tuple[str, str], int]:
         def count(db: sqlite3.Connection) -> dict[tuple[str, str], int]:
+            # Live leases (`licensing.is_live`) counted in SQL.
             rows = db.execute(
-                "SELECT pool_product, pool_version, COUNT(*) FROM leases WHERE expires_at > ? "
+                f"SELECT pool_product, pool_version, COUNT(*) FROM leases WHERE {_LIVE} "
                 "GROUP BY pool_product, pool_version",
                 (now,),
             )

@@ -1,8 +1,10 @@
-"""Seat accounting as a state machine over the real SQLite store.
+"""Seat accounting as a state machine over every real store of tests/stores.py.
 
 Hypothesis drives grants, reclaims, heartbeats, checkins, revokes, clock steps and expiry
-sweeps against two SQLiteStore instances on one file (two connections, as two servers sharing
-a store have) and compares every answer with a plain model.  The wall clock is a float the
+sweeps against two instances of the store on one database (two connections, as two servers
+sharing a store have) and compares every answer with a plain model.  The machine runs once per
+registered store (`test_seat_machine[sqlite]`, ...): each run builds its store from the
+registry entry in the machine's `__init__`.  The wall clock is a float the
 machine advances; the store never reads a clock of its own.
 
 Invariants: in `enforce` mode the live leases of a pool never exceed its seats (by the store's
@@ -30,12 +32,13 @@ from hypothesis.stateful import (
     invariant,
     multiple,
     rule,
+    run_state_machine_as_test,
 )
 
 from metering_protocol.errors import LeaseNotFound
 from metering_server.licensing import Pool
 from metering_server.store.base import GrantOutcome, GrantRequest
-from metering_server.store.sqlite import SQLiteStore
+from tests.stores import STORE_IDS, STORES
 
 TTL = 10.0
 START = 1_700_000_000.0
@@ -58,12 +61,12 @@ class ModelLease:
 class SeatMachine(RuleBasedStateMachine):
     leases = Bundle("leases")
 
-    def __init__(self) -> None:
+    def __init__(self, store_id: str) -> None:
         super().__init__()
         self.dir = Path(tempfile.mkdtemp(prefix="seats-"))
         self.loop = asyncio.new_event_loop()
-        path = self.dir / "store.db"
-        self.stores = [SQLiteStore(path), SQLiteStore(path)]
+        self.site = self.run(STORES[store_id](self.dir))
+        self.stores = [self.site.new_store(), self.site.new_store()]
         for store in self.stores:
             self.run(store.open())
         self.now = START
@@ -79,6 +82,7 @@ class SeatMachine(RuleBasedStateMachine):
         try:
             for store in self.stores:
                 self.run(store.close())
+            self.run(self.site.destroy())
         finally:
             self.loop.close()
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -331,7 +335,7 @@ class SeatMachine(RuleBasedStateMachine):
         assert not any(self.live(x) for x in self.dead)
 
 
-SeatMachine.TestCase.settings = settings(
+SETTINGS = settings(
     max_examples=60,
     stateful_step_count=40,
     deadline=None,
@@ -339,4 +343,8 @@ SeatMachine.TestCase.settings = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
-TestSeatMachine = SeatMachine.TestCase
+
+
+@pytest.mark.parametrize("store_id", STORE_IDS)
+def test_seat_machine(store_id: str) -> None:
+    run_state_machine_as_test(lambda: SeatMachine(store_id), settings=SETTINGS)

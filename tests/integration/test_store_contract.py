@@ -1,0 +1,346 @@
+"""The store contract: every `LeaseStore` method, against the interface only, once per store
+registered in tests/stores.py (the `store` and `store_site` fixtures are parametrized over it).
+
+A new store is done when it passes this file and tests/unit/test_seat_state_machine.py.  Times
+are injected (`now`), never read from a clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from metering_protocol.errors import LeaseNotFound
+from metering_server.auth.lockout import FailureState, LockoutPolicy, LockoutSettings
+from metering_server.licensing import Pool
+from metering_server.store.base import (
+    GrantOutcome,
+    GrantRequest,
+    LeaseRecord,
+    LeaseStore,
+    RenewOutcome,
+)
+from tests.stores import opened
+
+pytestmark = pytest.mark.asyncio
+
+T0 = 1_700_000_000.0
+TTL = 10.0
+ENFORCE = Pool("CLOCK.EXE", "4.00", 2, "enforce")
+METER = Pool("CAD", "*", 1, "meter")
+ALICE = ("alice", "ws-1")
+
+
+def req(
+    pool: Pool = ENFORCE,
+    who: tuple[str, str] = ALICE,
+    *,
+    now: float = T0,
+    reclaim: str | None = None,
+    server: str = "srv-a",
+    product: str | None = None,
+    version: str | None = None,
+    ttl_s: float = TTL,
+) -> GrantRequest:
+    principal, client = who
+    return GrantRequest(
+        pool=pool,
+        product=product or pool.product,
+        version=version or (pool.version if pool.version != "*" else "7.1"),
+        principal=principal,
+        user=f"{principal}-user",
+        client=client,
+        server=server,
+        now=now,
+        ttl_s=ttl_s,
+        reclaim=reclaim,
+    )
+
+
+async def granted(store: LeaseStore, request: GrantRequest) -> LeaseRecord:
+    out = await store.grant(request)
+    assert out.granted and out.lease is not None
+    return out.lease
+
+
+@contextlib.asynccontextmanager
+async def instances(site, n: int):
+    """n more open store instances on the same database, as n servers sharing it."""
+    async with contextlib.AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(opened(site.new_store())) for _ in range(n)]
+
+
+# --- grant -----------------------------------------------------------------------------------
+async def test_enforce_grants_up_to_seats_then_refuses(store):
+    first = await store.grant(req(now=T0))
+    second = await store.grant(req(who=("bob", "ws-2"), now=T0 + 1))
+    assert [first.granted, second.granted] == [True, True]
+    assert [first.in_use, second.in_use] == [1, 2]
+    assert not first.reclaimed and not second.lease.overuse
+    assert first.lease.lease != second.lease.lease
+
+    refused = await store.grant(req(who=("carol", "ws-3"), now=T0 + 2))
+    assert refused == GrantOutcome(False, 2)
+    assert await store.in_use(T0 + 2) == {ENFORCE.key: 2}
+    assert len(await store.leases(T0 + 2)) == 2
+
+
+async def test_grant_fills_the_record(store):
+    rec = await granted(store, req(METER, ("bob", "ws-9"), product="cad", version="7.1"))
+    assert (rec.product, rec.version) == ("cad", "7.1")
+    assert rec.pool_key == METER.key == (rec.pool_product, rec.pool_version)
+    assert (rec.principal, rec.user, rec.client, rec.server) == ("bob", "bob-user", "ws-9", "srv-a")
+    assert rec.granted_at == rec.renewed_at == T0
+    assert rec.expires_at == T0 + TTL
+    assert not rec.overuse
+    assert await store.leases(T0) == [rec]
+
+
+async def test_meter_always_grants_and_flags_overuse(store):
+    outs = [await store.grant(req(METER, ("u", f"ws-{i}"), now=T0 + i)) for i in range(3)]
+    assert all(o.granted for o in outs)
+    assert [o.in_use for o in outs] == [1, 2, 3]
+    assert [o.lease.overuse for o in outs] == [False, True, True]
+    assert [r.overuse for r in await store.leases(T0 + 3)] == [False, True, True]
+
+
+async def test_a_zero_seat_enforce_pool_grants_nothing(store):
+    pool = Pool("NONE", "1", 0, "enforce")
+    assert await store.grant(req(pool)) == GrantOutcome(False, 0)
+    assert await store.in_use(T0) == {}
+
+
+async def test_expired_leases_hold_no_seat(store):
+    await granted(store, req(now=T0))
+    await granted(store, req(now=T0 + 1))
+    assert not (await store.grant(req(now=T0 + TTL - 0.5))).granted
+    # At exactly its expiry the first lease is gone, even before any sweep.
+    out = await store.grant(req(now=T0 + TTL))
+    assert out.granted and out.in_use == 2
+
+
+# --- reclaim ---------------------------------------------------------------------------------
+async def test_reclaim_of_a_live_own_lease_keeps_its_id_and_costs_no_seat(store):
+    pool = Pool("ONE", "1", 1, "enforce")
+    rec = await granted(store, req(pool, now=T0))
+    out = await store.grant(req(pool, now=T0 + 5, reclaim=rec.lease, server="srv-b"))
+    assert out.granted and out.reclaimed and out.in_use == 1
+    assert out.lease.lease == rec.lease
+    assert out.lease.renewed_at == T0 + 5 and out.lease.expires_at == T0 + 5 + TTL
+    assert out.lease.server == "srv-b" and out.lease.granted_at == T0
+    assert await store.in_use(T0 + 5) == {pool.key: 1}
+    assert await store.leases(T0 + 5) == [out.lease]
+    # Renewed: still live after the first expiry would have passed.
+    assert [r.lease for r in await store.leases(T0 + TTL + 1)] == [rec.lease]
+
+
+@pytest.mark.parametrize("other", [("bob", "ws-1"), ("alice", "ws-2")], ids=["principal", "client"])
+async def test_reclaim_by_another_principal_or_client_is_a_fresh_grant(store, other):
+    rec = await granted(store, req(now=T0))
+    out = await store.grant(req(who=other, now=T0 + 1, reclaim=rec.lease))
+    assert out.granted and not out.reclaimed and out.in_use == 2
+    assert out.lease.lease != rec.lease
+    assert (out.lease.principal, out.lease.client) == other
+    held = {r.lease: r for r in await store.leases(T0 + 1)}
+    assert held[rec.lease] == rec  # the named lease is left alone
+    # ... and when the pool is full, the stranger is denied rather than handed the seat.
+    pool = Pool("ONE", "1", 1, "enforce")
+    own = await granted(store, req(pool, now=T0 + 2))
+    assert await store.grant(req(pool, other, now=T0 + 3, reclaim=own.lease)) == GrantOutcome(
+        False, 1
+    )
+
+
+async def test_reclaim_of_an_expired_own_lease_is_a_fresh_grant(store):
+    rec = await granted(store, req(now=T0))
+    later = T0 + TTL  # exactly at expiry: expired
+    out = await store.grant(req(now=later, reclaim=rec.lease))
+    assert out.granted and not out.reclaimed and out.in_use == 1
+    assert out.lease.lease != rec.lease and out.lease.granted_at == later
+    assert [r.lease for r in await store.leases(later)] == [out.lease.lease]
+    # The expired row was dropped by the reclaim: no sweep reports it, no renew revives it.
+    assert await store.expire(later) == []
+    assert (await store.renew([rec.lease], *ALICE, "srv-a", later, TTL)).lost == [rec.lease]
+
+
+async def test_reclaim_into_another_pool_or_of_an_unknown_id_is_a_fresh_grant(store):
+    rec = await granted(store, req(now=T0))
+    out = await store.grant(req(METER, now=T0 + 1, reclaim=rec.lease))
+    assert out.granted and not out.reclaimed and out.lease.pool_key == METER.key
+    assert await store.in_use(T0 + 1) == {ENFORCE.key: 1, METER.key: 1}
+    out = await store.grant(req(now=T0 + 2, reclaim="L-no-such-lease"))
+    assert out.granted and not out.reclaimed and out.in_use == 2
+
+
+# --- renew -----------------------------------------------------------------------------------
+async def test_renew_renews_own_live_leases_and_reports_the_rest_lost(store):
+    mine = await granted(store, req(now=T0))
+    mine2 = await granted(store, req(METER, now=T0))
+    bobs = await granted(store, req(who=("bob", "ws-1"), now=T0))
+    other_client = await granted(store, req(METER, ("alice", "ws-2"), now=T0))
+    old = await granted(store, req(METER, now=T0 - TTL))  # expires at T0: expired at T0
+
+    now = T0 + 4
+    names = [bobs.lease, mine.lease, "L-unknown", old.lease, other_client.lease, mine2.lease]
+    out = await store.renew(names, *ALICE, "srv-b", now, TTL)
+    assert out.renewed == [mine.lease, mine2.lease]
+    assert out.lost == [bobs.lease, "L-unknown", old.lease, other_client.lease]
+
+    held = {r.lease: r for r in await store.leases(now)}
+    for lease in (mine.lease, mine2.lease):
+        assert held[lease].renewed_at == now and held[lease].expires_at == now + TTL
+        assert held[lease].server == "srv-b" and held[lease].granted_at == T0
+    for rec in (bobs, other_client):
+        assert held[rec.lease] == rec
+    assert old.lease not in held
+    assert await store.renew([], *ALICE, "srv-b", now, TTL) == RenewOutcome([], [])
+
+
+async def test_renew_at_the_expiry_instant_is_lost(store):
+    rec = await granted(store, req(now=T0))
+    out = await store.renew([rec.lease], *ALICE, "srv-a", T0 + TTL, TTL)
+    assert (out.renewed, out.lost) == ([], [rec.lease])
+    out = await store.renew([rec.lease], *ALICE, "srv-a", T0 + TTL - 0.001, TTL)
+    assert (out.renewed, out.lost) == ([rec.lease], [])
+
+
+# --- release / revoke ------------------------------------------------------------------------
+async def test_release_own_then_again_then_someone_elses(store):
+    rec = await granted(store, req(now=T0))
+    assert await store.release(rec.lease, *ALICE, T0 + 1) == rec
+    assert await store.in_use(T0 + 1) == {}
+    assert await store.release(rec.lease, *ALICE, T0 + 2) is None
+    assert await store.release("L-unknown", *ALICE, T0 + 2) is None
+
+    bobs = await granted(store, req(who=("bob", "ws-1"), now=T0 + 3))
+    for who in (ALICE, ("bob", "ws-2")):
+        with pytest.raises(LeaseNotFound):
+            await store.release(bobs.lease, *who, T0 + 4)
+    assert await store.leases(T0 + 4) == [bobs]
+
+
+async def test_release_of_an_expired_not_swept_lease_is_none_and_drops_it(store):
+    rec = await granted(store, req(now=T0))
+    assert await store.release(rec.lease, *ALICE, T0 + TTL) is None
+    assert await store.expire(T0 + TTL) == []
+    assert await store.release(rec.lease, *ALICE, T0 + TTL) is None
+    # Someone else's expired lease is still someone else's.
+    bobs = await granted(store, req(who=("bob", "ws-1"), now=T0))
+    with pytest.raises(LeaseNotFound):
+        await store.release(bobs.lease, *ALICE, T0 + TTL + 1)
+
+
+async def test_revoke_removes_any_lease_once(store):
+    rec = await granted(store, req(who=("bob", "ws-1"), now=T0))
+    old = await granted(store, req(now=T0 - TTL))  # expired, not swept
+    assert await store.revoke(rec.lease) == rec
+    assert await store.revoke(rec.lease) is None
+    assert await store.revoke("L-unknown") is None
+    assert await store.revoke(old.lease) == old
+    assert await store.in_use(T0) == {}
+    assert await store.expire(T0) == []
+
+
+# --- expire ----------------------------------------------------------------------------------
+async def test_expire_returns_each_expired_lease_once(store):
+    a = await granted(store, req(now=T0))
+    b = await granted(store, req(METER, now=T0 + 1))
+    c = await granted(store, req(METER, now=T0 + 5))
+    assert await store.expire(T0 + TTL - 0.001) == []
+    assert await store.expire(T0 + TTL) == [a]  # at exactly expires_at
+    assert await store.expire(T0 + TTL) == []
+    assert sorted(await store.expire(T0 + TTL + 2), key=lambda r: r.granted_at) == [b]
+    assert await store.expire(T0 + TTL + 2) == []
+    assert await store.leases(T0 + TTL + 2) == [c]
+
+
+async def test_expire_from_two_instances_never_returns_a_lease_twice(store_site):
+    async with instances(store_site, 2) as (one, two):
+        recs = [await granted(one, req(METER, ("u", f"ws-{i}"), now=T0 + i)) for i in range(6)]
+        now = T0 + TTL + 2.5  # the first three are expired
+        swept = await asyncio.gather(one.expire(now), two.expire(now), one.expire(now))
+        ids = [r.lease for batch in swept for r in batch]
+        assert sorted(ids) == sorted(r.lease for r in recs[:3])
+        assert await two.expire(now) == [] and await one.expire(now) == []
+        assert [r.lease for r in await two.leases(now)] == [r.lease for r in recs[3:]]
+
+
+# --- leases / in_use -------------------------------------------------------------------------
+async def test_leases_and_in_use_filter_by_now_and_product(store):
+    a = await granted(store, req(now=T0))
+    b = await granted(store, req(METER, ("bob", "ws-1"), now=T0 + 1, product="Cad"))
+    c = await granted(store, req(METER, ("bob", "ws-2"), now=T0 + 2, product="CAD"))
+    assert await store.leases(T0 + 2) == [a, b, c]  # oldest grant first
+    assert await store.in_use(T0 + 2) == {ENFORCE.key: 1, METER.key: 2}
+    assert await store.leases(T0 + 2, "cad") == [b, c]  # product names ignore case
+    assert await store.leases(T0 + 2, "clock.exe") == [a]
+    assert await store.leases(T0 + 2, "PAINT") == []
+
+    assert await store.leases(T0 + TTL) == [b, c]
+    assert await store.in_use(T0 + TTL) == {METER.key: 2}
+    assert await store.leases(T0 + TTL + 1, "CAD") == [c]
+    assert await store.in_use(T0 + TTL + 2) == {}
+    assert await store.leases(T0 + TTL + 2) == []
+    # Not swept, only filtered: an earlier `now` still sees them.
+    assert await store.leases(T0 + 2) == [a, b, c]
+
+
+# --- several instances on one database -------------------------------------------------------
+async def test_two_instances_never_over_allocate(store_site):
+    pool = Pool("RACE", "1", 3, "enforce")
+    async with instances(store_site, 2) as (one, two):
+        racers = [(one if i % 2 else two, ("u", f"ws-{i}")) for i in range(10)]
+        outs = await asyncio.gather(*(s.grant(req(pool, who)) for s, who in racers))
+        won = [o for o in outs if o.granted]
+        assert len(won) == pool.seats
+        assert sorted(o.in_use for o in won) == [1, 2, 3]
+        assert all(o.in_use == pool.seats for o in outs if not o.granted)
+        for s in (one, two):
+            assert await s.in_use(T0) == {pool.key: 3}
+            assert sorted(r.lease for r in await s.leases(T0)) == sorted(o.lease.lease for o in won)
+
+
+async def test_reclaim_from_another_instance_and_leases_survive_reopen(store_site):
+    async with instances(store_site, 2) as (one, two):
+        rec = await granted(one, req(now=T0))
+        out = await two.grant(req(now=T0 + 1, reclaim=rec.lease, server="srv-b"))
+        assert out.reclaimed and out.lease.lease == rec.lease and out.in_use == 1
+        assert (await one.renew([rec.lease], *ALICE, "srv-a", T0 + 2, TTL)).renewed == [rec.lease]
+    # A clean shutdown keeps every lease.
+    async with instances(store_site, 1) as (again,):
+        [held] = await again.leases(T0 + 2)
+        assert held.lease == rec.lease and held.expires_at == T0 + 2 + TTL
+
+
+# --- lockout ---------------------------------------------------------------------------------
+POLICY = LockoutPolicy(LockoutSettings(threshold=3, window_s=60.0, lockout_s=300.0))
+
+
+async def test_lockout_counts_locks_and_is_shared(store_site):
+    keys = ["p:alice", "a:10.0.0.1"]
+    async with instances(store_site, 2) as (one, two):
+        assert await one.auth_states(keys) == {}
+        first = await one.record_auth_failure(keys, T0, POLICY)
+        assert first == {k: FailureState(1, T0, 0.0) for k in keys}
+        assert await two.record_auth_failure(["p:alice"], T0 + 1, POLICY) == {
+            "p:alice": FailureState(2, T0, 0.0)
+        }
+        assert await one.auth_states([*keys, "p:nobody"]) == {
+            "p:alice": FailureState(2, T0, 0.0),
+            "a:10.0.0.1": FailureState(1, T0, 0.0),
+        }
+        locked = await one.record_auth_failure(["p:alice"], T0 + 2, POLICY)
+        assert locked == {"p:alice": FailureState(3, T0, T0 + 2 + 300.0)}
+        assert await two.auth_states(["p:alice"]) == locked
+        # A failure during the lock changes nothing.
+        assert await two.record_auth_failure(["p:alice"], T0 + 3, POLICY) == locked
+
+        # A success forgets failures but never lifts an active lock.
+        await two.clear_auth_failures(keys, T0 + 4, POLICY)
+        assert await one.auth_states(keys) == locked
+        # After the lock, a success forgets it.
+        await one.clear_auth_failures(["p:alice"], T0 + 2 + 300.0, POLICY)
+        assert await two.auth_states(keys) == {}
+        await one.clear_auth_failures(["p:never-failed"], T0, POLICY)  # nothing to forget
