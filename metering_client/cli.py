@@ -1,7 +1,8 @@
 """`metering-client`: the agent daemon and the workstation commands.
 
-Only this module turns errors into exit codes (sysexits): 75 denied / no server reachable,
-77 authentication refused, 78 config, 64 usage.
+Only this module turns errors into exit codes, through the table shared by the three commands
+(metering_runtime.exitcodes): 75 denied / no server reachable, 77 authentication refused,
+78 config, 69 unknown product, 64 usage.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from metering_client.agent import Agent
 from metering_client.api import Seat, agent_request_timeout, connect_agent
@@ -21,30 +22,23 @@ from metering_client.connector import Connector
 from metering_client.keeper import LeaseKeeper
 from metering_client.serverlist import ServerList
 from metering_protocol.config import ConfigError
-from metering_protocol.errors import (
-    AuthFailed,
-    CredentialUnusable,
-    Forbidden,
-    LockedOut,
-    MeteringError,
-    UnknownProduct,
+from metering_protocol.errors import AUTH_TERMINAL, MeteringError
+from metering_protocol.messages import Seconds
+from metering_runtime.cliargs import UsageParser, seconds_up_to
+from metering_runtime.exitcodes import (
+    EX_CONFIG,
+    EX_NOPERM,
+    EX_SOFTWARE,
+    EX_TEMPFAIL,
+    EX_USAGE,
+    exit_code,
 )
-from metering_runtime.cliargs import UsageParser, non_negative_float
 from metering_runtime.logs import configure_logging
 
-EX_USAGE, EX_UNAVAILABLE, EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 64, 69, 75, 77, 78
-
-
-def exit_code(exc: MeteringError) -> int:
-    if isinstance(exc, AuthFailed | LockedOut | Forbidden):
-        return EX_NOPERM
-    if isinstance(exc, CredentialUnusable):
-        return EX_CONFIG
-    if isinstance(exc, UnknownProduct):
-        return EX_UNAVAILABLE
-    if exc.retryable:
-        return EX_TEMPFAIL  # denied, unavailable, overloaded, shutting down ...
-    return EX_UNAVAILABLE
+# The protocol's bound on wait_s (messages.Seconds, `le`): a larger --wait is refused here, as
+# a usage error, instead of by the server as a bad_request after connecting.
+MAX_WAIT_S: float = next(m.le for m in get_args(Seconds)[1:] if getattr(m, "le", None) is not None)
+_AUTH_CODES = frozenset(cls.code for cls in AUTH_TERMINAL)
 
 
 def _globals(p: argparse.ArgumentParser, sub: bool) -> None:
@@ -81,8 +75,8 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser(
         "run",
         help="check out a seat, run CMD, check in; exit with CMD's status",
-        description="Exit codes: CMD's own; 75 denied or no server reachable; "
-        "77 authentication refused; 78 config problem.",
+        description="Exit codes: CMD's own; 64 usage; 69 unknown product; "
+        "75 denied or no server reachable; 77 authentication refused; 78 config problem.",
     )
     _globals(r, sub=True)
     _product_args(r)
@@ -106,10 +100,11 @@ def _product_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--version", required=True)
     p.add_argument(
         "--wait",
-        type=non_negative_float,
+        type=seconds_up_to(MAX_WAIT_S),
         default=0.0,
         metavar="S",
-        help="queue up to S seconds for a free seat (default 0: do not wait)",
+        help="queue up to S seconds for a free seat (default 0: do not wait; "
+        f"at most {MAX_WAIT_S:.0f})",
     )
 
 
@@ -147,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         return EX_CONFIG
     except Exception as exc:  # a bug: one line for the operator, details in the log
         print(f"metering-client: internal error: {exc!r}", file=sys.stderr)
-        return 70
+        return EX_SOFTWARE
 
 
 def _run_loop(coro: Any) -> int:
@@ -275,7 +270,7 @@ async def _status(config: ClientConfig, args: argparse.Namespace) -> int:
     _print(args, reply, _status_text(reply))
     info = reply.get("agent") or {}
     err = info.get("error")
-    if err and err.get("code") in ("auth_failed", "locked_out"):
+    if err and err.get("code") in _AUTH_CODES:
         return EX_NOPERM
     return 0
 

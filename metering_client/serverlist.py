@@ -8,16 +8,14 @@ never leave a client with nowhere to go.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from metering_protocol.address import AddressError, parse_address
+from metering_runtime.durable import write_atomic
 
 _STATE_VERSION = 1
 
@@ -129,8 +127,8 @@ class ServerList:
         if servers and not learned:
             return False
         learned = _dedupe(learned)
-        if learned == self._learned:
-            return False
+        if learned == self._learned and self.save_error is None:
+            return False  # nothing new, and what is on disk already says it
         before = self.entries()
         self._learned = learned
         # Persisted even when the effective list happens to look the same (a learned list
@@ -169,35 +167,8 @@ class ServerList:
                 for e in self._learned
             ],
         }
-        tmp: str | None = None
+        text = json.dumps(data, indent=1) + "\n"
         try:
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=1)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            tmp = None
-            _fsync_dir(path.parent)
+            write_atomic(path, text.encode("utf-8"))
         except OSError as exc:
             self.save_error = f"cannot write {path}: {exc}"
-        finally:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; some platforms cannot open a directory, which only
-    # costs durability across a power cut, not correctness.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -4,8 +4,9 @@
 
 Commands talk protocol v1 to one server (status, leases, revoke, reload, report), except
 `add-principal`, which edits a credentials file locally. Only this module turns errors into
-exit codes (sysexits): 64 usage, 69 unavailable, 75 temporary failure, 77 no permission,
-78 config; 1 for a revoke of a lease that is not there. Every error is one line on stderr.
+exit codes, through the table shared by the three commands (metering_runtime.exitcodes):
+64 usage, 69 unavailable, 75 temporary failure, 77 no permission, 78 config; 1 for a revoke of
+a lease that is not there. Every error is one line on stderr.
 """
 
 from __future__ import annotations
@@ -29,35 +30,27 @@ from metering_protocol.address import Address, AddressError, parse_address
 from metering_protocol.client import ProtocolClient
 from metering_protocol.config import ConfigError
 from metering_protocol.errors import (
-    AuthFailed,
-    AuthRequired,
     BadRequest,
-    CertificateError,
     ConnectionLost,
-    Forbidden,
     LeaseNotFound,
-    LockedOut,
     MeteringError,
-    ReloadFailed,
     UnknownError,
-    UnsupportedProtocol,
 )
 from metering_protocol.timefmt import parse_rfc3339, rfc3339
 from metering_runtime.cliargs import UsageParser
+from metering_runtime.exitcodes import (
+    EX_CONFIG,
+    EX_FAIL,
+    EX_SOFTWARE,
+    EX_UNAVAILABLE,
+    EX_USAGE,
+    exit_code,
+)
 from metering_runtime.tokens import TokenFileError, read_token_file
 from metering_server.auth.credentials import ROLES, CredentialsError, add_principal
 
 PROG = "metering-admin"
 DEFAULT_SERVER = "tcp://127.0.0.1:7001"
-EX_FAIL, EX_USAGE, EX_UNAVAILABLE, EX_SOFTWARE, EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = (
-    1,
-    64,
-    69,
-    70,
-    75,
-    77,
-    78,
-)
 
 
 class AdminError(Exception):
@@ -135,8 +128,9 @@ def parser() -> argparse.ArgumentParser:
         description="Administer a license metering server: pools, leases, config reload, "
         "usage reports, and principals in the credentials file.",
         epilog="Exit codes: 0 ok; 1 revoke of an unknown lease; 64 usage; 69 server "
-        "unreachable or op not provided; 75 temporary failure; 77 authentication refused "
-        "or not allowed; 78 config (token file, server config, credentials file).",
+        "unreachable, op not provided or unknown product; 75 temporary failure; "
+        "77 authentication refused or not allowed; 78 config (token file, server config, "
+        "credentials file, CA file, failed reload).",
     )
     _globals(p, sub=False)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -321,24 +315,6 @@ async def _call(args: argparse.Namespace, op: str, **fields: Any) -> dict[str, A
         return await client.request(op, timeout=args.timeout, **fields)
     finally:
         await client.close()
-
-
-def exit_code(exc: MeteringError) -> int:
-    if isinstance(exc, AuthFailed | LockedOut | Forbidden | AuthRequired):
-        return EX_NOPERM
-    if isinstance(exc, CertificateError | ReloadFailed):
-        return EX_CONFIG
-    if isinstance(exc, UnsupportedProtocol):
-        return EX_UNAVAILABLE
-    if isinstance(exc, BadRequest):
-        return EX_USAGE
-    if isinstance(exc, UnknownError):
-        return EX_TEMPFAIL if exc.wire_retryable else EX_FAIL
-    if exc.code in ("connection_lost", "protocol_violation", "unavailable"):
-        return EX_UNAVAILABLE
-    if exc.retryable:
-        return EX_TEMPFAIL  # overloaded, shutting_down, denied, internal
-    return EX_FAIL
 
 
 def _describe(exc: MeteringError) -> str:

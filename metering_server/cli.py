@@ -1,4 +1,6 @@
-"""`metering-server`: the daemon's command line. Only this module turns errors into exit codes."""
+"""`metering-server`: the daemon's command line. Only this module turns errors into exit codes
+(the table shared by the three commands, metering_runtime.exitcodes): 78 config, 69 cannot
+bind, 70 a bug, 64 usage."""
 
 from __future__ import annotations
 
@@ -13,12 +15,11 @@ import structlog
 
 from metering_protocol.config import ConfigError
 from metering_runtime.cliargs import UsageParser
+from metering_runtime.exitcodes import EX_CONFIG, EX_SOFTWARE, EX_UNAVAILABLE
 from metering_runtime.listeners import BindError, server_ssl_context
 from metering_runtime.logs import configure_logging
 from metering_server.auth.credentials import Credentials, CredentialsError
 from metering_server.config import ServerConfig, build_server_config, load_server_config
-
-EX_USAGE, EX_UNAVAILABLE, EX_SOFTWARE, EX_CONFIG = 64, 69, 70, 78
 
 
 def parser() -> argparse.ArgumentParser:

@@ -17,13 +17,14 @@ import hashlib
 import hmac
 import os
 import secrets
-import tempfile
 import tomllib
 import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from metering_runtime.durable import write_atomic
 
 __all__ = [
     "DEFAULT_N",
@@ -335,30 +336,6 @@ def _render(principals: Iterable[Principal]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    # Same directory so os.replace is a rename on one file system; mkstemp creates mode 0600,
-    # so the file is never readable by others, not even between create and rename.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fchmod(fh.fileno(), 0o600)
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-
-
 def add_principal(path: str | os.PathLike[str], name: str, role: str, *, n: int = DEFAULT_N) -> str:
     """Create or re-key a principal and return its new token (the only time it exists in clear).
 
@@ -386,7 +363,8 @@ def add_principal(path: str | os.PathLike[str], name: str, role: str, *, n: int 
     else:
         existing.append(updated)
     try:
-        _write_atomically(path, _render(existing))
+        # Mode 0600 whatever the umask: digests are not tokens, but no one else needs them.
+        write_atomic(path, _render(existing).encode("utf-8"), mode=0o600)
     except OSError as exc:
         raise CredentialsError(f"{path}: cannot write: {exc.strerror or exc}") from None
     return token

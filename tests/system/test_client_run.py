@@ -14,11 +14,14 @@ import pytest
 from metering_client.api import Seat
 from metering_client.config import load_client_config
 from metering_protocol.errors import Denied
+from metering_runtime.exitcodes import EX_UNAVAILABLE, EX_USAGE
 from tests.support import (
     Daemon,
     async_wait_until,
     bind_tcp,
     cli_path,
+    one_line,
+    run_client,
     server_config,
     server_daemon,
     short_tmpdir,
@@ -160,7 +163,40 @@ def test_run_passes_exit_codes_through_and_always_checks_in(site, use_agent):
         assert proc.returncode == expected, proc.stderr
         assert "Traceback" not in proc.stderr
         assert site.in_use() == 0  # the seat came back each time
-    assert site.client("run", "--product", "NOPE", "--version", "1", "--", "true").returncode == 69
+    nope = site.client("run", "--product", "NOPE", "--version", "1", "--", "true")
+    assert nope.returncode == EX_UNAVAILABLE
+
+
+@pytest.mark.parametrize("use_agent", [True, False], ids=["agent", "direct"])
+def test_unknown_product_exits_69_from_run_and_checkout(site, use_agent):
+    """The same code as metering-admin gives for it (one table, metering_runtime.exitcodes)."""
+    product = ["--product", "NOPE", "--version", "1"]
+    commands = [["run", *product, "--", "true"]]
+    if use_agent:  # checkout needs an agent to hold the seat
+        site.start_agent()
+        commands.append(["checkout", *product])
+    for argv in commands:
+        proc = site.client(*argv)
+        assert proc.returncode == EX_UNAVAILABLE, (argv, proc.stderr)
+        assert "unknown_product" in one_line(proc.stderr)
+        assert proc.stdout == ""
+
+
+def test_wait_beyond_the_protocols_bound_is_a_usage_error_before_any_network(tmp_path):
+    # Nothing listens at the configured address: reaching the network would exit 75, not 64.
+    config = write_toml(
+        tmp_path / "client.toml",
+        {
+            "client": {"state_dir": str(tmp_path / "state")},
+            "servers": {"list": ["tcp://127.0.0.1:9"]},
+        },
+    )
+    for command in (["run"], ["checkout"]):
+        argv = [*command, "--product", "CLOCK.EXE", "--version", "4.00", "--wait", "1e12"]
+        proc = run_client(config, *argv, *(["--", "true"] if command == ["run"] else []))
+        assert proc.returncode == EX_USAGE, proc.stderr
+        assert "--wait" in one_line(proc.stderr)
+        assert proc.stdout == ""
 
 
 def test_second_run_is_denied_75_while_the_seat_is_held(site):

@@ -227,3 +227,16 @@ def test_failed_write_keeps_the_list_in_memory(tmp_path):
     assert sl.learn(wire(("b", B, 0)))
     assert sl.save_error
     assert addresses(sl) == [B, A]
+
+
+def test_a_failed_write_is_retried_by_the_next_identical_list(tmp_path):
+    state = tmp_path / "state" / "servers.json"
+    sl = ServerList([A], state)
+    sl.learn(wire(("b", B, 0)))
+    assert sl.save_error  # the directory is missing
+    state.parent.mkdir()
+    assert not sl.learn(wire(("b", B, 0)))  # same list: nothing changed for the caller ...
+    assert sl.save_error is None  # ... but the write the comment promises happened
+    again = ServerList([A], state)
+    again.load()
+    assert addresses(again) == [B, A]

@@ -1,0 +1,87 @@
+"""Crash-safe file replacement: the one way the daemons and tools write state that must survive.
+
+A reader (after a crash, a power cut, or while a writer is busy) sees either the old file or the
+new one, complete, never a torn mix or an empty file:
+
+1. the bytes go to a temp file in the *same directory* (so the rename below is atomic on one
+   file system), named by `tempfile.mkstemp`, so two writers of one target never share a temp
+   file and never truncate each other's half-written data;
+2. `fsync(file)` puts the data (and the mode) on disk *before* the rename: without it a crash
+   can leave the new name pointing at a zero-length or partial file (ext4 delalloc, XFS);
+3. `os.replace` swaps the name in one step;
+4. `fsync(directory)` puts the rename itself on disk: without it a crash can bring back the old
+   file (or no file at all, for a first write) although the writer was told it succeeded.
+
+On any failure before the rename the temp file is removed and the target is untouched; the
+error propagates as OSError. A failure of the directory fsync is raised too, with the new
+content already in place but not known to be durable (EINVAL, a file system that cannot sync a
+directory, is the exception: there is nothing more to be had there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["write_atomic", "write_atomic_async"]
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:
+    """Replace `path` with `data` so that it survives a crash (see the module docstring).
+
+    `mode` is set explicitly (not filtered by the umask): state files hold leases, server
+    lists and token digests, readable by their owner only unless the caller says otherwise.
+    Blocking: call `write_atomic_async` from the event loop.
+    """
+    target = Path(path)
+    directory = target.parent
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fchmod(fd, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(dir_fd)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # this file system cannot sync a directory at all
+            raise
+    finally:
+        os.close(dir_fd)
+
+
+async def write_atomic_async(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:
+    """`write_atomic` in a worker thread, so the fsyncs never stall the event loop.
+
+    A thread cannot be interrupted: if the caller is cancelled, this still waits for the write
+    to finish before the cancellation propagates. Otherwise a caller serialising its writes (a
+    lock around this call) would let the next write start while this one is still running, and
+    an older snapshot could land last.
+    """
+    task = asyncio.ensure_future(asyncio.to_thread(write_atomic, path, data, mode))
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait({task})
+        if not task.cancelled():
+            task.exception()  # mark it retrieved: a cancelled caller has no one to tell
+        raise

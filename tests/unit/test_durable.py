@@ -1,0 +1,210 @@
+"""Crash-safe writes (metering_runtime.durable) and the agent's lease journal built on them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+
+from metering_client.journal import LeaseJournal
+from metering_client.keeper import HeldLease
+from metering_runtime import durable
+from metering_runtime.durable import write_atomic, write_atomic_async
+
+
+def names(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def mode_of(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+# --- write_atomic -----------------------------------------------------------------------------
+def test_writes_the_content_with_mode_0600_by_default(tmp_path):
+    target = tmp_path / "state.json"
+    write_atomic(target, b"first")
+    assert target.read_bytes() == b"first"
+    assert mode_of(target) == 0o600
+    write_atomic(target, b"second, longer than the first")
+    assert target.read_bytes() == b"second, longer than the first"
+    assert names(tmp_path) == ["state.json"]
+
+
+def test_mode_is_set_explicitly_whatever_the_umask(tmp_path):
+    target = tmp_path / "public.txt"
+    old = os.umask(0o077)
+    try:
+        write_atomic(target, b"x", mode=0o644)
+    finally:
+        os.umask(old)
+    assert mode_of(target) == 0o644
+    write_atomic(target, b"y", mode=0o600)  # an existing file's mode is not inherited
+    assert mode_of(target) == 0o600
+
+
+def test_large_content_is_written_completely(tmp_path):
+    target = tmp_path / "big"
+    data = os.urandom(3 * 2**20 + 17)
+    write_atomic(target, data)
+    assert target.read_bytes() == data
+
+
+@pytest.mark.parametrize("failing", ["fsync", "replace", "write"])
+def test_failure_leaves_the_target_untouched_and_no_temp_file(tmp_path, monkeypatch, failing):
+    target = tmp_path / "state.json"
+    write_atomic(target, b"old")
+
+    def boom(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, failing, boom)
+    with pytest.raises(OSError, match="No space left"):
+        write_atomic(target, b"new")
+    monkeypatch.undo()
+    assert target.read_bytes() == b"old"
+    assert names(tmp_path) == ["state.json"]
+
+
+def test_missing_directory_is_an_oserror_and_creates_nothing(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        write_atomic(tmp_path / "absent" / "state.json", b"x")
+    assert names(tmp_path) == []
+
+
+def test_the_file_then_its_directory_are_fsynced(tmp_path, monkeypatch):
+    """The file's fsync makes the data durable before the rename; the directory's makes the
+    rename durable. Recorded by what each fsynced descriptor is, at the time of the call."""
+    real_fsync = os.fsync
+    synced: list[str] = []
+
+    def record(fd: int) -> None:
+        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    write_atomic(tmp_path / "state.json", b"x")
+    assert synced == ["file", "dir"]
+
+
+def test_a_directory_that_cannot_be_synced_is_tolerated(tmp_path, monkeypatch):
+    real_fsync = os.fsync
+
+    def no_dir_sync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(22, "Invalid argument")  # EINVAL: this file system cannot
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", no_dir_sync)
+    write_atomic(tmp_path / "state.json", b"x")
+    assert (tmp_path / "state.json").read_bytes() == b"x"
+
+
+# --- write_atomic_async -----------------------------------------------------------------------
+@pytest.mark.asyncio
+async def test_concurrent_async_writes_leave_one_complete_version(tmp_path):
+    target = tmp_path / "state.json"
+    versions = [bytes([i]) * (256 * 1024 + i) for i in range(16)]
+    await asyncio.gather(*(write_atomic_async(target, v) for v in versions))
+    assert target.read_bytes() in versions
+    assert names(tmp_path) == ["state.json"]
+
+
+class Gate:
+    """Wraps durable.write_atomic so that the first write blocks (in its worker thread) until
+    released, recording what is written in order."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.written: list[bytes] = []
+        self.finished = threading.Event()
+        real = durable.write_atomic
+
+        def gated(path, data, mode=0o600):
+            first = not self.started.is_set()
+            self.started.set()
+            if first:
+                assert self.release.wait(10), "the test never released the first write"
+            real(path, data, mode)
+            self.written.append(data)
+            if first:
+                self.finished.set()
+
+        monkeypatch.setattr(durable, "write_atomic", gated)
+
+    async def wait_started(self) -> None:
+        assert await asyncio.to_thread(self.started.wait, 10)
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_async_write_still_waits_for_its_thread(tmp_path, monkeypatch):
+    gate = Gate(monkeypatch)
+    target = tmp_path / "state.json"
+    task = asyncio.create_task(write_atomic_async(target, b"data"))
+    await gate.wait_started()
+    task.cancel()
+    for _ in range(20):  # let the cancellation be delivered: the task must not end yet
+        await asyncio.sleep(0)
+    assert not task.done()
+    gate.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert gate.finished.is_set()
+    assert target.read_bytes() == b"data"
+    assert names(tmp_path) == ["state.json"]
+
+
+# --- LeaseJournal -----------------------------------------------------------------------------
+def lease(n: int, **kw) -> HeldLease:
+    return HeldLease(
+        handle=f"H-{n}", lease=f"L-{n}", product="CLOCK.EXE", version="4.00", user="alice", **kw
+    )
+
+
+@pytest.mark.asyncio
+async def test_journal_round_trips_through_load(tmp_path):
+    journal = LeaseJournal(tmp_path / "leases.json")
+    assert journal.load() == []
+    held = [lease(1, pid=4242, pid_start=99, seats=5, mode="enforce"), lease(2, detached=True)]
+    await journal.save(held)
+    assert LeaseJournal(tmp_path / "leases.json").load() == held
+    assert mode_of(tmp_path / "leases.json") == 0o600
+    await journal.save([])
+    assert journal.load() == []
+    assert names(tmp_path) == ["leases.json"]
+
+
+@pytest.mark.asyncio
+async def test_two_concurrent_saves_end_with_the_later_snapshot(tmp_path):
+    journal = LeaseJournal(tmp_path / "leases.json")
+    await asyncio.gather(journal.save([lease(1)]), journal.save([lease(1), lease(2)]))
+    assert journal.load() == [lease(1), lease(2)]
+
+
+@pytest.mark.asyncio
+async def test_saves_queued_behind_a_slow_write_coalesce_to_the_newest(tmp_path, monkeypatch):
+    gate = Gate(monkeypatch)
+    journal = LeaseJournal(tmp_path / "leases.json")
+    first = asyncio.create_task(journal.save([lease(1)]))
+    await gate.wait_started()  # the first snapshot is being written, slowly
+    later = [asyncio.create_task(journal.save([lease(i) for i in range(1, n)])) for n in (3, 4)]
+    gate.release.set()
+    await asyncio.gather(first, *later)
+    assert journal.load() == [lease(1), lease(2), lease(3)]
+    assert len(gate.written) == 2  # the middle snapshot was superseded before its turn
+
+
+@pytest.mark.asyncio
+async def test_a_failed_save_raises_and_the_next_one_writes(tmp_path):
+    path = tmp_path / "state" / "leases.json"
+    journal = LeaseJournal(path)
+    with pytest.raises(OSError):
+        await journal.save([lease(1)])
+    path.parent.mkdir()
+    await journal.save([lease(1)])
+    assert journal.load() == [lease(1)]
