@@ -20,6 +20,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 demo: $(STAMP)
 	$(BIN)/python configs/demo/run_demo.py

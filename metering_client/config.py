@@ -1,4 +1,4 @@
-"""The client's one typed config ([client], [servers], [watch]), loaded once."""
+"""The client's one typed config ([client], [servers], [watch], [local]), loaded once."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from metering_runtime.tokens import read_token_file
 DEFAULT_CONFIG = Path("/etc/metering/client.toml")
 Pos = Annotated[int, msgspec.Meta(gt=0)]
 NonNeg = Annotated[int, msgspec.Meta(ge=0)]
+PosF = Annotated[float, msgspec.Meta(gt=0)]
 
 
 class _S(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -52,10 +53,23 @@ class WatchSection(_S):
     interval_ms: Pos = 500
 
 
+class LocalSection(_S):
+    """Limits of the agent's local socket: the same engine and limits as the server's."""
+
+    max_frame_bytes: Annotated[int, msgspec.Meta(ge=256, le=16 * 1024 * 1024)] = 65536
+    max_connections: Pos = 1000
+    max_inflight: Pos = 64
+    max_write_buffer_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 1048576
+    hello_timeout_s: PosF = 10.0
+    idle_timeout_s: PosF = 300.0  # only for a connection that holds no seat
+    max_bad_frames_before_hello: Pos = 3
+
+
 class _File(_S):
     client: ClientSection = ClientSection()
     servers: ServersSection = ServersSection()
     watch: WatchSection = WatchSection()
+    local: LocalSection = LocalSection()
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,7 @@ class ClientConfig:
     socket: Path
     servers: ServersSection
     watch: WatchSection
+    local: LocalSection
     tls_ca_file: Path | None
     log_format: str
     log_level: str
@@ -131,6 +146,7 @@ def build_client_config(data: dict, path: Path | None) -> ClientConfig:
         socket=sock,
         servers=cfg.servers,
         watch=cfg.watch,
+        local=cfg.local,
         tls_ca_file=ca,
         log_format=cfg.client.log_format,
         log_level=cfg.client.log_level,

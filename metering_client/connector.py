@@ -10,10 +10,12 @@ for `auth_holdoff_s` (the fix for the classic client's logon storm).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -35,29 +37,59 @@ from metering_runtime.tokens import TokenFileError
 log = structlog.get_logger("metering.client")
 
 
+EventCallback = Callable[["ServerSession", dict[str, Any]], None]
+
+
 class ServerSession:
-    """A live, authenticated session with one server."""
+    """A live, authenticated session with one server.
+
+    What a user of the session may rely on: `request`, `dead`, `close`, `on_closed`, `fail`,
+    `drained`, and the facts the server announced at hello (`server`, `roles`,
+    `heartbeat_s`, `ttl_s`) plus the list `entry` it was opened for.  The protocol client
+    underneath is this class's own business.
+    """
 
     def __init__(self, entry: ServerEntry, client: ProtocolClient, hello: dict[str, Any]):
         self.entry = entry
-        self.client = client
-        self.hello = hello
+        self._client = client
         self.server = str(hello.get("server", entry.name))
+        self.roles: frozenset[str] = frozenset(hello.get("roles") or ())
         self.heartbeat_s = float(hello.get("heartbeat_s", 20))
         self.ttl_s = float(hello.get("lease_ttl_s", 60))
 
     @property
     def dead(self) -> bool:
-        return self.client.is_closed
+        return self._client.is_closed
 
     async def request(self, op: str, *, timeout: float, **fields: Any) -> dict[str, Any]:
-        return await self.client.request(op, timeout=timeout, **fields)
+        return await self._client.request(op, timeout=timeout, **fields)
+
+    def on_closed(self, callback: Callable[[], None]) -> None:
+        """`callback()` once, when the connection closes (reset, EOF, abort or close)."""
+        self._client.closed.add_done_callback(lambda _: callback())
+
+    def fail(self, reason: str) -> None:
+        """Declare the session dead: abort the connection; every request still waiting
+        fails with ConnectionLost(reason).  Nothing happens if it is already closed."""
+        if not self.dead:
+            self._client.abort(ConnectionLost(reason))
+
+    async def drained(self) -> None:
+        """Until no request on this session is waiting for its reply (or it closed)."""
+        await self._client.drained()
 
     async def close(self) -> None:
-        await self.client.close()
+        await self._client.close()
 
     def __repr__(self) -> str:
         return f"<ServerSession {self.server} {self.entry.address}>"
+
+
+@dataclass(frozen=True)
+class ConnectorStatus:
+    attempts: int  # connection attempts made
+    error: MeteringError | None  # an auth hold-off in force first, else the last failure
+    servers: list[str]  # addresses, in the order they are tried
 
 
 class Connector:
@@ -66,14 +98,13 @@ class Connector:
         config: ClientConfig,
         servers: ServerList,
         *,
-        on_event: Callable[[ServerSession, dict[str, Any]], None] | None = None,
         rand: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     ):
         self.config = config
         self.servers = servers
-        self.on_event = on_event
+        self._subscribers: list[EventCallback] = []
         self.rand = rand or random.Random()
         self.clock = clock
         self.sleep = sleep
@@ -88,6 +119,49 @@ class Connector:
         self.attempts = 0  # connection attempts made, for status and tests
         self.last_error: MeteringError | None = None
 
+    # --- what a session user (the LeaseKeeper) sees -----------------------------------------
+    def subscribe(self, callback: EventCallback) -> Callable[[], None]:
+        """`callback(session, event)` for every event pushed on a session this connector
+        opens from now on; returns the function that ends the subscription."""
+        self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def server_count(self) -> int:
+        return len(self.servers.entries())
+
+    def preferred_priority(self) -> int:
+        """The best (lowest) priority of any known server."""
+        return self.servers.preferred_priority()
+
+    def better_than(self, entry: ServerEntry) -> list[ServerEntry]:
+        """Servers preferred over `entry`, in the order they are listed: what to probe
+        before moving back."""
+        return [e for e in self.servers.entries() if e.priority < entry.priority]
+
+    def learn_servers(self, servers: list[dict[str, Any]]) -> bool:
+        """Take the site's server list (as a server sends it); True if it changed."""
+        if not self.servers.learn(servers):
+            return False
+        log.info("server_list_learned", servers=[e.address for e in self.servers.entries()])
+        return True
+
+    def background_delay_s(self) -> float:
+        """How long to wait before the next background attempt after `connect` gave up."""
+        return self.policy.background_delay_s()
+
+    def status(self) -> ConnectorStatus:
+        return ConnectorStatus(
+            attempts=self.attempts,
+            error=self.holdoff.active_error or self.last_error,
+            servers=[e.address for e in self.servers.entries()],
+        )
+
+    # --- connecting ---------------------------------------------------------------------------
     def _credential(self) -> tuple[str | None, str | None, Any]:
         try:
             token = read_token(self.config.token_file)
@@ -148,8 +222,9 @@ class Connector:
         session: ServerSession | None = None
 
         def on_event(msg: dict[str, Any]) -> None:
-            if self.on_event is not None and session is not None:
-                self.on_event(session, msg)
+            if session is not None:
+                for callback in list(self._subscribers):
+                    callback(session, msg)
 
         client = await ProtocolClient.connect(
             entry.address,
@@ -184,8 +259,7 @@ class Connector:
         session = ServerSession(entry, client, hello)
         self.holdoff.clear()
         self.last_error = None
-        if self.servers.learn(hello.get("servers") or []):
-            log.info("server_list_learned", servers=[e.address for e in self.servers.entries()])
+        self.learn_servers(hello.get("servers") or [])
         log.info("connected", server=session.server, address=entry.address)
         return session
 

@@ -2,24 +2,36 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-import os
 from pathlib import Path
 
 import structlog
 
 from metering_client.keeper import HeldLease
+from metering_runtime.durable import write_atomic_async
 
 log = structlog.get_logger("metering.agent")
 
 
 class LeaseJournal:
-    """held leases -> state_dir/leases.json, written atomically and fsynced."""
+    """held leases -> state_dir/leases.json, replaced atomically and durably.
+
+    `save` snapshots the list when it is called and writes off the event loop. Saves are
+    serialised by a lock, and whoever holds it writes the newest snapshot taken so far: an
+    older snapshot can never land after a newer one, and a burst of changes costs at most
+    two writes rather than one per change.
+    """
 
     def __init__(self, path: Path):
         self.path = path
+        self._lock = asyncio.Lock()
+        self._taken = 0  # sequence number of the newest snapshot handed to save()
+        self._latest: bytes = b""
+        self._written = 0  # sequence number of the snapshot on disk
 
     def load(self) -> list[HeldLease]:
+        """Sync on purpose: it runs once, at start-up, before the agent serves anyone."""
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
             return [HeldLease(**item) for item in data.get("leases", [])]
@@ -29,13 +41,14 @@ class LeaseJournal:
             log.error("lease_journal_unreadable", path=str(self.path), error=str(exc))
             return []
 
-    def save(self, held: list[HeldLease]) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        payload = json.dumps({"version": 1, "leases": [h.to_json() for h in held]}).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, payload)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
+    async def save(self, held: list[HeldLease]) -> None:
+        """Persist `held`; on return it (or a newer snapshot) is on disk. Raises OSError."""
+        self._taken += 1
+        seq = self._taken
+        self._latest = json.dumps({"version": 1, "leases": [h.to_json() for h in held]}).encode()
+        async with self._lock:
+            if self._written >= seq:
+                return  # a newer snapshot was written while this call waited for the lock
+            seq, payload = self._taken, self._latest
+            await write_atomic_async(self.path, payload)
+            self._written = seq

@@ -7,6 +7,10 @@ fails over at once to the next server and reclaims every held lease there (`chec
 `lease`) before the TTL runs out, so the program holding the seat never notices.  After a
 failover it re-probes preferred servers every `reprobe_interval_s` and moves back without
 dropping a lease.  The agent daemon and the in-process `metering-client run` both use it.
+
+It depends on its connector and sessions only through `SessionSource` and `Session` below:
+events arrive through `SessionSource.subscribe`, never by the keeper reaching into the
+connector or a session's protocol client.
 """
 
 from __future__ import annotations
@@ -14,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
-from metering_client.connector import Connector, ServerSession
+from metering_client.config import ClientConfig
+from metering_client.serverlist import ServerEntry
 from metering_protocol.errors import (
     AUTH_TERMINAL,
     ConnectionLost,
@@ -33,11 +38,82 @@ from metering_protocol.errors import (
     ShuttingDown,
     Unavailable,
 )
+from metering_runtime.tasks import TaskOwner
 
 log = structlog.get_logger("metering.client")
 
 # Errors after which the session is considered dead and the request is retried elsewhere.
 SESSION_FAULTS = (ConnectionLost, ProtocolViolation, ShuttingDown, Overloaded, Internal)
+
+
+class Session(Protocol):
+    """What the keeper uses of a server session (connector.ServerSession is one)."""
+
+    @property
+    def entry(self) -> ServerEntry: ...  # the server list entry it was opened for
+
+    @property
+    def server(self) -> str: ...  # the server's name, from hello
+
+    @property
+    def roles(self) -> Collection[str]: ...  # the principal's roles, from hello
+
+    @property
+    def heartbeat_s(self) -> float: ...
+
+    @property
+    def ttl_s(self) -> float: ...
+
+    @property
+    def dead(self) -> bool: ...
+
+    async def request(self, op: str, *, timeout: float, **fields: Any) -> dict[str, Any]: ...
+
+    def on_closed(self, callback: Callable[[], None]) -> None: ...
+
+    def fail(self, reason: str) -> None: ...
+
+    async def drained(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class SourceStatus(Protocol):
+    @property
+    def attempts(self) -> int: ...
+
+    @property
+    def error(self) -> MeteringError | None: ...
+
+    @property
+    def servers(self) -> list[str]: ...
+
+
+class SessionSource(Protocol):
+    """What the keeper uses of its connector (connector.Connector is one)."""
+
+    @property
+    def config(self) -> ClientConfig: ...
+
+    def subscribe(self, callback: Callable[[Session, dict[str, Any]], None]) -> Callable[[], None]:
+        """Events pushed on any session it opens go to `callback(session, event)`."""
+        ...
+
+    async def connect(self, *, avoid: str | None = None, passes: int | None = None) -> Session: ...
+
+    async def probe(self, entry: ServerEntry) -> Session | None: ...
+
+    def server_count(self) -> int: ...
+
+    def preferred_priority(self) -> int: ...
+
+    def better_than(self, entry: ServerEntry) -> list[ServerEntry]: ...
+
+    def learn_servers(self, servers: list[dict[str, Any]]) -> bool: ...
+
+    def background_delay_s(self) -> float: ...
+
+    def status(self) -> SourceStatus: ...
 
 
 @dataclass
@@ -60,55 +136,65 @@ class HeldLease:
 class LeaseKeeper:
     def __init__(
         self,
-        connector: Connector,
+        connector: SessionSource,
         *,
         on_lost: Callable[[HeldLease, str], None] | None = None,
-        on_change: Callable[[], None] | None = None,
+        on_change: Callable[[], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
+        """`on_lost(held, reason)` (sync) when a held lease is taken away.
+
+        `on_change()` (async) after every change of `held`.  The operation that made the
+        change (checkout, checkin, a reclaim that got a new lease id, a lost lease) awaits it
+        before returning, so a caller that answers only after `checkout` returns answers only
+        once on_change is done.  A change noticed in a callback (a `revoked` event) runs it
+        in a task this keeper owns.  Calls never overlap and each reads the state as it is
+        when it starts, so the last to finish saw the latest `held`.  A call once started
+        runs to its end even if the operation waiting for it is cancelled (and `stop` waits
+        for it).  What it raises reaches the operation that awaits it.
+        """
         self.connector = connector
         self.config = connector.config
         self.on_lost = on_lost
         self.on_change = on_change
         self.clock = clock
         self.held: dict[str, HeldLease] = {}
-        self.session: ServerSession | None = None
+        self.session: Session | None = None
         self._connect_lock = asyncio.Lock()
+        self._change_lock = asyncio.Lock()  # on_change calls in order, one at a time
         self._wake = asyncio.Event()
+        self._tasks = TaskOwner("lease-keeper")  # the maintainer, retiring sessions
+        self._notes = TaskOwner("lease-keeper-on-change")  # on_change calls: never cancelled
         self._task: asyncio.Task | None = None
         self._failed_address: str | None = None
-        self._dead_logged: ServerSession | None = None
-        self._retiring: set[asyncio.Task] = set()  # old sessions finishing their requests
+        self._dead_logged: Session | None = None
         self._gave_up = False  # after a full bounded attempt failed: one pass per backoff_max
         self.failovers = 0
-        connector.on_event = self._on_event
+        self._last_note: asyncio.Task | None = None
+        connector.subscribe(self._on_event)  # for the keeper's life
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.create_task(self._maintain(), name="lease-keeper")
-            self._task.add_done_callback(_log_crash)
+            self._task = self._tasks.spawn(self._maintain(), "maintain")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        for task in list(self._retiring):
-            task.cancel()
-        if self._retiring:
-            await asyncio.gather(*self._retiring, return_exceptions=True)
+        """Stop heartbeats and close the session; the held leases stay (for a journal)."""
+        await self._tasks.cancel_all()
+        self._task = None
         if self.session is not None:
             await self.session.close()
             self.session = None
+        # on_change calls already made or scheduled run to their end (they run in order).
+        while self._last_note is not None and not self._last_note.done():
+            await asyncio.wait([self._last_note])
 
     @property
     def request_timeout(self) -> float:
         return self.config.request_timeout_s
 
     # --- sessions ----------------------------------------------------------------------------
-    async def ensure_session(self, *, passes: int | None = None) -> ServerSession:
+    async def ensure_session(self, *, passes: int | None = None) -> Session:
         async with self._connect_lock:
             if self.session is not None and not self.session.dead:
                 return self.session
@@ -129,7 +215,7 @@ class LeaseKeeper:
                     # A server that dies or sheds load while we reclaim is one more dead
                     # server: go on to the next one now, not after a background back-off.
                     faults += 1
-                    if faults >= len(self.connector.servers.entries()):
+                    if faults >= self.connector.server_count():
                         raise
                     log.warning("session_dead", server=session.server, reason=f"reclaim: {exc}")
                     self._failed_address = session.entry.address
@@ -143,25 +229,24 @@ class LeaseKeeper:
             self._wake.set()
             return session
 
-    def _watch(self, session: ServerSession) -> None:
+    def _watch(self, session: Session) -> None:
         # A reset or EOF wakes the maintainer at once: fail over now, not at the next beat.
-        session.client.closed.add_done_callback(lambda _: self._wake.set())
+        session.on_closed(self._wake.set)
 
-    def session_failed(self, session: ServerSession, why: str) -> None:
+    def session_failed(self, session: Session, why: str) -> None:
         # Logged once per session, also when a request timeout already closed it.
         if self._dead_logged is not session:
             self._dead_logged = session
             log.warning("session_dead", server=session.server, reason=why)
-        if not session.dead:
-            session.client.abort(ConnectionLost(why))
+        session.fail(why)
         self._failed_address = session.entry.address
         self._wake.set()
 
-    async def _reclaim_all(self, session: ServerSession) -> None:
+    async def _reclaim_all(self, session: Session) -> None:
         for held in list(self.held.values()):
             await self._reclaim(session, held)
 
-    async def _reclaim(self, session: ServerSession, held: HeldLease) -> None:
+    async def _reclaim(self, session: Session, held: HeldLease) -> None:
         try:
             fields = {
                 "product": held.product,
@@ -175,36 +260,60 @@ class LeaseKeeper:
         except SESSION_FAULTS:
             raise
         except MeteringError as exc:  # denied, lease_not_found, forbidden ...
-            self._lose(held, f"reclaim refused: {exc}")
+            await self._lose(held, f"reclaim refused: {exc}")
             return
         if reply["lease"] != held.lease:
             log.warning("lease_regranted", handle=held.handle, old=held.lease, new=reply["lease"])
             held.lease = reply["lease"]
-            self._changed()
+            await self._changed()
         log.info(
             "lease_reclaimed" if reply.get("reclaimed") else "lease_regranted_fresh",
             lease=held.lease,
             server=session.server,
         )
 
-    def _lose(self, held: HeldLease, reason: str) -> None:
+    async def _lose(self, held: HeldLease, reason: str) -> None:
+        if self._drop(held, reason):
+            await self._changed()
+            self._tell_lost(held, reason)
+
+    def _lose_soon(self, held: HeldLease, reason: str) -> None:
+        """_lose from a sync context (an event callback): on_change runs in an owned task."""
+        if self._drop(held, reason):
+            if self.on_change is not None:
+                self._changed_soon()
+            self._tell_lost(held, reason)
+
+    def _drop(self, held: HeldLease, reason: str) -> bool:
         if self.held.pop(held.handle, None) is None:
-            return
+            return False
         log.warning("lease_lost", handle=held.handle, lease=held.lease, reason=reason)
-        self._changed()
+        return True
+
+    def _tell_lost(self, held: HeldLease, reason: str) -> None:
         if self.on_lost is not None:
             self.on_lost(held, reason)
 
-    def _changed(self) -> None:
+    async def _changed(self) -> None:
+        """Run on_change and wait for it; it runs to its end even if we are cancelled."""
         if self.on_change is not None:
-            self.on_change()
+            await asyncio.shield(self._changed_soon())
+
+    def _changed_soon(self) -> asyncio.Task:
+        self._last_note = self._notes.spawn(self._notify_change(), "on-change")
+        return self._last_note
+
+    async def _notify_change(self) -> None:
+        async with self._change_lock:
+            if self.on_change is not None:
+                await self.on_change()
 
     # --- requests with failover -------------------------------------------------------------
     async def call(self, op: str, *, extra_timeout: float = 0.0, **fields: Any) -> dict[str, Any]:
         """Send one request to the current server; on a dead session fail over and send it
         again, within the retry bound."""
         tries = 0
-        limit = max(1, len(self.connector.servers.entries())) * self.config.servers.retries
+        limit = max(1, self.connector.server_count()) * self.config.servers.retries
         while True:
             session = await self.ensure_session()
             if op == "checkout":
@@ -235,7 +344,7 @@ class LeaseKeeper:
             held = self.held[reclaim]  # still held here: nothing to ask the server
             if pid is not None:
                 held.pid, held.pid_start = pid, pid_start
-            self._changed()
+            await self._changed()
             return held, {
                 "lease": held.handle,
                 "reclaimed": True,
@@ -263,7 +372,7 @@ class LeaseKeeper:
             mode=reply.get("mode", ""),
         )
         self.held[held.handle] = held
-        self._changed()
+        await self._changed()
         self._wake.set()  # heartbeats now matter
         return held, reply
 
@@ -277,7 +386,7 @@ class LeaseKeeper:
             reply = {"released": False}
         finally:
             self.held.pop(handle, None)
-            self._changed()
+            await self._changed()
         return bool(reply.get("released"))
 
     def adopt(self, held: HeldLease) -> None:
@@ -285,20 +394,16 @@ class LeaseKeeper:
         self.held[held.handle] = held
 
     # --- events ------------------------------------------------------------------------------
-    def _on_event(self, session: ServerSession, msg: dict[str, Any]) -> None:
+    def _on_event(self, session: Session, msg: dict[str, Any]) -> None:
         event = msg.get("event")
         if event == "servers":
-            if self.connector.servers.learn(msg.get("servers") or []):
-                log.info(
-                    "server_list_learned",
-                    servers=[e.address for e in self.connector.servers.entries()],
-                )
+            self.connector.learn_servers(msg.get("servers") or [])
         elif event == "shutdown":
             self.session_failed(session, "server is shutting down")
         elif event == "revoked":
             for held in list(self.held.values()):
                 if held.lease == msg.get("lease"):
-                    self._lose(held, str(msg.get("reason", "revoked")))
+                    self._lose_soon(held, str(msg.get("reason", "revoked")))
 
     # --- maintenance -------------------------------------------------------------------------
     async def _maintain(self) -> None:
@@ -340,10 +445,10 @@ class LeaseKeeper:
                 await self._move_back(session)
                 next_probe = self._next_probe_time(self.session)
 
-    def _next_probe_time(self, session: ServerSession | None) -> float:
+    def _next_probe_time(self, session: Session | None) -> float:
         if session is None:
             return float("inf")
-        if session.entry.priority > self.connector.servers.preferred_priority():
+        if session.entry.priority > self.connector.preferred_priority():
             return self.clock() + self.config.servers.reprobe_interval_s
         return float("inf")
 
@@ -358,7 +463,7 @@ class LeaseKeeper:
             wait = 5.0
         except MeteringError as exc:
             self._gave_up = True
-            wait = self.connector.policy.background_delay_s()
+            wait = self.connector.background_delay_s()
             log.warning("no_server_reachable", error=exc.message, retry_in_s=round(wait, 2))
         self._wake.clear()
         with contextlib.suppress(TimeoutError):
@@ -366,7 +471,7 @@ class LeaseKeeper:
                 await self._wake.wait()
         return False
 
-    async def _beat(self, session: ServerSession) -> None:
+    async def _beat(self, session: Session) -> None:
         leases = [h.lease for h in self.held.values()]
         try:
             if not leases:
@@ -388,13 +493,10 @@ class LeaseKeeper:
                 self.session_failed(session, f"reclaim: {exc}")
                 return
 
-    async def _move_back(self, session: ServerSession | None) -> None:
+    async def _move_back(self, session: Session | None) -> None:
         if session is None or session.dead:
             return
-        better = [
-            e for e in self.connector.servers.entries() if e.priority < session.entry.priority
-        ]
-        for entry in better:
+        for entry in self.connector.better_than(session.entry):
             try:
                 candidate = await self.connector.probe(entry)
             except MeteringError:
@@ -416,43 +518,37 @@ class LeaseKeeper:
                 self._retire(old)
             return
 
-    def _retire(self, old: ServerSession) -> None:
+    def _retire(self, old: Session) -> None:
         """Close a session we moved away from once the requests it carries are answered:
         a checkout queued there keeps its place in that server's queue."""
-        task = asyncio.create_task(self._close_when_drained(old), name="retire-session")
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        self._tasks.spawn(self._close_when_drained(old), "retire-session")
 
     @staticmethod
-    async def _close_when_drained(old: ServerSession) -> None:
+    async def _close_when_drained(old: Session) -> None:
         try:
-            await old.client.drained()
+            await old.drained()
         finally:
             await old.close()
 
     def status(self) -> dict[str, Any]:
         s = self.session
-        err = self.connector.holdoff.active_error or self.connector.last_error
+        conn = self.connector.status()
+        err = conn.error
         return {
             "server": s.server if s and not s.dead else None,
             "server_address": s.entry.address if s and not s.dead else None,
             "connected": bool(s and not s.dead),
             "held": [h.to_json() for h in self.held.values()],
             "failovers": self.failovers,
-            "connection_attempts": self.connector.attempts,
-            "servers": [e.address for e in self.connector.servers.entries()],
+            "connection_attempts": conn.attempts,
+            "servers": conn.servers,
             "error": None if err is None else {"code": err.code, "message": err.message},
         }
 
 
-def seat_fields(session: ServerSession, fields: dict[str, Any]) -> dict[str, Any]:
+def seat_fields(session: Session, fields: dict[str, Any]) -> dict[str, Any]:
     """A principal with only the `user` role holds seats as itself: it must not name the
     end user (the server would answer `forbidden`), on a first checkout or on a reclaim."""
-    if {"agent", "admin"} & set(session.hello.get("roles", ())):
+    if {"agent", "admin"} & set(session.roles):
         return fields
     return {k: v for k, v in fields.items() if k != "user"}
-
-
-def _log_crash(task: asyncio.Task) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("keeper_crashed", error=repr(task.exception()))

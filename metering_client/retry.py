@@ -11,8 +11,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import groupby
-
-from metering_client.serverlist import ServerEntry
+from typing import Protocol, TypeVar
 
 
 @dataclass(frozen=True)
@@ -66,13 +65,21 @@ class RetryPolicy:
         return cap_s * (1.0 + 0.25 * self._rand())
 
 
-def attempt_order(servers: Sequence[ServerEntry], rand: random.Random) -> list[ServerEntry]:
+class Ranked(Protocol):
+    @property
+    def priority(self) -> int: ...
+
+
+E = TypeVar("E", bound=Ranked)
+
+
+def attempt_order(servers: Sequence[E], rand: random.Random) -> list[E]:
     """Order one pass: preferred priorities first, equal priorities rotated by a random start.
 
     Rotation rather than shuffling keeps the configured order as a ring, so the clients of a
     failed server spread evenly over the survivors instead of all landing on the next one.
     """
-    ordered: list[ServerEntry] = []
+    ordered: list[E] = []
     for _, group in groupby(sorted(servers, key=lambda e: e.priority), key=lambda e: e.priority):
         tier = list(group)
         start = rand.randrange(len(tier)) if len(tier) > 1 else 0

@@ -1,5 +1,8 @@
 """Server lifecycle: start listeners -> READY -> serve -> drain on SIGTERM; reload on SIGHUP.
 
+The parts it builds: the store, the seat service (seats.py) on top of it, the handlers (the
+protocol adapter) on top of that, and the shared connection engine driving them.
+
 Order of shutdown (uvicorn/aiohttp style): stop accepting, push `shutdown` to every client,
 answer waiting checkouts `shutting_down`, let in-flight requests finish up to
 `drain_timeout_s`, cancel the rest, close the store.  A clean shutdown keeps every lease.
@@ -17,23 +20,24 @@ from typing import Any
 import msgspec
 import structlog
 
-from metering_protocol import framing
 from metering_protocol.address import parse_address
 from metering_protocol.config import ConfigError
-from metering_protocol.errors import Overloaded, ReloadFailed, ShuttingDown
+from metering_protocol.errors import ReloadFailed
 from metering_runtime import systemd
+from metering_runtime.connection import Connection, Endpoint, Limits
 from metering_runtime.listeners import Listener, bind, server_ssl_context
+from metering_runtime.tasks import TaskOwner
 from metering_server.auth.credentials import Credentials, CredentialsError
 from metering_server.auth.lockout import LockoutSettings
 from metering_server.authn import Authenticator
 from metering_server.config import ServerConfig, ServerSection, load_server_config
-from metering_server.connection import Connection
-from metering_server.handlers import Handlers
+from metering_server.events import EventBus
+from metering_server.handlers import Handlers, SiteView
 from metering_server.licensing import Catalogue, Pool
+from metering_server.seats import SeatService, SeatSettings
 from metering_server.session import Session
 from metering_server.store import open_store
-from metering_server.store.base import LeaseRecord, LeaseStore
-from metering_server.waiters import WaitQueues
+from metering_server.store.base import LeaseStore
 
 log = structlog.get_logger("metering.server")
 
@@ -44,12 +48,36 @@ def catalogue_of(config: ServerConfig) -> Catalogue:
     )
 
 
+def seat_settings(config: ServerConfig) -> SeatSettings:
+    return SeatSettings(config.server.name, config.leases.ttl_s, config.server.max_waiters)
+
+
+def site_view(config: ServerConfig) -> SiteView:
+    return SiteView(
+        server=config.server.name,
+        site=config.server.site,
+        servers=[
+            {"name": s.name, "address": s.address, "priority": s.priority}
+            for s in config.site_servers
+        ],
+        heartbeat_s=config.leases.heartbeat_s,
+        lease_ttl_s=config.leases.ttl_s,
+    )
+
+
+def limits_of(config: ServerConfig) -> Limits:
+    return Limits.of(config.server)
+
+
 def lockout_settings(config: ServerConfig) -> LockoutSettings:
     a = config.auth
     return LockoutSettings(a.lockout_threshold, a.lockout_window_s, a.lockout_s)
 
 
 class MeteringServer:
+    """Lifecycle only: build the parts, bind, serve, reload, drain.  Seats are the seat
+    service's business, requests the handlers', sockets the shared connection engine's."""
+
     def __init__(
         self,
         config: ServerConfig,
@@ -60,21 +88,35 @@ class MeteringServer:
         self.config = config
         self.clock = clock
         self.store = store or open_store(config.store_url)
-        self.catalogue = catalogue_of(config)
-        self.waiters = WaitQueues(config.server.max_waiters)
-        self.handlers = Handlers(self)
+        self.seats = SeatService(
+            self.store, catalogue_of(config), seat_settings(config), clock=clock
+        )
+        self.endpoint = Endpoint(limits_of(config), self._new_session)
         self.listeners: list[Listener] = []
-        self.sessions: set[Session] = set()
-        self.connections: set[Connection] = set()
-        self.lease_sessions: dict[str, Session] = {}  # cache: which local session holds a lease
-        self.draining = False
         self.authenticator: Authenticator
-        self._pool_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self.handlers: Handlers
+        self._site = site_view(config)
         self._sweeper: asyncio.Task | None = None
-        self._background: set[asyncio.Task] = set()
+        self._tasks = TaskOwner("server")
         self._stop = asyncio.Event()
         self._stopped = asyncio.Event()
         self._reload_lock = asyncio.Lock()
+
+    @property
+    def events(self) -> EventBus:
+        """Subscribe here to follow every seat change (granted, released, expired, ...)."""
+        return self.seats.events
+
+    @property
+    def draining(self) -> bool:
+        return self.endpoint.draining
+
+    @property
+    def sessions(self) -> list[Session]:
+        return [c.dispatcher for c in self.endpoint.connections]  # type: ignore[misc]
+
+    def _new_session(self, conn: Connection) -> Session:
+        return Session(conn, self.handlers)
 
     # --- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -91,6 +133,7 @@ class MeteringServer:
             self.clock,
             cfg.auth.security_log_window_s,
         )
+        self.handlers = Handlers(self.seats, self.authenticator, lambda: self._site, self.reload)
         ssl_ctx = None
         if cfg.tls_cert is not None:
             ssl_ctx = server_ssl_context(cfg.tls_cert, cfg.tls_key)
@@ -98,10 +141,9 @@ class MeteringServer:
         try:
             for text in cfg.server.listen:
                 addr = parse_address(text)
-                handler = self._handler_for(addr.scheme)
                 listener = await bind(
                     addr,
-                    handler,
+                    self.endpoint.handler_for(addr.scheme),
                     ssl_context=ssl_ctx if addr.scheme == "tls" else None,
                     unix_mode=cfg.server.unix_socket_mode,
                     inherited=inherited,
@@ -115,12 +157,12 @@ class MeteringServer:
         for sock in inherited:  # passed by systemd but matching no listen address
             log.warning("inherited_socket_unused", address=str(sock.getsockname()))
             sock.close()
-        self._sweeper = asyncio.create_task(self._sweep_loop(), name="sweeper")
+        self._sweeper = self._tasks.spawn(self._sweep_loop(), "sweeper")
         log.info(
             "server_started",
             listen=self.addresses,
             store=_redact(cfg.store_url),
-            products=len(self.catalogue.pools),
+            products=len(self.seats.catalogue.pools),
         )
         systemd.notify("READY=1")
 
@@ -152,12 +194,11 @@ class MeteringServer:
     def request_stop(self) -> None:
         if self._stop.is_set():
             log.warning("second_stop_signal_closing_connections_now")
-            for conn in list(self.connections):
-                conn.abort()
+            self.endpoint.abort_all()
         self._stop.set()
 
     def request_reload(self) -> None:
-        self._spawn(self._reload_quietly(), "reload")
+        self._tasks.spawn(self._reload_quietly(), "reload")
 
     async def _reload_quietly(self) -> None:
         with contextlib.suppress(ReloadFailed):  # already logged; SIGHUP has nobody to answer
@@ -167,43 +208,25 @@ class MeteringServer:
         if self.draining:
             await self._stopped.wait()
             return
-        self.draining = True
         timeout = self.config.server.drain_timeout_s if timeout is None else timeout
         systemd.notify("STOPPING=1")
-        log.info("server_draining", connections=len(self.sessions))
+        log.info("server_draining", connections=len(self.endpoint.connections))
+        self.endpoint.draining = True
         for listener in self.listeners:
             listener.close()
-        for session in list(self.sessions):
-            session.push("shutdown", retry_after_s=0.1)
-        for waiter in self.waiters.all():
-            if not waiter.future.done():
-                waiter.future.set_exception(
-                    ShuttingDown("server is shutting down", retry_after_s=0.1)
-                )
+        self.endpoint.push_all("shutdown", retry_after_s=0.1)
+        self.seats.drain()
         # Idle connections close now; busy ones after their last reply, up to the timeout.
-        for conn in list(self.connections):
-            conn.close_when_idle()
-        await self._wait_connections(timeout)
-        for conn in list(self.connections):
-            conn.abort()
-        await self._wait_connections(2.0)
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-        for task in list(self._background):
-            task.cancel()
+        self.endpoint.close_when_idle()
+        if not await self.endpoint.wait_closed(timeout):
+            self.endpoint.abort_all()
+            await self.endpoint.wait_closed(2.0)
+        await self._tasks.cancel_all()
+        await self.seats.close()
         self.authenticator.seclog.flush(final=True)
         await self.store.close()
         log.info("server_stopped")
         self._stopped.set()
-
-    async def _wait_connections(self, timeout: float) -> None:
-        waits = [asyncio.ensure_future(c.finished.wait()) for c in self.connections]
-        if waits:
-            _, pending = await asyncio.wait(waits, timeout=timeout)
-            for w in pending:
-                w.cancel()
 
     async def __aenter__(self) -> MeteringServer:
         await self.start()
@@ -212,49 +235,7 @@ class MeteringServer:
     async def __aexit__(self, *exc: object) -> None:
         await self.shutdown(timeout=2.0)
 
-    # --- connections -------------------------------------------------------------------------
-    def _handler_for(self, scheme: str):
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            if self.draining:
-                writer.close()
-                return
-            if len(self.sessions) >= self.config.server.max_connections:
-                err = Overloaded("too many connections", retry_after_s=1.0)
-                writer.write(framing.encode({"id": None, "ok": False, "error": err.to_wire()}))
-                with contextlib.suppress(Exception):
-                    await writer.drain()
-                writer.close()
-                return
-            conn = Connection(self, reader, writer, scheme)
-            self.sessions.add(conn.session)
-            self.connections.add(conn)
-            try:
-                await conn.run()
-            finally:
-                self.connections.discard(conn)
-
-        return handle
-
-    def forget_session(self, session: Session) -> None:
-        self.sessions.discard(session)
-        # The leases stay (a dropped connection never frees a seat); only the cache goes.
-        for lease in [k for k, v in self.lease_sessions.items() if v is session]:
-            del self.lease_sessions[lease]
-
-    # --- seats -------------------------------------------------------------------------------
-    def pool_lock(self, key: tuple[str, str]) -> asyncio.Lock:
-        return self._pool_locks.setdefault(key, asyncio.Lock())
-
-    def seat_freed(self, pool_key: tuple[str, str]) -> None:
-        if self.waiters.queued(pool_key):
-            self._spawn(self.handlers.serve_waiters(pool_key), "serve_waiters")
-
-    def lease_gone(self, rec: LeaseRecord, reason: str) -> None:
-        session = self.lease_sessions.pop(rec.lease, None)
-        if session is not None:
-            session.push("revoked", lease=rec.lease, reason=reason)
-        self.seat_freed(rec.pool_key)
-
+    # --- periodic work -------------------------------------------------------------------------
     async def _sweep_loop(self) -> None:
         interval = self.config.server.sweep_interval_s
         while True:
@@ -267,32 +248,11 @@ class MeteringServer:
                 log.exception("sweep_failed")
 
     async def sweep(self) -> None:
-        """Free expired leases, hand seats to waiters (also seats freed by other servers
-        sharing the store), flush the security log's summaries."""
-        for rec in await self.store.expire(self.clock()):
-            log.info("lease_expired", lease=rec.lease, product=rec.product, user=rec.user)
-            self.lease_gone(rec, reason="expired")
-        for key in self.waiters.pools():
-            await self.handlers.serve_waiters(key)
+        """Expire leases and serve waiters (the seat service), flush the security log."""
+        await self.seats.sweep()
         self.authenticator.seclog.flush()
 
-    def _spawn(self, coro: Any, name: str) -> None:
-        task = asyncio.create_task(coro, name=name)
-        self._background.add(task)
-        task.add_done_callback(self._reap)
-
-    def _reap(self, task: asyncio.Task) -> None:
-        self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("background_task_failed", task=task.get_name(), error=repr(task.exception()))
-
     # --- site & reload -------------------------------------------------------------------------
-    def site_servers_wire(self) -> list[dict[str, Any]]:
-        return [
-            {"name": s.name, "address": s.address, "priority": s.priority}
-            for s in self.config.site_servers
-        ]
-
     async def reload(self) -> dict[str, Any]:
         """Re-read the config file; apply catalogue, site list, lease and auth settings.
 
@@ -345,8 +305,8 @@ class MeteringServer:
                     "store_url": old.store_url,
                 }
             )
-            self.catalogue = catalogue_of(self.config)
-            self.waiters.max_waiters = new.server.max_waiters
+            self._site = site_view(self.config)
+            self.seats.reconfigure(catalogue_of(self.config), seat_settings(self.config), changed)
             self.authenticator.update(
                 credentials,
                 lockout_settings(new),
@@ -355,10 +315,7 @@ class MeteringServer:
             )
             log.info("config_reloaded", changed=changed)
             if "site_servers" in changed:
-                servers = self.site_servers_wire()
-                for session in list(self.sessions):
-                    if session.authenticated:
-                        session.push("servers", servers=servers)
+                self.endpoint.push_all("servers", servers=self._site.servers)
             return changed
 
 

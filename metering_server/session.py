@@ -1,24 +1,34 @@
-"""Per-connection state: who is on the other end and what it waits for."""
+"""One protocol session on the server: who is on the other end, and the glue that lets the
+shared connection engine drive the server's handlers (it is the engine's `Dispatcher`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from metering_protocol import messages as m
+from metering_runtime.connection import Connection
 
 
-@dataclass(eq=False)
+class SessionHandlers(Protocol):
+    async def handle(self, session: Session, req: m.Request) -> dict[str, Any]: ...
+
+    def session_closed(self, session: Session) -> None: ...
+
+
 class Session:
-    conn_id: int
-    transport: str  # "tcp" | "tls" | "unix"
-    source: str  # lockout key of the source: "ip:1.2.3.4" or "unix:uid=1000"
-    peer_uid: int | None
-    send: Callable[[dict[str, Any]], None]
-    principal: str | None = None
-    roles: frozenset[str] = frozenset()
-    client: str = ""
-    waiters: dict[int, Any] = field(default_factory=dict)  # request id -> Waiter
-    closed: bool = False
+    ops: Mapping[str, type[m.Request]] = m.REQUESTS
+
+    def __init__(self, conn: Connection, handlers: SessionHandlers):
+        self.conn = conn
+        self.handlers = handlers
+        self.transport = conn.peer.transport
+        self.source = conn.peer.source
+        self.peer_uid = conn.peer.uid
+        self.principal: str | None = None
+        self.roles: frozenset[str] = frozenset()
+        self.client = ""
+        self.closed = False
 
     @property
     def authenticated(self) -> bool:
@@ -26,4 +36,18 @@ class Session:
 
     def push(self, event: str, **fields: Any) -> None:
         if not self.closed:
-            self.send({"event": event, **fields})
+            self.conn.push(event, **fields)
+
+    # --- the engine's Dispatcher ----------------------------------------------------------------
+    def busy(self) -> bool:
+        return False  # a server session that says nothing for idle_timeout_s is half-open
+
+    async def handle(self, req: m.Request) -> dict[str, Any]:
+        return await self.handlers.handle(self, req)
+
+    def connection_closing(self) -> None:
+        self.closed = True
+        self.handlers.session_closed(self)
+
+    async def connection_closed(self) -> None:
+        return None

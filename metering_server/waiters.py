@@ -13,8 +13,8 @@ from metering_protocol.errors import Overloaded
 @dataclass(eq=False)
 class Waiter:
     pool_key: tuple[str, str]
-    request: Any  # the Checkout request
-    session: Any  # the Session that waits
+    request: Any  # the seat service's CheckoutRequest
+    holder: Any  # the session that waits
     future: asyncio.Future = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )

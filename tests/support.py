@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from metering_client.config import ClientConfig, build_client_config
 from metering_protocol.address import parse_address
 from metering_server.auth.credentials import hash_token
 
@@ -88,6 +89,27 @@ def write_token(path: Path, token: str) -> Path:
 def short_tmpdir() -> Path:
     """Unix socket paths are limited to ~107 bytes; pytest's tmp_path can be longer."""
     return Path(tempfile.mkdtemp(prefix="mt", dir="/tmp"))
+
+
+def agent_config(
+    tmp_path: Path, server_address: str, sockdir: Path, **sections: Any
+) -> ClientConfig:
+    """An in-process agent's config: client `ws-1` authenticating as principal `ws` with
+    token `tok`, its socket in `sockdir` (short), extra sections (e.g. `local`) as given."""
+    return build_client_config(
+        {
+            "client": {
+                "name": "ws-1",
+                "user": "ws",
+                "token_file": str(write_token(tmp_path / "token", "tok")),
+                "state_dir": str(tmp_path / "st"),
+                "socket": str(sockdir / "agent.sock"),
+            },
+            "servers": {"list": [server_address]},
+            **sections,
+        },
+        tmp_path / "client.toml",
+    )
 
 
 # --- waiting --------------------------------------------------------------------------------------

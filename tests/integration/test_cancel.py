@@ -8,11 +8,10 @@ import contextlib
 import pytest
 
 from metering_client.agent import Agent
-from metering_client.config import build_client_config
 from metering_protocol.client import ProtocolClient
 from metering_protocol.errors import Cancelled
 from tests.conftest import hello
-from tests.support import async_wait_until, short_tmpdir, write_token
+from tests.support import agent_config, async_wait_until, short_tmpdir
 
 PRODUCTS = [{"name": "A", "version": "1", "seats": 1}]
 
@@ -52,19 +51,7 @@ async def test_agent_local_cancel_and_disconnect_withdraw_the_server_side_wait(
 ):
     server = await make_server(products=PRODUCTS, credentials={"ws": (["agent"], "tok")})
     short = short_tmpdir()
-    config = build_client_config(
-        {
-            "client": {
-                "name": "ws-1",
-                "user": "ws",
-                "token_file": str(write_token(tmp_path / "token", "tok")),
-                "state_dir": str(tmp_path / "st"),
-                "socket": str(short / "agent.sock"),
-            },
-            "servers": {"list": [server.address("tcp")]},
-        },
-        tmp_path / "client.toml",
-    )
+    config = agent_config(tmp_path, server.address("tcp"), short)
     agent = Agent(config)
     await agent.start()
     admin = await hello(server.address("unix"), client="watch")

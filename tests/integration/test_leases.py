@@ -77,7 +77,7 @@ def start_waiting(c: ProtocolClient, wait_s: float = 30.0, **fields: Any) -> asy
 
 
 async def queued(server, n: int, key: tuple[str, str] = KEY) -> None:
-    await async_wait_until(lambda: server.waiters.queued(key) == n, what=f"{n} queued")
+    await async_wait_until(lambda: server.seats.queued(key) == n, what=f"{n} queued")
 
 
 async def in_use(c: ProtocolClient, product: str = P) -> int:
@@ -242,7 +242,7 @@ async def test_waiters_get_seats_in_fifo_order(make_server, connect):
         assert got["in_use"] == 1
         # the later waiters are still waiting: the seat went to the oldest
         assert not any(t.done() for t in tasks[i + 1 :])
-        assert server.waiters.queued(KEY) == 2 - i
+        assert server.seats.queued(KEY) == 2 - i
         release, owner = got["lease"], waiters[i]
     assert await in_use(holder) == 1
 
@@ -271,7 +271,7 @@ async def test_wait_timeout_is_denied(make_server, connect):
     with pytest.raises(Denied) as denied:
         await checkout(w, wait_s=0.2)
     assert denied.value.fields == {"in_use": 1, "seats": 1}
-    assert server.waiters.queued(KEY) == 0
+    assert server.seats.queued(KEY) == 0
     assert await in_use(w) == 1
 
 
@@ -309,7 +309,7 @@ async def test_cancel_a_waiting_checkout(make_server, connect):
     # already answered, or never seen: false
     assert (await w.request("cancel", timeout=5, request=rid))["cancelled"] is False
     assert (await w.request("cancel", timeout=5, request=424242))["cancelled"] is False
-    assert server.waiters.queued(KEY) == 0
+    assert server.seats.queued(KEY) == 0
     await holder.request("checkin", timeout=5, lease=held["lease"])
     assert await in_use(w) == 0  # the cancelled checkout got nothing
 
@@ -343,7 +343,7 @@ async def test_closed_connection_drops_its_waiters_and_gets_no_seat(make_server,
     with pytest.raises(ConnectionLost):
         await finished(task)
     await async_wait_until(lambda: len(server.sessions) == sessions, what="waiter gone")
-    assert server.waiters.queued(KEY) == 0
+    assert server.seats.queued(KEY) == 0
     await holder.request("checkin", timeout=5, lease=held["lease"])
     assert await in_use(holder) == 0
     assert (await holder.request("leases", timeout=5))["leases"] == []

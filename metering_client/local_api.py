@@ -1,0 +1,178 @@
+"""The agent's local API: protocol v1 on a Unix socket for the programs of this host.
+
+Driven by the same connection engine as the server (metering_runtime.connection), with the
+agent's own limits (`[local]`).  The end user of a seat is the peer's uid (SO_PEERCRED): a
+local user acts only on its own seats, root and the agent's own user on any.  A seat belongs
+to the program's connection: when the connection closes (the program ended) the seat is
+checked in, unless it was checked out with `detach` (scripting).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import structlog
+
+from metering_client.keeper import LeaseKeeper
+from metering_client.programs import pid_start
+from metering_protocol import messages as m
+from metering_protocol.errors import Forbidden, LeaseNotFound, MeteringError
+from metering_protocol.unixsock import user_name
+from metering_runtime.connection import Connection
+
+log = structlog.get_logger("metering.agent")
+
+
+class LocalCheckout(m.Checkout, frozen=True, kw_only=True):
+    detach: bool = False  # held until checkin, not until the program's connection closes
+
+
+class LocalCheckin(m.Checkin, frozen=True, kw_only=True):
+    pass
+
+
+LOCAL_OPS: dict[str, type[m.Request]] = {
+    "hello": m.Hello,
+    "ping": m.Ping,
+    "checkout": LocalCheckout,
+    "checkin": LocalCheckin,
+    "heartbeat": m.Heartbeat,
+    "status": m.Status,
+    "cancel": m.Cancel,
+}
+
+
+class AgentSeats(Protocol):
+    """What a local session needs of the agent."""
+
+    name: str  # the agent's client name
+    keeper: LeaseKeeper
+    holders: dict[str, LocalSession]  # seat handle -> the program's session holding it
+    stopping: bool
+
+
+class LocalSession:
+    """One program's connection: the engine's Dispatcher for the local ops."""
+
+    ops: Mapping[str, type[m.Request]] = LOCAL_OPS
+
+    def __init__(self, conn: Connection, agent: AgentSeats):
+        self.conn = conn
+        self.agent = agent
+        self.pid = conn.peer.pid
+        self.uid = conn.peer.uid if conn.peer.uid is not None else -1
+        self.user: str | None = None
+        self.handles: set[str] = set()
+
+    @property
+    def authenticated(self) -> bool:
+        return self.user is not None
+
+    def busy(self) -> bool:
+        """A program holding a seat may stay silent for as long as it runs."""
+        return any(self.agent.holders.get(h) is self for h in self.handles)
+
+    def send(self, msg: dict[str, Any]) -> None:
+        self.conn.send(msg)
+
+    async def handle(self, req: m.Request) -> dict[str, Any]:
+        return await getattr(self, f"op_{req.op}")(req)
+
+    def connection_closing(self) -> None:
+        return None  # the engine cancels this program's requests (close_grace_s = 0)
+
+    async def connection_closed(self) -> None:
+        if not self.agent.stopping:  # an agent stop keeps the seats (the journal has them)
+            await self._release_mine()
+
+    async def _release_mine(self) -> None:
+        for handle in list(self.handles):
+            if self.agent.holders.get(handle) is self:
+                del self.agent.holders[handle]
+                held = self.agent.keeper.held.get(handle)
+                if held is not None and not held.detached:
+                    with contextlib.suppress(MeteringError):
+                        await self.agent.keeper.checkin(handle)
+
+    async def op_hello(self, req: m.Hello) -> dict[str, Any]:
+        name = user_name(self.uid) or f"uid{self.uid}"
+        if req.user is not None and req.user != name and not self.privileged:
+            raise Forbidden(f"peer uid {self.uid} is {name!r}, not {req.user!r}")
+        self.user = req.user or name
+        return {
+            "server": f"agent:{self.agent.name}",
+            "protocol": 1,
+            "agent": True,
+            "user": self.user,
+            "client": self.agent.name,
+        }
+
+    async def op_ping(self, req: m.Ping) -> dict[str, Any]:
+        return {}
+
+    @property
+    def privileged(self) -> bool:
+        """root and the agent's own user may act for any local user; others only for
+        themselves (the socket is open to every local user)."""
+        return self.uid in (0, os.getuid())
+
+    def _mine(self, handle: str) -> bool:
+        held = self.agent.keeper.held.get(handle)
+        return held is not None and (self.privileged or held.user == self.user)
+
+    async def op_checkout(self, req: LocalCheckout) -> dict[str, Any]:
+        if req.user is not None and req.user != self.user and not self.privileged:
+            raise Forbidden(f"{self.user!r} may not check out seats for {req.user!r}")
+        reclaim = req.lease
+        if reclaim is not None and reclaim in self.agent.keeper.held and not self._mine(reclaim):
+            reclaim = None  # another user's seat: answered like a fresh checkout
+        held, reply = await self.agent.keeper.checkout(
+            req.product,
+            req.version,
+            user=req.user or self.user,
+            wait_s=req.wait_s,
+            pid=self.pid,
+            pid_start=pid_start(self.pid),
+            detached=req.detach,
+            reclaim=reclaim,
+        )
+        self.handles.add(held.handle)
+        self.agent.holders[held.handle] = self
+        return {**{k: v for k, v in reply.items() if k not in ("id", "ok")}, "lease": held.handle}
+
+    async def op_checkin(self, req: LocalCheckin) -> dict[str, Any]:
+        if req.lease in self.agent.keeper.held and not self._mine(req.lease):
+            raise LeaseNotFound(f"lease {req.lease} is not held for {self.user!r}")
+        released = await self.agent.keeper.checkin(req.lease)
+        self.handles.discard(req.lease)
+        self.agent.holders.pop(req.lease, None)
+        return {"released": released}
+
+    async def op_cancel(self, req: m.Cancel) -> dict[str, Any]:
+        if req.request == req.id:
+            return {"cancelled": False}
+        # Cancelling the request's task propagates to the server: the keeper's request
+        # withdraws its checkout there, and the engine answers the checkout `cancelled`.
+        return {"cancelled": self.conn.withdraw(req.request)}
+
+    async def op_heartbeat(self, req: m.Heartbeat) -> dict[str, Any]:
+        mine = {x for x in req.leases if self._mine(x)}
+        return {
+            "renewed": [x for x in req.leases if x in mine],
+            "lost": [x for x in req.leases if x not in mine],
+        }
+
+    async def op_status(self, req: m.Status) -> dict[str, Any]:
+        agent = self.agent.keeper.status()
+        if not self.privileged:
+            agent["held"] = [h for h in agent["held"] if h["user"] == self.user]
+        products: list[Any] = []
+        server = None
+        if agent["connected"]:
+            with contextlib.suppress(MeteringError):
+                reply = await self.agent.keeper.call("status")
+                products, server = reply.get("products", []), reply.get("server")
+        return {"server": server, "products": products, "agent": agent}

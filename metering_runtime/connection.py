@@ -1,0 +1,354 @@
+"""The one connection engine both daemons run: a bounded request loop over a stream socket.
+
+The server's TCP/TLS/Unix listeners and the agent's local Unix socket speak the same
+protocol, so they share this loop and its limits (STYLE.md practice 15): frame size, a
+hello deadline, a bad-frame budget before hello, requests in flight, bytes queued for a slow
+reader, an idle timeout and a connection cap.  What a request *means* is the daemon's
+business: it plugs in a `Dispatcher` (its ops table and session state); this module only
+reads, parses, dispatches, answers and enforces limits.  Socket code only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import secrets
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import structlog
+
+from metering_protocol import framing
+from metering_protocol import messages as m
+from metering_protocol.errors import (
+    AuthRequired,
+    BadRequest,
+    Cancelled,
+    Internal,
+    MeteringError,
+    Overloaded,
+    ShuttingDown,
+)
+from metering_protocol.unixsock import peer_credentials
+
+log = structlog.get_logger("metering.conn")
+_conn_ids = itertools.count(1)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Every limit a peer can run into; each daemon fills it from its own config keys."""
+
+    max_frame_bytes: int = 65536
+    max_connections: int = 10000
+    max_inflight: int = 1024
+    max_write_buffer_bytes: int = 1048576
+    hello_timeout_s: float = 10.0
+    idle_timeout_s: float = 300.0
+    max_bad_frames_before_hello: int = 3
+    close_grace_s: float = 1.0  # in-flight requests' time to answer after the peer left
+
+    @classmethod
+    def of(cls, section: Any, **overrides: Any) -> Limits:
+        """From a config section that has the limit keys under the same names."""
+        keys = ("max_frame_bytes", "max_connections", "max_inflight", "max_write_buffer_bytes")
+        keys += ("hello_timeout_s", "idle_timeout_s", "max_bad_frames_before_hello")
+        return cls(**{k: getattr(section, k) for k in keys}, **overrides)
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Who is on the other end, as far as the socket can tell."""
+
+    conn_id: int
+    transport: str  # "tcp" | "tls" | "unix"
+    source: str  # lockout key of the source: "ip:1.2.3.4" or "unix:uid=1000"
+    uid: int | None  # SO_PEERCRED on Unix sockets
+    pid: int | None
+
+
+class Dispatcher(Protocol):
+    """What a daemon plugs into the loop: its ops and the state of one session."""
+
+    ops: Mapping[str, type[m.Request]]
+
+    @property
+    def authenticated(self) -> bool: ...
+
+    def busy(self) -> bool:
+        """Silence is normal while this is true (e.g. a program holding a seat)."""
+
+    async def handle(self, req: m.Request) -> dict[str, Any]:
+        """The reply fields of one request, or raise a MeteringError."""
+
+    def connection_closing(self) -> None:
+        """The peer is gone or the connection is being closed: end waits at once."""
+
+    async def connection_closed(self) -> None:
+        """After the socket closed and the in-flight requests ended."""
+
+
+class Connection:
+    """One peer: read frames, dispatch, answer, and enforce the limits."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        transport: str,
+    ):
+        self.endpoint = endpoint
+        self.limits = endpoint.limits
+        self.reader = reader
+        self.writer = writer
+        self.decoder = framing.FrameDecoder(self.limits.max_frame_bytes)
+        self.tasks: set[asyncio.Task] = set()
+        self.by_id: dict[int, asyncio.Task] = {}
+        self.withdrawn: set[int] = set()  # request ids withdrawn by the peer (`cancel`)
+        self.bad_frames = 0
+        self.closing = False
+        self.finished = asyncio.Event()
+        creds = peer_credentials(writer) if transport == "unix" else None
+        if creds is not None:
+            pid, uid, _ = creds
+            source = f"unix:uid={uid}"
+        else:
+            peer = writer.get_extra_info("peername")
+            pid, uid = None, None
+            source = f"ip:{peer[0] if isinstance(peer, tuple) else peer}"
+        self.peer = Peer(next(_conn_ids), transport, source, uid, pid)
+        self.dispatcher: Dispatcher = endpoint.make_dispatcher(self)
+
+    # --- output -------------------------------------------------------------------------------
+    def send(self, message: dict[str, Any]) -> None:
+        # Not `self.closing`: that only stops reading. Requests already in flight (a client
+        # that half-closed after pipelining, a drain, a frame after which framing was lost)
+        # still get their replies until the socket itself is closed.
+        if self.writer.is_closing():
+            return
+        self.writer.write(framing.encode(message))
+        limit = self.limits.max_write_buffer_bytes
+        if self.writer.transport.get_write_buffer_size() > limit:
+            log.warning("slow_reader_closed", conn=self.peer.conn_id, queued_bytes=limit)
+            self.abort()
+
+    def push(self, event: str, **fields: Any) -> None:
+        """A server-initiated event (no `id`)."""
+        self.send({"event": event, **fields})
+
+    def reply_error(self, rid: int | None, exc: MeteringError) -> None:
+        self.send({"id": rid, "ok": False, "error": exc.to_wire()})
+
+    def abort(self) -> None:
+        self.closing = True
+        self.writer.transport.abort()
+
+    def close_when_idle(self) -> None:
+        """Drain: stop reading; close now if nothing is in flight, else after the last reply."""
+        self.closing = True
+        if not self.tasks:
+            self.writer.close()
+            return
+        pending = set(self.tasks)
+
+        def done(task: asyncio.Task) -> None:
+            pending.discard(task)
+            if not pending:
+                self.writer.close()
+
+        for task in pending:
+            task.add_done_callback(done)
+
+    def withdraw(self, rid: int) -> bool:
+        """Cancel request `rid` still in flight; it is answered `cancelled`."""
+        task = self.by_id.get(rid)
+        if task is None or task.done():
+            return False
+        self.withdrawn.add(rid)
+        task.cancel()
+        return True
+
+    # --- input --------------------------------------------------------------------------------
+    async def run(self) -> None:
+        structlog.contextvars.bind_contextvars(conn=self.peer.conn_id, source=self.peer.source)
+        limits = self.limits
+        try:
+            deadline = asyncio.get_running_loop().time() + limits.hello_timeout_s
+            while not self.closing:
+                if self.dispatcher.authenticated:
+                    try:
+                        async with asyncio.timeout(limits.idle_timeout_s):
+                            data = await self.reader.read(65536)
+                    except TimeoutError:
+                        if self.tasks or self.dispatcher.busy():
+                            continue  # a checkout waits, or a seat is held: not idle
+                        log.info("idle_timeout", idle_s=limits.idle_timeout_s)
+                        break
+                else:
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            data = await self.reader.read(65536)
+                    except TimeoutError:
+                        log.info("hello_timeout")
+                        self.reply_error(None, AuthRequired("no hello within hello_timeout_s"))
+                        break
+                if not data:
+                    break
+                for frame in self.decoder.feed(data):
+                    await self._handle(frame)
+                    if self.closing:
+                        break
+                if self.decoder.overflow is not None and not self.closing:
+                    self.reply_error(None, self.decoder.overflow)
+                    log.info("frame_too_large")
+                    break
+        except (ConnectionError, OSError) as exc:
+            log.debug("connection_error", error=str(exc))
+        finally:
+            await self._close()
+
+    async def _handle(self, raw: bytes) -> None:
+        rid: int | None = None
+        try:
+            frame = framing.decode(raw)
+            rid = m.request_id(frame)
+            req = m.parse_request(frame, self.dispatcher.ops)
+        except BadRequest as exc:
+            self.reply_error(rid, exc)
+            self._count_bad()
+            return
+        if not self.dispatcher.authenticated and req.op != "hello":
+            self.reply_error(req.id, AuthRequired("send hello first"))
+            self._count_bad()
+            return
+        if req.op == "hello":
+            # Hello runs inline: requests pipelined behind it must see its outcome.
+            await self._dispatch(req)
+            return
+        if len(self.tasks) >= self.limits.max_inflight:
+            self.reply_error(
+                req.id,
+                Overloaded("too many requests in flight on this connection", retry_after_s=0.1),
+            )
+            return
+        task = asyncio.create_task(self._dispatch(req))
+        self.tasks.add(task)
+        self.by_id[req.id] = task
+        task.add_done_callback(lambda t, rid=req.id: self._done(t, rid))
+
+    def _done(self, task: asyncio.Task, rid: int) -> None:
+        self.tasks.discard(task)
+        if self.by_id.get(rid) is task:
+            del self.by_id[rid]
+        self.withdrawn.discard(rid)
+
+    def _count_bad(self) -> None:
+        if self.dispatcher.authenticated:
+            return
+        self.bad_frames += 1
+        if self.bad_frames >= self.limits.max_bad_frames_before_hello:
+            log.info("too_many_bad_frames_before_hello", count=self.bad_frames)
+            self.closing = True
+
+    async def _dispatch(self, req: m.Request) -> None:
+        try:
+            result = await self.dispatcher.handle(req)
+        except MeteringError as exc:
+            self.reply_error(req.id, exc)
+            return
+        except asyncio.CancelledError:
+            if req.id in self.withdrawn:
+                self.reply_error(req.id, Cancelled(f"request {req.id} cancelled by its client"))
+                return
+            if self.endpoint.draining:
+                self.reply_error(req.id, ShuttingDown("shutting down", retry_after_s=0.1))
+            raise
+        except Exception:
+            cid = secrets.token_hex(6)
+            log.exception("internal_error", op=req.op, correlation_id=cid)
+            self.reply_error(
+                req.id,
+                Internal(
+                    f"internal error (correlation id {cid})", retry_after_s=1.0, correlation_id=cid
+                ),
+            )
+            return
+        self.send({"id": req.id, "ok": True, **result})
+
+    async def _close(self) -> None:
+        self.closing = True
+        self.dispatcher.connection_closing()
+        if self.tasks:
+            # Waits end at once (connection_closing()); other requests get a short grace to answer.
+            _, pending = await asyncio.wait(set(self.tasks), timeout=self.limits.close_grace_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        with contextlib.suppress(Exception):
+            self.writer.close()
+            await asyncio.wait_for(self.writer.wait_closed(), 1.0)
+        try:
+            await self.dispatcher.connection_closed()
+        finally:
+            self.finished.set()
+
+
+class Endpoint:
+    """Every connection of one daemon's listeners: the connection cap, drain, abort."""
+
+    def __init__(self, limits: Limits, make_dispatcher: Callable[[Connection], Dispatcher]):
+        self.limits = limits
+        self.make_dispatcher = make_dispatcher
+        self.connections: set[Connection] = set()
+        self.draining = False
+
+    def handler_for(
+        self, transport: str
+    ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            if self.draining:
+                writer.close()
+                return
+            if len(self.connections) >= self.limits.max_connections:
+                err = Overloaded("too many connections", retry_after_s=1.0)
+                writer.write(framing.encode({"id": None, "ok": False, "error": err.to_wire()}))
+                with contextlib.suppress(Exception):
+                    await writer.drain()
+                writer.close()
+                return
+            conn = Connection(self, reader, writer, transport)
+            self.connections.add(conn)
+            try:
+                await conn.run()
+            finally:
+                self.connections.discard(conn)
+
+        return accept
+
+    def push_all(self, event: str, **fields: Any) -> None:
+        for conn in list(self.connections):
+            if conn.dispatcher.authenticated:
+                conn.push(event, **fields)
+
+    def close_when_idle(self) -> None:
+        self.draining = True
+        for conn in list(self.connections):
+            conn.close_when_idle()
+
+    def abort_all(self) -> None:
+        for conn in list(self.connections):
+            conn.abort()
+
+    async def wait_closed(self, timeout: float) -> bool:
+        """True when every connection finished within `timeout`."""
+        waits = [asyncio.ensure_future(c.finished.wait()) for c in self.connections]
+        if not waits:
+            return True
+        _, pending = await asyncio.wait(waits, timeout=timeout)
+        for w in pending:
+            w.cancel()
+        return not pending

@@ -1,0 +1,338 @@
+"""The seat service: the one place a seat changes state on this server.
+
+It owns the store, the catalogue, the queues of waiting checkouts, the per-pool ordering of
+grants to waiters and the index of which local session holds which lease (to tell it of a
+revoke or an expiry).  It offers checkout (grant, reclaim or wait), cancel, renew, release,
+revoke and sweep, and publishes a typed event for every change (`events.py`) so observers
+never need to edit the protocol handlers.  It knows nothing of sockets or frames: a holder
+is anything with a principal, a client name, a `closed` flag and a `push` for events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import structlog
+
+from metering_protocol.errors import (
+    Cancelled,
+    Denied,
+    LeaseNotFound,
+    ShuttingDown,
+    UnknownProduct,
+)
+from metering_runtime.tasks import TaskOwner
+from metering_server import events as ev
+from metering_server.licensing import Catalogue, Pool
+from metering_server.store.base import (
+    GrantOutcome,
+    GrantRequest,
+    LeaseRecord,
+    LeaseStore,
+    RenewOutcome,
+)
+from metering_server.waiters import Waiter, WaitQueues
+
+log = structlog.get_logger("metering.seats")
+
+
+class Holder(Protocol):
+    """Who asks for seats: one authenticated protocol session."""
+
+    principal: str | None
+    client: str
+    closed: bool
+
+    def push(self, event: str, **fields: Any) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SeatSettings:
+    server: str  # this server's name, recorded on the leases it grants or renews
+    ttl_s: float
+    max_waiters: int
+
+
+@dataclass(frozen=True, slots=True)
+class CheckoutRequest:
+    product: str
+    version: str
+    user: str  # the end user the seat is for
+    wait_s: float = 0.0
+    reclaim: str | None = None  # a lease held before a reconnect or failover
+    request_id: int = 0  # the protocol request id, for `cancel`
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    pool: Pool
+    lease: LeaseRecord
+    reclaimed: bool
+    in_use: int
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStatus:
+    pool: Pool
+    in_use: int
+    queued: int
+
+
+class SeatService:
+    def __init__(
+        self,
+        store: LeaseStore,
+        catalogue: Catalogue,
+        settings: SeatSettings,
+        *,
+        clock: Callable[[], float],
+        events: ev.EventBus | None = None,
+    ):
+        self.store = store
+        self.catalogue = catalogue
+        self.settings = settings
+        self.clock = clock
+        self.events = events or ev.EventBus()
+        self.draining = False
+        self._waiters = WaitQueues(settings.max_waiters)
+        self._waiting: dict[Holder, dict[int, Waiter]] = {}  # holder -> request id -> waiter
+        self._holders: dict[str, Holder] = {}  # lease -> the local session that holds it
+        self._pool_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._tasks = TaskOwner("seats")
+
+    # --- checkout ------------------------------------------------------------------------------
+    async def checkout(self, holder: Holder, req: CheckoutRequest) -> Grant:
+        """A seat now (or the reclaimed lease), else wait up to `wait_s` in FIFO order."""
+        if self.draining:
+            raise ShuttingDown("server is draining", retry_after_s=0.1)
+        pool = self.catalogue.find(req.product, req.version)
+        if req.reclaim is not None or not self._waiters.queued(pool.key):
+            outcome = await self.store.grant(self._grant_request(holder, pool, req))
+            if outcome.granted:
+                return self._granted(holder, pool, outcome)
+            in_use = outcome.in_use
+        else:  # others wait already: this one queues behind them
+            in_use = (await self.store.in_use(self.clock())).get(pool.key, 0)
+        if req.wait_s <= 0:
+            raise self._deny(holder, pool, req, in_use)
+        return await self._wait(holder, pool, req)
+
+    def _grant_request(self, holder: Holder, pool: Pool, req: CheckoutRequest) -> GrantRequest:
+        assert holder.principal is not None
+        return GrantRequest(
+            pool=pool,
+            product=req.product,
+            version=req.version,
+            principal=holder.principal,
+            user=req.user,
+            client=holder.client,
+            server=self.settings.server,
+            now=self.clock(),
+            ttl_s=self.settings.ttl_s,
+            reclaim=req.reclaim,
+        )
+
+    async def _wait(self, holder: Holder, pool: Pool, req: CheckoutRequest) -> Grant:
+        waiter = Waiter(pool.key, req, holder)
+        self._waiters.add(waiter)
+        self._waiting.setdefault(holder, {})[req.request_id] = waiter
+        self._publish(ev.Queued, holder, req, position=self._waiters.queued(pool.key))
+        log.debug("checkout_queued", product=pool.product, wait_s=req.wait_s)
+        try:
+            async with asyncio.timeout(req.wait_s):
+                return await asyncio.shield(waiter.future)
+        except TimeoutError:
+            if waiter.future.done() and not waiter.future.cancelled():
+                return waiter.future.result()  # granted at the very last moment
+            waiter.future.cancel()
+            in_use = (await self.store.in_use(self.clock())).get(pool.key, 0)
+            raise self._deny(holder, pool, req, in_use, waited=True) from None
+        except (Cancelled, ShuttingDown) as exc:
+            self._publish(ev.Cancelled, holder, req, reason=exc.message)
+            raise
+        finally:
+            if not waiter.future.done():
+                waiter.future.cancel()
+            self._waiters.discard(waiter)
+            mine = self._waiting.get(holder)
+            if mine is not None:
+                mine.pop(req.request_id, None)
+                if not mine:
+                    del self._waiting[holder]
+
+    def cancel(self, holder: Holder, request_id: int) -> bool:
+        """Withdraw a waiting checkout of this holder; False when it was already answered."""
+        waiter = self._waiting.get(holder, {}).get(request_id)
+        if waiter is None or waiter.future.done():
+            return False
+        waiter.future.set_exception(Cancelled(f"checkout {request_id} cancelled by its client"))
+        return True
+
+    async def serve_waiters(self, pool_key: tuple[str, str]) -> None:
+        """Grant freed seats to the queue's head, oldest first, until the pool is full again."""
+        async with self._pool_locks.setdefault(pool_key, asyncio.Lock()):
+            while (waiter := self._waiters.head(pool_key)) is not None:
+                pool = self.catalogue.by_key(pool_key)
+                if pool is None:
+                    waiter.future.set_exception(
+                        UnknownProduct(f"{pool_key[0]} {pool_key[1]} left the catalogue")
+                    )
+                    continue
+                req, holder = waiter.request, waiter.holder
+                req = CheckoutRequest(req.product, req.version, req.user, 0.0, None, 0)
+                outcome = await self.store.grant(self._grant_request(holder, pool, req))
+                if not outcome.granted:
+                    return
+                if waiter.future.done() or holder.closed:
+                    # Nobody waits for it any more (timed out, cancelled, disconnected).
+                    assert outcome.lease is not None
+                    await self.store.revoke(outcome.lease.lease)
+                    continue
+                waiter.future.set_result(self._granted(holder, pool, outcome, waited=True))
+
+    def _granted(
+        self, holder: Holder, pool: Pool, outcome: GrantOutcome, *, waited: bool = False
+    ) -> Grant:
+        lease = outcome.lease
+        assert lease is not None
+        self._holders[lease.lease] = holder
+        log.info(
+            "lease_granted" if not outcome.reclaimed else "lease_reclaimed",
+            lease=lease.lease,
+            product=lease.product,
+            user=lease.user,
+            in_use=outcome.in_use,
+            overuse=lease.overuse,
+        )
+        now = self.clock()
+        if outcome.reclaimed:
+            self.events.publish(ev.Reclaimed(now, lease, in_use=outcome.in_use))
+        else:
+            self.events.publish(ev.Granted(now, lease, in_use=outcome.in_use, waited=waited))
+        return Grant(pool, lease, outcome.reclaimed, outcome.in_use)
+
+    def _deny(
+        self, holder: Holder, pool: Pool, req: CheckoutRequest, in_use: int, waited: bool = False
+    ) -> Denied:
+        self._publish(ev.Denied, holder, req, in_use=in_use, seats=pool.seats, waited=waited)
+        why = "waited, no seat freed" if waited else "all seats are in use"
+        return Denied(
+            f"{pool.product} {pool.version}: {why}",
+            in_use=in_use,
+            seats=pool.seats,
+            retry_after_s=None,
+        )
+
+    def _publish(self, kind: type[ev.CheckoutEvent], holder: Holder, req: Any, **extra: Any):
+        self.events.publish(
+            kind(
+                self.clock(),
+                req.product,
+                req.version,
+                req.user,
+                holder.client,
+                holder.principal or "",
+                **extra,
+            )
+        )
+
+    # --- held leases ----------------------------------------------------------------------------
+    async def renew(self, holder: Holder, leases: list[str]) -> RenewOutcome:
+        assert holder.principal is not None
+        outcome = await self.store.renew(
+            list(dict.fromkeys(leases)),
+            holder.principal,
+            holder.client,
+            self.settings.server,
+            self.clock(),
+            self.settings.ttl_s,
+        )
+        for lease in outcome.renewed:
+            self._holders[lease] = holder
+        return outcome
+
+    async def release(self, holder: Holder, lease: str) -> bool:
+        """Check a lease in; False when it was already gone (checkin is idempotent)."""
+        assert holder.principal is not None
+        rec = await self.store.release(lease, holder.principal, holder.client, self.clock())
+        if rec is None:
+            return False
+        self._holders.pop(rec.lease, None)
+        log.info("lease_released", lease=rec.lease, product=rec.product, user=rec.user)
+        self.events.publish(ev.Released(self.clock(), rec))
+        self._seat_freed(rec.pool_key)
+        return True
+
+    async def revoke(self, lease: str, *, by: str | None) -> LeaseRecord:
+        rec = await self.store.revoke(lease)
+        if rec is None:
+            raise LeaseNotFound(f"no lease {lease}")
+        log.warning("lease_revoked", lease=rec.lease, product=rec.product, user=rec.user, by=by)
+        self.events.publish(ev.Revoked(self.clock(), rec, by=by))
+        self._lease_gone(rec, reason="revoked")
+        return rec
+
+    async def sweep(self) -> None:
+        """Free expired leases and hand seats to waiters (also seats freed by other servers
+        sharing the store)."""
+        for rec in await self.store.expire(self.clock()):
+            log.info("lease_expired", lease=rec.lease, product=rec.product, user=rec.user)
+            self.events.publish(ev.Expired(self.clock(), rec))
+            self._lease_gone(rec, reason="expired")
+        for key in self._waiters.pools():
+            await self.serve_waiters(key)
+
+    def _lease_gone(self, rec: LeaseRecord, reason: str) -> None:
+        holder = self._holders.pop(rec.lease, None)
+        if holder is not None and not holder.closed:
+            holder.push("revoked", lease=rec.lease, reason=reason)
+        self._seat_freed(rec.pool_key)
+
+    def _seat_freed(self, pool_key: tuple[str, str]) -> None:
+        if self._waiters.queued(pool_key):
+            self._tasks.spawn(self.serve_waiters(pool_key), "serve_waiters")
+
+    # --- views ----------------------------------------------------------------------------------
+    def queued(self, pool_key: tuple[str, str]) -> int:
+        return self._waiters.queued(pool_key)
+
+    async def status(self) -> list[PoolStatus]:
+        in_use = await self.store.in_use(self.clock())
+        return [
+            PoolStatus(p, in_use.get(p.key, 0), self._waiters.queued(p.key))
+            for p in self.catalogue.pools
+        ]
+
+    async def leases(self, product: str | None = None) -> list[LeaseRecord]:
+        return await self.store.leases(self.clock(), product)
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def holder_gone(self, holder: Holder) -> None:
+        """A closed connection drops its waiting checkouts, never its leases."""
+        for waiter in list(self._waiting.get(holder, {}).values()):
+            if not waiter.future.done():
+                waiter.future.set_exception(Cancelled("connection closed"))
+        for lease in [k for k, v in self._holders.items() if v is holder]:
+            del self._holders[lease]
+
+    def reconfigure(self, catalogue: Catalogue, settings: SeatSettings, changed: dict) -> None:
+        self.catalogue = catalogue
+        self.settings = settings
+        self._waiters.max_waiters = settings.max_waiters
+        self.events.publish(ev.ConfigReloaded(self.clock(), changed))
+
+    def drain(self) -> None:
+        """Refuse new checkouts; every waiting one is answered `shutting_down`."""
+        self.draining = True
+        for waiter in self._waiters.all():
+            if not waiter.future.done():
+                waiter.future.set_exception(
+                    ShuttingDown("server is shutting down", retry_after_s=0.1)
+                )
+
+    async def close(self) -> None:
+        await self._tasks.cancel_all()
+        self.events.close()

@@ -1,0 +1,256 @@
+"""LeaseKeeper against a fake connector and fake sessions that implement only the narrow
+interface the keeper declares (keeper.SessionSource, keeper.Session): any other attribute
+the keeper reached for would be an AttributeError here.  No sockets, no sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from metering_client.config import build_client_config
+from metering_client.keeper import HeldLease, LeaseKeeper
+from metering_client.serverlist import ServerEntry
+from metering_protocol.errors import ConnectionLost, MeteringError
+
+CONFIG = build_client_config(
+    {
+        "client": {"name": "ws-1", "user": "ws"},
+        "servers": {"list": ["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"], "retries": 2},
+    },
+    None,
+)
+A = ServerEntry("tcp://127.0.0.1:1", "srv-a", 0)
+B = ServerEntry("tcp://127.0.0.1:2", "srv-b", 1)
+
+
+class FakeSession:
+    __slots__ = ("_closed", "_on_closed", "entry", "fail_next", "requests", "roles", "server")
+    heartbeat_s = 3600.0
+    ttl_s = 7200.0
+
+    def __init__(self, entry: ServerEntry, roles: tuple[str, ...] = ("agent",)):
+        self.entry = entry
+        self.server = entry.name
+        self.roles = roles
+        self.requests: list[tuple[str, dict[str, Any]]] = []
+        self.fail_next: MeteringError | None = None
+        self._closed = False
+        self._on_closed: list[Callable[[], None]] = []
+
+    @property
+    def dead(self) -> bool:
+        return self._closed
+
+    async def request(self, op: str, *, timeout: float, **fields: Any) -> dict[str, Any]:
+        if self._closed:
+            raise ConnectionLost(f"{self.entry.address}: closed")
+        self.requests.append((op, fields))
+        if self.fail_next is not None:
+            exc, self.fail_next = self.fail_next, None
+            raise exc
+        if op == "checkout":
+            return {"ok": True, "lease": fields.get("lease") or f"L{len(self.requests)}"}
+        if op == "checkin":
+            return {"ok": True, "released": True}
+        return {"ok": True}
+
+    def on_closed(self, callback: Callable[[], None]) -> None:
+        self._on_closed.append(callback)
+
+    def fail(self, reason: str) -> None:
+        self._shut()
+
+    async def drained(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self._shut()
+
+    def _shut(self) -> None:
+        if not self._closed:
+            self._closed = True
+            for callback in self._on_closed:
+                callback()
+
+
+@dataclass(frozen=True)
+class FakeStatus:
+    attempts: int
+    error: MeteringError | None
+    servers: list[str]
+
+
+class FakeConnector:
+    __slots__ = ("config", "connects", "learned", "sessions", "subscribers")
+
+    def __init__(self, *sessions: FakeSession):
+        self.config = CONFIG
+        self.sessions = list(sessions)
+        self.connects: list[str | None] = []  # the `avoid` of each connect
+        self.subscribers: list[Callable[[Any, dict[str, Any]], None]] = []
+        self.learned: list[list[dict[str, Any]]] = []
+
+    def subscribe(self, callback: Callable[[Any, dict[str, Any]], None]) -> Callable[[], None]:
+        self.subscribers.append(callback)
+        return lambda: self.subscribers.remove(callback)
+
+    def push(self, session: FakeSession, event: dict[str, Any]) -> None:
+        for callback in list(self.subscribers):
+            callback(session, event)
+
+    async def connect(self, *, avoid: str | None = None, passes: int | None = None) -> Any:
+        self.connects.append(avoid)
+        return self.sessions.pop(0)
+
+    async def probe(self, entry: ServerEntry) -> Any:
+        return None
+
+    def server_count(self) -> int:
+        return 2
+
+    def preferred_priority(self) -> int:
+        return 0
+
+    def better_than(self, entry: ServerEntry) -> list[ServerEntry]:
+        return [e for e in (A, B) if e.priority < entry.priority]
+
+    def learn_servers(self, servers: list[dict[str, Any]]) -> bool:
+        self.learned.append(servers)
+        return True
+
+    def background_delay_s(self) -> float:
+        return 60.0
+
+    def status(self) -> FakeStatus:
+        return FakeStatus(attempts=7, error=None, servers=[A.address, B.address])
+
+
+class Journal:
+    """An async on_change that records what `held` was when it ran; `gate` holds it."""
+
+    def __init__(self, keeper_ref: list[LeaseKeeper]):
+        self.keeper_ref = keeper_ref
+        self.entered = asyncio.Event()
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.saved: list[list[str]] = []
+
+    async def __call__(self) -> None:
+        self.entered.set()
+        await self.gate.wait()
+        self.saved.append(sorted(self.keeper_ref[0].held))
+
+
+def make_keeper(connector: FakeConnector, lost: list[tuple[HeldLease, str]] | None = None):
+    ref: list[LeaseKeeper] = []
+    journal = Journal(ref)
+    keeper = LeaseKeeper(
+        connector,
+        on_lost=(lambda h, r: lost.append((h, r))) if lost is not None else None,
+        on_change=journal,
+    )
+    ref.append(keeper)
+    return keeper, journal
+
+
+@pytest.mark.asyncio
+async def test_checkout_returns_only_after_on_change_is_done():
+    keeper, journal = make_keeper(FakeConnector(FakeSession(A)))
+    journal.gate.clear()
+    task = asyncio.create_task(keeper.checkout("P", "1", user="alice"))
+    await journal.entered.wait()
+    assert not task.done()  # the journal write is still running: no reply yet
+    journal.gate.set()
+    held, reply = await task
+    assert journal.saved == [[held.handle]]
+    assert reply["lease"] == held.handle
+    assert await keeper.checkin(held.handle) is True
+    assert journal.saved == [[held.handle], []]
+    await keeper.stop()
+
+
+@pytest.mark.asyncio
+async def test_revoked_event_through_the_subscription_loses_the_lease():
+    session = FakeSession(A)
+    connector = FakeConnector(session)
+    lost: list[tuple[HeldLease, str]] = []
+    keeper, journal = make_keeper(connector, lost)
+    held, _ = await keeper.checkout("P", "1")
+    assert len(connector.subscribers) == 1  # the keeper subscribed; nothing was overwritten
+    journal.entered.clear()
+    connector.push(session, {"event": "revoked", "lease": held.lease, "reason": "by admin"})
+    assert keeper.held == {}
+    assert lost == [(held, "by admin")]  # told at once, from the event callback
+    await journal.entered.wait()  # on_change runs in a task the keeper owns
+    await keeper.stop()
+    assert journal.saved[-1] == []
+
+
+@pytest.mark.asyncio
+async def test_stop_waits_for_a_scheduled_on_change():
+    session = FakeSession(A)
+    connector = FakeConnector(session)
+    keeper, journal = make_keeper(connector, [])
+    held, _ = await keeper.checkout("P", "1")
+    connector.push(session, {"event": "revoked", "lease": held.lease})
+    await keeper.stop()  # the on_change task has not even started yet
+    assert journal.saved == [[held.handle], []]
+
+
+@pytest.mark.asyncio
+async def test_on_change_runs_to_its_end_when_the_checkout_is_cancelled():
+    keeper, journal = make_keeper(FakeConnector(FakeSession(A)))
+    journal.gate.clear()
+    task = asyncio.create_task(keeper.checkout("P", "1"))
+    await journal.entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert journal.saved == []
+    journal.gate.set()
+    await keeper.stop()
+    assert journal.saved == [sorted(keeper.held)] and len(keeper.held) == 1
+
+
+@pytest.mark.asyncio
+async def test_dead_session_fails_over_through_the_interface():
+    first, second = FakeSession(A), FakeSession(B)
+    connector = FakeConnector(first, second)
+    keeper, _ = make_keeper(connector, [])
+    held, _ = await keeper.checkout("P", "1")
+    first.fail_next = ConnectionLost("reset")
+    assert await keeper.checkin(held.handle) is True
+    assert first.dead  # the keeper declared it dead with session.fail
+    assert connector.connects == [None, A.address]  # the failed server is tried last
+    # The held lease is reclaimed on the new server before the checkin is sent again there.
+    assert [(op, f.get("lease")) for op, f in second.requests] == [
+        ("checkout", held.lease),
+        ("checkin", held.lease),
+    ]
+    assert keeper.failovers == 1
+    await keeper.stop()
+    assert second.dead
+
+
+@pytest.mark.asyncio
+async def test_events_and_status_use_the_narrow_interface():
+    session = FakeSession(A, roles=("user",))
+    connector = FakeConnector(session)
+    keeper, _ = make_keeper(connector, [])
+    await keeper.checkout("P", "1", user="alice")
+    # A `user`-role principal holds seats as itself: the end user is not named (roles).
+    assert session.requests[-1] == ("checkout", {"product": "P", "version": "1"})
+    servers = [{"name": "srv-c", "address": "tcp://127.0.0.1:3", "priority": 0}]
+    connector.push(session, {"event": "servers", "servers": servers})
+    assert connector.learned == [servers]
+    status = keeper.status()
+    assert status["connection_attempts"] == 7
+    assert status["servers"] == [A.address, B.address]
+    assert status["connected"] is True and status["server"] == "srv-a"
+    connector.push(session, {"event": "shutdown"})
+    assert session.dead and keeper.status()["connected"] is False
+    await keeper.stop()
