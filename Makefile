@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo demo-site bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,8 +25,52 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python configs/demo/run_demo.py
 
+# 3 servers on one shared store (SQLite; STORE=postgres for a throw-away PostgreSQL), 3 agents,
+# a failover story in numbered steps.
+demo-site: $(STAMP)
+	$(BIN)/python configs/demo/run_site_demo.py $(if $(STORE),--store $(STORE))
+
+# The metering server beside its baselines (echo ceiling, Redis), SQLite and PostgreSQL stores,
+# idle scale, failover storm, profile: ~10 min on 2 cores. BENCH_ARGS=--quick for ~3 min;
+# `$(BIN)/python benchmarks/bench.py --help` for running parts (docs/performance.md).
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_server.py
+	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
+
+# systemd units, users and directories for a venv at $(PREFIX) (docs/operations.md, "Install
+# and run"). The units' /opt/metering is rewritten to $(PREFIX). DESTDIR stages everything
+# into a tree (packaging, tests) and then touches nothing on this host; with an empty DESTDIR
+# on a host booted with systemd it also creates the users and directories and reloads systemd.
+PREFIX ?= /opt/metering
+SYSCONFDIR ?= /etc
+UNITDIR ?= $(SYSCONFDIR)/systemd/system
+SYSUSERSDIR ?= $(SYSCONFDIR)/sysusers.d
+TMPFILESDIR ?= $(SYSCONFDIR)/tmpfiles.d
+DOCDIR ?= $(PREFIX)/share/doc/metering
+SYSTEMD_UNITS := metering-server.service metering-server@.service metering-client.service
+
+.PHONY: install-systemd
+install-systemd:
+	install -d $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(TMPFILESDIR) $(DESTDIR)$(DOCDIR)
+	for unit in $(SYSTEMD_UNITS); do \
+	    sed 's|/opt/metering|$(PREFIX)|g' configs/systemd/$$unit >'$(DESTDIR)$(UNITDIR)'/$$unit.tmp && \
+	    chmod 0644 '$(DESTDIR)$(UNITDIR)'/$$unit.tmp && \
+	    mv -f '$(DESTDIR)$(UNITDIR)'/$$unit.tmp '$(DESTDIR)$(UNITDIR)'/$$unit || exit 1; \
+	done
+	install -m 0644 configs/systemd/metering.sysusers.conf $(DESTDIR)$(SYSUSERSDIR)/metering.conf
+	install -m 0644 configs/systemd/metering.tmpfiles.conf $(DESTDIR)$(TMPFILESDIR)/metering.conf
+	install -m 0644 docs/operations.md $(DESTDIR)$(DOCDIR)/operations.md
+	@if [ -n "$(DESTDIR)" ]; then \
+	    echo "install-systemd: staged in $(DESTDIR); on the target host run:" \
+	        "systemd-sysusers; systemd-tmpfiles --create; systemctl daemon-reload"; \
+	elif [ -d /run/systemd/system ]; then \
+	    set -x; \
+	    systemd-sysusers $(SYSUSERSDIR)/metering.conf && \
+	    systemd-tmpfiles --create $(TMPFILESDIR)/metering.conf && \
+	    systemctl daemon-reload; \
+	else \
+	    echo "install-systemd: systemd is not running here; once it is, run:" \
+	        "systemd-sysusers; systemd-tmpfiles --create; systemctl daemon-reload"; \
+	fi
 
 clean:
 	rm -rf $(VENV) demo-state .pytest_cache *.egg-info

@@ -12,26 +12,35 @@ from __future__ import annotations
 import asyncio
 import signal
 import stat
+from typing import Any
 
 import structlog
 
-from metering_client.config import ClientConfig
+from metering_client.config import ClientConfig, check_agent_credential
 from metering_client.connector import Connector
 from metering_client.journal import LeaseJournal
 from metering_client.keeper import HeldLease, LeaseKeeper
 from metering_client.local_api import LocalSession
+from metering_client.metrics import AgentMetrics
 from metering_client.programs import pid_alive
 from metering_client.serverlist import ServerList
+from metering_client.spool import Spool, UsageLog
+from metering_client.uploader import Uploader
+from metering_client.watcher import Watcher
 from metering_protocol.address import Address
-from metering_protocol.errors import MeteringError
+from metering_protocol.config import ConfigError
+from metering_protocol.errors import CredentialUnusable, MeteringError
 from metering_protocol.unixsock import someone_listens
 from metering_runtime.connection import Connection, Endpoint, Limits
+from metering_runtime.http import HttpEndpoint, Response
 from metering_runtime.listeners import Listener, bind
+from metering_runtime.systemd import ServiceNotifier
 from metering_runtime.tasks import TaskOwner
 
 log = structlog.get_logger("metering.agent")
 
 REAP_INTERVAL_S = 2.0
+SEEN_REFRESH_S = 60.0  # open usage records: "still running at" is written this often
 
 
 class AgentSocketError(OSError):
@@ -55,22 +64,54 @@ class Agent:
         self.connector = Connector(config, self.servers)
         self.journal = LeaseJournal(config.state_dir / "leases.json")
         self.keeper = LeaseKeeper(self.connector, on_lost=self._lost, on_change=self._persist)
+        # Usage: every run of a watched program and every seat taken through the local API
+        # is one record, spooled durably (state_dir/spool) and uploaded with `usage`.
+        self.spool = Spool(config.state_dir / "spool")
+        self.usage = UsageLog(self.spool, self.name)
+        self.uploader = Uploader(
+            self.spool,
+            self.keeper.call,
+            self._connected,
+            interval_s=config.usage.upload_interval_s,
+            batch_size=config.usage.batch_size,
+            batch_max_bytes=config.usage.batch_max_bytes,
+        )
+        self.watcher: Watcher | None = None
+        if config.watch.enabled:
+            self.watcher = Watcher(
+                config.watch,
+                self.keeper,
+                self.spool,
+                self.name,
+                connected=self._connected,
+                catalogue_path=config.state_dir / "catalogue.json",
+            )
+        self.keeper.on_session(self._session_established)
         self.holders: dict[str, LocalSession] = {}  # seat handle -> the program's session
         self.endpoint = Endpoint(local_limits(config), self._new_session)
         self.stopping = False
         self._listener: Listener | None = None
         self._tasks = TaskOwner("agent")
+        self.systemd = ServiceNotifier(self.status_line)  # READY, STATUS, watchdog
         self._stop = asyncio.Event()
+        self.metrics: AgentMetrics | None = None
+        self.http: HttpEndpoint | None = None
 
     def _new_session(self, conn: Connection) -> LocalSession:
         return LocalSession(conn, self)
 
     # --- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
+        try:
+            # A credential the servers can only refuse: fail here, not with auth_failed later.
+            check_agent_credential(self.config)
+        except ConfigError as exc:
+            raise CredentialUnusable(str(exc)) from None  # the CLI: one line, exit 78
         for held in self.journal.load():
             self.keeper.adopt(held)
         if self.keeper.held:
             log.info("leases_recovered", count=len(self.keeper.held))
+        await self._recover_usage()
         path = self.config.socket
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists() and not stat.S_ISSOCK(path.lstat().st_mode):
@@ -82,9 +123,16 @@ class Agent:
         )
         self.keeper.start()
         self._tasks.spawn(self._reap_dead_programs(), "reap-dead-programs")
+        self._tasks.spawn(self.uploader.run(), "usage-uploader")
+        self._tasks.spawn(self.usage.upkeep(SEEN_REFRESH_S), "usage-upkeep")
+        if self.watcher is not None:
+            self._tasks.spawn(self.watcher.run(), "watcher")
+        if self.config.metrics.listen is not None:
+            await self._start_metrics(self.config.metrics.listen)
         log.info(
             "agent_started", socket=str(path), servers=[e.address for e in self.servers.entries()]
         )
+        self.systemd.ready(self._tasks)
 
     async def serve_forever(self, *, handle_signals: bool = False) -> None:
         loop = asyncio.get_running_loop()
@@ -105,21 +153,97 @@ class Agent:
     async def stop(self) -> None:
         """A clean stop keeps the leases (journal) so the next start reclaims them."""
         self.stopping = True
+        self.systemd.stopping()
         self.endpoint.draining = True
         if self._listener is not None:
             self._listener.close()
         await self._tasks.cancel_all()
+        if self.watcher is not None:  # watched programs keep their seats and open records
+            await self.watcher.stop()
         # Local connections end by closing their sockets; their in-flight requests are
         # cancelled and awaited by the engine.
         self.endpoint.abort_all()
         await self.endpoint.wait_closed(5.0)
+        if self.http is not None:
+            await self.http.close()
         await self.keeper.stop()
         log.info("agent_stopped", leases_kept=len(self.keeper.held))
 
+    async def _start_metrics(self, listen: str) -> None:
+        self.metrics = AgentMetrics(
+            self.keeper.status, lambda: len(self.endpoint.connections), self._usage_gauges
+        )
+
+        async def healthz() -> Response:
+            connected = self.keeper.status()["connected"] and not self.stopping
+            body = b'{"status": "serving"}\n' if connected else b'{"status": "unavailable"}\n'
+            return Response(200 if connected else 503, body, "application/json")
+
+        self.http = HttpEndpoint({"/metrics": self.metrics.scrape, "/healthz": healthz})
+        await self.http.start(listen)
+
+    def status_line(self) -> str:
+        session = self.keeper.session
+        where = "no server" if session is None or session.dead else f"connected to {session.server}"
+        return f"{where}, {len(self.keeper.held)} lease(s)"
+
     async def _persist(self) -> None:
-        await self.journal.save(list(self.keeper.held.values()))
+        try:
+            await self.journal.save(list(self.keeper.held.values()))
+        finally:
+            await self.usage.seats_changed(self.keeper.held)  # never raises
+
+    # --- usage -------------------------------------------------------------------------------
+    async def _recover_usage(self) -> None:
+        """Before serving: the spool's open runs against the leases the journal gave back."""
+        running = self.spool.load()
+        watched = await self.usage.recover(
+            running, self.keeper.held, watching=self.watcher is not None
+        )
+        if self.watcher is not None:
+            self.watcher.load_catalogue()
+            closed = [r for r in self.spool.records.values() if not r.running]
+            await self.watcher.recover(watched, closed)
+
+    def _connected(self) -> bool:
+        session = self.keeper.session
+        return session is not None and not session.dead
+
+    def _session_established(self) -> None:
+        self.uploader.trigger()
+        if self.watcher is not None:
+            self.watcher.server_back()
+
+    def usage_status(self) -> dict[str, Any]:
+        """The `spool` object of the local `status` reply (and `metering-client status`)."""
+        spool = self.spool.status()
+        up = self.uploader.status()
+        return {**spool, **up, "error": spool["write_error"] or up["upload_error"]}
+
+    def watch_status(self) -> dict[str, Any] | None:
+        return self.watcher.status() if self.watcher is not None else None
+
+    def _usage_gauges(self) -> list[tuple[str, str, float]]:
+        gauges = [
+            (
+                "metering_agent_spool_depth",
+                "Usage records spooled and not yet acknowledged by a server",
+                float(self.spool.depth),
+            ),
+        ]
+        if self.watcher is not None:
+            gauges.append(
+                (
+                    "metering_agent_watched_programs",
+                    "Licensed programs running that the process watcher tracks",
+                    float(len(self.watcher.runs)),
+                )
+            )
+        return gauges
 
     def _lost(self, held: HeldLease, reason: str) -> None:
+        if self.watcher is not None:
+            self.watcher.seat_lost(held.handle, reason)
         session = self.holders.pop(held.handle, None)
         if session is not None:
             session.send({"event": "revoked", "lease": held.handle, "reason": reason})
@@ -130,6 +254,8 @@ class Agent:
             for held in list(self.keeper.held.values()):
                 if held.detached or held.handle in self.holders:
                     continue
+                if self.watcher is not None and self.watcher.owns(held.handle):
+                    continue  # the watcher checks in when the last of its programs exits
                 if not pid_alive(held.pid, held.pid_start):
                     log.info("program_gone_checking_in", lease=held.handle, pid=held.pid)
                     try:

@@ -22,7 +22,7 @@ from metering_client.connector import Connector
 from metering_client.keeper import HeldLease, LeaseKeeper
 from metering_client.serverlist import ServerList
 from metering_protocol.client import ProtocolClient
-from metering_protocol.errors import ConnectionLost, MeteringError
+from metering_protocol.errors import ConnectionLost, LeaseRevoked, MeteringError
 
 log = structlog.get_logger("metering.client")
 
@@ -77,6 +77,7 @@ class Seat:
         self.lease: str | None = None
         self.reply: dict[str, Any] = {}
         self.lost = asyncio.Event()
+        self.lost_reason: str | None = None  # "revoked" when an admin took the seat back
         self.via_agent = False
         self._agent: ProtocolClient | None = None
         self._keeper: LeaseKeeper | None = None
@@ -127,10 +128,24 @@ class Seat:
 
     def _on_agent_event(self, msg: dict[str, Any]) -> None:
         if msg.get("event") == "revoked" and msg.get("lease") == self.lease:
-            self.lost.set()
+            self._set_lost(str(msg.get("reason") or "revoked"))
 
     def _on_lost(self, held: HeldLease, reason: str) -> None:
-        self.lost.set()
+        self._set_lost(reason)
+
+    def _set_lost(self, reason: str) -> None:
+        if not self.lost.is_set():
+            self.lost_reason = reason
+            self.lost.set()
+
+    @property
+    def revoked(self) -> bool:
+        """An admin revoked the seat: in enforce mode its program must stop (`run` does)."""
+        return self.lost_reason == "revoked"
+
+    @property
+    def enforced(self) -> bool:
+        return self.reply.get("mode", "enforce") == "enforce"
 
     async def _stay_attached(self) -> None:
         """If the agent restarts while we hold a seat, re-attach to it with our lease id."""
@@ -154,7 +169,7 @@ class Seat:
                 except MeteringError as exc:
                     await client.close()
                     if not exc.retryable:
-                        self.lost.set()
+                        self._set_lost("revoked" if isinstance(exc, LeaseRevoked) else str(exc))
                         return
                     continue
                 client.on_event = self._on_agent_event

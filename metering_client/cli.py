@@ -22,12 +22,11 @@ from metering_client.connector import Connector
 from metering_client.keeper import LeaseKeeper
 from metering_client.serverlist import ServerList
 from metering_protocol.config import ConfigError
-from metering_protocol.errors import AUTH_TERMINAL, MeteringError
+from metering_protocol.errors import MeteringError
 from metering_protocol.messages import Seconds
 from metering_runtime.cliargs import UsageParser, seconds_up_to
 from metering_runtime.exitcodes import (
     EX_CONFIG,
-    EX_NOPERM,
     EX_SOFTWARE,
     EX_TEMPFAIL,
     EX_USAGE,
@@ -38,7 +37,6 @@ from metering_runtime.logs import configure_logging
 # The protocol's bound on wait_s (messages.Seconds, `le`): a larger --wait is refused here, as
 # a usage error, instead of by the server as a bad_request after connecting.
 MAX_WAIT_S: float = next(m.le for m in get_args(Seconds)[1:] if getattr(m, "le", None) is not None)
-_AUTH_CODES = frozenset(cls.code for cls in AUTH_TERMINAL)
 
 
 def _globals(p: argparse.ArgumentParser, sub: bool) -> None:
@@ -185,7 +183,20 @@ async def run_command(
         for sig in forwarded:
             loop.add_signal_handler(sig, _forward, proc, sig)
         try:
-            code = await proc.wait()
+            exited = asyncio.ensure_future(proc.wait())
+            lost = asyncio.ensure_future(seat.lost.wait())
+            await asyncio.wait({exited, lost}, return_when=asyncio.FIRST_COMPLETED)
+            if not exited.done() and seat.revoked and seat.enforced:
+                # Treated like a denial: the program may not go on without its seat.
+                print(
+                    f"metering-client run: the seat ({seat.lease}) was revoked by an "
+                    f"administrator; stopping {cmd[0]}",
+                    file=sys.stderr,
+                )
+                await _stop(proc, exited, config.watch.kill_grace_s)
+                return EX_TEMPFAIL
+            code = await exited
+            lost.cancel()
         finally:
             for sig in forwarded:
                 loop.remove_signal_handler(sig)
@@ -195,6 +206,16 @@ async def run_command(
                 file=sys.stderr,
             )
     return 128 - code if code < 0 else code
+
+
+async def _stop(proc: asyncio.subprocess.Process, exited: asyncio.Future, grace_s: float) -> None:
+    """SIGTERM, then SIGKILL if it is still running after `grace_s`."""
+    _forward(proc, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(asyncio.shield(exited), grace_s)
+    except TimeoutError:
+        _forward(proc, signal.SIGKILL)
+        await exited
 
 
 def _forward(proc: asyncio.subprocess.Process, sig: int) -> None:
@@ -268,11 +289,24 @@ async def _status(config: ClientConfig, args: argparse.Namespace) -> int:
         finally:
             await keeper.stop()
     _print(args, reply, _status_text(reply))
-    info = reply.get("agent") or {}
-    err = info.get("error")
-    if err and err.get("code") in _AUTH_CODES:
-        return EX_NOPERM
-    return 0
+    return _status_exit(reply.get("agent"))
+
+
+def _status_exit(agent: dict[str, Any] | None) -> int:
+    """0 while the agent has a server session (or, with no agent, the servers answered);
+    otherwise why it has none, through the shared table: 77 credential refused (auth_failed,
+    locked_out), 78 token file unusable, 75 no server reachable / not connected yet."""
+    if agent is None or agent.get("connected"):
+        return 0
+    err = agent.get("error")
+    if not err:
+        print(
+            "metering-client status: agent not connected (no attempt finished yet)", file=sys.stderr
+        )
+        return EX_TEMPFAIL
+    exc = MeteringError.from_wire(err)
+    print(f"metering-client status: agent not connected: {exc}", file=sys.stderr)
+    return exit_code(exc)
 
 
 def _status_text(reply: dict[str, Any]) -> str:
@@ -285,6 +319,20 @@ def _status_text(reply: dict[str, Any]) -> str:
         )
         if agent.get("error"):
             lines.append(f"agent error: {agent['error']['code']}: {agent['error']['message']}")
+        spool = agent.get("spool")
+        if spool:
+            lines.append(
+                f"usage spool: {spool['depth']} record(s) to upload, {spool.get('open', 0)} "
+                f"run(s) going on; last upload: {spool.get('last_upload') or 'never'}"
+            )
+            if spool.get("error"):
+                lines.append(f"usage spool error: {spool['error']}")
+        watch = agent.get("watch")
+        if watch:
+            lines.append(
+                f"watcher: {watch['programs']} licensed program(s) running, "
+                f"{watch['seats']} seat(s) held for them"
+            )
     if reply.get("server"):
         lines.append(f"server: {reply['server']}")
     lines.append(f"{'PRODUCT':<20} {'VERSION':<10} {'IN USE':>6} {'SEATS':>6} {'QUEUED':>6}  MODE")

@@ -12,7 +12,8 @@ import msgspec
 
 from metering_protocol.address import AddressError, parse_address
 from metering_protocol.config import ConfigError, convert, read_toml, resolve
-from metering_runtime.tokens import read_token_file
+from metering_runtime.http import parse_listen
+from metering_runtime.tokens import TokenFileError, read_token_file, require_token_file
 
 DEFAULT_CONFIG = Path("/etc/metering/client.toml")
 Pos = Annotated[int, msgspec.Meta(gt=0)]
@@ -51,6 +52,21 @@ class ServersSection(_S):
 class WatchSection(_S):
     enabled: bool = True
     interval_ms: Pos = 500
+    kill_grace_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0  # SIGTERM, then SIGKILL after this
+    # Several instances of one product run by one user: one seat (and one record) for all,
+    # held while any runs ("shared"), or a seat and a record each ("each").
+    instances: Literal["shared", "each"] = "shared"
+    # enforce mode with no server reachable: let programs run without a seat (recorded as
+    # overuse) for offline_grace_s after the servers were lost ("allow"), or stop them ("stop").
+    offline: Literal["allow", "stop"] = "allow"
+    offline_grace_s: Annotated[float, msgspec.Meta(ge=0)] = 3600.0
+    catalogue_refresh_s: PosF = 60.0  # re-read the servers' catalogue (executables) this often
+
+
+class UsageSection(_S):
+    upload_interval_s: PosF = 30.0  # and at once when a server session is established
+    batch_size: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 500  # records per `usage`
+    batch_max_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 60000  # < servers' max_frame_bytes
 
 
 class LocalSection(_S):
@@ -65,11 +81,17 @@ class LocalSection(_S):
     max_bad_frames_before_hello: Pos = 3
 
 
+class MetricsSection(_S):
+    listen: str | None = None  # HOST:PORT for the agent's GET /metrics and /healthz
+
+
 class _File(_S):
     client: ClientSection = ClientSection()
     servers: ServersSection = ServersSection()
     watch: WatchSection = WatchSection()
     local: LocalSection = LocalSection()
+    metrics: MetricsSection = MetricsSection()
+    usage: UsageSection = UsageSection()
 
 
 @dataclass(frozen=True)
@@ -83,9 +105,11 @@ class ClientConfig:
     servers: ServersSection
     watch: WatchSection
     local: LocalSection
+    metrics: MetricsSection
     tls_ca_file: Path | None
     log_format: str
     log_level: str
+    usage: UsageSection
 
     @property
     def connect_timeout_s(self) -> float:
@@ -121,6 +145,11 @@ def build_client_config(data: dict, path: Path | None) -> ClientConfig:
     where = path if path is not None else "<defaults>"
     cfg = convert(data, _File, where)
     base = path.parent.resolve() if path is not None else Path.cwd()
+    if cfg.metrics.listen is not None:
+        try:
+            parse_listen(cfg.metrics.listen)
+        except ValueError as exc:
+            raise ConfigError(where, "metrics.listen", str(exc)) from None
     if not cfg.servers.addresses:
         raise ConfigError(where, "servers.list", "needs at least one server address")
     for i, addr in enumerate(cfg.servers.addresses):
@@ -147,15 +176,39 @@ def build_client_config(data: dict, path: Path | None) -> ClientConfig:
         servers=cfg.servers,
         watch=cfg.watch,
         local=cfg.local,
+        metrics=cfg.metrics,
         tls_ca_file=ca,
         log_format=cfg.client.log_format,
         log_level=cfg.client.log_level,
+        usage=cfg.usage,
     )
 
 
 def read_token(path: Path | None) -> str | None:
     """The agent's bearer token (None: no token file, e.g. peer credentials on unix://)."""
     return read_token_file(path) if path is not None else None
+
+
+def check_agent_credential(config: ClientConfig) -> None:
+    """At agent start: refuse a credential the servers could only refuse (ConfigError naming
+    client.token_file) — a token file that is missing, empty or readable by others, or no
+    token file (`token_file = ""`: peer credentials) while a server is not on unix://."""
+    where = config.path if config.path is not None else "<defaults>"
+    key = "client.token_file"
+    if config.token_file is None:
+        for i, address in enumerate(config.servers.addresses):
+            if not address.startswith("unix://"):
+                raise ConfigError(
+                    where,
+                    key,
+                    "no token file (peer credentials) works only with unix:// servers, "
+                    f"but servers.list[{i}] is {address}: name the agent's token file",
+                )
+        return
+    try:
+        require_token_file(config.token_file)
+    except TokenFileError as exc:
+        raise ConfigError(where, key, str(exc).removeprefix("token file ")) from None
 
 
 def token_stamp(path: Path | None) -> tuple | None:

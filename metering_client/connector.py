@@ -20,7 +20,7 @@ from typing import Any
 
 import structlog
 
-from metering_client.config import ClientConfig, read_token, token_stamp
+from metering_client.config import ClientConfig, token_stamp
 from metering_client.holdoff import AuthHoldoff
 from metering_client.retry import RetryPolicy, RetrySettings, attempt_order
 from metering_client.serverlist import ServerEntry, ServerList
@@ -32,7 +32,7 @@ from metering_protocol.errors import (
     MeteringError,
     Unavailable,
 )
-from metering_runtime.tokens import TokenFileError
+from metering_runtime.tokens import TokenFileError, require_token_file
 
 log = structlog.get_logger("metering.client")
 
@@ -143,11 +143,18 @@ class Connector:
         before moving back."""
         return [e for e in self.servers.entries() if e.priority < entry.priority]
 
-    def learn_servers(self, servers: list[dict[str, Any]]) -> bool:
-        """Take the site's server list (as a server sends it); True if it changed."""
-        if not self.servers.learn(servers):
+    def learn_servers(self, servers: list[dict[str, Any]], version: Any = None) -> bool:
+        """Take the site's server list and its `servers_version` (as a server sends them, at
+        hello or in a `servers` event; None from an older server); True if it changed."""
+        if not self.servers.learn(servers, version):
+            if self.servers.ignored:
+                log.debug("server_list_ignored", reason=self.servers.ignored)
             return False
-        log.info("server_list_learned", servers=[e.address for e in self.servers.entries()])
+        log.info(
+            "server_list_learned",
+            servers=[e.address for e in self.servers.entries()],
+            servers_version=self.servers.version,
+        )
         return True
 
     def background_delay_s(self) -> float:
@@ -164,9 +171,13 @@ class Connector:
     # --- connecting ---------------------------------------------------------------------------
     def _credential(self) -> tuple[str | None, str | None, Any]:
         try:
-            token = read_token(self.config.token_file)
+            # A token file the config names must stay there: once it is gone, a hello
+            # without a token would only count as a failed logon against the principal.
+            path = self.config.token_file
+            token = require_token_file(path) if path is not None else None
         except TokenFileError as exc:
-            raise CredentialUnusable(str(exc)) from None
+            self.last_error = CredentialUnusable(str(exc))
+            raise self.last_error from None
         return self.config.user, token, token_stamp(self.config.token_file)
 
     def check_holdoff(self) -> None:
@@ -259,7 +270,7 @@ class Connector:
         session = ServerSession(entry, client, hello)
         self.holdoff.clear()
         self.last_error = None
-        self.learn_servers(hello.get("servers") or [])
+        self.learn_servers(hello.get("servers") or [], hello.get("servers_version"))
         log.info("connected", server=session.server, address=entry.address)
         return session
 

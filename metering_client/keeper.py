@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import asdict, dataclass
@@ -32,6 +33,7 @@ from metering_protocol.errors import (
     CredentialUnusable,
     Internal,
     LeaseNotFound,
+    LeaseRevoked,
     MeteringError,
     Overloaded,
     ProtocolViolation,
@@ -109,7 +111,7 @@ class SessionSource(Protocol):
 
     def better_than(self, entry: ServerEntry) -> list[ServerEntry]: ...
 
-    def learn_servers(self, servers: list[dict[str, Any]]) -> bool: ...
+    def learn_servers(self, servers: list[dict[str, Any]], version: Any = None) -> bool: ...
 
     def background_delay_s(self) -> float: ...
 
@@ -171,6 +173,7 @@ class LeaseKeeper:
         self._gave_up = False  # after a full bounded attempt failed: one pass per backoff_max
         self.failovers = 0
         self._last_note: asyncio.Task | None = None
+        self._session_callbacks: list[Callable[[], None]] = []
         connector.subscribe(self._on_event)  # for the keeper's life
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -188,6 +191,18 @@ class LeaseKeeper:
         # on_change calls already made or scheduled run to their end (they run in order).
         while self._last_note is not None and not self._last_note.done():
             await asyncio.wait([self._last_note])
+
+    def on_session(self, callback: Callable[[], None]) -> None:
+        """`callback()` (sync) each time a new server session is in place — a first connect,
+        a reconnect, a failover, a move back: the moment to send what waited for a server."""
+        self._session_callbacks.append(callback)
+
+    def _session_established(self) -> None:
+        for callback in list(self._session_callbacks):
+            try:
+                callback()
+            except Exception:  # an observer's bug must not cost the session
+                log.exception("session_callback_failed")
 
     @property
     def request_timeout(self) -> float:
@@ -227,6 +242,7 @@ class LeaseKeeper:
             self._gave_up = False
             self.session = session
             self._wake.set()
+            self._session_established()
             return session
 
     def _watch(self, session: Session) -> None:
@@ -259,6 +275,9 @@ class LeaseKeeper:
             )
         except SESSION_FAULTS:
             raise
+        except LeaseRevoked:
+            await self._lose(held, "revoked")
+            return
         except MeteringError as exc:  # denied, lease_not_found, forbidden ...
             await self._lose(held, f"reclaim refused: {exc}")
             return
@@ -351,7 +370,13 @@ class LeaseKeeper:
                 "seats": held.seats,
                 "mode": held.mode,
             }
-        fields: dict[str, Any] = {"product": product, "version": version}
+        # One key for every attempt of this checkout: a retry after a lost reply, on any
+        # server, gets the lease the first attempt made (or keeps its place in the queue).
+        fields: dict[str, Any] = {
+            "product": product,
+            "version": version,
+            "idempotency_key": "K" + secrets.token_hex(12),
+        }
         if user is not None:
             fields["user"] = user
         if wait_s:
@@ -397,7 +422,7 @@ class LeaseKeeper:
     def _on_event(self, session: Session, msg: dict[str, Any]) -> None:
         event = msg.get("event")
         if event == "servers":
-            self.connector.learn_servers(msg.get("servers") or [])
+            self.connector.learn_servers(msg.get("servers") or [], msg.get("servers_version"))
         elif event == "shutdown":
             self.session_failed(session, "server is shutting down")
         elif event == "revoked":
@@ -484,9 +509,14 @@ class LeaseKeeper:
         except MeteringError as exc:
             log.error("heartbeat_refused", error=str(exc))
             return
-        lost = set(reply.get("lost") or ())
+        revoked = set(reply.get("revoked") or ())
+        for held in [h for h in self.held.values() if h.lease in revoked]:
+            # An admin took it back (through whichever server): never replaced behind the
+            # program's back — the program is told, and in enforce mode `run` stops it.
+            await self._lose(held, "revoked")
+        lost = set(reply.get("lost") or ()) - revoked
         for held in [h for h in self.held.values() if h.lease in lost]:
-            # Expired or revoked meanwhile: try once to get a seat again, as a reclaim would.
+            # Expired meanwhile: try once to get a seat again, as a reclaim would.
             try:
                 await self._reclaim(session, held)
             except SESSION_FAULTS as exc:
@@ -514,6 +544,7 @@ class LeaseKeeper:
             log.info(
                 "moved_back", server=candidate.server, left=old.server if old is not None else None
             )
+            self._session_established()
             if old is not None:
                 self._retire(old)
             return

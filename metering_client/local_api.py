@@ -18,6 +18,7 @@ import structlog
 
 from metering_client.keeper import LeaseKeeper
 from metering_client.programs import pid_start
+from metering_client.spool import UsageLog
 from metering_protocol import messages as m
 from metering_protocol.errors import Forbidden, LeaseNotFound, MeteringError
 from metering_protocol.unixsock import user_name
@@ -52,6 +53,11 @@ class AgentSeats(Protocol):
     keeper: LeaseKeeper
     holders: dict[str, LocalSession]  # seat handle -> the program's session holding it
     stopping: bool
+    usage: UsageLog  # a record per seat taken here
+
+    def usage_status(self) -> dict[str, Any]: ...  # the spool: depth, last upload, error
+
+    def watch_status(self) -> dict[str, Any] | None: ...
 
 
 class LocalSession:
@@ -141,6 +147,8 @@ class LocalSession:
         )
         self.handles.add(held.handle)
         self.agent.holders[held.handle] = self
+        # On disk before the program hears of its seat (a reclaim adds nothing).
+        await self.agent.usage.seat_taken(held, reply, self.agent.keeper.held.__contains__)
         return {**{k: v for k, v in reply.items() if k not in ("id", "ok")}, "lease": held.handle}
 
     async def op_checkin(self, req: LocalCheckin) -> dict[str, Any]:
@@ -175,4 +183,6 @@ class LocalSession:
             with contextlib.suppress(MeteringError):
                 reply = await self.agent.keeper.call("status")
                 products, server = reply.get("products", []), reply.get("server")
+        agent["spool"] = self.agent.usage_status()
+        agent["watch"] = self.agent.watch_status()
         return {"server": server, "products": products, "agent": agent}

@@ -4,6 +4,12 @@ Servers send the site's current list at hello and push changes; persisting it le
 that restarts go straight to the right servers instead of waiting for its next configuration
 cycle. The configured addresses stay as a last resort, so a stale or wrong learned list can
 never leave a client with nowhere to go.
+
+Each list comes with `servers_version`, which the site's operator raises whenever the list
+changes. A client keeps the list with the highest version it has seen, whichever server sent
+it: a server still handing out an older list (not reloaded yet) cannot make it forget a server
+added since. A list without a version (a server older than versioning) counts as version 0;
+version 0 means "unversioned", so among version-0 lists the last one heard wins, as before.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ from typing import Any
 from metering_protocol.address import AddressError, parse_address
 from metering_runtime.durable import write_atomic
 
-_STATE_VERSION = 1
+_STATE_VERSION = 1  # the file format; `servers_version` was added to it compatibly
+_MAX_VERSION = 2**53 - 1  # versions are JSON integers: stay within what every peer reads exactly
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +58,15 @@ def _parse_entry(raw: Any) -> ServerEntry:
     return ServerEntry(address=address, name=name, priority=priority)
 
 
+def _parse_version(raw: Any) -> int:
+    """A wire/state `servers_version`; None (absent) is 0. Raises ValueError when invalid."""
+    if raw is None:
+        return 0
+    if not isinstance(raw, int) or isinstance(raw, bool) or not 0 <= raw <= _MAX_VERSION:
+        raise ValueError(f"servers_version is not an integer in 0..2^53-1: {raw!r}")
+    return raw
+
+
 def _dedupe(entries: Sequence[ServerEntry]) -> list[ServerEntry]:
     # A server listed twice is attempted once, at its best priority; equal priorities
     # keep the sender's order because attempt ordering rotates within a priority.
@@ -65,7 +81,8 @@ class ServerList:
 
     The learned list is authoritative for what it contains and replaces the previous one as a
     whole, so servers removed from the site disappear. Configured addresses it lacks are kept
-    as fallbacks after every learned server.
+    as fallbacks after every learned server. Only a list of a higher `servers_version` (or any
+    list while the learned one is unversioned, version 0) replaces the learned one.
     """
 
     def __init__(self, configured: Sequence[str], state_path: Path | None) -> None:
@@ -73,10 +90,16 @@ class ServerList:
         self._configured: list[str] = list(dict.fromkeys(_normalize(a) for a in configured))
         self._state_path = state_path
         self._learned: list[ServerEntry] = []
+        # The learned list's servers_version; None while nothing was learned or loaded.
+        self.version: int | None = None
         self.load_error: str | None = None
         self.save_error: str | None = None
         # Entries the last learn() skipped, for the caller to log.
         self.learn_errors: list[str] = []
+        # Set by learn() when it ignored an older list the first time it saw that list (the
+        # same stale server answers every reconnect: the caller logs it once, at debug).
+        self.ignored: str | None = None
+        self._last_ignored: tuple[int, tuple[ServerEntry, ...]] | None = None
 
     def load(self) -> None:
         """Adopt the list persisted by an earlier run.
@@ -102,21 +125,34 @@ class ServerList:
             if not isinstance(servers, list):
                 raise ValueError("'servers' is not a list")
             learned = [_parse_entry(raw) for raw in servers]
+            version = _parse_version(data.get("servers_version"))  # absent: an older file, 0
         except ValueError as exc:  # json.JSONDecodeError is a ValueError
             self.load_error = f"ignoring {self._state_path}: {exc}"
             return
         self._learned = _dedupe(learned)
+        self.version = version
 
-    def learn(self, servers: list[dict]) -> bool:
-        """Replace the learned list with one a server sent; True if the effective list changed.
+    def learn(self, servers: list[dict], version: Any = None) -> bool:
+        """Take a list a server sent (hello reply or `servers` event) with its
+        `servers_version` (None: an older server, version 0); True if the effective list
+        changed.
 
-        Invalid entries are skipped (see `learn_errors`). If a non-empty list has no valid
-        entry at all, it is ignored rather than allowed to wipe a good list; an empty list is
-        taken at its word and leaves only the configured servers.
+        A list of a lower version than the learned one, or of the same version (above 0) but
+        different, is ignored (described in `ignored` the first time). A higher version
+        replaces the learned list even when the servers are the same (the version is kept and
+        persisted). Invalid entries are skipped (see `learn_errors`). If a non-empty list has
+        no valid entry at all, it is ignored rather than allowed to wipe a good list; an empty
+        list is taken at its word and leaves only the configured servers.
         """
         self.learn_errors = []
+        self.ignored = None
         if not isinstance(servers, list):
             self.learn_errors.append(f"server list is not a list: {servers!r}")
+            return False
+        try:
+            version = _parse_version(version)
+        except ValueError as exc:
+            self.learn_errors.append(str(exc))
             return False
         learned: list[ServerEntry] = []
         for raw in servers:
@@ -127,14 +163,35 @@ class ServerList:
         if servers and not learned:
             return False
         learned = _dedupe(learned)
-        if learned == self._learned and self.save_error is None:
+        if self._is_stale(version, learned):
+            return False
+        if learned == self._learned and version == self.version and self.save_error is None:
             return False  # nothing new, and what is on disk already says it
         before = self.entries()
         self._learned = learned
+        self.version = version
         # Persisted even when the effective list happens to look the same (a learned list
-        # that mirrors the config): what is on disk must be what the site said last.
+        # that mirrors the config, or a new version of the same list): what is on disk must
+        # be the list and version kept here.
         self._save()
         return self.entries() != before
+
+    def _is_stale(self, version: int, learned: list[ServerEntry]) -> bool:
+        """An older list than the one learned (a server not reloaded yet, or an older server
+        while a versioned list is known), or another list under the same version."""
+        current = self.version
+        if current is None or version > current:
+            return False
+        if version == current and (version == 0 or learned == self._learned):
+            return False  # unversioned: the last list heard wins; or simply the same list
+        key = (version, tuple(learned))
+        if key != self._last_ignored:
+            self._last_ignored = key
+            self.ignored = (
+                f"ignored a server list of version {version}: keeping version {current}"
+                + (" (a different list under the same version)" if version == current else "")
+            )
+        return True
 
     def entries(self) -> list[ServerEntry]:
         """The effective list, preferred first."""
@@ -162,6 +219,7 @@ class ServerList:
             return
         data = {
             "version": _STATE_VERSION,
+            "servers_version": self.version or 0,
             "servers": [
                 {"name": e.name, "address": e.address, "priority": e.priority}
                 for e in self._learned

@@ -111,6 +111,14 @@ class LeaseNotFound(MeteringError):
     retryable = False
 
 
+class LeaseRevoked(MeteringError):
+    """An admin revoked this lease (through any server): it is not reclaimed, and the client
+    must not replace it with a new seat behind its program's back."""
+
+    code = "revoked"
+    retryable = False
+
+
 class Cancelled(MeteringError):
     code = "cancelled"
     retryable = False

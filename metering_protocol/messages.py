@@ -7,7 +7,9 @@ Unknown fields are ignored: newer clients may add fields (PROTOCOL.md allows add
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -45,6 +47,9 @@ class Checkout(Request, frozen=True, kw_only=True):
     user: Name | None = None
     wait_s: Seconds = 0.0
     lease: LeaseId | None = None
+    # A retry of this checkout (same principal and client, any server) gets the lease the
+    # first attempt created, or keeps its place in the queue: never a second seat.
+    idempotency_key: Name | None = None
 
 
 class Cancel(Request, frozen=True, kw_only=True):
@@ -75,6 +80,49 @@ class Reload(Request, frozen=True, kw_only=True):
     pass
 
 
+class Health(Request, frozen=True, kw_only=True):
+    pass
+
+
+class Lockouts(Request, frozen=True, kw_only=True):
+    pass
+
+
+class Unlock(Request, frozen=True, kw_only=True):
+    principal: Name | None = None
+    source: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None
+
+
+# --- usage metering -----------------------------------------------------------------------------
+MAX_USAGE_RECORDS = 1000  # records in one `usage` request; more is a bad frame
+Timestamp = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
+class Usage(Request, frozen=True, kw_only=True):
+    # Each record is judged on its own (`parse_usage_record`): a bad one is rejected alone,
+    # so the frame only has to be a bounded list.
+    records: Annotated[list[Any], msgspec.Meta(max_length=MAX_USAGE_RECORDS)]
+
+
+class UsageRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One run of a licensed program, as a client uploads it (`usage` op)."""
+
+    record_id: Name  # client-made, unique: a record seen before is a duplicate
+    product: Name
+    version: Name
+    user: Name  # the end user
+    client: Name
+    started_at: Timestamp  # RFC 3339
+    ended_at: Timestamp
+    outcome: Literal["granted", "denied", "overuse"]
+
+
+class Report(Request, frozen=True, kw_only=True):
+    since: Timestamp
+    until: Timestamp
+    product: Name | None = None
+
+
 REQUESTS: dict[str, type[Request]] = {
     "hello": Hello,
     "ping": Ping,
@@ -86,6 +134,11 @@ REQUESTS: dict[str, type[Request]] = {
     "leases": Leases,
     "revoke": Revoke,
     "reload": Reload,
+    "health": Health,
+    "lockouts": Lockouts,
+    "unlock": Unlock,
+    "usage": Usage,
+    "report": Report,
 }
 
 
@@ -110,6 +163,42 @@ def parse_request(frame: dict[str, Any], ops: dict[str, type[Request]] = REQUEST
         raise BadRequest(f"unknown op {op[:64]!r}")
     try:
         return msgspec.convert(frame, cls)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(_describe(exc)) from None
+    except RecursionError:
+        raise BadRequest("a field is nested too deeply") from None
+
+
+# RFC 3339 date-time: a full date, a full time, and Z or a numeric offset (no bare dates,
+# no ISO 8601 basic format, no naive local times).
+_RFC3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})", re.ASCII
+)
+
+
+def parse_time(text: str, field: str) -> float:
+    """An RFC 3339 time as UTC epoch seconds; BadRequest naming `field` otherwise."""
+    if _RFC3339.fullmatch(text):
+        frac = text.find(".")
+        if frac != -1:  # datetime keeps microseconds: drop digits past them
+            end = frac + 1
+            while end < len(text) and text[end].isdigit():
+                end += 1
+            text = text[: min(end, frac + 7)] + text[end:]
+        try:
+            dt = datetime.fromisoformat(text.upper().replace("Z", "+00:00").replace(" ", "T"))
+            return dt.timestamp()
+        except ValueError:
+            pass
+    raise BadRequest(f"{field}: expected an RFC 3339 UTC time like 2024-05-01T12:00:00Z")
+
+
+def parse_usage_record(raw: Any) -> UsageRecord:
+    """One record of a `usage` request, validated on its own (BadRequest names the field)."""
+    if not isinstance(raw, dict):
+        raise BadRequest(f"a record must be an object, got {type(raw).__name__}")
+    try:
+        return msgspec.convert(raw, UsageRecord)
     except msgspec.ValidationError as exc:
         raise BadRequest(_describe(exc)) from None
     except RecursionError:

@@ -14,6 +14,9 @@ import asyncio
 import contextlib
 import itertools
 import secrets
+import socket
+import ssl
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -32,6 +35,7 @@ from metering_protocol.errors import (
     ShuttingDown,
 )
 from metering_protocol.unixsock import peer_credentials
+from metering_runtime.listeners import tls_streams
 
 log = structlog.get_logger("metering.conn")
 _conn_ids = itertools.count(1)
@@ -49,6 +53,9 @@ class Limits:
     idle_timeout_s: float = 300.0
     max_bad_frames_before_hello: int = 3
     close_grace_s: float = 1.0  # in-flight requests' time to answer after the peer left
+    # TLS connections over max_connections still get their handshake (within hello_timeout_s)
+    # so they can be told `overloaded`; past this many at once they are closed unanswered.
+    max_shed_handshakes: int = 64
 
     @classmethod
     def of(cls, section: Any, **overrides: Any) -> Limits:
@@ -99,11 +106,15 @@ class Connection:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         transport: str,
+        *,
+        hello_deadline: float | None = None,
     ):
         self.endpoint = endpoint
         self.limits = endpoint.limits
         self.reader = reader
         self.writer = writer
+        # Loop time by which hello must have arrived; from accept (a TLS handshake included).
+        self.hello_deadline = hello_deadline
         self.decoder = framing.FrameDecoder(self.limits.max_frame_bytes)
         self.tasks: set[asyncio.Task] = set()
         self.by_id: dict[int, asyncio.Task] = {}
@@ -176,7 +187,9 @@ class Connection:
         structlog.contextvars.bind_contextvars(conn=self.peer.conn_id, source=self.peer.source)
         limits = self.limits
         try:
-            deadline = asyncio.get_running_loop().time() + limits.hello_timeout_s
+            deadline = self.hello_deadline
+            if deadline is None:
+                deadline = asyncio.get_running_loop().time() + limits.hello_timeout_s
             while not self.closing:
                 if self.dispatcher.authenticated:
                     try:
@@ -254,6 +267,8 @@ class Connection:
             self.closing = True
 
     async def _dispatch(self, req: m.Request) -> None:
+        observe = self.endpoint.observe
+        started = time.perf_counter() if observe is not None else 0.0
         try:
             result = await self.dispatcher.handle(req)
         except MeteringError as exc:
@@ -276,6 +291,9 @@ class Connection:
                 ),
             )
             return
+        finally:
+            if observe is not None:
+                observe(req.op, time.perf_counter() - started)
         self.send({"id": req.id, "ok": True, **result})
 
     async def _close(self) -> None:
@@ -298,36 +316,107 @@ class Connection:
 
 
 class Endpoint:
-    """Every connection of one daemon's listeners: the connection cap, drain, abort."""
+    """Every connection of one daemon's listeners: the connection cap, drain, abort.
+
+    A connection counts against `max_connections` from accept: on tls:// listeners the
+    handshake runs here (`handshaking`), within the connection's hello deadline.
+    """
 
     def __init__(self, limits: Limits, make_dispatcher: Callable[[Connection], Dispatcher]):
         self.limits = limits
         self.make_dispatcher = make_dispatcher
         self.connections: set[Connection] = set()
+        self.handshaking: set[asyncio.Task] = set()  # counted TLS handshakes
+        self._shedding: set[asyncio.Task] = set()  # over-cap handshakes, to say `overloaded`
         self.draining = False
+        # Called with (op, seconds) after each request (metrics); None costs nothing.
+        self.observe: Callable[[str, float], None] | None = None
+
+    @property
+    def counted(self) -> int:
+        """Connections counted against max_connections: served ones and TLS handshakes."""
+        return len(self.connections) + len(self.handshaking)
 
     def handler_for(
-        self, transport: str
-    ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+        self, transport: str, ssl_context: ssl.SSLContext | None = None
+    ) -> Callable[..., Awaitable[None]]:
+        """The listener's handler: `(reader, writer)` for tcp and unix; for tls (with
+        `ssl_context`) `(sock)`, an accepted socket whose handshake is ours to run."""
+        if transport == "tls":
+            if ssl_context is None:
+                raise ValueError("a tls listener needs an ssl_context")
+            return self._tls_handler(ssl_context)
+
         async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             if self.draining:
                 writer.close()
                 return
-            if len(self.connections) >= self.limits.max_connections:
-                err = Overloaded("too many connections", retry_after_s=1.0)
-                writer.write(framing.encode({"id": None, "ok": False, "error": err.to_wire()}))
-                with contextlib.suppress(Exception):
-                    await writer.drain()
-                writer.close()
+            if self.counted >= self.limits.max_connections:
+                await self._refuse(writer)
                 return
-            conn = Connection(self, reader, writer, transport)
-            self.connections.add(conn)
-            try:
-                await conn.run()
-            finally:
-                self.connections.discard(conn)
+            await self._serve(reader, writer, transport, None)
 
         return accept
+
+    def _tls_handler(
+        self, ssl_context: ssl.SSLContext
+    ) -> Callable[[socket.socket], Awaitable[None]]:
+        async def accept(sock: socket.socket) -> None:
+            if self.draining:
+                sock.close()
+                return
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.limits.hello_timeout_s
+            over = self.counted >= self.limits.max_connections
+            if over and len(self._shedding) >= self.limits.max_shed_handshakes:
+                log.debug("tls_refused_overloaded", peer=_peername(sock))
+                sock.close()
+                return
+            task = asyncio.current_task()
+            assert task is not None
+            tracking = self._shedding if over else self.handshaking
+            tracking.add(task)
+            peer = _peername(sock)
+            try:
+                reader, writer = await tls_streams(
+                    sock, ssl_context, timeout=deadline - loop.time()
+                )
+            except (TimeoutError, OSError) as exc:  # ssl.SSLError is an OSError
+                log.debug("tls_handshake_failed", peer=peer, error=_reason(exc))
+                return
+            finally:
+                tracking.discard(task)
+            if self.draining:
+                writer.close()
+                return
+            if over:
+                await self._refuse(writer)
+                return
+            await self._serve(reader, writer, "tls", deadline)
+
+        return accept
+
+    async def _refuse(self, writer: asyncio.StreamWriter) -> None:
+        """Over max_connections: one `overloaded` frame, then close."""
+        err = Overloaded("too many connections", retry_after_s=1.0)
+        writer.write(framing.encode({"id": None, "ok": False, "error": err.to_wire()}))
+        with contextlib.suppress(Exception):
+            await writer.drain()
+        writer.close()
+
+    async def _serve(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        transport: str,
+        hello_deadline: float | None,
+    ) -> None:
+        conn = Connection(self, reader, writer, transport, hello_deadline=hello_deadline)
+        self.connections.add(conn)
+        try:
+            await conn.run()
+        finally:
+            self.connections.discard(conn)
 
     def push_all(self, event: str, **fields: Any) -> None:
         for conn in list(self.connections):
@@ -336,19 +425,42 @@ class Endpoint:
 
     def close_when_idle(self) -> None:
         self.draining = True
+        self._cancel_handshakes()  # nothing said yet: nothing to finish
         for conn in list(self.connections):
             conn.close_when_idle()
 
     def abort_all(self) -> None:
+        self._cancel_handshakes()
         for conn in list(self.connections):
             conn.abort()
+
+    def _cancel_handshakes(self) -> None:
+        for task in (*self.handshaking, *self._shedding):
+            task.cancel()
 
     async def wait_closed(self, timeout: float) -> bool:
         """True when every connection finished within `timeout`."""
         waits = [asyncio.ensure_future(c.finished.wait()) for c in self.connections]
+        waits += [asyncio.ensure_future(asyncio.wait({t})) for t in self.handshaking]
         if not waits:
             return True
         _, pending = await asyncio.wait(waits, timeout=timeout)
         for w in pending:
             w.cancel()
         return not pending
+
+
+def _peername(sock: socket.socket) -> str:
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return "?"
+    return str(peer[0]) if isinstance(peer, tuple) else str(peer)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return "not finished within hello_timeout_s"
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__

@@ -61,6 +61,7 @@ EXIT_CODES: Mapping[type[e.MeteringError], int] = MappingProxyType(
         e.ReloadFailed: EX_CONFIG,
         # An ordinary "no": the lease asked about is not there (admin revoke, client checkin).
         e.LeaseNotFound: EX_FAIL,
+        e.LeaseRevoked: EX_TEMPFAIL,  # treated like a denial: the program had to stop
         # A code this release does not know: the peer's retry verdict decides (see exit_code);
         # this entry is the not-retryable case.
         e.UnknownError: EX_FAIL,

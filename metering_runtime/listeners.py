@@ -1,9 +1,19 @@
-"""One listener abstraction over TCP, TLS and Unix sockets, each reporting its bound address."""
+"""One listener abstraction over TCP, TLS and Unix sockets, each reporting its bound address.
+
+tcp:// and unix:// listeners are asyncio servers calling a stream handler.  tls:// listeners
+accept themselves (`AcceptLoop`) and hand the handler the accepted *socket*, before a byte of
+it is read: the handler (the connection engine) counts the connection, then runs the TLS
+handshake (`tls_streams`) within its hello deadline.  asyncio's own TLS server would run the
+handshake before calling the handler — uncounted, and for up to 60 s — and a handshake
+started on a stream the server already reads from (`StreamWriter.start_tls`) loses a
+ClientHello that arrived early (on uvloop it always does: reading starts at accept).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import socket
 import ssl
@@ -12,10 +22,21 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
+
 from metering_protocol.address import Address
 from metering_protocol.unixsock import someone_listens
 
+log = structlog.get_logger("metering.listen")
+
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+# tls:// listeners: called with each accepted socket (non-blocking, nothing read from it yet);
+# the handler owns it from then on: it must close it or hand it to `tls_streams`.
+SocketHandler = Callable[[socket.socket], Awaitable[None]]
+
+BACKLOG = 100  # asyncio's default for start_server
+ACCEPT_RETRY_DELAY_S = 1.0  # out of file descriptors: stop accepting this long (as asyncio does)
+_ACCEPT_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class BindError(OSError):
@@ -26,7 +47,7 @@ class BindError(OSError):
 class Listener:
     configured: Address
     bound: Address
-    server: asyncio.Server
+    server: asyncio.AbstractServer | AcceptLoop
     owned: bool = True  # False: systemd owns the socket (and its file) across restarts
 
     def close(self) -> None:
@@ -44,19 +65,25 @@ def _remove_socket_file(path: Path) -> None:
 
 async def bind(
     address: Address,
-    handler: Handler,
+    handler: Handler | SocketHandler,
     *,
-    ssl_context: ssl.SSLContext | None = None,
     unix_mode: int = 0o666,
     limit: int = 2**16,
     inherited: list[socket.socket] | None = None,
 ) -> Listener:
+    """Listen on `address` (or on the socket-activated socket bound to it, from `inherited`).
+
+    tcp:// and unix://: `handler(reader, writer)`.  tls://: `handler(sock)` with each accepted
+    socket, the handshake not started (see the module docstring and `tls_streams`).
+    """
     sock = _take_inherited(address, inherited or [])
+    if address.scheme == "tls":
+        return await _bind_tls(address, handler, sock)  # type: ignore[arg-type]
     if sock is not None:
         if address.is_unix:
             server = await asyncio.start_unix_server(handler, sock=sock, limit=limit)
             return Listener(address, address, server, owned=False)
-        server = await asyncio.start_server(handler, sock=sock, ssl=ssl_context, limit=limit)
+        server = await asyncio.start_server(handler, sock=sock, limit=limit)
         host, port = sock.getsockname()[:2]
         return Listener(address, Address(address.scheme, host=host, port=port), server)
     try:
@@ -74,20 +101,175 @@ async def bind(
             handler,
             host=address.host,
             port=address.port,
-            ssl=ssl_context,
             limit=limit,
             reuse_address=True,
         )
     except BindError:
         raise
     except OSError as exc:
-        raise BindError(
-            f"cannot listen on {address}: {exc.strerror or exc}; "
-            "pick a free address in server.listen"
-        ) from None
+        raise _bind_error(address, exc) from None
     sock = server.sockets[0]
     host, port = sock.getsockname()[:2]
     return Listener(address, Address(address.scheme, host=host, port=port), server)
+
+
+def _bind_error(address: Address, exc: OSError) -> BindError:
+    return BindError(
+        f"cannot listen on {address}: {exc.strerror or exc}; pick a free address in server.listen"
+    )
+
+
+async def _bind_tls(
+    address: Address, handler: SocketHandler, inherited: socket.socket | None
+) -> Listener:
+    if inherited is not None:
+        socks = [inherited]
+    else:
+        try:
+            socks = await _listening_sockets(address.host, address.port)
+        except OSError as exc:
+            raise _bind_error(address, exc) from None
+    server = AcceptLoop(socks, handler)
+    server.start()
+    host, port = socks[0].getsockname()[:2]
+    return Listener(address, Address(address.scheme, host=host, port=port), server)
+
+
+async def _listening_sockets(host: str, port: int) -> list[socket.socket]:
+    """Bound, listening, non-blocking sockets for every address `host` resolves to (as
+    asyncio.start_server binds them: SO_REUSEADDR, IPv6 sockets IPv6-only)."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    socks: list[socket.socket] = []
+    try:
+        for family, type_, proto, _, sockaddr in dict.fromkeys(infos):
+            sock = socket.socket(family, type_, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, True)
+            sock.bind(sockaddr)
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    if not socks:
+        raise OSError(errno.EADDRNOTAVAIL, f"{host!r} resolves to no address")
+    return socks
+
+
+class AcceptLoop:
+    """Accepts on listening sockets and hands each connection's socket to `handler` at once,
+    in a task of its own.  The listener of a tls:// address (see the module docstring)."""
+
+    def __init__(self, sockets: list[socket.socket], handler: SocketHandler):
+        self._sockets = list(sockets)
+        self._handler = handler
+        self._loop = asyncio.get_running_loop()
+        self._tasks: set[asyncio.Task] = set()
+        self._retry: dict[int, asyncio.TimerHandle] = {}
+        self._serving = False
+        self._closed = asyncio.Event()
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return tuple(self._sockets)
+
+    def is_serving(self) -> bool:
+        return self._serving
+
+    def start(self) -> None:
+        self._serving = True
+        for sock in self._sockets:
+            sock.setblocking(False)
+            self._loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def close(self) -> None:
+        """Stop accepting and close the listening sockets; accepted connections stay theirs."""
+        if not self._serving:
+            return
+        self._serving = False
+        for handle in self._retry.values():
+            handle.cancel()
+        self._retry.clear()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError, ValueError):
+                self._loop.remove_reader(sock.fileno())
+            sock.close()
+        self._closed.set()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    def _accept(self, sock: socket.socket) -> None:
+        for _ in range(BACKLOG):  # a burst, then let the loop breathe
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue  # the peer gave up before we accepted
+            except OSError as exc:
+                if exc.errno in _ACCEPT_RESOURCE_ERRNOS:
+                    # Out of descriptors: a busy loop would not help. Pause this socket.
+                    reason = exc.strerror or str(exc)
+                    log.warning("accept_paused", error=reason, pause_s=ACCEPT_RETRY_DELAY_S)
+                    self._loop.remove_reader(sock.fileno())
+                    self._retry[sock.fileno()] = self._loop.call_later(
+                        ACCEPT_RETRY_DELAY_S, self._resume, sock
+                    )
+                    return
+                log.error("accept_failed", error=exc.strerror or str(exc))
+                return
+            conn.setblocking(False)
+            task = self._loop.create_task(self._handle(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _resume(self, sock: socket.socket) -> None:
+        self._retry.pop(sock.fileno(), None)
+        if self._serving:
+            self._loop.add_reader(sock.fileno(), self._accept, sock)
+
+    async def _handle(self, conn: socket.socket) -> None:
+        try:
+            await self._handler(conn)
+        except Exception:  # the handler's bug must not go unlogged or leak the socket
+            log.exception("connection_handler_failed")
+            conn.close()
+
+
+async def tls_streams(
+    sock: socket.socket, ssl_context: ssl.SSLContext, *, timeout: float, limit: int = 2**16
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """The server side of the TLS handshake on an accepted socket (from an `AcceptLoop`),
+    finished within `timeout` seconds, as a stream pair.
+
+    Raises TimeoutError, ssl.SSLError or OSError when the handshake fails or does not finish
+    in time; the socket is closed then (it belongs to the event loop's transport from here on).
+    """
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=limit, loop=loop)
+    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+    try:
+        async with asyncio.timeout(timeout):
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol,
+                sock,
+                ssl=ssl_context,
+                # A backstop only: the timeout above is the one that ends a slow handshake.
+                ssl_handshake_timeout=max(timeout, 0.0) + 1.0,
+            )
+    except BaseException:
+        # The loop closed its transport (and with it the socket); this covers a failure
+        # before it took the socket over.
+        sock.close()
+        raise
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
 
 def _take_inherited(address: Address, inherited: list[socket.socket]) -> socket.socket | None:

@@ -23,7 +23,7 @@ def read_token_file(path: Path) -> str | None:
     if st.st_mode & 0o077:
         raise TokenFileError(
             f"token file {path}: readable by group or others "
-            f"(mode {st.st_mode & 0o777:o}); chmod 600 it"
+            f"(mode {st.st_mode & 0o777:o}; it must be 0600 or stricter); chmod 600 it"
         )
     try:
         token = path.read_text(encoding="utf-8").strip()
@@ -32,3 +32,13 @@ def read_token_file(path: Path) -> str | None:
     except OSError as exc:
         raise TokenFileError(f"token file {path}: {exc.strerror or exc}") from None
     return token or None
+
+
+def require_token_file(path: Path) -> str:
+    """The bare token of a token file that must be there: like `read_token_file`, and a
+    missing or empty file is an error too (one line naming the file and the problem)."""
+    token = read_token_file(path)
+    if token is None:
+        problem = "is empty" if path.exists() else "does not exist"
+        raise TokenFileError(f"token file {path}: {problem}")
+    return token

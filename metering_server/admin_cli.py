@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
-import html
 import io
 import json
 import os
@@ -36,17 +35,21 @@ from metering_protocol.errors import (
     MeteringError,
     UnknownError,
 )
+from metering_protocol.framing import DEFAULT_MAX_FRAME_BYTES
 from metering_protocol.timefmt import parse_rfc3339, rfc3339
 from metering_runtime.cliargs import UsageParser
+from metering_runtime.durable import write_atomic
 from metering_runtime.exitcodes import (
     EX_CONFIG,
     EX_FAIL,
     EX_SOFTWARE,
+    EX_TEMPFAIL,
     EX_UNAVAILABLE,
     EX_USAGE,
     exit_code,
 )
 from metering_runtime.tokens import TokenFileError, read_token_file
+from metering_server import report_html
 from metering_server.auth.credentials import ROLES, CredentialsError, add_principal
 
 PROG = "metering-admin"
@@ -159,21 +162,66 @@ def parser() -> argparse.ArgumentParser:
     )
     _globals(rl, sub=True)
 
-    rp = sub.add_parser("report", help="usage report (admin)")
+    h = sub.add_parser(
+        "health",
+        help="is the server serving, and does its store answer",
+        description="Prints serving / draining / degraded and the store's state; exits 0 "
+        "while serving, 75 otherwise.",
+    )
+    _globals(h, sub=True)
+
+    lo = sub.add_parser(
+        "lockouts",
+        help="principals and sources locked out now (admin)",
+        description="Lists every lock in force: a principal locked after too many failed "
+        "logons, or a source address locked for failing across many principals (spraying).",
+    )
+    _globals(lo, sub=True)
+
+    un = sub.add_parser(
+        "unlock",
+        help="lift the lock of a principal, or of a source with --source (admin)",
+        description="Lifts a lock and forgets its failures; recorded in the server's "
+        "security log. Exit 1 when there was nothing to lift.",
+    )
+    un.add_argument("principal", metavar="PRINCIPAL", nargs="?", help="principal to unlock")
+    un.add_argument("--source", metavar="ADDR", help="source address (10.0.0.7, unix:uid=N)")
+    _globals(un, sub=True)
+
+    rp = sub.add_parser(
+        "report",
+        help="usage report: sessions, hours, peak in use, denials per product and user (admin)",
+        description="Usage of each product in the catalogue (and of products seen in usage "
+        "records but not in the catalogue) over the period [--since, --until): sessions, "
+        "hours, peak seats in use, denials, overuse; then per end user. Formats: table (for "
+        "people), csv (one row per product and per user, column `scope`), json (the "
+        "server's reply), html (one self-contained page with a chart of seats in use per "
+        "product).",
+    )
     rp.add_argument(
         "--since",
         metavar="WHEN",
-        help="start: RFC 3339 time or YYYY-MM-DD (UTC); default 30 days before --until",
+        help="start: RFC 3339 time (2024-05-01T08:00:00Z) or a date YYYY-MM-DD (its 00:00 "
+        "UTC); default 7 days before --until",
     )
     rp.add_argument(
-        "--until", metavar="WHEN", help="end: RFC 3339 time or YYYY-MM-DD (UTC); default now"
+        "--until",
+        metavar="WHEN",
+        help="end, not included: RFC 3339 time, or a date YYYY-MM-DD (the whole day is "
+        "included: up to the next day's 00:00 UTC); default now",
     )
-    rp.add_argument("--product", metavar="P", help="only product P")
+    rp.add_argument("--product", metavar="P", help="only product P (case-insensitive)")
     rp.add_argument(
         "--format",
         choices=("table", "csv", "json", "html"),
         default="table",
         help="output format (default table; --json implies json)",
+    )
+    rp.add_argument(
+        "--output",
+        metavar="FILE",
+        type=Path,
+        help="write the report to FILE (replaced atomically) instead of stdout",
     )
     _globals(rp, sub=True)
 
@@ -279,7 +327,9 @@ def _ssl_context(args: argparse.Namespace, addr: Address) -> ssl.SSLContext | No
         raise AdminError(f"--ca-file {args.ca_file}: {reason}", EX_CONFIG) from None
 
 
-async def _session(args: argparse.Namespace) -> ProtocolClient:
+async def _session(
+    args: argparse.Namespace, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+) -> ProtocolClient:
     """Connect and say hello: a token when given, else peer credentials over unix://."""
     addr = _server_address(args)
     token = read_token(args.token_file) if args.token_file is not None else None
@@ -296,7 +346,9 @@ async def _session(args: argparse.Namespace) -> ProtocolClient:
         user = args.user
     ctx = _ssl_context(args, addr)
     try:
-        client = await ProtocolClient.connect(addr, timeout=args.timeout, ssl_context=ctx)
+        client = await ProtocolClient.connect(
+            addr, timeout=args.timeout, ssl_context=ctx, max_frame_bytes=max_frame_bytes
+        )
     except ConnectionLost as exc:
         raise AdminError(f"cannot connect to {exc.message}", EX_UNAVAILABLE) from None
     try:
@@ -309,8 +361,14 @@ async def _session(args: argparse.Namespace) -> ProtocolClient:
     return client
 
 
-async def _call(args: argparse.Namespace, op: str, **fields: Any) -> dict[str, Any]:
-    client = await _session(args)
+async def _call(
+    args: argparse.Namespace,
+    op: str,
+    *,
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    **fields: Any,
+) -> dict[str, Any]:
+    client = await _session(args, max_frame_bytes)
     try:
         return await client.request(op, timeout=args.timeout, **fields)
     finally:
@@ -391,11 +449,53 @@ async def cmd_reload(args: argparse.Namespace) -> int:
     return 0
 
 
-def _when(text: str, option: str) -> float:
+async def cmd_lockouts(args: argparse.Namespace) -> int:
+    reply = await _call(args, "lockouts")
+    locks = reply.get("locks") or []
+    if args.json:
+        _emit_json(_reply_data(reply))
+        return 0
+    if not locks:
+        print("no locks")
+        return 0
+    keys = ("kind", "name", "failures", "locked_until", "retry_after_s")
+    print(table([k.upper() for k in keys], [[lock.get(k) for k in keys] for lock in locks]))
+    return 0
+
+
+async def cmd_unlock(args: argparse.Namespace) -> int:
+    if (args.principal is None) == (args.source is None):
+        raise AdminError("unlock: give a PRINCIPAL or --source ADDR (one of them)", EX_USAGE)
+    fields = {"principal": args.principal} if args.principal else {"source": args.source}
+    reply = await _call(args, "unlock", **fields)
+    lifted = reply.get("unlocked") or []
+    what = args.principal or f"source {args.source}"
+    if args.json:
+        _emit_json(_reply_data(reply))
+    elif lifted:
+        print(f"unlocked {what}")
+    else:
+        print(f"{what}: no lock or failures to lift")
+    return 0 if lifted else EX_FAIL
+
+
+async def cmd_health(args: argparse.Namespace) -> int:
+    reply = await _call(args, "health")
+    if args.json:
+        _emit_json(_reply_data(reply))
+    else:
+        print(f"{reply.get('status')} (store {reply.get('store')})")
+    return 0 if reply.get("status") == "serving" else EX_TEMPFAIL
+
+
+def _when(text: str, option: str, *, end_of_day: bool = False) -> float:
+    """RFC 3339, or a plain date: its 00:00 UTC (the next day's with `end_of_day`, so that
+    `--until 2024-05-31` includes May 31)."""
     try:
         if len(text) == 10:
             day = date.fromisoformat(text)
-            return datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()
+            start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+            return (start + timedelta(days=1 if end_of_day else 0)).timestamp()
         return parse_rfc3339(text)
     except ValueError:
         raise AdminError(
@@ -405,18 +505,32 @@ def _when(text: str, option: str) -> float:
         ) from None
 
 
+REPORT_DEFAULT_DAYS = 7
+# A report of many products and users is larger than an ordinary reply: accept one this big.
+REPORT_MAX_FRAME_BYTES = 16 * 1024 * 1024
+
+
 async def cmd_report(args: argparse.Namespace) -> int:
-    until = _when(args.until, "--until") if args.until else datetime.now(UTC).timestamp()
+    until = (
+        _when(args.until, "--until", end_of_day=True)
+        if args.until
+        else datetime.now(UTC).timestamp()
+    )
     since = (
-        _when(args.since, "--since") if args.since else until - timedelta(days=30).total_seconds()
+        _when(args.since, "--since")
+        if args.since
+        else until - timedelta(days=REPORT_DEFAULT_DAYS).total_seconds()
     )
     if since >= until:
         raise AdminError("report: --since must be before --until", EX_USAGE)
+    output: Path | None = args.output
+    if output is not None and not output.parent.is_dir():
+        raise AdminError(f"report: --output {output}: no such directory", EX_USAGE)
     fields: dict[str, Any] = {"since": rfc3339(since), "until": rfc3339(until)}
     if args.product:
         fields["product"] = args.product
     try:
-        reply = await _call(args, "report", **fields)
+        reply = await _call(args, "report", max_frame_bytes=REPORT_MAX_FRAME_BYTES, **fields)
     except BadRequest as exc:
         if exc.message.startswith("unknown op"):
             raise AdminError(
@@ -426,63 +540,120 @@ async def cmd_report(args: argparse.Namespace) -> int:
     data = _reply_data(reply)
     fmt = "json" if args.json else args.format
     if fmt == "json":
-        _emit_json(data)
-        return 0
-    headers, rows = _report_rows(data)
-    if fmt == "csv":
-        out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(headers)
-        writer.writerows([[_cell(v) for v in row] for row in rows])
-        sys.stdout.write(out.getvalue())
+        text = json.dumps(data, indent=2) + "\n"
+    elif fmt == "csv":
+        text = report_csv(data)
     elif fmt == "html":
-        print(_html(headers, rows, fields))
+        # The period as asked, should a server not echo it.
+        page = {**fields, **data}
+        text = report_html.render(page, server_address=str(_server_address(args)))
     else:
-        print(f"usage {fields['since']} .. {fields['until']}")
-        print(table([h.upper() for h in headers], rows) if rows else "no usage in this period")
+        text = report_table(data)
+    if output is None:
+        sys.stdout.write(text)
+        return 0
+    try:
+        write_atomic(output, text.encode("utf-8"), mode=_file_mode())
+    except OSError as exc:
+        raise AdminError(f"report: --output {output}: {exc.strerror or exc}", EX_FAIL) from None
+    print(f"{PROG}: report written to {output}", file=sys.stderr)
     return 0
 
 
-_REPORT_COLUMNS = ("sessions", "hours", "peak_in_use", "denials", "overuse")
+def _file_mode() -> int:
+    """What a plain `open(..., "w")` would give a new file: 0666 less the umask."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
-def _report_rows(data: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
-    """One row per product, then one per (product, user) when the server gives user rows."""
+def _products(data: dict[str, Any]) -> list[dict[str, Any]]:
     products = data.get("products")
-    if not isinstance(products, list):
-        products = []
-    headers = ["product", "version", "user", *_REPORT_COLUMNS]
-    rows: list[list[Any]] = []
+    return [p for p in products if isinstance(p, dict)] if isinstance(products, list) else []
+
+
+def _users(product: dict[str, Any]) -> list[dict[str, Any]]:
+    users = product.get("users")
+    return [u for u in users if isinstance(u, dict)] if isinstance(users, list) else []
+
+
+def _period(data: dict[str, Any]) -> str:
+    where = ", ".join(f"{k} {data[k]}" for k in ("site", "server") if isinstance(data.get(k), str))
+    period = f"{data.get('since')} .. {data.get('until')} (UTC, end not included)"
+    return f"usage report{' for ' + where if where else ''}: {period}"
+
+
+class _Hours(float):
+    """Hours in a table: always two decimals (35.45, 0.00), right-aligned like numbers."""
+
+    def __format__(self, spec: str) -> str:
+        return f"{float(self):.2f}"
+
+
+def _for_people(row: dict[str, Any]) -> dict[str, Any]:
+    hours = row.get("hours")
+    if isinstance(hours, int | float) and not isinstance(hours, bool):
+        return {**row, "hours": _Hours(hours)}
+    return row
+
+
+def report_table(data: dict[str, Any]) -> str:
+    """For people: one table of products, then one of users per product used."""
+    products = [_for_people(p) for p in _products(data)]
+    lines = [_period(data), ""]
+    if not products:
+        return "\n".join([*lines, "no products in the catalogue and no usage in this period", ""])
+    keys = ("product", "version", "seats", "mode", "sessions", "hours", "peak_in_use")
+    keys += ("denials", "overuse")
+    heads = [*(k.upper() for k in keys[:-3]), "PEAK", "DENIALS", "OVERUSE"]
+    lines.append(table(heads, [[p.get(k) for k in keys] for p in products]))
     for p in products:
-        if not isinstance(p, dict):
+        users = [_for_people(u) for u in _users(p)]
+        if not users:
             continue
-        rows.append([p.get("product"), p.get("version"), "*", *(p.get(k) for k in _REPORT_COLUMNS)])
-        users = p.get("users")
-        for u in users if isinstance(users, list) else []:
-            if isinstance(u, dict):
-                rows.append(
-                    [
-                        p.get("product"),
-                        p.get("version"),
-                        u.get("user"),
-                        *(u.get(k) for k in _REPORT_COLUMNS),
-                    ]
-                )
-    return headers, rows
+        ukeys = ("user", "sessions", "hours", "denials", "overuse")
+        lines += ["", f"{p.get('product')} {p.get('version')}: per user"]
+        lines.append(table([k.upper() for k in ukeys], [[u.get(k) for k in ukeys] for u in users]))
+    lines += ["", "hours: time in use within the period; peak: most seats in use at one instant"]
+    return "\n".join(lines) + "\n"
 
 
-def _html(headers: list[str], rows: list[list[Any]], fields: dict[str, Any]) -> str:
-    esc = html.escape
-    title = f"License usage {fields['since']} .. {fields['until']}"
-    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
-    body = "\n".join(
-        "<tr>" + "".join(f"<td>{esc(_cell(v))}</td>" for v in row) + "</tr>" for row in rows
-    )
-    return (
-        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{esc(title)}</title>'
-        f"</head>\n<body><h1>{esc(title)}</h1>\n<table>\n<tr>{head}</tr>\n{body}\n</table>"
-        f"</body></html>"
-    )
+CSV_COLUMNS = (
+    "scope",
+    "product",
+    "version",
+    "user",
+    "seats",
+    "mode",
+    "sessions",
+    "seconds",
+    "hours",
+    "peak_in_use",
+    "denials",
+    "overuse",
+)
+
+
+def report_csv(data: dict[str, Any]) -> str:
+    """One row per product (scope `product`) and per product and user (scope `user`)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+
+    def cell(value: Any) -> Any:
+        return "" if value is None or isinstance(value, list | dict) else value
+
+    for p in _products(data):
+        writer.writerow([cell(p.get(k)) if k != "scope" else "product" for k in CSV_COLUMNS])
+        for u in _users(p):
+            row = {**u, "scope": "user", "product": p.get("product"), "version": p.get("version")}
+            writer.writerow(
+                [
+                    cell(row.get(k)) if k not in ("seats", "mode", "peak_in_use") else ""
+                    for k in CSV_COLUMNS
+                ]
+            )
+    return out.getvalue()
 
 
 def cmd_add_principal(args: argparse.Namespace) -> int:
@@ -530,6 +701,9 @@ _ASYNC_COMMANDS = {
     "leases": cmd_leases,
     "revoke": cmd_revoke,
     "reload": cmd_reload,
+    "health": cmd_health,
+    "lockouts": cmd_lockouts,
+    "unlock": cmd_unlock,
     "report": cmd_report,
 }
 

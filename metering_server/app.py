@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from metering_protocol.config import ConfigError
 from metering_protocol.errors import ReloadFailed
 from metering_runtime import systemd
 from metering_runtime.connection import Connection, Endpoint, Limits
+from metering_runtime.http import HttpEndpoint, Response
 from metering_runtime.listeners import Listener, bind, server_ssl_context
 from metering_runtime.tasks import TaskOwner
 from metering_server.auth.credentials import Credentials, CredentialsError
@@ -34,12 +36,15 @@ from metering_server.config import ServerConfig, ServerSection, load_server_conf
 from metering_server.events import EventBus
 from metering_server.handlers import Handlers, SiteView
 from metering_server.licensing import Catalogue, Pool
+from metering_server.metrics import ServerMetrics
 from metering_server.seats import SeatService, SeatSettings
 from metering_server.session import Session
 from metering_server.store import open_store
 from metering_server.store.base import LeaseStore
 
 log = structlog.get_logger("metering.server")
+
+HEALTH_TIMEOUT_S = 2.0
 
 
 def catalogue_of(config: ServerConfig) -> Catalogue:
@@ -49,7 +54,12 @@ def catalogue_of(config: ServerConfig) -> Catalogue:
 
 
 def seat_settings(config: ServerConfig) -> SeatSettings:
-    return SeatSettings(config.server.name, config.leases.ttl_s, config.server.max_waiters)
+    return SeatSettings(
+        config.server.name,
+        config.leases.ttl_s,
+        config.server.max_waiters,
+        config.server.sweep_interval_s,
+    )
 
 
 def site_view(config: ServerConfig) -> SiteView:
@@ -62,6 +72,7 @@ def site_view(config: ServerConfig) -> SiteView:
         ],
         heartbeat_s=config.leases.heartbeat_s,
         lease_ttl_s=config.leases.ttl_s,
+        servers_version=config.site_servers_version,
     )
 
 
@@ -87,7 +98,7 @@ class MeteringServer:
     ):
         self.config = config
         self.clock = clock
-        self.store = store or open_store(config.store_url)
+        self.store = store or open_store(config.store_url, config.store_settings)
         self.seats = SeatService(
             self.store, catalogue_of(config), seat_settings(config), clock=clock
         )
@@ -98,9 +109,12 @@ class MeteringServer:
         self._site = site_view(config)
         self._sweeper: asyncio.Task | None = None
         self._tasks = TaskOwner("server")
+        self.systemd = systemd.ServiceNotifier(self.status_line)  # READY, STATUS, watchdog
         self._stop = asyncio.Event()
         self._stopped = asyncio.Event()
         self._reload_lock = asyncio.Lock()
+        self.metrics: ServerMetrics | None = None
+        self.http: HttpEndpoint | None = None
 
     @property
     def events(self) -> EventBus:
@@ -123,8 +137,9 @@ class MeteringServer:
         cfg = self.config
         structlog.contextvars.bind_contextvars(server=cfg.server.name)
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        credentials = Credentials.load(cfg.credentials_path, missing_ok=True)
+        credentials = Credentials.load(cfg.credentials_path, missing_ok=cfg.auth.peercred_only)
         await self.store.open()
+        await self.seats.start()
         self.authenticator = Authenticator(
             credentials,
             self.store,
@@ -132,8 +147,11 @@ class MeteringServer:
             cfg.auth.allow_peercred,
             self.clock,
             cfg.auth.security_log_window_s,
+            cfg.auth.spray_principals,
         )
-        self.handlers = Handlers(self.seats, self.authenticator, lambda: self._site, self.reload)
+        self.handlers = Handlers(
+            self.seats, self.authenticator, lambda: self._site, self.reload, self.health
+        )
         ssl_ctx = None
         if cfg.tls_cert is not None:
             ssl_ctx = server_ssl_context(cfg.tls_cert, cfg.tls_key)
@@ -143,8 +161,10 @@ class MeteringServer:
                 addr = parse_address(text)
                 listener = await bind(
                     addr,
-                    self.endpoint.handler_for(addr.scheme),
-                    ssl_context=ssl_ctx if addr.scheme == "tls" else None,
+                    # tls: the endpoint runs the handshake, counted and within hello_timeout_s
+                    self.endpoint.handler_for(
+                        addr.scheme, ssl_ctx if addr.scheme == "tls" else None
+                    ),
                     unix_mode=cfg.server.unix_socket_mode,
                     inherited=inherited,
                 )
@@ -158,17 +178,59 @@ class MeteringServer:
             log.warning("inherited_socket_unused", address=str(sock.getsockname()))
             sock.close()
         self._sweeper = self._tasks.spawn(self._sweep_loop(), "sweeper")
+        if cfg.metrics.listen is not None:
+            await self._start_metrics(cfg.metrics.listen)
         log.info(
             "server_started",
             listen=self.addresses,
             store=_redact(cfg.store_url),
             products=len(self.seats.catalogue.pools),
         )
-        systemd.notify("READY=1")
+        self.systemd.ready(self._tasks)
+
+    # --- health and metrics ---------------------------------------------------------------------
+    async def health(self) -> dict[str, str]:
+        """serving / draining / degraded (the store does not answer); store ok / unreachable."""
+        try:
+            async with asyncio.timeout(HEALTH_TIMEOUT_S):
+                await self.store.ping()
+            store = "ok"
+        except Exception:
+            store = "unreachable"
+        if self.draining:
+            return {"status": "draining", "store": store}
+        return {"status": "serving" if store == "ok" else "degraded", "store": store}
+
+    async def _start_metrics(self, listen: str) -> None:
+        metrics = ServerMetrics(self.seats, lambda: len(self.endpoint.connections), self.name)
+        self.endpoint.observe = metrics.observe_request
+        self.store.on_commit = metrics.observe_commit
+        self.authenticator.observers.append(metrics.observe_auth)
+        metrics.start()
+        self.metrics = metrics
+
+        async def scrape() -> Response:
+            return await metrics.scrape(draining=self.draining)
+
+        async def healthz() -> Response:
+            health = await self.health()
+            code = 200 if health["status"] == "serving" else 503
+            return Response(code, json.dumps(health).encode() + b"\n", "application/json")
+
+        self.http = HttpEndpoint({"/metrics": scrape, "/healthz": healthz})
+        await self.http.start(listen)
+        log.info("metrics_listening", address=f"{self.http.address.host}:{self.http.address.port}")
+
+    @property
+    def name(self) -> str:
+        return self.config.server.name
 
     @property
     def addresses(self) -> list[str]:
         return [str(listener.bound) for listener in self.listeners]
+
+    def status_line(self) -> str:
+        return f"serving {len(self.endpoint.connections)} connection(s)"
 
     def address(self, scheme: str) -> str:
         return next(a for a in self.addresses if a.startswith(scheme + "://"))
@@ -209,7 +271,7 @@ class MeteringServer:
             await self._stopped.wait()
             return
         timeout = self.config.server.drain_timeout_s if timeout is None else timeout
-        systemd.notify("STOPPING=1")
+        self.systemd.stopping(f"draining {len(self.endpoint.connections)} connection(s)")
         log.info("server_draining", connections=len(self.endpoint.connections))
         self.endpoint.draining = True
         for listener in self.listeners:
@@ -222,6 +284,10 @@ class MeteringServer:
             self.endpoint.abort_all()
             await self.endpoint.wait_closed(2.0)
         await self._tasks.cancel_all()
+        if self.metrics is not None:
+            await self.metrics.close()
+        if self.http is not None:
+            await self.http.close()
         await self.seats.close()
         self.authenticator.seclog.flush(final=True)
         await self.store.close()
@@ -263,7 +329,10 @@ class MeteringServer:
                 raise ReloadFailed("this server was started without a config file")
             try:
                 new = load_server_config(self.config.path)
-                credentials = Credentials.load(new.credentials_path, missing_ok=True)
+                check_servers_version(new, self.config)
+                credentials = Credentials.load(
+                    new.credentials_path, missing_ok=new.auth.peercred_only
+                )
             except (ConfigError, CredentialsError) as exc:
                 log.error("reload_failed", error=str(exc))
                 raise ReloadFailed(f"kept the running config: {exc}") from None
@@ -279,6 +348,8 @@ class MeteringServer:
                 )
             if new.site_servers != old.site_servers:
                 changed["site_servers"] = [s.address for s in new.site_servers]
+            if new.site_servers_version != old.site_servers_version:
+                changed["servers_version"] = new.site_servers_version
             if new.leases != old.leases:
                 changed["leases"] = {
                     "ttl_s": new.leases.ttl_s,
@@ -312,11 +383,42 @@ class MeteringServer:
                 lockout_settings(new),
                 new.auth.allow_peercred,
                 new.auth.security_log_window_s,
+                new.auth.spray_principals,
             )
             log.info("config_reloaded", changed=changed)
-            if "site_servers" in changed:
-                self.endpoint.push_all("servers", servers=self._site.servers)
+            if "site_servers" in changed or "servers_version" in changed:
+                self.endpoint.push_all(
+                    "servers",
+                    servers=self._site.servers,
+                    servers_version=self._site.servers_version,
+                )
             return changed
+
+
+def check_servers_version(new: ServerConfig, old: ServerConfig) -> None:
+    """A reload's site list against the running one (ConfigError naming the key if not).
+
+    Every server of a site hands out the same list for a version, and clients keep the list
+    with the highest version they saw: a changed `[[site.servers]]` needs a higher
+    `site.servers_version`, and the version never goes down (clients that saw the higher one
+    would ignore this server's list from then on).
+    """
+    was, now = old.site_servers_version, new.site_servers_version
+    where = new.path if new.path is not None else "<config>"
+    if now < was:
+        raise ConfigError(
+            where,
+            "site.servers_version",
+            f"went down from {was} to {now}; clients keep the highest version they saw, "
+            f"so give the list a version above {was}",
+        )
+    if now == was and new.site_servers != old.site_servers:
+        raise ConfigError(
+            where,
+            "site.servers_version",
+            f"[[site.servers]] changed but the version is still {was}: set it above {was}, "
+            "the same on every server of the site",
+        )
 
 
 def _keep(new: ServerSection, old: ServerSection) -> ServerSection:

@@ -2,8 +2,11 @@
 
 Order matters for the quiet security log and for cheap lockout: a locked principal or source
 is answered `locked_out` from the store's state before any hash work is done; only then is
-the token checked (scrypt, off the event loop).  Failures are counted in the store so every
-server sharing it sees the same lock.
+the token checked (a keyed SHA-256 on the loop; a legacy scrypt hash off it, once).
+Failures are counted in the store so every server sharing it sees the same lock: per
+principal (the lock), per (principal, source) (to know where they come from), and per source
+only across principals — a source is locked for spraying many principals, never because one
+principal behind it (a NAT) failed.
 """
 
 from __future__ import annotations
@@ -12,12 +15,14 @@ import asyncio
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
 from metering_protocol.errors import AuthFailed, LockedOut
+from metering_protocol.timefmt import rfc3339
 from metering_protocol.unixsock import user_name
-from metering_server.auth.credentials import Credentials
+from metering_server.auth.credentials import Credentials, CredentialsError
 from metering_server.auth.lockout import LockoutPolicy, LockoutSettings
 from metering_server.seclog import SecurityLog
 from metering_server.store.base import LeaseStore
@@ -31,6 +36,29 @@ class Identity:
     roles: frozenset[str]
 
 
+def principal_key(principal: str) -> str:
+    return f"principal:{principal}"
+
+
+def source_key(source: str) -> str:
+    return f"source:{source}"
+
+
+def pair_key(principal: str, source: str) -> str:
+    return f"pair:{principal}@{source}"
+
+
+def normal_source(text: str) -> str:
+    """What an operator types (`10.0.0.7`, `ip:10.0.0.7`, `unix:uid=1000`) as a source key."""
+    return text if text.startswith(("ip:", "unix:")) else f"ip:{text}"
+
+
+def spray_settings(settings: LockoutSettings, spray_principals: int) -> LockoutSettings:
+    """A source is counted once per principal failing from it: `spray_principals` different
+    principals within the window lock the source (password spraying)."""
+    return LockoutSettings(spray_principals, settings.window_s, settings.lockout_s)
+
+
 class Authenticator:
     def __init__(
         self,
@@ -40,14 +68,22 @@ class Authenticator:
         allow_peercred: bool,
         clock: Callable[[], float],
         security_log_window_s: float,
+        spray_principals: int = 10,
     ):
         self.credentials = credentials
         self.store = store
         self.policy = LockoutPolicy(settings)
+        self.spray = LockoutPolicy(spray_settings(settings, spray_principals))
         self.allow_peercred = allow_peercred
         self.clock = clock
         self.own_uid = os.getuid()
         self.seclog = SecurityLog(self._emit, security_log_window_s, clock)
+        # Told each refusal: "auth_failed" or "locked_out" (metrics).
+        self.observers: list[Callable[[str], None]] = []
+
+    def _refused(self, outcome: str) -> None:
+        for observe in self.observers:
+            observe(outcome)
 
     @staticmethod
     def _emit(event: str, fields: dict) -> None:
@@ -59,9 +95,11 @@ class Authenticator:
         settings: LockoutSettings,
         allow_peercred: bool,
         security_log_window_s: float,
+        spray_principals: int = 10,
     ) -> None:
         self.credentials = credentials
         self.policy = LockoutPolicy(settings)
+        self.spray = LockoutPolicy(spray_settings(settings, spray_principals))
         self.allow_peercred = allow_peercred
         self.seclog.window_s = security_log_window_s
 
@@ -78,25 +116,38 @@ class Authenticator:
                 reason="token and user required",
             )
             raise AuthFailed("hello needs `user` and `token` on this transport")
-        keys = [f"principal:{user}", f"source:{source}"]
+        pkey, skey, pair = principal_key(user), source_key(source), pair_key(user, source)
         now = self.clock()
-        states = await self.store.auth_states(keys)
-        retry_after = (
-            max((self.policy.retry_after(s, now) or 0.0) for s in states.values())
-            if states
-            else 0.0
+        states = await self.store.auth_states([pkey, skey])
+        retry_after = max(
+            self.policy.retry_after(states.get(pkey), now) or 0.0,
+            self.spray.retry_after(states.get(skey), now) or 0.0,
         )
         if retry_after > 0:
+            self._refused("locked_out")
             self.seclog.event("locked_out", principal=user, source=source)
             raise LockedOut(
                 "too many failed logons; try again later",
                 retry_after_s=round(max(retry_after, 0.1), 3),
             )
-        loop = asyncio.get_running_loop()
-        principal = await loop.run_in_executor(None, self.credentials.authenticate, user, token)
+        credentials = self.credentials
+        if credentials.needs_upgrade(user):  # a slow scrypt hash of an earlier release
+            loop = asyncio.get_running_loop()
+            principal = await loop.run_in_executor(None, credentials.authenticate, user, token)
+            if principal is not None:
+                await self._upgrade(credentials, user, token)
+        else:  # a keyed SHA-256: a microsecond, on the loop
+            principal = credentials.authenticate(user, token)
         if principal is None:
-            states = await self.store.record_auth_failure(keys, self.clock(), self.policy)
-            locked = [s for s in states.values() if self.policy.retry_after(s, self.clock())]
+            now = self.clock()
+            counted = await self.store.record_auth_failure([pkey, pair], now, self.policy)
+            sprayed = None
+            if counted[pair].count == 1:  # a principal new to this source within the window
+                sprayed = (await self.store.record_auth_failure([skey], now, self.spray))[skey]
+            locked = self.policy.retry_after(counted[pkey], now) or (
+                sprayed is not None and self.spray.retry_after(sprayed, now)
+            )
+            self._refused("auth_failed")
             self.seclog.event(
                 "auth_failed",
                 principal=user,
@@ -105,9 +156,60 @@ class Authenticator:
                 locked=bool(locked),
             )
             raise AuthFailed("unknown principal or wrong token")
-        if states:
-            await self.store.clear_auth_failures(keys, self.clock(), self.policy)
+        if pkey in states:  # earlier failures of this principal: a success forgives them
+            await self.store.clear_auth_failures([pkey, pair], self.clock(), self.policy)
         return Identity(principal.name, frozenset(principal.roles))
+
+    async def _upgrade(self, credentials: Credentials, user: str, token: str) -> None:
+        """Store the just-verified token's fast digest instead of its scrypt hash: in memory
+        at once, and in the credentials file when the server may write it."""
+        upgraded = credentials.upgraded(user, token)
+        if self.credentials is credentials:  # not replaced by a reload meanwhile
+            self.credentials = upgraded
+        if upgraded.source is None:
+            return
+        try:
+            await asyncio.to_thread(upgraded.save)
+            log.info("token_hash_upgraded", principal=user)
+        except CredentialsError as exc:
+            log.warning("token_hash_upgrade_not_saved", principal=user, error=str(exc))
+
+    async def locks(self) -> list[dict[str, Any]]:
+        """Locks in force now, as `metering-admin lockouts` lists them."""
+        now = self.clock()
+        out = []
+        for key, state in (await self.store.auth_locks(now)).items():
+            kind, _, name = key.partition(":")
+            if kind not in ("principal", "source"):
+                continue  # pair counts only say where failures came from
+            policy = self.policy if kind == "principal" else self.spray
+            out.append(
+                {
+                    "kind": kind,
+                    "name": name,
+                    "failures": state.count,
+                    "locked_until": rfc3339(state.locked_until),
+                    "retry_after_s": round(policy.retry_after(state, now) or 0.0, 3),
+                }
+            )
+        return out
+
+    async def unlock(self, *, principal: str | None, source: str | None, by: str) -> list[str]:
+        """Lift a principal's or a source's lock (and forget its failures)."""
+        keys = []
+        if principal is not None:
+            keys.append(principal_key(principal))
+        if source is not None:
+            keys.append(source_key(normal_source(source)))
+        lifted = await self.store.unlock(keys)
+        self.seclog.event(
+            "lockout_lifted",
+            principal=principal or "-",
+            source=source or "-",
+            by=by,
+            lifted=len(lifted),
+        )
+        return lifted
 
     def _by_peer(self, user: str | None, uid: int, source: str) -> Identity:
         name = user_name(uid)

@@ -20,6 +20,7 @@ from metering_runtime.listeners import BindError, server_ssl_context
 from metering_runtime.logs import configure_logging
 from metering_server.auth.credentials import Credentials, CredentialsError
 from metering_server.config import ServerConfig, build_server_config, load_server_config
+from metering_server.store.base import StoreUnavailable, StoreUnusable
 
 
 def parser() -> argparse.ArgumentParser:
@@ -48,9 +49,29 @@ def load(path: Path | None) -> ServerConfig:
     if path is None:
         return build_server_config({"server": {"state_dir": "metering-state"}}, None)
     cfg = load_server_config(path)
-    Credentials.load(cfg.credentials_path, missing_ok=True)
+    check_credentials(cfg)
     preflight(cfg)
     return cfg
+
+
+def check_credentials(cfg: ServerConfig) -> None:
+    """The credentials file must exist and be readable: without it every token hello fails
+    (and counts toward lockout). Only `auth.peercred_only = true` makes it optional."""
+    where = cfg.path or "<defaults>"
+    key = "auth.credentials_file"
+    path = cfg.credentials_path
+    if not cfg.auth.peercred_only and not path.exists():
+        raise ConfigError(
+            where,
+            key,
+            f"{path} does not exist; create it with `metering-admin add-principal NAME "
+            f"--role ROLE --credentials {path}`, or set auth.peercred_only = true to "
+            "authenticate by peer credentials alone",
+        )
+    try:
+        Credentials.load(path, missing_ok=cfg.auth.peercred_only)
+    except CredentialsError as exc:
+        raise ConfigError(where, key, str(exc)) from None
 
 
 def preflight(cfg: ServerConfig) -> None:
@@ -105,6 +126,12 @@ def main(argv: list[str] | None = None) -> int:
         return EX_UNAVAILABLE
     except (ConfigError, CredentialsError) as exc:
         print(f"metering-server: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except StoreUnavailable as exc:
+        print(f"metering-server: store: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    except StoreUnusable as exc:
+        print(f"metering-server: store: {exc}", file=sys.stderr)
         return EX_CONFIG
     except (ssl.SSLError, OSError) as exc:
         where = getattr(exc, "filename", None)

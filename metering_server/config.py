@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 
 from metering_protocol.address import AddressError, parse_address
 from metering_protocol.config import ConfigError, convert, read_toml, resolve
+from metering_runtime.http import parse_listen
+from metering_server.store import POSTGRES_SCHEMES, StoreSettings
 
 Pos = Annotated[int, msgspec.Meta(gt=0)]
 PosF = Annotated[float, msgspec.Meta(gt=0)]
@@ -43,6 +47,13 @@ class ServerSection(_S):
 
 class StoreSection(_S):
     url: str | None = None
+    # PostgreSQL only (see docs/operations.md, "Running a site on PostgreSQL"):
+    password_file: str | None = None
+    pool_min: Annotated[int, msgspec.Meta(ge=0, le=10000)] = 2
+    pool_max: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 10
+    connect_timeout_s: PosF = 5.0
+    start_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 300.0  # 0: wait for ever
+    query_timeout_s: PosF = 30.0
 
 
 class LeasesSection(_S):
@@ -53,9 +64,16 @@ class LeasesSection(_S):
 class AuthSection(_S):
     credentials_file: str = "credentials.toml"
     allow_peercred: bool = True
+    # Peer credentials (SO_PEERCRED on unix:// listeners) alone: the credentials file may be
+    # absent (read when present, for the roles of peer principals). Otherwise a missing or
+    # unreadable credentials file is a config error: every token hello would fail.
+    peercred_only: bool = False
     lockout_threshold: Pos = 5
     lockout_window_s: PosF = 300.0
     lockout_s: PosF = 900.0
+    # A source address alone is locked only when this many different principals fail from it
+    # within lockout_window_s (password spraying); a bystander sharing the address is served.
+    spray_principals: Annotated[int, msgspec.Meta(ge=2)] = 10
     security_log_window_s: PosF = 60.0
 
 
@@ -67,6 +85,10 @@ class SiteServer(_S):
 
 class SiteSection(_S):
     servers: list[SiteServer] = []
+    # Grows whenever `servers` changes (the operator bumps it; a reload that changes the list
+    # without bumping it is refused). Clients keep the list with the highest version they saw,
+    # so a server still handing out an older list cannot make them forget a new server.
+    servers_version: Annotated[int, msgspec.Meta(ge=0, le=2**53 - 1)] = 0
 
 
 class Product(_S):
@@ -77,12 +99,17 @@ class Product(_S):
     executables: list[str] = []
 
 
+class MetricsSection(_S):
+    listen: str | None = None  # HOST:PORT for GET /metrics and GET /healthz; off when absent
+
+
 class _File(_S):
     server: ServerSection = ServerSection()
     store: StoreSection = StoreSection()
     leases: LeasesSection = LeasesSection()
     auth: AuthSection = AuthSection()
     site: SiteSection = SiteSection()
+    metrics: MetricsSection = MetricsSection()
     products: list[Product] = []
 
 
@@ -97,8 +124,11 @@ class ServerConfig:
     state_dir: Path
     site_servers: tuple[SiteServer, ...]
     products: tuple[Product, ...]
+    site_servers_version: int = 0
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    store_settings: StoreSettings = field(default_factory=StoreSettings)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
 
@@ -119,6 +149,11 @@ def build_server_config(data: dict, path: Path | None) -> ServerConfig:
             raise ConfigError(where, f"server.listen[{i}]", str(exc)) from None
     if not cfg.server.listen:
         raise ConfigError(where, "server.listen", "needs at least one address")
+    if cfg.metrics.listen is not None:
+        try:
+            parse_listen(cfg.metrics.listen)
+        except ValueError as exc:
+            raise ConfigError(where, "metrics.listen", str(exc)) from None
     for i, srv in enumerate(cfg.site.servers):
         try:
             parse_address(srv.address)
@@ -141,6 +176,7 @@ def build_server_config(data: dict, path: Path | None) -> ServerConfig:
         )
     if cfg.leases.heartbeat_s >= cfg.leases.ttl_s:
         raise ConfigError(where, "leases.heartbeat_s", "must be smaller than leases.ttl_s")
+    _check_auth(cfg, where)
     uses_tls = any(a.startswith("tls://") for a in cfg.server.listen)
     tls_cert = resolve(base, cfg.server.tls_cert_file) if cfg.server.tls_cert_file else None
     tls_key = resolve(base, cfg.server.tls_key_file) if cfg.server.tls_key_file else None
@@ -150,19 +186,7 @@ def build_server_config(data: dict, path: Path | None) -> ServerConfig:
         if p is not None and not p.is_file():
             raise ConfigError(where, key, f"file {p} does not exist")
     state_dir = resolve(base, cfg.server.state_dir)
-    store_url = cfg.store.url or f"sqlite://{state_dir / 'metering.db'}"
-    if store_url.startswith("postgresql://"):
-        raise ConfigError(
-            where,
-            "store.url",
-            "the PostgreSQL store is not in this release yet; "
-            "use sqlite:// (servers on one host may share the file)",
-        )
-    if not store_url.startswith("sqlite://"):
-        raise ConfigError(where, "store.url", "must start with sqlite://")
-    if store_url.startswith("sqlite://"):
-        db = store_url[len("sqlite://") :]
-        store_url = f"sqlite://{resolve(base, db)}" if db else store_url
+    store_url, store_settings = _store(cfg.store, data.get("store", {}), where, base, state_dir)
     return ServerConfig(
         path=path,
         server=cfg.server,
@@ -172,8 +196,98 @@ def build_server_config(data: dict, path: Path | None) -> ServerConfig:
         credentials_path=resolve(base, cfg.auth.credentials_file),
         state_dir=state_dir,
         site_servers=tuple(cfg.site.servers),
+        site_servers_version=cfg.site.servers_version,
         products=tuple(cfg.products),
         tls_cert=tls_cert,
         tls_key=tls_key,
+        store_settings=store_settings,
+        metrics=cfg.metrics,
         raw=data,
+    )
+
+
+def _check_auth(cfg: _File, where: Path | str) -> None:
+    """[auth] keys that only make sense together (the files themselves: cli.preflight)."""
+    if not cfg.auth.credentials_file:
+        raise ConfigError(
+            where,
+            "auth.credentials_file",
+            "must name a file (for peer credentials alone, set auth.peercred_only = true)",
+        )
+    if cfg.auth.peercred_only:
+        if not cfg.auth.allow_peercred:
+            raise ConfigError(
+                where, "auth.peercred_only", "needs auth.allow_peercred = true (it is false)"
+            )
+        if not any(a.startswith("unix://") for a in cfg.server.listen):
+            raise ConfigError(
+                where,
+                "auth.peercred_only",
+                "needs a unix:// address in server.listen (peer credentials exist only there)",
+            )
+
+
+def _store(
+    section: StoreSection, given: dict, where: Path | str, base: Path, state_dir: Path
+) -> tuple[str, StoreSettings]:
+    """`[store]`: the URL (a sqlite path resolved against the config file) and the settings.
+
+    Nothing here connects to the database: `--check-config` works with the database down.
+    """
+    url = section.url or f"sqlite://{state_dir / 'metering.db'}"
+    if url.startswith("sqlite://"):
+        for key in sorted(given):
+            if key != "url":
+                raise ConfigError(where, f"store.{key}", "only used with a postgresql:// store.url")
+        db = url[len("sqlite://") :]
+        return (f"sqlite://{resolve(base, db)}" if db else url), StoreSettings()
+    if not url.startswith(POSTGRES_SCHEMES):
+        raise ConfigError(where, "store.url", "must start with sqlite:// or postgresql://")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+        query = parse_qs(parts.query)
+    except ValueError as exc:
+        raise ConfigError(where, "store.url", f"not a valid URL: {exc}") from None
+    if parts.password is not None or "password" in query:
+        raise ConfigError(
+            where,
+            "store.url",
+            "must not contain a password (it would end up in logs): "
+            "put it in a file named by store.password_file",
+        )
+    if section.pool_min > section.pool_max:
+        raise ConfigError(
+            where, "store.pool_min", f"must not exceed store.pool_max ({section.pool_max})"
+        )
+    password_file = None
+    if section.password_file is not None:
+        password_file = resolve(base, section.password_file)
+        key = "store.password_file"
+        try:
+            st = password_file.stat()
+        except FileNotFoundError:
+            raise ConfigError(where, key, f"file {password_file} does not exist") from None
+        except OSError as exc:
+            raise ConfigError(where, key, f"{password_file}: {exc.strerror or exc}") from None
+        if not password_file.is_file():
+            raise ConfigError(where, key, f"{password_file} is not a file")
+        if st.st_mode & 0o007:
+            raise ConfigError(
+                where,
+                key,
+                f"{password_file} is open to every user (mode {st.st_mode & 0o777:o}); "
+                "chmod o-rwx it",
+            )
+        if not os.access(password_file, os.R_OK):
+            raise ConfigError(where, key, f"{password_file} is not readable by this user")
+        if st.st_size == 0:
+            raise ConfigError(where, key, f"{password_file} is empty")
+    return url, StoreSettings(
+        password_file=password_file,
+        pool_min=section.pool_min,
+        pool_max=section.pool_max,
+        connect_timeout_s=section.connect_timeout_s,
+        start_timeout_s=section.start_timeout_s,
+        query_timeout_s=section.query_timeout_s,
     )

@@ -7,6 +7,7 @@ authenticator, a view of the site as configured now, and the reload action.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -14,14 +15,30 @@ from typing import Any
 import structlog
 
 from metering_protocol import messages as m
-from metering_protocol.errors import BadRequest, Forbidden, UnsupportedProtocol
+from metering_protocol.errors import (
+    BadRequest,
+    Forbidden,
+    UnknownProduct,
+    UnsupportedProtocol,
+)
+from metering_protocol.framing import encode
 from metering_protocol.timefmt import rfc3339
+from metering_server import usage
 from metering_server.authn import Authenticator
 from metering_server.seats import CheckoutRequest, Grant, SeatService
 from metering_server.session import Session
-from metering_server.store.base import LeaseRecord
+from metering_server.store.base import LeaseRecord, UsageRecord
 
 log = structlog.get_logger("metering.server")
+
+# Usage records: times before this are a client's broken clock, not a run (2000-01-01Z) ...
+EARLIEST_USAGE = 946684800.0
+# ... and so are times further than this past the server's clock, or runs longer than this.
+MAX_CLOCK_AHEAD_S = 86400.0
+MAX_RUN_S = 366 * 86400.0
+# A report reply must fit a connection's write buffer (`max_write_buffer_bytes`, 1 MiB by
+# default) with room to spare: past this it is refused with a hint to narrow it.
+MAX_REPORT_BYTES = 768 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +50,7 @@ class SiteView:
     servers: list[dict[str, Any]]
     heartbeat_s: float
     lease_ttl_s: float
+    servers_version: int = 0  # grows whenever `servers` changes (`[site] servers_version`)
 
 
 def lease_view(rec: LeaseRecord) -> dict[str, Any]:
@@ -70,11 +88,13 @@ class Handlers:
         authenticator: Authenticator,
         site: Callable[[], SiteView],
         reload: Callable[[], Awaitable[dict[str, Any]]],
+        health: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     ):
         self.seats = seats
         self.authenticator = authenticator
         self.site = site
         self.reload = reload
+        self.health = health
         self._table: dict[str, Callable[[Session, Any], Awaitable[dict[str, Any]]]] = {
             op: getattr(self, f"op_{op}") for op in m.REQUESTS
         }
@@ -105,6 +125,7 @@ class Handlers:
             "site": site.site,
             "protocol": m.PROTOCOL_VERSION,
             "servers": site.servers,
+            "servers_version": site.servers_version,
             "heartbeat_s": site.heartbeat_s,
             "lease_ttl_s": site.lease_ttl_s,
             "roles": sorted(ident.roles),
@@ -121,7 +142,15 @@ class Handlers:
             raise Forbidden("naming another end user needs the agent or admin role")
         grant = await self.seats.checkout(
             session,
-            CheckoutRequest(req.product, req.version, user, req.wait_s, req.lease, req.id),
+            CheckoutRequest(
+                req.product,
+                req.version,
+                user,
+                req.wait_s,
+                req.lease,
+                req.id,
+                req.idempotency_key,
+            ),
         )
         return grant_view(grant)
 
@@ -133,6 +162,7 @@ class Handlers:
         return {
             "renewed": outcome.renewed,
             "lost": outcome.lost,
+            "revoked": outcome.revoked,
             "expires_in_s": self.seats.settings.ttl_s,
         }
 
@@ -171,6 +201,136 @@ class Handlers:
         await self.seats.revoke(req.lease, by=session.principal)
         return {"released": True}
 
+    async def op_health(self, session: Session, req: m.Health) -> dict[str, Any]:
+        if self.health is None:
+            return {"status": "serving", "store": "ok"}
+        return await self.health()
+
+    async def op_lockouts(self, session: Session, req: m.Lockouts) -> dict[str, Any]:
+        self._admin(session)
+        return {"locks": await self.authenticator.locks()}
+
+    async def op_unlock(self, session: Session, req: m.Unlock) -> dict[str, Any]:
+        self._admin(session)
+        if (req.principal is None) == (req.source is None):
+            raise BadRequest("unlock: give exactly one of principal and source")
+        lifted = await self.authenticator.unlock(
+            principal=req.principal, source=req.source, by=session.principal or "-"
+        )
+        return {"unlocked": lifted}
+
     async def op_reload(self, session: Session, req: m.Reload) -> dict[str, Any]:
         self._admin(session)
         return {"changed": await self.reload()}
+
+    # --- usage metering ------------------------------------------------------------------------
+    async def op_usage(self, session: Session, req: m.Usage) -> dict[str, Any]:
+        """Judge each record on its own; store the good ones in one transaction (durable
+        before the reply); a record_id the store has already is a duplicate."""
+        assert session.principal is not None
+        now = self.seats.clock()
+        server = self.seats.settings.server
+        for_anyone = bool({"agent", "admin"} & session.roles)
+        good: list[UsageRecord] = []
+        rejected: list[dict[str, Any]] = []
+        for index, raw in enumerate(req.records):
+            try:
+                rec = m.parse_usage_record(raw)
+                if not for_anyone and rec.user != session.principal:
+                    raise Forbidden("a record for another end user needs the agent or admin role")
+                good.append(self._usage_record(rec, session.principal, server, now))
+            except (BadRequest, Forbidden) as exc:
+                rid = raw.get("record_id") if isinstance(raw, dict) else None
+                rejected.append(
+                    {
+                        "record_id": rid if isinstance(rid, str) and len(rid) <= 128 else None,
+                        "index": index,
+                        "error": exc.to_wire(),
+                    }
+                )
+        outcome = await self.seats.store.record_usage(good)
+        if rejected:
+            log.info(
+                "usage_records_rejected",
+                rejected=len(rejected),
+                first_error=rejected[0]["error"]["message"],
+            )
+        return {
+            "accepted": outcome.accepted,
+            "duplicates": outcome.duplicates,
+            "rejected": rejected,
+        }
+
+    def _usage_record(
+        self, rec: m.UsageRecord, principal: str, server: str, now: float
+    ) -> UsageRecord:
+        started = m.parse_time(rec.started_at, "started_at")
+        ended = m.parse_time(rec.ended_at, "ended_at")
+        if ended < started:
+            raise BadRequest("ended_at: before started_at")
+        if started < EARLIEST_USAGE:
+            raise BadRequest("started_at: before the year 2000 (is the client's clock wrong?)")
+        if ended > now + MAX_CLOCK_AHEAD_S:
+            raise BadRequest(
+                "ended_at: more than a day ahead of the server's clock (is the client's "
+                "clock wrong?)"
+            )
+        if ended - started > MAX_RUN_S:
+            raise BadRequest("ended_at: a run longer than 366 days")
+        try:
+            pool_product, pool_version = self.seats.catalogue.find(rec.product, rec.version).key
+        except UnknownProduct:  # counted as sent; the report shows it apart
+            pool_product, pool_version = rec.product, rec.version
+        return UsageRecord(
+            record_id=rec.record_id,
+            product=rec.product,
+            version=rec.version,
+            pool_product=pool_product,
+            pool_version=pool_version,
+            user=rec.user,
+            client=rec.client,
+            principal=principal,
+            started_at=started,
+            ended_at=ended,
+            outcome=rec.outcome,
+            server=server,
+            received_at=now,
+        )
+
+    async def op_report(self, session: Session, req: m.Report) -> dict[str, Any]:
+        self._admin(session)
+        since = m.parse_time(req.since, "since")
+        until = m.parse_time(req.until, "until")
+        if since >= until:
+            raise BadRequest("until: must be after since")
+        records = await self.seats.store.usage_between(since, until, req.product)
+        pools = self.seats.catalogue.pools
+        site = self.site()
+        head = {
+            "server": site.server,
+            "site": site.site,
+            "since": rfc3339(since),
+            "until": rfc3339(until),
+            "generated_at": rfc3339(self.seats.clock()),
+        }
+        budget = usage.timeline_budget(len(pools) + 1)
+        for max_points in (budget, 60):
+            # Pure but CPU-bound for long periods: off the event loop.
+            products = await asyncio.to_thread(
+                usage.report,
+                records,
+                pools,
+                since,
+                until,
+                product=req.product,
+                max_points=max_points,
+                time_text=rfc3339,
+            )
+            reply = {**head, "products": products}
+            size = len(encode(reply))
+            if size <= MAX_REPORT_BYTES:
+                return reply
+        raise BadRequest(
+            f"the report is {size // 1024} KiB, over the {MAX_REPORT_BYTES // 1024} KiB a reply "
+            "may be: ask for one product (`product`) or a shorter period"
+        )

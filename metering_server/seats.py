@@ -21,6 +21,7 @@ from metering_protocol.errors import (
     Cancelled,
     Denied,
     LeaseNotFound,
+    LeaseRevoked,
     ShuttingDown,
     UnknownProduct,
 )
@@ -33,6 +34,7 @@ from metering_server.store.base import (
     LeaseRecord,
     LeaseStore,
     RenewOutcome,
+    WaitEntry,
 )
 from metering_server.waiters import Waiter, WaitQueues
 
@@ -54,6 +56,12 @@ class SeatSettings:
     server: str  # this server's name, recorded on the leases it grants or renews
     ttl_s: float
     max_waiters: int
+    sweep_interval_s: float = 1.0
+
+    @property
+    def liveness_s(self) -> float:
+        """A server not seen for this long is dead: its waiters are orphans (skipped)."""
+        return 3 * self.sweep_interval_s + 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +72,7 @@ class CheckoutRequest:
     wait_s: float = 0.0
     reclaim: str | None = None  # a lease held before a reconnect or failover
     request_id: int = 0  # the protocol request id, for `cancel`
+    idempotency_key: str | None = None  # a retry gets the first attempt's lease / place
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,25 +112,42 @@ class SeatService:
         self._pool_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._tasks = TaskOwner("seats")
 
+    async def start(self) -> None:
+        await self.store.touch_server(self.settings.server, self.clock(), self.settings.ttl_s)
+        await self.store.listen(self._on_notice)
+
+    def _on_notice(self, notice: tuple[str, str]) -> None:
+        """Another server freed a seat or revoked a lease: act now, not at the next sweep."""
+        kind, what = notice
+        if kind == "freed":
+            product, _, version = what.partition("\x1f")
+            self._seat_freed((product, version))
+        elif kind == "revoked":
+            holder = self._holders.pop(what, None)
+            if holder is not None and not holder.closed:
+                holder.push("revoked", lease=what, reason="revoked")
+
     # --- checkout ------------------------------------------------------------------------------
     async def checkout(self, holder: Holder, req: CheckoutRequest) -> Grant:
         """A seat now (or the reclaimed lease), else wait up to `wait_s` in FIFO order."""
         if self.draining:
             raise ShuttingDown("server is draining", retry_after_s=0.1)
         pool = self.catalogue.find(req.product, req.version)
-        if req.reclaim is not None or not self._waiters.queued(pool.key):
-            outcome = await self.store.grant(self._grant_request(holder, pool, req))
-            if outcome.granted:
-                return self._granted(holder, pool, outcome)
-            in_use = outcome.in_use
-        else:  # others wait already: this one queues behind them
-            in_use = (await self.store.in_use(self.clock())).get(pool.key, 0)
+        outcome = await self.store.grant(self._grant_request(holder, pool, req))
+        if outcome.granted:
+            return self._granted(holder, pool, outcome)
+        if outcome.revoked:
+            assert req.reclaim is not None
+            raise LeaseRevoked(f"lease {req.reclaim} was revoked by an administrator")
         if req.wait_s <= 0:
-            raise self._deny(holder, pool, req, in_use)
+            raise self._deny(holder, pool, req, outcome.in_use)
         return await self._wait(holder, pool, req)
 
-    def _grant_request(self, holder: Holder, pool: Pool, req: CheckoutRequest) -> GrantRequest:
+    def _grant_request(
+        self, holder: Holder, pool: Pool, req: CheckoutRequest, waiter: int | None = None
+    ) -> GrantRequest:
         assert holder.principal is not None
+        now = self.clock()
         return GrantRequest(
             pool=pool,
             product=req.product,
@@ -130,17 +156,44 @@ class SeatService:
             user=req.user,
             client=holder.client,
             server=self.settings.server,
-            now=self.clock(),
+            now=now,
             ttl_s=self.settings.ttl_s,
             reclaim=req.reclaim,
+            idempotency_key=req.idempotency_key,
+            waiter=waiter,
+            live_since=now - self.settings.liveness_s,
         )
 
     async def _wait(self, holder: Holder, pool: Pool, req: CheckoutRequest) -> Grant:
+        assert holder.principal is not None
+        now = self.clock()
         waiter = Waiter(pool.key, req, holder)
-        self._waiters.add(waiter)
+        self._waiters.add(waiter)  # the local bound first: `overloaded` before any store work
+        try:
+            ticket = await self.store.enqueue(
+                WaitEntry(
+                    pool_key=pool.key,
+                    product=req.product,
+                    version=req.version,
+                    principal=holder.principal,
+                    client=holder.client,
+                    user=req.user,
+                    server=self.settings.server,
+                    now=now,
+                    deadline=now + req.wait_s,
+                    idempotency_key=req.idempotency_key,
+                    orphan_grace_s=self.settings.ttl_s,
+                )
+            )
+        except BaseException:
+            self._waiters.discard(waiter)
+            raise
+        waiter.ticket = ticket.id
         self._waiting.setdefault(holder, {})[req.request_id] = waiter
-        self._publish(ev.Queued, holder, req, position=self._waiters.queued(pool.key))
-        log.debug("checkout_queued", product=pool.product, wait_s=req.wait_s)
+        self._publish(ev.Queued, holder, req, position=ticket.position)
+        log.debug("checkout_queued", product=pool.product, wait_s=req.wait_s, ticket=ticket.id)
+        self._seat_freed(pool.key)  # a seat may be free already (e.g. a re-attached head)
+        keep_place = False
         try:
             async with asyncio.timeout(req.wait_s):
                 return await asyncio.shield(waiter.future)
@@ -150,7 +203,12 @@ class SeatService:
             waiter.future.cancel()
             in_use = (await self.store.in_use(self.clock())).get(pool.key, 0)
             raise self._deny(holder, pool, req, in_use, waited=True) from None
-        except (Cancelled, ShuttingDown) as exc:
+        except ShuttingDown as exc:
+            # The client re-sends it to another server with the same key: keep its place.
+            keep_place = True
+            self._publish(ev.Cancelled, holder, req, reason=exc.message)
+            raise
+        except Cancelled as exc:
             self._publish(ev.Cancelled, holder, req, reason=exc.message)
             raise
         finally:
@@ -162,6 +220,14 @@ class SeatService:
                 mine.pop(req.request_id, None)
                 if not mine:
                     del self._waiting[holder]
+            if not keep_place:
+                await self._dequeue(ticket.id)
+
+    async def _dequeue(self, ticket: int) -> None:
+        try:
+            await self.store.dequeue(ticket, self.settings.server)
+        except Exception as exc:  # the entry times out in the store by itself
+            log.warning("dequeue_failed", ticket=ticket, error=str(exc))
 
     def cancel(self, holder: Holder, request_id: int) -> bool:
         """Withdraw a waiting checkout of this holder; False when it was already answered."""
@@ -182,14 +248,24 @@ class SeatService:
                     )
                     continue
                 req, holder = waiter.request, waiter.holder
-                req = CheckoutRequest(req.product, req.version, req.user, 0.0, None, 0)
-                outcome = await self.store.grant(self._grant_request(holder, pool, req))
+                req = CheckoutRequest(
+                    req.product, req.version, req.user, idempotency_key=req.idempotency_key
+                )
+                outcome = await self.store.grant(
+                    self._grant_request(holder, pool, req, waiter=waiter.ticket)
+                )
                 if not outcome.granted:
-                    return
+                    return  # no seat free, or an earlier live waiter (on any server) comes first
+                if outcome.replayed:  # the lease an attempt of this same checkout made: never
+                    if not waiter.future.done():  # undo it, its client may hold it already
+                        waiter.future.set_result(self._granted(holder, pool, outcome, waited=True))
+                    continue
                 if waiter.future.done() or holder.closed:
                     # Nobody waits for it any more (timed out, cancelled, disconnected).
-                    assert outcome.lease is not None
-                    await self.store.revoke(outcome.lease.lease)
+                    assert outcome.lease is not None and holder.principal is not None
+                    await self.store.release(
+                        outcome.lease.lease, holder.principal, holder.client, self.clock()
+                    )
                     continue
                 waiter.future.set_result(self._granted(holder, pool, outcome, waited=True))
 
@@ -208,7 +284,7 @@ class SeatService:
             overuse=lease.overuse,
         )
         now = self.clock()
-        if outcome.reclaimed:
+        if outcome.reclaimed or outcome.replayed:
             self.events.publish(ev.Reclaimed(now, lease, in_use=outcome.in_use))
         else:
             self.events.publish(ev.Granted(now, lease, in_use=outcome.in_use, waited=waited))
@@ -267,7 +343,7 @@ class SeatService:
         return True
 
     async def revoke(self, lease: str, *, by: str | None) -> LeaseRecord:
-        rec = await self.store.revoke(lease)
+        rec = await self.store.revoke(lease, now=self.clock(), by=by)
         if rec is None:
             raise LeaseNotFound(f"no lease {lease}")
         log.warning("lease_revoked", lease=rec.lease, product=rec.product, user=rec.user, by=by)
@@ -276,12 +352,18 @@ class SeatService:
         return rec
 
     async def sweep(self) -> None:
-        """Free expired leases and hand seats to waiters (also seats freed by other servers
-        sharing the store)."""
-        for rec in await self.store.expire(self.clock()):
+        """Say this server (and its waiters) live, free expired leases, and hand seats to
+        waiters.  Without store notices it is also how revokes and seats freed through other
+        servers reach this one's holders and waiters (at most one sweep interval late)."""
+        now = self.clock()
+        await self.store.touch_server(self.settings.server, now, self.settings.ttl_s)
+        for rec in await self.store.expire(now):
             log.info("lease_expired", lease=rec.lease, product=rec.product, user=rec.user)
             self.events.publish(ev.Expired(self.clock(), rec))
             self._lease_gone(rec, reason="expired")
+        if not self.store.listening and self._holders:
+            for lease in await self.store.revoked_among(list(self._holders)):
+                self._on_notice(("revoked", lease))
         for key in self._waiters.pools():
             await self.serve_waiters(key)
 
@@ -300,10 +382,12 @@ class SeatService:
         return self._waiters.queued(pool_key)
 
     async def status(self) -> list[PoolStatus]:
-        in_use = await self.store.in_use(self.clock())
+        """Seats in use and checkouts queued per pool, across the whole site."""
+        now = self.clock()
+        in_use = await self.store.in_use(now)
+        queued = await self.store.queued(now)
         return [
-            PoolStatus(p, in_use.get(p.key, 0), self._waiters.queued(p.key))
-            for p in self.catalogue.pools
+            PoolStatus(p, in_use.get(p.key, 0), queued.get(p.key, 0)) for p in self.catalogue.pools
         ]
 
     async def leases(self, product: str | None = None) -> list[LeaseRecord]:
@@ -336,3 +420,7 @@ class SeatService:
     async def close(self) -> None:
         await self._tasks.cancel_all()
         self.events.close()
+        try:  # waiters told `shutting_down` keep their place for their clients to re-attach
+            await self.store.detach(self.settings.server)
+        except Exception as exc:
+            log.warning("store_detach_failed", error=str(exc))

@@ -1,4 +1,7 @@
-"""FIFO queues of checkouts waiting for a seat, one per pool, bounded by `max_waiters`."""
+"""This server's waiting checkouts, one queue per pool, bounded by `max_waiters`.
+
+The site-wide order is the store's (each waiter holds its store ticket: lower is earlier);
+these queues hold the futures of the ones connected here, served in ticket order."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ class Waiter:
     pool_key: tuple[str, str]
     request: Any  # the seat service's CheckoutRequest
     holder: Any  # the session that waits
+    ticket: int = 0  # its place in the store's site-wide queue
     future: asyncio.Future = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -51,12 +55,12 @@ class WaitQueues:
     def head(self, pool_key: tuple[str, str]) -> Waiter | None:
         """The oldest waiter still waiting; waiters already answered are dropped on the way."""
         queue = self._queues.get(pool_key)
-        while queue:
-            if queue[0].live:
-                return queue[0]
+        while queue and not queue[0].live:
             queue.popleft()
-        self._queues.pop(pool_key, None)
-        return None
+        if not queue:
+            self._queues.pop(pool_key, None)
+            return None
+        return min((w for w in queue if w.live), key=lambda w: w.ticket)
 
     def queued(self, pool_key: tuple[str, str]) -> int:
         return sum(1 for w in self._queues.get(pool_key, ()) if w.live)

@@ -12,6 +12,7 @@ import uvloop
 from metering_protocol.client import ProtocolClient
 from metering_server.app import MeteringServer
 from metering_server.config import build_server_config
+from tests.pg import pg_cluster, pg_private, pg_teardown, pytest_report_header  # noqa: F401
 from tests.stores import STORE_IDS, STORES, opened
 from tests.support import server_config, short_tmpdir, write_credentials
 
@@ -88,3 +89,14 @@ async def store(store_site):
     """An open store instance on `store_site`'s database."""
     async with opened(store_site.new_store()) as s:
         yield s
+
+
+# --- TLS: a throw-away CA (trustme), as in tests/system/test_tls.py --------------------------
+@pytest.fixture
+def tls_pki(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(CA certificate, server certificate chain, server key) for 127.0.0.1 / localhost."""
+    import trustme
+
+    from tests.system.test_tls import write_pki
+
+    return write_pki(trustme.CA(), tmp_path / "pki")

@@ -1,8 +1,13 @@
 """Principals and their bearer tokens.
 
-The server never stores a token, only a salted scrypt hash of it, so a leaked credentials file
-(or backup of it) does not hand out working secrets. The hash string carries its own scrypt
-parameters: raising the cost later needs no migration, old hashes keep verifying.
+The server never stores a token, only a digest of it, so a leaked credentials file (or a
+backup of it) does not hand out working secrets.  Tokens are 256-bit random secrets made by
+`add-principal`; against a secret of that strength a slow password hash buys nothing (an
+offline guess at 2^256 is hopeless either way), while it made every hello cost ~50 ms of CPU
+and 16 MiB — the price a whole site failing over to one survivor pays at once.  So the stored
+form is `sha256$<salt>$<HMAC-SHA256(salt, token)>`: a hello costs a microsecond.  Older
+`scrypt$...` hashes keep verifying and are upgraded to the fast form on their first
+successful use (`Credentials.authenticate` reports it; the server rewrites the file).
 
 The credentials file is edited by people and by `metering-admin add-principal`; a mistake in it
 must fail loudly with one line naming the file and the key rather than silently dropping a
@@ -34,6 +39,7 @@ __all__ = [
     "CredentialsError",
     "Principal",
     "add_principal",
+    "digest_token",
     "hash_token",
     "new_token",
     "validate_name",
@@ -140,8 +146,37 @@ def _scrypt(token: str, salt: bytes, params: _ScryptParams, dklen: int) -> bytes
     )
 
 
+def digest_token(token: str, *, salt: bytes | None = None) -> str:
+    """The fast stored form of a high-entropy token: keyed SHA-256 with a per-principal salt."""
+    salt = salt if salt is not None else secrets.token_bytes(_SALT_BYTES)
+    mac = hmac.new(salt, token.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
+    return f"sha256${_b64e(salt)}${_b64e(mac)}"
+
+
+def _parse_fast(stored: str) -> tuple[bytes, bytes]:
+    parts = stored.split("$")
+    if len(parts) != 3 or parts[0] != "sha256":
+        raise ValueError("token hash must look like 'sha256$<salt>$<digest>'")
+    try:
+        salt, mac = _b64d(parts[1]), _b64d(parts[2])
+    except (ValueError, binascii.Error):
+        raise ValueError("salt and digest must be base64url") from None
+    if len(salt) < 8 or len(mac) != 32:
+        raise ValueError("salt shorter than 8 bytes or digest not 32 bytes")
+    return salt, mac
+
+
+def check_stored(stored: str) -> None:
+    """Raise ValueError (short reason) unless `stored` is a hash this release verifies."""
+    if stored.startswith("sha256$"):
+        _parse_fast(stored)
+    else:
+        _parse_hash(stored)
+
+
 def hash_token(token: str, *, n: int = DEFAULT_N, r: int = DEFAULT_R, p: int = DEFAULT_P) -> str:
-    """Salted slow hash, self-describing so the cost can be changed without a migration."""
+    """The slow scrypt form of earlier releases: still verified (and upgraded on use); tests
+    use it to make such files."""
     params = _check_params(n, r, p)
     salt = secrets.token_bytes(_SALT_BYTES)
     digest = _scrypt(token, salt, params, _DKLEN)
@@ -153,6 +188,10 @@ def verify_token(token: str, stored: str) -> bool:
 
     Raises ValueError for a malformed `stored`; `Credentials.load` rejects those up front.
     """
+    if stored.startswith("sha256$"):
+        salt, mac = _parse_fast(stored)
+        candidate = hmac.new(salt, token.encode("utf-8", "surrogatepass"), hashlib.sha256)
+        return hmac.compare_digest(candidate.digest(), mac)
     parsed = _parse_hash(stored)
     candidate = _scrypt(token, parsed.salt, parsed.params, len(parsed.digest))
     return hmac.compare_digest(candidate, parsed.digest)
@@ -163,10 +202,7 @@ def new_token() -> str:
     return secrets.token_urlsafe(32)
 
 
-def _dummy_hash(params: _ScryptParams) -> str:
-    # Never matches in practice (an all-zero digest); it exists so that an unknown principal
-    # costs the same scrypt run as a known one.
-    return f"scrypt${params.format()}${_b64e(bytes(_SALT_BYTES))}${_b64e(bytes(_DKLEN))}"
+_DUMMY_FAST = f"sha256${_b64e(bytes(_SALT_BYTES))}${_b64e(bytes(32))}"
 
 
 def validate_name(name: object) -> str | None:
@@ -204,13 +240,8 @@ class Credentials:
             if principal.name in self._by_name:
                 raise ValueError(f"duplicate principal {principal.name!r}")
             self._by_name[principal.name] = principal
-        params = _ScryptParams(DEFAULT_N, DEFAULT_R, DEFAULT_P)
-        for principal in self._by_name.values():
-            if principal.token_hash is not None:
-                # Match the cost of the real hashes so a miss takes as long as a hit would.
-                params = _parse_hash(principal.token_hash).params
-                break
-        self._dummy = _dummy_hash(params)
+        # An unknown principal costs one keyed SHA-256, the same as a known fast one.
+        self._dummy = _DUMMY_FAST
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, missing_ok: bool = False) -> Credentials:
@@ -241,12 +272,30 @@ class Credentials:
         return len(self._by_name)
 
     def authenticate(self, name: str, token: str) -> Principal | None:
-        """Always exactly one scrypt run, so timing does not tell whether `name` exists."""
+        """Exactly one digest check, so timing does not tell whether `name` exists."""
         principal = self._by_name.get(name)
         if principal is None or principal.token_hash is None:
             verify_token(token, self._dummy)
             return None
         return principal if verify_token(token, principal.token_hash) else None
+
+    def needs_upgrade(self, name: str) -> bool:
+        """The principal's stored hash is the slow scrypt form of an earlier release."""
+        principal = self._by_name.get(name)
+        return principal is not None and (principal.token_hash or "").startswith("scrypt$")
+
+    def upgraded(self, name: str, token: str) -> Credentials:
+        """These credentials with `name`'s (just verified) token stored in the fast form."""
+        principals = [
+            Principal(p.name, p.roles, digest_token(token)) if p.name == name else p
+            for p in self._by_name.values()
+        ]
+        return Credentials(principals, source=self.source)
+
+    def save(self) -> None:
+        """Write back to `source` (durable, mode 0600, the file's owner kept)."""
+        assert self.source is not None
+        _write(self.source, self._by_name.values())
 
     def roles_for(self, name: str) -> frozenset[str]:
         """Peer-credential principals need roles too; unlisted ones are plain users."""
@@ -300,7 +349,7 @@ def _parse_principals(path: Path, data: dict[str, Any]) -> list[Principal]:
             if not isinstance(token_hash, str):
                 raise fail(f"{where}.token_hash", "must be a string")
             try:
-                _parse_hash(token_hash)
+                check_stored(token_hash)
             except ValueError as exc:
                 raise fail(f"{where}.token_hash", f"malformed: {exc}") from None
 
@@ -336,7 +385,7 @@ def _render(principals: Iterable[Principal]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def add_principal(path: str | os.PathLike[str], name: str, role: str, *, n: int = DEFAULT_N) -> str:
+def add_principal(path: str | os.PathLike[str], name: str, role: str) -> str:
     """Create or re-key a principal and return its new token (the only time it exists in clear).
 
     Re-running it for an existing name is the way to rotate a token or change the role; other
@@ -355,16 +404,28 @@ def add_principal(path: str | os.PathLike[str], name: str, role: str, *, n: int 
 
     existing = list(Credentials.load(path, missing_ok=True))
     token = new_token()
-    updated = Principal(name, frozenset({role}), hash_token(token, n=n))
+    updated = Principal(name, frozenset({role}), digest_token(token))
     for i, principal in enumerate(existing):
         if principal.name == name:
             existing[i] = updated
             break
     else:
         existing.append(updated)
+    _write(path, existing)
+    return token
+
+
+def _write(path: Path, principals: Iterable[Principal]) -> None:
+    """Durable, mode 0600 whatever the umask (digests are not tokens, but no one else needs
+    them), and owned as before: `add-principal` run as root must not leave a file the
+    `metering` service user can no longer read."""
     try:
-        # Mode 0600 whatever the umask: digests are not tokens, but no one else needs them.
-        write_atomic(path, _render(existing).encode("utf-8"), mode=0o600)
+        owner = path.stat()
+    except FileNotFoundError:
+        owner = None
+    try:
+        write_atomic(path, _render(principals).encode("utf-8"), mode=0o600)
+        if owner is not None and (owner.st_uid, owner.st_gid) != (os.getuid(), os.getgid()):
+            os.chown(path, owner.st_uid, owner.st_gid)
     except OSError as exc:
         raise CredentialsError(f"{path}: cannot write: {exc.strerror or exc}") from None
-    return token

@@ -1,12 +1,44 @@
-"""Stores: the one source of truth for seats. `open_store(url)` picks the implementation."""
+"""Stores: the one source of truth for seats. `open_store(url, settings)` picks the
+implementation: `sqlite://PATH` (embedded), `postgresql://` or `postgres://` (shared by the
+servers of a site, on any number of hosts)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
 
 from metering_server.store.base import LeaseStore
 from metering_server.store.sqlite import SQLiteStore
 
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
-def open_store(url: str) -> LeaseStore:
+
+@dataclass(frozen=True, slots=True)
+class StoreSettings:
+    """The `[store]` keys beyond `url` (used by the PostgreSQL store; SQLite needs none)."""
+
+    password_file: Path | None = None  # the database password; never in the URL or the logs
+    pool_min: int = 2  # connections kept open
+    pool_max: int = 10  # connections at most (per server)
+    connect_timeout_s: float = 5.0  # one connection attempt
+    start_timeout_s: float = 300.0  # how long a start waits for the database; 0: for ever
+    query_timeout_s: float = 30.0  # one statement, a lock wait included
+
+
+def open_store(url: str, settings: StoreSettings | None = None) -> LeaseStore:
     if url.startswith("sqlite://"):
         return SQLiteStore(url[len("sqlite://") :])
-    raise ValueError(f"unsupported store url {url!r} (this release has the sqlite store)")
+    if url.startswith(POSTGRES_SCHEMES):
+        from metering_server.store.postgres import PostgresStore  # asyncpg only when used
+
+        s = settings or StoreSettings()
+        return PostgresStore(
+            url,
+            password_file=s.password_file,
+            pool_min=s.pool_min,
+            pool_max=s.pool_max,
+            connect_timeout_s=s.connect_timeout_s,
+            start_timeout_s=s.start_timeout_s,
+            query_timeout_s=s.query_timeout_s,
+        )
+    raise ValueError(f"unsupported store url {url!r} (sqlite://, postgresql://)")

@@ -15,10 +15,25 @@ them, is tests/integration/test_store_contract.py (stores registered in tests/st
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from metering_server.auth.lockout import FailureState, LockoutPolicy
 from metering_server.licensing import Pool
+
+
+class StoreUnusable(Exception):
+    """The store cannot be used as configured (e.g. its schema is newer than this release):
+    one line for the operator; `metering-server` exits 78."""
+
+
+class StoreUnavailable(StoreUnusable):
+    """The database did not answer within the start timeout; `metering-server` exits 69."""
+
+
+# How long a revoke is remembered: a holder that was away (disconnected, suspended) still
+# learns its seat was revoked instead of silently getting a new one.
+RETAIN_REVOKED_S = 7 * 86400
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +69,15 @@ class GrantRequest:
     now: float
     ttl_s: float
     reclaim: str | None = None
+    # A retry of the same checkout (same principal and client) gets the lease this key made.
+    idempotency_key: str | None = None
+    # Granting to a queued checkout: its ticket from `enqueue`, granted only while the entry
+    # is held by `server`.  Without one, a grant is refused while live waiters queue for the
+    # pool (FIFO across the site).
+    waiter: int | None = None
+    # Servers whose last `touch_server` is older than this are dead: their waiters are
+    # orphans, skipped (never granted) until they re-attach or time out.
+    live_since: float = float("-inf")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,15 +86,90 @@ class GrantOutcome:
     in_use: int  # seats in use in the pool after the decision
     lease: LeaseRecord | None = None
     reclaimed: bool = False
+    replayed: bool = False  # the lease an earlier attempt with the same idempotency key made
+    revoked: bool = False  # not granted: the lease to reclaim was revoked by an admin
+    queued_ahead: int = 0  # not granted: this many live waiters come first
 
 
 @dataclass(frozen=True, slots=True)
 class RenewOutcome:
     renewed: list[str]
     lost: list[str]
+    revoked: list[str] = field(default_factory=list)  # the part of `lost` an admin revoked
+
+
+@dataclass(frozen=True, slots=True)
+class WaitEntry:
+    """A checkout that waits for a seat, kept in the store so the queue is one for the site
+    and outlives the server the client asked."""
+
+    pool_key: tuple[str, str]
+    product: str
+    version: str
+    principal: str
+    client: str
+    user: str
+    server: str  # the server holding the waiter's connection
+    now: float
+    deadline: float  # the entry is dropped after this (now + wait_s)
+    idempotency_key: str | None = None
+    # An orphan (its server died or left) keeps its place this long after its server was
+    # last seen (lease_ttl_s): time for its client to re-attach elsewhere.
+    orphan_grace_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    id: int  # place in the site-wide queue: lower is earlier
+    position: int  # 1: next in line (live and orphaned entries ahead counted)
+    reattached: bool = False  # the same checkout (idempotency key) was already queued
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One run of a licensed program as a server received it (`usage` op): the fields the
+    client sent, the catalogue pool it was counted against when received (the product and
+    version as sent when the catalogue had no such product), who uploaded it, and which
+    server took it when.  Times are UTC epoch seconds; `started_at <= ended_at`."""
+
+    record_id: str  # client-made, unique for the whole store: a second one is a duplicate
+    product: str
+    version: str
+    pool_product: str
+    pool_version: str
+    user: str  # the end user
+    client: str
+    principal: str  # who uploaded it (an agent, or the user itself)
+    started_at: float
+    ended_at: float
+    outcome: str  # granted | denied | overuse
+    server: str
+    received_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class UsageOutcome:
+    accepted: int  # records stored by this call
+    duplicates: int  # records whose record_id the store had already (or earlier in the call)
+
+
+# A change another server made that this one should act on at once: ("freed", "P\x1fV") —
+# a seat of a pool was freed; ("revoked", lease_id) — an admin revoked a lease.
+Notice = tuple[str, str]
 
 
 class LeaseStore(abc.ABC):
+    # Called with the seconds each write transaction took, commit included (metrics).  It may
+    # be called from the store's own thread: it must be thread-safe and quick.
+    on_commit: Callable[[float], None] | None = None
+    # True while `listen` delivers notices; when it is not (SQLite, or a PostgreSQL listener
+    # reconnecting) the seat service's sweep looks for other servers' changes itself.
+    listening: bool = False
+
+    async def ping(self) -> None:
+        """Raise unless the database answers (health checks)."""
+        await self.in_use(float("inf"))
+
     @abc.abstractmethod
     async def open(self) -> None: ...
 
@@ -101,14 +200,54 @@ class LeaseStore(abc.ABC):
         which is deleted too).  Raises LeaseNotFound when it belongs to someone else."""
 
     @abc.abstractmethod
-    async def revoke(self, lease: str) -> LeaseRecord | None:
-        """Delete a lease whoever holds it, live or not; None when there is no such lease."""
+    async def revoke(
+        self, lease: str, *, now: float | None = None, by: str | None = None
+    ) -> LeaseRecord | None:
+        """Delete a lease whoever holds it, live or not, and remember that it was revoked
+        (for `RETAIN_REVOKED_S`): its holder's heartbeats get it back in `revoked`, and a
+        reclaim of it is refused (`GrantOutcome.revoked`).  None when there is no such lease."""
+
+    @abc.abstractmethod
+    async def revoked_among(self, leases: list[str]) -> list[str]:
+        """Which of these leases were revoked (for servers that cannot be notified)."""
+
+    # --- the site-wide queue of waiting checkouts ------------------------------------------
+    @abc.abstractmethod
+    async def enqueue(self, entry: WaitEntry) -> Ticket:
+        """Queue a waiting checkout at the end; the same checkout again (same principal,
+        client and idempotency key) re-attaches to its entry and keeps its place."""
+
+    @abc.abstractmethod
+    async def dequeue(self, ticket: int, server: str | None = None) -> None:
+        """Drop an entry (answered, cancelled, timed out, its connection closed) — with
+        `server`, only while that server holds it: an entry a retry re-attached elsewhere
+        is no longer this server's to drop."""
+
+    @abc.abstractmethod
+    async def detach(self, server: str) -> None:
+        """A server going away cleanly: its entries become orphans that keep their place
+        until they re-attach elsewhere or time out."""
+
+    @abc.abstractmethod
+    async def queued(self, now: float) -> dict[tuple[str, str], int]:
+        """Entries waiting per pool key across the site (orphans included)."""
+
+    @abc.abstractmethod
+    async def touch_server(self, server: str, now: float, orphan_grace_s: float = 60.0) -> None:
+        """This server is alive (called every sweep; see `GrantRequest.live_since`), and so
+        are its queue entries: they are kept `orphan_grace_s` past now."""
+
+    async def listen(self, on_notice: Callable[[Notice], None]) -> bool:
+        """Deliver other servers' `Notice`s as they happen.  False when this store cannot
+        (then the seat service finds them at its sweep)."""
+        return False
 
     @abc.abstractmethod
     async def expire(self, now: float) -> list[LeaseRecord]:
         """Delete the leases that are not `licensing.is_live` at `now` and return them: each
         expired lease is returned by exactly one call, across every store instance sharing
-        the database."""
+        the database.  Also drops queue entries past their deadline or orphan grace, and
+        revoke records older than `RETAIN_REVOKED_S`."""
 
     @abc.abstractmethod
     async def leases(self, now: float, product: str | None = None) -> list[LeaseRecord]:
@@ -131,3 +270,31 @@ class LeaseStore(abc.ABC):
     @abc.abstractmethod
     async def clear_auth_failures(self, keys: list[str], now: float, policy: LockoutPolicy) -> None:
         """Forget failure counts after a success, unless a key is locked."""
+
+    @abc.abstractmethod
+    async def auth_locks(self, now: float) -> dict[str, FailureState]:
+        """Every key locked at `now` (`metering-admin lockouts`)."""
+
+    @abc.abstractmethod
+    async def unlock(self, keys: list[str]) -> list[str]:
+        """Forget these keys' failures and locks (`metering-admin unlock`); the keys that had
+        any are returned."""
+
+    # --- usage records (the `usage` and `report` ops) ------------------------------------------
+    @abc.abstractmethod
+    async def record_usage(self, records: list[UsageRecord]) -> UsageOutcome:
+        """Store the records that are new, in order, in one transaction that is durable
+        before this returns.  A record whose `record_id` the store already has (sent before,
+        through any server sharing the store, before a restart, or earlier in this call) is a
+        duplicate: not stored again, never counted twice."""
+
+    @abc.abstractmethod
+    async def usage_between(
+        self, since: float, until: float, product: str | None = None
+    ) -> list[UsageRecord]:
+        """The records that belong to the period [since, until): those that started in it
+        or were running at some instant of it (`started_at < until` and `ended_at > since`,
+        or `since <= started_at`: a zero-length run counts where it happened; a run that
+        ended exactly at `since` does not).  `product` (case-insensitive) keeps the records
+        whose product as sent or whose pool product is that name.  Ordered by `started_at`,
+        then `record_id`."""

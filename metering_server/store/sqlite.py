@@ -16,13 +16,15 @@ from __future__ import annotations
 import asyncio
 import secrets
 import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import astuple, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from metering_protocol.errors import LeaseNotFound
+from metering_runtime.tasks import TaskOwner
 from metering_server.auth.lockout import FailureState, LockoutPolicy
 from metering_server.licensing import (
     Reclaim,
@@ -35,11 +37,28 @@ from metering_server.licensing import (
     renew_verdict,
 )
 
-from .base import GrantOutcome, GrantRequest, LeaseRecord, LeaseStore, RenewOutcome
+from .base import (
+    RETAIN_REVOKED_S,
+    GrantOutcome,
+    GrantRequest,
+    LeaseRecord,
+    LeaseStore,
+    RenewOutcome,
+    StoreUnusable,
+    Ticket,
+    UsageOutcome,
+    UsageRecord,
+    WaitEntry,
+)
 
 T = TypeVar("T")
 
-SCHEMA = """
+# Versioned migrations, applied in order at open under the write lock (BEGIN IMMEDIATE), so
+# several servers opening one file at once apply each exactly once.  Version 1 is the schema
+# of the first release (its databases already say schema_version 1).  Add a version by
+# appending a script; never edit one that has shipped.
+MIGRATIONS: list[str] = [
+    """
 CREATE TABLE IF NOT EXISTS leases (
     lease TEXT PRIMARY KEY,
     product TEXT NOT NULL,
@@ -63,9 +82,60 @@ CREATE TABLE IF NOT EXISTS auth_failures (
     window_start REAL NOT NULL,
     locked_until REAL NOT NULL
 );
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1');
-"""
+""",
+    """
+ALTER TABLE leases ADD COLUMN idempotency_key TEXT;
+CREATE UNIQUE INDEX leases_idempotency ON leases (principal, client, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE TABLE revoked (
+    lease TEXT PRIMARY KEY,
+    principal TEXT NOT NULL,
+    client TEXT NOT NULL,
+    revoked_at REAL NOT NULL,
+    by TEXT
+);
+CREATE INDEX revoked_at ON revoked (revoked_at);
+CREATE TABLE waiters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    pool_product TEXT NOT NULL,
+    pool_version TEXT NOT NULL,
+    product TEXT NOT NULL,
+    version TEXT NOT NULL,
+    principal TEXT NOT NULL,
+    client TEXT NOT NULL,
+    user TEXT NOT NULL,
+    server TEXT NOT NULL,
+    idempotency_key TEXT,
+    enqueued_at REAL NOT NULL,
+    deadline REAL NOT NULL,
+    kept_until REAL NOT NULL
+);
+CREATE INDEX waiters_pool ON waiters (pool_product, pool_version, id);
+CREATE UNIQUE INDEX waiters_idempotency ON waiters (principal, client, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE TABLE servers (name TEXT PRIMARY KEY, seen_at REAL NOT NULL);
+""",
+    # 3: usage records (`usage` op), read by time range for reports.
+    """
+CREATE TABLE usage (
+    record_id TEXT PRIMARY KEY,
+    product TEXT NOT NULL,
+    version TEXT NOT NULL,
+    pool_product TEXT NOT NULL,
+    pool_version TEXT NOT NULL,
+    user TEXT NOT NULL,
+    client TEXT NOT NULL,
+    principal TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    ended_at REAL NOT NULL,
+    outcome TEXT NOT NULL,
+    server TEXT NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE INDEX usage_ended ON usage (ended_at, started_at);
+CREATE INDEX usage_pool_ended ON usage (pool_product, ended_at);
+""",
+]
 
 # `licensing.is_live(expires_at, now)` in SQL, for filtering and counting; bind `now`.  A lease
 # is live while expires_at > now, expired from expires_at <= now: the two are complements.
@@ -76,6 +146,13 @@ _COLUMNS = (
     "lease, product, version, pool_product, pool_version, principal, user, client, server, "
     "granted_at, renewed_at, expires_at, overuse"
 )
+_USAGE_COLUMNS = (
+    "record_id, product, version, pool_product, pool_version, user, client, principal, "
+    "started_at, ended_at, outcome, server, received_at"
+)
+# A record belongs to [since, until) (`LeaseStore.usage_between`); bind since, until, since,
+# since.  `ended_at >= since` is implied by the rest and lets the index narrow the scan.
+_IN_PERIOD = "ended_at >= ? AND started_at < ? AND (ended_at > ? OR started_at >= ?)"
 
 
 def _record(row: tuple) -> LeaseRecord:
@@ -86,12 +163,44 @@ def new_lease_id() -> str:
     return "L" + secrets.token_hex(12)
 
 
+def migrate(db: sqlite3.Connection) -> None:
+    """Bring the schema to the newest version; runs inside the open's write transaction."""
+    db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    version = int(row[0]) if row is not None else 0
+    if version > len(MIGRATIONS):
+        raise StoreUnusable(
+            f"the store's schema is version {version}, newer than this release "
+            f"({len(MIGRATIONS)}): upgrade metering-server"
+        )
+    for n, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        for statement in _statements(script):
+            db.execute(statement)
+        db.execute(
+            "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (str(n),),
+        )
+
+
+def _statements(script: str) -> list[str]:
+    # executescript would COMMIT the open transaction: run the statements one by one.
+    return [part.strip() for part in script.split(";") if part.strip()]
+
+
 class SQLiteStore(LeaseStore):
     def __init__(self, path: str | Path, busy_timeout_s: float = 30.0):
         self.path = Path(path)
         self.busy_timeout_s = busy_timeout_s
         self._executor: ThreadPoolExecutor | None = None
         self._db: sqlite3.Connection | None = None
+        self._batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future]] = []
+        self._committing = False
+        self._commits = TaskOwner("sqlite-commits")
+        self._commit_task: asyncio.Task | None = None
+        # Long reads (usage reports) get a connection and thread of their own, made at first
+        # use: they must not hold up grants queued behind them on the store's thread.
+        self._reader: tuple[ThreadPoolExecutor, sqlite3.Connection] | None = None
 
     # --- plumbing --------------------------------------------------------------------------
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -103,8 +212,77 @@ class SQLiteStore(LeaseStore):
         assert self._db is not None
         return fn(self._db)
 
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` in a write transaction — together with every other write that arrived
+        meanwhile (group commit).
+
+        A commit costs an fsync, and one thread does them one after another: alone, each
+        write would wait for every fsync queued before it.  So writes queue here, and the
+        store's thread takes all that are waiting into one transaction, each in a savepoint
+        (one failing rolls back alone), with one COMMIT and one fsync for all.  No caller
+        hears back before that COMMIT: durable before any reply, as before.
+        """
+        assert self._executor is not None, "store is not open"
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+        self._batch.append((fn, future))
+        if not self._committing:
+            self._committing = True
+            self._commit_task = self._commits.spawn(self._commit_batches(), "group-commit")
+        return await future
+
+    async def _commit_batches(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._batch:
+                batch, self._batch = self._batch, []
+                try:
+                    outcomes = await loop.run_in_executor(
+                        self._executor, self._call, self._batch_tx([fn for fn, _ in batch])
+                    )
+                except BaseException as exc:  # BEGIN or COMMIT failed: none of them happened
+                    outcomes = [(False, exc)] * len(batch)
+                for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+                    if future.done():
+                        continue
+                    if ok:
+                        future.set_result(value)
+                    else:
+                        future.set_exception(value)
+        finally:
+            self._committing = False
+
+    def _batch_tx(
+        self, fns: list[Callable[[sqlite3.Connection], Any]]
+    ) -> Callable[[sqlite3.Connection], list[tuple[bool, Any]]]:
+        def run(db: sqlite3.Connection) -> list[tuple[bool, Any]]:
+            started = time.perf_counter()
+            db.execute("BEGIN IMMEDIATE")
+            outcomes: list[tuple[bool, Any]] = []
+            try:
+                for fn in fns:
+                    db.execute("SAVEPOINT op")
+                    try:
+                        outcomes.append((True, fn(db)))
+                        db.execute("RELEASE op")
+                    except Exception as exc:
+                        db.execute("ROLLBACK TO op")
+                        db.execute("RELEASE op")
+                        outcomes.append((False, exc))
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:  # a failed COMMIT must not leave the lock held
+                    db.execute("ROLLBACK")
+                raise
+            if self.on_commit is not None:
+                self.on_commit(time.perf_counter() - started)
+            return outcomes
+
+        return run
+
     def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> Callable[[sqlite3.Connection], T]:
         def run(db: sqlite3.Connection) -> T:
+            started = time.perf_counter()
             db.execute("BEGIN IMMEDIATE")
             try:
                 result = fn(db)
@@ -113,6 +291,8 @@ class SQLiteStore(LeaseStore):
                 if db.in_transaction:  # a failed COMMIT must not leave the lock held
                     db.execute("ROLLBACK")
                 raise
+            if self.on_commit is not None:
+                self.on_commit(time.perf_counter() - started)
             return result
 
         return run
@@ -131,15 +311,23 @@ class SQLiteStore(LeaseStore):
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_s * 1000)}")
-            db.executescript(SCHEMA)
+            self._tx(migrate)(db)
             self._db = db
 
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, connect, None)
+        try:
+            await loop.run_in_executor(self._executor, connect, None)
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise
 
     async def close(self) -> None:
+        await self._close_reader()
         if self._executor is None:
             return
+        if self._commit_task is not None:  # writes already queued are committed first
+            await asyncio.gather(self._commit_task, return_exceptions=True)
 
         def shut(db: sqlite3.Connection) -> None:
             db.close()
@@ -154,25 +342,45 @@ class SQLiteStore(LeaseStore):
     async def grant(self, req: GrantRequest) -> GrantOutcome:
         def grant(db: sqlite3.Connection) -> GrantOutcome:
             pool = req.pool
-            held = self._get(db, req.reclaim) if req.reclaim is not None else None
-            if held is not None:
-                verdict = reclaim_verdict(
-                    held.principal,
-                    held.client,
-                    held.pool_key,
-                    held.expires_at,
-                    req.principal,
-                    req.client,
-                    pool.key,
-                    req.now,
-                )
-                if verdict is Reclaim.RENEW:
-                    lease = self._renew_row(db, held, req.server, req.now, req.ttl_s)
+            if req.reclaim is not None:
+                if self._was_revoked(db, req.reclaim, req.principal, req.client):
+                    return GrantOutcome(False, self._count(db, pool.key, req.now), revoked=True)
+                held = self._get(db, req.reclaim)
+                if held is not None:
+                    verdict = reclaim_verdict(
+                        held.principal,
+                        held.client,
+                        held.pool_key,
+                        held.expires_at,
+                        req.principal,
+                        req.client,
+                        pool.key,
+                        req.now,
+                    )
+                    if verdict is Reclaim.RENEW:
+                        lease = self._renew_row(db, held, req.server, req.now, req.ttl_s)
+                        in_use = self._count(db, pool.key, req.now)
+                        return GrantOutcome(True, in_use, lease, reclaimed=True)
+                    if verdict is Reclaim.DROP_EXPIRED:
+                        self._delete(db, held.lease)
+            if req.waiter is not None and not self._entry_is_mine(db, req.waiter, req.server):
+                # Answered, dropped, or re-attached to another server by a retry of the same
+                # checkout: that server serves it now, never this one.
+                return GrantOutcome(False, self._count(db, pool.key, req.now), queued_ahead=1)
+            if req.idempotency_key is not None:
+                earlier = self._by_key(db, req.principal, req.client, req.idempotency_key)
+                if earlier is not None and is_live(earlier.expires_at, req.now):
+                    lease = self._renew_row(db, earlier, req.server, req.now, req.ttl_s)
+                    if req.waiter is not None:
+                        db.execute("DELETE FROM waiters WHERE id = ?", (req.waiter,))
                     in_use = self._count(db, pool.key, req.now)
-                    return GrantOutcome(True, in_use, lease, reclaimed=True)
-                if verdict is Reclaim.DROP_EXPIRED:
-                    self._delete(db, held.lease)
+                    return GrantOutcome(True, in_use, lease, replayed=True)
+                if earlier is not None:  # expired: the key may make a new lease
+                    self._delete(db, earlier.lease)
             in_use = self._count(db, pool.key, req.now)
+            ahead = self._live_waiters_ahead(db, pool.key, req)
+            if ahead:
+                return GrantOutcome(False, in_use, queued_ahead=ahead)
             decision = decide(pool, in_use)
             if not decision.granted:
                 return GrantOutcome(False, in_use)
@@ -192,12 +400,59 @@ class SQLiteStore(LeaseStore):
                 overuse=decision.overuse,
             )
             db.execute(
-                f"INSERT INTO leases ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (*_values(lease),),
+                f"INSERT INTO leases ({_COLUMNS}, idempotency_key) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (*_values(lease), req.idempotency_key),
             )
+            if req.waiter is not None:
+                db.execute("DELETE FROM waiters WHERE id = ?", (req.waiter,))
             return GrantOutcome(True, in_use + 1, lease)
 
-        return await self._run(self._tx(grant))
+        return await self._write(grant)
+
+    @staticmethod
+    def _live_waiters_ahead(db: sqlite3.Connection, key: tuple[str, str], req: GrantRequest) -> int:
+        """Queued checkouts that come before this one and can still be served: FIFO across
+        the site.  A grant to a waiter whose own entry is gone (answered elsewhere, dropped)
+        counts as blocked."""
+        return db.execute(
+            "SELECT COUNT(*) FROM waiters WHERE pool_product = ? AND pool_version = ? "
+            "AND id < ? AND deadline > ? AND kept_until > ? AND server IN "
+            "(SELECT name FROM servers WHERE seen_at >= ?)",
+            (
+                *key,
+                req.waiter if req.waiter is not None else 2**62,
+                req.now,
+                req.now,
+                req.live_since,
+            ),
+        ).fetchone()[0]
+
+    @staticmethod
+    def _entry_is_mine(db: sqlite3.Connection, ticket: int, server: str) -> bool:
+        row = db.execute("SELECT server FROM waiters WHERE id = ?", (ticket,)).fetchone()
+        return row is not None and row[0] == server
+
+    @staticmethod
+    def _by_key(
+        db: sqlite3.Connection, principal: str, client: str, key: str
+    ) -> LeaseRecord | None:
+        row = db.execute(
+            f"SELECT {_COLUMNS} FROM leases WHERE principal = ? AND client = ? "
+            "AND idempotency_key = ?",
+            (principal, client, key),
+        ).fetchone()
+        return None if row is None else _record(row)
+
+    @staticmethod
+    def _was_revoked(db: sqlite3.Connection, lease: str, principal: str, client: str) -> bool:
+        return (
+            db.execute(
+                "SELECT 1 FROM revoked WHERE lease = ? AND principal = ? AND client = ?",
+                (lease, principal, client),
+            ).fetchone()
+            is not None
+        )
 
     @staticmethod
     def _get(db: sqlite3.Connection, lease: str) -> LeaseRecord | None:
@@ -231,7 +486,7 @@ class SQLiteStore(LeaseStore):
         self, leases: list[str], principal: str, client: str, server: str, now: float, ttl_s: float
     ) -> RenewOutcome:
         def renew(db: sqlite3.Connection) -> RenewOutcome:
-            renewed, lost = [], []
+            renewed, lost, revoked = [], [], []
             for lease in leases:
                 held = self._get(db, lease)
                 if held is not None and renew_verdict(
@@ -241,9 +496,11 @@ class SQLiteStore(LeaseStore):
                     renewed.append(lease)
                 else:
                     lost.append(lease)
-            return RenewOutcome(renewed, lost)
+                    if self._was_revoked(db, lease, principal, client):
+                        revoked.append(lease)
+            return RenewOutcome(renewed, lost, revoked)
 
-        return await self._run(self._tx(renew))
+        return await self._write(renew)
 
     async def release(
         self, lease: str, principal: str, client: str, now: float
@@ -262,16 +519,125 @@ class SQLiteStore(LeaseStore):
             # concerned.
             return held if verdict is Release.RELEASE else None
 
-        return await self._run(self._tx(release))
+        return await self._write(release)
 
-    async def revoke(self, lease: str) -> LeaseRecord | None:
+    async def revoke(
+        self, lease: str, *, now: float | None = None, by: str | None = None
+    ) -> LeaseRecord | None:
         def revoke(db: sqlite3.Connection) -> LeaseRecord | None:
             held = self._get(db, lease)
             if held is not None:
                 self._delete(db, lease)
+                db.execute(
+                    "INSERT OR REPLACE INTO revoked (lease, principal, client, revoked_at, by) "
+                    "VALUES (?,?,?,?,?)",
+                    (lease, held.principal, held.client, now or held.renewed_at, by),
+                )
             return held
 
-        return await self._run(self._tx(revoke))
+        return await self._write(revoke)
+
+    async def revoked_among(self, leases: list[str]) -> list[str]:
+        def select(db: sqlite3.Connection) -> list[str]:
+            found = set()
+            for start in range(0, len(leases), 500):
+                chunk = leases[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                found.update(
+                    r[0]
+                    for r in db.execute(
+                        f"SELECT lease FROM revoked WHERE lease IN ({marks})", chunk
+                    )
+                )
+            return [x for x in leases if x in found]
+
+        return await self._run(select)
+
+    # --- the site-wide queue ------------------------------------------------------------------
+    async def enqueue(self, entry: WaitEntry) -> Ticket:
+        def enqueue(db: sqlite3.Connection) -> Ticket:
+            key = entry.idempotency_key
+            row = None
+            if key is not None:
+                row = db.execute(
+                    "SELECT id FROM waiters WHERE principal = ? AND client = ? "
+                    "AND idempotency_key = ?",
+                    (entry.principal, entry.client, key),
+                ).fetchone()
+            if row is not None:
+                ticket = row[0]
+                db.execute(
+                    "UPDATE waiters SET server = ?, deadline = ?, kept_until = ? WHERE id = ?",
+                    (entry.server, entry.deadline, entry.now + entry.orphan_grace_s, ticket),
+                )
+            else:
+                cur = db.execute(
+                    "INSERT INTO waiters (pool_product, pool_version, product, version, "
+                    "principal, client, user, server, idempotency_key, enqueued_at, deadline, "
+                    "kept_until) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        *entry.pool_key,
+                        entry.product,
+                        entry.version,
+                        entry.principal,
+                        entry.client,
+                        entry.user,
+                        entry.server,
+                        key,
+                        entry.now,
+                        entry.deadline,
+                        entry.now + entry.orphan_grace_s,
+                    ),
+                )
+                ticket = int(cur.lastrowid or 0)
+            position = db.execute(
+                "SELECT COUNT(*) FROM waiters WHERE pool_product = ? AND pool_version = ? "
+                "AND id <= ? AND deadline > ? AND kept_until > ?",
+                (*entry.pool_key, ticket, entry.now, entry.now),
+            ).fetchone()[0]
+            return Ticket(ticket, position, reattached=row is not None)
+
+        return await self._write(enqueue)
+
+    async def dequeue(self, ticket: int, server: str | None = None) -> None:
+        def dequeue(db: sqlite3.Connection) -> None:
+            db.execute(
+                "DELETE FROM waiters WHERE id = ? AND (? IS NULL OR server = ?)",
+                (ticket, server, server),
+            )
+
+        await self._write(dequeue)
+
+    async def detach(self, server: str) -> None:
+        def detach(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE waiters SET server = '' WHERE server = ?", (server,))
+            db.execute("DELETE FROM servers WHERE name = ?", (server,))
+
+        await self._write(detach)
+
+    async def queued(self, now: float) -> dict[tuple[str, str], int]:
+        def count(db: sqlite3.Connection) -> dict[tuple[str, str], int]:
+            rows = db.execute(
+                "SELECT pool_product, pool_version, COUNT(*) FROM waiters WHERE deadline > ? "
+                "AND kept_until > ? GROUP BY pool_product, pool_version",
+                (now, now),
+            )
+            return {(p, v): n for p, v, n in rows}
+
+        return await self._run(count)
+
+    async def touch_server(self, server: str, now: float, orphan_grace_s: float = 60.0) -> None:
+        def touch(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO servers (name, seen_at) VALUES (?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET seen_at = excluded.seen_at",
+                (server, now),
+            )
+            db.execute(
+                "UPDATE waiters SET kept_until = ? WHERE server = ?", (now + orphan_grace_s, server)
+            )
+
+        await self._write(touch)
 
     async def expire(self, now: float) -> list[LeaseRecord]:
         def expire(db: sqlite3.Connection) -> list[LeaseRecord]:
@@ -279,9 +645,11 @@ class SQLiteStore(LeaseStore):
             rows = db.execute(f"SELECT {_COLUMNS} FROM leases WHERE {_EXPIRED}", (now,))
             gone = [rec for rec in map(_record, rows) if not is_live(rec.expires_at, now)]
             db.executemany("DELETE FROM leases WHERE lease = ?", [(r.lease,) for r in gone])
+            db.execute("DELETE FROM waiters WHERE deadline <= ? OR kept_until <= ?", (now, now))
+            db.execute("DELETE FROM revoked WHERE revoked_at < ?", (now - RETAIN_REVOKED_S,))
             return gone
 
-        return await self._run(self._tx(expire))
+        return await self._write(expire)
 
     async def leases(self, now: float, product: str | None = None) -> list[LeaseRecord]:
         def select(db: sqlite3.Connection) -> list[LeaseRecord]:
@@ -344,7 +712,7 @@ class SQLiteStore(LeaseStore):
             )
             return out
 
-        return await self._run(self._tx(record))
+        return await self._write(record)
 
     async def clear_auth_failures(self, keys: list[str], now: float, policy: LockoutPolicy) -> None:
         def clear(db: sqlite3.Connection) -> None:
@@ -353,7 +721,94 @@ class SQLiteStore(LeaseStore):
                 if policy.on_success(state, now) is None:
                     db.execute("DELETE FROM auth_failures WHERE key = ?", (key,))
 
-        await self._run(self._tx(clear))
+        await self._write(clear)
+
+    async def auth_locks(self, now: float) -> dict[str, FailureState]:
+        def select(db: sqlite3.Connection) -> dict[str, FailureState]:
+            rows = db.execute(
+                "SELECT key, count, window_start, locked_until FROM auth_failures "
+                "WHERE locked_until > ? ORDER BY key",
+                (now,),
+            )
+            return {key: FailureState(*rest) for key, *rest in rows}
+
+        return await self._run(select)
+
+    async def unlock(self, keys: list[str]) -> list[str]:
+        def unlock(db: sqlite3.Connection) -> list[str]:
+            found = [k for k in keys if k in self._states(db, [k])]
+            db.executemany("DELETE FROM auth_failures WHERE key = ?", [(k,) for k in found])
+            return found
+
+        return await self._write(unlock)
+
+    # --- usage records -------------------------------------------------------------------------
+    async def record_usage(self, records: list[UsageRecord]) -> UsageOutcome:
+        if not records:
+            return UsageOutcome(0, 0)
+
+        def record(db: sqlite3.Connection) -> UsageOutcome:
+            accepted = 0
+            for rec in records:  # one by one: a repeat within the call is a duplicate too
+                cur = db.execute(
+                    f"INSERT INTO usage ({_USAGE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                    "ON CONFLICT(record_id) DO NOTHING",
+                    astuple(rec),
+                )
+                accepted += cur.rowcount
+            return UsageOutcome(accepted, len(records) - accepted)
+
+        return await self._write(record)
+
+    async def usage_between(
+        self, since: float, until: float, product: str | None = None
+    ) -> list[UsageRecord]:
+        def select(db: sqlite3.Connection) -> list[UsageRecord]:
+            sql = f"SELECT {_USAGE_COLUMNS} FROM usage WHERE {_IN_PERIOD}"
+            args: tuple = (since, until, since, since)
+            if product is not None:
+                sql += " AND (upper(product) = upper(?) OR upper(pool_product) = upper(?))"
+                args += (product, product)
+            rows = db.execute(sql + " ORDER BY started_at, record_id", args)
+            return [UsageRecord(*row) for row in rows]
+
+        return await self._read_apart(select)
+
+    async def _read_apart(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a long read on the reader connection (its own thread): in WAL mode it reads
+        one consistent snapshot while writes go on, so a year's report does not stall the
+        grants queued on the store's thread for seconds."""
+        assert self._executor is not None, "store is not open"
+        loop = asyncio.get_running_loop()
+        if self._reader is None:
+            executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-reports")
+
+            def connect(_: object) -> sqlite3.Connection:
+                db = sqlite3.connect(
+                    self.path,
+                    timeout=self.busy_timeout_s,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
+                db.execute("PRAGMA query_only=ON")
+                return db
+
+            db = await loop.run_in_executor(executor, connect, None)
+            if self._reader is None:
+                self._reader = (executor, db)
+            else:  # another call made one meanwhile
+                await loop.run_in_executor(executor, db.close)
+                executor.shutdown(wait=False)
+        executor, db = self._reader
+        return await loop.run_in_executor(executor, fn, db)
+
+    async def _close_reader(self) -> None:
+        if self._reader is None:
+            return
+        executor, db = self._reader
+        self._reader = None
+        await asyncio.get_running_loop().run_in_executor(executor, db.close)
+        executor.shutdown(wait=True)
 
 
 def _values(r: LeaseRecord) -> tuple:

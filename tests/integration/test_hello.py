@@ -20,6 +20,7 @@ from metering_protocol.errors import (
     MeteringError,
     UnsupportedProtocol,
 )
+from metering_server.auth.credentials import Credentials
 from tests.conftest import hello
 from tests.support import Raw, async_wait_until
 
@@ -426,3 +427,18 @@ async def test_security_log_quiet_when_lockout_kicks_in(make_server):
     total = len(before_flush) + sum(e["suppressed"] for e in summaries)
     assert total == 50
     assert "secret-guess" not in repr(logs)
+
+
+@pytest.mark.asyncio
+async def test_a_legacy_scrypt_hash_is_upgraded_to_the_fast_digest_on_first_use(make_server):
+    server = await make_server(credentials=CREDS)
+    path = server.config.credentials_path
+    assert 'token_hash = "scrypt$' in path.read_text()  # test credentials: the old form
+    assert isinstance(await try_hello(server.address("tcp"), user="alice", token=ALICE), dict)
+    await async_wait_until(
+        lambda: Credentials.load(path).get("alice").token_hash.startswith("sha256$"),
+        what="alice's hash rewritten",
+    )
+    assert Credentials.load(path).get("bob").token_hash.startswith("scrypt$")  # untouched
+    assert isinstance(await try_hello(server.address("tcp"), user="alice", token=ALICE), dict)
+    assert isinstance(await try_hello(server.address("tcp"), user="alice", token="no"), AuthFailed)

@@ -389,13 +389,12 @@ def test_token_file_problems(site):
     assert "absent" in one_line(missing.stderr)
 
 
-def test_report_is_not_provided_yet(site):
+def test_report(site):
+    # Every format is tested in tests/system/test_report_cli.py; here: it answers, and argues.
     proc = admin(*site.as_ops(), "report", "--since", "2024-01-01", "--format", "csv")
-    assert proc.returncode == 69
-    assert (
-        one_line(proc.stderr)
-        == "metering-admin: report: this server does not provide usage reports yet"
-    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("scope,product,version,user,")
+    assert {"CLOCK.EXE", "REV.EXE"} <= {row.split(",")[1] for row in proc.stdout.splitlines()}
     bad = admin(*site.as_ops(), "report", "--since", "yesterday")
     assert bad.returncode == 64
     assert "--since" in one_line(bad.stderr)
@@ -436,3 +435,54 @@ def test_runs_as_python_module():
     )
     assert proc.returncode == 0, proc.stderr
     assert "add-principal" in proc.stdout
+
+
+def test_health_says_serving_with_the_store_ok(site):
+    proc = admin(*site.as_ops(), "health")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "serving (store ok)"
+    as_json = admin(*site.as_ops(), "--json", "health")
+    assert json.loads(as_json.stdout) == {"status": "serving", "store": "ok"}
+
+
+def test_lockouts_lists_a_locked_principal_and_unlock_lifts_it(tmp_path):
+    sock = bind_tcp()
+    tcp = tcp_address(sock)
+    cfg = server_config(
+        name="srv-l",
+        listen=[tcp],
+        state_dir=tmp_path,
+        products=PRODUCTS,
+        auth={"lockout_threshold": 3},
+    )
+    write_credentials(tmp_path / "credentials.toml", {"ops": (["admin"], "secret-ops")})
+    srv = server_daemon(write_toml(tmp_path / "server.toml", cfg), sockets=[sock]).start()
+    ops = [
+        "--server",
+        tcp,
+        "--user",
+        "ops",
+        "--token-file",
+        str(write_token(tmp_path / "ops.token", "secret-ops")),
+    ]
+    stale = write_token(tmp_path / "stale.token", "not-a-token")
+    try:
+        for _ in range(3):
+            proc = admin("--server", tcp, "--user", "mallory", "--token-file", str(stale), "status")
+            assert proc.returncode == 77
+        listed = admin(*ops, "--json", "lockouts")
+        assert listed.returncode == 0, listed.stderr
+        locks = json.loads(listed.stdout)["locks"]
+        assert [(x["kind"], x["name"]) for x in locks] == [("principal", "mallory")]
+        table_out = admin(*ops, "lockouts").stdout.splitlines()
+        assert table_out[0].split()[:2] == ["KIND", "NAME"] and "mallory" in table_out[1]
+        lifted = admin(*ops, "unlock", "mallory")
+        assert lifted.returncode == 0 and lifted.stdout.strip() == "unlocked mallory"
+        assert admin(*ops, "lockouts").stdout.strip() == "no locks"
+        assert admin(*ops, "unlock", "mallory").returncode == 1
+        usage = admin(*ops, "unlock")
+        assert usage.returncode == 64
+        one_line(usage.stderr)
+    finally:
+        srv.stop()
+        sock.close()

@@ -86,7 +86,7 @@ class Site:
     def addr(self, name: str) -> str:
         return addr_of(self.socks[name])
 
-    def write_config(self, name: str, site: list[tuple[str, int]]) -> Path:
+    def write_config(self, name: str, site: list[tuple[str, int]], version: int = 0) -> Path:
         state = self.root / name
         state.mkdir(exist_ok=True)
         cfg = server_config(
@@ -97,6 +97,7 @@ class Site:
             products=self.products,
             site=[{"name": n, "address": self.addr(n), "priority": p} for n, p in site],
         )
+        cfg.setdefault("site", {})["servers_version"] = version
         if not (state / "credentials.toml").exists():
             write_credentials(state / "credentials.toml", PRINCIPALS)
         self.config_paths[name] = write_toml(state / "server.toml", cfg)
@@ -391,7 +392,7 @@ async def test_learned_server_used_without_restart(tmp_path):
         site.bind(name)
     site.write_config("srv-a", [("srv-a", 0), ("srv-b", 1)])
     site.write_config("srv-b", [("srv-a", 0), ("srv-b", 1)])
-    site.write_config("srv-d", [("srv-a", 0), ("srv-b", 1), ("srv-d", 2)])
+    site.write_config("srv-d", [("srv-a", 0), ("srv-b", 1), ("srv-d", 2)], version=1)
     scratch = short_tmpdir()
     release = scratch / "release"
     agent = None
@@ -415,8 +416,8 @@ async def test_learned_server_used_without_restart(tmp_path):
         (lease,) = await poll(held_on_a, 30, "the run's lease held on srv-a")
 
         site.start("srv-d")
-        site.write_config("srv-a", [("srv-a", 0), ("srv-b", 1), ("srv-d", 2)])
-        site.daemons["srv-a"].signal(signal.SIGHUP)
+        site.write_config("srv-a", [("srv-a", 0), ("srv-b", 1), ("srv-d", 2)], version=1)
+        site.daemons["srv-a"].signal(signal.SIGHUP)  # a changed list needs a higher version
         learned = config.parent / "state" / "servers.json"
 
         def knows_d() -> bool:
@@ -432,7 +433,8 @@ async def test_learned_server_used_without_restart(tmp_path):
         adm_d = await admin(site.addr("srv-d"))
         admins.append(adm_d)
         # srv-b first: the agent is on srv-a, and srv-b still hands out the old site list
-        # (without srv-d), which would replace the learned one if the agent met srv-b alive.
+        # (without srv-d, version 0); the agent would ignore it (a lower version), but this
+        # test is about using the learned server, not about versions (test_servers_version).
         site.kill9("srv-b", close_socket=True)
         site.kill9("srv-a", close_socket=True)
 

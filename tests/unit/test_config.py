@@ -41,12 +41,15 @@ def write(tmp_path: Path, text: str) -> Path:
         ("[[products]]\nversion = '1'\nseats = 1\n", "products[0].name", "required"),
         ("[server]\nlisten = ['tls://127.0.0.1:1']\n", "server.tls_cert_file", "required"),
         ("[store]\nurl = 'mysql://x'\n", "store.url", "must start with sqlite://"),
-        ("[store]\nurl = 'postgresql://db/m'\n", "store.url", "not in this release"),
+        ("[store]\nurl = 'postgresql://u:pw@db/m'\n", "store.url", "must not contain a password"),
         (
             "[[site.servers]]\nname = 'a'\naddress = 'tcp://nope'\n",
             "site.servers[0].address",
             "HOST:PORT",
         ),
+        ("[site]\nservers_version = -1\n", "site.servers_version", ">= 0"),
+        ("[site]\nservers_version = '2'\n", "site.servers_version", "int"),
+        ("[site]\nservers_version = 1.5\n", "site.servers_version", "int"),
     ],
 )
 def test_server_config_errors_name_file_key_and_problem(tmp_path, text, key, problem):
@@ -107,3 +110,41 @@ def test_shipped_example_configs_are_valid():
 
     client = load_client_config(root / "configs" / "client.toml")
     assert client.servers.retries == 5 and client.servers.auth_holdoff_s == 3600
+
+
+SITE = """
+[site]
+servers_version = {version}
+{servers}
+"""
+SRV = "[[site.servers]]\nname = '{0}'\naddress = 'tcp://127.0.0.1:{1}'\n"
+
+
+def site_config(tmp_path: Path, version: int, *servers: tuple[str, int]):
+    text = SITE.format(version=version, servers="".join(SRV.format(*s) for s in servers))
+    return load_server_config(write(tmp_path, text))
+
+
+def test_servers_version_defaults_to_0_and_is_read(tmp_path):
+    assert load_server_config(write(tmp_path, "")).site_servers_version == 0
+    cfg = site_config(tmp_path, 4, ("a", 7001))
+    assert cfg.site_servers_version == 4
+    assert [s.name for s in cfg.site_servers] == ["a"]
+
+
+def test_a_changed_site_list_needs_a_higher_servers_version(tmp_path):
+    from metering_server.app import check_servers_version
+
+    running = site_config(tmp_path, 2, ("a", 7001))
+    check_servers_version(site_config(tmp_path, 2, ("a", 7001)), running)  # unchanged
+    check_servers_version(site_config(tmp_path, 3, ("a", 7001), ("b", 7002)), running)  # bumped
+    check_servers_version(site_config(tmp_path, 3, ("a", 7001)), running)  # bump alone: fine
+    path = tmp_path / "server.toml"
+    for new, problem in (
+        (site_config(tmp_path, 2, ("a", 7001), ("b", 7002)), "changed but the version is still 2"),
+        (site_config(tmp_path, 1, ("a", 7001)), "went down from 2 to 1"),
+    ):
+        with pytest.raises(ConfigError) as err:
+            check_servers_version(new, running)
+        assert str(err.value).startswith(f"{path}: site.servers_version: "), str(err.value)
+        assert problem in str(err.value)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import re
 import stat
@@ -139,17 +140,68 @@ def test_authenticate_wrong_token_and_someone_elses_token(creds, scrypt_calls):
     assert len(scrypt_calls) == 2
 
 
+@pytest.fixture
+def digest_calls(monkeypatch):
+    """Count keyed SHA-256 checks (hmac.new with sha256; the function still runs)."""
+    calls: list[int] = []
+    real = hmac.new
+
+    def counting(key, msg=None, digestmod=None):
+        calls.append(len(key))
+        return real(key, msg, digestmod)
+
+    monkeypatch.setattr(hmac, "new", counting)
+    return calls
+
+
 @pytest.mark.parametrize("name", ["nobody", "peer-only", ""])
-def test_unknown_or_tokenless_principal_costs_one_scrypt_at_the_same_cost(
-    creds, scrypt_calls, name
+def test_unknown_or_tokenless_principal_costs_one_digest_like_a_known_one(
+    tmp_path, digest_calls, scrypt_calls, name
 ):
+    path = tmp_path / "c.toml"
+    add_principal(path, "alice", "user")
+    creds = Credentials.load(path)
+    digest_calls.clear()
+    creds.authenticate("alice", "wrong")
+    known = list(digest_calls)
+    digest_calls.clear()
     assert creds.authenticate(name, "alice-token") is None
-    assert scrypt_calls == [FAST_N]
+    assert digest_calls == known == [16]  # one keyed SHA-256 each, same salt length
+    assert scrypt_calls == []
 
 
-def test_empty_credentials_still_run_scrypt_at_production_cost(scrypt_calls):
+def test_empty_credentials_still_run_one_digest(digest_calls):
     assert Credentials().authenticate("alice", "x") is None
-    assert scrypt_calls == [16384]
+    assert digest_calls == [16]
+
+
+def test_add_principal_stores_the_fast_digest_and_it_verifies(tmp_path, scrypt_calls):
+    path = tmp_path / "c.toml"
+    token = add_principal(path, "ws-17", "agent")
+    stored = Credentials.load(path).get("ws-17").token_hash
+    scheme, salt, digest = stored.split("$")
+    assert scheme == "sha256" and "=" not in salt + digest
+    assert Credentials.load(path).authenticate("ws-17", token) is not None
+    assert Credentials.load(path).authenticate("ws-17", token + "x") is None
+    assert scrypt_calls == []
+
+
+def test_a_legacy_scrypt_hash_verifies_and_is_upgraded_on_first_use(tmp_path, scrypt_calls):
+    path = write(
+        tmp_path,
+        f'[[principals]]\nname = "old"\nroles = ["agent"]\n'
+        f'token_hash = "{hash_token("old-token", n=FAST_N)}"\n',
+    )
+    creds = Credentials.load(path)
+    assert creds.needs_upgrade("old") and not creds.needs_upgrade("nobody")
+    assert creds.authenticate("old", "old-token") is not None
+    upgraded = creds.upgraded("old", "old-token")
+    upgraded.save()
+    again = Credentials.load(path)
+    assert again.get("old").token_hash.startswith("sha256$") and not again.needs_upgrade("old")
+    assert again.authenticate("old", "old-token") is not None
+    assert again.get("old").roles == {"agent"}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
 def test_roles_for(creds):
@@ -247,7 +299,7 @@ def test_error_is_a_value_error():
 
 def test_add_principal_creates_file_with_mode_0600(tmp_path):
     path = tmp_path / "credentials.toml"
-    token = add_principal(path, "ws-17", "agent", n=FAST_N)
+    token = add_principal(path, "ws-17", "agent")
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert token not in path.read_text()
     creds = Credentials.load(path)
@@ -257,9 +309,9 @@ def test_add_principal_creates_file_with_mode_0600(tmp_path):
 
 def test_add_principal_preserves_others_and_replaces_token_and_roles(tmp_path):
     path = tmp_path / "credentials.toml"
-    alice = add_principal(path, "alice", "user", n=FAST_N)
-    old = add_principal(path, "bob", "admin", n=FAST_N)
-    new = add_principal(path, "bob", "agent", n=FAST_N)
+    alice = add_principal(path, "alice", "user")
+    old = add_principal(path, "bob", "admin")
+    new = add_principal(path, "bob", "agent")
     assert new != old
     creds = Credentials.load(path)
     assert [p.name for p in creds] == ["alice", "bob"]
@@ -271,7 +323,7 @@ def test_add_principal_preserves_others_and_replaces_token_and_roles(tmp_path):
 def test_add_principal_keeps_tokenless_and_multi_role_entries(tmp_path):
     path = write(tmp_path, '[[principals]]\nname = "peer"\nroles = ["admin", "user"]\n')
     path.chmod(0o644)
-    add_principal(path, "x", "user", n=FAST_N)
+    add_principal(path, "x", "user")
     peer = Credentials.load(path).get("peer")
     assert peer == Principal("peer", frozenset({"admin", "user"}), None)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
@@ -280,7 +332,7 @@ def test_add_principal_keeps_tokenless_and_multi_role_entries(tmp_path):
 @pytest.mark.parametrize("name", ['qu"ote', "back\\slash", "ünïcödé", "a" * 128])
 def test_add_principal_round_trips_awkward_names(tmp_path, name):
     path = tmp_path / "credentials.toml"
-    token = add_principal(path, name, "user", n=FAST_N)
+    token = add_principal(path, name, "user")
     assert tomllib.loads(path.read_text())["principals"][0]["name"] == name
     assert Credentials.load(path).authenticate(name, token) is not None
 
@@ -300,7 +352,7 @@ def test_add_principal_round_trips_awkward_names(tmp_path, name):
 def test_add_principal_validates_name_and_role(tmp_path, name, role, match):
     path = tmp_path / "credentials.toml"
     with pytest.raises(CredentialsError, match=match):
-        add_principal(path, name, role, n=FAST_N)
+        add_principal(path, name, role)
     assert not path.exists()
 
 
@@ -308,13 +360,13 @@ def test_add_principal_refuses_to_overwrite_a_broken_file(tmp_path):
     path = write(tmp_path, '[[principals]]\nname = "a"\nroles = ["wizard"]\n')
     before = path.read_text()
     with pytest.raises(CredentialsError, match="unknown role"):
-        add_principal(path, "b", "user", n=FAST_N)
+        add_principal(path, "b", "user")
     assert path.read_text() == before
 
 
 def test_add_principal_missing_directory(tmp_path):
     with pytest.raises(CredentialsError, match="does not exist"):
-        add_principal(tmp_path / "nope" / "c.toml", "a", "user", n=FAST_N)
+        add_principal(tmp_path / "nope" / "c.toml", "a", "user")
 
 
 def test_roles_constant():

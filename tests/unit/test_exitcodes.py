@@ -36,6 +36,7 @@ EXPECTED = {
     "unknown_product": EX_UNAVAILABLE,
     "denied": EX_TEMPFAIL,
     "lease_not_found": EX_FAIL,
+    "revoked": EX_TEMPFAIL,
     "cancelled": EX_TEMPFAIL,
     "overloaded": EX_TEMPFAIL,
     "shutting_down": EX_TEMPFAIL,

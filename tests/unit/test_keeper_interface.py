@@ -118,7 +118,7 @@ class FakeConnector:
     def better_than(self, entry: ServerEntry) -> list[ServerEntry]:
         return [e for e in (A, B) if e.priority < entry.priority]
 
-    def learn_servers(self, servers: list[dict[str, Any]]) -> bool:
+    def learn_servers(self, servers: list[dict[str, Any]], version: Any = None) -> bool:
         self.learned.append(servers)
         return True
 
@@ -243,7 +243,9 @@ async def test_events_and_status_use_the_narrow_interface():
     keeper, _ = make_keeper(connector, [])
     await keeper.checkout("P", "1", user="alice")
     # A `user`-role principal holds seats as itself: the end user is not named (roles).
-    assert session.requests[-1] == ("checkout", {"product": "P", "version": "1"})
+    op, fields = session.requests[-1]
+    assert op == "checkout" and fields.pop("idempotency_key").startswith("K")
+    assert fields == {"product": "P", "version": "1"}
     servers = [{"name": "srv-c", "address": "tcp://127.0.0.1:3", "priority": 0}]
     connector.push(session, {"event": "servers", "servers": servers})
     assert connector.learned == [servers]

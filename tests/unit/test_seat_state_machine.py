@@ -74,6 +74,7 @@ class SeatMachine(RuleBasedStateMachine):
         self.model: dict[str, ModelLease] = {}  # rows the store still has (live or not)
         self.owners: dict[str, tuple[str, str]] = {}  # every id ever granted -> owner
         self.dead: set[str] = set()  # ids seen past their expiry: never live again
+        self.revoked: set[str] = set()  # ids an admin revoked: never reclaimed by their owner
 
     def run(self, coro):
         return self.loop.run_until_complete(coro)
@@ -179,6 +180,11 @@ class SeatMachine(RuleBasedStateMachine):
         store = self.stores[srv]
         in_use_before = self.run(store.in_use(self.now)).get(pool.key, 0)
         out = self.run(store.grant(self.request(pool, who, srv, reclaim=lease)))
+        if lease in self.revoked and self.owners[lease] == who:
+            # never reclaimed, never silently replaced: the owner is told it was revoked
+            assert not out.granted and out.revoked and out.lease is None
+            event("reclaim of a revoked lease refused")
+            return multiple()
         mine = held is not None and held.owner == who
         if mine and held.pool == pool.key and self.live(lease):
             assert lease not in self.dead
@@ -244,9 +250,10 @@ class SeatMachine(RuleBasedStateMachine):
 
     @rule(lease=leases, srv=stores)
     def revoke(self, lease: str, srv: int):
-        rec = self.run(self.stores[srv].revoke(lease))
+        rec = self.run(self.stores[srv].revoke(lease, now=self.now))
         assert (rec is not None) == (lease in self.model)
-        self.model.pop(lease, None)
+        if self.model.pop(lease, None) is not None:
+            self.revoked.add(lease)
 
     @rule(lease=consumes(leases))
     def forget(self, lease: str):

@@ -240,3 +240,137 @@ def test_a_failed_write_is_retried_by_the_next_identical_list(tmp_path):
     again = ServerList([A], state)
     again.load()
     assert addresses(again) == [B, A]
+
+
+# --- servers_version: the highest version seen wins, whichever server sent it --------------
+def test_a_higher_version_replaces_the_list():
+    sl = ServerList([], None)
+    assert sl.learn(wire(("a", A, 0)), 1)
+    assert sl.learn(wire(("a", A, 0), ("b", B, 0)), 2)
+    assert sl.version == 2
+    assert addresses(sl) == [A, B]
+
+
+def test_an_older_version_is_ignored_whichever_server_sends_it():
+    sl = ServerList([], None)
+    sl.learn(wire(("a", A, 0), ("b", B, 0)), 2)
+    assert not sl.learn(wire(("a", A, 0)), 1)  # a server not reloaded yet
+    assert sl.version == 2
+    assert addresses(sl) == [A, B]  # B, added in version 2, is not forgotten
+    assert sl.ignored and "version 1" in sl.ignored and "keeping version 2" in sl.ignored
+
+
+def test_a_different_list_under_the_same_version_is_ignored():
+    sl = ServerList([], None)
+    sl.learn(wire(("a", A, 0), ("b", B, 0)), 3)
+    assert not sl.learn(wire(("c", C, 0)), 3)
+    assert addresses(sl) == [A, B]
+    assert sl.ignored and "same version" in sl.ignored
+
+
+def test_the_same_list_and_version_again_is_no_change_and_not_reported():
+    sl = ServerList([], None)
+    assert sl.learn(wire(("a", A, 0)), 3)
+    assert not sl.learn(wire(("a", A, 0)), 3)
+    assert sl.ignored is None
+
+
+def test_an_ignored_list_is_reported_once():
+    sl = ServerList([], None)
+    sl.learn(wire(("a", A, 0), ("b", B, 0)), 2)
+    assert not sl.learn(wire(("a", A, 0)), 1)
+    assert sl.ignored
+    for _ in range(3):  # the stale server answers every reconnect with the same list
+        assert not sl.learn(wire(("a", A, 0)), 1)
+        assert sl.ignored is None
+    assert not sl.learn(wire(("c", C, 0)), 1)  # another stale list is news again
+    assert sl.ignored
+
+
+def test_a_list_without_a_version_counts_as_version_0():
+    sl = ServerList([], None)
+    sl.learn(wire(("a", A, 0), ("b", B, 0)), 1)
+    assert not sl.learn(wire(("a", A, 0)))  # an older server: version 0 < 1
+    assert not sl.learn(wire(("a", A, 0)), None)
+    assert addresses(sl) == [A, B]
+
+
+def test_unversioned_lists_replace_each_other_as_before():
+    # Version 0 means "unversioned" (servers older than versioning, or a site that never set
+    # servers_version): the last list heard wins, as it did before versions existed.
+    sl = ServerList([], None)
+    assert sl.learn(wire(("a", A, 0)))
+    assert sl.version == 0
+    assert sl.learn(wire(("b", B, 0)), 0)
+    assert addresses(sl) == [B]
+    assert sl.learn(wire(("c", C, 0)), 1)  # the first versioned list beats them all
+    assert not sl.learn(wire(("d", D, 0)))
+    assert addresses(sl) == [C]
+
+
+def test_a_higher_version_of_the_same_list_is_kept_and_persisted(tmp_path):
+    state = tmp_path / "servers.json"
+    sl = ServerList([], state)
+    sl.learn(wire(("a", A, 0)), 1)
+    assert not sl.learn(wire(("a", A, 0)), 2)  # the effective list did not change ...
+    assert sl.version == 2  # ... but the version did
+    assert json.loads(state.read_text())["servers_version"] == 2
+    assert not sl.learn(wire(("b", B, 0)), 1)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "2", True, 2**53])
+def test_an_invalid_version_ignores_the_list(bad):
+    sl = ServerList([], None)
+    sl.learn(wire(("a", A, 0)), 1)
+    assert not sl.learn(wire(("b", B, 0)), bad)
+    assert addresses(sl) == [A]
+    assert sl.version == 1
+    assert len(sl.learn_errors) == 1 and "servers_version" in sl.learn_errors[0]
+
+
+def test_the_version_is_persisted_and_loaded(tmp_path):
+    state = tmp_path / "servers.json"
+    sl = ServerList([C], state)
+    sl.learn(wire(("a", A, 0), ("b", B, 1)), 7)
+    data = json.loads(state.read_text())
+    assert data["version"] == 1  # the file format is unchanged
+    assert data["servers_version"] == 7
+    again = ServerList([C], state)
+    again.load()
+    assert again.load_error is None
+    assert again.version == 7
+    assert addresses(again) == [A, B, C]
+    assert not again.learn(wire(("a", A, 0)), 6)  # a restart does not forget the version
+    assert addresses(again) == [A, B, C]
+
+
+def test_an_old_state_file_without_a_version_loads_as_version_0(tmp_path):
+    state = tmp_path / "servers.json"
+    state.write_text(json.dumps({"version": 1, "servers": wire(("b", B, 0))}))
+    sl = ServerList([A], state)
+    sl.load()
+    assert sl.load_error is None
+    assert sl.version == 0
+    assert addresses(sl) == [B, A]
+    assert sl.learn(wire(("c", C, 0)), 1)  # any versioned list replaces it
+    assert addresses(sl) == [C, A]
+
+
+def test_nothing_learned_has_no_version_and_takes_any_list():
+    sl = ServerList([A], None)
+    assert sl.version is None
+    assert sl.learn(wire(("b", B, 0)), 4)
+    assert sl.version == 4
+
+
+@pytest.mark.parametrize("bad", ["3", -1, True, 1.5])
+def test_a_state_file_with_an_invalid_version_is_ignored(tmp_path, bad):
+    state = tmp_path / "servers.json"
+    state.write_text(
+        json.dumps({"version": 1, "servers_version": bad, "servers": wire(("b", B, 0))})
+    )
+    sl = ServerList([A], state)
+    sl.load()
+    assert sl.load_error and "servers_version" in sl.load_error
+    assert sl.version is None
+    assert addresses(sl) == [A]

@@ -1,0 +1,366 @@
+"""The usage spool: every usage record on disk before anything depends on it.
+
+    state_dir/spool/<record_id>.json      one file per record, open (a run going on) or closed
+    state_dir/spool/rejected/<id>.json    records a server refused, with its error
+    state_dir/spool/corrupt/<name>        files found unreadable at start-up (invalid JSON,
+                                          a missing field ...), set aside for a person
+
+Each file is written with `metering_runtime.durable.write_atomic_async` (temp file, fsync,
+rename, fsync the directory): a crash or a full disk leaves the old version or the new one,
+never a torn file.  A record whose write failed (ENOSPC ...) stays in memory, marked
+unwritten, and is written again at the next flush; it is not uploaded before it is on disk.
+The uploader sends closed records only and deletes a file only once a server acknowledged it.
+
+`UsageLog` keeps the records of seats taken through the agent's local API (`metering-client
+run`, the Python API, `metering-client checkout`): opened when the keeper hands out a seat,
+keyed on the keeper's seat handle (stable across reclaims), closed when the seat leaves the
+keeper.  It also refreshes every open record's `ended_at` (the last time the run was known to
+go on) so that after a kill -9 the restarted agent can close the runs that ended meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from metering_client.usage import BadRecord, UsageRecord, decode, encode, new_record, wire_size
+from metering_protocol.timefmt import rfc3339
+from metering_runtime.durable import write_atomic, write_atomic_async
+
+log = structlog.get_logger("metering.usage")
+
+SUFFIX = ".json"
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class Spool:
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.rejected_dir = directory / "rejected"
+        self.corrupt_dir = directory / "corrupt"
+        self.records: dict[str, UsageRecord] = {}  # every record in the spool, by id
+        self._unwritten: set[str] = set()  # newer in memory than on disk (a write failed)
+        self._lock = asyncio.Lock()  # one write, delete or move at a time
+        self.write_error: str | None = None  # the last write failure, until a write succeeds
+        self.corrupt = 0  # files set aside since start
+        self.rejected = 0  # records a server refused since start
+
+    def path(self, record_id: str) -> Path:
+        return self.dir / f"{record_id}{SUFFIX}"
+
+    # --- start-up ------------------------------------------------------------------------------
+    def load(self) -> list[UsageRecord]:
+        """Read the spool (sync on purpose: once, before the agent serves anyone); returns the
+        open records.  A file that cannot be a record is moved to corrupt/ and logged."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for entry in sorted(os.scandir(self.dir), key=lambda e: e.name):
+            if not entry.is_file(follow_symlinks=False):
+                continue  # rejected/, corrupt/
+            name = entry.name
+            if name.startswith("."):
+                if name.endswith(".tmp"):  # a write interrupted by a crash: never renamed
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+                continue
+            if not name.endswith(SUFFIX):
+                self._set_aside(Path(entry.path), "not a spool record (name)")
+                continue
+            try:
+                data = Path(entry.path).read_bytes()
+            except OSError as exc:  # unreadable now (EIO ...): leave it, say so
+                log.error("usage_spool_unreadable", file=entry.path, error=str(exc))
+                continue
+            try:
+                record = decode(data, name=name[: -len(SUFFIX)])
+            except BadRecord as exc:
+                self._set_aside(Path(entry.path), str(exc))
+                continue
+            self.records[record.record_id] = record
+        if self.records:
+            log.info(
+                "usage_spool_loaded",
+                records=len(self.records),
+                open=sum(r.running for r in self.records.values()),
+            )
+        return [r for r in self.records.values() if r.running]
+
+    def _set_aside(self, path: Path, why: str) -> None:
+        try:
+            self.corrupt_dir.mkdir(exist_ok=True)
+            os.replace(path, self.corrupt_dir / path.name)
+        except OSError as exc:
+            log.error("usage_spool_corrupt_record", file=str(path), error=why, move_error=str(exc))
+            return
+        self.corrupt += 1
+        log.error(
+            "usage_spool_corrupt_record",
+            file=str(path),
+            error=why,
+            moved_to=str(self.corrupt_dir / path.name),
+        )
+
+    # --- writing -------------------------------------------------------------------------------
+    async def put(self, record: UsageRecord) -> bool:
+        """Write `record` as it is now (new or changed); True when it is on disk.  Never
+        raises OSError: a failure is logged once, kept in `write_error`, and the record stays
+        in memory to be written by a later `put` or `flush`."""
+        self.records[record.record_id] = record
+        self._unwritten.add(record.record_id)
+        return await self._write(record.record_id)
+
+    async def _write(self, record_id: str) -> bool:
+        async with self._lock:
+            record = self.records.get(record_id)
+            if record is None:
+                return False  # acknowledged or dropped meanwhile
+            if record_id not in self._unwritten:
+                return True  # a later call already wrote this version or a newer one
+            self._unwritten.discard(record_id)
+            data = encode(record)  # the newest version: a put made while we waited is in it
+            try:
+                await write_atomic_async(self.path(record_id), data)
+            except OSError as exc:
+                self._unwritten.add(record_id)
+                self._write_failed(exc)
+                return False
+            if self.write_error is not None:
+                log.info("usage_spool_writable_again", unwritten=len(self._unwritten))
+                self.write_error = None
+            return True
+
+    def _write_failed(self, exc: OSError) -> None:
+        msg = f"cannot write the usage spool {self.dir}: {exc.strerror or exc}"
+        if exc.errno in FULL_ERRNOS:
+            msg += (
+                " (the state dir's file system is full: records are kept in memory and "
+                "written when space is freed; a crash meanwhile would lose them)"
+            )
+        if msg != self.write_error:
+            log.error("usage_spool_write_failed", error=msg, errno=exc.errno)
+        self.write_error = msg
+
+    async def flush(self) -> bool:
+        """Write what an earlier failure left in memory; stops at the first failure."""
+        for record_id in sorted(self._unwritten):
+            if not await self._write(record_id):
+                return False
+        return True
+
+    async def touch_open(self, now: float) -> None:
+        """Open runs are still going at `now`: the time a restart after a crash takes as
+        their end if they are gone by then."""
+        stamp = rfc3339(now)
+        for record in [r for r in self.records.values() if r.running]:
+            record.ended_at = stamp
+            await self.put(record)
+
+    # --- uploading -----------------------------------------------------------------------------
+    def pending(self, limit: int, max_bytes: int) -> list[UsageRecord]:
+        """Closed records on disk, oldest end first, at most `limit` and about `max_bytes` of
+        request (at least one record)."""
+        ready = sorted(
+            (
+                r
+                for r in self.records.values()
+                if not r.running and r.record_id not in self._unwritten
+            ),
+            key=lambda r: (r.ended_at, r.record_id),
+        )
+        batch: list[UsageRecord] = []
+        size = 0
+        for record in ready[:limit]:
+            size += wire_size(record)
+            if batch and size > max_bytes:
+                break
+            batch.append(record)
+        return batch
+
+    async def ack(self, record_ids: list[str] | set[str]) -> int:
+        """Delete records a server acknowledged; returns how many were deleted."""
+        async with self._lock:
+            done = await asyncio.to_thread(self._delete, list(record_ids))
+            for record_id in done:
+                self.records.pop(record_id, None)
+                self._unwritten.discard(record_id)
+            return len(done)
+
+    def _delete(self, record_ids: list[str]) -> list[str]:
+        done = []
+        for record_id in record_ids:
+            try:
+                os.unlink(self.path(record_id))
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # stays: sent again later, a duplicate for the server
+                log.error("usage_spool_delete_failed", record_id=record_id, error=str(exc))
+                continue
+            done.append(record_id)
+        if done:  # a deletion lost in a power cut only means a duplicate re-send
+            with contextlib.suppress(OSError):
+                fd = os.open(self.dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        return done
+
+    async def discard(self, record_id: str) -> None:
+        """Forget a record that must not be uploaded (an open run that turned out to be
+        counted by another record)."""
+        await self.ack([record_id])
+
+    async def reject(self, record_id: str, error: Any) -> None:
+        """Move a record a server refused to rejected/, with the server's error."""
+        async with self._lock:
+            record = self.records.get(record_id)
+            if record is None:
+                return
+            await asyncio.to_thread(self._move_rejected, record, error)
+            self.records.pop(record_id, None)
+            self._unwritten.discard(record_id)
+            self.rejected += 1
+        log.error(
+            "usage_record_rejected",
+            record_id=record_id,
+            error=error,
+            moved_to=str(self.rejected_dir / f"{record_id}{SUFFIX}"),
+        )
+
+    def _move_rejected(self, record: UsageRecord, error: Any) -> None:
+        self.rejected_dir.mkdir(exist_ok=True)
+        target = self.rejected_dir / f"{record.record_id}{SUFFIX}"
+        body = json.loads(encode(record))
+        body["rejected"] = {"error": error, "at": rfc3339(time.time())}
+        try:
+            write_atomic(target, json.dumps(body).encode())
+        except OSError as exc:  # no room for a new file: a rename needs none
+            log.error("usage_rejected_note_failed", record_id=record.record_id, error=str(exc))
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(self.path(record.record_id), target)
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path(record.record_id))
+
+    # --- status --------------------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        """Closed records waiting to be uploaded."""
+        return sum(not r.running for r in self.records.values())
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "depth": self.depth,
+            "open": sum(r.running for r in self.records.values()),
+            "unwritten": len(self._unwritten),
+            "write_error": self.write_error,
+            "rejected": self.rejected,
+            "corrupt": self.corrupt,
+        }
+
+
+class HeldSeat(Protocol):
+    """What UsageLog reads of a keeper.HeldLease."""
+
+    handle: str
+    product: str
+    version: str
+    user: str
+
+
+class UsageLog:
+    """Records of seats taken through the agent's local API, keyed on the seat handle."""
+
+    def __init__(self, spool: Spool, client: str, *, wall: Callable[[], float] = time.time):
+        self.spool = spool
+        self.client = client
+        self.wall = wall
+        self.by_handle: dict[str, UsageRecord] = {}  # open records of local-API seats
+
+    async def seat_taken(
+        self, held: HeldSeat, reply: Mapping[str, Any], still_held: Callable[[str], bool]
+    ) -> None:
+        """A seat went to a local program: open its record (nothing for a reclaim of a seat
+        whose run is already recorded).  Never raises OSError (see Spool.put)."""
+        if held.handle in self.by_handle:
+            return
+        record = new_record(
+            product=held.product,
+            version=held.version,
+            user=held.user,
+            client=self.client,
+            started=self.wall(),
+            outcome="overuse" if reply.get("overuse") else "granted",
+            running=True,
+            source="api",
+            handle=held.handle,
+        )
+        if still_held(held.handle):
+            self.by_handle[held.handle] = record
+        else:  # lost before we got here: a run that ended at once
+            record.end(self.wall())
+        await self.spool.put(record)
+
+    async def seats_changed(self, held: Mapping[str, Any]) -> None:
+        """After any change of the keeper's seats: close the records of seats gone."""
+        now = self.wall()
+        for handle in [h for h in self.by_handle if h not in held]:
+            record = self.by_handle.pop(handle)
+            record.end(now)
+            await self.spool.put(record)
+
+    async def recover(
+        self, running: list[UsageRecord], held: Mapping[str, HeldSeat], *, watching: bool
+    ) -> list[UsageRecord]:
+        """After a restart: keep the records of seats still held, close the others at the
+        last time they were known to run, open one for a held seat that has none (the agent
+        died between the checkout and the record).  Returns the watcher's open records when
+        the watcher is on (it decides by their processes)."""
+        handed: list[UsageRecord] = []
+        known = {r.handle for r in running if r.handle is not None}
+        for record in running:
+            if record.source == "watch" and watching:
+                handed.append(record)
+            elif record.handle is not None and record.handle in held:
+                self.by_handle[record.handle] = record
+            else:
+                record.running = False  # ended_at: the last time it was seen going on
+                await self.spool.put(record)
+                log.info(
+                    "usage_run_closed_after_restart",
+                    record_id=record.record_id,
+                    product=record.product,
+                    user=record.user,
+                    ended_at=record.ended_at,
+                )
+        for seat in held.values():
+            if seat.handle not in known:
+                record = new_record(
+                    product=seat.product,
+                    version=seat.version,
+                    user=seat.user,
+                    client=self.client,
+                    started=self.wall(),
+                    outcome="granted",
+                    running=True,
+                    source="api",
+                    handle=seat.handle,
+                )
+                self.by_handle[seat.handle] = record
+                await self.spool.put(record)
+        return handed
+
+    async def upkeep(self, every_s: float) -> None:
+        """Refresh open runs' last-seen time and write what a failure left unwritten."""
+        while True:
+            await asyncio.sleep(every_s)
+            await self.spool.touch_open(self.wall())
+            await self.spool.flush()

@@ -1,0 +1,102 @@
+"""A tiny HTTP/1.1 responder for the operators' endpoints (GET /metrics, GET /healthz).
+
+Two read-only paths do not justify a web framework, and prometheus-client's own server is
+a thread that could not answer /healthz from the daemon's state.  This one runs on the
+daemon's event loop, answers GET and HEAD only, closes every connection after one reply,
+and bounds what a client can make it hold: an 8 KiB request head read within 5 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import structlog
+
+from metering_protocol.address import Address
+
+log = structlog.get_logger("metering.http")
+
+MAX_HEAD = 8192
+READ_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "text/plain; charset=utf-8"
+
+
+Route = Callable[[], Awaitable[Response]]
+REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """`HOST:PORT` (IPv6 in brackets) -> (host, port); ValueError says what is wrong."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r}: the port must be a number 0..65535")
+    return host.strip("[]"), int(port)
+
+
+class HttpEndpoint:
+    def __init__(self, routes: dict[str, Route]):
+        self.routes = routes
+        self._server: asyncio.Server | None = None
+        self.address: Address | None = None
+
+    async def start(self, listen: str) -> None:
+        """`listen` is HOST:PORT (port 0 picks a free one: see `address`)."""
+        host, port = parse_listen(listen)
+        self._server = await asyncio.start_server(self._serve, host, port, limit=MAX_HEAD)
+        bound = self._server.sockets[0].getsockname()
+        self.address = Address("tcp", host=bound[0], port=bound[1])
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(READ_TIMEOUT_S):
+                head = await reader.readuntil(b"\r\n\r\n")
+            method, path = _request_line(head)
+            if method not in ("GET", "HEAD"):
+                response = Response(405, b"only GET\n")
+            else:
+                route = self.routes.get(path.split("?", 1)[0])
+                response = await route() if route else Response(404, b"not found\n")
+            writer.write(_encode(response, head_only=method == "HEAD"))
+            await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+            pass  # a client that cannot say GET in 8 KiB and 5 s gets nothing
+        except ConnectionError:
+            pass
+        except Exception:
+            log.exception("http_request_failed")
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+
+def _request_line(head: bytes) -> tuple[str, str]:
+    line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    method, path, _version = line.split(" ", 2)
+    return method, path
+
+
+def _encode(r: Response, *, head_only: bool) -> bytes:
+    head = (
+        f"HTTP/1.1 {r.status} {REASONS.get(r.status, 'OK')}\r\n"
+        f"Content-Type: {r.content_type}\r\n"
+        f"Content-Length: {len(r.body)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    return head if head_only else head + r.body

@@ -1,0 +1,159 @@
+"""Prometheus metrics of one server: an observer of the seat service's events, plus gauges
+read from the store at scrape time.
+
+Counters come from the event bus (granted, denied, queued, revoked, ... per product), so the
+handlers know nothing of metrics; seats in use and waiters are read from the store when
+Prometheus scrapes, so they describe the whole site (every server sharing the store), like
+`status`.  prometheus-client produces the exposition format.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from metering_runtime.http import Response
+from metering_runtime.tasks import TaskOwner
+from metering_server import events as ev
+from metering_server.seats import SeatService
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+POOL = ("product", "version")
+EVENT_COUNTERS = {
+    "granted": ("metering_grants_total", "Seats granted (new leases)"),
+    "reclaimed": ("metering_reclaims_total", "Leases taken back after a reconnect or failover"),
+    "released": ("metering_releases_total", "Leases checked in"),
+    "expired": ("metering_expiries_total", "Leases freed because they were not renewed"),
+    "revoked": ("metering_revocations_total", "Leases revoked by an administrator"),
+    "denied": ("metering_denials_total", "Checkouts denied: no free seat"),
+    "queued": ("metering_queued_total", "Checkouts that started waiting for a seat"),
+    "cancelled": ("metering_cancelled_total", "Waiting checkouts withdrawn"),
+}
+
+
+def package_version() -> str:
+    try:
+        return version("metering")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class ServerMetrics:
+    def __init__(self, seats: SeatService, sessions: Callable[[], int], server: str):
+        self.seats = seats
+        self.sessions = sessions
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.events = {
+            kind: Counter(name.removesuffix("_total"), doc, POOL, registry=r)
+            for kind, (name, doc) in EVENT_COUNTERS.items()
+        }
+        self.seats_total = Gauge(
+            "metering_seats", "Seats in the pool (catalogue)", POOL, registry=r
+        )
+        self.in_use = Gauge(
+            "metering_seats_in_use", "Seats held now, site-wide (the store)", POOL, registry=r
+        )
+        self.waiters = Gauge(
+            "metering_waiters", "Checkouts waiting now, site-wide (the store)", POOL, registry=r
+        )
+        self.sessions_gauge = Gauge(
+            "metering_sessions", "Connections open on this server", registry=r
+        )
+        self.auth_failures = Counter(
+            "metering_auth_failures", "Hellos refused: unknown principal or wrong token", registry=r
+        )
+        self.lockouts = Counter(
+            "metering_lockouts",
+            "Hellos refused because the principal or source is locked",
+            registry=r,
+        )
+        self.requests = Histogram(
+            "metering_request_seconds",
+            "Time to answer a request, by op",
+            ("op",),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.commits = Histogram(
+            "metering_store_commit_seconds",
+            "Time of a store write transaction",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.store_up = Gauge(
+            "metering_store_up", "1 when the store answered the last scrape", registry=r
+        )
+        self.draining = Gauge("metering_draining", "1 while the server drains", registry=r)
+        Info("metering_build", "Version of this server", registry=r).info(
+            {"version": package_version(), "python": platform.python_version(), "server": server}
+        )
+        self._sub = seats.events.subscribe(max_queue=100_000)
+        self._tasks = TaskOwner("metrics")
+
+    def start(self) -> None:
+        self._tasks.spawn(self._follow(), "follow-events")
+
+    async def close(self) -> None:
+        await self._tasks.cancel_all()
+        self._sub.close()
+
+    async def _follow(self) -> None:
+        async for event in self._sub:
+            self._count(event)
+
+    def _count(self, event: ev.SeatEvent) -> None:
+        counter = self.events.get(event.kind)
+        if counter is None:
+            return
+        if isinstance(event, ev.LeaseEvent):
+            counter.labels(event.lease.pool_product, event.lease.pool_version).inc()
+        elif isinstance(event, ev.CheckoutEvent):
+            pool = self._pool_of(event.product, event.version)
+            counter.labels(*pool).inc()
+
+    def _pool_of(self, product: str, version: str) -> tuple[str, str]:
+        try:
+            return self.seats.catalogue.find(product, version).key
+        except Exception:
+            return (product, version)
+
+    def observe_auth(self, outcome: str) -> None:
+        if outcome == "auth_failed":
+            self.auth_failures.inc()
+        elif outcome == "locked_out":
+            self.lockouts.inc()
+
+    def observe_request(self, op: str, seconds: float) -> None:
+        self.requests.labels(op).observe(seconds)
+
+    def observe_commit(self, seconds: float) -> None:
+        self.commits.observe(seconds)
+
+    async def refresh(self, *, draining: bool) -> bool:
+        """Bring every gauge up to now (and count events not yet counted); True when the
+        store answered."""
+        for event in self._sub.pending():
+            self._count(event)
+        self.sessions_gauge.set(self.sessions())
+        self.draining.set(1 if draining else 0)
+        for pool in self.seats.catalogue.pools:
+            self.seats_total.labels(*pool.key).set(pool.seats)
+        try:
+            status = await self.seats.status()
+        except Exception:
+            self.store_up.set(0)
+            return False
+        self.store_up.set(1)
+        for s in status:
+            self.in_use.labels(*s.pool.key).set(s.in_use)
+            self.waiters.labels(*s.pool.key).set(s.queued)
+        return True
+
+    async def scrape(self, *, draining: bool) -> Response:
+        await self.refresh(draining=draining)
+        return Response(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)

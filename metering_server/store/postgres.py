@@ -1,0 +1,1034 @@
+"""PostgreSQL store: one database shared by every server of a site, on any number of hosts.
+
+asyncpg, a pool of `pool_min`..`pool_max` connections.  Every call is one READ COMMITTED
+transaction on one pooled connection; the rules are `metering_server.licensing`'s, as in the
+SQLite store, and SQL states `licensing.is_live` only as `expires_at > $now` (live) and
+`expires_at <= $now` (expired), which agree with it exactly (both sides are IEEE doubles).
+
+Locks (docs/architecture.md, "PostgreSQL: transactions and locks"):
+
+- check-and-grant, and joining the queue, first take a transaction advisory lock on the
+  pool (`pg_advisory_xact_lock(lock_key("pool", product, version))`), then count: grants to
+  one pool are serialised across every server, grants to different pools run in parallel.
+  The count is a statement of its own after the lock, so under READ COMMITTED it sees every
+  grant committed by the previous holder of the lock.
+- expiry is `DELETE ... RETURNING`: of servers sweeping at once, each expired row is deleted,
+  and so returned, by exactly one.
+- a lease row a call decides on is read `FOR UPDATE`; several rows in one call are locked in
+  one statement, in lease order, so two calls never wait for each other in a cycle.
+- lockout counters: advisory locks on the keys, taken in key order, around read-count-write.
+
+Connection faults while serving become `metering_protocol.errors.Internal` (retryable),
+never asyncpg exceptions; the pool replaces dead connections by itself, so the first call
+after the database is back works.  At open, a database that does not answer is retried with
+capped exponential backoff (one `store_unavailable` line per attempt) for up to
+`start_timeout_s` (0: for ever), then `StoreUnavailable`.  The password comes from
+`password_file`, read for each new connection (so it can be rotated), never from the URL,
+and is never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import structlog
+
+from metering_protocol.errors import Internal, LeaseNotFound, MeteringError
+from metering_server.auth.lockout import FailureState, LockoutPolicy
+from metering_server.licensing import (
+    Reclaim,
+    Release,
+    decide,
+    is_live,
+    lease_expiry,
+    reclaim_verdict,
+    release_verdict,
+    renew_verdict,
+)
+
+from .base import (
+    RETAIN_REVOKED_S,
+    GrantOutcome,
+    GrantRequest,
+    LeaseRecord,
+    LeaseStore,
+    Notice,
+    RenewOutcome,
+    StoreUnavailable,
+    StoreUnusable,
+    Ticket,
+    UsageOutcome,
+    UsageRecord,
+    WaitEntry,
+)
+from .migrations_pg import lock_key, migrate
+
+T = TypeVar("T")
+log = structlog.get_logger("metering.store")
+
+_COLUMNS = (
+    'lease, product, version, pool_product, pool_version, principal, "user", client, server, '
+    "granted_at, renewed_at, expires_at, overuse"
+)
+_USAGE_COLUMNS = (
+    'record_id, product, version, pool_product, pool_version, "user", client, principal, '
+    "started_at, ended_at, outcome, server, received_at"
+)
+# `licensing.is_live` in SQL; bind `now` as $1.
+_LIVE = "expires_at > $1"
+_EXPIRED = "expires_at <= $1"
+
+# The database is not there (down, restarting, unreachable, out of connections): retried at
+# start, `Internal` while serving.
+_UNREACHABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,  # admin/crash shutdown, starting up
+    asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
+)
+# Nothing was changed and the same call may simply run again.
+_RERUN = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
+# Retrying at start would not help: wrong password or role, no such database, no privilege.
+_MISCONFIGURED = (
+    asyncpg.exceptions.InvalidAuthorizationSpecificationError,
+    asyncpg.exceptions.InvalidCatalogNameError,
+    asyncpg.exceptions.InsufficientPrivilegeError,
+    asyncpg.ClientConfigurationError,
+)
+# InterfaceErrors that are our mistakes, not a lost connection.
+_NOT_A_FAULT_OF_THE_DATABASE = (
+    asyncpg.ClientConfigurationError,
+    asyncpg.exceptions.DataError,
+    asyncpg.exceptions.UnsupportedClientFeatureError,
+)
+
+
+def _record(row: Any) -> LeaseRecord:
+    return LeaseRecord(*row[:12], overuse=bool(row[12]))
+
+
+def new_lease_id() -> str:
+    return "L" + secrets.token_hex(12)
+
+
+def redact(url: str) -> str:
+    """The URL without a password, for logs and messages."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        host = parts.netloc.rsplit("@", 1)[1]
+        return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+    except ValueError:
+        return "<unparsable store url>"
+
+
+def describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    name = type(exc).__name__
+    return f"{name}: {text}" if text else name
+
+
+def _pool_lock(key: tuple[str, str]) -> int:
+    return lock_key("pool", *key)
+
+
+class PostgresStore(LeaseStore):
+    def __init__(
+        self,
+        url: str,
+        *,
+        password_file: str | Path | None = None,
+        pool_min: int = 2,
+        pool_max: int = 10,
+        connect_timeout_s: float = 5.0,
+        start_timeout_s: float = 300.0,
+        query_timeout_s: float = 30.0,
+        retry_base_s: float = 0.5,
+        retry_max_s: float = 30.0,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if not url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("a PostgresStore url starts with postgresql:// or postgres://")
+        self.url = url
+        self.where = redact(url)
+        self.password_file = Path(password_file) if password_file is not None else None
+        self.pool_min = pool_min
+        self.pool_max = max(pool_max, pool_min, 1)
+        self.connect_timeout_s = connect_timeout_s
+        self.start_timeout_s = start_timeout_s
+        self.query_timeout_s = query_timeout_s
+        self.retry_base_s = retry_base_s
+        self.retry_max_s = retry_max_s
+        self._sleep = sleep
+        self._clock = clock
+        self._pool: asyncpg.Pool | None = None
+        self._lost = False  # a call failed for want of the database; logged once until back
+        self._origin = secrets.token_hex(8)  # this instance, in the notices it sends
+        self._channel = "metering.public"
+        self._listener: asyncio.Task | None = None
+
+    # --- open / close --------------------------------------------------------------------------
+    def _password(self) -> str | None:
+        """Read for every new connection: a rotated password needs no restart."""
+        if self.password_file is None:
+            return None
+        try:
+            text = self.password_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or describe(exc)
+            raise StoreUnusable(f"store.password_file {self.password_file}: {reason}") from None
+        lines = text.splitlines()
+        if not lines or not lines[0]:
+            raise StoreUnusable(f"store.password_file {self.password_file}: is empty")
+        return lines[0]
+
+    def _settings(self) -> dict[str, Any]:
+        return dict(
+            dsn=self.url,
+            password=self._password if self.password_file is not None else None,
+            timeout=self.connect_timeout_s,
+            command_timeout=self.query_timeout_s,
+            server_settings=None if "application_name=" in self.url else dict(_APP),
+        )
+
+    async def _connect(self) -> asyncpg.Pool:
+        self._password()  # a missing or unreadable file is a config problem, not a retry
+        settings = self._settings()
+        # Migrate on a connection of its own: when it ends, so does its session, and with it
+        # the session advisory lock — pooled connections never carry one.
+        conn = await asyncpg.connect(**settings)
+        try:
+            applied = await migrate(conn)
+            schema = await conn.fetchval("SELECT current_schema()")
+            self._channel = f"metering.{schema}"  # NOTIFY reaches a database: name the schema
+        finally:
+            try:
+                await conn.close(timeout=self.connect_timeout_s)
+            except Exception:
+                conn.terminate()
+        if applied:
+            log.info("store_migrated", store=self.where, versions=applied)
+        return await asyncpg.create_pool(
+            **settings,
+            min_size=self.pool_min,
+            max_size=self.pool_max,
+            max_inactive_connection_lifetime=300.0,
+            reset=_keep_session,
+        )
+
+    async def open(self) -> None:
+        started = self._clock()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                self._pool = await self._connect()
+            except StoreUnusable as exc:  # the password file, a schema newer than this release
+                log.error("store_unusable", store=self.where, error=str(exc))
+                raise
+            except _MISCONFIGURED as exc:
+                hint = ""
+                if isinstance(exc, asyncpg.exceptions.InsufficientPrivilegeError):
+                    hint = " (the server's role must own its database: ALTER DATABASE ... OWNER TO)"
+                log.error("store_unusable", store=self.where, error=describe(exc))
+                raise StoreUnusable(f"{self.where}: {describe(exc)}{hint}") from None
+            except _UNREACHABLE as exc:
+                waited = self._clock() - started
+                left = self.start_timeout_s - waited if self.start_timeout_s > 0 else None
+                if left is not None and left <= 0:
+                    log.error(
+                        "store_start_failed",
+                        store=self.where,
+                        attempts=attempt,
+                        waited_s=round(waited, 1),
+                        error=describe(exc),
+                    )
+                    raise StoreUnavailable(
+                        f"{self.where}: no answer within start_timeout_s = "
+                        f"{self.start_timeout_s:g} ({attempt} attempts); last error: "
+                        f"{describe(exc)}"
+                    ) from None
+                delay = self._backoff(attempt)
+                if left is not None:
+                    delay = min(delay, left)
+                log.warning(
+                    "store_unavailable",
+                    store=self.where,
+                    attempt=attempt,
+                    retry_in_s=round(delay, 2),
+                    error=describe(exc),
+                )
+                await self._sleep(delay)
+            except (
+                asyncpg.PostgresError
+            ) as exc:  # e.g. a bad setting in the URL, a failed migration
+                log.error("store_unusable", store=self.where, error=describe(exc))
+                raise StoreUnusable(
+                    f"{self.where}: cannot use the database: {describe(exc)}"
+                ) from None
+            else:
+                if attempt > 1:
+                    log.info("store_available", store=self.where, attempts=attempt)
+                return
+
+    def _backoff(self, attempt: int) -> float:
+        """Capped exponential, with jitter so that servers started together spread out."""
+        cap = min(self.retry_max_s, self.retry_base_s * 2 ** min(attempt - 1, 30))
+        return cap * random.uniform(0.5, 1.0)
+
+    async def close(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            await asyncio.wait_for(pool.close(), timeout=self.connect_timeout_s)
+        except (TimeoutError, *_UNREACHABLE):
+            pool.terminate()
+
+    # --- plumbing ------------------------------------------------------------------------------
+    async def _run(
+        self, op: str, fn: Callable[[asyncpg.Connection], Awaitable[T]], *, write: bool = True
+    ) -> T:
+        """Run `fn` on a pooled connection, in a READ COMMITTED transaction when `write`.
+
+        Reruns it when PostgreSQL rolled it back for a deadlock or a serialisation failure, and
+        once when a pooled connection turns out dead before anything was sent on it (a reader
+        also when it died mid-way).  Any other database fault is `Internal`.
+        """
+        pool = self._pool
+        if pool is None:
+            raise Internal(f"store {op}: the store is not open")
+        tries = 0
+        while True:
+            tries += 1
+            acquired = sent = False
+            try:
+                async with pool.acquire(timeout=self.query_timeout_s) as conn:
+                    acquired = True
+                    if write:
+                        started = time.perf_counter()
+                        async with conn.transaction(isolation="read_committed"):
+                            sent = True  # BEGIN went through: from here a rerun is not safe
+                            result = await fn(conn)
+                        if self.on_commit is not None:
+                            self.on_commit(time.perf_counter() - started)
+                    else:
+                        result = await fn(conn)
+            except MeteringError:
+                raise
+            except StoreUnusable as exc:  # e.g. the password file vanished before a reconnect
+                raise self._fault(op, exc) from None
+            except _NOT_A_FAULT_OF_THE_DATABASE as exc:
+                raise self._fault(op, exc) from None
+            except _RERUN as exc:
+                if tries < 3:
+                    continue
+                raise self._fault(op, exc) from None
+            except _UNREACHABLE as exc:
+                if tries < 2 and acquired and not (write and sent):
+                    continue  # a stale pooled connection: nothing reached the database
+                raise self._fault(op, exc) from None
+            except asyncpg.PostgresError as exc:
+                raise self._fault(op, exc) from None
+            if self._lost:
+                self._lost = False
+                log.info("store_recovered", store=self.where)
+            return result
+
+    def _fault(self, op: str, exc: BaseException) -> Internal:
+        if isinstance(exc, _UNREACHABLE) and not isinstance(exc, _NOT_A_FAULT_OF_THE_DATABASE):
+            if not self._lost:  # one line per outage, not one per request
+                self._lost = True
+                log.warning("store_lost", store=self.where, op=op, error=describe(exc))
+            return Internal(
+                f"store unavailable: {op}: the database did not answer ({describe(exc)})"
+            )
+        log.error("store_error", store=self.where, op=op, error=describe(exc))
+        return Internal(f"store error: {op}: {describe(exc)}")
+
+    # --- leases --------------------------------------------------------------------------------
+    async def grant(self, req: GrantRequest) -> GrantOutcome:
+        async def grant(db: asyncpg.Connection) -> GrantOutcome:
+            pool = req.pool
+            # The pool's lock before anything is counted; the count below is a new statement,
+            # so it sees everything the previous holder committed.
+            await db.execute("SELECT pg_advisory_xact_lock($1)", _pool_lock(pool.key))
+            if req.reclaim is not None:
+                if await self._was_revoked(db, req.reclaim, req.principal, req.client):
+                    return GrantOutcome(
+                        False, await self._count(db, pool.key, req.now), revoked=True
+                    )
+                held = await self._get(db, req.reclaim)
+                if held is not None:
+                    verdict = reclaim_verdict(
+                        held.principal,
+                        held.client,
+                        held.pool_key,
+                        held.expires_at,
+                        req.principal,
+                        req.client,
+                        pool.key,
+                        req.now,
+                    )
+                    if verdict is Reclaim.RENEW:
+                        lease = await self._renew_row(db, held, req.server, req.now, req.ttl_s)
+                        in_use = await self._count(db, pool.key, req.now)
+                        return GrantOutcome(True, in_use, lease, reclaimed=True)
+                    if verdict is Reclaim.DROP_EXPIRED:
+                        await self._delete(db, held.lease)
+            if req.waiter is not None:
+                owner = await db.fetchval("SELECT server FROM waiters WHERE id = $1", req.waiter)
+                if owner != req.server:
+                    # Answered, dropped, or re-attached to another server by a retry of the
+                    # same checkout: that server serves it now, never this one.
+                    in_use = await self._count(db, pool.key, req.now)
+                    return GrantOutcome(False, in_use, queued_ahead=1)
+            if req.idempotency_key is not None:
+                earlier = await self._by_key(db, req.principal, req.client, req.idempotency_key)
+                if earlier is not None and is_live(earlier.expires_at, req.now):
+                    lease = await self._renew_row(db, earlier, req.server, req.now, req.ttl_s)
+                    if req.waiter is not None:
+                        await db.execute("DELETE FROM waiters WHERE id = $1", req.waiter)
+                    in_use = await self._count(db, pool.key, req.now)
+                    return GrantOutcome(True, in_use, lease, replayed=True)
+                if earlier is not None:  # expired: the key may make a new lease
+                    await self._delete(db, earlier.lease)
+            in_use = await self._count(db, pool.key, req.now)
+            ahead = await self._live_waiters_ahead(db, pool.key, req)
+            if ahead:
+                return GrantOutcome(False, in_use, queued_ahead=ahead)
+            decision = decide(pool, in_use)
+            if not decision.granted:
+                return GrantOutcome(False, in_use)
+            lease = LeaseRecord(
+                lease=new_lease_id(),
+                product=req.product,
+                version=req.version,
+                pool_product=pool.product,
+                pool_version=pool.version,
+                principal=req.principal,
+                user=req.user,
+                client=req.client,
+                server=req.server,
+                granted_at=req.now,
+                renewed_at=req.now,
+                expires_at=lease_expiry(req.now, req.ttl_s),
+                overuse=decision.overuse,
+            )
+            await db.execute(
+                f"INSERT INTO leases ({_COLUMNS}, idempotency_key) "
+                "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)",
+                *_values(lease),
+                req.idempotency_key,
+            )
+            if req.waiter is not None:
+                await db.execute("DELETE FROM waiters WHERE id = $1", req.waiter)
+            return GrantOutcome(True, in_use + 1, lease)
+
+        return await self._run("grant", grant)
+
+    @staticmethod
+    async def _live_waiters_ahead(
+        db: asyncpg.Connection, key: tuple[str, str], req: GrantRequest
+    ) -> int:
+        """Queued checkouts that come before this one and can still be served: FIFO across
+        the site.  A grant to a waiter whose own entry is gone counts as blocked."""
+        return await db.fetchval(
+            "SELECT count(*) FROM waiters WHERE pool_product = $1 AND pool_version = $2 "
+            "AND id < $3 AND deadline > $4 AND kept_until > $4 AND server IN "
+            "(SELECT name FROM servers WHERE seen_at >= $5)",
+            *key,
+            req.waiter if req.waiter is not None else 2**62,
+            req.now,
+            req.live_since,
+        )
+
+    @staticmethod
+    async def _get(db: asyncpg.Connection, lease: str) -> LeaseRecord | None:
+        row = await db.fetchrow(f"SELECT {_COLUMNS} FROM leases WHERE lease = $1 FOR UPDATE", lease)
+        return None if row is None else _record(row)
+
+    @staticmethod
+    async def _by_key(
+        db: asyncpg.Connection, principal: str, client: str, key: str
+    ) -> LeaseRecord | None:
+        row = await db.fetchrow(
+            f"SELECT {_COLUMNS} FROM leases WHERE principal = $1 AND client = $2 "
+            "AND idempotency_key = $3 FOR UPDATE",
+            principal,
+            client,
+            key,
+        )
+        return None if row is None else _record(row)
+
+    @staticmethod
+    async def _was_revoked(db: asyncpg.Connection, lease: str, principal: str, client: str) -> bool:
+        found = await db.fetchval(
+            "SELECT 1 FROM revoked WHERE lease = $1 AND principal = $2 AND client = $3",
+            lease,
+            principal,
+            client,
+        )
+        return found is not None
+
+    @staticmethod
+    async def _delete(db: asyncpg.Connection, lease: str) -> None:
+        await db.execute("DELETE FROM leases WHERE lease = $1", lease)
+
+    @staticmethod
+    async def _renew_row(
+        db: asyncpg.Connection, held: LeaseRecord, server: str, now: float, ttl_s: float
+    ) -> LeaseRecord:
+        expires = lease_expiry(now, ttl_s)
+        await db.execute(
+            "UPDATE leases SET renewed_at = $1, expires_at = $2, server = $3 WHERE lease = $4",
+            now,
+            expires,
+            server,
+            held.lease,
+        )
+        return replace(held, renewed_at=now, expires_at=expires, server=server)
+
+    @staticmethod
+    async def _count(db: asyncpg.Connection, key: tuple[str, str], now: float) -> int:
+        """Live leases of a pool: `licensing.is_live`, counted in SQL."""
+        return await db.fetchval(
+            f"SELECT count(*) FROM leases WHERE {_LIVE} "
+            "AND pool_product = $2 AND pool_version = $3",
+            now,
+            *key,
+        )
+
+    async def renew(
+        self, leases: list[str], principal: str, client: str, server: str, now: float, ttl_s: float
+    ) -> RenewOutcome:
+        if not leases:
+            return RenewOutcome([], [])
+
+        async def renew(db: asyncpg.Connection) -> RenewOutcome:
+            rows = await db.fetch(
+                f"SELECT {_COLUMNS} FROM leases WHERE lease = ANY($1::text[]) "
+                "ORDER BY lease FOR UPDATE",
+                list(set(leases)),
+            )
+            held = {rec.lease: rec for rec in map(_record, rows)}
+            renewed, lost = [], []
+            for lease in leases:
+                rec = held.get(lease)
+                if rec is not None and renew_verdict(
+                    rec.principal, rec.client, rec.expires_at, principal, client, now
+                ):
+                    renewed.append(lease)
+                else:
+                    lost.append(lease)
+            if renewed:
+                await db.execute(
+                    "UPDATE leases SET renewed_at = $1, expires_at = $2, server = $3 "
+                    "WHERE lease = ANY($4::text[])",
+                    now,
+                    lease_expiry(now, ttl_s),
+                    server,
+                    list(set(renewed)),
+                )
+            revoked: list[str] = []
+            if lost:
+                found = await db.fetch(
+                    "SELECT lease FROM revoked WHERE lease = ANY($1::text[]) "
+                    "AND principal = $2 AND client = $3",
+                    list(set(lost)),
+                    principal,
+                    client,
+                )
+                gone = {r["lease"] for r in found}
+                revoked = [x for x in lost if x in gone]
+            return RenewOutcome(renewed, lost, revoked)
+
+        return await self._run("renew", renew)
+
+    async def release(
+        self, lease: str, principal: str, client: str, now: float
+    ) -> LeaseRecord | None:
+        async def release(db: asyncpg.Connection) -> LeaseRecord | None:
+            held = await self._get(db, lease)
+            if held is None:
+                return None
+            verdict = release_verdict(
+                held.principal, held.client, held.expires_at, principal, client, now
+            )
+            if verdict is Release.NOT_OWNER:
+                raise LeaseNotFound(f"lease {lease} is not held by this principal and client")
+            await self._delete(db, lease)
+            await self._notify(db, [("freed", _pool_text(held.pool_key))])
+            # DROP_EXPIRED: expired but not yet swept, already gone as far as the protocol is
+            # concerned.
+            return held if verdict is Release.RELEASE else None
+
+        return await self._run("release", release)
+
+    async def revoke(
+        self, lease: str, *, now: float | None = None, by: str | None = None
+    ) -> LeaseRecord | None:
+        async def revoke(db: asyncpg.Connection) -> LeaseRecord | None:
+            row = await db.fetchrow(
+                f"DELETE FROM leases WHERE lease = $1 RETURNING {_COLUMNS}", lease
+            )
+            if row is None:
+                return None
+            held = _record(row)
+            await db.execute(
+                "INSERT INTO revoked (lease, principal, client, revoked_at, by) "
+                "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (lease) DO UPDATE SET "
+                "principal = excluded.principal, client = excluded.client, "
+                "revoked_at = excluded.revoked_at, by = excluded.by",
+                lease,
+                held.principal,
+                held.client,
+                now if now is not None else held.renewed_at,
+                by,
+            )
+            await self._notify(db, [("revoked", lease), ("freed", _pool_text(held.pool_key))])
+            return held
+
+        return await self._run("revoke", revoke)
+
+    async def revoked_among(self, leases: list[str]) -> list[str]:
+        if not leases:
+            return []
+
+        async def select(db: asyncpg.Connection) -> list[str]:
+            rows = await db.fetch(
+                "SELECT lease FROM revoked WHERE lease = ANY($1::text[])", list(set(leases))
+            )
+            found = {r["lease"] for r in rows}
+            return [x for x in leases if x in found]
+
+        return await self._run("revoked_among", select, write=False)
+
+    async def expire(self, now: float) -> list[LeaseRecord]:
+        async def expire(db: asyncpg.Connection) -> list[LeaseRecord]:
+            # Of several servers sweeping at once, each row is deleted — and so returned — by
+            # exactly one: a DELETE that finds a row another transaction deleted skips it.
+            rows = await db.fetch(f"DELETE FROM leases WHERE {_EXPIRED} RETURNING {_COLUMNS}", now)
+            left = await db.fetch(
+                "DELETE FROM waiters WHERE deadline <= $1 OR kept_until <= $1 "
+                "RETURNING pool_product, pool_version",
+                now,
+            )
+            await db.execute("DELETE FROM revoked WHERE revoked_at < $1", now - RETAIN_REVOKED_S)
+            gone = [_record(r) for r in rows]
+            gone.sort(key=lambda r: (r.granted_at, r.lease))
+            freed = [r.pool_key for r in gone] + [(r[0], r[1]) for r in left]
+            await self._notify(db, [("freed", _pool_text(key)) for key in freed])
+            return gone
+
+        return await self._run("expire", expire)
+
+    async def leases(self, now: float, product: str | None = None) -> list[LeaseRecord]:
+        async def select(db: asyncpg.Connection) -> list[LeaseRecord]:
+            if product is None:
+                rows = await db.fetch(
+                    f"SELECT {_COLUMNS} FROM leases WHERE {_LIVE} ORDER BY granted_at, lease", now
+                )
+            else:
+                rows = await db.fetch(
+                    f"SELECT {_COLUMNS} FROM leases WHERE {_LIVE} "
+                    "AND upper(product) = upper($2) ORDER BY granted_at, lease",
+                    now,
+                    product,
+                )
+            return [rec for rec in map(_record, rows) if is_live(rec.expires_at, now)]
+
+        return await self._run("leases", select, write=False)
+
+    async def in_use(self, now: float) -> dict[tuple[str, str], int]:
+        async def count(db: asyncpg.Connection) -> dict[tuple[str, str], int]:
+            rows = await db.fetch(
+                f"SELECT pool_product, pool_version, count(*) FROM leases WHERE {_LIVE} "
+                "GROUP BY pool_product, pool_version",
+                now,
+            )
+            return {(r[0], r[1]): r[2] for r in rows}
+
+        return await self._run("in_use", count, write=False)
+
+    # --- the site-wide queue -------------------------------------------------------------------
+    async def enqueue(self, entry: WaitEntry) -> Ticket:
+        async def enqueue(db: asyncpg.Connection) -> Ticket:
+            # The pool's lock, as a grant takes it: ids are handed out, and positions
+            # counted, in one order for the whole site.
+            await db.execute("SELECT pg_advisory_xact_lock($1)", _pool_lock(entry.pool_key))
+            key = entry.idempotency_key
+            ticket = None
+            if key is not None:
+                ticket = await db.fetchval(
+                    "SELECT id FROM waiters WHERE principal = $1 AND client = $2 "
+                    "AND idempotency_key = $3 FOR UPDATE",
+                    entry.principal,
+                    entry.client,
+                    key,
+                )
+            reattached = ticket is not None
+            if ticket is not None:
+                await db.execute(
+                    "UPDATE waiters SET server = $1, deadline = $2, kept_until = $3 WHERE id = $4",
+                    entry.server,
+                    entry.deadline,
+                    entry.now + entry.orphan_grace_s,
+                    ticket,
+                )
+            else:
+                ticket = await db.fetchval(
+                    "INSERT INTO waiters (pool_product, pool_version, product, version, "
+                    'principal, client, "user", server, idempotency_key, enqueued_at, deadline, '
+                    "kept_until) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12) RETURNING id",
+                    *entry.pool_key,
+                    entry.product,
+                    entry.version,
+                    entry.principal,
+                    entry.client,
+                    entry.user,
+                    entry.server,
+                    key,
+                    entry.now,
+                    entry.deadline,
+                    entry.now + entry.orphan_grace_s,
+                )
+            position = await db.fetchval(
+                "SELECT count(*) FROM waiters WHERE pool_product = $1 AND pool_version = $2 "
+                "AND id <= $3 AND deadline > $4 AND kept_until > $4",
+                *entry.pool_key,
+                ticket,
+                entry.now,
+            )
+            return Ticket(ticket, position, reattached=reattached)
+
+        return await self._run("enqueue", enqueue)
+
+    async def dequeue(self, ticket: int, server: str | None = None) -> None:
+        async def dequeue(db: asyncpg.Connection) -> None:
+            row = await db.fetchrow(
+                "DELETE FROM waiters WHERE id = $1 AND ($2::text IS NULL OR server = $2) "
+                "RETURNING pool_product, pool_version",
+                ticket,
+                server,
+            )
+            if row is not None:  # the waiters behind it may be next now
+                await self._notify(db, [("freed", _pool_text((row[0], row[1])))])
+
+        await self._run("dequeue", dequeue)
+
+    async def detach(self, server: str) -> None:
+        async def detach(db: asyncpg.Connection) -> None:
+            rows = await db.fetch(
+                "UPDATE waiters SET server = '' WHERE server = $1 "
+                "RETURNING pool_product, pool_version",
+                server,
+            )
+            await db.execute("DELETE FROM servers WHERE name = $1", server)
+            # Orphans no longer hold back the live waiters of other servers.
+            await self._notify(db, [("freed", _pool_text((r[0], r[1]))) for r in rows])
+
+        await self._run("detach", detach)
+
+    async def queued(self, now: float) -> dict[tuple[str, str], int]:
+        async def count(db: asyncpg.Connection) -> dict[tuple[str, str], int]:
+            rows = await db.fetch(
+                "SELECT pool_product, pool_version, count(*) FROM waiters "
+                "WHERE deadline > $1 AND kept_until > $1 GROUP BY pool_product, pool_version",
+                now,
+            )
+            return {(r[0], r[1]): r[2] for r in rows}
+
+        return await self._run("queued", count, write=False)
+
+    async def touch_server(self, server: str, now: float, orphan_grace_s: float = 60.0) -> None:
+        async def touch(db: asyncpg.Connection) -> None:
+            await db.execute(
+                "INSERT INTO servers (name, seen_at) VALUES ($1, $2) "
+                "ON CONFLICT (name) DO UPDATE SET seen_at = excluded.seen_at",
+                server,
+                now,
+            )
+            await db.execute(
+                "UPDATE waiters SET kept_until = $1 WHERE server = $2", now + orphan_grace_s, server
+            )
+
+        await self._run("touch_server", touch)
+
+    # --- notices between servers (LISTEN / NOTIFY) ----------------------------------------------
+    async def _notify(self, db: asyncpg.Connection, notices: list[Notice]) -> None:
+        """Queue notices in the transaction: PostgreSQL delivers them at commit, and only
+        then, to every connection LISTENing on this schema's channel."""
+        payloads = sorted({f"{kind}\x1e{self._origin}\x1e{what}" for kind, what in notices})
+        if payloads:
+            await db.execute(
+                "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p", self._channel, payloads
+            )
+
+    async def listen(self, on_notice: Callable[[Notice], None]) -> bool:
+        """Deliver other servers' notices (seats freed, leases revoked) as they commit, on a
+        connection of its own.  When that connection is lost it is made again, with backoff;
+        notices sent meanwhile are lost, and the seat service's sweep and the holders'
+        heartbeats find those changes instead."""
+        if self._pool is None:
+            raise Internal("store listen: the store is not open")
+        if self._listener is not None:
+            raise RuntimeError("listen() was called already")
+        ready = asyncio.Event()
+        self._listener = asyncio.create_task(
+            self._listen_loop(on_notice, ready), name="store-listener"
+        )
+        self._listener.add_done_callback(_log_crash)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ready.wait(), self.connect_timeout_s)
+        return True
+
+    async def _listen_loop(self, on_notice: Callable[[Notice], None], ready: asyncio.Event) -> None:
+        def deliver(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+            kind, origin, what = [*payload.split("\x1e", 2), "", ""][:3]
+            if origin == self._origin:
+                return  # our own change: the seat service acted on it already
+            try:
+                on_notice((kind, what))
+            except Exception:
+                log.exception("store_notice_failed", notice=kind)
+
+        failures = 0
+        while True:
+            lost = asyncio.Event()
+            try:
+                conn = await asyncpg.connect(**self._settings())
+            except (*_UNREACHABLE, asyncpg.PostgresError, StoreUnusable) as exc:
+                failures += 1
+                if failures == 1:
+                    log.warning("store_listen_lost", store=self.where, error=describe(exc))
+                await asyncio.sleep(self._backoff(failures))
+                continue
+            try:
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+                await conn.add_listener(self._channel, deliver)
+                if failures:
+                    log.info("store_listen_restored", store=self.where)
+                failures = 0
+                self.listening = True
+                ready.set()
+                await lost.wait()
+                self.listening = False
+                failures = 1
+                log.warning("store_listen_lost", store=self.where, error="connection closed")
+            except (*_UNREACHABLE, asyncpg.PostgresError) as exc:
+                failures += 1
+                if failures == 1:
+                    log.warning("store_listen_lost", store=self.where, error=describe(exc))
+            finally:
+                self.listening = False
+                conn.terminate()
+            await asyncio.sleep(self._backoff(failures))
+
+    # --- lockout -------------------------------------------------------------------------------
+    @staticmethod
+    async def _states(db: asyncpg.Connection, keys: list[str]) -> dict[str, FailureState]:
+        rows = await db.fetch(
+            "SELECT key, count, window_start, locked_until FROM auth_failures "
+            "WHERE key = ANY($1::text[])",
+            list(set(keys)),
+        )
+        return {r[0]: FailureState(r[1], r[2], r[3]) for r in rows}
+
+    @staticmethod
+    async def _lock_keys(db: asyncpg.Connection, keys: list[str]) -> None:
+        """Serialise read-count-write of these lockout keys with every other server; locks
+        taken in one global order (by lock id), so two callers never deadlock."""
+        for lock in sorted({lock_key("auth", k) for k in keys}):
+            await db.execute("SELECT pg_advisory_xact_lock($1)", lock)
+
+    async def auth_states(self, keys: list[str]) -> dict[str, FailureState]:
+        if not keys:
+            return {}
+        return await self._run("auth_states", lambda db: self._states(db, keys), write=False)
+
+    async def record_auth_failure(
+        self, keys: list[str], now: float, policy: LockoutPolicy
+    ) -> dict[str, FailureState]:
+        async def record(db: asyncpg.Connection) -> dict[str, FailureState]:
+            await self._lock_keys(db, keys)
+            states = await self._states(db, keys)
+            out = {}
+            for key in keys:
+                new = policy.record_failure(states.get(key), now)
+                out[key] = new
+            await db.executemany(
+                "INSERT INTO auth_failures (key, count, window_start, locked_until) "
+                "VALUES ($1, $2, $3, $4) ON CONFLICT (key) DO UPDATE SET count = excluded.count, "
+                "window_start = excluded.window_start, locked_until = excluded.locked_until",
+                [(k, s.count, s.window_start, s.locked_until) for k, s in out.items()],
+            )
+            # Keep the table small: forget states whose window and lock are over (forgetting
+            # them changes no decision, so this needs no lock on their keys).
+            await db.execute(
+                "DELETE FROM auth_failures WHERE locked_until < $1 AND window_start < $2",
+                now,
+                now - policy.settings.window_s,
+            )
+            return out
+
+        return await self._run("record_auth_failure", record)
+
+    async def clear_auth_failures(self, keys: list[str], now: float, policy: LockoutPolicy) -> None:
+        if not keys:
+            return
+
+        async def clear(db: asyncpg.Connection) -> None:
+            await self._lock_keys(db, keys)
+            states = await self._states(db, keys)
+            forget = [k for k, s in states.items() if policy.on_success(s, now) is None]
+            if forget:
+                await db.execute("DELETE FROM auth_failures WHERE key = ANY($1::text[])", forget)
+
+        await self._run("clear_auth_failures", clear)
+
+    async def auth_locks(self, now: float) -> dict[str, FailureState]:
+        async def select(db: asyncpg.Connection) -> dict[str, FailureState]:
+            rows = await db.fetch(
+                "SELECT key, count, window_start, locked_until FROM auth_failures "
+                "WHERE locked_until > $1 ORDER BY key",
+                now,
+            )
+            return {
+                r["key"]: FailureState(r["count"], r["window_start"], r["locked_until"])
+                for r in rows
+            }
+
+        return await self._run("auth_locks", select, write=False)
+
+    async def unlock(self, keys: list[str]) -> list[str]:
+        if not keys:
+            return []
+
+        async def unlock(db: asyncpg.Connection) -> list[str]:
+            await self._lock_keys(db, keys)
+            rows = await db.fetch(
+                "DELETE FROM auth_failures WHERE key = ANY($1::text[]) RETURNING key", keys
+            )
+            found = {r["key"] for r in rows}
+            return [k for k in keys if k in found]
+
+        return await self._run("unlock", unlock)
+
+    # --- usage records -------------------------------------------------------------------------
+    async def record_usage(self, records: list[UsageRecord]) -> UsageOutcome:
+        if not records:
+            return UsageOutcome(0, 0)
+        # A repeat within the call is a duplicate too: only the first of each id is sent.
+        first: dict[str, UsageRecord] = {}
+        for rec in records:
+            first.setdefault(rec.record_id, rec)
+        columns = list(zip(*(_usage_values(r) for r in first.values()), strict=True))
+
+        async def record(db: asyncpg.Connection) -> UsageOutcome:
+            # One statement for the batch.  ON CONFLICT DO NOTHING: an id another server is
+            # inserting at the same moment waits for that transaction and is skipped if it
+            # commits, so a record is stored (and counted accepted) exactly once.
+            rows = await db.fetch(
+                f"INSERT INTO usage ({_USAGE_COLUMNS}) SELECT * FROM unnest("
+                "$1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], "
+                "$7::text[], $8::text[], $9::float8[], $10::float8[], $11::text[], $12::text[], "
+                "$13::float8[]) ON CONFLICT (record_id) DO NOTHING RETURNING record_id",
+                *columns,
+            )
+            return UsageOutcome(len(rows), len(records) - len(rows))
+
+        return await self._run("record_usage", record)
+
+    async def usage_between(
+        self, since: float, until: float, product: str | None = None
+    ) -> list[UsageRecord]:
+        async def select(db: asyncpg.Connection) -> list[UsageRecord]:
+            # Belongs to [since, until): see LeaseStore.usage_between.  `ended_at >= $1` is
+            # implied by the rest and lets the index narrow the scan.
+            sql = (
+                f"SELECT {_USAGE_COLUMNS} FROM usage WHERE ended_at >= $1 AND started_at < $2 "
+                "AND (ended_at > $1 OR started_at >= $1)"
+            )
+            args: list[Any] = [since, until]
+            if product is not None:
+                sql += " AND (upper(product) = upper($3) OR upper(pool_product) = upper($3))"
+                args.append(product)
+            rows = await db.fetch(sql + " ORDER BY started_at, record_id", *args)
+            return [UsageRecord(*row) for row in rows]
+
+        return await self._run("usage_between", select, write=False)
+
+
+_APP = {"application_name": "metering-server"}
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """What a connection needs before it goes back to the pool: nothing beyond the rollback
+    of an open transaction, which asyncpg does anyway.  Calls never SET, LISTEN, open cursors
+    or take session advisory locks on pooled connections, so the default reset (RESET ALL,
+    UNLISTEN, pg_advisory_unlock_all: one more round trip per call) has nothing to undo."""
+
+
+def _log_crash(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("store_listener_failed", exc_info=task.exception())
+
+
+def _pool_text(key: tuple[str, str]) -> str:
+    return f"{key[0]}\x1f{key[1]}"
+
+
+def _usage_values(r: UsageRecord) -> tuple:
+    return (
+        r.record_id,
+        r.product,
+        r.version,
+        r.pool_product,
+        r.pool_version,
+        r.user,
+        r.client,
+        r.principal,
+        r.started_at,
+        r.ended_at,
+        r.outcome,
+        r.server,
+        r.received_at,
+    )
+
+
+def _values(r: LeaseRecord) -> tuple:
+    return (
+        r.lease,
+        r.product,
+        r.version,
+        r.pool_product,
+        r.pool_version,
+        r.principal,
+        r.user,
+        r.client,
+        r.server,
+        r.granted_at,
+        r.renewed_at,
+        r.expires_at,
+        r.overuse,
+    )

@@ -1,0 +1,455 @@
+"""What is PostgreSQL's own, beyond the store contract every store passes (that one runs on
+PostgreSQL through tests/stores.py): migrations raced by servers starting together, a
+database down at start or lost while serving, the role's privileges, the password kept out of
+logs, the `[store]` config keys, and two servers of one site on one database.
+
+PostgreSQL is the one the test run starts (tests/pg.py); tests that stop and start it get a
+cluster of their own (`pg_private`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from metering_protocol.config import ConfigError
+from metering_protocol.errors import Denied, Internal
+from metering_server.app import MeteringServer
+from metering_server.cli import main as server_main
+from metering_server.config import build_server_config, load_server_config
+from metering_server.licensing import Pool
+from metering_server.store import StoreSettings, open_store
+from metering_server.store.base import StoreUnavailable, StoreUnusable
+from metering_server.store.migrations_pg import LATEST, MIGRATIONS, migrate
+from metering_server.store.postgres import PostgresStore, redact
+from tests.conftest import hello
+from tests.integration.test_store_contract import ALICE, T0, req
+from tests.pg import Cluster, create_database, drop_database, started
+from tests.stores import opened
+from tests.support import server_config, write_credentials
+
+
+@contextlib.asynccontextmanager
+async def database(cluster: Cluster):
+    name = await create_database(cluster)
+    try:
+        yield name
+    finally:
+        await drop_database(cluster, name)
+
+
+def fast_retries(**kw):
+    return {"retry_base_s": 0.02, "retry_max_s": 0.1, **kw}
+
+
+# --- migrations ------------------------------------------------------------------------------
+@pytest.mark.asyncio
+async def test_servers_starting_together_on_an_empty_database_make_one_schema(pg_cluster):
+    async with database(pg_cluster) as db:
+        stores = [pg_cluster.store(db) for _ in range(6)]
+        with capture_logs() as logs:
+            await asyncio.gather(*(s.open() for s in stores))
+        try:
+            migrated = [e for e in logs if e["event"] == "store_migrated"]
+            assert [e["versions"] for e in migrated] == [[m.version for m in MIGRATIONS]]
+            async with pg_cluster.connect(db) as conn:
+                rows = await conn.fetch("SELECT version FROM schema_migrations ORDER BY version")
+                assert [r["version"] for r in rows] == list(range(1, LATEST + 1))
+            outs = await asyncio.gather(
+                *(s.grant(req(who=("u", f"ws-{i}"))) for i, s in enumerate(stores))
+            )
+            assert sorted(o.granted for o in outs) == [False] * 4 + [True] * 2
+        finally:
+            await asyncio.gather(*(s.close() for s in stores))
+
+
+@pytest.mark.asyncio
+async def test_a_first_release_database_is_migrated_and_keeps_its_leases(pg_cluster):
+    async with database(pg_cluster) as db:
+        async with pg_cluster.connect(db) as conn:
+            assert await migrate(conn, MIGRATIONS[:1]) == [1]
+            await conn.execute(
+                "INSERT INTO leases VALUES ('Lold','CLOCK.EXE','4.00','CLOCK.EXE','4.00','alice',"
+                "'alice','ws-1','srv-a',$1,$1,$2,false)",
+                T0,
+                T0 + 100,
+            )
+        with capture_logs() as logs:
+            async with opened(pg_cluster.store(db)) as store:
+                assert [r.lease for r in await store.leases(T0 + 1)] == ["Lold"]
+                assert (await store.grant(req(now=T0 + 1))).in_use == 2  # new columns there
+        assert [e["versions"] for e in logs if e["event"] == "store_migrated"] == [
+            list(range(2, LATEST + 1))
+        ]
+
+
+@pytest.mark.asyncio
+async def test_a_database_newer_than_this_release_is_refused(pg_cluster):
+    async with database(pg_cluster) as db:
+        async with opened(pg_cluster.store(db)):
+            pass
+        async with pg_cluster.connect(db) as conn:
+            await conn.execute(
+                "INSERT INTO schema_migrations VALUES ($1, 0, 'from the future')", LATEST + 7
+            )
+        with pytest.raises(StoreUnusable, match="newer than this release"):
+            await pg_cluster.store(db).open()
+
+
+def test_migrations_are_numbered_one_by_one():
+    assert [m.version for m in MIGRATIONS] == list(range(1, len(MIGRATIONS) + 1)) != []
+
+
+# --- the database down at start --------------------------------------------------------------
+@pytest.mark.asyncio
+async def test_a_database_down_at_start_is_retried_until_it_comes_up(pg_private):
+    pg_private.stop()
+    first_wait = asyncio.Event()
+
+    async def sleep(seconds: float) -> None:
+        first_wait.set()
+        await asyncio.sleep(seconds)
+
+    store = pg_private.store(**fast_retries(sleep=sleep))
+    with capture_logs() as logs:
+        opening = asyncio.create_task(store.open())
+        await asyncio.wait_for(first_wait.wait(), 10)
+        assert not opening.done()
+        await started(pg_private)
+        await asyncio.wait_for(opening, 30)
+    try:
+        retries = [e for e in logs if e["event"] == "store_unavailable"]
+        assert retries and [e["attempt"] for e in retries] == list(range(1, len(retries) + 1))
+        assert all(0 < e["retry_in_s"] <= 0.1 for e in retries)
+        assert all(e["log_level"] == "warning" and e["error"] for e in retries)
+        assert [e["attempts"] for e in logs if e["event"] == "store_available"] == [
+            len(retries) + 1
+        ]
+        assert (await store.grant(req())).granted
+    finally:
+        await store.close()
+
+
+@pytest.mark.asyncio
+async def test_start_gives_up_after_start_timeout_s_with_one_clear_error(pg_private):
+    pg_private.stop()
+    store = pg_private.store(**fast_retries(start_timeout_s=0.3))
+    with capture_logs() as logs, pytest.raises(StoreUnavailable) as err:
+        await store.open()
+    message = str(err.value)
+    assert "\n" not in message and "start_timeout_s = 0.3" in message
+    assert "last error" in message and redact(store.url) in message
+    attempts = [e["attempt"] for e in logs if e["event"] == "store_unavailable"]
+    assert len(attempts) >= 2 and attempts == list(range(1, len(attempts) + 1))
+    [failed] = [e for e in logs if e["event"] == "store_start_failed"]
+    assert failed["attempts"] == len(attempts) + 1 and failed["log_level"] == "error"
+
+
+@pytest.mark.asyncio
+async def test_start_timeout_0_waits_for_ever_with_capped_backoff(tmp_path):
+    """No database at all; a clock that jumps a day per reading: still no give-up."""
+    ticks = iter(range(0, 10**9, 86400))
+    naps: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        naps.append(seconds)
+        if len(naps) == 12:
+            raise asyncio.CancelledError
+
+    store = PostgresStore(
+        f"postgresql://nobody@/nowhere?host={tmp_path}",
+        start_timeout_s=0,
+        retry_base_s=0.5,
+        retry_max_s=4.0,
+        sleep=sleep,
+        clock=lambda: float(next(ticks)),
+    )
+    with capture_logs() as logs, pytest.raises(asyncio.CancelledError):
+        await store.open()
+    assert len(naps) == 12 and not [e for e in logs if e["event"] == "store_start_failed"]
+    assert all(0.25 <= n <= 4.0 for n in naps) and max(naps[6:]) > 2.0  # grew, then capped
+
+
+# --- the database lost while serving ---------------------------------------------------------
+@pytest.mark.asyncio
+async def test_a_database_lost_while_serving_gives_internal_and_the_pool_recovers(pg_private):
+    store = pg_private.store(pool_min=2)
+    await store.open()
+    try:
+        first = await store.grant(req())
+        assert first.granted
+        pg_private.stop()  # immediate: as a crash or a failover looks to the client
+        with capture_logs() as logs:
+            for call in (store.grant(req(who=("bob", "ws-2"))), store.leases(T0), store.in_use(T0)):
+                with pytest.raises(Internal) as err:
+                    await call
+                assert err.value.retryable and "store unavailable" in str(err.value)
+                assert err.value.__cause__ is None  # no asyncpg exception leaks out
+            await started(pg_private)
+            second = await store.grant(req(who=("bob", "ws-2")))  # the next call works
+        assert second.granted and second.in_use == 2  # the first lease survived the crash
+        events = [e["event"] for e in logs]
+        assert events.count("store_lost") == 1  # one line per outage, not one per request
+        assert events.count("store_recovered") == 1
+    finally:
+        await store.close()
+
+
+# --- notices between servers -----------------------------------------------------------------
+@pytest.mark.asyncio
+async def test_other_servers_hear_of_freed_seats_and_revokes_at_once(pg_private):
+    a, b = pg_private.store(**fast_retries()), pg_private.store(**fast_retries())
+    await a.open()
+    await b.open()
+    try:
+        heard: asyncio.Queue = asyncio.Queue()
+        own: list = []
+        assert await b.listen(heard.put_nowait) and await a.listen(own.append)
+        pool = "CLOCK.EXE\x1f4.00"
+        lease = (await a.grant(req())).lease
+        await a.release(lease.lease, *ALICE, T0 + 1)
+        assert await asyncio.wait_for(heard.get(), 5) == ("freed", pool)
+        lease = (await a.grant(req(now=T0 + 2))).lease
+        await a.revoke(lease.lease, now=T0 + 3, by="boss")
+        got = {await asyncio.wait_for(heard.get(), 5) for _ in range(2)}
+        assert got == {("revoked", lease.lease), ("freed", pool)}
+        await a.grant(req(now=T0 + 4))
+        await a.expire(T0 + 4 + 10)
+        assert await asyncio.wait_for(heard.get(), 5) == ("freed", pool)
+        assert own == []  # a server is not told of its own changes
+
+        # The listening connection is made again after the database restarts.
+        pg_private.stop()
+        await started(pg_private)
+        for n in range(100):
+            out = await a.grant(req(now=T0 + 20 + n))
+            await a.release(out.lease.lease, *ALICE, T0 + 20 + n)
+            with contextlib.suppress(TimeoutError):
+                assert await asyncio.wait_for(heard.get(), 0.2) == ("freed", pool)
+                break
+        else:
+            pytest.fail("no notice after the database came back")
+    finally:
+        await a.close()
+        await b.close()
+
+
+# --- role, password --------------------------------------------------------------------------
+@pytest.mark.asyncio
+async def test_the_role_owns_its_database_and_is_no_superuser(pg_cluster):
+    async with pg_cluster.connect() as conn:
+        role = await conn.fetchrow(
+            "SELECT rolsuper, rolcreatedb, rolcreaterole, rolreplication, rolbypassrls "
+            "FROM pg_roles WHERE rolname = current_user"
+        )
+        assert not any(role.values())
+        owner = await conn.fetchval(
+            "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database()"
+        )
+        assert owner == await conn.fetchval("SELECT current_user")
+        # ... and the store's schema needed no extension
+        async with opened(pg_cluster.store()) as store:
+            assert (await store.grant(req())).granted
+        assert [r[0] for r in await conn.fetch("SELECT extname FROM pg_extension")] == ["plpgsql"]
+
+
+@pytest.mark.asyncio
+async def test_the_password_is_in_no_log_line_and_no_error(pg_private, tmp_path, caplog):
+    password = pg_private.pg.password
+    retried = asyncio.Event()
+
+    async def sleep(seconds: float) -> None:
+        retried.set()
+        await asyncio.sleep(seconds)
+
+    store = pg_private.store(**fast_retries(sleep=sleep))
+    errors: list[str] = []
+    with capture_logs() as logs:
+        pg_private.stop()
+        opening = asyncio.create_task(store.open())
+        await asyncio.wait_for(retried.wait(), 10)  # refused attempts, each logged
+        await started(pg_private)
+        await opening
+        try:
+            await store.grant(req())
+            pg_private.stop()
+            with pytest.raises(Internal) as err:
+                await store.grant(req())
+            errors.append(str(err.value))
+            await started(pg_private)
+            await store.grant(req(who=("bob", "ws-2")))
+        finally:
+            await store.close()
+        wrong = tmp_path / "wrong-password"
+        wrong.write_text("not-" + password + "\n")
+        with pytest.raises(StoreUnusable) as err:
+            await pg_private.store(password_file=wrong).open()
+        errors.append(str(err.value))
+    assert "password authentication failed" in errors[-1]  # at once: no retry helps that
+    assert {"store_unavailable", "store_lost", "store_recovered", "store_unusable"} <= {
+        e["event"] for e in logs
+    }
+    for line in [*map(repr, logs), *errors, caplog.text]:  # caplog: asyncpg's own logger
+        assert password not in line
+
+
+def test_redact_drops_a_password_from_a_url():
+    assert redact("postgresql://m:s3cret@db:5432/m") == "postgresql://m:***@db:5432/m"
+    assert redact("postgres://m@db/m?sslmode=require") == "postgres://m@db/m?sslmode=require"
+
+
+# --- two servers of one site on one database -------------------------------------------------
+@pytest.mark.asyncio
+async def test_two_servers_on_one_database_share_the_seats(pg_cluster, tmp_path, sockdir):
+    async with database(pg_cluster) as db:
+        servers = []
+        for name in ("srv-a", "srv-b"):
+            state = tmp_path / name
+            state.mkdir()
+            write_credentials(state / "credentials.toml", {})
+            data = server_config(
+                name=name,
+                state_dir=state,
+                listen=[f"unix://{sockdir}/{name}.sock"],
+                products=[{"name": "A", "version": "1", "seats": 1}],
+            )
+            data["store"] = {
+                "url": pg_cluster.url(db),
+                "password_file": str(pg_cluster.password_file),
+                "pool_min": 1,
+            }
+            (state / "credentials.toml").write_text("")
+            data["auth"]["credentials_file"] = str(state / "credentials.toml")
+            server = MeteringServer(build_server_config(data, None))
+            assert isinstance(server.store, PostgresStore)
+            await server.start()
+            servers.append(server)
+        try:
+            a = await hello(servers[0].address("unix"), client="ws-a")
+            b = await hello(servers[1].address("unix"), client="ws-b")
+            got = await a.request("checkout", timeout=5, product="A", version="1")
+            with pytest.raises(Denied):
+                await b.request("checkout", timeout=5, product="A", version="1")
+            assert (await a.request("checkin", timeout=5, lease=got["lease"]))["released"]
+            again = await b.request("checkout", timeout=5, product="A", version="1")
+            assert again["in_use"] == 1
+            await a.close()
+            await b.close()
+        finally:
+            for server in servers:
+                await server.shutdown(timeout=1.0)
+
+
+@pytest.mark.asyncio
+async def test_many_instances_racing_for_one_pool_never_over_allocate(pg_cluster):
+    async with database(pg_cluster) as db:
+        pool = Pool("RACE", "1", 7, "enforce")
+        stores = [pg_cluster.store(db, pool_max=3) for _ in range(5)]
+        await asyncio.gather(*(s.open() for s in stores))
+        try:
+            outs = await asyncio.gather(
+                *(stores[i % 5].grant(req(pool, ("u", f"ws-{i}"))) for i in range(60))
+            )
+            assert sorted(o.in_use for o in outs if o.granted) == list(range(1, 8))
+            assert await stores[0].in_use(T0) == {pool.key: 7}
+        finally:
+            await asyncio.gather(*(s.close() for s in stores))
+
+
+# --- [store] config --------------------------------------------------------------------------
+def write_config(tmp_path: Path, store: str) -> Path:
+    path = tmp_path / "server.toml"
+    path.write_text(f"[store]\n{store}\n", encoding="utf-8")
+    return path
+
+
+def secret(tmp_path: Path, mode: int = 0o600, text: str = "pw\n") -> Path:
+    path = tmp_path / "db-password"
+    path.write_text(text, encoding="utf-8")
+    path.chmod(mode)
+    return path
+
+
+def test_a_postgresql_url_and_its_keys_are_read(tmp_path):
+    secret(tmp_path)
+    cfg = load_server_config(
+        write_config(
+            tmp_path,
+            "url = 'postgresql://metering@db.example:5432/metering'\n"
+            "password_file = 'db-password'\npool_min = 1\npool_max = 4\n"
+            "connect_timeout_s = 2\nstart_timeout_s = 0",
+        )
+    )
+    assert cfg.store_url == "postgresql://metering@db.example:5432/metering"
+    assert cfg.store_settings == StoreSettings(
+        password_file=tmp_path / "db-password",
+        pool_min=1,
+        pool_max=4,
+        connect_timeout_s=2.0,
+        start_timeout_s=0.0,
+    )
+    defaults = load_server_config(write_config(tmp_path, "url = 'postgres://m@db/m'"))
+    assert defaults.store_settings == StoreSettings()
+    assert (defaults.store_settings.pool_min, defaults.store_settings.pool_max) == (2, 10)
+    store = open_store(cfg.store_url, cfg.store_settings)
+    assert isinstance(store, PostgresStore) and store.pool_max == 4
+
+
+@pytest.mark.parametrize(
+    ("store", "key", "problem"),
+    [
+        ("url = 'postgresql://m:pw@db/m'", "store.url", "must not contain a password"),
+        ("url = 'postgresql://m@db/m?password=pw'", "store.url", "must not contain a password"),
+        ("url = 'postgresql://m@db:port/m'", "store.url", "not a valid URL"),
+        ("url = 'postgresql://m@db/m'\npassword_file = 'nope'", "store.password_file", "not exist"),
+        ("url = 'postgresql://m@db/m'\npool_min = 5\npool_max = 4", "store.pool_min", "pool_max"),
+        ("url = 'postgresql://m@db/m'\npool_max = 0", "store.pool_max", ">= 1"),
+        ("url = 'postgresql://m@db/m'\nstart_timeout_s = -1", "store.start_timeout_s", ">= 0"),
+        ("url = 'postgresql://m@db/m'\nconnect_timeout_s = 0", "store.connect_timeout_s", "> 0"),
+        ("url = 'postgresql://m@db/m'\npool_size = 3", "store.pool_size", "unknown key"),
+        ("url = 'sqlite:///tmp/x.db'\npool_max = 3", "store.pool_max", "only used with"),
+    ],
+)
+def test_store_config_errors_name_file_and_key(tmp_path, store, key, problem):
+    path = write_config(tmp_path, store)
+    with pytest.raises(ConfigError) as err:
+        load_server_config(path)
+    line = str(err.value)
+    assert "\n" not in line and line.startswith(f"{path}: {key}: "), line
+    assert problem in line
+
+
+@pytest.mark.parametrize(
+    ("mode", "text", "problem"),
+    [(0o644, "pw\n", r"open to every user \(mode 644\)"), (0o600, "", "is empty")],
+)
+def test_a_bad_password_file_is_a_config_error(tmp_path, mode, text, problem):
+    secret(tmp_path, mode, text)
+    path = write_config(tmp_path, "url = 'postgresql://m@db/m'\npassword_file = 'db-password'")
+    with pytest.raises(ConfigError, match=problem):
+        load_server_config(path)
+
+
+def test_check_config_needs_no_database(tmp_path, capsys):
+    secret(tmp_path)
+    (tmp_path / "credentials.toml").write_text("")
+    path = write_config(
+        tmp_path,
+        "url = 'postgresql://metering@127.0.0.1:1/metering'\npassword_file = 'db-password'",
+    )
+    assert server_main(["--check-config", str(path)]) == 0
+    assert "OK" in capsys.readouterr().out
+
+
+def test_running_tests_as_root_keeps_postgres_unprivileged(pg_cluster):
+    if os.geteuid() != 0:
+        pytest.skip("only meaningful as root")
+    assert pg_cluster.proc is not None
+    status = Path(f"/proc/{pg_cluster.proc.pid}/status").read_text()
+    uid = next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
+    assert uid != "0"

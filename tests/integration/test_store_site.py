@@ -1,0 +1,220 @@
+"""The store contract, part two: what makes several servers one site — revokes remembered,
+idempotent checkouts, and one FIFO queue of waiting checkouts that outlives a server.
+
+Runs once per store of tests/stores.py, like test_store_contract.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from metering_server.auth.lockout import LockoutPolicy, LockoutSettings
+from metering_server.licensing import Pool
+from metering_server.store.base import RETAIN_REVOKED_S, LeaseStore, WaitEntry
+from tests.integration.test_store_contract import ALICE, ENFORCE, T0, TTL, req
+from tests.stores import opened
+
+pytestmark = pytest.mark.asyncio
+
+BOB = ("bob", "ws-2")
+ONE = Pool("SOLO", "1", 1, "enforce")
+
+
+def entry(
+    who: tuple[str, str] = ALICE,
+    *,
+    server: str = "srv-a",
+    now: float = T0,
+    wait_s: float = 30.0,
+    key: str | None = None,
+    pool: Pool = ONE,
+) -> WaitEntry:
+    principal, client = who
+    return WaitEntry(
+        pool_key=pool.key,
+        product=pool.product,
+        version=pool.version,
+        principal=principal,
+        client=client,
+        user=principal,
+        server=server,
+        now=now,
+        deadline=now + wait_s,
+        idempotency_key=key,
+    )
+
+
+def grant_req(
+    who=ALICE, *, waiter=None, now=T0, live_since=T0 - 3, key=None, pool=ONE, server="srv-a"
+):
+    return dataclasses.replace(
+        req(pool, who, now=now, server=server),
+        waiter=waiter,
+        live_since=live_since,
+        idempotency_key=key,
+    )
+
+
+# --- revokes ----------------------------------------------------------------------------------
+async def test_a_revoked_lease_is_never_reclaimed_and_heartbeats_say_revoked(store_site):
+    async with opened(store_site.new_store()) as a, opened(store_site.new_store()) as b:
+        lease = (await a.grant(req())).lease
+        assert lease is not None
+        assert (await b.revoke(lease.lease, now=T0 + 1, by="boss")) == lease
+        # through either instance: the owner's reclaim is refused, not answered with a new seat
+        for store in (a, b):
+            out = await store.grant(req(now=T0 + 2, reclaim=lease.lease))
+            assert not out.granted and out.revoked and out.lease is None
+        # someone else naming it gets an ordinary fresh checkout
+        other = await a.grant(req(who=BOB, now=T0 + 2, reclaim=lease.lease))
+        assert other.granted and not other.revoked
+        beat = await a.renew([lease.lease, "L-unknown"], *ALICE, "srv-a", T0 + 3, TTL)
+        assert beat.lost == [lease.lease, "L-unknown"] and beat.revoked == [lease.lease]
+        assert await b.revoked_among([lease.lease, other.lease.lease]) == [lease.lease]
+
+
+async def test_revokes_are_forgotten_after_the_retention(store: LeaseStore):
+    lease = (await store.grant(req())).lease
+    await store.revoke(lease.lease, now=T0)
+    await store.expire(T0 + RETAIN_REVOKED_S - 1)
+    assert await store.revoked_among([lease.lease]) == [lease.lease]
+    await store.expire(T0 + RETAIN_REVOKED_S + 1)
+    assert await store.revoked_among([lease.lease]) == []
+
+
+# --- idempotent checkout ----------------------------------------------------------------------
+async def test_a_retried_checkout_gets_the_lease_its_first_attempt_made(store_site):
+    async with opened(store_site.new_store()) as a, opened(store_site.new_store()) as b:
+        first = await a.grant(grant_req(key="k1"))
+        assert first.granted and not first.replayed
+        # the reply was lost; the retry goes to another server: same lease, no second seat
+        again = await b.grant(dataclasses.replace(grant_req(key="k1", now=T0 + 1), server="srv-b"))
+        assert again.granted and again.replayed and again.lease.lease == first.lease.lease
+        assert again.lease.server == "srv-b" and again.lease.expires_at == T0 + 1 + TTL
+        assert (await a.in_use(T0 + 1)).get(ONE.key) == 1
+        # the same key from another client or principal is another checkout
+        bobs = await a.grant(grant_req(who=BOB, key="k1", now=T0 + 1))
+        assert not bobs.granted and bobs.in_use == 1
+        # once the first lease is gone, the key may make a new one
+        await a.release(first.lease.lease, *ALICE, T0 + 2)
+        fresh = await a.grant(grant_req(key="k1", now=T0 + 3))
+        assert fresh.granted and not fresh.replayed and fresh.lease.lease != first.lease.lease
+
+
+# --- the site-wide queue ----------------------------------------------------------------------
+async def test_waiters_are_served_first_in_first_out_across_servers(store_site):
+    async with opened(store_site.new_store()) as a, opened(store_site.new_store()) as b:
+        for store, name in ((a, "srv-a"), (b, "srv-b")):
+            await store.touch_server(name, T0)
+        holder = (await a.grant(grant_req())).lease
+        first = await a.enqueue(entry(ALICE, server="srv-a", now=T0 + 1))
+        second = await b.enqueue(entry(BOB, server="srv-b", now=T0 + 2))
+        assert (first.position, second.position) == (1, 2) and second.id > first.id
+        assert await b.queued(T0 + 2) == {ONE.key: 2}
+        # with waiters queued, a fresh checkout does not jump the queue
+        jumper = await b.grant(grant_req(who=("carol", "ws-3"), now=T0 + 3))
+        assert not jumper.granted and jumper.queued_ahead == 2
+        await a.release(holder.lease, *ALICE, T0 + 3)
+        # the second waiter's server is told no while the first waits
+        early = await b.grant(grant_req(BOB, waiter=second.id, now=T0 + 3))
+        assert not early.granted and early.queued_ahead == 1
+        served = await a.grant(grant_req(ALICE, waiter=first.id, now=T0 + 3))
+        assert served.granted and served.lease is not None
+        assert await b.queued(T0 + 3) == {ONE.key: 1}  # the served entry left the queue
+        # a grant for an entry that is gone (answered already) is refused
+        assert not (await a.grant(grant_req(ALICE, waiter=first.id, now=T0 + 3))).granted
+
+
+async def test_an_orphan_keeps_its_place_but_never_blocks_a_live_waiter(store_site):
+    async with opened(store_site.new_store()) as a, opened(store_site.new_store()) as b:
+        await a.touch_server("srv-a", T0)
+        await b.touch_server("srv-b", T0)
+        holder = (await b.grant(grant_req(BOB))).lease
+        orphan = await a.enqueue(entry(ALICE, server="srv-a", now=T0 + 1, key="wait-1"))
+        live = await b.enqueue(entry(("carol", "ws-3"), server="srv-b", now=T0 + 2))
+        await b.touch_server("srv-b", T0 + 10)  # srv-a died at T0: no touch since
+        await b.release(holder.lease, *BOB, T0 + 10)
+        # the seat goes to the live waiter, not to an entry nobody is connected to
+        served = await b.grant(
+            grant_req(
+                ("carol", "ws-3"), waiter=live.id, now=T0 + 10, live_since=T0 + 7, server="srv-b"
+            )
+        )
+        assert served.granted
+        assert await b.queued(T0 + 10) == {ONE.key: 1}
+        # the orphan's client re-attaches through srv-b with the same key: same place
+        again = await b.enqueue(entry(ALICE, server="srv-b", now=T0 + 11, key="wait-1"))
+        assert again.id == orphan.id and again.reattached and again.position == 1
+
+
+async def test_a_clean_detach_leaves_orphans_and_the_deadline_drops_them(store: LeaseStore):
+    await store.touch_server("srv-a", T0)
+    mine = await store.enqueue(entry(server="srv-a", wait_s=5))
+    await store.detach("srv-a")
+    assert await store.queued(T0 + 1) == {ONE.key: 1}
+    bobs = await store.grant(grant_req(BOB, now=T0 + 1))
+    assert bobs.granted  # the orphan does not hold the free seat
+    await store.expire(T0 + 6)
+    assert await store.queued(T0 + 6) == {}
+    assert not (await store.grant(grant_req(ALICE, waiter=mine.id, now=T0 + 6))).granted
+
+
+async def test_dequeue_and_concurrent_enqueues_keep_one_order(store_site):
+    async with opened(store_site.new_store()) as a, opened(store_site.new_store()) as b:
+        tickets = await asyncio.gather(
+            *(
+                (a if n % 2 else b).enqueue(entry((f"p{n}", f"ws-{n}"), now=T0 + n))
+                for n in range(10)
+            )
+        )
+        assert len({t.id for t in tickets}) == 10
+        assert sorted(t.position for t in tickets) == list(range(1, 11))
+        await a.dequeue(tickets[0].id)
+        await a.dequeue(tickets[0].id)  # idempotent
+        assert await b.queued(T0) == {ONE.key: 9}
+
+
+async def test_enforce_pool_counts_are_unchanged_by_the_queue(store: LeaseStore):
+    assert (await store.grant(req(ENFORCE))).granted
+    assert (await store.grant(req(ENFORCE, BOB))).granted
+    assert not (await store.grant(req(ENFORCE, ("carol", "ws-3")))).granted
+
+
+# --- lockout: list and lift ---------------------------------------------------------------------
+async def test_locks_are_listed_and_lifted_across_instances(store_site):
+    policy = LockoutPolicy(LockoutSettings(2, 300.0, 900.0))
+    async with opened(store_site.new_store()) as a, opened(store_site.new_store()) as b:
+        for _ in range(2):
+            await a.record_auth_failure(["principal:alice", "source:ip:1.2.3.4"], T0, policy)
+        await a.record_auth_failure(["principal:bob"], T0, policy)  # counted, not locked
+        locked = await b.auth_locks(T0 + 1)
+        assert sorted(locked) == ["principal:alice", "source:ip:1.2.3.4"]
+        assert locked["principal:alice"].locked_until == T0 + 900.0
+        assert await b.auth_locks(T0 + 901) == {}  # the lock ran out
+        assert await b.unlock(["principal:alice", "principal:nobody", "principal:bob"]) == [
+            "principal:alice",
+            "principal:bob",
+        ]
+        assert sorted(await a.auth_locks(T0 + 1)) == ["source:ip:1.2.3.4"]
+        assert await a.auth_states(["principal:alice", "principal:bob"]) == {}
+
+
+async def test_an_entry_re_attached_elsewhere_is_not_the_old_servers_to_grant_or_drop(store_site):
+    async with opened(store_site.new_store()) as a, opened(store_site.new_store()) as b:
+        await a.touch_server("srv-a", T0)
+        await b.touch_server("srv-b", T0)
+        first = await a.enqueue(entry(ALICE, server="srv-a", key="k"))
+        moved = await b.enqueue(entry(ALICE, server="srv-b", key="k", now=T0 + 1))
+        assert moved.id == first.id and moved.reattached
+        # srv-a (whose connection for it closed) neither serves nor drops it any more
+        old = dataclasses.replace(grant_req(ALICE, waiter=first.id, key="k", now=T0 + 1))
+        assert not (await a.grant(old)).granted
+        await a.dequeue(first.id, "srv-a")
+        assert await b.queued(T0 + 1) == {ONE.key: 1}
+        new = dataclasses.replace(old, server="srv-b")
+        served = await b.grant(new)
+        assert served.granted and served.lease.server == "srv-b"
+        assert await b.queued(T0 + 1) == {}

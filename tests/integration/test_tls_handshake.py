@@ -1,0 +1,229 @@
+"""tls:// listeners: the handshake runs in the connection engine, counted against
+max_connections from accept and finished within hello_timeout_s (asyncio's own TLS server ran
+it before the engine saw the connection: uncounted, for up to 60 s).
+
+Observable behaviour: a peer that never sends its ClientHello is closed when the hello
+deadline passes; while it waits it holds a connection slot, so with max_connections=1 a second
+(TLS) client completes its handshake and gets the `overloaded` frame, then EOF.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import ssl
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from structlog.testing import capture_logs
+
+from metering_protocol.address import parse_address
+from metering_protocol.client import ProtocolClient
+from metering_runtime.connection import Endpoint, Limits
+from metering_runtime.listeners import bind, server_ssl_context
+from tests.support import async_wait_until
+
+TOKEN = "tls-token"
+HELLO_S = 0.5
+
+
+def client_ctx(ca: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(ca))
+
+
+async def tls_server(make_server, tls_pki, **server: Any):
+    _, chain, key = tls_pki
+    srv = await make_server(
+        credentials={"ws": (["agent"], TOKEN)},
+        server={
+            "listen": ["tls://127.0.0.1:0"],
+            "tls_cert_file": str(chain),
+            "tls_key_file": str(key),
+            **server,
+        },
+    )
+    addr = parse_address(srv.address("tls"))
+    return srv, addr
+
+
+async def tls_open(addr, ca: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection(
+        addr.host, addr.port, ssl=client_ctx(ca), server_hostname="127.0.0.1"
+    )
+
+
+@contextlib.contextmanager
+def loop_errors():
+    """What reaches the event loop's exception handler (a traceback in the log)."""
+    loop = asyncio.get_running_loop()
+    seen: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, ctx: seen.append(ctx))
+    try:
+        yield seen
+    finally:
+        loop.set_exception_handler(previous)
+
+
+@contextlib.contextmanager
+def debug_logs():
+    """structlog entries down to debug, whatever level an earlier test configured."""
+    old = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    try:
+        with capture_logs() as logs:
+            yield logs
+    finally:
+        structlog.configure(**old)
+
+
+@pytest.mark.asyncio
+async def test_silent_peer_is_counted_and_closed_at_the_hello_deadline(make_server, tls_pki):
+    ca = tls_pki[0]
+    server, addr = await tls_server(
+        make_server, tls_pki, hello_timeout_s=HELLO_S, max_connections=1
+    )
+    loop = asyncio.get_running_loop()
+    with loop_errors() as errors, debug_logs() as logs:
+        started = loop.time()
+        silent_r, silent_w = await asyncio.open_connection(addr.host, addr.port)
+        await async_wait_until(lambda: server.endpoint.counted == 1, what="the slot taken")
+
+        # The slot is taken while the first peer has not even started its handshake: a real
+        # TLS client gets its handshake, one `overloaded` frame over TLS, then EOF.
+        r2, w2 = await tls_open(addr, ca)
+        frame = json.loads(await asyncio.wait_for(r2.readline(), 5))
+        assert frame["id"] is None and frame["ok"] is False, frame
+        assert frame["error"]["code"] == "overloaded", frame
+        assert frame["error"]["retry_after_s"] >= 0.1, frame
+        assert await asyncio.wait_for(r2.read(), 5) == b""
+        w2.close()
+
+        # The silent peer is closed when hello_timeout_s has passed since accept.
+        assert await asyncio.wait_for(silent_r.read(), 5) == b""
+        elapsed = loop.time() - started
+        silent_w.close()
+        assert HELLO_S * 0.9 <= elapsed < HELLO_S + 1.5, elapsed
+        await async_wait_until(lambda: server.endpoint.counted == 0, what="the slot freed")
+
+        # Then a TLS client is served as usual.
+        c = await ProtocolClient.connect(
+            f"tls://127.0.0.1:{addr.port}", timeout=5, ssl_context=client_ctx(ca)
+        )
+        try:
+            reply = await c.hello("ws-1", user="ws", token=TOKEN, timeout=5)
+            assert reply["roles"] == ["agent"]
+            await c.request("ping", timeout=5)
+        finally:
+            await c.close()
+
+    assert not errors, errors  # a timed-out handshake is no fault: no traceback
+    failed = [e for e in logs if e["event"] == "tls_handshake_failed"]
+    assert len(failed) == 1 and failed[0]["log_level"] == "debug", logs
+    assert "hello_timeout_s" in failed[0]["error"], failed
+
+
+@pytest.mark.asyncio
+async def test_the_hello_deadline_includes_the_handshake(make_server, tls_pki):
+    """A peer that takes 0.6 s to start its handshake has the rest of the 1.0 s for hello."""
+    hello_s = 1.0
+    _, addr = await tls_server(make_server, tls_pki, hello_timeout_s=hello_s)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    reader, writer = await asyncio.open_connection(addr.host, addr.port)
+    await asyncio.sleep(0.6)
+    await writer.start_tls(client_ctx(tls_pki[0]), server_hostname="127.0.0.1")
+    frame = json.loads(await asyncio.wait_for(reader.readline(), 5))
+    elapsed = loop.time() - started
+    writer.close()
+    assert frame["error"]["code"] == "auth_required", frame
+    # From accept: ~1.0 s. A deadline restarted after the handshake would give ~1.6 s.
+    assert hello_s * 0.9 <= elapsed < hello_s + 0.45, elapsed
+
+
+@pytest.mark.asyncio
+async def test_a_failed_handshake_closes_quietly(make_server, tls_pki):
+    server, addr = await tls_server(make_server, tls_pki)
+    with loop_errors() as errors, debug_logs() as logs:
+        reader, writer = await asyncio.open_connection(addr.host, addr.port)
+        writer.write(b'{"id":1,"op":"hello","protocol":1,"client":"plaintext"}\n')
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed at once
+        writer.close()
+        await async_wait_until(lambda: server.endpoint.counted == 0, what="the slot freed")
+    assert not errors, errors
+    failed = [e for e in logs if e["event"] == "tls_handshake_failed"]
+    assert len(failed) == 1 and failed[0]["log_level"] == "debug", logs
+    assert not [e for e in logs if e["log_level"] in ("error", "critical")], logs
+
+
+@pytest.mark.asyncio
+async def test_shutdown_does_not_wait_for_a_pending_handshake(make_server, tls_pki):
+    server, addr = await tls_server(make_server, tls_pki, hello_timeout_s=30)
+    reader, writer = await asyncio.open_connection(addr.host, addr.port)
+    await async_wait_until(lambda: server.endpoint.counted == 1, what="the slot taken")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await server.shutdown(timeout=10)
+    assert loop.time() - started < 3
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+
+
+class _Echo:
+    """A dispatcher that knows no ops: every frame gets `bad_request`."""
+
+    ops: dict = {}
+    authenticated = False
+
+    def __init__(self, conn) -> None:
+        pass
+
+    def busy(self) -> bool:
+        return False
+
+    async def handle(self, req):  # pragma: no cover - no op reaches it
+        return {}
+
+    def connection_closing(self) -> None:
+        pass
+
+    async def connection_closed(self) -> None:
+        pass
+
+
+@pytest.mark.asyncio
+async def test_socket_activated_tls_listener_and_the_shedding_bound(tls_pki):
+    """An inherited (socket-activated) tls:// socket runs the same engine; past
+    max_shed_handshakes an over-cap connection is closed without a handshake."""
+    ca, chain, key = tls_pki
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    port = sock.getsockname()[1]
+    limits = Limits(hello_timeout_s=5.0, max_connections=1, max_shed_handshakes=0)
+    endpoint = Endpoint(limits, _Echo)
+    listener = await bind(
+        parse_address(f"tls://127.0.0.1:{port}"),
+        endpoint.handler_for("tls", server_ssl_context(chain, key)),
+        inherited=[sock],
+    )
+    try:
+        assert listener.bound.port == port
+        addr = parse_address(f"tls://127.0.0.1:{port}")
+        r1, w1 = await tls_open(addr, ca)  # served: the TLS stream works on the inherited socket
+        w1.write(b'{"id":7,"op":"hello"}\n')
+        reply = json.loads(await asyncio.wait_for(r1.readline(), 5))
+        assert reply["id"] == 7 and reply["error"]["code"] == "bad_request", reply
+        with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+            r2, _ = await tls_open(addr, ca)  # over the cap, no shedding budget: closed
+            await asyncio.wait_for(r2.readexactly(1), 5)
+        w1.close()
+    finally:
+        listener.close()
+        endpoint.abort_all()
+        await endpoint.wait_closed(2.0)

@@ -1,0 +1,246 @@
+"""Clear failures at start, as an operator meets them: a server without its credentials file,
+an agent without a usable token file — exit 78 with one line naming the file and the key,
+instead of a daemon that runs and answers every hello `auth_failed` — and `metering-client
+status` exiting non-zero (with the reason) while the agent cannot authenticate."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from metering_protocol.client import ProtocolClient
+from tests.support import (
+    Daemon,
+    bind_tcp,
+    cli_path,
+    one_line,
+    run_client,
+    server_config,
+    server_daemon,
+    wait_until,
+    write_credentials,
+    write_token,
+    write_toml,
+)
+
+pytestmark = pytest.mark.system
+
+TOKEN = "startup-token"
+
+
+def run_server(*args: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [cli_path("metering-server"), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
+def server_toml(tmp_path: Path, listen: list[str], **sections: Any) -> Path:
+    state = tmp_path / "srv"
+    state.mkdir(exist_ok=True)
+    cfg = server_config(name="srv", listen=listen, state_dir=state, **sections)
+    return write_toml(state / "server.toml", cfg)
+
+
+def client_toml(
+    tmp_path: Path, servers: list[str], sockdir: Path, *, token_file: str | None, **servers_kw: Any
+) -> Path:
+    d = tmp_path / "client"
+    d.mkdir(exist_ok=True)
+    client: dict[str, Any] = {
+        "name": "ws-1",
+        "user": "ws",
+        "state_dir": str(d / "state"),
+        "socket": str(sockdir / "agent.sock"),
+        "log_format": "json",
+    }
+    if token_file is not None:
+        client["token_file"] = token_file
+    section = {"list": servers, "retries": 1, "retry_interval_ms": 0, **servers_kw}
+    return write_toml(d / "client.toml", {"client": client, "servers": section})
+
+
+def agent_daemon(cfg: Path) -> Daemon:
+    return Daemon(
+        [cli_path("metering-client"), "--config", str(cfg), "agent"],
+        cfg.parent / "agent.jsonl",
+        ready_event="agent_started",
+    )
+
+
+# --- the server's credentials file ---------------------------------------------------------
+@pytest.mark.parametrize("mode", ["--check-config", "--config"])
+def test_missing_credentials_file_is_a_config_error(tmp_path, mode):
+    path = server_toml(tmp_path, ["tcp://127.0.0.1:0"])
+    creds = path.parent / "credentials.toml"
+    assert not creds.exists()
+    proc = run_server(mode, str(path))
+    assert proc.returncode == 78, proc.stdout + proc.stderr
+    line = one_line(proc.stderr, "metering-server")
+    assert f"{path}: auth.credentials_file: {creds} does not exist" in line, line
+    assert "auth.peercred_only" in line, line  # the way out for peer credentials alone
+
+
+@pytest.mark.parametrize("how", ["directory", "mode 000"])
+def test_unreadable_credentials_file_is_a_config_error(tmp_path, how):
+    path = server_toml(tmp_path, ["tcp://127.0.0.1:0"])
+    creds = path.parent / "credentials.toml"
+    if how == "directory":
+        creds.mkdir()
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root reads a mode-000 file")
+        write_credentials(creds, {}).chmod(0)
+    for mode in ("--check-config", "--config"):
+        proc = run_server(mode, str(path))
+        assert proc.returncode == 78, proc.stdout + proc.stderr
+        line = one_line(proc.stderr, "metering-server")
+        assert "auth.credentials_file" in line and str(creds) in line, line
+        assert "cannot read" in line, line
+
+
+@pytest.mark.parametrize(
+    ("auth", "listen", "key", "problem"),
+    [
+        ({"peercred_only": True}, ["tcp://127.0.0.1:0"], "auth.peercred_only", "unix://"),
+        (
+            {"peercred_only": True, "allow_peercred": False},
+            ["unix:///tmp/never.sock"],
+            "auth.peercred_only",
+            "allow_peercred",
+        ),
+        ({"credentials_file": ""}, ["tcp://127.0.0.1:0"], "auth.credentials_file", "peercred_only"),
+    ],
+)
+def test_peercred_only_needs_peer_credentials(tmp_path, auth, listen, key, problem):
+    path = server_toml(tmp_path, listen, auth=auth)
+    proc = run_server("--check-config", str(path))
+    assert proc.returncode == 78, proc.stdout + proc.stderr
+    line = one_line(proc.stderr, "metering-server")
+    assert f"{path}: {key}: " in line and problem in line, line
+
+
+def test_peercred_only_server_and_agent_need_no_credentials_or_token(tmp_path, sockdir):
+    """`[auth] peercred_only` (no credentials file) and an agent with `token_file = ""` on a
+    unix:// server: the agent is authenticated by its uid and `status` exits 0."""
+    unix = f"unix://{sockdir}/srv.sock"
+    path = server_toml(tmp_path, [unix], auth={"peercred_only": True})
+    assert not (path.parent / "credentials.toml").exists()
+    check = run_server("--check-config", str(path))
+    assert check.returncode == 0, check.stderr
+    srv = server_daemon(path).start()
+    cfg = client_toml(tmp_path, [unix], sockdir, token_file="")
+    agent = agent_daemon(cfg)
+    try:
+        agent.start()
+        wait_until(
+            lambda: any(e.get("event") == "connected" for e in agent.events()),
+            what="the agent to connect by peer credentials",
+        )
+        status = run_client(cfg, "status")
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert "connected to srv" in status.stdout, status.stdout
+
+        async def peer_hello() -> dict[str, Any]:
+            c = await ProtocolClient.connect(unix, timeout=5)
+            try:
+                return await c.hello("probe", user=None, token=None, timeout=5)
+            finally:
+                await c.close()
+
+        assert asyncio.run(peer_hello())["ok"] is True
+        assert agent.terminate() == 0, agent.text()
+        assert srv.terminate() == 0, srv.text()
+    finally:
+        agent.stop()
+        srv.stop()
+
+
+# --- the agent's token file ------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("setup", "problem"),
+    [
+        ("missing", "does not exist"),
+        ("0644", "readable by group or others (mode 644; it must be 0600 or stricter)"),
+        ("empty", "is empty"),
+    ],
+)
+def test_agent_refuses_to_start_with_an_unusable_token_file(tmp_path, sockdir, setup, problem):
+    token = tmp_path / "agent.token"
+    if setup != "missing":
+        write_token(token, "" if setup == "empty" else TOKEN)  # mode 0600
+    if setup == "0644":
+        token.chmod(0o644)
+    cfg = client_toml(tmp_path, ["tcp://127.0.0.1:9"], sockdir, token_file=str(token))
+    proc = run_client(cfg, "agent")
+    assert proc.returncode == 78, proc.stdout + proc.stderr
+    line = one_line(proc.stderr)
+    assert f"{cfg}: client.token_file: {token}: {problem}" in line, line
+    assert not (sockdir / "agent.sock").exists()  # it never listened
+
+
+def test_agent_without_token_file_needs_unix_servers(tmp_path, sockdir):
+    cfg = client_toml(tmp_path, ["tcp://127.0.0.1:9"], sockdir, token_file="")
+    proc = run_client(cfg, "agent")
+    assert proc.returncode == 78, proc.stdout + proc.stderr
+    line = one_line(proc.stderr)
+    assert "client.token_file" in line and "unix://" in line and "servers.list[0]" in line, line
+
+
+# --- `metering-client status` while the agent cannot authenticate ---------------------------
+def test_status_exits_77_with_the_reason_while_the_token_is_refused(tmp_path, sockdir):
+    sock = bind_tcp()
+    addr = "tcp://{}:{}".format(*sock.getsockname())
+    path = server_toml(tmp_path, [addr])
+    write_credentials(path.parent / "credentials.toml", {"ws": (["agent"], TOKEN)})
+    srv = server_daemon(path, sockets=[sock]).start()
+    token = write_token(tmp_path / "agent.token", "wrong-token")
+    cfg = client_toml(tmp_path, [addr], sockdir, token_file=str(token))
+    agent = agent_daemon(cfg)
+    try:
+        agent.start()
+        wait_until(
+            lambda: any(e.get("event") == "authentication_refused" for e in agent.events()),
+            what="the server to refuse the agent's token",
+        )
+        status = run_client(cfg, "status")
+        assert status.returncode == 77, status.stdout + status.stderr
+        assert "agent: not connected" in status.stdout, status.stdout
+        assert "agent error: auth_failed" in status.stdout, status.stdout
+        line = one_line(status.stderr)
+        assert "agent not connected: auth_failed" in line, line
+        assert agent.terminate() == 0, agent.text()
+        assert srv.terminate() == 0, srv.text()
+    finally:
+        agent.stop()
+        srv.stop()
+        sock.close()
+
+
+def test_status_exits_75_while_no_server_is_reachable(tmp_path, sockdir):
+    token = write_token(tmp_path / "agent.token", TOKEN)
+    cfg = client_toml(tmp_path, [f"unix://{sockdir}/nobody.sock"], sockdir, token_file=str(token))
+    agent = agent_daemon(cfg)
+    try:
+        agent.start()
+        wait_until(
+            lambda: any(e.get("event") == "no_server_reachable" for e in agent.events()),
+            what="the agent to give up a pass",
+        )
+        status = run_client(cfg, "--json", "status")
+        assert status.returncode == 75, status.stdout + status.stderr
+        assert '"code": "unavailable"' in status.stdout, status.stdout
+        assert "agent not connected: unavailable" in one_line(status.stderr)
+        assert agent.terminate() == 0, agent.text()
+    finally:
+        agent.stop()

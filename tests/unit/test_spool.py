@@ -1,0 +1,263 @@
+"""The usage spool: durable writes, loading, corrupt files set aside, a full disk, acks.
+
+Real files in a temp dir; a full disk is os.write raising ENOSPC for the spool's files only."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from structlog.testing import capture_logs
+
+from metering_client.spool import Spool, UsageLog
+from metering_client.usage import UsageRecord, new_record
+from metering_protocol.timefmt import rfc3339
+
+T0 = 1_700_000_000.0
+
+
+def record(
+    n: int = 0, *, running: bool = False, outcome: str = "granted", **kw: object
+) -> UsageRecord:
+    return new_record(
+        product="CLOCK.EXE",
+        version="4.00",
+        user=f"user{n}",
+        client="ws-1",
+        started=T0 + n,
+        ended=T0 + n + 10,
+        outcome=outcome,
+        running=running,
+        source="watch",
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.is_file())
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    s = Spool(tmp_path / "spool")
+    s.load()
+    return s
+
+
+@pytest.fixture
+def disk_full(monkeypatch, tmp_path: Path):
+    """os.write of any file under tmp_path/spool fails with ENOSPC (others are untouched)."""
+    real_write = os.write
+    root = str(tmp_path / "spool")
+    state = SimpleNamespace(on=True)
+
+    def write(fd: int, data) -> int:
+        if state.on:
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                target = ""
+            if target.startswith(root):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    return state
+
+
+# --- writing and loading --------------------------------------------------------------------------
+@pytest.mark.asyncio
+async def test_a_record_is_one_file_named_by_its_id_and_survives_a_reload(spool, tmp_path):
+    rec = record(1, running=True, pids=[(123, 456)], handle="L1")
+    assert await spool.put(rec) is True
+    assert files(spool.dir) == [f"{rec.record_id}.json"]
+    on_disk = json.loads((spool.dir / f"{rec.record_id}.json").read_text())
+    assert on_disk["outcome"] == "granted" and on_disk["running"] is True
+    assert oct((spool.dir / f"{rec.record_id}.json").stat().st_mode & 0o777) == "0o600"
+
+    again = Spool(tmp_path / "spool")
+    assert again.load() == [rec]  # the open runs
+    assert again.records == {rec.record_id: rec}
+    assert again.records[rec.record_id].pids == [(123, 456)]
+
+
+@pytest.mark.asyncio
+async def test_a_changed_record_replaces_its_file(spool, tmp_path):
+    rec = record(1, running=True)
+    await spool.put(rec)
+    rec.end(T0 + 99)
+    await spool.put(rec)
+    assert files(spool.dir) == [f"{rec.record_id}.json"]
+    [loaded] = Spool(tmp_path / "spool").load() or [None]
+    assert loaded is None  # closed now
+    data = json.loads((spool.dir / f"{rec.record_id}.json").read_text())
+    assert data["running"] is False and data["ended_at"] == rfc3339(T0 + 99)
+
+
+@pytest.mark.asyncio
+async def test_corrupt_files_are_set_aside_and_logged_and_the_rest_is_kept(spool, tmp_path):
+    good = record(1)
+    await spool.put(good)
+    (spool.dir / "0badjson.json").write_text('{"record_id": "0badjson", "product": ')
+    missing = json.loads((spool.dir / f"{good.record_id}.json").read_text())
+    del missing["outcome"]
+    missing["record_id"] = "missingfield"
+    (spool.dir / "missingfield.json").write_text(json.dumps(missing))
+    wrong_name = dict(missing, outcome="granted", record_id="someone-else")
+    (spool.dir / "renamed.json").write_text(json.dumps(wrong_name))
+    bad_time = dict(wrong_name, record_id="badtime", started_at="yesterday")
+    (spool.dir / "badtime.json").write_text(json.dumps(bad_time))
+    (spool.dir / f".{good.record_id}.json.x1y2.tmp").write_bytes(b"half a rec")  # crash mid-write
+
+    again = Spool(tmp_path / "spool")
+    with capture_logs() as logs:
+        again.load()
+    assert list(again.records) == [good.record_id]
+    assert files(spool.dir) == [f"{good.record_id}.json"]  # the stale temp file is gone too
+    assert files(spool.corrupt_dir) == [
+        "0badjson.json",
+        "badtime.json",
+        "missingfield.json",
+        "renamed.json",
+    ]
+    assert again.corrupt == 4
+    errors = {e["file"].rsplit("/", 1)[1]: e["error"] for e in logs if e["log_level"] == "error"}
+    assert "outcome" in errors["missingfield.json"]
+    assert "started_at" in errors["badtime.json"]
+    assert "not the record's id" in errors["renamed.json"]
+    assert set(errors) == set(files(spool.corrupt_dir))
+
+
+# --- a full disk ---------------------------------------------------------------------------------
+@pytest.mark.asyncio
+async def test_a_full_disk_is_reported_and_damages_nothing_already_spooled(
+    spool, tmp_path, disk_full
+):
+    disk_full.on = False
+    old = record(1, running=True)
+    await spool.put(old)
+    before = (spool.dir / f"{old.record_id}.json").read_bytes()
+    disk_full.on = True
+
+    new = record(2)
+    with capture_logs() as logs:
+        assert await spool.put(new) is False
+        old.end(T0 + 50)  # closing the open run cannot be written either
+        assert await spool.put(old) is False
+    # What was on disk is as it was; no temp file is left behind; nothing new appeared.
+    assert files(spool.dir) == [f"{old.record_id}.json"]
+    assert (spool.dir / f"{old.record_id}.json").read_bytes() == before
+    assert "full" in spool.write_error and "No space left" in spool.write_error
+    assert spool.status()["unwritten"] == 2 and spool.status()["write_error"] == spool.write_error
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == [
+        "usage_spool_write_failed"
+    ]  # once, not once per record
+    assert spool.pending(100, 10**6) == []  # not uploaded before it is on disk
+    assert spool.depth == 2  # but counted: it waits
+
+    disk_full.on = False  # space freed
+    assert await spool.flush() is True
+    assert spool.write_error is None
+    assert files(spool.dir) == sorted(f"{r.record_id}.json" for r in (old, new))
+    reloaded = Spool(tmp_path / "spool")
+    assert reloaded.load() == []
+    assert reloaded.records[old.record_id].ended_at == rfc3339(T0 + 50)
+
+
+# --- upload bookkeeping ---------------------------------------------------------------------------
+@pytest.mark.asyncio
+async def test_pending_is_closed_records_on_disk_in_bounded_batches(spool):
+    closed = [record(n) for n in range(5)]
+    for rec in [*closed, record(9, running=True)]:
+        await spool.put(rec)
+    assert [r.record_id for r in spool.pending(100, 10**6)] == [r.record_id for r in closed]
+    assert len(spool.pending(3, 10**6)) == 3
+    one = len(json.dumps(closed[0].to_wire(), separators=(",", ":"))) + 1
+    assert len(spool.pending(100, 2 * one + 1)) == 2
+    assert len(spool.pending(100, 1)) == 1  # at least one, however big
+
+
+@pytest.mark.asyncio
+async def test_ack_deletes_only_the_acknowledged_records(spool, tmp_path):
+    recs = [record(n) for n in range(4)]
+    for rec in recs:
+        await spool.put(rec)
+    assert await spool.ack([recs[0].record_id, recs[2].record_id, "never-spooled"]) == 3
+    assert files(spool.dir) == sorted(f"{r.record_id}.json" for r in (recs[1], recs[3]))
+    assert set(Spool(tmp_path / "spool").load() or []) == set()
+    assert spool.depth == 2
+
+
+@pytest.mark.asyncio
+async def test_a_rejected_record_is_moved_aside_with_its_error(spool):
+    rec = record(1)
+    await spool.put(rec)
+    error = {"code": "bad_request", "message": "ended_at: before started_at"}
+    with capture_logs() as logs:
+        await spool.reject(rec.record_id, error)
+    assert files(spool.dir) == []
+    saved = json.loads((spool.rejected_dir / f"{rec.record_id}.json").read_text())
+    assert saved["record_id"] == rec.record_id and saved["rejected"]["error"] == error
+    assert [e["event"] for e in logs] == ["usage_record_rejected"]
+    assert spool.depth == 0 and spool.rejected == 1
+
+
+@pytest.mark.asyncio
+async def test_touch_open_moves_the_last_seen_time_of_open_runs_only(spool, tmp_path):
+    going, done = record(1, running=True), record(2)
+    await spool.put(going)
+    await spool.put(done)
+    await spool.touch_open(T0 + 500)
+    loaded = Spool(tmp_path / "spool")
+    loaded.load()
+    assert loaded.records[going.record_id].ended_at == rfc3339(T0 + 500)
+    assert loaded.records[done.record_id].ended_at == rfc3339(T0 + 12)
+
+
+# --- records of seats taken through the local API -------------------------------------------------
+def seat(handle: str, user: str = "alice") -> SimpleNamespace:
+    return SimpleNamespace(handle=handle, product="CLOCK.EXE", version="4.00", user=user)
+
+
+@pytest.mark.asyncio
+async def test_a_local_api_seat_is_one_record_from_checkout_to_checkin(spool):
+    now = [T0]
+    usage = UsageLog(spool, "ws-1", wall=lambda: now[0])
+    held = {"L1": seat("L1")}
+    await usage.seat_taken(held["L1"], {"overuse": True}, held.__contains__)
+    await usage.seat_taken(held["L1"], {}, held.__contains__)  # a reclaim: nothing new
+    [rec] = spool.records.values()
+    assert rec.running and rec.outcome == "overuse" and rec.source == "api"
+    now[0] = T0 + 30
+    await usage.seats_changed(held)  # still held
+    assert rec.running
+    del held["L1"]
+    await usage.seats_changed(held)
+    assert not rec.running and rec.ended_at == rfc3339(T0 + 30)
+    assert spool.pending(10, 10**6) == [rec]
+
+
+@pytest.mark.asyncio
+async def test_after_a_restart_runs_gone_are_closed_at_last_seen_and_held_seats_keep_theirs(
+    spool,
+):
+    usage = UsageLog(spool, "ws-1", wall=lambda: T0 + 1000)
+    still = record(1, running=True, handle="L1")
+    still.source = "api"
+    gone = record(2, running=True, handle="L2")
+    gone.source = "api"
+    watched = record(3, running=True, handle="L3")
+    for rec in (still, gone, watched):
+        await spool.put(rec)
+    held = {"L1": seat("L1"), "L3": seat("L3"), "L4": seat("L4", "bob")}
+    handed = await usage.recover([still, gone, watched], held, watching=True)
+    assert handed == [watched]  # the watcher decides by its processes
+    assert still.running and usage.by_handle["L1"] is still
+    assert not gone.running and gone.ended_at == rfc3339(T0 + 12)  # last seen, not now
+    # A seat the journal kept but no record names (died between checkout and record).
+    [new] = [r for r in spool.records.values() if r.handle == "L4"]
+    assert new.running and new.user == "bob" and new.started_at == rfc3339(T0 + 1000)
