@@ -256,6 +256,7 @@ class MeteringServer:
     def request_stop(self) -> None:
         if self._stop.is_set():
             log.warning("second_stop_signal_closing_connections_now")
+            self.store.abandon()
             self.endpoint.abort_all()
         self._stop.set()
 

@@ -166,6 +166,11 @@ class LeaseStore(abc.ABC):
     # reconnecting) the seat service's sweep looks for other servers' changes itself.
     listening: bool = False
 
+    def abandon(self) -> None:
+        """The server must stop now: fail waits on other processes' locks at once instead of
+        letting them hold the exit (the queries themselves need not be interrupted)."""
+        return None
+
     async def ping(self) -> None:
         """Raise unless the database answers (health checks)."""
         await self.in_use(float("inf"))

@@ -53,6 +53,8 @@ from .base import (
 
 T = TypeVar("T")
 
+BUSY_STEP_MS = 100  # SQLite's own busy wait per try; `_begin` retries up to busy_timeout_s
+
 # Versioned migrations, applied in order at open under the write lock (BEGIN IMMEDIATE), so
 # several servers opening one file at once apply each exactly once.  Version 1 is the schema
 # of the first release (its databases already say schema_version 1).  Add a version by
@@ -198,6 +200,7 @@ class SQLiteStore(LeaseStore):
         self._committing = False
         self._commits = TaskOwner("sqlite-commits")
         self._commit_task: asyncio.Task | None = None
+        self._abandoned = False
         # Long reads (usage reports) get a connection and thread of their own, made at first
         # use: they must not hold up grants queued behind them on the store's thread.
         self._reader: tuple[ThreadPoolExecutor, sqlite3.Connection] | None = None
@@ -257,7 +260,7 @@ class SQLiteStore(LeaseStore):
     ) -> Callable[[sqlite3.Connection], list[tuple[bool, Any]]]:
         def run(db: sqlite3.Connection) -> list[tuple[bool, Any]]:
             started = time.perf_counter()
-            db.execute("BEGIN IMMEDIATE")
+            self._begin(db)
             outcomes: list[tuple[bool, Any]] = []
             try:
                 for fn in fns:
@@ -279,6 +282,22 @@ class SQLiteStore(LeaseStore):
             return outcomes
 
         return run
+
+    def _begin(self, db: sqlite3.Connection) -> None:
+        """BEGIN IMMEDIATE, waiting up to busy_timeout_s for another process's write lock —
+        in short steps, giving up early once the server abandons the store (second stop)."""
+        deadline = time.monotonic() + self.busy_timeout_s
+        while True:
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                busy = "locked" in str(exc) or "busy" in str(exc)
+                if not busy or self._abandoned or time.monotonic() >= deadline:
+                    raise
+
+    def abandon(self) -> None:
+        self._abandoned = True
 
     def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> Callable[[sqlite3.Connection], T]:
         def run(db: sqlite3.Connection) -> T:
@@ -310,8 +329,10 @@ class SQLiteStore(LeaseStore):
             )
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
-            db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_s * 1000)}")
             self._tx(migrate)(db)
+            # From now on a locked database is waited for in short steps (`_begin`), so that
+            # a server told to stop at once is not held for busy_timeout_s by another process.
+            db.execute(f"PRAGMA busy_timeout={BUSY_STEP_MS}")
             self._db = db
 
         loop = asyncio.get_running_loop()
