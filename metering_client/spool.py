@@ -325,7 +325,10 @@ class UsageLog:
         died between the checkout and the record).  Returns the watcher's open records when
         the watcher is on (it decides by their processes)."""
         handed: list[UsageRecord] = []
-        known = {r.handle for r in running if r.handle is not None}
+        # Every seat a spooled record names, closed ones too: a run that ended while its
+        # checkin waited for a server (the journal still holds the seat) is one record, not a
+        # second one opened for "a held seat with no record".
+        known = {r.handle for r in (*running, *self.spool.records.values()) if r.handle}
         for record in running:
             if record.source == "watch" and watching:
                 handed.append(record)

@@ -549,8 +549,12 @@ class Watcher:
         for key in [k for k in self.covered if not self._holds_own_seat(alive[k], procs, api)]:
             self.covered.discard(key)  # its seat went away (e.g. `run` killed): watch it now
         if self.catalogue:
-            for key, proc in alive.items():
+            # Parents before the processes they forked, so that a forked child finds its
+            # parent's run (oldest first; pids break ties).
+            for key, proc in sorted(alive.items(), key=lambda kv: (kv[1].start or 0, kv[1].pid)):
                 if key in self.runs or key in self.covered or key in self.stopping:
+                    continue
+                if self._part_of_a_watched_program(proc, procs):
                     continue
                 seen = (proc.exe, proc.comm, self.generation)
                 if self._nomatch.get(key) == seen:
@@ -573,6 +577,25 @@ class Watcher:
                     self._ask(run)
                 elif not connected and self._must_stop_offline(run):
                     self._deny(run, "no server reachable; offline grace over")
+
+    def _part_of_a_watched_program(self, proc: Proc, procs: Mapping[int, Proc]) -> bool:
+        """A process forked by a program already watched (a `#!/bin/sh` script running its
+        commands looks exactly like the script) is that program, not another run: it joins
+        its ancestor's run, or is left alone while that program is being stopped."""
+        node = procs.get(proc.ppid)
+        for _ in range(64):
+            if node is None or node.pid <= 1:
+                return False
+            run = self.runs.get(node.key)
+            if run is not None:
+                if run.state not in ("stopping", "ended"):
+                    run.procs[proc.key] = proc
+                    self.runs[proc.key] = run
+                return True
+            if node.key in self.stopping:
+                return True
+            node = procs.get(node.ppid)
+        return False
 
     def _api_seats(self) -> set[ProcKey]:
         """(pid, start) of the programs holding seats through the local API."""
@@ -761,14 +784,17 @@ class Watcher:
         """Stop the run's programs; the denial is on disk before the first signal."""
         now = self.wall()
         procs = list(run.procs.values())
+        # One denial per program stopped: the processes a program forked are not others.
+        pids = {p.pid for p in procs}
+        programs = [p for p in procs if p.ppid not in pids]
         records: list[UsageRecord] = []
-        rest: list[Proc | None] = list(procs) or [None]
+        rest: list[Proc | None] = list(programs) or [None]
         if run.record is not None:  # it ran offline, or lost its seat: its one record ends
             if not run.seated_once:
                 run.record.outcome = "denied"
             run.record.end(now)
             records.append(run.record)
-            rest = procs[1:] if not run.seated_once else []
+            rest = list(programs[1:]) if not run.seated_once else []
         for proc in rest:
             records.append(
                 new_record(
