@@ -588,7 +588,15 @@ def run_idle(
         "late": sum(r["late"] for r in results),
         "lost": sum(r["lost"] for r in results),
         "errors": sum(r["errors"] for r in results) + sum(r["crashed"] for r in results),
+        "setup_errors": sum(r["setup_errors"] for r in results),
+        "setup_failed": sum(r["setup_failed"] for r in results),
     }
+    last = [r["setup_error"] for r in results if r["setup_error"]]
+    if row["setup_errors"]:
+        report.note(
+            f"idle/{store}/{hb:g}s: {row['setup_errors']} session setups refused and retried, "
+            f"{row['setup_failed']} given up; last refusal: {last[-1] if last else '?'}"
+        )
     report.idle.append(row)
     log(
         f"idle/{store}/{hb:g}s: RSS {row['rss_mib']:.0f} MiB "
@@ -864,10 +872,13 @@ def summarise_profile(text: str) -> dict[str, Any]:
         threads[kind] += c
     if not total:
         return {"samples": 0, "self": [], "inclusive": [], "threads": []}
+    top = self_counts.most_common(15)
+    wanted = [name for name, _ in incl_counts.most_common(40)]
+    wanted += [name for name, _ in top if name not in wanted]
     return {
         "samples": total,
-        "self": [(name, c / total) for name, c in self_counts.most_common(15)],
-        "inclusive": [(name, c / total) for name, c in incl_counts.most_common(40)],
+        "self": [(name, c / total) for name, c in top],
+        "inclusive": [(name, incl_counts[name] / total) for name in wanted],
         "threads": [(name, c / total) for name, c in threads.most_common()],
     }
 
@@ -1160,7 +1171,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--idle-heartbeat",
         type=csv_floats,
         default=None,
-        help="heartbeat periods to run the idle sessions at (20 s is the default heartbeat_s)",
+        help="heartbeat periods to run the idle sessions at, e.g. 20,5 (default 20: the "
+        "default heartbeat_s; 5 in --quick)",
     )
     p.add_argument(
         "--idle-window",
@@ -1197,12 +1209,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "seconds": 2.0 if q else 3.0,
         "warmup": 0.5 if q else 1.0,
         "idle_sessions": 2000 if q else 10000,
-        "idle_heartbeat": [5.0] if q else [20.0, 5.0],
+        "idle_heartbeat": [5.0] if q else [20.0],
         "storm_n": [200, 1000] if q else [500, 2000, 10000],
         "storm_budget": 60.0 if q else 150.0,
         "profile_seconds": 4 if q else 8,
         "quiet_wait": 5.0 if q else 20.0,
-        "quiet_budget": 30.0 if q else 90.0,
+        "quiet_budget": 30.0 if q else 60.0,
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -1222,6 +1234,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.server_tree:
         tree = Path(args.server_tree).resolve()
         facts["server code"] = f"{tree}, digest {targets.use_tree(tree)}"
+        if "def digest_token" not in (tree / "metering_server/auth/credentials.py").read_text():
+            targets.PRODUCTION_FORM = "scrypt"  # code from before the fast token digest
     else:
         tree = targets.snapshot_tree(ROOT, tmp / "server-code")
         facts["server code"] = (

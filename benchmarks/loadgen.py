@@ -420,7 +420,8 @@ async def _idle(pipe, control: Control, job: dict) -> dict:
     tasks: list[asyncio.Task] = []
     done_at = array("d")
     lat = array("d")
-    stats = {"sent": 0, "late": 0, "lost": 0, "errors": 0}
+    stats: dict[str, Any] = {"sent": 0, "late": 0, "lost": 0, "errors": 0}
+    stats.update(setup_errors=0, setup_failed=0, setup_error="")
 
     async def beat(c: Conn, lease: str) -> None:
         frame = HEARTBEAT % (7, lease.encode())
@@ -443,7 +444,17 @@ async def _idle(pipe, control: Control, job: dict) -> dict:
                 next_t += hb
 
     async def start(n: int) -> None:
-        c, lease = await _ndjson_open(t, n, True)
+        for attempt in range(5):  # a retryable refusal (overloaded, internal) is retried
+            try:
+                c, lease = await _ndjson_open(t, n, True)
+                break
+            except (RuntimeError, ConnectionError, OSError, TimeoutError) as exc:
+                stats["setup_errors"] += 1
+                stats["setup_error"] = str(exc)[:200]
+                await asyncio.sleep(0.5 * (attempt + 1))
+        else:
+            stats["setup_failed"] += 1
+            return
         opened.append((c, lease))
         tasks.append(asyncio.create_task(beat(c, lease)))  # from its grant on, as an agent
 

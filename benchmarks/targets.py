@@ -30,6 +30,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from metering_server.auth.credentials import hash_token  # noqa: E402
+
+try:
+    from metering_server.auth.credentials import digest_token
+except ImportError:  # older code: scrypt is what add-principal wrote
+    digest_token = None  # type: ignore[assignment]
+# The form server B's credentials take; bench.py sets "scrypt" for a baseline tree.
+PRODUCTION_FORM = "sha256" if digest_token is not None else "scrypt"
 from tests.support import Daemon, server_config, server_daemon, write_toml  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -136,6 +143,10 @@ def cheap_hash(token: str) -> str:
 
 
 def production_hash(token: str) -> str:
+    """What `add-principal` stores: the keyed SHA-256 digest since the performance work, the
+    scrypt hash before it (a `--server-tree` of older code gets the form it verifies)."""
+    if PRODUCTION_FORM == "sha256":
+        return digest_token(token)
     return hash_token(token)
 
 
