@@ -290,6 +290,7 @@ class MeteringServer:
         if self.http is not None:
             await self.http.close()
         await self.seats.close()
+        await self.authenticator.close()
         self.authenticator.seclog.flush(final=True)
         await self.store.close()
         log.info("server_stopped")

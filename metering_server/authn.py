@@ -22,10 +22,13 @@ import structlog
 from metering_protocol.errors import AuthFailed, LockedOut
 from metering_protocol.timefmt import rfc3339
 from metering_protocol.unixsock import user_name
+from metering_runtime.tasks import TaskOwner
 from metering_server.auth.credentials import Credentials, CredentialsError
 from metering_server.auth.lockout import LockoutPolicy, LockoutSettings
 from metering_server.seclog import SecurityLog
 from metering_server.store.base import LeaseStore
+
+UPGRADE_SAVE_DELAY_S = 1.0
 
 log = structlog.get_logger("metering.security")
 
@@ -80,6 +83,9 @@ class Authenticator:
         self.seclog = SecurityLog(self._emit, security_log_window_s, clock)
         # Told each refusal: "auth_failed" or "locked_out" (metrics).
         self.observers: list[Callable[[str], None]] = []
+        self._upgraded: list[str] = []  # principals upgraded since the last write
+        self._saving = False
+        self._tasks = TaskOwner("authn")
 
     def _refused(self, outcome: str) -> None:
         for observe in self.observers:
@@ -162,17 +168,40 @@ class Authenticator:
 
     async def _upgrade(self, credentials: Credentials, user: str, token: str) -> None:
         """Store the just-verified token's fast digest instead of its scrypt hash: in memory
-        at once, and in the credentials file when the server may write it."""
-        upgraded = credentials.upgraded(user, token)
-        if self.credentials is credentials:  # not replaced by a reload meanwhile
-            self.credentials = upgraded
-        if upgraded.source is None:
-            return
+        at once, and in the credentials file when the server may write it — one write for
+        all the upgrades of a burst (a whole site reconnecting after an upgrade would
+        otherwise rewrite a file of N principals N times)."""
+        credentials.upgrade(user, token)
+        self._upgraded.append(user)
+        if self.credentials.source is not None and not self._saving:
+            self._saving = True
+            self._tasks.spawn(self._save_upgrades(), "save-upgraded-hashes")
+
+    async def close(self) -> None:
+        """Server stop: upgrades not yet written are written now."""
+        await self._tasks.cancel_all()
+        self._saving = False
+        if self._upgraded and self.credentials.source is not None:
+            self._upgraded = []
+            try:
+                await asyncio.to_thread(self.credentials.save)
+            except CredentialsError as exc:
+                log.warning("token_hash_upgrade_not_saved", error=str(exc))
+
+    async def _save_upgrades(self) -> None:
         try:
-            await asyncio.to_thread(upgraded.save)
-            log.info("token_hash_upgraded", principal=user)
+            await asyncio.sleep(UPGRADE_SAVE_DELAY_S)  # gather the burst into one write
+            principals, self._upgraded = self._upgraded, []
+            credentials = self.credentials
+            await asyncio.to_thread(credentials.save)
+            log.info("token_hashes_upgraded", principals=len(principals))
         except CredentialsError as exc:
-            log.warning("token_hash_upgrade_not_saved", principal=user, error=str(exc))
+            log.warning("token_hash_upgrade_not_saved", error=str(exc))
+        finally:
+            self._saving = False
+            if self._upgraded:  # upgrades that came in while this write ran
+                self._saving = True
+                self._tasks.spawn(self._save_upgrades(), "save-upgraded-hashes")
 
     async def locks(self) -> list[dict[str, Any]]:
         """Locks in force now, as `metering-admin lockouts` lists them."""

@@ -195,8 +195,8 @@ def test_a_legacy_scrypt_hash_verifies_and_is_upgraded_on_first_use(tmp_path, sc
     creds = Credentials.load(path)
     assert creds.needs_upgrade("old") and not creds.needs_upgrade("nobody")
     assert creds.authenticate("old", "old-token") is not None
-    upgraded = creds.upgraded("old", "old-token")
-    upgraded.save()
+    creds.upgrade("old", "old-token")
+    creds.save()
     again = Credentials.load(path)
     assert again.get("old").token_hash.startswith("sha256$") and not again.needs_upgrade("old")
     assert again.authenticate("old", "old-token") is not None
