@@ -329,6 +329,7 @@ class MeteringServer:
         async with self._reload_lock:
             if self.config.path is None:
                 raise ReloadFailed("this server was started without a config file")
+            await self.authenticator.flush_upgrades()
             try:
                 new = load_server_config(self.config.path)
                 check_servers_version(new, self.config)

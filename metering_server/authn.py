@@ -85,6 +85,7 @@ class Authenticator:
         self.observers: list[Callable[[str], None]] = []
         self._upgraded: list[str] = []  # principals upgraded since the last write
         self._saving = False
+        self._save_lock = asyncio.Lock()
         self._tasks = TaskOwner("authn")
 
     def _refused(self, outcome: str) -> None:
@@ -181,20 +182,27 @@ class Authenticator:
         """Server stop: upgrades not yet written are written now."""
         await self._tasks.cancel_all()
         self._saving = False
-        if self._upgraded and self.credentials.source is not None:
-            self._upgraded = []
-            try:
-                await asyncio.to_thread(self.credentials.save)
-            except CredentialsError as exc:
-                log.warning("token_hash_upgrade_not_saved", error=str(exc))
+        await self.flush_upgrades()
+
+    async def flush_upgrades(self) -> None:
+        """Write the upgrades not yet written (before a reload reads the file again, so that
+        an upgraded hash does not look like a changed credential)."""
+        async with self._save_lock:  # also waits for a write already under way
+            if self._upgraded and self.credentials.source is not None:
+                self._upgraded = []
+                try:
+                    await asyncio.to_thread(self.credentials.save)
+                except CredentialsError as exc:
+                    log.warning("token_hash_upgrade_not_saved", error=str(exc))
 
     async def _save_upgrades(self) -> None:
         try:
             await asyncio.sleep(UPGRADE_SAVE_DELAY_S)  # gather the burst into one write
-            principals, self._upgraded = self._upgraded, []
-            credentials = self.credentials
-            await asyncio.to_thread(credentials.save)
-            log.info("token_hashes_upgraded", principals=len(principals))
+            async with self._save_lock:
+                principals, self._upgraded = self._upgraded, []
+                if principals:
+                    await asyncio.to_thread(self.credentials.save)
+                    log.info("token_hashes_upgraded", principals=len(principals))
         except CredentialsError as exc:
             log.warning("token_hash_upgrade_not_saved", error=str(exc))
         finally:
