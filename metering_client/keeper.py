@@ -46,6 +46,10 @@ log = structlog.get_logger("metering.client")
 
 # Errors after which the session is considered dead and the request is retried elsewhere.
 SESSION_FAULTS = (ConnectionLost, ProtocolViolation, ShuttingDown, Overloaded, Internal)
+# A heartbeat answered `overloaded` is tried again on the same server (after its
+# retry_after_s) this many times before the keeper moves: the server is alive, and a move
+# would cost a reclaim of every lease, more load on a store that is already saturated.
+OVERLOADED_BEATS_BEFORE_MOVING = 2
 
 
 class Session(Protocol):
@@ -171,6 +175,7 @@ class LeaseKeeper:
         self._failed_address: str | None = None
         self._dead_logged: Session | None = None
         self._gave_up = False  # after a full bounded attempt failed: one pass per backoff_max
+        self._overloaded_beats = 0  # heartbeats in a row answered `overloaded`
         self.failovers = 0
         self._last_note: asyncio.Task | None = None
         self._session_callbacks: list[Callable[[], None]] = []
@@ -464,8 +469,8 @@ class LeaseKeeper:
                         await self._wake.wait()
                 continue
             if now >= next_beat:
-                await self._beat(session)
-                next_beat = self.clock() + session.heartbeat_s
+                sooner = await self._beat(session)
+                next_beat = self.clock() + (sooner if sooner is not None else session.heartbeat_s)
             if self.clock() >= next_probe:
                 await self._move_back(session)
                 next_probe = self._next_probe_time(self.session)
@@ -496,19 +501,31 @@ class LeaseKeeper:
                 await self._wake.wait()
         return False
 
-    async def _beat(self, session: Session) -> None:
+    async def _beat(self, session: Session) -> float | None:
+        """One heartbeat (a ping when nothing is held); returns how soon to beat again when
+        that is sooner than heartbeat_s (a busy server asked us to retry)."""
         leases = [h.lease for h in self.held.values()]
         try:
             if not leases:
                 await session.request("ping", timeout=self.request_timeout)
-                return
+                return None
             reply = await session.request("heartbeat", timeout=self.request_timeout, leases=leases)
+        except Overloaded as exc:
+            if self._overloaded_beats < OVERLOADED_BEATS_BEFORE_MOVING:
+                self._overloaded_beats += 1
+                retry_in = min(exc.retry_after_s or 1.0, session.heartbeat_s)
+                log.warning("heartbeat_overloaded", error=exc.message, retry_in_s=retry_in)
+                return retry_in
+            self._overloaded_beats = 0
+            self.session_failed(session, f"heartbeat: {exc}")
+            return None
         except SESSION_FAULTS as exc:
             self.session_failed(session, f"heartbeat: {exc}")
-            return
+            return None
         except MeteringError as exc:
             log.error("heartbeat_refused", error=str(exc))
-            return
+            return None
+        self._overloaded_beats = 0
         revoked = set(reply.get("revoked") or ())
         for held in [h for h in self.held.values() if h.lease in revoked]:
             # An admin took it back (through whichever server): never replaced behind the
@@ -521,7 +538,8 @@ class LeaseKeeper:
                 await self._reclaim(session, held)
             except SESSION_FAULTS as exc:
                 self.session_failed(session, f"reclaim: {exc}")
-                return
+                return None
+        return None
 
     async def _move_back(self, session: Session | None) -> None:
         if session is None or session.dead:

@@ -68,8 +68,16 @@ class Status(Request, frozen=True, kw_only=True):
     pass
 
 
+# `leases` is paged so that a reply always fits a frame (see handlers.op_leases): `limit` is at
+# most this many leases (the server may return fewer), `after` a lease id cursor.
+DEFAULT_LEASES_PAGE = 200
+MAX_LEASES_PAGE = 1000
+
+
 class Leases(Request, frozen=True, kw_only=True):
     product: Name | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_LEASES_PAGE)] | None = None
+    after: LeaseId | None = None  # the previous reply's `next`: leases whose id sorts after it
 
 
 class Revoke(Request, frozen=True, kw_only=True):

@@ -10,6 +10,7 @@ import logging
 import sys
 from typing import TextIO
 
+import msgspec
 import structlog
 
 _LEVELS = {
@@ -22,12 +23,23 @@ _LEVELS = {
 
 
 def configure_logging(fmt: str = "json", level: str = "info", stream: TextIO | None = None) -> None:
+    """Once per process, at start.  Loggers are cached on first use: a daemon logs a line
+    per grant and release, and the JSON path is kept lean for that (msgspec encodes
+    straight to bytes; structlog's default, the json module plus a str round trip, cost
+    twice as much per line)."""
     stream = stream if stream is not None else sys.stderr
     renderer: structlog.typing.Processor
+    factory: structlog.typing.WrappedLogger
+    binary = getattr(stream, "buffer", None)
     if fmt == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
-    else:
+        factory = structlog.PrintLoggerFactory(file=stream)
+    elif binary is not None:
+        renderer = structlog.processors.JSONRenderer(serializer=_encode_json)
+        factory = structlog.BytesLoggerFactory(file=binary)
+    else:  # a text-only stream (a test's StringIO)
         renderer = structlog.processors.JSONRenderer()
+        factory = structlog.PrintLoggerFactory(file=stream)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -37,6 +49,13 @@ def configure_logging(fmt: str = "json", level: str = "info", stream: TextIO | N
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
-        cache_logger_on_first_use=False,
+        logger_factory=factory,
+        cache_logger_on_first_use=True,
     )
+
+
+_json = msgspec.json.Encoder(enc_hook=str)  # anything without a JSON form is logged as str()
+
+
+def _encode_json(event: dict, **_: object) -> bytes:
+    return _json.encode(event)

@@ -33,6 +33,7 @@ from metering_protocol.errors import (
     ConnectionLost,
     LeaseNotFound,
     MeteringError,
+    ProtocolViolation,
     UnknownError,
 )
 from metering_protocol.framing import DEFAULT_MAX_FRAME_BYTES
@@ -366,13 +367,40 @@ async def _call(
     op: str,
     *,
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    pages_of: str | None = None,
     **fields: Any,
 ) -> dict[str, Any]:
+    """One request on a new session; with `pages_of`, a paged op (`leases`): follow `next`
+    on the same session and return the first reply with every page's `pages_of` list."""
     client = await _session(args, max_frame_bytes)
     try:
+        if pages_of is not None:
+            return await _all_pages(client, args.timeout, op, pages_of, **fields)
         return await client.request(op, timeout=args.timeout, **fields)
     finally:
         await client.close()
+
+
+async def _all_pages(
+    client: ProtocolClient, timeout: float, op: str, key: str, **fields: Any
+) -> dict[str, Any]:
+    """Page after page until `next` is null or absent (a server from before paging)."""
+    first: dict[str, Any] | None = None
+    items: list[Any] = []
+    after: str | None = None
+    while True:
+        page = {**fields, "after": after} if after is not None else fields
+        reply = await client.request(op, timeout=timeout, **page)
+        first = first or reply
+        items.extend(reply.get(key) or [])
+        cursor = reply.get("next")
+        if cursor is None:
+            return {**{k: v for k, v in first.items() if k != "next"}, key: items}
+        if not isinstance(cursor, str) or cursor == after:
+            raise ProtocolViolation(
+                f"{client.address}: {op}: `next` does not advance ({cursor!r:.40})"
+            )
+        after = cursor
 
 
 def _describe(exc: MeteringError) -> str:
@@ -406,11 +434,14 @@ async def cmd_status(args: argparse.Namespace) -> int:
 
 async def cmd_leases(args: argparse.Namespace) -> int:
     fields = {"product": args.product} if args.product else {}
-    reply = await _call(args, "leases", **fields)
+    # The reply is paged (`next`, docs/protocol.md): every page, on one session.
+    reply = await _call(args, "leases", pages_of="leases", **fields)
+    leases = reply.get("leases") or []
+    # The server pages by lease id; listed oldest grant first, as before paging.
+    leases.sort(key=lambda x: (str(x.get("granted_at")), str(x.get("lease"))))
     if args.json:
         _emit_json(_reply_data(reply))
         return 0
-    leases = reply.get("leases") or []
     if not leases:
         print("no leases" + (f" of {args.product}" if args.product else ""))
         return 0

@@ -21,7 +21,7 @@ from metering_protocol.errors import (
     UnknownProduct,
     UnsupportedProtocol,
 )
-from metering_protocol.framing import encode
+from metering_protocol.framing import DEFAULT_MAX_FRAME_BYTES, encode
 from metering_protocol.timefmt import rfc3339
 from metering_server import usage
 from metering_server.authn import Authenticator
@@ -39,6 +39,11 @@ MAX_RUN_S = 366 * 86400.0
 # A report reply must fit a connection's write buffer (`max_write_buffer_bytes`, 1 MiB by
 # default) with room to spare: past this it is refused with a hint to narrow it.
 MAX_REPORT_BYTES = 768 * 1024
+# A `leases` page must fit the protocol's default frame (64 KiB, what every client accepts
+# unless configured otherwise): the encoded lease views of one page add up to at most this,
+# leaving room for the rest of the reply (`id`, `ok` and a `next` cursor of up to 128
+# characters, 768 bytes even if every one is escaped).
+MAX_LEASES_PAGE_BYTES = DEFAULT_MAX_FRAME_BYTES - 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,8 +198,24 @@ class Handlers:
             raise Forbidden("this op needs the admin role")
 
     async def op_leases(self, session: Session, req: m.Leases) -> dict[str, Any]:
+        """One page of the live leases, by lease id: at most `limit` (default
+        `DEFAULT_LEASES_PAGE`) and at most `MAX_LEASES_PAGE_BYTES` of lease views, always at
+        least one lease when any is left. `next` is the last id listed while more are left
+        (the request's `after` for the next page), else null."""
         self._admin(session)
-        return {"leases": [lease_view(r) for r in await self.seats.leases(req.product)]}
+        limit = req.limit or m.DEFAULT_LEASES_PAGE
+        # One more than the page holds: tells whether another page follows.
+        records = await self.seats.leases(req.product, after=req.after, limit=limit + 1)
+        views: list[dict[str, Any]] = []
+        size = 0
+        for rec in records[:limit]:
+            view = lease_view(rec)
+            size += len(encode(view))  # its newline stands for the comma between views
+            if views and size > MAX_LEASES_PAGE_BYTES:
+                break
+            views.append(view)
+        more = len(views) < len(records)
+        return {"leases": views, "next": views[-1]["lease"] if more else None}
 
     async def op_revoke(self, session: Session, req: m.Revoke) -> dict[str, Any]:
         self._admin(session)

@@ -390,8 +390,11 @@ class SeatService:
             PoolStatus(p, in_use.get(p.key, 0), queued.get(p.key, 0)) for p in self.catalogue.pools
         ]
 
-    async def leases(self, product: str | None = None) -> list[LeaseRecord]:
-        return await self.store.leases(self.clock(), product)
+    async def leases(
+        self, product: str | None = None, *, after: str | None = None, limit: int | None = None
+    ) -> list[LeaseRecord]:
+        """Live leases across the site; paged by lease id when `after` or `limit` is given."""
+        return await self.store.leases(self.clock(), product, after=after, limit=limit)
 
     # --- lifecycle ------------------------------------------------------------------------------
     def holder_gone(self, holder: Holder) -> None:

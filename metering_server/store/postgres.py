@@ -18,13 +18,16 @@ Locks (docs/architecture.md, "PostgreSQL: transactions and locks"):
   one statement, in lease order, so two calls never wait for each other in a cycle.
 - lockout counters: advisory locks on the keys, taken in key order, around read-count-write.
 
-Connection faults while serving become `metering_protocol.errors.Internal` (retryable),
-never asyncpg exceptions; the pool replaces dead connections by itself, so the first call
-after the database is back works.  At open, a database that does not answer is retried with
-capped exponential backoff (one `store_unavailable` line per attempt) for up to
-`start_timeout_s` (0: for ever), then `StoreUnavailable`.  The password comes from
-`password_file`, read for each new connection (so it can be rotated), never from the URL,
-and is never logged.
+Calls wait for one of the pool's connections in a line of the store's own (`_Admission`:
+first come, first served, renewals first, bounded).  What the store cannot take in time — no
+connection within `acquire_timeout_s`, a full line, a statement past `query_timeout_s` — is
+`StoreBusy` (`overloaded`, retryable); a database that does not answer is `StoreUnreachable`
+(`internal`, retryable) — never asyncpg exceptions.  The pool replaces dead connections by
+itself, so the first call after the database is back works.  At open, a database that does
+not answer is retried with capped exponential backoff (one `store_unavailable` line per
+attempt) for up to `start_timeout_s` (0: for ever), then `StoreUnavailable`.  The password
+comes from `password_file`, read for each new connection (so it can be rotated), never from
+the URL, and is never logged.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import contextlib
 import random
 import secrets
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -64,12 +68,15 @@ from .base import (
     LeaseStore,
     Notice,
     RenewOutcome,
+    StoreBusy,
     StoreUnavailable,
+    StoreUnreachable,
     StoreUnusable,
     Ticket,
     UsageOutcome,
     UsageRecord,
     WaitEntry,
+    new_lease_id,
 )
 from .migrations_pg import lock_key, migrate
 
@@ -108,6 +115,18 @@ _MISCONFIGURED = (
     asyncpg.ClientConfigurationError,
 )
 # InterfaceErrors that are our mistakes, not a lost connection.
+# The database is there but cannot take the work now: a statement cancelled by a server-side
+# `statement_timeout`, a lock wait past `lock_timeout`, no connection slot left on the
+# database.  (A statement past `query_timeout_s`, asyncpg's command timeout, is a TimeoutError
+# on a connection already acquired: see `_run`.)  `StoreBusy`, checked before `_UNREACHABLE`,
+# which holds their base classes.
+_BUSY = (
+    asyncpg.exceptions.QueryCanceledError,
+    asyncpg.exceptions.LockNotAvailableError,
+    asyncpg.exceptions.TooManyConnectionsError,
+)
+# At most one `store_busy` line per this many seconds (with the count of calls refused).
+_BUSY_LOG_EVERY_S = 10.0
 _NOT_A_FAULT_OF_THE_DATABASE = (
     asyncpg.ClientConfigurationError,
     asyncpg.exceptions.DataError,
@@ -117,10 +136,6 @@ _NOT_A_FAULT_OF_THE_DATABASE = (
 
 def _record(row: Any) -> LeaseRecord:
     return LeaseRecord(*row[:12], overuse=bool(row[12]))
-
-
-def new_lease_id() -> str:
-    return "L" + secrets.token_hex(12)
 
 
 def redact(url: str) -> str:
@@ -145,6 +160,65 @@ def _pool_lock(key: tuple[str, str]) -> int:
     return lock_key("pool", *key)
 
 
+class _LineFull(Exception):
+    """As many calls as `max_queued` already wait for a connection."""
+
+
+class _Admission:
+    """The line for the pool's connections: `slots` calls hold one at a time; the others wait
+    first come, first served, urgent calls (renewals) ahead of every other, at most
+    `max_queued` of them (urgent calls count only each other: a heartbeat keeps a seat that is
+    held, so it is never refused for the sake of new work).
+
+    asyncpg's own pool queue hands a released connection to whoever asks first while the
+    oldest waiter is still being woken, so under load some calls waited out their whole
+    timeout while newer ones came and went, and a heartbeat waited behind every checkout
+    queued before it, its lease's TTL running all the while.  Here a freed slot goes to the
+    oldest urgent waiter, else the oldest other, and the pool itself never queues a call."""
+
+    def __init__(self, slots: int, max_queued: int):
+        self.free = slots
+        self.max_queued = max_queued
+        self._lines: tuple[deque[asyncio.Future], deque[asyncio.Future]] = (deque(), deque())
+
+    @property
+    def queued(self) -> int:
+        return sum(1 for line in self._lines for fut in line if not fut.done())
+
+    async def enter(self, urgent: bool, timeout: float | None) -> None:
+        """Take a slot (give it back with `leave`), waiting up to `timeout` seconds for one:
+        TimeoutError after that, `_LineFull` at once when too many wait already."""
+        if self.free > 0 and not self.queued:
+            self.free -= 1
+            return
+        line = self._lines[0] if urgent else self._lines[1]
+        waiting = len(line) if urgent else len(self._lines[0]) + len(line)
+        if waiting >= self.max_queued:
+            raise _LineFull
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        line.append(fut)
+        try:
+            async with asyncio.timeout(timeout):
+                await fut
+        except BaseException:  # timed out or cancelled
+            if fut.done() and not fut.cancelled():
+                self.leave()  # a slot was handed over just as the call gave up: pass it on
+            else:
+                fut.cancel()
+                with contextlib.suppress(ValueError):
+                    line.remove(fut)
+            raise
+
+    def leave(self) -> None:
+        for line in self._lines:
+            while line:
+                fut = line.popleft()
+                if not fut.done():
+                    fut.set_result(None)  # the slot passes straight to the next in line
+                    return
+        self.free += 1
+
+
 class PostgresStore(LeaseStore):
     def __init__(
         self,
@@ -156,6 +230,8 @@ class PostgresStore(LeaseStore):
         connect_timeout_s: float = 5.0,
         start_timeout_s: float = 300.0,
         query_timeout_s: float = 30.0,
+        acquire_timeout_s: float | None = None,
+        max_queued: int | None = None,
         retry_base_s: float = 0.5,
         retry_max_s: float = 30.0,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
@@ -171,6 +247,13 @@ class PostgresStore(LeaseStore):
         self.connect_timeout_s = connect_timeout_s
         self.start_timeout_s = start_timeout_s
         self.query_timeout_s = query_timeout_s
+        # How long a call waits for one of the pool's connections (as long as a statement may
+        # take, unless told), and how many calls may wait at once (of renewals, and of all).
+        self.acquire_timeout_s = query_timeout_s if acquire_timeout_s is None else acquire_timeout_s
+        self.max_queued = 100 * self.pool_max if max_queued is None else max(max_queued, 0)
+        self._line = _Admission(self.pool_max, self.max_queued)
+        self._shed = 0  # calls answered `StoreBusy` since the last `store_busy` line
+        self._busy_logged_at = float("-inf")
         self.retry_base_s = retry_base_s
         self.retry_max_s = retry_max_s
         self._sleep = sleep
@@ -305,14 +388,31 @@ class PostgresStore(LeaseStore):
             pool.terminate()
 
     # --- plumbing ------------------------------------------------------------------------------
+    @property
+    def queued_calls(self) -> int:
+        """Calls waiting for one of the pool's connections right now."""
+        return self._line.queued
+
     async def _run(
-        self, op: str, fn: Callable[[asyncpg.Connection], Awaitable[T]], *, write: bool = True
+        self,
+        op: str,
+        fn: Callable[[asyncpg.Connection], Awaitable[T]],
+        *,
+        write: bool = True,
+        urgent: bool = False,
     ) -> T:
         """Run `fn` on a pooled connection, in a READ COMMITTED transaction when `write`.
 
-        Reruns it when PostgreSQL rolled it back for a deadlock or a serialisation failure, and
-        once when a pooled connection turns out dead before anything was sent on it (a reader
-        also when it died mid-way).  Any other database fault is `Internal`.
+        The call first waits its turn for one of the `pool_max` connections (`_Admission`:
+        first come, first served, `urgent` calls — renewals — before the others).  What the
+        store cannot take in time is `StoreBusy` (`overloaded`, nothing changed): no
+        connection within `acquire_timeout_s`, `max_queued` calls already waiting, a statement
+        past `query_timeout_s` or a server-side statement/lock timeout, no connection slot
+        left on the database.  A database that does not answer is `StoreUnreachable`, as is a
+        COMMIT whose outcome was lost.  Reruns `fn` when PostgreSQL rolled it back for a
+        deadlock or a serialisation failure, and once when a pooled connection turns out dead
+        before anything was sent on it (a reader also when it died mid-way).  Any other
+        database fault is `Internal`.
         """
         pool = self._pool
         if pool is None:
@@ -320,8 +420,24 @@ class PostgresStore(LeaseStore):
         tries = 0
         while True:
             tries += 1
-            acquired = sent = False
             try:
+                await self._line.enter(urgent, self.acquire_timeout_s)
+            except _LineFull:
+                raise self._busy(
+                    op,
+                    f"{self._line.queued} calls already wait for one of the "
+                    f"{self.pool_max} connections",
+                ) from None
+            except TimeoutError:
+                raise self._busy(
+                    op,
+                    f"no connection free within {self.acquire_timeout_s:g} s "
+                    f"({self.pool_max} in use)",
+                ) from None
+            acquired = sent = done = False
+            try:
+                # The line lets at most `pool_max` calls here: the pool only ever waits to
+                # (re)connect, and a timeout there is a database that does not answer.
                 async with pool.acquire(timeout=self.query_timeout_s) as conn:
                     acquired = True
                     if write:
@@ -329,6 +445,7 @@ class PostgresStore(LeaseStore):
                         async with conn.transaction(isolation="read_committed"):
                             sent = True  # BEGIN went through: from here a rerun is not safe
                             result = await fn(conn)
+                            done = True  # only COMMIT is left: a fault now loses its outcome
                         if self.on_commit is not None:
                             self.on_commit(time.perf_counter() - started)
                     else:
@@ -343,23 +460,50 @@ class PostgresStore(LeaseStore):
                 if tries < 3:
                     continue
                 raise self._fault(op, exc) from None
+            except (*_BUSY, TimeoutError) as exc:
+                if done or (isinstance(exc, TimeoutError) and not acquired):
+                    raise self._fault(op, exc) from None  # COMMIT lost, or connecting timed out
+                raise self._busy(
+                    op, f"the database did not finish in time ({describe(exc)})"
+                ) from None
             except _UNREACHABLE as exc:
                 if tries < 2 and acquired and not (write and sent):
                     continue  # a stale pooled connection: nothing reached the database
                 raise self._fault(op, exc) from None
             except asyncpg.PostgresError as exc:
                 raise self._fault(op, exc) from None
+            finally:
+                self._line.leave()
             if self._lost:
                 self._lost = False
                 log.info("store_recovered", store=self.where)
             return result
+
+    def _busy(self, op: str, why: str) -> StoreBusy:
+        """The store could not take this call now: `overloaded` for the client; for the
+        operator one `store_busy` line per `_BUSY_LOG_EVERY_S`, counting the calls refused."""
+        self._shed += 1
+        now = time.monotonic()
+        if now - self._busy_logged_at >= _BUSY_LOG_EVERY_S:
+            log.warning(
+                "store_busy",
+                store=self.where,
+                op=op,
+                error=why,
+                refused=self._shed,
+                queued=self._line.queued,
+                pool_max=self.pool_max,
+            )
+            self._shed = 0
+            self._busy_logged_at = now
+        return StoreBusy(f"store busy: {op}: {why}")
 
     def _fault(self, op: str, exc: BaseException) -> Internal:
         if isinstance(exc, _UNREACHABLE) and not isinstance(exc, _NOT_A_FAULT_OF_THE_DATABASE):
             if not self._lost:  # one line per outage, not one per request
                 self._lost = True
                 log.warning("store_lost", store=self.where, op=op, error=describe(exc))
-            return Internal(
+            return StoreUnreachable(
                 f"store unavailable: {op}: the database did not answer ({describe(exc)})"
             )
         log.error("store_error", store=self.where, op=op, error=describe(exc))
@@ -562,7 +706,9 @@ class PostgresStore(LeaseStore):
                 revoked = [x for x in lost if x in gone]
             return RenewOutcome(renewed, lost, revoked)
 
-        return await self._run("renew", renew)
+        # Urgent: a heartbeat keeps a held seat and must not wait behind new work while its
+        # lease's TTL runs (the sweep would then expire a lease whose holder renewed on time).
+        return await self._run("renew", renew, urgent=True)
 
     async def release(
         self, lease: str, principal: str, client: str, now: float
@@ -642,19 +788,32 @@ class PostgresStore(LeaseStore):
 
         return await self._run("expire", expire)
 
-    async def leases(self, now: float, product: str | None = None) -> list[LeaseRecord]:
+    async def leases(
+        self,
+        now: float,
+        product: str | None = None,
+        *,
+        after: str | None = None,
+        limit: int | None = None,
+    ) -> list[LeaseRecord]:
+        sql = f"SELECT {_COLUMNS} FROM leases WHERE {_LIVE}"
+        args: list[Any] = [now]
+        if product is not None:
+            args.append(product)
+            sql += f" AND upper(product) = upper(${len(args)})"
+        if after is None and limit is None:
+            sql += " ORDER BY granted_at, lease"
+        else:  # paged: by lease id in code-point order, whatever the database's collation
+            if after is not None:
+                args.append(after)
+                sql += f' AND lease COLLATE "C" > ${len(args)}'
+            sql += ' ORDER BY lease COLLATE "C"'
+            if limit is not None:
+                args.append(limit)
+                sql += f" LIMIT ${len(args)}"
+
         async def select(db: asyncpg.Connection) -> list[LeaseRecord]:
-            if product is None:
-                rows = await db.fetch(
-                    f"SELECT {_COLUMNS} FROM leases WHERE {_LIVE} ORDER BY granted_at, lease", now
-                )
-            else:
-                rows = await db.fetch(
-                    f"SELECT {_COLUMNS} FROM leases WHERE {_LIVE} "
-                    "AND upper(product) = upper($2) ORDER BY granted_at, lease",
-                    now,
-                    product,
-                )
+            rows = await db.fetch(sql, *args)
             return [rec for rec in map(_record, rows) if is_live(rec.expires_at, now)]
 
         return await self._run("leases", select, write=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import sqlite3
 
 import pytest
 
@@ -45,3 +46,24 @@ async def test_a_failing_write_in_a_batch_rolls_back_alone(tmp_path):
         assert isinstance(results[1], LeaseNotFound)
         assert results[0].granted and results[2].granted
         assert (await store.in_use(T0))[BIG.key] == 3  # mine is still held
+
+
+async def test_a_write_lock_held_elsewhere_is_waited_for_off_the_loop(tmp_path):
+    """Statements run on the loop's thread, but a BEGIN that must wait for another
+    process's write lock waits on the store's thread: the loop goes on meanwhile."""
+    path = tmp_path / "g.db"
+    async with opened(SQLiteStore(path)) as store:
+        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")  # another server holds the write lock
+        try:
+            grant = asyncio.ensure_future(store.grant(req(BIG)))
+            ticks = 0
+            while ticks < 20:  # the loop keeps turning while the grant waits
+                await asyncio.sleep(0.01)
+                ticks += 1
+                assert not grant.done()
+        finally:
+            other.execute("COMMIT")
+            other.close()
+        assert (await asyncio.wait_for(grant, 10)).granted
+        assert (await store.in_use(T0))[BIG.key] == 1

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -105,3 +107,27 @@ def test_unusable_client_state_dir_is_one_line_exit_78(tmp_path):
     )
     assert proc.returncode == 78, proc.stderr
     assert proc.stderr.count("\n") == 1 and "/dev/null" in proc.stderr
+
+
+@pytest.mark.asyncio
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
+async def test_tcp_listener_queues_a_failover_storm_of_connections():
+    """A listen backlog of asyncio's default 100 drops the SYNs of agents reconnecting all
+    at once (each retried 1, 3, 7, 15 s later); ours is BACKLOG, capped by somaxconn."""
+    from metering_runtime.listeners import BACKLOG
+
+    async def handler(reader, writer):
+        writer.close()
+
+    listener = await bind(parse_address("tcp://127.0.0.1:0"), handler)
+    try:
+        port = listener.bound.port
+        ss = await asyncio.create_subprocess_exec(
+            "ss", "-Hltn", f"sport = :{port}", stdout=asyncio.subprocess.PIPE
+        )
+        out = (await ss.communicate())[0].decode().split()
+        somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+        assert int(out[2]) == min(BACKLOG, somaxconn) >= 1024  # Send-Q of a listener: backlog
+    finally:
+        listener.close()
+        await listener.server.wait_closed()

@@ -8,6 +8,7 @@ import sqlite3
 
 import pytest
 
+from metering_server.licensing import Pool
 from metering_server.store.base import StoreUnusable
 from metering_server.store.sqlite import MIGRATIONS, SQLiteStore, _statements
 from tests.integration.test_store_contract import T0, req
@@ -60,3 +61,47 @@ async def test_a_database_newer_than_this_release_is_refused(tmp_path):
         db.execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'")
     with pytest.raises(StoreUnusable, match="newer than this release"):
         await SQLiteStore(path).open()
+
+
+async def test_a_version_3_database_gets_pool_counts_that_match_its_leases(tmp_path):
+    """Migration 4 counts the leases already there; the triggers keep the count after."""
+    path = tmp_path / "v3.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    for script in MIGRATIONS[:3]:
+        for statement in _statements(script):
+            db.execute(statement)
+    db.execute("INSERT INTO meta VALUES ('schema_version', '3')")
+    for n, expires in enumerate([T0 + 100, T0 + 100, T0 - 1]):  # the last one has expired
+        db.execute(
+            "INSERT INTO leases VALUES (?,'CLOCK.EXE','4.00','CLOCK.EXE','4.00','alice',"
+            "'alice','ws-1','srv-a',?,?,?,0,NULL)",
+            (f"Lold{n}", T0 - 10, T0 - 10, expires),
+        )
+    db.close()
+    clock = Pool("CLOCK.EXE", "4.00", 3, "enforce")
+    async with opened(SQLiteStore(path)) as store:
+        assert (await store.in_use(T0))[clock.key] == 2
+        granted = await store.grant(req(clock, now=T0))
+        assert granted.granted and granted.in_use == 3  # 3 rows less 1 expired, + this one
+        assert not (await store.grant(req(clock, ("bob", "ws-2"), now=T0))).granted  # full
+        await store.release("Lold0", "alice", "ws-1", T0)
+        again = await store.grant(req(clock, ("bob", "ws-2"), now=T0))
+        assert again.granted and again.in_use == 3
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT n FROM pool_rows").fetchall() == [(4,)]  # 4 rows stored
+        with pytest.raises(sqlite3.IntegrityError, match="never changes pool"):
+            db.execute("UPDATE leases SET pool_version = '5.00'")
+
+
+async def test_statements_keep_a_trigger_body_whole():
+    script = """
+    CREATE TABLE t (a);
+    CREATE TRIGGER t_add AFTER INSERT ON t BEGIN
+        UPDATE t SET a = 1; SELECT 1;
+    END;
+    CREATE INDEX t_a ON t (a);
+    """
+    parts = _statements(script)
+    assert len(parts) == 3
+    assert parts[1].startswith("CREATE TRIGGER") and parts[1].endswith("END;")

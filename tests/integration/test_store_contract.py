@@ -287,6 +287,71 @@ async def test_leases_and_in_use_filter_by_now_and_product(store):
     assert await store.leases(T0 + 2) == [a, b, c]
 
 
+BULK = Pool("BULK", "1", 100, "enforce")
+
+
+async def pages(store: LeaseStore, now: float, size: int, product: str | None = None):
+    """Walk the paged listing as `op_leases` does: the last id of a page is the next cursor;
+    a page shorter than `size` is the last."""
+    out: list[list[LeaseRecord]] = []
+    after = None
+    while True:
+        page = await store.leases(now, product, after=after, limit=size)
+        out.append(page)
+        if len(page) < size:
+            return out
+        after = page[-1].lease
+
+
+async def test_leases_paged_by_lease_id_with_a_cursor(store):
+    recs = [await granted(store, req(BULK, ("u", f"ws-{i}"), now=T0 + i)) for i in range(7)]
+    by_id = sorted(recs, key=lambda r: r.lease)  # code-point order, as Python sorts str
+    now = T0 + 7
+    assert await store.leases(now) == recs  # unpaged: oldest grant first, as before
+    assert await store.leases(now, limit=100) == by_id  # paged: by lease id
+    assert await store.leases(now, limit=3) == by_id[:3]
+    walked = await pages(store, now, 3)
+    assert [len(p) for p in walked] == [3, 3, 1]
+    assert [r for p in walked for r in p] == by_id  # each lease once, in order
+    # `after` alone: every lease whose id sorts after it, also a cursor no lease has (one
+    # released since the page that ended with it).
+    assert await store.leases(now, after=by_id[3].lease) == by_id[4:]
+    assert await store.leases(now, after=by_id[3].lease, limit=2) == by_id[4:6]
+    assert await store.leases(now, after=by_id[-1].lease) == []
+    assert await store.leases(now, after=by_id[-1].lease, limit=5) == []
+    gone = by_id[3]
+    assert await store.release(gone.lease, gone.principal, gone.client, now) == gone
+    assert await store.leases(now, after=by_id[3].lease, limit=2) == by_id[4:6]
+    assert await store.leases(now, after="") == by_id[:3] + by_id[4:]
+    # Page boundary on the last lease: a full page, then an empty one.
+    assert [len(p) for p in await pages(store, now, 3)] == [3, 3, 0]
+    # Expired leases are left out of pages too (filtered by `now`, not swept).
+    later = T0 + TTL + 2.5  # the first three grants are expired
+    live = sorted((r for r in recs[3:] if r != gone), key=lambda r: r.lease)
+    assert [r for p in await pages(store, later, 2) for r in p] == live
+
+
+async def test_leases_pages_of_one_product(store):
+    recs = []
+    for i in range(9):
+        if i % 3:
+            rec = await granted(store, req(BULK, ("u", f"ws-{i}"), now=T0 + i))
+        else:  # a third of them CAD, named in either case
+            product = "cad" if i % 2 else "CAD"
+            rec = await granted(store, req(METER, ("u", f"ws-{i}"), now=T0 + i, product=product))
+        recs.append(rec)
+    now = T0 + 9
+    cad = sorted((r for r in recs if r.product.upper() == "CAD"), key=lambda r: r.lease)
+    bulk = sorted((r for r in recs if r.product == "BULK"), key=lambda r: r.lease)
+    walked = await pages(store, now, 2, "Cad")
+    assert [len(p) for p in walked] == [2, 1]
+    assert [r for p in walked for r in p] == cad
+    assert [r for p in await pages(store, now, 4, "bulk") for r in p] == bulk
+    # The cursor of one product's page does not leak the other's leases.
+    assert all(r.product == "BULK" for r in await store.leases(now, "BULK", after=cad[0].lease))
+    assert await store.leases(now, "PAINT", limit=5) == []
+
+
 # --- several instances on one database -------------------------------------------------------
 async def test_two_instances_never_over_allocate(store_site):
     pool = Pool("RACE", "1", 3, "enforce")

@@ -23,6 +23,7 @@ from metering_runtime.exitcodes import (
 )
 from metering_server import admin_cli
 from metering_server import cli as server_cli
+from metering_server.store import base as _store_errors  # noqa: F401  (its refinements too)
 
 # The decision for every code, written out once more so a change to the table is deliberate.
 EXPECTED = {
@@ -64,10 +65,20 @@ def _all_error_classes() -> list[type[MeteringError]]:
             if sub not in found:
                 found.add(sub)
                 todo.append(sub)
-    return sorted(found, key=lambda c: c.code)
+    return sorted(found, key=lambda c: (c.code, c.__name__))
 
 
-ERROR_CLASSES = _all_error_classes()
+# A class that declares its own code is one the wire can carry; a subclass that keeps its
+# parent's code (a store's `StoreBusy` is `overloaded`) is a server-side refinement of it.
+ERROR_CLASSES = [c for c in _all_error_classes() if "code" in c.__dict__]
+REFINEMENTS = [c for c in _all_error_classes() if "code" not in c.__dict__]
+
+
+@pytest.mark.parametrize("cls", REFINEMENTS, ids=lambda c: c.__name__)
+def test_a_refinement_exits_and_travels_as_the_code_it_keeps(cls):
+    rebuilt = MeteringError.from_wire(cls("x", retry_after_s=3).to_wire())
+    assert rebuilt.code == cls.code and "code" in type(rebuilt).__dict__
+    assert exit_code(cls("x")) == exit_code(rebuilt) == EXPECTED[cls.code]
 
 
 @pytest.mark.parametrize("cls", ERROR_CLASSES, ids=lambda c: c.code)

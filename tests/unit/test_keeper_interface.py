@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from metering_client.config import build_client_config
-from metering_client.keeper import HeldLease, LeaseKeeper
+from metering_client.keeper import OVERLOADED_BEATS_BEFORE_MOVING, HeldLease, LeaseKeeper
 from metering_client.serverlist import ServerEntry
-from metering_protocol.errors import ConnectionLost, MeteringError
+from metering_protocol.errors import ConnectionLost, MeteringError, Overloaded
 
 CONFIG = build_client_config(
     {
@@ -255,4 +255,26 @@ async def test_events_and_status_use_the_narrow_interface():
     assert status["connected"] is True and status["server"] == "srv-a"
     connector.push(session, {"event": "shutdown"})
     assert session.dead and keeper.status()["connected"] is False
+    await keeper.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_heartbeat_answered_overloaded_is_retried_on_the_same_server_first():
+    """The server is alive and says when to come back: a move would reclaim every lease
+    on a store that is already saturated.  Only after repeated refusals does it move."""
+    first = FakeSession(A)
+    connector = FakeConnector(first, FakeSession(B))
+    keeper, _ = make_keeper(connector, [])
+    await keeper.checkout("P", "1")
+    for _ in range(OVERLOADED_BEATS_BEFORE_MOVING):
+        first.fail_next = Overloaded("store busy", retry_after_s=0.5)
+        assert await keeper._beat(first) == 0.5
+        assert not first.dead
+    assert await keeper._beat(first) is None  # answered: the count starts again
+    for _ in range(OVERLOADED_BEATS_BEFORE_MOVING):
+        first.fail_next = Overloaded("store busy", retry_after_s=0.5)
+        await keeper._beat(first)
+    first.fail_next = Overloaded("store busy", retry_after_s=0.5)
+    assert await keeper._beat(first) is None
+    assert first.dead  # refused once too often: the keeper moves
     await keeper.stop()

@@ -121,3 +121,14 @@ def test_licensing_imports_no_io():
     assert names, "no imports found: the check is looking at the wrong file"
     found = {n for n in names if n.split(".")[0] in banned or n.startswith("metering_server.store")}
     assert not found
+
+
+def test_lease_ids_are_unique_and_sort_by_grant_time(monkeypatch):
+    """Time first, so a store's index of lease ids grows at one end (few pages per commit)."""
+    from metering_server.store import base
+
+    clock = iter([1_700_000_000_000_000_000 + n * 1_000_000 for n in range(1000)])
+    monkeypatch.setattr(base.time, "time_ns", lambda: next(clock))
+    ids = [base.new_lease_id() for _ in range(1000)]
+    assert ids == sorted(ids) and len(set(ids)) == 1000
+    assert all(len(i) == 25 and i[0] == "L" and int(i[1:], 16) for i in ids)
