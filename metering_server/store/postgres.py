@@ -78,6 +78,7 @@ from .base import (
     WaitEntry,
     new_lease_id,
 )
+from .coalesce import KeyedReads
 from .migrations_pg import lock_key, migrate
 
 T = TypeVar("T")
@@ -125,6 +126,11 @@ _BUSY = (
     asyncpg.exceptions.LockNotAvailableError,
     asyncpg.exceptions.TooManyConnectionsError,
 )
+# Calls that may wait for the pool's connections, per connection.  A failover storm brings
+# a whole site's agents at once and is served in seconds; with 100 per connection most of
+# 10,000 agents were refused at once and came back with a new connection and hello each,
+# which cost more than waiting (a queued call is a future: ~2 KB).
+QUEUED_PER_CONNECTION = 1000
 # At most one `store_busy` line per this many seconds (with the count of calls refused).
 _BUSY_LOG_EVERY_S = 10.0
 _NOT_A_FAULT_OF_THE_DATABASE = (
@@ -250,8 +256,12 @@ class PostgresStore(LeaseStore):
         # How long a call waits for one of the pool's connections (as long as a statement may
         # take, unless told), and how many calls may wait at once (of renewals, and of all).
         self.acquire_timeout_s = query_timeout_s if acquire_timeout_s is None else acquire_timeout_s
-        self.max_queued = 100 * self.pool_max if max_queued is None else max(max_queued, 0)
+        if max_queued is None:
+            max_queued = QUEUED_PER_CONNECTION * self.pool_max
+        self.max_queued = max(max_queued, 0)
         self._line = _Admission(self.pool_max, self.max_queued)
+        self._auth_reads: KeyedReads[FailureState] = KeyedReads(self._fetch_states, "auth-states")
+        self._in_use_seen: dict[tuple[str, str], int] = {}  # per pool, at this server's last grant
         self._shed = 0  # calls answered `StoreBusy` since the last `store_busy` line
         self._busy_logged_at = float("-inf")
         self.retry_base_s = retry_base_s
@@ -374,6 +384,7 @@ class PostgresStore(LeaseStore):
         return cap * random.uniform(0.5, 1.0)
 
     async def close(self) -> None:
+        await self._auth_reads.close()
         listener, self._listener = self._listener, None
         if listener is not None:
             listener.cancel()
@@ -511,6 +522,12 @@ class PostgresStore(LeaseStore):
 
     # --- leases --------------------------------------------------------------------------------
     async def grant(self, req: GrantRequest) -> GrantOutcome:
+        if req.reclaim is not None and req.waiter is None:
+            known = self._in_use_seen.get(req.pool.key)
+            renewed = await self._run("reclaim", lambda db: self._renew_held(db, req, known))
+            if renewed is not None:
+                return renewed
+
         async def grant(db: asyncpg.Connection) -> GrantOutcome:
             pool = req.pool
             # The pool's lock before anything is counted; the count below is a new statement,
@@ -588,7 +605,45 @@ class PostgresStore(LeaseStore):
                 await db.execute("DELETE FROM waiters WHERE id = $1", req.waiter)
             return GrantOutcome(True, in_use + 1, lease)
 
-        return await self._run("grant", grant)
+        outcome = await self._run("grant", grant)
+        self._in_use_seen[req.pool.key] = outcome.in_use
+        return outcome
+
+    @staticmethod
+    async def _renew_held(
+        db: asyncpg.Connection, req: GrantRequest, known_in_use: int | None
+    ) -> GrantOutcome | None:
+        """A reclaim of a lease its holder still holds: renewed, without the pool's lock — it
+        changes no count, so a failover storm's reclaims run side by side.  Under the pool
+        lock they went one at a time, each through its own commit: 2,000 took 11 s, and at
+        10,000 most leases expired before their turn.  The row lock (`_get`) orders it with
+        a release or revoke of the same lease.  Anything else (gone, revoked, expired,
+        another holder's) is None: the locked path decides it.
+
+        Its reply's `in_use` is the count of this server's last grant in the pool when there
+        was one (a reclaim changes no count): counting live leases is a scan of the pool,
+        milliseconds at 10,000 leases with the dead row versions a storm's renewals leave —
+        most of a reclaim's cost, for a figure the client only shows."""
+        assert req.reclaim is not None
+        held = await PostgresStore._get(db, req.reclaim)
+        if held is None:
+            return None
+        verdict = reclaim_verdict(
+            held.principal,
+            held.client,
+            held.pool_key,
+            held.expires_at,
+            req.principal,
+            req.client,
+            req.pool.key,
+            req.now,
+        )
+        if verdict is not Reclaim.RENEW:
+            return None
+        lease = await PostgresStore._renew_row(db, held, req.server, req.now, req.ttl_s)
+        if known_in_use is None:
+            known_in_use = await PostgresStore._count(db, req.pool.key, req.now)
+        return GrantOutcome(True, known_in_use, lease, reclaimed=True)
 
     @staticmethod
     async def _live_waiters_ahead(
@@ -827,7 +882,9 @@ class PostgresStore(LeaseStore):
             )
             return {(r[0], r[1]): r[2] for r in rows}
 
-        return await self._run("in_use", count, write=False)
+        counted = await self._run("in_use", count, write=False)
+        self._in_use_seen = {key: counted.get(key, 0) for key in self._in_use_seen} | counted
+        return counted
 
     # --- the site-wide queue -------------------------------------------------------------------
     async def enqueue(self, entry: WaitEntry) -> Ticket:
@@ -1023,6 +1080,9 @@ class PostgresStore(LeaseStore):
     async def auth_states(self, keys: list[str]) -> dict[str, FailureState]:
         if not keys:
             return {}
+        return await self._auth_reads.read(keys)  # one query for every hello meanwhile
+
+    async def _fetch_states(self, keys: list[str]) -> dict[str, FailureState]:
         return await self._run("auth_states", lambda db: self._states(db, keys), write=False)
 
     async def record_auth_failure(

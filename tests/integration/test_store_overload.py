@@ -283,3 +283,28 @@ async def test_a_busy_sqlite_store_answers_overloaded_on_the_wire(tmp_path, sock
             assert beat["renewed"] == [lease] and beat["lost"] == []
         finally:
             await a.close()
+
+
+@pytest.mark.asyncio
+async def test_a_reclaim_of_a_held_lease_does_not_wait_for_the_pool_lock(pg_site):
+    """A failover storm's reclaims change no count: they renew without the pool's lock, so
+    they run side by side (one at a time under it, 10,000 took minutes).  A fresh grant to
+    the pool still waits for the lock; a reclaim that is not a plain renewal goes its way."""
+    async with opened(pg_store(pg_site, pool_max=2, acquire_timeout_s=10)) as store:
+        lease = (await store.grant(req())).lease
+        async with pool_lock_held(pg_site, ENFORCE.key) as conn:
+            fresh = asyncio.create_task(store.grant(req(who=BOB, now=T0 + 1)))
+            await async_wait_until(
+                lambda: lock_waiters(conn, "advisory"), what="the fresh grant waiting"
+            )
+            back = await asyncio.wait_for(
+                store.grant(req(now=T0 + 2, reclaim=lease.lease, server="srv-b")), 10
+            )
+            assert back.granted and back.reclaimed and back.lease.lease == lease.lease
+            assert back.lease.server == "srv-b" and back.lease.expires_at == T0 + 2 + TTL
+            assert back.in_use == 1  # the count of the pool as this server last saw it
+            assert not fresh.done()
+        assert (await asyncio.wait_for(fresh, 10)).granted
+        # Not a renewal (another holder's lease): decided under the lock, as before.
+        stolen = await store.grant(req(who=("carol", "ws-3"), now=T0 + 3, reclaim=lease.lease))
+        assert not stolen.reclaimed
