@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench.py                    # everything (~10 min on 2 cores)
     .venv/bin/python benchmarks/bench.py --quick            # a smaller, faster pass (~2 min)
     .venv/bin/python benchmarks/bench.py --only pairs,heartbeat --clients 1,100
+    .venv/bin/python benchmarks/bench.py --only pairs,paced --paced-fraction 0.5
     .venv/bin/python benchmarks/bench.py --only idle --idle-sessions 10000 --idle-heartbeat 5
     .venv/bin/python benchmarks/bench.py --only storm --storm-n 10000 --storm-budget 0
     .venv/bin/python benchmarks/bench.py --only profile     # py-spy on the server under load
@@ -14,6 +15,10 @@ Scenarios (`--only`, comma-separated; default all):
   pipelined  the same with --pipeline-depth requests in flight per connection
              (--pipeline-clients connections)
   heartbeat  closed loop of heartbeats renewing one held lease, at each of --clients
+  paced      open loop: checkout, checkin, ... on a fixed schedule at --paced-fraction of
+             the target's peak (its `pairs` ops/s at --paced-clients connections in this
+             run, else a short closed-loop probe), over --paced-clients connections;
+             latency from each op's scheduled send time; pass/fail for p99 < --paced-p99-ms
   idle       --idle-sessions authenticated sessions, each holding a lease and heartbeating
              every --idle-heartbeat seconds: the server's RSS and CPU
   storm      N agents on server A, A killed -9, every agent reconnects to B, says hello with
@@ -70,8 +75,9 @@ from benchmarks.targets import PgUnavailable, Postgres, Server  # noqa: E402
 mono = time.monotonic
 DOCS = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
-ALL = ("pairs", "pipelined", "heartbeat", "idle", "storm", "profile")
-THROUGHPUT = ("pairs", "pipelined", "heartbeat")
+ALL = ("pairs", "pipelined", "heartbeat", "paced", "idle", "storm", "profile")
+THROUGHPUT = ("pairs", "pipelined", "heartbeat", "paced")
+PACED_DRAIN_S = 5.0  # after the window, how long the paced ops of the window may take
 
 
 def log(msg: str) -> None:
@@ -365,7 +371,7 @@ def start_target(name: str, tmp: Path, pg: Postgres | None, args) -> Target:
             database=database,
             credentials=creds,
             seats=1_000_000,
-            max_connections=max(10000, max(args.clients) + 1000),
+            max_connections=max(10000, max([*args.clients, args.paced_clients]) + 1000),
         )
         note = "WAL, synchronous=FULL" if store == "sqlite" else "fsync on, pool_max 10"
     desc.update(host=server.host, port=server.port)
@@ -382,13 +388,17 @@ def run_load(
     seconds: float,
     warmup: float,
     during=None,
+    rate: float = 0.0,
 ) -> dict[str, Any]:
+    """Closed loop; or with op "paced", the open loop at `rate` ops/s over all connections."""
     kind = "redis" if target.server.kind == "redis" else "ndjson"
     quiet = wait_quiet(workers, [target.server.pid], target.server.extra_pids, args)
     jobs = [
         {"kind": kind, "target": target.desc, "op": op, "depth": depth, "conn_ids": ids}
         for ids in split(list(range(conns)), workers.n)
     ]
+    for job in jobs:
+        job.update(rate=rate / conns, drain_s=PACED_DRAIN_S)
     t_setup = mono()
     workers.send(jobs)
     workers.expect("ready", timeout=120 + conns * 0.05)
@@ -403,8 +413,9 @@ def run_load(
         during(te)
     time.sleep(max(0.0, te - mono()))
     cpu = meter.rates(c0, meter.snap())
-    results = workers.expect("result", timeout=120)
+    results = workers.expect("result", timeout=120 + PACED_DRAIN_S)
     lat = sorted(x for r in results for x in r["lat"])
+    done = sum(r.get("done", len(r["lat"])) for r in results)  # paced: lat is by schedule
     gen_cpu = cpu["gen"]
     server_cpu = cpu["server"]
     store_cpu = cpu["store"]
@@ -414,8 +425,8 @@ def run_load(
         "op": op,
         "conns": conns,
         "depth": depth,
-        "ops": len(lat),
-        "ops_s": len(lat) / seconds,
+        "ops": done,
+        "ops_s": done / seconds,
         "p50_ms": pct(lat, 0.50) * 1000,
         "p99_ms": pct(lat, 0.99) * 1000,
         "p999_ms": pct(lat, 0.999) * 1000,
@@ -428,6 +439,14 @@ def run_load(
         "setup_s": setup_s,
         "seconds": seconds,
     }
+    if op == "paced":
+        gen_lag = sorted(x for r in results for x in r["gen_lag"])
+        row.update(
+            offered_ops_s=rate,
+            scheduled=len(lat),
+            sent_late=sum(r["late"] for r in results),
+            gen_lag_p99_ms=pct(gen_lag, 0.99) * 1000,
+        )
     return row
 
 
@@ -453,9 +472,68 @@ def scenario_title(key: str, conns: int, depth: int) -> str:
     return f"{what}, {c}" + (f" x {depth} in flight" if depth > 1 else "")
 
 
+def run_paced(workers: Workers, args, target: Target, report) -> None:
+    """The open loop at --paced-fraction of the target's peak: its closed-loop pairs ops/s
+    at the same connection count, from this run's `pairs` row, else from a short probe."""
+    conns = args.paced_clients
+    title = paced_title(args)
+    peak_row = next(
+        (
+            r
+            for r in report.load
+            if r["key"] == "pairs" and r["target"] == target.name and r["conns"] == conns
+        ),
+        None,
+    )
+    source = "pairs"
+    if peak_row is None:
+        source = "probe"
+        log(f"{target.name}: peak probe, closed-loop checkout+checkin at {conns} connections")
+        peak_row = run_load(workers, args, target, "pairs", conns, 1, 2.0, 0.5)
+    peak = peak_row["ops_s"]
+    if peak <= 0 or (source == "probe" and peak_row["errors"]):
+        report.note(
+            f"{target.name}, {title}: skipped, no usable peak "
+            f"({peak:,.0f} ops/s, errors {_errors(peak_row['errors'])})"
+        )
+        return
+    rate = args.paced_fraction * peak
+    log(f"{target.name}: {title}: {rate:,.0f} ops/s offered ({source} peak {peak:,.0f})")
+    row = run_load(
+        workers, args, target, "paced", conns, 1, args.paced_seconds, args.warmup, rate=rate
+    )
+    row.update(
+        scenario=title,
+        key="paced",
+        peak_ops_s=peak,
+        peak_source=source,
+        peak_row=peak_row if source == "probe" else None,
+        fraction=args.paced_fraction,
+        p99_bound_ms=args.paced_p99_ms,
+        ok=row["p99_ms"] < args.paced_p99_ms and not row["errors"],
+    )
+    report.paced.append(row)
+    log(
+        f"  {row['ops_s']:,.0f} of {rate:,.0f} ops/s  p50 {row['p50_ms']:.2f} ms  "
+        f"p99 {row['p99_ms']:.2f} ms  p99.9 {row['p999_ms']:.2f} ms  "
+        f"{'PASS' if row['ok'] else 'FAIL'}  sent late {row['sent_late']:,} of "
+        f"{row['scheduled']:,}  gen lag p99 {row['gen_lag_p99_ms']:.2f} ms  "
+        f"server {row['server_cpu']:.0%} gen {row['gen_cpu']:.0%} "
+        f"others {row['other_cpu']:.0%}" + (f"  errors {row['errors']}" if row["errors"] else "")
+    )
+
+
+def paced_title(args) -> str:
+    return (
+        f"paced (open loop): checkout+checkin at {args.paced_fraction:.0%} of peak, "
+        f"{args.paced_clients:,} connections"
+    )
+
+
 def run_throughput(workers: Workers, tmp: Path, pg: Postgres | None, args, report) -> None:
     scenarios = scenario_list(args)
-    if not scenarios:
+    paced = "paced" in args.only
+    if not scenarios and not paced:
         return
     names = [*args.baselines, *[f"metering/{s}" for s in args.stores]]
     for name in names:
@@ -503,6 +581,12 @@ def run_throughput(workers: Workers, tmp: Path, pg: Postgres | None, args, repor
                     f"gen {row['gen_cpu']:.0%} others {row['other_cpu']:.0%}"
                     + (f"  errors {row['errors']}" if row["errors"] else "")
                 )
+            if paced:
+                try:
+                    run_paced(workers, args, target, report)
+                except Exception:
+                    report.note(f"{name}, {paced_title(args)}: FAILED\n{traceback.format_exc()}")
+                    workers.reset()
         finally:
             target.server.stop()
 
@@ -608,23 +692,34 @@ def run_idle(
 
 # --- failover storm ---------------------------------------------------------------------------
 async def admin_leases(host: str, port: int, token: str) -> list[dict[str, Any]]:
+    """Every lease on the server: the `leases` reply is paged (follow `next` until null)."""
     reader, writer = await asyncio.open_connection(host, port, limit=1 << 28)
     try:
         hello = {"id": 1, "op": "hello", "protocol": 1, "client": "bench-admin"}
         hello.update(user="admin", token=token)
         writer.write(msgspec.json.encode(hello) + b"\n")
+        leases: list[dict[str, Any]] = []
         async with asyncio.timeout(120):
             reply = msgspec.json.decode(await reader.readline())
             if not reply.get("ok"):
                 raise RuntimeError(f"admin hello refused: {reply}")
-            writer.write(b'{"id":2,"op":"leases"}\n')
+            rid, after = 1, None
             while True:
-                reply = msgspec.json.decode(await reader.readline())
-                if reply.get("id") == 2:
-                    break
-        if not reply.get("ok"):
-            raise RuntimeError(f"leases refused: {reply}")
-        return reply["leases"]
+                rid += 1
+                request: dict[str, Any] = {"id": rid, "op": "leases"}
+                if after is not None:
+                    request["after"] = after
+                writer.write(msgspec.json.encode(request) + b"\n")
+                while True:
+                    reply = msgspec.json.decode(await reader.readline())
+                    if reply.get("id") == rid:
+                        break
+                if not reply.get("ok"):
+                    raise RuntimeError(f"leases refused: {reply}")
+                leases.extend(reply["leases"])
+                after = reply.get("next")
+                if after is None:
+                    return leases
     finally:
         writer.close()
 
@@ -890,6 +985,7 @@ class Report:
         self.facts = facts
         self.notes: list[str] = []
         self.load: list[dict[str, Any]] = []
+        self.paced: list[dict[str, Any]] = []
         self.idle: list[dict[str, Any]] = []
         self.storm: list[dict[str, Any]] = []
         self.profile: dict[str, Any] | None = None
@@ -936,6 +1032,8 @@ class Report:
                     ]
                 )
             out.append((scenario, head, body))
+        if self.paced:
+            out.append(self.paced_table())
         if self.idle:
             head = ["store", "sessions", "heartbeat", "RSS before", "RSS", "per session"]
             head += ["server CPU", "heartbeats/s", "p50 ms", "p99 ms", "p99.9 ms", "late/lost"]
@@ -1005,6 +1103,45 @@ class Report:
             ]
             out.append(("profile: top 15 by own samples (py-spy --gil)", head, body))
         return out
+
+    def paced_table(self) -> tuple[str, list[str], list[list[str]]]:
+        first = self.paced[0]
+        bound = f"p99 < {first['p99_bound_ms']:g} ms"
+        head = ["target", "peak ops/s", "offered ops/s", "ops/s", "p50 ms", "p99 ms", "p99.9 ms"]
+        head += [bound, "sent late", "gen lag p99 ms", "server CPU", "gen CPU", "others' CPU"]
+        head += ["errors"]
+        body = []
+        for r in self.paced:
+            cpu = f"{r['server_cpu']:.0%}"
+            if r.get("store_cpu") is not None:
+                cpu += f" + PG {r['store_cpu']:.0%}"
+            verdict = "PASS" if r["ok"] else "FAIL"
+            if not r["ok"] and r["p99_ms"] < r["p99_bound_ms"]:
+                verdict += " (errors)"
+            late = r["sent_late"] / r["scheduled"] if r["scheduled"] else 0.0
+            body.append(
+                [
+                    r["target"],
+                    f"{r['peak_ops_s']:,.0f}" + (" (probe)" if r["peak_source"] == "probe" else ""),
+                    f"{r['offered_ops_s']:,.0f}",
+                    f"{r['ops_s']:,.0f}",
+                    _ms(r["p50_ms"]),
+                    _ms(r["p99_ms"]),
+                    _ms(r["p999_ms"]),
+                    verdict,
+                    f"{late:.1%}",
+                    _ms(r["gen_lag_p99_ms"]),
+                    cpu,
+                    f"{r['gen_cpu']:.0%}",
+                    f"{r['other_cpu']:.0%}",
+                    _errors(r["errors"]),
+                ]
+            )
+        title = (
+            f"{first['scenario']} ({first['seconds']:g} s measured; latency from the "
+            "scheduled send)"
+        )
+        return title, head, body
 
     def text(self) -> str:
         lines = []
@@ -1081,6 +1218,7 @@ class Report:
             "command": self.command(),
             "elapsed_s": self.elapsed,
             "load": self.load,
+            "paced": self.paced,
             "idle": self.idle,
             "storm": self.storm,
             "profile": self.profile,
@@ -1149,6 +1287,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clients", type=csv_ints, default=None, help="connection counts: 1,100,1000")
     p.add_argument("--pipeline-clients", type=int, default=100)
     p.add_argument("--pipeline-depth", type=int, default=8)
+    p.add_argument(
+        "--paced-fraction",
+        type=float,
+        default=0.5,
+        help="paced: the offered rate, as a fraction of the target's closed-loop peak",
+    )
+    p.add_argument("--paced-clients", type=int, default=100, help="paced: connections")
+    p.add_argument(
+        "--paced-seconds",
+        type=float,
+        default=None,
+        help="paced: measured seconds (default: twice --seconds)",
+    )
+    p.add_argument("--paced-p99-ms", type=float, default=5.0, help="paced: the p99 bound")
     p.add_argument("--seconds", type=float, default=None, help="measured seconds per row")
     p.add_argument("--warmup", type=float, default=None)
     p.add_argument("--procs", type=int, default=2, help="load generator processes")
@@ -1201,6 +1353,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--update-docs", action="store_true", help=f"rewrite the block in {DOCS}")
     p.add_argument("--keep", action="store_true", help="keep the servers' state dirs and logs")
     args = p.parse_args(argv)
+    if not (args.paced_fraction > 0 and args.paced_clients > 0):
+        p.error("--paced-fraction and --paced-clients must be positive")
     q = args.quick
     defaults = {
         "stores": ["sqlite", "postgres"],
@@ -1219,6 +1373,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.paced_seconds is None:
+        args.paced_seconds = 2 * args.seconds
     if args.storm_timeout is None:
         args.storm_timeout = 120 + 0.1 * max(args.storm_n or [0])
     return args
@@ -1245,7 +1401,7 @@ def main(argv: list[str] | None = None) -> int:
     need = max(  # descriptors of the busiest process (a server, or a generator process)
         args.idle_sessions + 200 if "idle" in args.only else 0,
         max(args.storm_n) + 300 if "storm" in args.only else 0,
-        max(args.clients) + 200,
+        max([*args.clients, args.paced_clients if "paced" in args.only else 0]) + 200,
     )
     if nofile < need:
         report.note(f"open files limit {nofile} < {need}: large runs may fail")

@@ -16,6 +16,10 @@ and answers ("ready", ...); then the orchestrator sends ("go", t0, t_measure, t_
 times on the shared CLOCK_MONOTONIC, and the worker answers ("result", {...}) with the
 latencies of the requests that completed in [t_measure, t_end) and its own CPU time over
 that window.  The idle and storm jobs also take ("stop",) on the same pipe.
+
+The `paced` op is the open-loop variant of the pairs: each connection sends checkout, then
+checkin, ... on a fixed schedule (`rate` ops/s per connection, random phase), whatever the
+replies do; latency runs from each op's scheduled send time (see `_paced_lane`).
 """
 
 from __future__ import annotations
@@ -124,6 +128,84 @@ class Window:
         self.errors[what] = self.errors.get(what, 0) + 1
 
 
+class Schedule(Window):
+    """Open-loop recording: an op belongs to the window by its *scheduled* send time, so an
+    op the server delays past the window's end still counts, with all of its delay."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.t0 = 0.0  # the schedule starts here (warm-up included)
+        self.drain = float("inf")  # ops of the window unanswered by then count as errors
+        self.done = 0  # replies that arrived inside [start, end): the rate achieved
+        self.late = 0  # ops of the window sent late: the previous reply came after their time
+        self.gen_lag = array("d")  # the generator's own lateness, for ops sent on time
+
+    def op(self, sched: float, sent: float, done: float, queued: bool) -> None:
+        if self.start <= done < self.end:
+            self.done += 1
+        if self.start <= sched < self.end:
+            # Sent early (timer granularity, see LEAD): from the send, else from the schedule.
+            self.lat.append(done - min(sched, sent))
+            if queued:
+                self.late += 1
+            else:
+                self.gen_lag.append(max(0.0, sent - sched))
+
+
+# uvloop's timers have a resolution of 1 ms (libuv): a sleep ends up to ~1.4 ms early or late.
+# Paced sends are aimed LEAD early, and an op sent before its time is timed from its send.
+LEAD = 0.001
+
+
+async def _paced_lane(step, win: Schedule, interval: float) -> None:
+    """One connection of the open loop: op k is due at phase + k * interval, whatever the
+    replies do.  One request is in flight at a time, so an op whose time comes before the
+    previous reply is sent at that reply, and its latency (from its scheduled time) includes
+    the wait: queueing in the server is counted, not omitted.  `step(held)` sends one op
+    (checkout when `held` is None, else checkin of `held`) and returns (held, error)."""
+    held = None
+    sched = win.t0 + random.random() * interval
+    try:
+        async with asyncio.timeout(max(0.0, win.drain - mono())):
+            while sched < win.end:
+                now = mono()
+                if sched - now > LEAD:
+                    await asyncio.sleep(sched - now - LEAD)
+                sent = mono()
+                held, err = await step(held)
+                win.op(sched, sent, mono(), now > sched)
+                if err is not None:
+                    win.error(err)
+                sched += interval
+    except TimeoutError:  # the op in flight and those not sent yet: no reply by the deadline
+        while sched < win.end:
+            if sched >= win.start:
+                win.lat.append(win.drain - sched)  # a lower bound
+                win.late += 1
+                win.error("unanswered")
+            sched += interval
+        return
+    if held is not None:  # leave the store as found
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(10):
+                await step(held)
+
+
+def _window(job: dict, t0: float, tm: float, te: float) -> Window:
+    win = Schedule() if job["op"] == "paced" else Window()
+    win.start, win.end = tm, te
+    if isinstance(win, Schedule):
+        win.t0, win.drain = t0, te + job["drain_s"]
+    return win
+
+
+def _result(win: Window, cpu: dict[str, float]) -> dict:
+    out = {"lat": win.lat, "errors": win.errors, "cpu_s": cpu.get("cpu_s", 0.0)}
+    if isinstance(win, Schedule):
+        out.update(done=win.done, late=win.late, gen_lag=win.gen_lag)
+    return out
+
+
 async def _cpu_over_window(win: Window, out: dict[str, float]) -> None:
     await asyncio.sleep(max(0.0, win.start - mono()))
     c0 = time.process_time()
@@ -220,6 +302,21 @@ async def _ndjson_pairs(c: Conn, win: Window, product: bytes, depth: int) -> Non
         rid += depth
 
 
+def _ndjson_step(c: Conn, product: bytes):
+    rid = 10
+
+    async def step(held: bytes | None) -> tuple[bytes | None, str | None]:
+        nonlocal rid
+        rid += 1
+        if held is None:
+            r = await c.call(CHECKOUT % (rid, product))
+            return (r.lease.encode(), None) if r.ok else (None, code(r))
+        r = await c.call(CHECKIN % (rid, held))
+        return None, None if r.ok else code(r)
+
+    return step
+
+
 async def _ndjson_heartbeats(c: Conn, lease: str, win: Window) -> None:
     rid = 10
     frame_lease = lease.encode()
@@ -243,8 +340,7 @@ async def _ndjson_load(pipe, control: Control, job: dict) -> dict:
     )
     pipe.send(("ready", {"conns": len(opened)}))
     _, t0, tm, te = await control.get("go")
-    win = Window()
-    win.start, win.end = tm, te
+    win = _window(job, t0, tm, te)
     cpu: dict[str, float] = {}
     await asyncio.sleep(max(0.0, t0 - mono()))
     product = t["product"].encode()
@@ -252,6 +348,8 @@ async def _ndjson_load(pipe, control: Control, job: dict) -> dict:
     for c, held in opened:
         if op == "heartbeat":
             lanes.append(_ndjson_heartbeats(c, held, win))
+        elif op == "paced":
+            lanes.append(_paced_lane(_ndjson_step(c, product), win, 1.0 / job["rate"]))
         else:
             lanes.append(_ndjson_pairs(c, win, product, depth))
     results = await asyncio.gather(_cpu_over_window(win, cpu), *lanes, return_exceptions=True)
@@ -265,7 +363,7 @@ async def _ndjson_load(pipe, control: Control, job: dict) -> dict:
         )
     for c, _ in opened:
         c.close()
-    return {"lat": win.lat, "errors": win.errors, "cpu_s": cpu.get("cpu_s", 0.0)}
+    return _result(win, cpu)
 
 
 # --- Redis load --------------------------------------------------------------------------------
@@ -361,6 +459,21 @@ async def _redis_pairs(r, win: Window, t: dict, shas: dict, depth: int) -> None:
             win.add(now, now - t0)
 
 
+def _redis_step(r, t: dict, shas: dict):
+    acquire, release = shas["acquire"], shas["release"]
+    seats, ttl = t["seats"], t["ttl_s"]
+    count, leases = KEYS[0], KEYS[1]
+
+    async def step(held):
+        if held is None:
+            token = await r.evalsha(acquire, 3, *KEYS, seats, ttl)
+            return (token, None) if token is not None else (None, "denied")
+        await r.evalsha(release, 2, count, leases, held)
+        return None, None
+
+    return step
+
+
 async def _redis_heartbeats(r, token, win: Window, t: dict, shas: dict) -> None:
     renew, ttl = shas["renew"], t["ttl_s"]
     while mono() < win.end:
@@ -388,14 +501,15 @@ async def _redis_load(pipe, control: Control, job: dict) -> dict:
     )
     pipe.send(("ready", {"conns": len(opened)}))
     _, t0, tm, te = await control.get("go")
-    win = Window()
-    win.start, win.end = tm, te
+    win = _window(job, t0, tm, te)
     cpu: dict[str, float] = {}
     await asyncio.sleep(max(0.0, t0 - mono()))
     lanes = []
     for r, held in opened:
         if op == "heartbeat":
             lanes.append(_redis_heartbeats(r, held, win, t, shas))
+        elif op == "paced":
+            lanes.append(_paced_lane(_redis_step(r, t, shas), win, 1.0 / job["rate"]))
         else:
             lanes.append(_redis_pairs(r, win, t, shas, depth))
     results = await asyncio.gather(_cpu_over_window(win, cpu), *lanes, return_exceptions=True)
@@ -407,7 +521,7 @@ async def _redis_load(pipe, control: Control, job: dict) -> dict:
             if held is not None:
                 await r.evalsha(shas["release"], 2, KEYS[0], KEYS[1], held)
             await r.aclose()
-    return {"lat": win.lat, "errors": win.errors, "cpu_s": cpu.get("cpu_s", 0.0)}
+    return _result(win, cpu)
 
 
 # --- idle sessions ---------------------------------------------------------------------------
