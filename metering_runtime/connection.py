@@ -122,6 +122,11 @@ class Connection:
         self.bad_frames = 0
         self.closing = False
         self.finished = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._transport = writer.transport  # the hot path writes to it directly
+        self._last_read = 0.0  # loop time of the last read (idle timeout)
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idled = False
         creds = peer_credentials(writer) if transport == "unix" else None
         if creds is not None:
             pid, uid, _ = creds
@@ -138,11 +143,12 @@ class Connection:
         # Not `self.closing`: that only stops reading. Requests already in flight (a client
         # that half-closed after pipelining, a drain, a frame after which framing was lost)
         # still get their replies until the socket itself is closed.
-        if self.writer.is_closing():
+        transport = self._transport
+        if transport.is_closing():
             return
-        self.writer.write(framing.encode(message))
+        transport.write(framing.encode(message))
         limit = self.limits.max_write_buffer_bytes
-        if self.writer.transport.get_write_buffer_size() > limit:
+        if transport.get_write_buffer_size() > limit:
             log.warning("slow_reader_closed", conn=self.peer.conn_id, queued_bytes=limit)
             self.abort()
 
@@ -192,13 +198,11 @@ class Connection:
                 deadline = asyncio.get_running_loop().time() + limits.hello_timeout_s
             while not self.closing:
                 if self.dispatcher.authenticated:
-                    try:
-                        async with asyncio.timeout(limits.idle_timeout_s):
-                            data = await self.reader.read(65536)
-                    except TimeoutError:
-                        if self.tasks or self.dispatcher.busy():
-                            continue  # a checkout waits, or a seat is held: not idle
-                        log.info("idle_timeout", idle_s=limits.idle_timeout_s)
+                    if self._idle_timer is None:
+                        self._watch_idle()
+                    data = await self.reader.read(65536)
+                    self._last_read = self._loop.time()
+                    if self._idled:
                         break
                 else:
                     try:
@@ -221,7 +225,34 @@ class Connection:
         except (ConnectionError, OSError) as exc:
             log.debug("connection_error", error=str(exc))
         finally:
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
             await self._close()
+
+    def _watch_idle(self) -> None:
+        """One timer per idle period, not a timeout per read: a read only notes its time, and
+        the timer, when it fires, looks whether the connection was idle for the whole period
+        (a timeout around every read cost ~4% of the server's time under load)."""
+        self._last_read = self._loop.time()
+        self._idle_timer = self._loop.call_at(
+            self._last_read + self.limits.idle_timeout_s, self._check_idle
+        )
+
+    def _check_idle(self) -> None:
+        now = self._loop.time()
+        idle_s = self.limits.idle_timeout_s
+        if self.closing:
+            return
+        if now - self._last_read < idle_s:
+            due = self._last_read + idle_s  # read since: wait out the rest of the period
+        elif self.tasks or self.dispatcher.busy():
+            due = now + idle_s  # a checkout waits, or a seat is held: not idle
+        else:
+            log.info("idle_timeout", idle_s=idle_s)
+            self._idled = True
+            self.reader.feed_eof()  # the pending read returns; the connection closes
+            return
+        self._idle_timer = self._loop.call_at(due, self._check_idle)
 
     async def _handle(self, raw: bytes) -> None:
         rid: int | None = None

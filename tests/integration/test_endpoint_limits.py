@@ -166,6 +166,22 @@ async def test_an_idle_connection_is_closed_but_one_with_a_request_in_flight_is_
 
 
 @pytest.mark.asyncio
+async def test_a_connection_that_keeps_talking_outlives_many_idle_periods(target):
+    """The idle timer fires once per period and looks at the last read: requests spaced
+    closer than idle_timeout_s (0.5 s) keep the connection however long it lives."""
+    chatty = await target.client("chatty")
+    idle = await target.client("idle")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while loop.time() - started < 4 * 0.5:
+        await chatty.request("ping", timeout=5)
+        await asyncio.sleep(0.2)  # the pace of the requests, not a wait for anything
+    assert idle.is_closed and not chatty.is_closed
+    await chatty.close()
+    await idle.close()
+
+
+@pytest.mark.asyncio
 async def test_a_reader_that_never_reads_is_cut_off_at_max_write_buffer_bytes(target):
     r = await raw(target)
     watcher = await target.client("watcher")
