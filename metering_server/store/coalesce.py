@@ -1,10 +1,10 @@
-"""Concurrent reads of keyed rows, merged into one query.
+"""Concurrent calls of one kind, served together: one query or transaction for a batch.
 
-A failover storm brings thousands of hellos at once, and each needs the lockout state of two
-keys.  One query per hello queued thousands of calls for the pool's few connections (most
-then refused `overloaded`, and retried); merged, the calls that arrive while one query runs
-all ride on the next, one round trip for all of them.  No call waits for a timer: the first
-goes out at once, and a batch is exactly what queued during the query before it.
+A failover storm brings thousands of hellos and reclaims at once.  One query or transaction
+each queued thousands of calls for the pool's few connections (most then refused
+`overloaded`, and retried); served together, the calls that arrive while one batch runs all
+go in the next, one round trip and one commit for all of them.  No call waits for a timer:
+the first goes out at once, and a batch is exactly what queued during the one before it.
 """
 
 from __future__ import annotations
@@ -15,47 +15,67 @@ from typing import Generic, TypeVar
 
 from metering_runtime.tasks import TaskOwner
 
+I = TypeVar("I")  # noqa: E741 - an item of a batch
+R = TypeVar("R")
 V = TypeVar("V")
 
 
-class KeyedReads(Generic[V]):
-    def __init__(self, fetch: Callable[[list[str]], Awaitable[dict[str, V]]], name: str):
-        self._fetch = fetch
-        self._pending: list[tuple[frozenset[str], asyncio.Future[dict[str, V]]]] = []
+class Batches(Generic[I, R]):
+    """`run(items)` answers a batch: one result per item, in order."""
+
+    def __init__(self, run: Callable[[list[I]], Awaitable[list[R]]], name: str):
+        self._run = run
+        self._pending: list[tuple[I, asyncio.Future[R]]] = []
         self._running = False
         self._tasks = TaskOwner(name)
 
-    async def read(self, keys: Iterable[str]) -> dict[str, V]:
-        """The rows of `keys` that exist, as of a query that started after this call."""
-        wanted = frozenset(keys)
-        future: asyncio.Future[dict[str, V]] = asyncio.get_running_loop().create_future()
-        self._pending.append((wanted, future))
+    async def submit(self, item: I) -> R:
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
         if not self._running:
             self._running = True
-            self._tasks.spawn(self._drain(), "keyed-reads")
+            self._tasks.spawn(self._drain(), "batches")
         return await future
 
     async def _drain(self) -> None:
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
-                keys = sorted(set().union(*(wanted for wanted, _ in batch)))
                 try:
-                    found = await self._fetch(keys)
+                    results = await self._run([item for item, _ in batch])
                 except asyncio.CancelledError:
                     for _, future in batch:
                         future.cancel()
                     raise
-                except Exception as exc:  # every caller of this batch hears it
+                except Exception as exc:  # every call of this batch hears it
                     for _, future in batch:
                         if not future.done():
                             future.set_exception(exc)
                     continue
-                for wanted, future in batch:
+                for (_, future), result in zip(batch, results, strict=True):
                     if not future.done():
-                        future.set_result({k: found[k] for k in wanted if k in found})
+                        future.set_result(result)
         finally:
             self._running = False
 
     async def close(self) -> None:
         await self._tasks.cancel_all()
+
+
+class KeyedReads(Generic[V]):
+    """Reads of keyed rows: a batch is one query for the union of its calls' keys."""
+
+    def __init__(self, fetch: Callable[[list[str]], Awaitable[dict[str, V]]], name: str):
+        self._fetch = fetch
+        self._batches: Batches[frozenset[str], dict[str, V]] = Batches(self._read_all, name)
+
+    async def read(self, keys: Iterable[str]) -> dict[str, V]:
+        """The rows of `keys` that exist, as of a query that started after this call."""
+        return await self._batches.submit(frozenset(keys))
+
+    async def _read_all(self, wanted: list[frozenset[str]]) -> list[dict[str, V]]:
+        found = await self._fetch(sorted(set().union(*wanted)))
+        return [{k: found[k] for k in keys if k in found} for keys in wanted]
+
+    async def close(self) -> None:
+        await self._batches.close()

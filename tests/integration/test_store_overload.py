@@ -29,6 +29,7 @@ import pytest_asyncio
 from metering_protocol.errors import MeteringError, Overloaded
 from metering_server.app import MeteringServer
 from metering_server.config import build_server_config
+from metering_server.licensing import Pool
 from metering_server.store.base import LeaseStore, StoreBusy
 from metering_server.store.migrations_pg import lock_key
 from metering_server.store.postgres import PostgresStore
@@ -308,3 +309,33 @@ async def test_a_reclaim_of_a_held_lease_does_not_wait_for_the_pool_lock(pg_site
         # Not a renewal (another holder's lease): decided under the lock, as before.
         stolen = await store.grant(req(who=("carol", "ws-3"), now=T0 + 3, reclaim=lease.lease))
         assert not stolen.reclaimed
+
+
+@pytest.mark.asyncio
+async def test_concurrent_reclaims_share_transactions_and_each_gets_its_own_answer(pg_site):
+    """A failover storm's reclaims go together (one transaction per batch), and each is
+    decided on its own: a held lease renews with its id, another holder's or a gone one
+    goes the locked way."""
+    big = Pool("BIG", "1", 100, "enforce")
+    commits: list[float] = []
+    async with opened(pg_store(pg_site, pool_max=2, acquire_timeout_s=10)) as store:
+        who = [(f"p{n}", f"ws-{n}") for n in range(40)]
+        leases = [(await store.grant(req(big, w))).lease for w in who]
+        store.on_commit = commits.append
+        outs = await asyncio.gather(
+            *(
+                store.grant(req(big, w, now=T0 + 5, reclaim=lease.lease, server="srv-b"))
+                for w, lease in zip(who, leases, strict=True)
+            ),
+            store.grant(req(big, ("mallory", "ws-9"), now=T0 + 5, reclaim=leases[0].lease)),
+            store.grant(req(big, ("zed", "ws-z"), now=T0 + 5, reclaim="Lgone")),
+        )
+        for out, lease in zip(outs, leases, strict=False):
+            assert out.reclaimed and out.lease.lease == lease.lease
+            assert out.lease.server == "srv-b" and out.lease.expires_at == T0 + 5 + TTL
+        assert not outs[40].reclaimed and outs[40].lease.lease != leases[0].lease
+        assert not outs[41].reclaimed
+        assert len(commits) < 20  # 40 reclaims (and 2 fresh grants): far fewer commits
+        held = {r.lease: r for r in await store.leases(T0 + 6)}
+        assert all(held[lease.lease].expires_at == T0 + 5 + TTL for lease in leases)
+        assert len(held) == 42  # the 40, and the two fresh grants: nothing doubled
