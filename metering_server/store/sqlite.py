@@ -1,9 +1,13 @@
 """Embedded SQLite store.
 
-Every call runs on one dedicated thread that owns the connection, so the event loop never
-blocks on disk.  Check-and-grant runs in `BEGIN IMMEDIATE` (the write lock is taken before
-counting), which serialises grants across every process sharing the file; WAL with
-synchronous=FULL makes a commit durable before the reply goes out.
+Calls are served in batches, one transaction each (group commit, `_write`): the statements
+run on the event loop's thread — microseconds on cached pages, under a write lock already
+held (a page not in SQLite's cache is read from the OS's) — and what waits runs on the
+store's own thread, so the loop never waits for an fsync or for another process: COMMIT and
+a BEGIN that finds the write lock taken.
+Check-and-grant runs in `BEGIN IMMEDIATE` (the write lock is taken before counting), which
+serialises grants across every process sharing the file; WAL with synchronous=FULL makes a
+commit durable before the reply goes out.
 
 The rules (expiry, ownership, reclaim, renew, release) are `metering_server.licensing`'s; this
 module stores rows and calls them.  SQL still filters and counts by expiry where that keeps a
