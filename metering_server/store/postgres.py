@@ -144,6 +144,17 @@ def _record(row: Any) -> LeaseRecord:
     return LeaseRecord(*row[:12], overuse=bool(row[12]))
 
 
+_RENEW = "UPDATE leases SET renewed_at = $1, expires_at = $2, server = $3 WHERE lease = $4"
+
+
+def _renewed(held: LeaseRecord, server: str, now: float, ttl_s: float) -> LeaseRecord:
+    return replace(held, renewed_at=now, expires_at=lease_expiry(now, ttl_s), server=server)
+
+
+def _renew_args(lease: LeaseRecord) -> tuple[float, float, str, str]:
+    return (lease.renewed_at, lease.expires_at, lease.server, lease.lease)
+
+
 def redact(url: str) -> str:
     """The URL without a password, for logs and messages."""
     try:
@@ -626,13 +637,7 @@ class PostgresStore(LeaseStore):
         included — milliseconds each at 10,000 leases, most of a reclaim's cost."""
 
         async def renew(db: asyncpg.Connection) -> list[GrantOutcome | None]:
-            wanted = sorted({req.reclaim for req in reqs if req.reclaim is not None})
-            rows = await db.fetch(
-                f"SELECT {_COLUMNS} FROM leases WHERE lease = ANY($1::text[]) "
-                "ORDER BY lease FOR UPDATE",
-                wanted,
-            )
-            held = {row["lease"]: _record(row) for row in rows}
+            held = await self._lock_rows(db, [req.reclaim for req in reqs if req.reclaim])
             out: list[GrantOutcome | None] = []
             renewed: dict[str, LeaseRecord] = {}
             for req in reqs:
@@ -653,12 +658,7 @@ class PostgresStore(LeaseStore):
                 ):
                     out.append(None)
                     continue
-                lease = replace(
-                    lease,
-                    renewed_at=req.now,
-                    expires_at=lease_expiry(req.now, req.ttl_s),
-                    server=req.server,
-                )
+                lease = _renewed(lease, req.server, req.now, req.ttl_s)
                 held[lease.lease] = renewed[lease.lease] = lease
                 in_use = self._in_use_seen.get(req.pool.key)
                 if in_use is None:
@@ -667,11 +667,7 @@ class PostgresStore(LeaseStore):
                     )
                 out.append(GrantOutcome(True, in_use, lease, reclaimed=True))
             if renewed:
-                await db.executemany(
-                    "UPDATE leases SET renewed_at = $1, expires_at = $2, server = $3 "
-                    "WHERE lease = $4",
-                    [(r.renewed_at, r.expires_at, r.server, r.lease) for r in renewed.values()],
-                )
+                await db.executemany(_RENEW, [_renew_args(r) for r in renewed.values()])
             return out
 
         return await self._run("reclaim", renew)
@@ -725,18 +721,23 @@ class PostgresStore(LeaseStore):
         await db.execute("DELETE FROM leases WHERE lease = $1", lease)
 
     @staticmethod
+    async def _lock_rows(db: asyncpg.Connection, leases: list[str]) -> dict[str, LeaseRecord]:
+        """The rows of these leases that exist, locked in lease order (two transactions
+        locking overlapping sets never wait for each other in a circle)."""
+        rows = await db.fetch(
+            f"SELECT {_COLUMNS} FROM leases WHERE lease = ANY($1::text[]) "
+            "ORDER BY lease FOR UPDATE",
+            list(set(leases)),
+        )
+        return {rec.lease: rec for rec in map(_record, rows)}
+
+    @staticmethod
     async def _renew_row(
         db: asyncpg.Connection, held: LeaseRecord, server: str, now: float, ttl_s: float
     ) -> LeaseRecord:
-        expires = lease_expiry(now, ttl_s)
-        await db.execute(
-            "UPDATE leases SET renewed_at = $1, expires_at = $2, server = $3 WHERE lease = $4",
-            now,
-            expires,
-            server,
-            held.lease,
-        )
-        return replace(held, renewed_at=now, expires_at=expires, server=server)
+        lease = _renewed(held, server, now, ttl_s)
+        await db.execute(_RENEW, *_renew_args(lease))
+        return lease
 
     @staticmethod
     async def _count(db: asyncpg.Connection, key: tuple[str, str], now: float) -> int:
@@ -755,12 +756,7 @@ class PostgresStore(LeaseStore):
             return RenewOutcome([], [])
 
         async def renew(db: asyncpg.Connection) -> RenewOutcome:
-            rows = await db.fetch(
-                f"SELECT {_COLUMNS} FROM leases WHERE lease = ANY($1::text[]) "
-                "ORDER BY lease FOR UPDATE",
-                list(set(leases)),
-            )
-            held = {rec.lease: rec for rec in map(_record, rows)}
+            held = await self._lock_rows(db, leases)
             renewed, lost = [], []
             for lease in leases:
                 rec = held.get(lease)

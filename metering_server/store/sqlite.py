@@ -212,6 +212,11 @@ def migrate(db: sqlite3.Connection) -> None:
         )
 
 
+def _lock_taken(exc: sqlite3.OperationalError) -> bool:
+    """SQLite's "database is locked"/"busy": another connection holds the write lock."""
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
 def _statements(script: str) -> list[str]:
     """The script's statements, one by one: executescript would COMMIT the open transaction.
     A trigger body holds `;` of its own, so a statement ends where SQLite says it is complete."""
@@ -360,7 +365,7 @@ class SQLiteStore(LeaseStore):
             db.execute("BEGIN IMMEDIATE")
             return True
         except sqlite3.OperationalError as exc:
-            if "locked" in str(exc) or "busy" in str(exc):
+            if _lock_taken(exc):
                 return False
             raise
         finally:
@@ -375,8 +380,7 @@ class SQLiteStore(LeaseStore):
                 db.execute("BEGIN IMMEDIATE")
                 return
             except sqlite3.OperationalError as exc:
-                busy = "locked" in str(exc) or "busy" in str(exc)
-                if not busy or self._abandoned:
+                if not _lock_taken(exc) or self._abandoned:
                     raise
                 if time.monotonic() >= deadline:  # the write lock stayed taken: `overloaded`
                     raise StoreBusy(
@@ -393,11 +397,10 @@ class SQLiteStore(LeaseStore):
             db.execute("BEGIN IMMEDIATE")
             try:
                 result = fn(db)
-                db.execute("COMMIT")
             except BaseException:
-                if db.in_transaction:  # a failed COMMIT must not leave the lock held
-                    db.execute("ROLLBACK")
+                self._rollback(db)
                 raise
+            self._commit(db)
             if self.on_commit is not None:
                 self.on_commit(time.perf_counter() - started)
             return result
