@@ -369,6 +369,24 @@ def run_client(config: Path, *args: str, timeout: float = 30) -> subprocess.Comp
     return proc
 
 
+def run_admin(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`metering-admin ARGS` (METERING_SERVER unset unless `env` sets it), never with a
+    traceback on stderr."""
+    base = {k: v for k, v in os.environ.items() if k != "METERING_SERVER"}
+    proc = subprocess.run(
+        [cli_path("metering-admin"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        env={**base, **(env or {})},
+    )
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
 def one_line(stderr: str, prog: str = "metering-client") -> str:
     """The single line a command printed on stderr."""
     lines = stderr.strip().splitlines()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import socket
 import stat
@@ -21,7 +20,7 @@ from metering_server.auth.credentials import Credentials
 from tests import support
 from tests.support import (
     bind_tcp,
-    cli_path,
+    run_admin,
     server_config,
     server_daemon,
     short_tmpdir,
@@ -39,17 +38,7 @@ PRODUCTS = [
 
 
 def admin(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if k != "METERING_SERVER"}
-    proc = subprocess.run(
-        [cli_path("metering-admin"), *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={**base, **(env or {})},
-        stdin=subprocess.DEVNULL,
-    )
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return proc
+    return run_admin(*args, env=env, timeout=30)
 
 
 def tcp_address(sock: socket.socket) -> str:

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
-import subprocess
 
 import pytest
 
@@ -16,7 +14,6 @@ from metering_protocol.client import ProtocolClient
 from metering_protocol.messages import DEFAULT_LEASES_PAGE
 from tests.support import (
     bind_tcp,
-    cli_path,
     server_config,
     server_daemon,
     short_tmpdir,
@@ -24,6 +21,7 @@ from tests.support import (
     write_token,
     write_toml,
 )
+from tests.support import run_admin as admin
 
 pytestmark = pytest.mark.system
 
@@ -33,20 +31,6 @@ PRODUCTS = [
     {"name": "BULK", "version": "1", "seats": 2000, "mode": "enforce"},
     {"name": "CLOCK.EXE", "version": "4.00", "seats": 10, "mode": "enforce"},
 ]
-
-
-def admin(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "METERING_SERVER"}
-    proc = subprocess.run(
-        [cli_path("metering-admin"), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        stdin=subprocess.DEVNULL,
-    )
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return proc
 
 
 async def check_out_many(address: str) -> dict[str, list[str]]:

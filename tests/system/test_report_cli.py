@@ -27,7 +27,6 @@ from metering_protocol.client import ProtocolClient
 from metering_protocol.timefmt import rfc3339
 from tests.support import (
     bind_tcp,
-    cli_path,
     server_config,
     server_daemon,
     short_tmpdir,
@@ -35,6 +34,7 @@ from tests.support import (
     write_token,
     write_toml,
 )
+from tests.support import run_admin as admin
 
 pytestmark = pytest.mark.system
 
@@ -170,19 +170,6 @@ async def _upload(address: str, records: list[dict[str, Any]]) -> dict[str, Any]
         return await c.request("usage", timeout=30, records=records)
     finally:
         await c.close()
-
-
-def admin(*args: str) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [cli_path("metering-admin"), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-        env={k: v for k, v in os.environ.items() if k != "METERING_SERVER"},
-    )
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return proc
 
 
 def report(site: Site, *args: str) -> subprocess.CompletedProcess[str]:
