@@ -183,9 +183,20 @@ _USAGE_COLUMNS = (
     "record_id, product, version, pool_product, pool_version, user, client, principal, "
     "started_at, ended_at, outcome, server, received_at"
 )
+# Live leases of a pool (`licensing.is_live`): the pool's rows (`pool_rows`, kept by
+# triggers) less its expired ones not yet swept — a short index range, where counting the
+# live ones would scan every lease of the pool.  Bind the pool key, the pool key, now.
+_COUNT = (
+    "COALESCE((SELECT n FROM pool_rows WHERE pool_product = ? AND pool_version = ?), 0) "
+    f"- (SELECT COUNT(*) FROM leases WHERE pool_product = ? AND pool_version = ? AND {_EXPIRED})"
+)
 # A record belongs to [since, until) (`LeaseStore.usage_between`); bind since, until, since,
 # since.  `ended_at >= since` is implied by the rest and lets the index narrow the scan.
 _IN_PERIOD = "ended_at >= ? AND started_at < ? AND (ended_at > ? OR started_at >= ?)"
+
+
+class _PartlyWritten(Exception):
+    """A write of a batch failed after changing rows: what it changed must be undone."""
 
 
 def _record(row: tuple) -> LeaseRecord:
@@ -311,12 +322,16 @@ class SQLiteStore(LeaseStore):
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
-            if not self._begin_now(db):  # another process writes: wait for it off the loop
-                await loop.run_in_executor(self._executor, self._begin, db)
+            await self._begin_soon(db)
         except BaseException as exc:  # nothing began: none of them happened
             return [(False, exc)] * len(fns)
         try:
-            outcomes = self._apply(db, fns)
+            try:
+                outcomes = self._apply(db, fns)
+            except _PartlyWritten:  # rare: run the batch again, each write undoable alone
+                self._rollback(db)
+                await self._begin_soon(db)
+                outcomes = self._apply_each_undoable(db, fns)
             await loop.run_in_executor(self._executor, self._commit, db)
         except BaseException as exc:  # a failed COMMIT: none of them happened
             with contextlib.suppress(Exception):
@@ -328,6 +343,26 @@ class SQLiteStore(LeaseStore):
 
     @staticmethod
     def _apply(
+        db: sqlite3.Connection, fns: list[Callable[[sqlite3.Connection], Any]]
+    ) -> list[tuple[bool, Any]]:
+        """Run a batch's writes, each bare: a write that fails before changing a row (the
+        usual refusal: not found, not the owner) needs nothing undone.  One that fails after
+        changing rows raises `_PartlyWritten`, and the batch is run again with each write in a
+        savepoint (`_apply_each_undoable`).  A savepoint costs two statements more per write,
+        as much as the write itself for a checkin."""
+        outcomes: list[tuple[bool, Any]] = []
+        for fn in fns:
+            changes = db.total_changes
+            try:
+                outcomes.append((True, fn(db)))
+            except Exception as exc:
+                if db.total_changes != changes or not db.in_transaction:
+                    raise _PartlyWritten from exc
+                outcomes.append((False, exc))
+        return outcomes
+
+    @staticmethod
+    def _apply_each_undoable(
         db: sqlite3.Connection, fns: list[Callable[[sqlite3.Connection], Any]]
     ) -> list[tuple[bool, Any]]:
         outcomes: list[tuple[bool, Any]] = []
@@ -355,6 +390,10 @@ class SQLiteStore(LeaseStore):
     def _rollback(db: sqlite3.Connection) -> None:
         if db.in_transaction:
             db.execute("ROLLBACK")
+
+    async def _begin_soon(self, db: sqlite3.Connection) -> None:
+        if not self._begin_now(db):  # another process writes: wait for it off the loop
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._begin, db)
 
     @staticmethod
     def _begin_now(db: sqlite3.Connection) -> bool:
@@ -504,8 +543,7 @@ class SQLiteStore(LeaseStore):
                     return GrantOutcome(True, in_use, lease, replayed=True)
                 if earlier is not None:  # expired: the key may make a new lease
                     self._delete(db, earlier.lease)
-            in_use = self._count(db, pool.key, req.now)
-            ahead = self._live_waiters_ahead(db, pool.key, req)
+            in_use, ahead = self._count_and_ahead(db, pool.key, req)
             if ahead:
                 return GrantOutcome(False, in_use, queued_ahead=ahead)
             decision = decide(pool, in_use)
@@ -538,22 +576,27 @@ class SQLiteStore(LeaseStore):
         return await self._write(grant)
 
     @staticmethod
-    def _live_waiters_ahead(db: sqlite3.Connection, key: tuple[str, str], req: GrantRequest) -> int:
-        """Queued checkouts that come before this one and can still be served: FIFO across
-        the site.  A grant to a waiter whose own entry is gone (answered elsewhere, dropped)
-        counts as blocked."""
+    def _count_and_ahead(
+        db: sqlite3.Connection, key: tuple[str, str], req: GrantRequest
+    ) -> tuple[int, int]:
+        """The pool's live leases (`_count`) and the queued checkouts that come before this
+        one and can still be served (FIFO across the site), in one statement.  A grant to a
+        waiter whose own entry is gone (answered elsewhere, dropped) counts as blocked."""
         return db.execute(
-            "SELECT COUNT(*) FROM waiters WHERE pool_product = ? AND pool_version = ? "
-            "AND id < ? AND deadline > ? AND kept_until > ? AND server IN "
-            "(SELECT name FROM servers WHERE seen_at >= ?)",
+            f"SELECT {_COUNT}, (SELECT COUNT(*) FROM waiters WHERE pool_product = ? "
+            "AND pool_version = ? AND id < ? AND deadline > ? AND kept_until > ? AND server IN "
+            "(SELECT name FROM servers WHERE seen_at >= ?))",
             (
+                *key,
+                *key,
+                req.now,
                 *key,
                 req.waiter if req.waiter is not None else 2**62,
                 req.now,
                 req.now,
                 req.live_since,
             ),
-        ).fetchone()[0]
+        ).fetchone()
 
     @staticmethod
     def _entry_is_mine(db: sqlite3.Connection, ticket: int, server: str) -> bool:
@@ -603,15 +646,7 @@ class SQLiteStore(LeaseStore):
 
     @staticmethod
     def _count(db: sqlite3.Connection, key: tuple[str, str], now: float) -> int:
-        """Live leases of a pool (`licensing.is_live`): the pool's rows (`pool_rows`, kept by
-        triggers) less its expired ones not yet swept — a short index range, where counting
-        the live ones would scan every lease of the pool."""
-        return db.execute(
-            "SELECT COALESCE((SELECT n FROM pool_rows WHERE pool_product = ? "
-            "AND pool_version = ?), 0) - (SELECT COUNT(*) FROM leases "
-            f"WHERE pool_product = ? AND pool_version = ? AND {_EXPIRED})",
-            (*key, *key, now),
-        ).fetchone()[0]
+        return db.execute(f"SELECT {_COUNT}", (*key, *key, now)).fetchone()[0]
 
     async def renew(
         self, leases: list[str], principal: str, client: str, server: str, now: float, ttl_s: float
@@ -637,7 +672,14 @@ class SQLiteStore(LeaseStore):
         self, lease: str, principal: str, client: str, now: float
     ) -> LeaseRecord | None:
         def release(db: sqlite3.Connection) -> LeaseRecord | None:
-            held = self._get(db, lease)
+            # The usual checkin, its owner's, is one statement; the row it took is then
+            # judged like any other (the SQL owner test is `licensing.is_owner`).
+            rows = db.execute(
+                f"DELETE FROM leases WHERE lease = ? AND principal = ? AND client = ? "
+                f"RETURNING {_COLUMNS}",
+                (lease, principal, client),
+            ).fetchall()
+            held = _record(rows[0]) if rows else self._get(db, lease)
             if held is None:
                 return None
             verdict = release_verdict(
@@ -645,7 +687,6 @@ class SQLiteStore(LeaseStore):
             )
             if verdict is Release.NOT_OWNER:
                 raise LeaseNotFound(f"lease {lease} is not held by this principal and client")
-            self._delete(db, lease)
             # DROP_EXPIRED: expired but not yet swept, already gone as far as the protocol is
             # concerned.
             return held if verdict is Release.RELEASE else None

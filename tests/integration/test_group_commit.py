@@ -48,6 +48,29 @@ async def test_a_failing_write_in_a_batch_rolls_back_alone(tmp_path):
         assert (await store.in_use(T0))[BIG.key] == 3  # mine is still held
 
 
+async def test_a_write_failing_after_changing_rows_is_undone_alone(tmp_path):
+    """Writes run without a savepoint each; one that fails after changing rows makes the
+    batch run again with savepoints: its change is undone, the others' stand."""
+    async with opened(SQLiteStore(tmp_path / "g.db")) as store:
+        mine = (await store.grant(req(BIG))).lease
+
+        def delete_then_fail(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM leases WHERE lease = ?", (mine.lease,))
+            raise RuntimeError("failed halfway")
+
+        results = await asyncio.gather(
+            store.grant(req(BIG, ("bob", "ws-2"))),
+            store._write(delete_then_fail),
+            store.grant(req(BIG, ("carol", "ws-3"))),
+            return_exceptions=True,
+        )
+        assert isinstance(results[1], RuntimeError)
+        assert results[0].granted and results[2].granted
+        held = {r.lease for r in await store.leases(T0)}
+        assert held == {mine.lease, results[0].lease.lease, results[2].lease.lease}
+        assert (await store.in_use(T0))[BIG.key] == 3
+
+
 async def test_a_write_lock_held_elsewhere_is_waited_for_off_the_loop(tmp_path):
     """Statements run on the loop's thread, but a BEGIN that must wait for another
     process's write lock waits on the store's thread: the loop goes on meanwhile."""
