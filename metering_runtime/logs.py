@@ -6,9 +6,13 @@ line a handler logs carries it without passing loggers around.
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
 import sys
-from typing import TextIO
+import threading
+import time
+from typing import Any, BinaryIO, TextIO
 
 import msgspec
 import structlog
@@ -26,7 +30,7 @@ def configure_logging(fmt: str = "json", level: str = "info", stream: TextIO | N
     """Once per process, at start.  Loggers are cached on first use: a daemon logs a line
     per grant and release, and the JSON path is kept lean for that (msgspec encodes
     straight to bytes; structlog's default, the json module plus a str round trip, cost
-    twice as much per line)."""
+    twice as much per line; the lines of one event-loop pass go out in one write)."""
     stream = stream if stream is not None else sys.stderr
     renderer: structlog.typing.Processor
     factory: structlog.typing.WrappedLogger
@@ -36,7 +40,8 @@ def configure_logging(fmt: str = "json", level: str = "info", stream: TextIO | N
         factory = structlog.PrintLoggerFactory(file=stream)
     elif binary is not None:
         renderer = structlog.processors.JSONRenderer(serializer=_encode_json)
-        factory = structlog.BytesLoggerFactory(file=binary)
+        lines = LineWriter(binary)
+        factory = lambda *_: lines  # noqa: E731 - one writer for every logger
     else:  # a text-only stream (a test's StringIO)
         renderer = structlog.processors.JSONRenderer()
         factory = structlog.PrintLoggerFactory(file=stream)
@@ -44,7 +49,7 @@ def configure_logging(fmt: str = "json", level: str = "info", stream: TextIO | N
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            UtcTimestamp(),
             structlog.processors.format_exc_info,
             renderer,
         ],
@@ -59,3 +64,66 @@ _json = msgspec.json.Encoder(enc_hook=str)  # anything without a JSON form is lo
 
 def _encode_json(event: dict, **_: object) -> bytes:
     return _json.encode(event)
+
+
+class UtcTimestamp:
+    """`timestamp`: UTC, RFC 3339 with microseconds ("2026-12-06T05:00:01.000123Z"), its
+    date and time of day formatted once a second (structlog's TimeStamper builds a datetime
+    per line: a fifth of a line's cost)."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, _: Any, __: str, event: dict) -> dict:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        event["timestamp"] = f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
+        return event
+
+
+class LineWriter:
+    """structlog's output for JSON lines on a binary stream: the lines logged while the
+    event loop runs its ready callbacks are written together, in one write at the end of
+    that pass (a write per line was a system call per grant and per release); off the loop
+    (start-up, tools, other threads) a line is written at once, after any gathered ones.
+    At most one loop pass of lines is lost if the process is killed."""
+
+    def __init__(self, stream: BinaryIO):
+        self._stream = stream
+        self._pending: list[bytes] = []
+        self._lock = threading.Lock()
+        self._flush_due = False
+        atexit.register(self.flush)
+
+    def msg(self, message: bytes) -> None:
+        loop = asyncio._get_running_loop()
+        with self._lock:
+            self._pending.append(message + b"\n")
+            if loop is None:
+                self._write()
+            elif not self._flush_due:
+                self._flush_due = True
+                loop.call_soon(self.flush)
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+    def flush(self) -> None:
+        with self._lock:
+            self._write()
+
+    def _write(self) -> None:
+        self._flush_due = False
+        if not self._pending:
+            return
+        data = b"".join(self._pending)
+        self._pending.clear()
+        try:
+            self._stream.write(data)
+            self._stream.flush()
+        except (OSError, ValueError):  # the stream is gone (closed, EPIPE): nowhere to log
+            pass

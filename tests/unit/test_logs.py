@@ -3,8 +3,12 @@ from msgspec, and still on a text-only stream."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import re
+import time
+from datetime import datetime
 
 import pytest
 import structlog
@@ -42,3 +46,37 @@ def test_json_lines_on_a_text_only_stream(restore_structlog):
     configure_logging("json", "warning", stream)
     structlog.get_logger("test").warning("store_busy", refused=4)
     assert json.loads(stream.getvalue())["refused"] == 4
+
+
+def test_lines_logged_on_the_loop_go_out_together_after_the_pass(tmp_path, restore_structlog):
+    path = tmp_path / "server.log"
+
+    async def log_three() -> list[str]:
+        log = structlog.get_logger("test")
+        for n in range(3):
+            log.info("lease_granted", n=n)
+        seen_before_the_pass_ended = path.read_text().splitlines()
+        await asyncio.sleep(0)  # the pass ends: the gathered lines are written
+        await asyncio.sleep(0)
+        return seen_before_the_pass_ended
+
+    with open(path, "w") as stream:
+        configure_logging("json", "info", stream)
+        before = asyncio.run(log_three())
+        after = [json.loads(line)["n"] for line in path.read_text().splitlines()]
+        structlog.get_logger("test").info("off_the_loop")  # no loop: written at once
+        last = json.loads(path.read_text().splitlines()[-1])
+    assert before == []
+    assert after == [0, 1, 2]
+    assert last["event"] == "off_the_loop"
+
+
+def test_timestamps_are_rfc3339_utc_with_microseconds(tmp_path, restore_structlog):
+    path = tmp_path / "server.log"
+    with open(path, "w") as stream:
+        configure_logging("json", "info", stream)
+        started = time.time()
+        structlog.get_logger("test").info("tick")
+    stamp = json.loads(path.read_text())["timestamp"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp)
+    assert abs(datetime.fromisoformat(stamp).timestamp() - started) < 5
