@@ -11,9 +11,11 @@ from pathlib import Path
 _UCRED = struct.Struct("3i")
 
 
-def peer_credentials(writer: asyncio.StreamWriter) -> tuple[int, int, int] | None:
+def peer_credentials(
+    conn: asyncio.BaseTransport | asyncio.StreamWriter,
+) -> tuple[int, int, int] | None:
     """(pid, uid, gid) of a Unix-socket peer via SO_PEERCRED, None for other transports."""
-    sock = writer.get_extra_info("socket")
+    sock = conn.get_extra_info("socket")
     if sock is None or sock.family != socket.AF_UNIX:
         return None
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)

@@ -1,4 +1,4 @@
-"""The one connection engine both daemons run: a bounded request loop over a stream socket.
+"""The one connection engine both daemons run: bounded request handling on a stream socket.
 
 The server's TCP/TLS/Unix listeners and the agent's local Unix socket speak the same
 protocol, so they share this loop and its limits (STYLE.md practice 15): frame size, a
@@ -11,7 +11,9 @@ reads, parses, dispatches, answers and enforces limits.  Socket code only.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import contextvars
 import itertools
 import secrets
 import socket
@@ -19,7 +21,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import structlog
 
@@ -35,7 +37,7 @@ from metering_protocol.errors import (
     ShuttingDown,
 )
 from metering_protocol.unixsock import peer_credentials
-from metering_runtime.listeners import tls_streams
+from metering_runtime.listeners import tls_connect
 
 log = structlog.get_logger("metering.conn")
 _conn_ids = itertools.count(1)
@@ -97,24 +99,30 @@ class Dispatcher(Protocol):
         """After the socket closed and the in-flight requests ended."""
 
 
-class Connection:
-    """One peer: read frames, dispatch, answer, and enforce the limits."""
+class Connection(asyncio.Protocol):
+    """One peer: read frames, dispatch, answer, and enforce the limits.
+
+    An `asyncio.Protocol`: the event loop hands it each read (`data_received`) and it
+    dispatches the complete frames at once, one task per request.  The stream reader this
+    replaced cost a task wake-up per read and a copy of every byte through its buffer: a
+    seventh of the server's time per request under load (docs/performance.md).
+    """
 
     def __init__(
         self,
         endpoint: Endpoint,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
         transport: str,
         *,
         hello_deadline: float | None = None,
+        admitted: bool | None = None,
     ):
         self.endpoint = endpoint
         self.limits = endpoint.limits
-        self.reader = reader
-        self.writer = writer
+        self.kind = transport
         # Loop time by which hello must have arrived; from accept (a TLS handshake included).
         self.hello_deadline = hello_deadline
+        # Decided at accept (tls: before the handshake); None: decided when the socket comes.
+        self._admitted = admitted
         self.decoder = framing.FrameDecoder(self.limits.max_frame_bytes)
         self.tasks: set[asyncio.Task] = set()
         self.by_id: dict[int, asyncio.Task] = {}
@@ -122,21 +130,73 @@ class Connection:
         self.bad_frames = 0
         self.closing = False
         self.finished = asyncio.Event()
+        self.peer: Peer
+        self.dispatcher: Dispatcher
         self._loop = asyncio.get_running_loop()
-        self._transport = writer.transport  # the hot path writes to it directly
+        self._transport: asyncio.Transport | None = None
+        # The connection's log context (conn, source; hello adds client and principal):
+        # hello runs in it, every other request in a copy of it.
+        self._context = contextvars.copy_context()
+        self._frames: collections.deque[bytes] = collections.deque()  # behind a hello
+        self._hello: asyncio.Task | None = None  # in flight: later frames wait for it
+        self._hello_timer: asyncio.TimerHandle | None = None
         self._last_read = 0.0  # loop time of the last read (idle timeout)
         self._idle_timer: asyncio.TimerHandle | None = None
-        self._idled = False
-        creds = peer_credentials(writer) if transport == "unix" else None
+        self._closer: asyncio.Task | None = None
+        self._lost = asyncio.Event()
+
+    # --- the event loop's calls --------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not its subclasses
+        self._transport = transport
+        endpoint = self.endpoint
+        if endpoint.draining:
+            transport.close()
+            return
+        if self._admitted is None:
+            self._admitted = endpoint.counted < self.limits.max_connections
+        if not self._admitted:
+            _refuse(transport)
+            return
+        creds = peer_credentials(transport) if self.kind == "unix" else None
         if creds is not None:
             pid, uid, _ = creds
             source = f"unix:uid={uid}"
         else:
-            peer = writer.get_extra_info("peername")
+            peer = transport.get_extra_info("peername")
             pid, uid = None, None
             source = f"ip:{peer[0] if isinstance(peer, tuple) else peer}"
-        self.peer = Peer(next(_conn_ids), transport, source, uid, pid)
-        self.dispatcher: Dispatcher = endpoint.make_dispatcher(self)
+        self.peer = Peer(next(_conn_ids), self.kind, source, uid, pid)
+        self.dispatcher = endpoint.make_dispatcher(self)
+        endpoint.connections.add(self)
+        self._context.run(
+            structlog.contextvars.bind_contextvars, conn=self.peer.conn_id, source=source
+        )
+        deadline = self.hello_deadline
+        if deadline is None:
+            deadline = self._loop.time() + self.limits.hello_timeout_s
+        self.hello_deadline = deadline
+        self._hello_timer = self._loop.call_at(deadline, self._hello_due)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self._last_read = self._loop.time()
+        self._frames.extend(self.decoder.feed(data))
+        self._handle_frames()
+
+    def eof_received(self) -> bool:
+        # The peer stopped sending: what is in flight is still answered (the transport stays
+        # open for writing), then the connection closes.
+        self._finish()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost.set()
+        if exc is not None:
+            self._context.run(log.debug, "connection_error", error=str(exc))
+        if self._admitted and self._closer is None and hasattr(self, "dispatcher"):
+            self._finish()
 
     # --- output -------------------------------------------------------------------------------
     def send(self, message: dict[str, Any]) -> None:
@@ -144,7 +204,7 @@ class Connection:
         # that half-closed after pipelining, a drain, a frame after which framing was lost)
         # still get their replies until the socket itself is closed.
         transport = self._transport
-        if transport.is_closing():
+        if transport is None or transport.is_closing():
             return
         transport.write(framing.encode(message))
         limit = self.limits.max_write_buffer_bytes
@@ -161,20 +221,24 @@ class Connection:
 
     def abort(self) -> None:
         self.closing = True
-        self.writer.transport.abort()
+        if self._transport is not None:
+            self._transport.abort()
 
     def close_when_idle(self) -> None:
         """Drain: stop reading; close now if nothing is in flight, else after the last reply."""
         self.closing = True
+        transport = self._transport
+        if transport is None:
+            return
         if not self.tasks:
-            self.writer.close()
+            transport.close()
             return
         pending = set(self.tasks)
 
         def done(task: asyncio.Task) -> None:
             pending.discard(task)
             if not pending:
-                self.writer.close()
+                transport.close()
 
         for task in pending:
             task.add_done_callback(done)
@@ -189,45 +253,81 @@ class Connection:
         return True
 
     # --- input --------------------------------------------------------------------------------
-    async def run(self) -> None:
-        structlog.contextvars.bind_contextvars(conn=self.peer.conn_id, source=self.peer.source)
-        limits = self.limits
+    def _handle_frames(self) -> None:
+        """The frames read so far, in order; none while a hello is in flight (requests
+        pipelined behind it must see its outcome)."""
+        frames = self._frames
+        while frames and self._hello is None and not self.closing:
+            self._handle(frames.popleft())
+        if self.closing or frames or self._hello is not None:
+            return
+        overflow = self.decoder.overflow
+        if overflow is not None:  # framing is lost from here on
+            self.reply_error(None, overflow)
+            self._context.run(log.info, "frame_too_large")
+            self._finish()
+
+    def _handle(self, raw: bytes) -> None:
+        rid: int | None = None
         try:
-            deadline = self.hello_deadline
-            if deadline is None:
-                deadline = asyncio.get_running_loop().time() + limits.hello_timeout_s
-            while not self.closing:
-                if self.dispatcher.authenticated:
-                    if self._idle_timer is None:
-                        self._watch_idle()
-                    data = await self.reader.read(65536)
-                    self._last_read = self._loop.time()
-                    if self._idled:
-                        break
-                else:
-                    try:
-                        async with asyncio.timeout_at(deadline):
-                            data = await self.reader.read(65536)
-                    except TimeoutError:
-                        log.info("hello_timeout")
-                        self.reply_error(None, AuthRequired("no hello within hello_timeout_s"))
-                        break
-                if not data:
-                    break
-                for frame in self.decoder.feed(data):
-                    await self._handle(frame)
-                    if self.closing:
-                        break
-                if self.decoder.overflow is not None and not self.closing:
-                    self.reply_error(None, self.decoder.overflow)
-                    log.info("frame_too_large")
-                    break
-        except (ConnectionError, OSError) as exc:
-            log.debug("connection_error", error=str(exc))
-        finally:
-            if self._idle_timer is not None:
-                self._idle_timer.cancel()
-            await self._close()
+            frame = framing.decode(raw)
+            rid = m.request_id(frame)
+            req = m.parse_request(frame, self.dispatcher.ops)
+        except BadRequest as exc:
+            self.reply_error(rid, exc)
+            self._count_bad()
+            return
+        if not self.dispatcher.authenticated and req.op != "hello":
+            self.reply_error(req.id, AuthRequired("send hello first"))
+            self._count_bad()
+            return
+        if req.op == "hello":
+            assert self._transport is not None
+            self._transport.pause_reading()  # nothing more is read until it is answered
+            self._hello = self._start(req, self._context)
+            self._hello.add_done_callback(self._hello_done)
+            return
+        if len(self.tasks) >= self.limits.max_inflight:
+            self.reply_error(
+                req.id,
+                Overloaded("too many requests in flight on this connection", retry_after_s=0.1),
+            )
+            return
+        self._start(req, self._context.copy())
+
+    def _start(self, req: m.Request, context: contextvars.Context) -> asyncio.Task:
+        task = self._loop.create_task(self._dispatch(req), context=context)
+        self.tasks.add(task)
+        self.by_id[req.id] = task
+        task.add_done_callback(lambda t, rid=req.id: self._done(t, rid))
+        return task
+
+    def _hello_done(self, _: asyncio.Task) -> None:
+        self._hello = None
+        if self.closing:
+            return
+        if self.dispatcher.authenticated:
+            if self._hello_timer is not None:
+                self._hello_timer.cancel()
+                self._hello_timer = None
+            if self._idle_timer is None:
+                self._watch_idle()
+        elif self.hello_deadline is not None and self._loop.time() >= self.hello_deadline:
+            self._hello_due()  # refused, and the deadline passed meanwhile
+            return
+        assert self._transport is not None
+        self._transport.resume_reading()
+        self._handle_frames()
+
+    def _hello_due(self) -> None:
+        """The hello deadline: a connection not authenticated by now is answered and closed
+        (a hello still in flight is judged first: `_hello_done` comes back here)."""
+        self._hello_timer = None
+        if self.closing or self.dispatcher.authenticated or self._hello is not None:
+            return
+        self._context.run(log.info, "hello_timeout")
+        self.reply_error(None, AuthRequired("no hello within hello_timeout_s"))
+        self._finish()
 
     def _watch_idle(self) -> None:
         """One timer per idle period, not a timeout per read: a read only notes its time, and
@@ -248,40 +348,10 @@ class Connection:
         elif self.tasks or self.dispatcher.busy():
             due = now + idle_s  # a checkout waits, or a seat is held: not idle
         else:
-            log.info("idle_timeout", idle_s=idle_s)
-            self._idled = True
-            self.reader.feed_eof()  # the pending read returns; the connection closes
+            self._context.run(log.info, "idle_timeout", idle_s=idle_s)
+            self._finish()
             return
         self._idle_timer = self._loop.call_at(due, self._check_idle)
-
-    async def _handle(self, raw: bytes) -> None:
-        rid: int | None = None
-        try:
-            frame = framing.decode(raw)
-            rid = m.request_id(frame)
-            req = m.parse_request(frame, self.dispatcher.ops)
-        except BadRequest as exc:
-            self.reply_error(rid, exc)
-            self._count_bad()
-            return
-        if not self.dispatcher.authenticated and req.op != "hello":
-            self.reply_error(req.id, AuthRequired("send hello first"))
-            self._count_bad()
-            return
-        if req.op == "hello":
-            # Hello runs inline: requests pipelined behind it must see its outcome.
-            await self._dispatch(req)
-            return
-        if len(self.tasks) >= self.limits.max_inflight:
-            self.reply_error(
-                req.id,
-                Overloaded("too many requests in flight on this connection", retry_after_s=0.1),
-            )
-            return
-        task = asyncio.create_task(self._dispatch(req))
-        self.tasks.add(task)
-        self.by_id[req.id] = task
-        task.add_done_callback(lambda t, rid=req.id: self._done(t, rid))
 
     def _done(self, task: asyncio.Task, rid: int) -> None:
         self.tasks.discard(task)
@@ -294,8 +364,8 @@ class Connection:
             return
         self.bad_frames += 1
         if self.bad_frames >= self.limits.max_bad_frames_before_hello:
-            log.info("too_many_bad_frames_before_hello", count=self.bad_frames)
-            self.closing = True
+            self._context.run(log.info, "too_many_bad_frames_before_hello", count=self.bad_frames)
+            self._finish()
 
     async def _dispatch(self, req: m.Request) -> None:
         observe = self.endpoint.observe
@@ -327,23 +397,47 @@ class Connection:
                 observe(req.op, time.perf_counter() - started)
         self.send({"id": req.id, "ok": True, **result})
 
-    async def _close(self) -> None:
+    # --- closing ------------------------------------------------------------------------------
+    def _finish(self) -> None:
+        """Stop reading and close: once, whoever asks first (EOF, a limit, the socket lost)."""
         self.closing = True
-        self.dispatcher.connection_closing()
-        if self.tasks:
-            # Waits end at once (connection_closing()); other requests get a short grace to answer.
-            _, pending = await asyncio.wait(set(self.tasks), timeout=self.limits.close_grace_s)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending)
-        with contextlib.suppress(Exception):
-            self.writer.close()
-            await asyncio.wait_for(self.writer.wait_closed(), 1.0)
+        if self._closer is not None:
+            return
+        for timer in (self._hello_timer, self._idle_timer):
+            if timer is not None:
+                timer.cancel()
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            with contextlib.suppress(Exception):  # a TLS transport refuses once closing
+                transport.pause_reading()
+        self._closer = self._loop.create_task(self._close(), context=self._context)
+
+    async def _close(self) -> None:
         try:
+            self.dispatcher.connection_closing()
+            if self.tasks:
+                # Waits end at once (connection_closing()); other requests get a short grace
+                # to answer.
+                _, pending = await asyncio.wait(set(self.tasks), timeout=self.limits.close_grace_s)
+                for task in pending:
+                    task.cancel()
+                if pending:
+                    await asyncio.wait(pending)
+            if self._transport is not None:
+                self._transport.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lost.wait(), 1.0)
             await self.dispatcher.connection_closed()
         finally:
+            self.endpoint.connections.discard(self)
             self.finished.set()
+
+
+def _refuse(transport: asyncio.Transport) -> None:
+    """Over max_connections: one `overloaded` frame, then close (after it is written)."""
+    err = Overloaded("too many connections", retry_after_s=1.0)
+    transport.write(framing.encode({"id": None, "ok": False, "error": err.to_wire()}))
+    transport.close()
 
 
 class Endpoint:
@@ -370,24 +464,15 @@ class Endpoint:
 
     def handler_for(
         self, transport: str, ssl_context: ssl.SSLContext | None = None
-    ) -> Callable[..., Awaitable[None]]:
-        """The listener's handler: `(reader, writer)` for tcp and unix; for tls (with
-        `ssl_context`) `(sock)`, an accepted socket whose handshake is ours to run."""
+    ) -> Callable[[], asyncio.Protocol] | Callable[[socket.socket], Awaitable[None]]:
+        """The listener's handler: for tcp and unix a protocol factory, a `Connection` per
+        accepted socket; for tls (with `ssl_context`) `(sock)`, an accepted socket whose
+        handshake is ours to run."""
         if transport == "tls":
             if ssl_context is None:
                 raise ValueError("a tls listener needs an ssl_context")
             return self._tls_handler(ssl_context)
-
-        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            if self.draining:
-                writer.close()
-                return
-            if self.counted >= self.limits.max_connections:
-                await self._refuse(writer)
-                return
-            await self._serve(reader, writer, transport, None)
-
-        return accept
+        return lambda: Connection(self, transport)
 
     def _tls_handler(
         self, ssl_context: ssl.SSLContext
@@ -409,45 +494,18 @@ class Endpoint:
             tracking.add(task)
             peer = _peername(sock)
             try:
-                reader, writer = await tls_streams(
-                    sock, ssl_context, timeout=deadline - loop.time()
+                await tls_connect(
+                    sock,
+                    ssl_context,
+                    lambda: Connection(self, "tls", hello_deadline=deadline, admitted=not over),
+                    timeout=deadline - loop.time(),
                 )
             except (TimeoutError, OSError) as exc:  # ssl.SSLError is an OSError
                 log.debug("tls_handshake_failed", peer=peer, error=_reason(exc))
-                return
             finally:
                 tracking.discard(task)
-            if self.draining:
-                writer.close()
-                return
-            if over:
-                await self._refuse(writer)
-                return
-            await self._serve(reader, writer, "tls", deadline)
 
         return accept
-
-    async def _refuse(self, writer: asyncio.StreamWriter) -> None:
-        """Over max_connections: one `overloaded` frame, then close."""
-        err = Overloaded("too many connections", retry_after_s=1.0)
-        writer.write(framing.encode({"id": None, "ok": False, "error": err.to_wire()}))
-        with contextlib.suppress(Exception):
-            await writer.drain()
-        writer.close()
-
-    async def _serve(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        transport: str,
-        hello_deadline: float | None,
-    ) -> None:
-        conn = Connection(self, reader, writer, transport, hello_deadline=hello_deadline)
-        self.connections.add(conn)
-        try:
-            await conn.run()
-        finally:
-            self.connections.discard(conn)
 
     def push_all(self, event: str, **fields: Any) -> None:
         for conn in list(self.connections):

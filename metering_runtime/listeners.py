@@ -1,9 +1,10 @@
 """One listener abstraction over TCP, TLS and Unix sockets, each reporting its bound address.
 
-tcp:// and unix:// listeners are asyncio servers calling a stream handler.  tls:// listeners
+tcp:// and unix:// listeners are the event loop's servers making a protocol per connection
+(the connection engine), or asyncio's stream servers calling a stream handler.  tls:// listeners
 accept themselves (`AcceptLoop`) and hand the handler the accepted *socket*, before a byte of
 it is read: the handler (the connection engine) counts the connection, then runs the TLS
-handshake (`tls_streams`) within its hello deadline.  asyncio's own TLS server would run the
+handshake (`tls_connect`) within its hello deadline.  asyncio's own TLS server would run the
 handshake before calling the handler — uncounted, and for up to 60 s — and a handshake
 started on a stream the server already reads from (`StreamWriter.start_tls`) loses a
 ClientHello that arrived early (on uvloop it always does: reading starts at accept).
@@ -21,6 +22,7 @@ import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -31,8 +33,9 @@ log = structlog.get_logger("metering.listen")
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 # tls:// listeners: called with each accepted socket (non-blocking, nothing read from it yet);
-# the handler owns it from then on: it must close it or hand it to `tls_streams`.
+# the handler owns it from then on: it must close it or hand it to `tls_connect`.
 SocketHandler = Callable[[socket.socket], Awaitable[None]]
+ProtocolFactory = Callable[[], asyncio.Protocol]
 
 # Connections the kernel queues before we accept them (capped by net.core.somaxconn).
 # asyncio's default, 100, drops the SYNs of a failover storm — every agent of a dead server
@@ -70,7 +73,7 @@ def _remove_socket_file(path: Path) -> None:
 
 async def bind(
     address: Address,
-    handler: Handler | SocketHandler,
+    handler: Handler | SocketHandler | ProtocolFactory,
     *,
     unix_mode: int = 0o666,
     limit: int = 2**16,
@@ -78,19 +81,19 @@ async def bind(
 ) -> Listener:
     """Listen on `address` (or on the socket-activated socket bound to it, from `inherited`).
 
-    tcp:// and unix://: `handler(reader, writer)`.  tls://: `handler(sock)` with each accepted
-    socket, the handshake not started (see the module docstring and `tls_streams`).
+    tcp:// and unix://: a protocol factory (a protocol per connection), or a stream handler
+    `handler(reader, writer)` (a coroutine function).  tls://: `handler(sock)` with each
+    accepted socket, the handshake not started (see the module docstring and `tls_connect`).
     """
     sock = _take_inherited(address, inherited or [])
     if address.scheme == "tls":
         return await _bind_tls(address, handler, sock)  # type: ignore[arg-type]
+    serve = _server_of(handler, limit)  # type: ignore[arg-type]
     if sock is not None:
         if address.is_unix:
-            server = await asyncio.start_unix_server(
-                handler, sock=sock, limit=limit, backlog=BACKLOG
-            )
+            server = await serve(unix=True, sock=sock, backlog=BACKLOG)
             return Listener(address, address, server, owned=False)
-        server = await asyncio.start_server(handler, sock=sock, limit=limit, backlog=BACKLOG)
+        server = await serve(unix=False, sock=sock, backlog=BACKLOG)
         host, port = sock.getsockname()[:2]
         return Listener(address, Address(address.scheme, host=host, port=port), server)
     try:
@@ -101,18 +104,11 @@ async def bind(
                 raise BindError(f"{address}: {path} exists and is not a socket; move it away")
             _refuse_if_live(path, address)
             _remove_socket_file(path)
-            server = await asyncio.start_unix_server(
-                handler, path=str(path), limit=limit, backlog=BACKLOG
-            )
+            server = await serve(unix=True, path=str(path), backlog=BACKLOG)
             os.chmod(path, unix_mode)
             return Listener(address, address, server)
-        server = await asyncio.start_server(
-            handler,
-            host=address.host,
-            port=address.port,
-            limit=limit,
-            reuse_address=True,
-            backlog=BACKLOG,
+        server = await serve(
+            unix=False, host=address.host, port=address.port, reuse_address=True, backlog=BACKLOG
         )
     except BindError:
         raise
@@ -121,6 +117,25 @@ async def bind(
     sock = server.sockets[0]
     host, port = sock.getsockname()[:2]
     return Listener(address, Address(address.scheme, host=host, port=port), server)
+
+
+def _server_of(
+    handler: Handler | ProtocolFactory, limit: int
+) -> Callable[..., Awaitable[asyncio.AbstractServer]]:
+    """How to start a tcp:// or unix:// server for this handler: a stream handler gets
+    asyncio's stream servers, a protocol factory the loop's own."""
+    loop = asyncio.get_running_loop()
+
+    async def serve(*, unix: bool, **kw: Any) -> asyncio.AbstractServer:
+        if asyncio.iscoroutinefunction(handler):
+            start = asyncio.start_unix_server if unix else asyncio.start_server
+            return await start(handler, limit=limit, **kw)
+        factory: ProtocolFactory = handler  # type: ignore[assignment]
+        if unix:
+            return await loop.create_unix_server(factory, **kw)
+        return await loop.create_server(factory, **kw)
+
+    return serve
 
 
 def _bind_error(address: Address, exc: OSError) -> BindError:
@@ -253,33 +268,31 @@ class AcceptLoop:
             conn.close()
 
 
-async def tls_streams(
-    sock: socket.socket, ssl_context: ssl.SSLContext, *, timeout: float, limit: int = 2**16
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def tls_connect(
+    sock: socket.socket,
+    ssl_context: ssl.SSLContext,
+    protocol_factory: ProtocolFactory,
+    *,
+    timeout: float,
+) -> None:
     """The server side of the TLS handshake on an accepted socket (from an `AcceptLoop`),
-    finished within `timeout` seconds, as a stream pair.
+    finished within `timeout` seconds; then the protocol has the connection.
 
     Raises TimeoutError, ssl.SSLError or OSError when the handshake fails or does not finish
     in time; the socket is closed then (it belongs to the event loop's transport from here on).
     """
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=limit, loop=loop)
-    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
     try:
         async with asyncio.timeout(timeout):
-            transport, _ = await loop.connect_accepted_socket(
-                lambda: protocol,
+            await loop.connect_accepted_socket(
+                protocol_factory,
                 sock,
                 ssl=ssl_context,
-                # A backstop only: the timeout above is the one that ends a slow handshake.
                 ssl_handshake_timeout=max(timeout, 0.0) + 1.0,
             )
     except BaseException:
-        # The loop closed its transport (and with it the socket); this covers a failure
-        # before it took the socket over.
         sock.close()
         raise
-    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
 
 def _take_inherited(address: Address, inherited: list[socket.socket]) -> socket.socket | None:
