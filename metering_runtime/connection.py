@@ -38,6 +38,7 @@ from metering_protocol.errors import (
 )
 from metering_protocol.unixsock import peer_credentials
 from metering_runtime.listeners import tls_connect
+from metering_runtime.logs import bind_context
 
 log = structlog.get_logger("metering.conn")
 _conn_ids = itertools.count(1)
@@ -89,8 +90,9 @@ class Dispatcher(Protocol):
     def busy(self) -> bool:
         """Silence is normal while this is true (e.g. a program holding a seat)."""
 
-    async def handle(self, req: m.Request) -> dict[str, Any]:
-        """The reply fields of one request, or raise a MeteringError."""
+    def handle(self, req: m.Request) -> Awaitable[dict[str, Any]]:
+        """The reply fields of one request, or raise a MeteringError (a coroutine function
+        will do)."""
 
     def connection_closing(self) -> None:
         """The peer is gone or the connection is being closed: end waits at once."""
@@ -169,9 +171,7 @@ class Connection(asyncio.Protocol):
         self.peer = Peer(next(_conn_ids), self.kind, source, uid, pid)
         self.dispatcher = endpoint.make_dispatcher(self)
         endpoint.connections.add(self)
-        self._context.run(
-            structlog.contextvars.bind_contextvars, conn=self.peer.conn_id, source=source
-        )
+        self._context.run(bind_context, conn=self.peer.conn_id, source=source)
         deadline = self.hello_deadline
         if deadline is None:
             deadline = self._loop.time() + self.limits.hello_timeout_s

@@ -22,8 +22,16 @@ class TaskOwner:
         self.owner = owner
         self._tasks: set[asyncio.Task] = set()
 
-    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task:
-        task = asyncio.create_task(coro, name=f"{self.owner}:{name}")
+    def spawn(
+        self,
+        coro: Coroutine[Any, Any, Any],
+        name: str,
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> asyncio.Task:
+        """Run `coro` as a task of this owner (on `loop`, which need not be running yet;
+        default: the running loop)."""
+        task = (loop or asyncio.get_running_loop()).create_task(coro, name=f"{self.owner}:{name}")
         self._tasks.add(task)
         task.add_done_callback(self._reap)
         return task

@@ -28,6 +28,7 @@ from metering_runtime import systemd
 from metering_runtime.connection import Connection, Endpoint, Limits
 from metering_runtime.http import HttpEndpoint, Response
 from metering_runtime.listeners import Listener, bind, server_ssl_context
+from metering_runtime.logs import bind_context
 from metering_runtime.tasks import TaskOwner
 from metering_server.auth.credentials import Credentials, CredentialsError
 from metering_server.auth.lockout import LockoutSettings
@@ -135,7 +136,7 @@ class MeteringServer:
     # --- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         cfg = self.config
-        structlog.contextvars.bind_contextvars(server=cfg.server.name)
+        bind_context(server=cfg.server.name)
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         credentials = Credentials.load(cfg.credentials_path, missing_ok=cfg.auth.peercred_only)
         await self.store.open()

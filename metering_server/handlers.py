@@ -23,6 +23,7 @@ from metering_protocol.errors import (
 )
 from metering_protocol.framing import DEFAULT_MAX_FRAME_BYTES, encode
 from metering_protocol.timefmt import rfc3339
+from metering_runtime.logs import bind_context
 from metering_server import usage
 from metering_server.authn import Authenticator
 from metering_server.seats import CheckoutRequest, Grant, SeatService
@@ -104,8 +105,8 @@ class Handlers:
             op: getattr(self, f"op_{op}") for op in m.REQUESTS
         }
 
-    async def handle(self, session: Session, req: m.Request) -> dict[str, Any]:
-        return await self._table[req.op](session, req)
+    def handle(self, session: Session, req: m.Request) -> Awaitable[dict[str, Any]]:
+        return self._table[req.op](session, req)
 
     def session_closed(self, session: Session) -> None:
         self.seats.holder_gone(session)
@@ -123,7 +124,7 @@ class Handlers:
             req.user, req.token, session.source, session.peer_uid
         )
         session.principal, session.roles, session.client = ident.principal, ident.roles, req.client
-        structlog.contextvars.bind_contextvars(client=req.client, principal=ident.principal)
+        bind_context(client=req.client, principal=ident.principal)
         site = self.site()
         return {
             "server": site.server,

@@ -3,7 +3,7 @@ shared connection engine drive the server's handlers (it is the engine's `Dispat
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any, Protocol
 
 from metering_protocol import messages as m
@@ -11,7 +11,7 @@ from metering_runtime.connection import Connection
 
 
 class SessionHandlers(Protocol):
-    async def handle(self, session: Session, req: m.Request) -> dict[str, Any]: ...
+    def handle(self, session: Session, req: m.Request) -> Awaitable[dict[str, Any]]: ...
 
     def session_closed(self, session: Session) -> None: ...
 
@@ -42,8 +42,8 @@ class Session:
     def busy(self) -> bool:
         return False  # a server session that says nothing for idle_timeout_s is half-open
 
-    async def handle(self, req: m.Request) -> dict[str, Any]:
-        return await self.handlers.handle(self, req)
+    def handle(self, req: m.Request) -> Awaitable[dict[str, Any]]:
+        return self.handlers.handle(self, req)  # the op's own coroutine: no layer of ours
 
     def connection_closing(self) -> None:
         self.closed = True

@@ -17,7 +17,7 @@ from __future__ import annotations
 import abc
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from metering_protocol.errors import Internal, Overloaded
@@ -227,25 +227,27 @@ class LeaseStore(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None: ...
 
+    # grant, renew and release are the hot calls: a store may answer them with a future
+    # instead of a coroutine (SQLite's group commit does).
     @abc.abstractmethod
-    async def grant(self, req: GrantRequest) -> GrantOutcome:
+    def grant(self, req: GrantRequest) -> Awaitable[GrantOutcome]:
         """Reclaim `req.reclaim` per `licensing.reclaim_verdict` (RENEW: same id, renewed,
         `reclaimed=True`, no extra seat; DROP_EXPIRED: delete it first; FRESH: leave it), else
         count the pool's live leases and grant per `licensing.decide` — atomically.
         `in_use` is the pool's live count after the decision."""
 
     @abc.abstractmethod
-    async def renew(
+    def renew(
         self, leases: list[str], principal: str, client: str, server: str, now: float, ttl_s: float
-    ) -> RenewOutcome:
+    ) -> Awaitable[RenewOutcome]:
         """Renew each listed lease that `licensing.renew_verdict` allows (the caller's and
         live) to `lease_expiry(now, ttl_s)` on `server`; the rest, unknown ids included, come
         back in `lost`.  Both lists keep the order of `leases`."""
 
     @abc.abstractmethod
-    async def release(
+    def release(
         self, lease: str, principal: str, client: str, now: float
-    ) -> LeaseRecord | None:
+    ) -> Awaitable[LeaseRecord | None]:
         """Release a lease of this principal and client (`licensing.release_verdict`) and
         return it; None when it is already gone (including expired at `now` but not yet swept,
         which is deleted too).  Raises LeaseNotFound when it belongs to someone else."""

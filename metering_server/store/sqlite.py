@@ -248,6 +248,7 @@ class SQLiteStore(LeaseStore):
         self.path = Path(path)
         self.busy_timeout_s = busy_timeout_s
         self._executor: ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the one it was opened on
         self._db: sqlite3.Connection | None = None
         self._batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future]] = []
         self._committing = False
@@ -259,34 +260,36 @@ class SQLiteStore(LeaseStore):
         self._reader: tuple[ThreadPoolExecutor, sqlite3.Connection] | None = None
 
     # --- plumbing --------------------------------------------------------------------------
-    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    def _read(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         """A read rides along with the next batch of writes (`_write`): it costs no trip to
         the store's thread of its own, and it never meets a batch halfway.  Long reads go
         to `_read_apart`."""
-        return await self._write(fn)
+        return self._write(fn)
 
     def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         assert self._db is not None
         return fn(self._db)
 
-    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         """Run `fn` in a write transaction — together with every other write that arrived
-        meanwhile (group commit).
+        meanwhile (group commit); the future has its result once that is committed.
 
         A commit costs an fsync, and the commits of one file happen one after another:
         alone, each write would wait for every fsync queued before it.  So writes queue here
-        and go into one transaction together, each in a savepoint (one failing rolls back
-        alone), with one COMMIT and one fsync for all.  No caller hears back before that
-        COMMIT: durable before any reply.
+        and go into one transaction together (one failing is undone alone, `_apply`), with
+        one COMMIT and one fsync for all.  No caller hears back before that COMMIT: durable
+        before any reply.  A future, not a coroutine: the hot calls (grant, renew, release)
+        hand it straight to their caller, a coroutine layer less each way.
         """
-        assert self._executor is not None, "store is not open"
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future = loop.create_future()
+        assert self._loop is not None, "store is not open"
+        future: asyncio.Future = self._loop.create_future()
         self._batch.append((fn, future))
         if not self._committing:
             self._committing = True
-            self._commit_task = self._commits.spawn(self._commit_batches(), "group-commit")
-        return await future
+            self._commit_task = self._commits.spawn(
+                self._commit_batches(), "group-commit", loop=self._loop
+            )
+        return future
 
     async def _commit_batches(self) -> None:
         try:
@@ -487,6 +490,7 @@ class SQLiteStore(LeaseStore):
             self._executor.shutdown(wait=False)
             self._executor = None
             raise
+        self._loop = loop
 
     async def close(self) -> None:
         await self._close_reader()
@@ -503,9 +507,10 @@ class SQLiteStore(LeaseStore):
             self._db = None
         self._executor.shutdown(wait=True)
         self._executor = None
+        self._loop = None
 
     # --- leases ------------------------------------------------------------------------------
-    async def grant(self, req: GrantRequest) -> GrantOutcome:
+    def grant(self, req: GrantRequest) -> asyncio.Future[GrantOutcome]:
         def grant(db: sqlite3.Connection) -> GrantOutcome:
             pool = req.pool
             if req.reclaim is not None:
@@ -573,7 +578,7 @@ class SQLiteStore(LeaseStore):
                 db.execute("DELETE FROM waiters WHERE id = ?", (req.waiter,))
             return GrantOutcome(True, in_use + 1, lease)
 
-        return await self._write(grant)
+        return self._write(grant)
 
     @staticmethod
     def _count_and_ahead(
@@ -648,9 +653,9 @@ class SQLiteStore(LeaseStore):
     def _count(db: sqlite3.Connection, key: tuple[str, str], now: float) -> int:
         return db.execute(f"SELECT {_COUNT}", (*key, *key, now)).fetchone()[0]
 
-    async def renew(
+    def renew(
         self, leases: list[str], principal: str, client: str, server: str, now: float, ttl_s: float
-    ) -> RenewOutcome:
+    ) -> asyncio.Future[RenewOutcome]:
         def renew(db: sqlite3.Connection) -> RenewOutcome:
             renewed, lost, revoked = [], [], []
             for lease in leases:
@@ -666,11 +671,11 @@ class SQLiteStore(LeaseStore):
                         revoked.append(lease)
             return RenewOutcome(renewed, lost, revoked)
 
-        return await self._write(renew)
+        return self._write(renew)
 
-    async def release(
+    def release(
         self, lease: str, principal: str, client: str, now: float
-    ) -> LeaseRecord | None:
+    ) -> asyncio.Future[LeaseRecord | None]:
         def release(db: sqlite3.Connection) -> LeaseRecord | None:
             # The usual checkin, its owner's, is one statement; the row it took is then
             # judged like any other (the SQL owner test is `licensing.is_owner`).
@@ -691,7 +696,7 @@ class SQLiteStore(LeaseStore):
             # concerned.
             return held if verdict is Release.RELEASE else None
 
-        return await self._write(release)
+        return self._write(release)
 
     async def revoke(
         self, lease: str, *, now: float | None = None, by: str | None = None
