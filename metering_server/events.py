@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import msgspec
 import structlog
 
 from metering_server.store.base import LeaseRecord
@@ -22,14 +22,12 @@ from metering_server.store.base import LeaseRecord
 log = structlog.get_logger("metering.events")
 
 
-@dataclass(frozen=True, slots=True)
-class SeatEvent:
+class SeatEvent(msgspec.Struct, frozen=True):
     kind: ClassVar[str] = "event"
     at: float  # wall clock, UTC epoch seconds
 
 
-@dataclass(frozen=True, slots=True)
-class LeaseEvent(SeatEvent):
+class LeaseEvent(SeatEvent, frozen=True):
     lease: LeaseRecord
 
     @property
@@ -41,8 +39,7 @@ class LeaseEvent(SeatEvent):
         return self.lease.user
 
 
-@dataclass(frozen=True, slots=True)
-class Granted(LeaseEvent):
+class Granted(LeaseEvent, frozen=True):
     """A new lease: a seat went from free to held (or over the count, in meter mode)."""
 
     kind: ClassVar[str] = "granted"
@@ -50,32 +47,27 @@ class Granted(LeaseEvent):
     waited: bool = False  # granted to a queued checkout
 
 
-@dataclass(frozen=True, slots=True)
-class Reclaimed(LeaseEvent):
+class Reclaimed(LeaseEvent, frozen=True):
     """A held lease taken back after a reconnect or failover: no seat changed hands."""
 
     kind: ClassVar[str] = "reclaimed"
     in_use: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Released(LeaseEvent):
+class Released(LeaseEvent, frozen=True):
     kind: ClassVar[str] = "released"
 
 
-@dataclass(frozen=True, slots=True)
-class Expired(LeaseEvent):
+class Expired(LeaseEvent, frozen=True):
     kind: ClassVar[str] = "expired"
 
 
-@dataclass(frozen=True, slots=True)
-class Revoked(LeaseEvent):
+class Revoked(LeaseEvent, frozen=True):
     kind: ClassVar[str] = "revoked"
     by: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class CheckoutEvent(SeatEvent):
+class CheckoutEvent(SeatEvent, frozen=True):
     """About a checkout that holds no lease (yet): who asked for which pool."""
 
     product: str
@@ -85,32 +77,28 @@ class CheckoutEvent(SeatEvent):
     principal: str
 
 
-@dataclass(frozen=True, slots=True)
-class Denied(CheckoutEvent):
+class Denied(CheckoutEvent, frozen=True):
     kind: ClassVar[str] = "denied"
     in_use: int = 0
     seats: int = 0
     waited: bool = False  # queued first and no seat came in time
 
 
-@dataclass(frozen=True, slots=True)
-class Queued(CheckoutEvent):
+class Queued(CheckoutEvent, frozen=True):
     kind: ClassVar[str] = "queued"
     position: int = 0  # 1: next in line
 
 
-@dataclass(frozen=True, slots=True)
-class Cancelled(CheckoutEvent):
+class Cancelled(CheckoutEvent, frozen=True):
     """A queued checkout withdrawn: by its client (`cancel`), or its connection closed."""
 
     kind: ClassVar[str] = "cancelled"
     reason: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class ConfigReloaded(SeatEvent):
+class ConfigReloaded(SeatEvent, frozen=True):
     kind: ClassVar[str] = "reloaded"
-    changed: dict[str, Any] = field(default_factory=dict)
+    changed: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 class Subscription:

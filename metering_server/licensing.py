@@ -20,6 +20,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
+import msgspec
+
 from metering_protocol.errors import UnknownProduct
 
 
@@ -38,8 +40,7 @@ class Pool:
         return (self.product, self.version)
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(msgspec.Struct, frozen=True):
     granted: bool
     overuse: bool = False
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import msgspec
 import structlog
 
 from metering_protocol.errors import (
@@ -64,8 +65,7 @@ class SeatSettings:
         return 3 * self.sweep_interval_s + 1.0
 
 
-@dataclass(frozen=True, slots=True)
-class CheckoutRequest:
+class CheckoutRequest(msgspec.Struct, frozen=True):
     product: str
     version: str
     user: str  # the end user the seat is for
@@ -75,8 +75,7 @@ class CheckoutRequest:
     idempotency_key: str | None = None  # a retry gets the first attempt's lease / place
 
 
-@dataclass(frozen=True, slots=True)
-class Grant:
+class Grant(msgspec.Struct, frozen=True):
     pool: Pool
     lease: LeaseRecord
     reclaimed: bool

@@ -18,7 +18,9 @@ import abc
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+import msgspec
 
 from metering_protocol.errors import Internal, Overloaded
 from metering_server.auth.lockout import FailureState, LockoutPolicy
@@ -82,8 +84,12 @@ class StoreUnreachable(Internal):
 RETAIN_REVOKED_S = 7 * 86400
 
 
-@dataclass(frozen=True, slots=True)
-class LeaseRecord:
+# The records made on a request's way (lease, grant request and outcome, renewal; the seat
+# service's and the events' too) are frozen msgspec Structs, not frozen dataclasses: those set
+# every field through object.__setattr__, and on the checkout/checkin path that was a seventh
+# of the server's instructions (docs/performance.md).  Change them with
+# msgspec.structs.replace.
+class LeaseRecord(msgspec.Struct, frozen=True):
     lease: str
     product: str
     version: str
@@ -103,8 +109,7 @@ class LeaseRecord:
         return (self.pool_product, self.pool_version)
 
 
-@dataclass(frozen=True, slots=True)
-class GrantRequest:
+class GrantRequest(msgspec.Struct, frozen=True):
     pool: Pool
     product: str
     version: str
@@ -126,8 +131,7 @@ class GrantRequest:
     live_since: float = float("-inf")
 
 
-@dataclass(frozen=True, slots=True)
-class GrantOutcome:
+class GrantOutcome(msgspec.Struct, frozen=True):
     granted: bool
     in_use: int  # seats in use in the pool after the decision
     lease: LeaseRecord | None = None
@@ -137,11 +141,10 @@ class GrantOutcome:
     queued_ahead: int = 0  # not granted: this many live waiters come first
 
 
-@dataclass(frozen=True, slots=True)
-class RenewOutcome:
+class RenewOutcome(msgspec.Struct, frozen=True):
     renewed: list[str]
     lost: list[str]
-    revoked: list[str] = field(default_factory=list)  # the part of `lost` an admin revoked
+    revoked: list[str] = msgspec.field(default_factory=list)  # the part of `lost` revoked
 
 
 @dataclass(frozen=True, slots=True)

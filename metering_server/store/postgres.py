@@ -39,13 +39,13 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import structlog
+from msgspec.structs import replace
 
 from metering_protocol.errors import Internal, LeaseNotFound, MeteringError
 from metering_server.auth.lockout import FailureState, LockoutPolicy

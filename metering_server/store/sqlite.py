@@ -23,9 +23,11 @@ import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import astuple, replace
+from dataclasses import astuple
 from pathlib import Path
 from typing import Any, TypeVar
+
+from msgspec.structs import replace
 
 from metering_protocol.errors import LeaseNotFound
 from metering_runtime.tasks import TaskOwner

@@ -4,7 +4,6 @@ answered only after that commit, and one failing write rolls back alone."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import sqlite3
 
 import pytest
@@ -40,7 +39,7 @@ async def test_a_failing_write_in_a_batch_rolls_back_alone(tmp_path):
         results = await asyncio.gather(
             store.grant(req(BIG, ("bob", "ws-2"))),
             store.release(mine.lease, "mallory", "ws-9", T0),  # not the holder: raises
-            store.grant(dataclasses.replace(req(BIG, ("carol", "ws-3")))),
+            store.grant(req(BIG, ("carol", "ws-3"))),
             return_exceptions=True,
         )
         assert isinstance(results[1], LeaseNotFound)

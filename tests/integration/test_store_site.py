@@ -7,8 +7,8 @@ Runs once per store of tests/stores.py, like test_store_contract.py.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 
+import msgspec
 import pytest
 
 from metering_server.auth.lockout import LockoutPolicy, LockoutSettings
@@ -50,7 +50,7 @@ def entry(
 def grant_req(
     who=ALICE, *, waiter=None, now=T0, live_since=T0 - 3, key=None, pool=ONE, server="srv-a"
 ):
-    return dataclasses.replace(
+    return msgspec.structs.replace(
         req(pool, who, now=now, server=server),
         waiter=waiter,
         live_since=live_since,
@@ -91,7 +91,9 @@ async def test_a_retried_checkout_gets_the_lease_its_first_attempt_made(store_si
         first = await a.grant(grant_req(key="k1"))
         assert first.granted and not first.replayed
         # the reply was lost; the retry goes to another server: same lease, no second seat
-        again = await b.grant(dataclasses.replace(grant_req(key="k1", now=T0 + 1), server="srv-b"))
+        again = await b.grant(
+            msgspec.structs.replace(grant_req(key="k1", now=T0 + 1), server="srv-b")
+        )
         assert again.granted and again.replayed and again.lease.lease == first.lease.lease
         assert again.lease.server == "srv-b" and again.lease.expires_at == T0 + 1 + TTL
         assert (await a.in_use(T0 + 1)).get(ONE.key) == 1
@@ -210,11 +212,11 @@ async def test_an_entry_re_attached_elsewhere_is_not_the_old_servers_to_grant_or
         moved = await b.enqueue(entry(ALICE, server="srv-b", key="k", now=T0 + 1))
         assert moved.id == first.id and moved.reattached
         # srv-a (whose connection for it closed) neither serves nor drops it any more
-        old = dataclasses.replace(grant_req(ALICE, waiter=first.id, key="k", now=T0 + 1))
+        old = msgspec.structs.replace(grant_req(ALICE, waiter=first.id, key="k", now=T0 + 1))
         assert not (await a.grant(old)).granted
         await a.dequeue(first.id, "srv-a")
         assert await b.queued(T0 + 1) == {ONE.key: 1}
-        new = dataclasses.replace(old, server="srv-b")
+        new = msgspec.structs.replace(old, server="srv-b")
         served = await b.grant(new)
         assert served.granted and served.lease.server == "srv-b"
         assert await b.queued(T0 + 1) == {}
