@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo demo-site bench clean
+.PHONY: install test lint demo demo-site bench bench-instructions clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ demo-site: $(STAMP)
 # `$(BIN)/python benchmarks/bench.py --help` for running parts (docs/performance.md).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
+
+# Server instructions per request under callgrind: repeatable where timings are not (needs valgrind).
+bench-instructions: $(STAMP)
+	$(BIN)/python benchmarks/instructions.py $(BENCH_ARGS)
 
 # systemd units, users and directories for a venv at $(PREFIX) (docs/operations.md, "Install
 # and run"). The units' /opt/metering is rewritten to $(PREFIX). DESTDIR stages everything
