@@ -58,10 +58,11 @@ from .base import (
     WaitEntry,
     new_lease_id,
 )
+from .worker import StoreThread
 
 T = TypeVar("T")
 
-BUSY_STEP_MS = 100  # SQLite's own busy wait per try; `_begin` retries up to busy_timeout_s
+BUSY_STEP_S = 0.05  # the longest pause of `_begin` between tries of the write lock
 
 # Versioned migrations, applied in order at open under the write lock (BEGIN IMMEDIATE), so
 # several servers opening one file at once apply each exactly once.  Version 1 is the schema
@@ -249,7 +250,7 @@ class SQLiteStore(LeaseStore):
     def __init__(self, path: str | Path, busy_timeout_s: float = 30.0):
         self.path = Path(path)
         self.busy_timeout_s = busy_timeout_s
-        self._executor: ThreadPoolExecutor | None = None
+        self._thread: StoreThread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the one it was opened on
         self._db: sqlite3.Connection | None = None
         self._batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future]] = []
@@ -322,9 +323,8 @@ class SQLiteStore(LeaseStore):
         to yield it — measured, a batch then spent two thirds of its time waiting for the GIL
         (155 µs a write, 56 µs of it CPU), and that wait, not the disk, bounded throughput.
         """
-        assert self._db is not None
-        db = self._db
-        loop = asyncio.get_running_loop()
+        assert self._db is not None and self._thread is not None
+        db, thread = self._db, self._thread
         started = time.perf_counter()
         try:
             await self._begin_soon(db)
@@ -337,10 +337,10 @@ class SQLiteStore(LeaseStore):
                 self._rollback(db)
                 await self._begin_soon(db)
                 outcomes = self._apply_each_undoable(db, fns)
-            await loop.run_in_executor(self._executor, self._commit, db)
+            await thread.call(self._commit, db)
         except BaseException as exc:  # a failed COMMIT: none of them happened
             with contextlib.suppress(Exception):
-                await loop.run_in_executor(self._executor, self._rollback, db)
+                await thread.call(self._rollback, db)
             return [(False, exc)] * len(fns)
         if self.on_commit is not None:
             self.on_commit(time.perf_counter() - started)
@@ -398,13 +398,13 @@ class SQLiteStore(LeaseStore):
 
     async def _begin_soon(self, db: sqlite3.Connection) -> None:
         if not self._begin_now(db):  # another process writes: wait for it off the loop
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._begin, db)
+            assert self._thread is not None
+            await self._thread.call(self._begin, db)
 
     @staticmethod
     def _begin_now(db: sqlite3.Connection) -> bool:
-        """BEGIN IMMEDIATE if the write lock is free this instant (no waiting: this runs on
-        the loop's thread); False when another process holds it."""
-        db.execute("PRAGMA busy_timeout=0")
+        """BEGIN IMMEDIATE if the write lock is free this instant (the connection's busy
+        timeout is 0: this runs on the loop's thread); False when another process holds it."""
         try:
             db.execute("BEGIN IMMEDIATE")
             return True
@@ -412,13 +412,13 @@ class SQLiteStore(LeaseStore):
             if _lock_taken(exc):
                 return False
             raise
-        finally:
-            db.execute(f"PRAGMA busy_timeout={BUSY_STEP_MS}")
 
     def _begin(self, db: sqlite3.Connection) -> None:
         """BEGIN IMMEDIATE, waiting up to busy_timeout_s for another process's write lock —
-        in short steps, giving up early once the server abandons the store (second stop)."""
+        in short sleeps of our own (1 ms, doubling to BUSY_STEP_S), giving up early once the
+        server abandons the store (second stop)."""
         deadline = time.monotonic() + self.busy_timeout_s
+        pause = 0.001
         while True:
             try:
                 db.execute("BEGIN IMMEDIATE")
@@ -431,6 +431,8 @@ class SQLiteStore(LeaseStore):
                         "store busy: another process held the database's write lock past "
                         f"busy_timeout_s = {self.busy_timeout_s:g}"
                     ) from None
+            time.sleep(pause)  # on the store's thread
+            pause = min(2 * pause, BUSY_STEP_S)
 
     def abandon(self) -> None:
         self._abandoned = True
@@ -468,7 +470,7 @@ class SQLiteStore(LeaseStore):
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        self._thread = StoreThread("sqlite-store")
 
         def connect(_: object) -> None:
             db = sqlite3.connect(
@@ -480,23 +482,26 @@ class SQLiteStore(LeaseStore):
             self._use_wal(db)
             db.execute("PRAGMA synchronous=FULL")
             self._tx(migrate)(db)
-            # From now on a locked database is waited for in short steps (`_begin`), so that
-            # a server told to stop at once is not held for busy_timeout_s by another process.
-            db.execute(f"PRAGMA busy_timeout={BUSY_STEP_MS}")
+            # From now on SQLite never waits for a lock by itself: a BEGIN on the loop's thread
+            # must not block (`_begin_now`), and the store's thread waits in steps of its own
+            # (`_begin`), so that a server told to stop at once is not held for
+            # busy_timeout_s by another process.  (Setting the timeout around each BEGIN
+            # instead cost two statements per batch, both prepared anew each time.)
+            db.execute("PRAGMA busy_timeout=0")
             self._db = db
 
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._executor, connect, None)
+            await self._thread.call(connect, None)
         except BaseException:
-            self._executor.shutdown(wait=False)
-            self._executor = None
+            self._thread.shutdown(wait=False)  # a connect still waiting ends on its own
+            self._thread = None
             raise
         self._loop = loop
 
     async def close(self) -> None:
         await self._close_reader()
-        if self._executor is None:
+        if self._thread is None:
             return
         if self._commit_task is not None:  # writes already queued are committed first
             await asyncio.gather(self._commit_task, return_exceptions=True)
@@ -505,10 +510,10 @@ class SQLiteStore(LeaseStore):
             db.close()
 
         if self._db is not None:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._call, shut)
+            await self._thread.call(self._call, shut)
             self._db = None
-        self._executor.shutdown(wait=True)
-        self._executor = None
+        self._thread.shutdown()
+        self._thread = None
         self._loop = None
 
     # --- leases ------------------------------------------------------------------------------
@@ -974,7 +979,7 @@ class SQLiteStore(LeaseStore):
         """Run a long read on the reader connection (its own thread): in WAL mode it reads
         one consistent snapshot while writes go on, so a year's report does not stall the
         grants queued on the store's thread for seconds."""
-        assert self._executor is not None, "store is not open"
+        assert self._thread is not None, "store is not open"
         loop = asyncio.get_running_loop()
         if self._reader is None:
             executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-reports")
