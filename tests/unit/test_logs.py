@@ -13,7 +13,7 @@ from datetime import datetime
 import pytest
 import structlog
 
-from metering_runtime.logs import configure_logging
+from metering_runtime.logs import bind_context, configure_logging
 
 
 @pytest.fixture
@@ -80,3 +80,30 @@ def test_timestamps_are_rfc3339_utc_with_microseconds(tmp_path, restore_structlo
     stamp = json.loads(path.read_text())["timestamp"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp)
     assert abs(datetime.fromisoformat(stamp).timestamp() - started) < 5
+
+
+def test_bound_context_levels_and_a_lines_own_fields(tmp_path, restore_structlog):
+    path = tmp_path / "server.log"
+
+    async def log_in_a_connection() -> None:
+        bind_context(conn=7, client="ws-1")
+        log = structlog.get_logger("test")
+        log.info("lease_granted", client="own")  # a line's own field wins
+        log.warning("store_busy")
+        try:
+            raise KeyError("L1")
+        except KeyError:
+            log.exception("failed")
+
+    with open(path, "w") as stream:
+        configure_logging("json", "info", stream)
+        asyncio.run(log_in_a_connection())
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(x["event"], x["level"]) for x in lines] == [
+        ("lease_granted", "info"),
+        ("store_busy", "warning"),
+        ("failed", "error"),
+    ]
+    assert all(x["conn"] == 7 for x in lines)
+    assert lines[0]["client"] == "own" and lines[1]["client"] == "ws-1"
+    assert "KeyError: 'L1'" in lines[2]["exception"]
