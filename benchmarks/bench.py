@@ -1013,9 +1013,7 @@ class Report:
                 metering = r["target"].startswith("metering/")
                 ratio_e = _ratio(r["ops_s"], base.get("echo")) if metering else ""
                 ratio_r = _ratio(r["ops_s"], base.get("redis")) if metering else ""
-                cpu = f"{r['server_cpu']:.0%}"
-                if r.get("store_cpu") is not None:
-                    cpu += f" + PG {r['store_cpu']:.0%}"
+                cpu = _cpu_cell(r["server_cpu"], r.get("store_cpu"))
                 body.append(
                     [
                         r["target"],
@@ -1040,9 +1038,7 @@ class Report:
             head += ["others' CPU"]
             body = []
             for r in self.idle:
-                cpu = f"{r['cpu']:.1%}"
-                if r.get("store_cpu") is not None:
-                    cpu += f" + PG {r['store_cpu']:.1%}"
+                cpu = _cpu_cell(r["cpu"], r.get("store_cpu"), ".1%")
                 body.append(
                     [
                         r["store"],
@@ -1084,8 +1080,7 @@ class Report:
                         f"{r['reclaimed_p50_s']:.2f} s",
                         f"{r['reclaimed_p99_s']:.2f} s",
                         f"{r['hello_p50_s']:.2f} / {r['hello_p99_s']:.2f} s",
-                        f"{r['b_cpu']:.0%}"
-                        + (f" + PG {r['store_cpu']:.0%}" if r.get("store_cpu") is not None else ""),
+                        _cpu_cell(r["b_cpu"], r.get("store_cpu")),
                         f"{r['reclaimed']:,} / {r['fresh']:,}"
                         + (f" ({r['gave_up']} gave up)" if r["gave_up"] else ""),
                         verdict,
@@ -1112,9 +1107,7 @@ class Report:
         head += ["errors"]
         body = []
         for r in self.paced:
-            cpu = f"{r['server_cpu']:.0%}"
-            if r.get("store_cpu") is not None:
-                cpu += f" + PG {r['store_cpu']:.0%}"
+            cpu = _cpu_cell(r["server_cpu"], r.get("store_cpu"))
             verdict = "PASS" if r["ok"] else "FAIL"
             if not r["ok"] and r["p99_ms"] < r["p99_bound_ms"]:
                 verdict += " (errors)"
@@ -1235,6 +1228,12 @@ class Report:
         _, tail = rest.split(END, 1)
         path.write_text(head + self.markdown() + tail, encoding="utf-8")
         return True
+
+
+def _cpu_cell(server: float, store: float | None, fmt: str = ".0%") -> str:
+    """A server's CPU, and PostgreSQL's beside it when the store is a server of its own."""
+    cell = format(server, fmt)
+    return cell if store is None else f"{cell} + PG {format(store, fmt)}"
 
 
 def _ms(v: float) -> str:
