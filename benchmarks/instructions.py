@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import signal
@@ -30,30 +29,32 @@ import tempfile
 import time
 from pathlib import Path
 
-import targets
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import loadgen, targets  # noqa: E402
 
 TOKEN = "instructions-benchmark-token-0123456789abcdef"
 WARMUP_PAIRS = 200  # uninstrumented: imports done, caches and statements warm
 
 
 async def _lane(port: int, n: int, pairs: int) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    hello = {"id": 0, "op": "hello", "protocol": 1, "client": f"ws-{n}", "user": "bench"}
-    writer.write(json.dumps({**hello, "token": TOKEN}).encode() + b"\n")
-    if not json.loads(await reader.readline()).get("ok"):
-        raise RuntimeError("hello refused")
-    rid = 0
-    for _ in range(pairs):
-        rid += 1
-        writer.write(b'{"id":%d,"op":"checkout","product":"BENCH","version":"1"}\n' % rid)
-        reply = json.loads(await reader.readline())
-        if not reply.get("ok"):
-            raise RuntimeError(f"checkout refused: {reply}")
-        rid += 1
-        writer.write(b'{"id":%d,"op":"checkin","lease":"%s"}\n' % (rid, reply["lease"].encode()))
-        if not json.loads(await reader.readline()).get("ok"):
-            raise RuntimeError("checkin refused")
-    writer.close()
+    """One connection: hello, then `pairs` checkout+checkin pairs, one request in flight."""
+    c = await loadgen.Conn.open("127.0.0.1", port)
+    try:
+        reply = await c.hello(f"ws-{n}", "bench", TOKEN)
+        if not reply.ok:
+            raise RuntimeError(f"hello refused: {reply.error}")
+        for rid in range(1, 2 * pairs, 2):
+            reply = await c.call(loadgen.CHECKOUT % (rid, b"BENCH"))
+            if not reply.ok:
+                raise RuntimeError(f"checkout refused: {reply.error}")
+            reply = await c.call(loadgen.CHECKIN % (rid + 1, reply.lease.encode()))
+            if not reply.ok:
+                raise RuntimeError(f"checkin refused: {reply.error}")
+    finally:
+        c.close()
 
 
 def drive(port: int, pairs: int, connections: int) -> None:
