@@ -22,7 +22,6 @@ import contextlib
 import sqlite3
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple
 from pathlib import Path
 from typing import Any, TypeVar
@@ -260,7 +259,7 @@ class SQLiteStore(LeaseStore):
         self._abandoned = False
         # Long reads (usage reports) get a connection and thread of their own, made at first
         # use: they must not hold up grants queued behind them on the store's thread.
-        self._reader: tuple[ThreadPoolExecutor, sqlite3.Connection] | None = None
+        self._reader: tuple[StoreThread, sqlite3.Connection] | None = None
 
     # --- plumbing --------------------------------------------------------------------------
     def _read(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
@@ -472,7 +471,7 @@ class SQLiteStore(LeaseStore):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._thread = StoreThread("sqlite-store")
 
-        def connect(_: object) -> None:
+        def connect() -> None:
             db = sqlite3.connect(
                 self.path,
                 timeout=self.busy_timeout_s,
@@ -492,7 +491,7 @@ class SQLiteStore(LeaseStore):
 
         loop = asyncio.get_running_loop()
         try:
-            await self._thread.call(connect, None)
+            await self._thread.call(connect)
         except BaseException:
             self._thread.shutdown(wait=False)  # a connect still waiting ends on its own
             self._thread = None
@@ -980,11 +979,10 @@ class SQLiteStore(LeaseStore):
         one consistent snapshot while writes go on, so a year's report does not stall the
         grants queued on the store's thread for seconds."""
         assert self._thread is not None, "store is not open"
-        loop = asyncio.get_running_loop()
         if self._reader is None:
-            executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-reports")
+            thread = StoreThread("sqlite-reports")
 
-            def connect(_: object) -> sqlite3.Connection:
+            def connect() -> sqlite3.Connection:
                 db = sqlite3.connect(
                     self.path,
                     timeout=self.busy_timeout_s,
@@ -994,22 +992,22 @@ class SQLiteStore(LeaseStore):
                 db.execute("PRAGMA query_only=ON")
                 return db
 
-            db = await loop.run_in_executor(executor, connect, None)
+            db = await thread.call(connect)
             if self._reader is None:
-                self._reader = (executor, db)
+                self._reader = (thread, db)
             else:  # another call made one meanwhile
-                await loop.run_in_executor(executor, db.close)
-                executor.shutdown(wait=False)
-        executor, db = self._reader
-        return await loop.run_in_executor(executor, fn, db)
+                await thread.call(db.close)
+                thread.shutdown(wait=False)
+        thread, db = self._reader
+        return await thread.call(fn, db)
 
     async def _close_reader(self) -> None:
         if self._reader is None:
             return
-        executor, db = self._reader
+        thread, db = self._reader
         self._reader = None
-        await asyncio.get_running_loop().run_in_executor(executor, db.close)
-        executor.shutdown(wait=True)
+        await thread.call(db.close)
+        thread.shutdown()
 
 
 def _values(r: LeaseRecord) -> tuple:

@@ -1,5 +1,6 @@
-"""The SQLite store's own thread: the calls that may wait (a COMMIT's fsync, a BEGIN behind
-another process's write lock, open and close) run here, one at a time, in order.
+"""A thread of the SQLite store's own, for the calls that may wait, one at a time, in order:
+the writing connection's (a COMMIT's fsync, a BEGIN behind another process's write lock, open
+and close) and, on a second one, the report reader's long reads.
 
 A call is one queue put from the event loop and one `call_soon_threadsafe` back with its
 outcome.  It replaced a one-worker `ThreadPoolExecutor`, whose concurrent future (with its
