@@ -195,7 +195,7 @@ class Connection(asyncio.Protocol):
         self._lost.set()
         if exc is not None:
             self._context.run(log.debug, "connection_error", error=str(exc))
-        if self._admitted and self._closer is None and hasattr(self, "dispatcher"):
+        if self._closer is None and self in self.endpoint.connections:  # served, not closing
             self._finish()
 
     # --- output -------------------------------------------------------------------------------
