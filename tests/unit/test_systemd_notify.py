@@ -13,6 +13,7 @@ from structlog.testing import capture_logs
 
 from metering_runtime.systemd import Notifier, ServiceNotifier, notify, watchdog_interval
 from metering_runtime.tasks import TaskOwner
+from tests.support import async_wait_until
 
 
 class Recorder(Notifier):
@@ -31,6 +32,10 @@ class Recorder(Notifier):
 
     def lines(self) -> list[str]:
         return [line for _, lines in self.sent for line in lines]
+
+
+def stalls(logs: list[dict]) -> list[dict]:
+    return [e for e in logs if e["event"] == "event_loop_stalled"]
 
 
 @pytest.mark.parametrize(
@@ -94,21 +99,34 @@ async def test_outside_systemd_ready_spawns_nothing():
 async def test_ready_carries_status_then_status_only_when_changed_and_stopping_wins():
     rec = Recorder()
     state = {"n": 0}
-    svc = ServiceNotifier(lambda: f"serving {state['n']}", notifier=rec, status_interval_s=0.02)
+    asked = [0]  # how often the status loop asked: it has run that many periods
+
+    def status() -> str:
+        asked[0] += 1
+        return f"serving {state['n']}"
+
+    async def periods(n: int) -> None:
+        target = asked[0] + n
+        await async_wait_until(lambda: asked[0] >= target, timeout=5, what="status periods")
+
+    svc = ServiceNotifier(status, notifier=rec, status_interval_s=0.02)
     tasks = TaskOwner("t")
     try:
         svc.ready(tasks)
         assert rec.sent[0][1] == ("READY=1", "STATUS=serving 0")
-        await asyncio.sleep(0.1)
+        await periods(3)
         assert rec.lines() == ["READY=1", "STATUS=serving 0"]  # unchanged: nothing resent
         state["n"] = 3
-        await asyncio.sleep(0.1)
+        await periods(3)
         assert rec.lines()[-1] == "STATUS=serving 3"
         assert rec.lines().count("STATUS=serving 3") == 1
         svc.stopping("draining 3 connection(s)")
+        asked_when_stopping = asked[0]
         state["n"] = 0
-        await asyncio.sleep(0.1)
+        # Stopping, the loop asks no more; an absence needs time: five periods.
+        await asyncio.sleep(5 * svc.status_interval_s)
         assert rec.sent[-1][1] == ("STOPPING=1", "STATUS=draining 3 connection(s)")
+        assert asked[0] == asked_when_stopping
     finally:
         await tasks.cancel_all()
 
@@ -122,18 +140,20 @@ async def test_a_blocked_loop_sends_no_watchdog_pings():
     try:
         with capture_logs() as logs:
             svc.ready(tasks)
-            await asyncio.sleep(0.3)
-            assert len(rec.times("WATCHDOG=1")) >= 3  # pinging while the loop runs
+            await async_wait_until(lambda: len(rec.times("WATCHDOG=1")) >= 3, timeout=5)
+            # pinging while the loop runs
             blocked_from = time.monotonic()
             time.sleep(0.5)  # noqa: ASYNC251 - the point: a wedged loop, 5 x WATCHDOG_USEC
             blocked_until = time.monotonic()
-            await asyncio.sleep(0.3)
+            await async_wait_until(  # back once the loop runs
+                lambda: len([t for t in rec.times("WATCHDOG=1") if t >= blocked_until]) >= 3,
+                timeout=5,
+            )
         pings = rec.times("WATCHDOG=1")
         during = [t for t in pings if blocked_from < t < blocked_until]
         assert during == [], "a ping was sent while the event loop was blocked"
-        assert len([t for t in pings if t >= blocked_until]) >= 3  # back once the loop runs
-        stalls = [e for e in logs if e["event"] == "event_loop_stalled"]
-        assert len(stalls) == 1 and stalls[0]["since_last_ping_s"] >= 0.45
+        (stall,) = stalls(logs)
+        assert stall["since_last_ping_s"] >= 0.45
     finally:
         await tasks.cancel_all()
     assert len(tasks) == 0
@@ -150,11 +170,11 @@ async def test_stall_is_measured_on_the_injected_clock():
     try:
         with capture_logs() as logs:
             svc.ready(tasks)
-            await asyncio.sleep(0.05)
-            assert not [e for e in logs if e["event"] == "event_loop_stalled"]
+            await async_wait_until(lambda: svc.pings >= 3, timeout=5, what="three pings")
+            assert not stalls(logs)
             now[0] += 25.0  # the clock says 25 s went by between two pings
-            await asyncio.sleep(0.05)
-        (stall,) = [e for e in logs if e["event"] == "event_loop_stalled"]
+            await async_wait_until(lambda: stalls(logs), timeout=5, what="the stall logged")
+        (stall,) = stalls(logs)
         assert stall["since_last_ping_s"] == 25.0 and stall["watchdog_s"] == 0.02
     finally:
         await tasks.cancel_all()
