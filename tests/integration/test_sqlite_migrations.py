@@ -10,7 +10,7 @@ import pytest
 
 from metering_server.licensing import Pool
 from metering_server.store.base import StoreUnusable
-from metering_server.store.sqlite import MIGRATIONS, SQLiteStore, _statements
+from metering_server.store.sqlite import _EXPIRED_LEASES, MIGRATIONS, SQLiteStore, _statements
 from tests.integration.test_store_contract import T0, req
 from tests.stores import opened
 
@@ -105,3 +105,34 @@ async def test_statements_keep_a_trigger_body_whole():
     parts = _statements(script)
     assert len(parts) == 3
     assert parts[1].startswith("CREATE TRIGGER") and parts[1].endswith("END;")
+
+
+async def test_a_version_4_database_loses_the_expiry_index_and_still_sweeps(tmp_path):
+    """Migration 5 drops leases_expiry; the sweep then finds expired leases pool by pool."""
+    path = tmp_path / "v4.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    for script in MIGRATIONS[:4]:
+        for statement in _statements(script):
+            db.execute(statement)
+    db.execute("INSERT INTO meta VALUES ('schema_version', '4')")
+    for n, (product, expires) in enumerate(
+        [("CLOCK.EXE", T0 - 1), ("CLOCK.EXE", T0 + 100), ("EDIT.EXE", T0 - 5)]
+    ):
+        db.execute(
+            "INSERT INTO leases VALUES (?,?,'4.00',?,'4.00','alice','alice','ws-1','srv-a',"
+            "?,?,?,0,NULL)",
+            (f"Lold{n}", product, product, T0 - 10, T0 - 10, expires),
+        )
+    db.close()
+    async with opened(SQLiteStore(path)) as store:
+        gone = await store.expire(T0)
+        assert sorted(r.lease for r in gone) == ["Lold0", "Lold2"]
+        assert [r.lease for r in await store.leases(T0)] == ["Lold1"]
+    with sqlite3.connect(path) as db:
+        indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+        assert "leases_expiry" not in indexes and "leases_pool" in indexes
+        plan = [r[3] for r in db.execute(f"EXPLAIN QUERY PLAN {_EXPIRED_LEASES}", (T0,))]
+        assert any("leases USING INDEX leases_pool" in step for step in plan), plan
+        assert not any(step.startswith("SCAN leases") for step in plan), plan
+    assert version_of(path) == len(MIGRATIONS) == 5

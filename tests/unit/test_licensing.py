@@ -1,4 +1,5 @@
 import ast
+import os
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,19 @@ def test_lease_ids_are_unique_and_sort_by_grant_time(monkeypatch):
     ids = [base.new_lease_id() for _ in range(1000)]
     assert ids == sorted(ids) and len(set(ids)) == 1000
     assert all(len(i) == 25 and i[0] == "L" and int(i[1:], 16) for i in ids)
+
+
+def test_a_forked_child_does_not_repeat_its_parents_lease_ids():
+    """The random part comes from a per-process generator: a fork must seed it anew."""
+    from metering_server.store import base
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next random part, then out without pytest's teardown
+        os.write(write_end, str(base._lease_bits(52)).encode())
+        os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    with os.fdopen(read_end) as child:
+        childs = int(child.read())
+    assert childs != base._lease_bits(52)
