@@ -71,6 +71,38 @@ def test_lines_logged_on_the_loop_go_out_together_after_the_pass(tmp_path, resto
     assert last["event"] == "off_the_loop"
 
 
+def test_a_line_from_another_thread_goes_out_at_once_and_a_new_loop_gathers_again(
+    tmp_path, restore_structlog
+):
+    """The writer remembers the loop it saw last and its thread: a line from a thread of the
+    store, while that loop runs, must not be left for that loop's pass; a second loop on the
+    same thread gathers its lines again."""
+    path = tmp_path / "server.log"
+
+    def events() -> list[str]:
+        return [json.loads(line)["event"] for line in path.read_text().splitlines()]
+
+    async def on_the_loop(tag: str) -> tuple[list[str], list[str]]:
+        log = structlog.get_logger("test")
+        log.info(f"{tag}_gathered")
+        await asyncio.to_thread(log.info, f"{tag}_from_a_thread")
+        log.info(f"{tag}_gathered_too")
+        seen = events()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return seen, events()
+
+    with open(path, "w") as stream:
+        configure_logging("json", "info", stream)
+        first_during, first_after = asyncio.run(on_the_loop("a"))
+        second_during, second_after = asyncio.run(on_the_loop("b"))
+    # The first line's pass ended while the thread ran (to_thread awaits): it went out then.
+    assert first_during == ["a_gathered", "a_from_a_thread"]
+    assert first_after == ["a_gathered", "a_from_a_thread", "a_gathered_too"]
+    assert second_during == [*first_after, "b_gathered", "b_from_a_thread"]
+    assert second_after == [*second_during, "b_gathered_too"]
+
+
 def test_timestamps_are_rfc3339_utc_with_microseconds(tmp_path, restore_structlog):
     path = tmp_path / "server.log"
     with open(path, "w") as stream:
