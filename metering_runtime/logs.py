@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, BinaryIO, TextIO
 
 import msgspec
@@ -49,10 +50,35 @@ def configure_logging(fmt: str = "json", level: str = "info", stream: TextIO | N
         factory = structlog.PrintLoggerFactory(file=stream)
     structlog.configure(
         processors=[LineHeader(), renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
+        wrapper_class=_line_logger(_LEVELS.get(level, logging.INFO)),
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
+
+
+def _line_logger(level: int) -> type:
+    """structlog's filtering bound logger for `level`, each enabled level's method one call
+    from the processors: structlog's goes `meth` → `_proxy_to_logger` → `_process_event`,
+    packing the line's fields into a new dict at each step (an eighth of a line's cost)."""
+    base = structlog.make_filtering_bound_logger(level)
+    enabled = {
+        name: _emitter(name, getattr(base, name)) for name, at in _LEVELS.items() if at >= level
+    }
+    return type(base.__name__, (base,), enabled)
+
+
+def _emitter(method: str, structlogs: Callable[..., Any]) -> Callable[..., Any]:
+    def emit(self: Any, event: str, *args: Any, **fields: Any) -> Any:
+        if args:  # printf-style arguments: structlog's own way
+            return structlogs(self, event, *args, **fields)
+        try:
+            line, kw = self._process_event(method, event, fields)
+        except structlog.DropEvent:
+            return None
+        return getattr(self._logger, method)(*line, **kw)
+
+    emit.__name__ = method
+    return emit
 
 
 _json = msgspec.json.Encoder(enc_hook=str)  # anything without a JSON form is logged as str()

@@ -30,12 +30,15 @@ def test_json_lines_on_a_file_with_a_binary_buffer(tmp_path, restore_structlog):
         log = structlog.get_logger("test")
         log.info("lease_granted", lease="L1", in_use=3, overuse=False, peer=("10.0.0.1", 5))
         log.debug("not_shown")
+        log.warning("%s of %d seats", "all", 5, product="CLOCK.EXE")  # printf-style still works
         try:
             raise ValueError("bad")
         except ValueError:
             log.exception("failed", error=ValueError("bad"))
     lines = [json.loads(line) for line in path.read_text().splitlines()]
-    assert [x["event"] for x in lines] == ["lease_granted", "failed"]
+    assert [x["event"] for x in lines] == ["lease_granted", "all of 5 seats", "failed"]
+    assert lines[1]["level"] == "warning" and lines[1]["product"] == "CLOCK.EXE"
+    lines.pop(1)
     assert lines[0]["in_use"] == 3 and lines[0]["level"] == "info" and lines[0]["timestamp"]
     assert lines[0]["peer"] == ["10.0.0.1", 5]
     assert lines[1]["error"] == "bad" and "ValueError: bad" in lines[1]["exception"]
