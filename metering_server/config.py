@@ -54,6 +54,10 @@ class StoreSection(_S):
     connect_timeout_s: PosF = 5.0
     start_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 300.0  # 0: wait for ever
     query_timeout_s: PosF = 30.0
+    # How long a call waits for a pooled connection (default: query_timeout_s), and how many
+    # calls may wait at once (default: 1,000 per pool_max connection); past either, overloaded.
+    acquire_timeout_s: PosF | None = None
+    max_queued: Annotated[int, msgspec.Meta(ge=0, le=100_000_000)] | None = None
 
 
 class LeasesSection(_S):
@@ -290,4 +294,6 @@ def _store(
         connect_timeout_s=section.connect_timeout_s,
         start_timeout_s=section.start_timeout_s,
         query_timeout_s=section.query_timeout_s,
+        acquire_timeout_s=section.acquire_timeout_s,
+        max_queued=section.max_queued,
     )

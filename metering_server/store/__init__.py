@@ -23,6 +23,8 @@ class StoreSettings:
     connect_timeout_s: float = 5.0  # one connection attempt
     start_timeout_s: float = 300.0  # how long a start waits for the database; 0: for ever
     query_timeout_s: float = 30.0  # one statement, a lock wait included
+    acquire_timeout_s: float | None = None  # a wait for a pooled connection; None: query_timeout_s
+    max_queued: int | None = None  # calls waiting for a connection; None: 1,000 per pool_max
 
 
 def open_store(url: str, settings: StoreSettings | None = None) -> LeaseStore:
@@ -40,5 +42,7 @@ def open_store(url: str, settings: StoreSettings | None = None) -> LeaseStore:
             connect_timeout_s=s.connect_timeout_s,
             start_timeout_s=s.start_timeout_s,
             query_timeout_s=s.query_timeout_s,
+            acquire_timeout_s=s.acquire_timeout_s,
+            max_queued=s.max_queued,
         )
     raise ValueError(f"unsupported store url {url!r} (sqlite://, postgresql://)")

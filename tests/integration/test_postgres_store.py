@@ -382,7 +382,8 @@ def test_a_postgresql_url_and_its_keys_are_read(tmp_path):
             tmp_path,
             "url = 'postgresql://metering@db.example:5432/metering'\n"
             "password_file = 'db-password'\npool_min = 1\npool_max = 4\n"
-            "connect_timeout_s = 2\nstart_timeout_s = 0",
+            "connect_timeout_s = 2\nstart_timeout_s = 0\nacquire_timeout_s = 0.5\n"
+            "max_queued = 200",
         )
     )
     assert cfg.store_url == "postgresql://metering@db.example:5432/metering"
@@ -392,12 +393,21 @@ def test_a_postgresql_url_and_its_keys_are_read(tmp_path):
         pool_max=4,
         connect_timeout_s=2.0,
         start_timeout_s=0.0,
+        acquire_timeout_s=0.5,
+        max_queued=200,
     )
     defaults = load_server_config(write_config(tmp_path, "url = 'postgres://m@db/m'"))
     assert defaults.store_settings == StoreSettings()
     assert (defaults.store_settings.pool_min, defaults.store_settings.pool_max) == (2, 10)
     store = open_store(cfg.store_url, cfg.store_settings)
     assert isinstance(store, PostgresStore) and store.pool_max == 4
+    assert (store.acquire_timeout_s, store.max_queued) == (0.5, 200)
+    plain = open_store(defaults.store_url, defaults.store_settings)
+    assert isinstance(plain, PostgresStore)
+    assert (plain.acquire_timeout_s, plain.max_queued) == (
+        30.0,
+        10_000,
+    )  # query_timeout_s, 1,000 x 10
 
 
 @pytest.mark.parametrize(
@@ -412,6 +422,9 @@ def test_a_postgresql_url_and_its_keys_are_read(tmp_path):
         ("url = 'postgresql://m@db/m'\nstart_timeout_s = -1", "store.start_timeout_s", ">= 0"),
         ("url = 'postgresql://m@db/m'\nconnect_timeout_s = 0", "store.connect_timeout_s", "> 0"),
         ("url = 'postgresql://m@db/m'\npool_size = 3", "store.pool_size", "unknown key"),
+        ("url = 'postgresql://m@db/m'\nacquire_timeout_s = 0", "store.acquire_timeout_s", "> 0"),
+        ("url = 'postgresql://m@db/m'\nmax_queued = -1", "store.max_queued", ">= 0"),
+        ("url = 'postgresql://m@db/m'\nmax_queued = 'lots'", "store.max_queued", "int"),
         ("url = 'sqlite:///tmp/x.db'\npool_max = 3", "store.pool_max", "only used with"),
     ],
 )
