@@ -29,13 +29,39 @@ class Batches(Generic[I, R]):
         self._running = False
         self._tasks = TaskOwner(name)
 
-    async def submit(self, item: I) -> R:
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._pending.append((item, future))
+    @property
+    def running(self) -> bool:
+        """A batch runs: the next call waits for it to end."""
+        return self._running
+
+    @property
+    def waiting(self) -> int:
+        """Calls not yet in a batch."""
+        return len(self._pending)
+
+    async def submit(self, item: I, timeout: float | None = None) -> R:
+        """`item`'s result, from the next batch.  With `timeout`, a call still waiting for
+        its batch to start after that long is withdrawn (nothing was done for it) and raises
+        TimeoutError; once its batch runs, that batch's outcome is its answer."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[R] = loop.create_future()
+        entry = (item, future)
+        self._pending.append(entry)
         if not self._running:
             self._running = True
             self._tasks.spawn(self._drain(), "batches")
-        return await future
+        if timeout is None:
+            return await future
+        timer = loop.call_later(timeout, self._withdraw, entry)
+        try:
+            return await future
+        finally:
+            timer.cancel()
+
+    def _withdraw(self, entry: tuple[I, asyncio.Future[R]]) -> None:
+        if entry in self._pending and not entry[1].done():
+            self._pending.remove(entry)
+            entry[1].set_exception(TimeoutError())
 
     async def _drain(self) -> None:
         try:

@@ -11,7 +11,8 @@ Locks (docs/architecture.md, "PostgreSQL: transactions and locks"):
   pool (`pg_advisory_xact_lock(lock_key("pool", product, version))`), then count: grants to
   one pool are serialised across every server, grants to different pools run in parallel.
   The count is a statement of its own after the lock, so under READ COMMITTED it sees every
-  grant committed by the previous holder of the lock.
+  grant committed by the previous holder of the lock.  Fresh grants that arrive together
+  share one such transaction (`_grant_fresh`), their pools locked in lock-key order.
 - expiry is `DELETE ... RETURNING`: of servers sweeping at once, each expired row is deleted,
   and so returned, by exactly one.
 - a lease row a call decides on is read `FOR UPDATE`; several rows in one call are locked in
@@ -93,6 +94,10 @@ _USAGE_COLUMNS = (
     "started_at, ended_at, outcome, server, received_at"
 )
 # `licensing.is_live` in SQL; bind `now` as $1.
+_INSERT = (
+    f"INSERT INTO leases ({_COLUMNS}, idempotency_key) "
+    "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)"
+)
 _LIVE = "expires_at > $1"
 _EXPIRED = "expires_at <= $1"
 
@@ -276,6 +281,7 @@ class PostgresStore(LeaseStore):
         self._reclaims: Batches[GrantRequest, GrantOutcome | None] = Batches(
             self._renew_held, "reclaims"
         )
+        self._fresh: Batches[GrantRequest, GrantOutcome] = Batches(self._grant_fresh, "grants")
         self._shed = 0  # calls answered `StoreBusy` since the last `store_busy` line
         self._busy_logged_at = float("-inf")
         self.retry_base_s = retry_base_s
@@ -400,6 +406,7 @@ class PostgresStore(LeaseStore):
     async def close(self) -> None:
         await self._auth_reads.close()
         await self._reclaims.close()
+        await self._fresh.close()
         listener, self._listener = self._listener, None
         if listener is not None:
             listener.cancel()
@@ -505,6 +512,19 @@ class PostgresStore(LeaseStore):
                 log.info("store_recovered", store=self.where)
             return result
 
+    async def _batched(self, op: str, batches: Batches[GrantRequest, T], req: GrantRequest) -> T:
+        """`req` in the next batch of its kind.  Waiting for that batch to start is waiting
+        for a connection, and bounded the same way: `max_queued` calls, `acquire_timeout_s`."""
+        if batches.running and batches.waiting >= self.max_queued:
+            raise self._busy(op, f"{batches.waiting} calls already wait for the next {op} batch")
+        try:
+            return await batches.submit(req, self.acquire_timeout_s)
+        except TimeoutError:
+            raise self._busy(
+                op,
+                f"no connection free within {self.acquire_timeout_s:g} s ({self.pool_max} in use)",
+            ) from None
+
     def _busy(self, op: str, why: str) -> StoreBusy:
         """The store could not take this call now: `overloaded` for the client; for the
         operator one `store_busy` line per `_BUSY_LOG_EVERY_S`, counting the calls refused."""
@@ -537,8 +557,10 @@ class PostgresStore(LeaseStore):
 
     # --- leases --------------------------------------------------------------------------------
     async def grant(self, req: GrantRequest) -> GrantOutcome:
+        if req.reclaim is None and req.waiter is None:
+            return await self._batched("grant", self._fresh, req)  # with every fresh grant
         if req.reclaim is not None and req.waiter is None:
-            renewed = await self._reclaims.submit(req)  # with every reclaim meanwhile
+            renewed = await self._batched("reclaim", self._reclaims, req)  # and reclaim
             if renewed is not None:
                 return renewed
 
@@ -594,27 +616,8 @@ class PostgresStore(LeaseStore):
             decision = decide(pool, in_use)
             if not decision.granted:
                 return GrantOutcome(False, in_use)
-            lease = LeaseRecord(
-                lease=new_lease_id(),
-                product=req.product,
-                version=req.version,
-                pool_product=pool.product,
-                pool_version=pool.version,
-                principal=req.principal,
-                user=req.user,
-                client=req.client,
-                server=req.server,
-                granted_at=req.now,
-                renewed_at=req.now,
-                expires_at=lease_expiry(req.now, req.ttl_s),
-                overuse=decision.overuse,
-            )
-            await db.execute(
-                f"INSERT INTO leases ({_COLUMNS}, idempotency_key) "
-                "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)",
-                *_values(lease),
-                req.idempotency_key,
-            )
+            lease = _new_lease(req, decision.overuse)
+            await db.execute(_INSERT, *_values(lease), req.idempotency_key)
             if req.waiter is not None:
                 await db.execute("DELETE FROM waiters WHERE id = $1", req.waiter)
             return GrantOutcome(True, in_use + 1, lease)
@@ -622,6 +625,86 @@ class PostgresStore(LeaseStore):
         outcome = await self._run("grant", grant)
         self._in_use_seen[req.pool.key] = outcome.in_use
         return outcome
+
+    async def _grant_fresh(self, reqs: list[GrantRequest]) -> list[GrantOutcome]:
+        """Fresh grants (no reclaim, no waiter) that arrived together, in one transaction:
+        group commit for PostgreSQL.  One at a time, each grant held its pool's lock through
+        about six round trips and its commit, so grants to a product went one commit at a
+        time (~700 a second) whatever the load.
+
+        The outcome of each is what it would have been run alone, one after another in
+        arrival order, with one difference that only ever refuses more: each pool is
+        counted once, at the batch's earliest `now` (a lease expiring in between still
+        counts), and so are the live waiters ahead of it.  The pools' locks are taken in
+        lock-key order, so two servers' batches never wait for each other in a circle."""
+
+        async def grant_all(db: asyncpg.Connection) -> list[GrantOutcome]:
+            pools = sorted({req.pool.key for req in reqs}, key=_pool_lock)
+            for key in pools:
+                await db.execute("SELECT pg_advisory_xact_lock($1)", _pool_lock(key))
+            first = {key: min((r for r in reqs if r.pool.key == key), key=_now) for key in pools}
+            in_use = {key: await self._count(db, key, first[key].now) for key in pools}
+            ahead = {key: await self._live_waiters_ahead(db, key, first[key]) for key in pools}
+            earlier = await self._by_keys(db, [r for r in reqs if r.idempotency_key is not None])
+            out: list[GrantOutcome] = []
+            made: list[tuple[LeaseRecord, str | None]] = []
+            new_ids: set[str] = set()
+            for req in reqs:
+                key = req.pool.key
+                ident = (req.principal, req.client, req.idempotency_key)
+                held = earlier.get(ident) if req.idempotency_key is not None else None
+                if held is not None and is_live(held.expires_at, req.now):
+                    if held.lease not in new_ids:  # not one this batch is about to insert
+                        held = await self._renew_row(db, held, req.server, req.now, req.ttl_s)
+                        earlier[ident] = held
+                    out.append(GrantOutcome(True, in_use[key], held, replayed=True))
+                    continue
+                if held is not None:  # expired: the key may make a new lease
+                    await self._delete(db, held.lease)
+                    del earlier[ident]
+                if ahead[key]:
+                    out.append(GrantOutcome(False, in_use[key], queued_ahead=ahead[key]))
+                    continue
+                decision = decide(req.pool, in_use[key])
+                if not decision.granted:
+                    out.append(GrantOutcome(False, in_use[key]))
+                    continue
+                lease = _new_lease(req, decision.overuse)
+                made.append((lease, req.idempotency_key))
+                new_ids.add(lease.lease)
+                if req.idempotency_key is not None:  # a repeat of it in this batch replays it
+                    earlier[ident] = lease
+                in_use[key] += 1
+                out.append(GrantOutcome(True, in_use[key], lease))
+            if made:
+                await db.executemany(_INSERT, [(*_values(m), k) for m, k in made])
+            return out
+
+        outcomes = await self._run("grant", grant_all)
+        for req, outcome in zip(reqs, outcomes, strict=True):
+            self._in_use_seen[req.pool.key] = outcome.in_use
+        return outcomes
+
+    @staticmethod
+    async def _by_keys(
+        db: asyncpg.Connection, reqs: list[GrantRequest]
+    ) -> dict[tuple[str, str, str | None], LeaseRecord]:
+        """The leases earlier attempts of these checkouts made (by principal, client and
+        idempotency key), locked."""
+        if not reqs:
+            return {}
+        rows = await db.fetch(
+            f"SELECT {_COLUMNS}, idempotency_key FROM leases "
+            "WHERE (principal, client, idempotency_key) IN "
+            "(SELECT * FROM unnest($1::text[], $2::text[], $3::text[])) "
+            "ORDER BY lease FOR UPDATE",
+            [r.principal for r in reqs],
+            [r.client for r in reqs],
+            [r.idempotency_key for r in reqs],
+        )
+        return {
+            (row["principal"], row["client"], row["idempotency_key"]): _record(row) for row in rows
+        }
 
     async def _renew_held(self, reqs: list[GrantRequest]) -> list[GrantOutcome | None]:
         """Reclaims of leases their holders still hold, renewed together: one transaction,
@@ -1259,6 +1342,29 @@ def _usage_values(r: UsageRecord) -> tuple:
         r.outcome,
         r.server,
         r.received_at,
+    )
+
+
+def _now(req: GrantRequest) -> float:
+    return req.now
+
+
+def _new_lease(req: GrantRequest, overuse: bool) -> LeaseRecord:
+    pool = req.pool
+    return LeaseRecord(
+        lease=new_lease_id(),
+        product=req.product,
+        version=req.version,
+        pool_product=pool.product,
+        pool_version=pool.version,
+        principal=req.principal,
+        user=req.user,
+        client=req.client,
+        server=req.server,
+        granted_at=req.now,
+        renewed_at=req.now,
+        expires_at=lease_expiry(req.now, req.ttl_s),
+        overuse=overuse,
     )
 
 

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-import pytest_asyncio
 
 from metering_protocol.errors import MeteringError, Overloaded
 from metering_server.app import MeteringServer
@@ -36,7 +35,7 @@ from metering_server.store.postgres import PostgresStore
 from metering_server.store.sqlite import SQLiteStore
 from tests.conftest import hello
 from tests.integration.test_store_contract import ALICE, ENFORCE, T0, TTL, req
-from tests.pg import PostgresSite, postgres_site
+from tests.pg import PostgresSite
 from tests.stores import opened
 from tests.support import async_wait_until, server_config, write_credentials
 
@@ -53,13 +52,6 @@ def assert_overloaded(exc: BaseException) -> None:
 
 
 # --- PostgreSQL: a pool of one connection, held by a call that waits on a lock ----------------
-@pytest_asyncio.fixture
-async def pg_site(tmp_path: Path) -> AsyncIterator[PostgresSite]:
-    site = await postgres_site(tmp_path)
-    yield site
-    await site.destroy()
-
-
 def pg_store(site: PostgresSite, **kw) -> PostgresStore:
     options = {"pool_min": 1, "pool_max": 1, "acquire_timeout_s": 0.2, **kw}
     return site.cluster.store(search_path=site.schema, **options)

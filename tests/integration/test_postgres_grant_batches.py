@@ -1,0 +1,117 @@
+"""PostgreSQL group commit for fresh grants: the checkouts that arrive while one batch of
+grants runs go into the next, one transaction (one pool lock, one count, one commit) for all
+of them, and each gets the answer it would have had alone, in arrival order.
+
+Over a real PostgreSQL; concurrency is real (asyncio.gather over the store's pool), and two
+stores stand for two servers of a site.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from msgspec.structs import replace
+
+from metering_server.licensing import Pool
+from tests.integration.test_store_contract import T0, TTL, req
+from tests.integration.test_store_overload import (
+    BOB,
+    assert_overloaded,
+    lock_waiters,
+    pg_store,
+    pool_lock_held,
+)
+from tests.stores import opened
+from tests.support import async_wait_until
+
+pytestmark = pytest.mark.asyncio
+
+THIRTY = Pool("THIRTY", "1", 30, "enforce")
+
+
+def who(n: int) -> tuple[str, str]:
+    return (f"p{n}", f"ws-{n}")
+
+
+async def test_concurrent_grants_share_commits_and_never_pass_the_seat_count(pg_site):
+    commits: list[float] = []
+    async with opened(pg_store(pg_site, pool_max=2, acquire_timeout_s=10)) as store:
+        store.on_commit = commits.append
+        outs = await asyncio.gather(*(store.grant(req(THIRTY, who(n))) for n in range(50)))
+        granted = [o for o in outs if o.granted]
+        assert len(granted) == 30
+        assert sorted(o.in_use for o in granted) == list(range(1, 31))  # each counted once
+        assert all(not o.granted and o.in_use == 30 for o in outs if not o.granted)
+        assert [o.granted for o in outs] == [True] * 30 + [False] * 20  # in arrival order
+        assert len(commits) < 10  # 50 grants: a handful of transactions
+        held = await store.leases(T0 + 1)
+        assert sorted(r.lease for r in held) == sorted(o.lease.lease for o in granted)
+
+
+async def test_repeats_of_one_checkout_in_a_batch_get_its_one_lease(pg_site):
+    """An agent's retry carries the checkout's idempotency key; in the same batch as the
+    first attempt it gets the lease that attempt makes, not a second seat."""
+    async with opened(pg_store(pg_site, pool_max=1, acquire_timeout_s=10)) as store:
+        first = await store.grant(req(THIRTY, who(99)))  # a batch runs: the next ones gather
+        attempts = [replace(req(THIRTY, who(1)), idempotency_key="k-1") for _ in range(3)]
+        outs = await asyncio.gather(
+            *(store.grant(a) for a in attempts), store.grant(req(THIRTY, who(2)))
+        )
+        assert all(o.granted for o in outs)
+        assert len({o.lease.lease for o in outs[:3]}) == 1
+        assert [o.replayed for o in outs[:3]].count(False) == 1
+        held = await store.leases(T0 + 1)
+        assert len(held) == 3 and first.lease.lease in {r.lease for r in held}
+
+
+async def test_an_earlier_attempts_lease_is_renewed_and_an_expired_one_replaced(pg_site):
+    async with opened(pg_store(pg_site, pool_max=2, acquire_timeout_s=10)) as store:
+        attempt = replace(req(THIRTY, who(1)), idempotency_key="k-1")
+        made = (await store.grant(attempt)).lease
+        again = await store.grant(replace(attempt, now=T0 + 5))
+        assert again.replayed and again.lease.lease == made.lease
+        assert again.lease.expires_at == T0 + 5 + TTL
+        later = T0 + 5 + TTL + 1  # that lease has expired: the key makes a new one
+        fresh = await store.grant(replace(attempt, now=later))
+        assert fresh.granted and not fresh.replayed and fresh.lease.lease != made.lease
+        assert [r.lease for r in await store.leases(later)] == [fresh.lease.lease]
+
+
+async def test_two_servers_batching_grants_to_two_pools_never_pass_either_count(pg_site):
+    """Each batch takes its pools' locks in one order, so two servers' batches over the
+    same two pools neither wait for each other in a circle nor grant a seat twice."""
+    a_pool, b_pool = Pool("A", "1", 5, "enforce"), Pool("B", "1", 5, "enforce")
+    options = {"pool_max": 2, "acquire_timeout_s": 10}
+    async with (
+        opened(pg_store(pg_site, **options)) as srv_a,
+        opened(pg_store(pg_site, **options)) as srv_b,
+    ):
+        # Each server's batches hold grants to both pools, arriving in opposite orders.
+        calls = [
+            store.grant(req(pool, who(n), server=name))
+            for n in range(40)
+            for store, name, pool in (
+                (srv_a, "srv-a", a_pool if n % 2 else b_pool),
+                (srv_b, "srv-b", b_pool if n % 2 else a_pool),
+            )
+        ]
+        outs = await asyncio.wait_for(asyncio.gather(*calls), 30)
+        held = await srv_a.leases(T0 + 1)
+    assert sum(o.granted for o in outs) == 10
+    assert sorted(r.pool_product for r in held) == ["A"] * 5 + ["B"] * 5
+
+
+async def test_a_grant_that_would_wait_past_max_queued_is_refused_at_once(pg_site):
+    """max_queued 0: nothing may wait for the next batch while one runs."""
+    async with opened(pg_store(pg_site, max_queued=0, acquire_timeout_s=60)) as store:
+        async with pool_lock_held(pg_site, THIRTY.key) as conn:
+            blocked = asyncio.create_task(store.grant(req(THIRTY, BOB, now=T0 + 1)))
+            await async_wait_until(
+                lambda: lock_waiters(conn, "advisory"), what="a grant batch on the pool lock"
+            )
+            with pytest.raises(Exception) as err:
+                await asyncio.wait_for(store.grant(req(THIRTY, who(3), now=T0 + 2)), 10)
+            assert_overloaded(err.value)
+            assert "already wait for the next grant batch" in str(err.value)
+        assert (await asyncio.wait_for(blocked, 10)).granted
