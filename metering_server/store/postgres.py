@@ -41,7 +41,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -83,6 +83,25 @@ from .coalesce import Batches, KeyedReads
 from .migrations_pg import lock_key, migrate
 
 T = TypeVar("T")
+I = TypeVar("I")  # noqa: E741 - an item of a batch
+
+
+class _Heartbeat(NamedTuple):
+    leases: tuple[str, ...]
+    principal: str
+    client: str
+    server: str
+    now: float
+    ttl_s: float
+
+
+class _Checkin(NamedTuple):
+    lease: str
+    principal: str
+    client: str
+    now: float
+
+
 log = structlog.get_logger("metering.store")
 
 _COLUMNS = (
@@ -282,6 +301,10 @@ class PostgresStore(LeaseStore):
             self._renew_held, "reclaims"
         )
         self._fresh: Batches[GrantRequest, GrantOutcome] = Batches(self._grant_fresh, "grants")
+        self._releases: Batches[_Checkin, LeaseRecord | LeaseNotFound | None] = Batches(
+            self._release_all, "releases"
+        )
+        self._renewals: Batches[_Heartbeat, RenewOutcome] = Batches(self._renew_all, "renewals")
         self._shed = 0  # calls answered `StoreBusy` since the last `store_busy` line
         self._busy_logged_at = float("-inf")
         self.retry_base_s = retry_base_s
@@ -407,6 +430,8 @@ class PostgresStore(LeaseStore):
         await self._auth_reads.close()
         await self._reclaims.close()
         await self._fresh.close()
+        await self._releases.close()
+        await self._renewals.close()
         listener, self._listener = self._listener, None
         if listener is not None:
             listener.cancel()
@@ -512,7 +537,7 @@ class PostgresStore(LeaseStore):
                 log.info("store_recovered", store=self.where)
             return result
 
-    async def _batched(self, op: str, batches: Batches[GrantRequest, T], req: GrantRequest) -> T:
+    async def _batched(self, op: str, batches: Batches[I, T], req: I) -> T:
         """`req` in the next batch of its kind.  Waiting for that batch to start is waiting
         for a connection, and bounded the same way: `max_queued` calls, `acquire_timeout_s`."""
         if batches.running and batches.waiting >= self.max_queued:
@@ -837,63 +862,114 @@ class PostgresStore(LeaseStore):
     ) -> RenewOutcome:
         if not leases:
             return RenewOutcome([], [])
+        heartbeat = _Heartbeat(tuple(leases), principal, client, server, now, ttl_s)
+        return await self._batched("renew", self._renewals, heartbeat)
 
-        async def renew(db: asyncpg.Connection) -> RenewOutcome:
-            held = await self._lock_rows(db, leases)
-            renewed, lost = [], []
-            for lease in leases:
-                rec = held.get(lease)
-                if rec is not None and renew_verdict(
-                    rec.principal, rec.client, rec.expires_at, principal, client, now
-                ):
-                    renewed.append(lease)
-                else:
-                    lost.append(lease)
-            if renewed:
-                await db.execute(
-                    "UPDATE leases SET renewed_at = $1, expires_at = $2, server = $3 "
-                    "WHERE lease = ANY($4::text[])",
-                    now,
-                    lease_expiry(now, ttl_s),
-                    server,
-                    list(set(renewed)),
+    async def _renew_all(self, beats: list[_Heartbeat]) -> list[RenewOutcome]:
+        """Heartbeats that arrived together, in one transaction (group commit): every lease
+        they name locked in one statement, in lease order; each heartbeat judged by
+        `renew_verdict` as it would be alone, in arrival order (a later one in the batch sees
+        the lease as an earlier one renewed it); the renewals written in one pipelined
+        statement, the lost leases looked up among the revoked in one query."""
+
+        async def renew_all(db: asyncpg.Connection) -> list[RenewOutcome]:
+            held = await self._lock_rows(db, [lease for b in beats for lease in b.leases])
+            judged: list[tuple[list[str], list[str]]] = []
+            writes: dict[str, LeaseRecord] = {}
+            for b in beats:
+                renewed, lost = [], []
+                for lease in b.leases:
+                    rec = held.get(lease)
+                    if rec is not None and renew_verdict(
+                        rec.principal, rec.client, rec.expires_at, b.principal, b.client, b.now
+                    ):
+                        renewed.append(lease)
+                        held[lease] = writes[lease] = _renewed(rec, b.server, b.now, b.ttl_s)
+                    else:
+                        lost.append(lease)
+                judged.append((renewed, lost))
+            if writes:
+                await db.executemany(_RENEW, [_renew_args(r) for r in writes.values()])
+            asked = {
+                (lease, b.principal, b.client)
+                for b, (_, lost) in zip(beats, judged, strict=True)
+                for lease in lost
+            }
+            revoked = await self._revoked_among(db, asked)
+            return [
+                RenewOutcome(
+                    renewed, lost, [x for x in lost if (x, b.principal, b.client) in revoked]
                 )
-            revoked: list[str] = []
-            if lost:
-                found = await db.fetch(
-                    "SELECT lease FROM revoked WHERE lease = ANY($1::text[]) "
-                    "AND principal = $2 AND client = $3",
-                    list(set(lost)),
-                    principal,
-                    client,
-                )
-                gone = {r["lease"] for r in found}
-                revoked = [x for x in lost if x in gone]
-            return RenewOutcome(renewed, lost, revoked)
+                for b, (renewed, lost) in zip(beats, judged, strict=True)
+            ]
 
         # Urgent: a heartbeat keeps a held seat and must not wait behind new work while its
         # lease's TTL runs (the sweep would then expire a lease whose holder renewed on time).
-        return await self._run("renew", renew, urgent=True)
+        return await self._run("renew", renew_all, urgent=True)
+
+    @staticmethod
+    async def _revoked_among(
+        db: asyncpg.Connection, asked: set[tuple[str, str, str]]
+    ) -> set[tuple[str, str, str]]:
+        """Which of these (lease, principal, client) were revoked."""
+        if not asked:
+            return set()
+        rows = await db.fetch(
+            "SELECT lease, principal, client FROM revoked WHERE (lease, principal, client) IN "
+            "(SELECT * FROM unnest($1::text[], $2::text[], $3::text[]))",
+            *(list(column) for column in zip(*asked, strict=True)),
+        )
+        return {(r["lease"], r["principal"], r["client"]) for r in rows}
 
     async def release(
         self, lease: str, principal: str, client: str, now: float
     ) -> LeaseRecord | None:
-        async def release(db: asyncpg.Connection) -> LeaseRecord | None:
-            held = await self._get(db, lease)
-            if held is None:
-                return None
-            verdict = release_verdict(
-                held.principal, held.client, held.expires_at, principal, client, now
-            )
-            if verdict is Release.NOT_OWNER:
-                raise LeaseNotFound(f"lease {lease} is not held by this principal and client")
-            await self._delete(db, lease)
-            await self._notify(db, [("freed", _pool_text(held.pool_key))])
-            # DROP_EXPIRED: expired but not yet swept, already gone as far as the protocol is
-            # concerned.
-            return held if verdict is Release.RELEASE else None
+        outcome = await self._batched(
+            "release", self._releases, _Checkin(lease, principal, client, now)
+        )
+        if isinstance(outcome, LeaseNotFound):
+            raise outcome
+        return outcome
 
-        return await self._run("release", release)
+    async def _release_all(
+        self, checkins: list[_Checkin]
+    ) -> list[LeaseRecord | LeaseNotFound | None]:
+        """Checkins that arrived together, in one transaction (group commit, as for grants):
+        their rows locked in lease order, each judged by `release_verdict` as it would be
+        alone, in arrival order (a repeat of a checkin finds the lease gone), the rows
+        deleted in one statement, one notice per pool freed.  A checkin by another holder is
+        its own `LeaseNotFound`; the others go ahead."""
+
+        async def release_all(db: asyncpg.Connection) -> list[LeaseRecord | LeaseNotFound | None]:
+            held = await self._lock_rows(db, [c.lease for c in checkins])
+            out: list[LeaseRecord | LeaseNotFound | None] = []
+            gone: list[str] = []
+            freed: list[Notice] = []
+            for c in checkins:
+                rec = held.get(c.lease)
+                if rec is None:
+                    out.append(None)
+                    continue
+                verdict = release_verdict(
+                    rec.principal, rec.client, rec.expires_at, c.principal, c.client, c.now
+                )
+                if verdict is Release.NOT_OWNER:
+                    out.append(
+                        LeaseNotFound(f"lease {c.lease} is not held by this principal and client")
+                    )
+                    continue
+                del held[c.lease]
+                gone.append(c.lease)
+                freed.append(("freed", _pool_text(rec.pool_key)))
+                # DROP_EXPIRED: expired but not yet swept, already gone as far as the
+                # protocol is concerned.
+                out.append(rec if verdict is Release.RELEASE else None)
+            if gone:
+                await db.execute("DELETE FROM leases WHERE lease = ANY($1::text[])", gone)
+                await self._notify(db, freed)
+            return out
+
+        return await self._run("release", release_all)
 
     async def revoke(
         self, lease: str, *, now: float | None = None, by: str | None = None

@@ -1,6 +1,7 @@
-"""PostgreSQL group commit for fresh grants: the checkouts that arrive while one batch of
-grants runs go into the next, one transaction (one pool lock, one count, one commit) for all
-of them, and each gets the answer it would have had alone, in arrival order.
+"""PostgreSQL group commit: the fresh grants, checkins and heartbeats that arrive while one
+batch of their kind runs go into the next, one transaction (one pool lock and one count for
+grants, one row-locking statement, one commit) for all of them, and each call gets the answer
+it would have had alone, in arrival order.
 
 Over a real PostgreSQL; concurrency is real (asyncio.gather over the store's pool), and two
 stores stand for two servers of a site.
@@ -13,6 +14,7 @@ import asyncio
 import pytest
 from msgspec.structs import replace
 
+from metering_protocol.errors import LeaseNotFound
 from metering_server.licensing import Pool
 from tests.integration.test_store_contract import T0, TTL, req
 from tests.integration.test_store_overload import (
@@ -115,3 +117,46 @@ async def test_a_grant_that_would_wait_past_max_queued_is_refused_at_once(pg_sit
             assert_overloaded(err.value)
             assert "already wait for the next grant batch" in str(err.value)
         assert (await asyncio.wait_for(blocked, 10)).granted
+
+
+async def test_concurrent_checkins_share_commits_and_each_gets_its_own_answer(pg_site):
+    """Checkins go in batches too: a holder's own checkin gives its lease back, a repeat of
+    it finds nothing, another holder's is refused alone, and the rest go ahead."""
+    commits: list[float] = []
+    async with opened(pg_store(pg_site, pool_max=2, acquire_timeout_s=10)) as store:
+        leases = [(await store.grant(req(THIRTY, who(n)))).lease for n in range(30)]
+        store.on_commit = commits.append
+        outs = await asyncio.gather(
+            *(store.release(leases[n].lease, *who(n), T0 + 1) for n in range(1, 30)),
+            store.release(leases[1].lease, *who(1), T0 + 1),  # the same checkin, again
+            store.release(leases[0].lease, *who(7), T0 + 1),  # not its holder
+            store.release("Lgone", *who(8), T0 + 1),
+            return_exceptions=True,
+        )
+        assert [o.lease for o in outs[:29]] == [lease.lease for lease in leases[1:]]
+        assert outs[29] is None and outs[31] is None
+        assert isinstance(outs[30], LeaseNotFound)
+        assert len(commits) < 10
+        assert [r.lease for r in await store.leases(T0 + 2)] == [leases[0].lease]
+        assert (await store.in_use(T0 + 2))[THIRTY.key] == 1
+
+
+async def test_concurrent_heartbeats_share_commits_and_each_gets_its_own_answer(pg_site):
+    commits: list[float] = []
+    async with opened(pg_store(pg_site, pool_max=2, acquire_timeout_s=10)) as store:
+        leases = [(await store.grant(req(THIRTY, who(n)))).lease.lease for n in range(20)]
+        await store.revoke(leases[0], now=T0 + 1, by="admin")
+        store.on_commit = commits.append
+        outs = await asyncio.gather(
+            *(store.renew([leases[n]], *who(n), "srv-b", T0 + 5, TTL) for n in range(20)),
+            store.renew([leases[3]], *who(4), "srv-b", T0 + 5, TTL),  # not its holder
+            store.renew([leases[5], leases[6]], *who(5), "srv-b", T0 + 5, TTL),  # 6 is not
+        )
+        assert outs[0].lost == [leases[0]] and outs[0].revoked == [leases[0]]
+        assert all(outs[n].renewed == [leases[n]] for n in range(1, 20))
+        assert outs[20].lost == [leases[3]] and outs[20].revoked == []
+        assert outs[21].renewed == [leases[5]] and outs[21].lost == [leases[6]]
+        assert len(commits) < 10
+        held = {r.lease: r for r in await store.leases(T0 + 6)}
+        assert sorted(held) == sorted(leases[1:])
+        assert all(r.expires_at == T0 + 5 + TTL and r.server == "srv-b" for r in held.values())
