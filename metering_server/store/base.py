@@ -25,7 +25,7 @@ import msgspec
 
 from metering_protocol.errors import Internal, Overloaded
 from metering_server.auth.lockout import FailureState, LockoutPolicy
-from metering_server.licensing import Pool
+from metering_server.licensing import Pool, lease_expiry
 
 
 def new_lease_id() -> str:
@@ -138,6 +138,25 @@ class GrantRequest(msgspec.Struct, frozen=True):
     # Servers whose last `touch_server` is older than this are dead: their waiters are
     # orphans, skipped (never granted) until they re-attach or time out.
     live_since: float = float("-inf")
+
+
+def new_lease(req: GrantRequest, overuse: bool) -> LeaseRecord:
+    """The lease a granted fresh checkout gets: a new id, held from `req.now` for its TTL."""
+    return LeaseRecord(
+        lease=new_lease_id(),
+        product=req.product,
+        version=req.version,
+        pool_product=req.pool.product,
+        pool_version=req.pool.version,
+        principal=req.principal,
+        user=req.user,
+        client=req.client,
+        server=req.server,
+        granted_at=req.now,
+        renewed_at=req.now,
+        expires_at=lease_expiry(req.now, req.ttl_s),
+        overuse=overuse,
+    )
 
 
 class GrantOutcome(msgspec.Struct, frozen=True):

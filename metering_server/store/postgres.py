@@ -77,7 +77,7 @@ from .base import (
     UsageOutcome,
     UsageRecord,
     WaitEntry,
-    new_lease_id,
+    new_lease,
 )
 from .coalesce import Batches, KeyedReads
 from .migrations_pg import lock_key, migrate
@@ -641,7 +641,7 @@ class PostgresStore(LeaseStore):
             decision = decide(pool, in_use)
             if not decision.granted:
                 return GrantOutcome(False, in_use)
-            lease = _new_lease(req, decision.overuse)
+            lease = new_lease(req, decision.overuse)
             await db.execute(_INSERT, *_values(lease), req.idempotency_key)
             if req.waiter is not None:
                 await db.execute("DELETE FROM waiters WHERE id = $1", req.waiter)
@@ -694,7 +694,7 @@ class PostgresStore(LeaseStore):
                 if not decision.granted:
                     out.append(GrantOutcome(False, in_use[key]))
                     continue
-                lease = _new_lease(req, decision.overuse)
+                lease = new_lease(req, decision.overuse)
                 made.append((lease, req.idempotency_key))
                 new_ids.add(lease.lease)
                 if req.idempotency_key is not None:  # a repeat of it in this batch replays it
@@ -1423,25 +1423,6 @@ def _usage_values(r: UsageRecord) -> tuple:
 
 def _now(req: GrantRequest) -> float:
     return req.now
-
-
-def _new_lease(req: GrantRequest, overuse: bool) -> LeaseRecord:
-    pool = req.pool
-    return LeaseRecord(
-        lease=new_lease_id(),
-        product=req.product,
-        version=req.version,
-        pool_product=pool.product,
-        pool_version=pool.version,
-        principal=req.principal,
-        user=req.user,
-        client=req.client,
-        server=req.server,
-        granted_at=req.now,
-        renewed_at=req.now,
-        expires_at=lease_expiry(req.now, req.ttl_s),
-        overuse=overuse,
-    )
 
 
 def _values(r: LeaseRecord) -> tuple:

@@ -55,7 +55,7 @@ from .base import (
     UsageOutcome,
     UsageRecord,
     WaitEntry,
-    new_lease_id,
+    new_lease,
 )
 from .worker import StoreThread
 
@@ -572,21 +572,7 @@ class SQLiteStore(LeaseStore):
             decision = decide(pool, in_use)
             if not decision.granted:
                 return GrantOutcome(False, in_use)
-            lease = LeaseRecord(
-                lease=new_lease_id(),
-                product=req.product,
-                version=req.version,
-                pool_product=pool.product,
-                pool_version=pool.version,
-                principal=req.principal,
-                user=req.user,
-                client=req.client,
-                server=req.server,
-                granted_at=req.now,
-                renewed_at=req.now,
-                expires_at=lease_expiry(req.now, req.ttl_s),
-                overuse=decision.overuse,
-            )
+            lease = new_lease(req, decision.overuse)
             db.execute(
                 f"INSERT INTO leases ({_COLUMNS}, idempotency_key) "
                 "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",

@@ -22,19 +22,25 @@ def version_of(path) -> int:
         return int(db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
 
 
+def database_at(path, version: int) -> sqlite3.Connection:
+    """A database as release `version` of the schema left it (autocommit)."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    for script in MIGRATIONS[:version]:
+        for statement in _statements(script):
+            db.execute(statement)
+    db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(version),))
+    return db
+
+
 async def test_a_first_release_database_is_migrated_and_keeps_its_leases(tmp_path):
     path = tmp_path / "old.db"
-    db = sqlite3.connect(path)
-    for statement in _statements(MIGRATIONS[0]):
-        db.execute(statement)
-    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-    db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    db = database_at(path, 1)
     db.execute(
         "INSERT INTO leases VALUES ('Lold','CLOCK.EXE','4.00','CLOCK.EXE','4.00','alice',"
         "'alice','ws-1','srv-a',?,?,?,0)",
         (T0, T0, T0 + 100),
     )
-    db.commit()
     db.close()
     async with opened(SQLiteStore(path)) as store:
         assert [r.lease for r in await store.leases(T0 + 1)] == ["Lold"]
@@ -66,12 +72,7 @@ async def test_a_database_newer_than_this_release_is_refused(tmp_path):
 async def test_a_version_3_database_gets_pool_counts_that_match_its_leases(tmp_path):
     """Migration 4 counts the leases already there; the triggers keep the count after."""
     path = tmp_path / "v3.db"
-    db = sqlite3.connect(path, isolation_level=None)
-    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-    for script in MIGRATIONS[:3]:
-        for statement in _statements(script):
-            db.execute(statement)
-    db.execute("INSERT INTO meta VALUES ('schema_version', '3')")
+    db = database_at(path, 3)
     for n, expires in enumerate([T0 + 100, T0 + 100, T0 - 1]):  # the last one has expired
         db.execute(
             "INSERT INTO leases VALUES (?,'CLOCK.EXE','4.00','CLOCK.EXE','4.00','alice',"
@@ -110,12 +111,7 @@ async def test_statements_keep_a_trigger_body_whole():
 async def test_a_version_4_database_loses_the_expiry_index_and_still_sweeps(tmp_path):
     """Migration 5 drops leases_expiry; the sweep then finds expired leases pool by pool."""
     path = tmp_path / "v4.db"
-    db = sqlite3.connect(path, isolation_level=None)
-    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-    for script in MIGRATIONS[:4]:
-        for statement in _statements(script):
-            db.execute(statement)
-    db.execute("INSERT INTO meta VALUES ('schema_version', '4')")
+    db = database_at(path, 4)
     for n, (product, expires) in enumerate(
         [("CLOCK.EXE", T0 - 1), ("CLOCK.EXE", T0 + 100), ("EDIT.EXE", T0 - 5)]
     ):
