@@ -1,10 +1,11 @@
 """Concurrent calls of one kind, served together: one query or transaction for a batch.
 
-A failover storm brings thousands of hellos and reclaims at once.  One query or transaction
-each queued thousands of calls for the pool's few connections (most then refused
-`overloaded`, and retried); served together, the calls that arrive while one batch runs all
-go in the next, one round trip and one commit for all of them.  No call waits for a timer:
-the first goes out at once, and a batch is exactly what queued during the one before it.
+A failover storm brings thousands of hellos and reclaims at once, and a busy site thousands
+of checkouts, checkins and heartbeats a second.  One query or transaction each queued them
+for the pool's few connections (most then refused `overloaded`, and retried) and cost a
+commit each; served together, the calls that arrive while one batch runs all go in the next,
+one round trip and one commit for all of them.  No call waits for a timer: the first goes
+out at once, and a batch is exactly what queued during the one before it.
 """
 
 from __future__ import annotations
