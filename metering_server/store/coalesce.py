@@ -86,7 +86,12 @@ class Batches(Generic[I, R]):
             self._running = False
 
     async def close(self) -> None:
+        """Stop: the running batch is cancelled, and so is every call still waiting for one
+        (its caller hears CancelledError instead of waiting for ever)."""
         await self._tasks.cancel_all()
+        pending, self._pending = self._pending, []
+        for _, future in pending:
+            future.cancel()
 
 
 class KeyedReads(Generic[V]):

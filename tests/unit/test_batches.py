@@ -52,3 +52,16 @@ async def test_a_call_still_waiting_at_its_timeout_is_withdrawn_untouched():
     assert await running == 10  # in a running batch at its timeout: that batch answers it
     assert gate.batches == [[1]]  # 2 was never run
     await batches.close()
+
+
+async def test_closing_cancels_the_running_batch_and_the_calls_waiting_for_the_next():
+    gate = Gate()
+    batches: Batches[int, int] = Batches(gate.run, "t")
+    running = asyncio.ensure_future(batches.submit(1))
+    await async_wait_until(lambda: gate.batches == [[1]], timeout=5)
+    waiting = asyncio.ensure_future(batches.submit(2))
+    await async_wait_until(lambda: batches.waiting == 1, timeout=5)
+    await batches.close()
+    for call in (running, waiting):
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(call, 5)
