@@ -595,11 +595,12 @@ class PostgresStore(LeaseStore):
             # so it sees everything the previous holder committed.
             await db.execute("SELECT pg_advisory_xact_lock($1)", _pool_lock(pool.key))
             if req.reclaim is not None:
-                if await self._was_revoked(db, req.reclaim, req.principal, req.client):
+                asked = (req.reclaim, req.principal, req.client)
+                if asked in await self._revoked_among(db, {asked}):
                     return GrantOutcome(
                         False, await self._count(db, pool.key, req.now), revoked=True
                     )
-                held = await self._get(db, req.reclaim)
+                held = (await self._lock_rows(db, [req.reclaim])).get(req.reclaim)
                 if held is not None:
                     verdict = reclaim_verdict(
                         held.principal,
@@ -625,7 +626,8 @@ class PostgresStore(LeaseStore):
                     in_use = await self._count(db, pool.key, req.now)
                     return GrantOutcome(False, in_use, queued_ahead=1)
             if req.idempotency_key is not None:
-                earlier = await self._by_key(db, req.principal, req.client, req.idempotency_key)
+                ident = (req.principal, req.client, req.idempotency_key)
+                earlier = (await self._by_keys(db, [req])).get(ident)
                 if earlier is not None and is_live(earlier.expires_at, req.now):
                     lease = await self._renew_row(db, earlier, req.server, req.now, req.ttl_s)
                     if req.waiter is not None:
@@ -795,34 +797,6 @@ class PostgresStore(LeaseStore):
             req.now,
             req.live_since,
         )
-
-    @staticmethod
-    async def _get(db: asyncpg.Connection, lease: str) -> LeaseRecord | None:
-        row = await db.fetchrow(f"SELECT {_COLUMNS} FROM leases WHERE lease = $1 FOR UPDATE", lease)
-        return None if row is None else _record(row)
-
-    @staticmethod
-    async def _by_key(
-        db: asyncpg.Connection, principal: str, client: str, key: str
-    ) -> LeaseRecord | None:
-        row = await db.fetchrow(
-            f"SELECT {_COLUMNS} FROM leases WHERE principal = $1 AND client = $2 "
-            "AND idempotency_key = $3 FOR UPDATE",
-            principal,
-            client,
-            key,
-        )
-        return None if row is None else _record(row)
-
-    @staticmethod
-    async def _was_revoked(db: asyncpg.Connection, lease: str, principal: str, client: str) -> bool:
-        found = await db.fetchval(
-            "SELECT 1 FROM revoked WHERE lease = $1 AND principal = $2 AND client = $3",
-            lease,
-            principal,
-            client,
-        )
-        return found is not None
 
     @staticmethod
     async def _delete(db: asyncpg.Connection, lease: str) -> None:
