@@ -14,8 +14,6 @@ import signal
 import stat
 from typing import Any
 
-import structlog
-
 from metering_client.config import ClientConfig, check_agent_credential
 from metering_client.connector import Connector
 from metering_client.journal import LeaseJournal
@@ -34,10 +32,11 @@ from metering_protocol.unixsock import someone_listens
 from metering_runtime.connection import Connection, Endpoint, Limits
 from metering_runtime.http import HttpEndpoint, Response
 from metering_runtime.listeners import Listener, bind
+from metering_runtime.logs import get_logger
 from metering_runtime.systemd import ServiceNotifier
 from metering_runtime.tasks import TaskOwner
 
-log = structlog.get_logger("metering.agent")
+log = get_logger("metering.agent")
 
 REAP_INTERVAL_S = 2.0
 SEEN_REFRESH_S = 60.0  # open usage records: "still running at" is written this often

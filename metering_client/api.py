@@ -15,16 +15,15 @@ import contextlib
 import os
 from typing import Any
 
-import structlog
-
 from metering_client.config import ClientConfig, load_client_config
 from metering_client.connector import Connector
 from metering_client.keeper import HeldLease, LeaseKeeper
 from metering_client.serverlist import ServerList
 from metering_protocol.client import ProtocolClient
 from metering_protocol.errors import ConnectionLost, LeaseRevoked, MeteringError
+from metering_runtime.logs import get_logger
 
-log = structlog.get_logger("metering.client")
+log = get_logger("metering.client")
 
 
 async def connect_agent(config: ClientConfig) -> ProtocolClient | None:

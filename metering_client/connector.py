@@ -18,8 +18,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
-
 from metering_client.config import ClientConfig, token_stamp
 from metering_client.holdoff import AuthHoldoff
 from metering_client.retry import RetryPolicy, RetrySettings, attempt_order
@@ -32,9 +30,10 @@ from metering_protocol.errors import (
     MeteringError,
     Unavailable,
 )
+from metering_runtime.logs import get_logger
 from metering_runtime.tokens import TokenFileError, require_token_file
 
-log = structlog.get_logger("metering.client")
+log = get_logger("metering.client")
 
 
 EventCallback = Callable[["ServerSession", dict[str, Any]], None]

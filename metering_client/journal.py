@@ -6,12 +6,11 @@ import asyncio
 import json
 from pathlib import Path
 
-import structlog
-
 from metering_client.keeper import HeldLease
 from metering_runtime.durable import write_atomic_async
+from metering_runtime.logs import get_logger
 
-log = structlog.get_logger("metering.agent")
+log = get_logger("metering.agent")
 
 
 class LeaseJournal:

@@ -23,8 +23,6 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-import structlog
-
 from metering_client.config import ClientConfig
 from metering_client.serverlist import ServerEntry
 from metering_protocol.errors import (
@@ -40,9 +38,10 @@ from metering_protocol.errors import (
     ShuttingDown,
     Unavailable,
 )
+from metering_runtime.logs import get_logger
 from metering_runtime.tasks import TaskOwner
 
-log = structlog.get_logger("metering.client")
+log = get_logger("metering.client")
 
 # Errors after which the session is considered dead and the request is retried elsewhere.
 SESSION_FAULTS = (ConnectionLost, ProtocolViolation, ShuttingDown, Overloaded, Internal)

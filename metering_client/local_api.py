@@ -14,8 +14,6 @@ import os
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-import structlog
-
 from metering_client.keeper import LeaseKeeper
 from metering_client.programs import pid_start
 from metering_client.spool import UsageLog
@@ -23,8 +21,9 @@ from metering_protocol import messages as m
 from metering_protocol.errors import Forbidden, LeaseNotFound, MeteringError
 from metering_protocol.unixsock import user_name
 from metering_runtime.connection import Connection
+from metering_runtime.logs import get_logger
 
-log = structlog.get_logger("metering.agent")
+log = get_logger("metering.agent")
 
 
 class LocalCheckout(m.Checkout, frozen=True, kw_only=True):

@@ -30,13 +30,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-import structlog
-
 from metering_client.usage import BadRecord, UsageRecord, decode, encode, new_record, wire_size
 from metering_protocol.timefmt import rfc3339
 from metering_runtime.durable import write_atomic, write_atomic_async
+from metering_runtime.logs import get_logger
 
-log = structlog.get_logger("metering.usage")
+log = get_logger("metering.usage")
 
 SUFFIX = ".json"
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)

@@ -20,13 +20,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import structlog
-
 from metering_client.spool import Spool
 from metering_protocol.errors import MeteringError
 from metering_protocol.timefmt import rfc3339
+from metering_runtime.logs import get_logger
 
-log = structlog.get_logger("metering.usage")
+log = get_logger("metering.usage")
 
 MIN_BATCH_BYTES = 1024
 

@@ -44,8 +44,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import structlog
-
 from metering_client.config import WatchSection
 from metering_client.programs import pid_start
 from metering_client.spool import Spool
@@ -60,9 +58,10 @@ from metering_protocol.errors import (
 from metering_protocol.timefmt import parse_rfc3339
 from metering_protocol.unixsock import user_name
 from metering_runtime.durable import write_atomic_async
+from metering_runtime.logs import get_logger
 from metering_runtime.tasks import TaskOwner
 
-log = structlog.get_logger("metering.watch")
+log = get_logger("metering.watch")
 
 COMM_LEN = 15  # /proc/PID/comm keeps the first 15 bytes of the name
 PF_KTHREAD = 0x00200000

@@ -13,11 +13,10 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import structlog
-
 from metering_protocol.address import Address
+from metering_runtime.logs import get_logger
 
-log = structlog.get_logger("metering.http")
+log = get_logger("metering.http")
 
 MAX_HEAD = 8192
 READ_TIMEOUT_S = 5.0

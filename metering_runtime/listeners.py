@@ -24,12 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from metering_protocol.address import Address
 from metering_protocol.unixsock import someone_listens
+from metering_runtime.logs import get_logger
 
-log = structlog.get_logger("metering.listen")
+log = get_logger("metering.listen")
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 # tls:// listeners: called with each accepted socket (non-blocking, nothing read from it yet);

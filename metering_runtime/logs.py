@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, BinaryIO, TextIO
 
@@ -35,31 +36,74 @@ def configure_logging(fmt: str = "json", level: str = "info", stream: TextIO | N
     straight to bytes; structlog's default, the json module plus a str round trip, cost
     twice as much per line; the lines of one event-loop pass go out in one write)."""
     stream = stream if stream is not None else sys.stderr
-    renderer: structlog.typing.Processor
+    processors: list[structlog.typing.Processor]
     factory: structlog.typing.WrappedLogger
     binary = getattr(stream, "buffer", None)
     if fmt == "console":
-        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        processors = [LineHeader(), structlog.dev.ConsoleRenderer(colors=stream.isatty())]
         factory = structlog.PrintLoggerFactory(file=stream)
     elif binary is not None:
-        renderer = _render_json
+        processors = [LineHeader(render=_json.encode)]  # no Python call to render
         lines = LineWriter(binary)
         factory = lambda *_: lines  # noqa: E731 - one writer for every logger
     else:  # a text-only stream (a test's StringIO)
-        renderer = structlog.processors.JSONRenderer()
+        processors = [LineHeader(), structlog.processors.JSONRenderer()]
         factory = structlog.PrintLoggerFactory(file=stream)
     structlog.configure(
-        processors=[LineHeader(), renderer],
+        processors=processors,
         wrapper_class=_line_logger(_LEVELS.get(level, logging.INFO)),
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
+    for logger in list(_LOGGERS):
+        logger.forget()
+
+
+_LOGGERS: weakref.WeakSet[Logger] = weakref.WeakSet()
+
+
+def get_logger(name: str) -> Logger:
+    """A module's logger (`log = get_logger("metering.seats")`), for structlog's."""
+    return Logger(name)
+
+
+class Logger:
+    """structlog's lazy logger, minus its cost per line.  structlog hands a module a proxy
+    that finds the configured logger through `__getattr__` on every call: Python first fails
+    the normal lookup, so each line built and dropped an AttributeError (3% of a checkout's
+    instructions).  This one keeps each method it looked up as its own attribute while
+    structlog caches loggers (`configure_logging` turns that on), and `configure_logging`
+    makes every one look again, where structlog's proxies kept the logger they first built.
+    With structlog's defaults (tests that configure it themselves) nothing is kept: each
+    line looks up the logger as configured at that moment."""
+
+    def __init__(self, name: str):
+        self._name = name
+        self._proxy = structlog.get_logger(name)
+        _LOGGERS.add(self)
+
+    def __getattr__(self, method: str) -> Any:
+        if method.startswith("__"):  # copy, pickle and friends ask for dunders
+            raise AttributeError(method)
+        found = getattr(self._proxy.bind(), method)
+        if structlog.get_config()["cache_logger_on_first_use"]:
+            self.__dict__[method] = found
+        return found
+
+    def bind(self, **fields: Any) -> Any:
+        return self._proxy.bind(**fields)
+
+    def forget(self) -> None:
+        """Look the logger up again on its next line (logging was configured again)."""
+        name = self._name
+        self.__dict__.clear()
+        self._name = name
+        self._proxy = structlog.get_logger(name)
 
 
 def _line_logger(level: int) -> type:
-    """structlog's filtering bound logger for `level`, each enabled level's method one call
-    from the processors: structlog's goes `meth` → `_proxy_to_logger` → `_process_event`,
-    packing the line's fields into a new dict at each step (an eighth of a line's cost)."""
+    """structlog's filtering bound logger for `level`, each enabled level's method running
+    the processors itself (`_emitter`)."""
     base = structlog.make_filtering_bound_logger(level)
     enabled = {
         name: _emitter(name, getattr(base, name)) for name, at in _LEVELS.items() if at >= level
@@ -68,24 +112,36 @@ def _line_logger(level: int) -> type:
 
 
 def _emitter(method: str, structlogs: Callable[..., Any]) -> Callable[..., Any]:
+    """A level's method: structlog's goes `meth` → `_proxy_to_logger` → `_process_event`,
+    packing the line's fields into a new dict at each step and its output into an
+    (args, kwargs) pair at the end (a fifth of a line's cost).  This is `_process_event`
+    in one frame, for what a line is here: the logger's context and the line's fields, the
+    processors, and one positional argument or (args, kwargs) to the output."""
+
     def emit(self: Any, event: str, *args: Any, **fields: Any) -> Any:
         if args:  # printf-style arguments: structlog's own way
             return structlogs(self, event, *args, **fields)
+        if self._context:
+            fields = {**self._context, **fields}
+        fields["event"] = event
+        line: Any = fields
         try:
-            line, kw = self._process_event(method, event, fields)
+            for processor in self._processors:
+                line = processor(self._logger, method, line)
         except structlog.DropEvent:
             return None
-        return getattr(self._logger, method)(*line, **kw)
+        out = getattr(self._logger, method)
+        if isinstance(line, (str, bytes, bytearray)):  # a rendered line
+            return out(line)
+        if isinstance(line, tuple):
+            return out(*line[0], **line[1])
+        return out(**line)
 
     emit.__name__ = method
     return emit
 
 
 _json = msgspec.json.Encoder(enc_hook=str)  # anything without a JSON form is logged as str()
-
-
-def _render_json(_: Any, __: str, event: dict) -> bytes:
-    return _json.encode(event)
 
 
 # The fields `bind_context` bound in this context: one variable holding a dict that is replaced,
@@ -100,43 +156,39 @@ def bind_context(**fields: Any) -> None:
     _BOUND.set({**_BOUND.get({}), **fields})
 
 
+# `level` as structlog's add_log_level names it: `warn` is `warning`, `exception` is `error`.
+_LEVEL_NAMES = {"warn": "warning", "exception": "error"}
+
+
 class LineHeader:
     """What every line carries besides its own fields, in one processor (each processor is
     a Python call: merging five into this took ~14% off a line): the bound context
-    (`bind_context`; a line's own fields win), `level`, `timestamp` (`UtcTimestamp`), and an
-    exception's traceback as text."""
+    (`bind_context`; a line's own fields win), `level`, `timestamp`, and an
+    exception's traceback as text; and, given `render`, the line rendered (the last
+    processor then)."""
 
-    def __init__(self) -> None:
-        self._stamp = UtcTimestamp()
-
-    def __call__(self, logger: Any, method: str, event: dict) -> dict:
-        for key, value in _BOUND.get({}).items():
-            event.setdefault(key, value)
-        structlog.processors.add_log_level(logger, method, event)
-        self._stamp(logger, method, event)
-        if "exc_info" in event:
-            event = structlog.processors.format_exc_info(logger, method, event)
-        return event
-
-
-class UtcTimestamp:
-    """`timestamp`: UTC, RFC 3339 with microseconds ("2026-12-06T05:00:01.000123Z"), its
-    date and time of day formatted once a second (structlog's TimeStamper builds a datetime
-    per line: a fifth of a line's cost), the rest in integers (a float's split into second
-    and fraction cost a third more)."""
-
-    def __init__(self) -> None:
+    def __init__(self, render: Callable[[dict], Any] | None = None) -> None:
+        self._render = render
         self._second = -1
         self._prefix = ""
 
-    def __call__(self, _: Any, __: str, event: dict) -> dict:
+    def __call__(self, logger: Any, method: str, event: dict) -> Any:
+        for key, value in _BOUND.get({}).items():
+            event.setdefault(key, value)
+        event["level"] = _LEVEL_NAMES.get(method, method)
+        # timestamp: UTC, RFC 3339 with microseconds ("2026-12-06T05:00:01.000123Z"), the
+        # date and time of day formatted once a second (structlog's TimeStamper builds a
+        # datetime per line: a fifth of a line's cost), the rest in integers (a float's split
+        # into second and fraction cost a third more).
         micros = time.time_ns() // 1000
         second = micros // 1_000_000
         if second != self._second:
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
             self._second = second
         event["timestamp"] = f"{self._prefix}{micros % 1_000_000:06d}Z"
-        return event
+        if "exc_info" in event:
+            event = structlog.processors.format_exc_info(logger, method, event)
+        return event if self._render is None else self._render(event)
 
 
 class LineWriter:

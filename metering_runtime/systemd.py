@@ -18,11 +18,10 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 
-import structlog
-
+from metering_runtime.logs import get_logger
 from metering_runtime.tasks import TaskOwner
 
-log = structlog.get_logger("metering.systemd")
+log = get_logger("metering.systemd")
 
 STATUS_INTERVAL_S = 2.0
 

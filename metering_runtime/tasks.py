@@ -12,9 +12,9 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any
 
-import structlog
+from metering_runtime.logs import get_logger
 
-log = structlog.get_logger("metering.tasks")
+log = get_logger("metering.tasks")
 
 
 class TaskOwner:

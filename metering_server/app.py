@@ -19,7 +19,6 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
-import structlog
 
 from metering_protocol.address import parse_address
 from metering_protocol.config import ConfigError
@@ -28,7 +27,7 @@ from metering_runtime import systemd
 from metering_runtime.connection import Connection, Endpoint, Limits
 from metering_runtime.http import HttpEndpoint, Response
 from metering_runtime.listeners import Listener, bind, server_ssl_context
-from metering_runtime.logs import bind_context
+from metering_runtime.logs import bind_context, get_logger
 from metering_runtime.tasks import TaskOwner
 from metering_server.auth.credentials import Credentials, CredentialsError
 from metering_server.auth.lockout import LockoutSettings
@@ -43,7 +42,7 @@ from metering_server.session import Session
 from metering_server.store import open_store
 from metering_server.store.base import LeaseStore
 
-log = structlog.get_logger("metering.server")
+log = get_logger("metering.server")
 
 HEALTH_TIMEOUT_S = 2.0
 

@@ -17,11 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
-
 from metering_protocol.errors import AuthFailed, LockedOut
 from metering_protocol.timefmt import rfc3339
 from metering_protocol.unixsock import user_name
+from metering_runtime.logs import get_logger
 from metering_runtime.tasks import TaskOwner
 from metering_server.auth.credentials import Credentials, CredentialsError
 from metering_server.auth.lockout import LockoutPolicy, LockoutSettings
@@ -30,7 +29,7 @@ from metering_server.store.base import LeaseStore
 
 UPGRADE_SAVE_DELAY_S = 1.0
 
-log = structlog.get_logger("metering.security")
+log = get_logger("metering.security")
 
 
 @dataclass(frozen=True)

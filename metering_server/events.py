@@ -15,11 +15,11 @@ from collections import deque
 from typing import Any, ClassVar
 
 import msgspec
-import structlog
 
+from metering_runtime.logs import get_logger
 from metering_server.store.base import LeaseRecord
 
-log = structlog.get_logger("metering.events")
+log = get_logger("metering.events")
 
 
 class SeatEvent(msgspec.Struct, frozen=True):

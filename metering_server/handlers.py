@@ -12,8 +12,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
-
 from metering_protocol import messages as m
 from metering_protocol.errors import (
     BadRequest,
@@ -23,14 +21,14 @@ from metering_protocol.errors import (
 )
 from metering_protocol.framing import DEFAULT_MAX_FRAME_BYTES, encode
 from metering_protocol.timefmt import rfc3339
-from metering_runtime.logs import bind_context
+from metering_runtime.logs import bind_context, get_logger
 from metering_server import usage
 from metering_server.authn import Authenticator
 from metering_server.seats import CheckoutRequest, Grant, SeatService
 from metering_server.session import Session
 from metering_server.store.base import LeaseRecord, UsageRecord
 
-log = structlog.get_logger("metering.server")
+log = get_logger("metering.server")
 
 # Usage records: times before this are a client's broken clock, not a run (2000-01-01Z) ...
 EARLIEST_USAGE = 946684800.0

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import msgspec
-import structlog
 
 from metering_protocol.errors import (
     Cancelled,
@@ -26,6 +25,7 @@ from metering_protocol.errors import (
     ShuttingDown,
     UnknownProduct,
 )
+from metering_runtime.logs import get_logger
 from metering_runtime.tasks import TaskOwner
 from metering_server import events as ev
 from metering_server.licensing import Catalogue, Pool
@@ -39,7 +39,7 @@ from metering_server.store.base import (
 )
 from metering_server.waiters import Waiter, WaitQueues
 
-log = structlog.get_logger("metering.seats")
+log = get_logger("metering.seats")
 
 
 class Holder(Protocol):

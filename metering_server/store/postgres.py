@@ -45,10 +45,10 @@ from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-import structlog
 from msgspec.structs import replace
 
 from metering_protocol.errors import Internal, LeaseNotFound, MeteringError
+from metering_runtime.logs import get_logger
 from metering_server.auth.lockout import FailureState, LockoutPolicy
 from metering_server.licensing import (
     Reclaim,
@@ -102,7 +102,7 @@ class _Checkin(NamedTuple):
     now: float
 
 
-log = structlog.get_logger("metering.store")
+log = get_logger("metering.store")
 
 _COLUMNS = (
     'lease, product, version, pool_product, pool_version, principal, "user", client, server, '

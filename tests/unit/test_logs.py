@@ -6,14 +6,16 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import re
 import time
 from datetime import datetime
 
 import pytest
 import structlog
+from structlog.testing import capture_logs
 
-from metering_runtime.logs import bind_context, configure_logging
+from metering_runtime.logs import bind_context, configure_logging, get_logger
 
 
 @pytest.fixture
@@ -142,3 +144,44 @@ def test_bound_context_levels_and_a_lines_own_fields(tmp_path, restore_structlog
     assert all(x["conn"] == 7 for x in lines)
     assert lines[0]["client"] == "own" and lines[1]["client"] == "ws-1"
     assert "KeyError: 'L1'" in lines[2]["exception"]
+
+
+def test_a_module_logger_keeps_its_methods_until_logging_is_configured_again(
+    tmp_path, restore_structlog
+):
+    """`get_logger` keeps each level's method once structlog caches loggers: no lookup
+    through `__getattr__` per line; configuring logging again (a new stream) must reach
+    it, where structlog's own cached proxies kept writing to the old stream."""
+    log = get_logger("metering.test")
+    first, second = tmp_path / "first.log", tmp_path / "second.log"
+    with open(first, "w") as stream:
+        configure_logging("json", "info", stream)
+        log.info("one")
+        assert "info" in vars(log)  # kept: the next line is a plain attribute
+        log.info("two")
+    with open(second, "w") as stream:
+        configure_logging("json", "info", stream)
+        assert "info" not in vars(log)
+        log.info("three")
+    assert [json.loads(x)["event"] for x in first.read_text().splitlines()] == ["one", "two"]
+    assert [json.loads(x)["event"] for x in second.read_text().splitlines()] == ["three"]
+
+
+def test_a_module_logger_follows_structlog_when_structlog_does_not_cache(restore_structlog):
+    """Tests configure structlog themselves (capture_logs, a debug level for one test): with
+    caching off, each line finds the logger as configured at that moment."""
+    log = get_logger("metering.test")
+    structlog.configure(
+        processors=[structlog.processors.KeyValueRenderer()],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        cache_logger_on_first_use=False,
+    )
+    with capture_logs() as seen:
+        log.info("hidden")
+        log.warning("shown")
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    with capture_logs() as more:
+        log.debug("now_shown")
+    assert [x["event"] for x in seen] == ["shown"]
+    assert [x["event"] for x in more] == ["now_shown"]
+    assert "info" not in vars(log) and log.bind(x=1) is not None
