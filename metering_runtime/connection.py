@@ -23,8 +23,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
-import structlog
-
 from metering_protocol import framing
 from metering_protocol import messages as m
 from metering_protocol.errors import (
@@ -38,9 +36,9 @@ from metering_protocol.errors import (
 )
 from metering_protocol.unixsock import peer_credentials
 from metering_runtime.listeners import tls_connect
-from metering_runtime.logs import bind_context
+from metering_runtime.logs import bind_context, get_logger
 
-log = structlog.get_logger("metering.conn")
+log = get_logger("metering.conn")
 _conn_ids = itertools.count(1)
 
 
@@ -126,7 +124,7 @@ class Connection(asyncio.Protocol):
         # Decided at accept (tls: before the handshake); None: decided when the socket comes.
         self._admitted = admitted
         self.decoder = framing.FrameDecoder(self.limits.max_frame_bytes)
-        self.tasks: set[asyncio.Task] = set()
+        self.tasks: dict[asyncio.Task, int] = {}  # requests in flight, with their ids
         self.by_id: dict[int, asyncio.Task] = {}
         self.withdrawn: set[int] = set()  # request ids withdrawn by the peer (`cancel`)
         self.bad_frames = 0
@@ -268,13 +266,12 @@ class Connection(asyncio.Protocol):
             self._finish()
 
     def _handle(self, raw: bytes) -> None:
-        rid: int | None = None
+        frame = None
         try:
             frame = framing.decode(raw)
-            rid = m.request_id(frame)
             req = m.parse_request(frame, self.dispatcher.ops)
-        except BadRequest as exc:
-            self.reply_error(rid, exc)
+        except BadRequest as exc:  # answered under the frame's id if it has a valid one
+            self.reply_error(None if frame is None else m.request_id(frame), exc)
             self._count_bad()
             return
         if not self.dispatcher.authenticated and req.op != "hello":
@@ -297,9 +294,9 @@ class Connection(asyncio.Protocol):
 
     def _start(self, req: m.Request, context: contextvars.Context) -> asyncio.Task:
         task = self._loop.create_task(self._dispatch(req), context=context)
-        self.tasks.add(task)
+        self.tasks[task] = req.id
         self.by_id[req.id] = task
-        task.add_done_callback(lambda t, rid=req.id: self._done(t, rid))
+        task.add_done_callback(self._done)
         return task
 
     def _hello_done(self, _: asyncio.Task) -> None:
@@ -353,8 +350,8 @@ class Connection(asyncio.Protocol):
             return
         self._idle_timer = self._loop.call_at(due, self._check_idle)
 
-    def _done(self, task: asyncio.Task, rid: int) -> None:
-        self.tasks.discard(task)
+    def _done(self, task: asyncio.Task) -> None:
+        rid = self.tasks.pop(task)
         if self.by_id.get(rid) is task:
             del self.by_id[rid]
         self.withdrawn.discard(rid)
