@@ -26,6 +26,7 @@ from dataclasses import astuple
 from pathlib import Path
 from typing import Any, TypeVar
 
+import msgspec
 from msgspec.structs import replace
 
 from metering_protocol.errors import LeaseNotFound
@@ -197,6 +198,9 @@ _INSERT_LEASE = f"INSERT INTO leases ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,
 _INSERT_KEYED_LEASE = (
     f"INSERT INTO leases ({_COLUMNS}, idempotency_key) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
+# The leases among a JSON array of ids, by the primary key (SQLite's json_each, built in since
+# 3.38; `_bulk` is off without it): one statement text whatever the number.
+_LEASES_AMONG = f"SELECT {_COLUMNS} FROM leases WHERE lease IN (SELECT value FROM json_each(?))"
 # Live leases of a pool (`licensing.is_live`): the pool's rows (`pool_rows`, kept by
 # triggers) less its expired ones not yet swept — a short index range, where counting the
 # live ones would scan every lease of the pool.  Bind the pool key, the pool key, now.
@@ -217,6 +221,32 @@ _IN_PERIOD = "ended_at >= ? AND started_at < ? AND (ended_at > ? OR started_at >
 
 class _PartlyWritten(Exception):
     """A write of a batch failed after changing rows: what it changed must be undone."""
+
+
+class _Checkin(msgspec.Struct, frozen=True):
+    """A checkin waiting in a batch (`release`), for `_apply_run`."""
+
+    lease: str
+    principal: str
+    client: str
+    now: float
+
+
+# A write that may go in a run of its neighbours (`_apply_run`): a plain grant or a checkin.
+_Bulk = GrantRequest | _Checkin | None
+
+_json = msgspec.json.Encoder()
+
+
+def _has_json_each(db: sqlite3.Connection) -> bool:
+    try:
+        return db.execute("SELECT value FROM json_each('[1]')").fetchone() == (1,)
+    except sqlite3.OperationalError:  # a SQLite built without JSON: each write alone
+        return False
+
+
+def _not_held(lease: str) -> LeaseNotFound:
+    return LeaseNotFound(f"lease {lease} is not held by this principal and client")
 
 
 def _record(row: tuple) -> LeaseRecord:
@@ -270,11 +300,12 @@ class SQLiteStore(LeaseStore):
         self._thread: StoreThread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the one it was opened on
         self._db: sqlite3.Connection | None = None
-        self._batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future]] = []
+        self._batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future, _Bulk]] = []
         self._committing = False
         self._commits = TaskOwner("sqlite-commits")
         self._commit_task: asyncio.Task | None = None
         self._abandoned = False
+        self._bulk = False  # plain grants and checkins in runs (`_apply_run`): json_each found
         # Long reads (usage reports) get a connection and thread of their own, made at first
         # use: they must not hold up grants queued behind them on the store's thread.
         self._reader: tuple[StoreThread, sqlite3.Connection] | None = None
@@ -290,7 +321,9 @@ class SQLiteStore(LeaseStore):
         assert self._db is not None
         return fn(self._db)
 
-    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+    def _write(
+        self, fn: Callable[[sqlite3.Connection], T], bulk: _Bulk = None
+    ) -> asyncio.Future[T]:
         """Run `fn` in a write transaction — together with every other write that arrived
         meanwhile (group commit); the future has its result once that is committed.
 
@@ -300,10 +333,13 @@ class SQLiteStore(LeaseStore):
         one COMMIT and one fsync for all.  No caller hears back before that COMMIT: durable
         before any reply.  A future, not a coroutine: the hot calls (grant, renew, release)
         hand it straight to their caller, a coroutine layer less each way.
+
+        `bulk` names a plain grant or checkin, which may go with its neighbours in the batch
+        in a few statements for all (`_apply_run`); `fn` does the same alone.
         """
         assert self._loop is not None, "store is not open"
         future: asyncio.Future = self._loop.create_future()
-        self._batch.append((fn, future))
+        self._batch.append((fn, future, bulk))
         if not self._committing:
             self._committing = True
             self._commit_task = self._commits.spawn(
@@ -315,8 +351,8 @@ class SQLiteStore(LeaseStore):
         try:
             while self._batch:
                 batch, self._batch = self._batch, []
-                outcomes = await self._transact([fn for fn, _ in batch])
-                for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+                outcomes = await self._transact([(fn, bulk) for fn, _, bulk in batch])
+                for (_, future, _), (ok, value) in zip(batch, outcomes, strict=True):
                     if future.done():
                         continue
                     if ok:
@@ -327,7 +363,7 @@ class SQLiteStore(LeaseStore):
             self._committing = False
 
     async def _transact(
-        self, fns: list[Callable[[sqlite3.Connection], Any]]
+        self, items: list[tuple[Callable[[sqlite3.Connection], Any], _Bulk]]
     ) -> list[tuple[bool, Any]]:
         """One transaction for a batch: its statements on the event loop's thread, COMMIT
         (and a BEGIN that has to wait) on the store's thread.
@@ -346,42 +382,156 @@ class SQLiteStore(LeaseStore):
         try:
             await self._begin_soon(db)
         except BaseException as exc:  # nothing began: none of them happened
-            return [(False, exc)] * len(fns)
+            return [(False, exc)] * len(items)
         try:
             try:
-                outcomes = self._apply(db, fns)
+                outcomes = self._apply(db, items)
             except _PartlyWritten:  # rare: run the batch again, each write undoable alone
                 self._rollback(db)
                 await self._begin_soon(db)
-                outcomes = self._apply_each_undoable(db, fns)
+                outcomes = self._apply_each_undoable(db, [fn for fn, _ in items])
             await thread.call(self._commit, db)
         except BaseException as exc:  # a failed COMMIT: none of them happened
             with contextlib.suppress(Exception):
                 await thread.call(self._rollback, db)
-            return [(False, exc)] * len(fns)
+            return [(False, exc)] * len(items)
         if self.on_commit is not None:
             self.on_commit(time.perf_counter() - started)
         return outcomes
 
-    @staticmethod
     def _apply(
-        db: sqlite3.Connection, fns: list[Callable[[sqlite3.Connection], Any]]
+        self, db: sqlite3.Connection, items: list[tuple[Callable[[sqlite3.Connection], Any], _Bulk]]
     ) -> list[tuple[bool, Any]]:
         """Run a batch's writes, each bare: a write that fails before changing a row (the
         usual refusal: not found, not the owner) needs nothing undone.  One that fails after
         changing rows raises `_PartlyWritten`, and the batch is run again with each write in a
         savepoint (`_apply_each_undoable`).  A savepoint costs two statements more per write,
-        as much as the write itself for a checkin."""
+        as much as the write itself for a checkin.  Plain grants and checkins next to each
+        other in the batch go together (`_apply_run`)."""
         outcomes: list[tuple[bool, Any]] = []
-        for fn in fns:
-            changes = db.total_changes
-            try:
-                outcomes.append((True, fn(db)))
-            except Exception as exc:
-                if db.total_changes != changes or not db.in_transaction:
-                    raise _PartlyWritten from exc
-                outcomes.append((False, exc))
+        run: list[tuple[Callable[[sqlite3.Connection], Any], GrantRequest | _Checkin]] = []
+        for fn, bulk in items:
+            if bulk is not None and self._bulk:
+                run.append((fn, bulk))
+                continue
+            if run:
+                self._apply_pending(db, run, outcomes)
+                run = []
+            outcomes.append(self._apply_one(db, fn))
+        if run:
+            self._apply_pending(db, run, outcomes)
         return outcomes
+
+    @staticmethod
+    def _apply_one(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]) -> tuple:
+        changes = db.total_changes
+        try:
+            return (True, fn(db))
+        except Exception as exc:
+            if db.total_changes != changes or not db.in_transaction:
+                raise _PartlyWritten from exc
+            return (False, exc)
+
+    def _apply_pending(
+        self,
+        db: sqlite3.Connection,
+        run: list[tuple[Callable[[sqlite3.Connection], Any], GrantRequest | _Checkin]],
+        outcomes: list[tuple[bool, Any]],
+    ) -> None:
+        if len(run) == 1:  # alone, its own statements are the fewer
+            outcomes.append(self._apply_one(db, run[0][0]))
+        else:
+            outcomes += self._apply_run(db, [bulk for _, bulk in run])
+
+    def _apply_run(
+        self, db: sqlite3.Connection, run: list[GrantRequest | _Checkin]
+    ) -> list[tuple[bool, Any]]:
+        """Plain grants (no reclaim, key or waiter) and checkins that came one after another,
+        in a few statements for all of them: alone, each is two statements (count, insert) or
+        one with RETURNING, and each statement has a fixed cost in the sqlite3 module and in
+        SQLite (a checkin's RETURNING alone builds and drops a table) far above its row's.
+
+        The checkins go first.  They were in flight together with the grants, so this is an
+        order their clients could have seen (replies may come in any order), and the grants
+        can use the seats they free.  The grants are then judged in arrival order, each
+        pool counted once, at the run's earliest `now`: a lease that expires between the
+        first grant's `now` and a later one's is still counted, so this can refuse where a
+        grant alone would not, never grant more.  Anything failing here runs the whole
+        batch again, each write alone (`_PartlyWritten`)."""
+        outcomes: list[tuple[bool, Any] | None] = [None] * len(run)
+        try:
+            checkins = [(i, c) for i, c in enumerate(run) if type(c) is _Checkin]
+            if checkins:
+                self._check_in_run(db, checkins, outcomes)
+            if len(checkins) < len(run):
+                self._grant_run(db, run, outcomes)
+        except Exception as exc:
+            raise _PartlyWritten from exc
+        return outcomes  # type: ignore[return-value]  # every one is set
+
+    @staticmethod
+    def _check_in_run(
+        db: sqlite3.Connection,
+        checkins: list[tuple[int, _Checkin]],
+        outcomes: list[tuple[bool, Any] | None],
+    ) -> None:
+        """The checkins: each judged like `release` judges it, the rows read in one
+        statement and deleted in one."""
+        wanted = _json.encode([c.lease for _, c in checkins]).decode()
+        held = {row[0]: _record(row) for row in db.execute(_LEASES_AMONG, (wanted,))}
+        gone: list[tuple[str]] = []
+        for i, c in checkins:
+            rec = held.get(c.lease)
+            if rec is None:  # gone already (or a repeat of one freed just before)
+                outcomes[i] = (True, None)
+                continue
+            verdict = release_verdict(
+                rec.principal, rec.client, rec.expires_at, c.principal, c.client, c.now
+            )
+            if verdict is Release.NOT_OWNER:
+                outcomes[i] = (False, _not_held(c.lease))
+                continue
+            del held[c.lease]
+            gone.append((c.lease,))
+            outcomes[i] = (True, rec if verdict is Release.RELEASE else None)
+        if gone:
+            db.executemany("DELETE FROM leases WHERE lease = ?", gone)
+
+    def _grant_run(
+        self,
+        db: sqlite3.Connection,
+        run: list[GrantRequest | _Checkin],
+        outcomes: list[tuple[bool, Any] | None],
+    ) -> None:
+        """The grants: `grant`'s rules for a plain grant, with each pool counted once and the
+        count carried from one grant to the next, and the new leases in one statement."""
+        grants = [(i, g) for i, g in enumerate(run) if type(g) is not _Checkin]
+        earliest: dict[tuple[str, str], tuple[float, float]] = {}
+        for _, g in grants:
+            key = g.pool.key
+            now, live_since = earliest.get(key, (g.now, g.live_since))
+            earliest[key] = (min(now, g.now), min(live_since, g.live_since))
+        counts = {
+            key: list(self._count_and_ahead(db, key, now, None, live_since))
+            for key, (now, live_since) in earliest.items()
+        }
+        rows: list[tuple] = []
+        for i, g in grants:
+            count = counts[g.pool.key]
+            in_use, ahead = count
+            if ahead:
+                outcomes[i] = (True, GrantOutcome(False, in_use, queued_ahead=ahead))
+                continue
+            decision = decide(g.pool, in_use)
+            if not decision.granted:
+                outcomes[i] = (True, GrantOutcome(False, in_use))
+                continue
+            lease = new_lease(g, decision.overuse)
+            rows.append(_values(lease))
+            count[0] = in_use + 1
+            outcomes[i] = (True, GrantOutcome(True, in_use + 1, lease))
+        if rows:
+            db.executemany(_INSERT_LEASE, rows)
 
     @staticmethod
     def _apply_each_undoable(
@@ -505,6 +655,7 @@ class SQLiteStore(LeaseStore):
             # busy_timeout_s by another process.  (Setting the timeout around each BEGIN
             # instead cost two statements per batch, both prepared anew each time.)
             db.execute("PRAGMA busy_timeout=0")
+            self._bulk = _has_json_each(db)
             self._db = db
 
         loop = asyncio.get_running_loop()
@@ -572,7 +723,7 @@ class SQLiteStore(LeaseStore):
                     return GrantOutcome(True, in_use, lease, replayed=True)
                 if earlier is not None:  # expired: the key may make a new lease
                     self._delete(db, earlier.lease)
-            in_use, ahead = self._count_and_ahead(db, pool.key, req)
+            in_use, ahead = self._count_and_ahead(db, pool.key, req.now, req.waiter, req.live_since)
             if ahead:
                 return GrantOutcome(False, in_use, queued_ahead=ahead)
             decision = decide(pool, in_use)
@@ -587,15 +738,21 @@ class SQLiteStore(LeaseStore):
                 db.execute("DELETE FROM waiters WHERE id = ?", (req.waiter,))
             return GrantOutcome(True, in_use + 1, lease)
 
-        return self._write(grant)
+        plain = req.reclaim is None and req.waiter is None and req.idempotency_key is None
+        return self._write(grant, req if plain else None)
 
     @staticmethod
     def _count_and_ahead(
-        db: sqlite3.Connection, key: tuple[str, str], req: GrantRequest
+        db: sqlite3.Connection,
+        key: tuple[str, str],
+        now: float,
+        waiter: int | None,
+        live_since: float,
     ) -> tuple[int, int]:
-        """The pool's live leases (`_count`) and the queued checkouts that come before this
-        one and can still be served (FIFO across the site), in one statement.  A grant to a
-        waiter whose own entry is gone (answered elsewhere, dropped) counts as blocked."""
+        """The pool's live leases (`_count`) and the queued checkouts that come before
+        `waiter` (all of them, for a grant to no waiter) and can still be served (FIFO across
+        the site), in one statement.  A grant to a waiter whose own entry is gone (answered
+        elsewhere, dropped) counts as blocked."""
         return db.execute(
             f"SELECT {_COUNT}, (SELECT COUNT(*) FROM waiters WHERE pool_product = ? "
             "AND pool_version = ? AND id < ? AND deadline > ? AND kept_until > ? AND server IN "
@@ -603,12 +760,12 @@ class SQLiteStore(LeaseStore):
             (
                 *key,
                 *key,
-                req.now,
+                now,
                 *key,
-                req.waiter if req.waiter is not None else 2**62,
-                req.now,
-                req.now,
-                req.live_since,
+                waiter if waiter is not None else 2**62,
+                now,
+                now,
+                live_since,
             ),
         ).fetchone()
 
@@ -700,12 +857,12 @@ class SQLiteStore(LeaseStore):
                 held.principal, held.client, held.expires_at, principal, client, now
             )
             if verdict is Release.NOT_OWNER:
-                raise LeaseNotFound(f"lease {lease} is not held by this principal and client")
+                raise _not_held(lease)
             # DROP_EXPIRED: expired but not yet swept, already gone as far as the protocol is
             # concerned.
             return held if verdict is Release.RELEASE else None
 
-        return self._write(release)
+        return self._write(release, _Checkin(lease, principal, client, now))
 
     async def revoke(
         self, lease: str, *, now: float | None = None, by: str | None = None

@@ -10,6 +10,7 @@ import pytest
 
 from metering_protocol.errors import LeaseNotFound
 from metering_server.licensing import Pool
+from metering_server.store.base import GrantOutcome, LeaseRecord
 from metering_server.store.sqlite import SQLiteStore
 from tests.integration.test_store_contract import T0, req
 from tests.stores import opened
@@ -88,3 +89,119 @@ async def test_a_write_lock_held_elsewhere_is_waited_for_off_the_loop(tmp_path):
             other.close()
         assert (await asyncio.wait_for(grant, 10)).granted
         assert (await store.in_use(T0))[BIG.key] == 1
+
+
+# --- plain grants and checkins in runs (`SQLiteStore._apply_run`) ------------------------------
+THIRTY = Pool("THIRTY", "1", 30, "enforce")
+
+
+def who(n: int) -> tuple[str, str]:
+    return (f"p{n}", f"ws-{n}")
+
+
+def rows_in(path) -> set[str]:
+    db = sqlite3.connect(path)
+    try:
+        return {lease for (lease,) in db.execute("SELECT lease FROM leases")}
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("runs", [True, False], ids=["in-runs", "each-alone"])
+async def test_plain_grants_in_one_batch_stop_at_the_seat_count_in_arrival_order(tmp_path, runs):
+    commits: list[float] = []
+    async with opened(SQLiteStore(tmp_path / "g.db")) as store:
+        assert store._bulk  # this SQLite has json_each: the runs are what is tested
+        store._bulk = runs
+        store.on_commit = commits.append
+        outs = await asyncio.gather(*(store.grant(req(THIRTY, who(n))) for n in range(50)))
+        assert [o.granted for o in outs] == [True] * 30 + [False] * 20
+        assert [o.in_use for o in outs] == list(range(1, 31)) + [30] * 20
+        assert len(commits) == 1
+    assert rows_in(tmp_path / "g.db") == {o.lease.lease for o in outs[:30]}  # on disk
+
+
+async def test_checkins_in_a_batch_free_seats_for_the_grants_beside_them(tmp_path):
+    """The batch's checkins are applied before its grants (all were in flight together):
+    ten seats freed, ten of fifteen grants served, the first ten to arrive."""
+    async with opened(SQLiteStore(tmp_path / "g.db")) as store:
+        held = await asyncio.gather(*(store.grant(req(THIRTY, who(n))) for n in range(30)))
+        calls = []
+        for n in range(15):
+            calls.append(store.grant(req(THIRTY, who(100 + n), now=T0 + 1)))
+            if n < 10:
+                mine = held[n].lease
+                calls.append(store.release(mine.lease, mine.principal, mine.client, T0 + 1))
+        outs = await asyncio.gather(*calls)
+        released = [o for o in outs if isinstance(o, LeaseRecord)]
+        grants = [o for o in outs if isinstance(o, GrantOutcome)]
+        assert [r.lease for r in released] == [h.lease.lease for h in held[:10]]
+        assert [g.granted for g in grants] == [True] * 10 + [False] * 5
+        assert [g.in_use for g in grants] == list(range(21, 31)) + [30] * 5
+        assert (await store.in_use(T0 + 1))[THIRTY.key] == 30
+
+
+async def test_each_checkin_in_a_run_is_answered_as_it_would_be_alone(tmp_path):
+    path = tmp_path / "g.db"
+    async with opened(SQLiteStore(path)) as store:
+        a, b, c = [
+            (await store.grant(req(THIRTY, who(n), ttl_s=ttl))).lease
+            for n, ttl in ((1, 60.0), (2, 60.0), (3, 5.0))
+        ]
+        later = T0 + 10  # c has expired, not yet swept
+        outs = await asyncio.gather(
+            store.release(a.lease, "mallory", "ws-9", later),  # not the holder
+            store.release(a.lease, a.principal, a.client, later),
+            store.release(a.lease, a.principal, a.client, later),  # a repeat: gone already
+            store.grant(req(THIRTY, who(4), now=later)),
+            store.release("L-never-made", a.principal, a.client, later),
+            store.release(c.lease, c.principal, c.client, later),  # expired: gone, no record
+            store.release(b.lease, b.principal, b.client, later),
+            return_exceptions=True,
+        )
+        assert isinstance(outs[0], LeaseNotFound)
+        assert outs[1] == a and outs[2] is None and outs[4] is None and outs[5] is None
+        assert outs[6] == b
+        assert outs[3].granted and outs[3].in_use == 1  # a and b freed, c expired
+    assert rows_in(path) == {outs[3].lease.lease}
+
+
+async def test_a_write_between_plain_ones_keeps_its_place_in_the_batch(tmp_path):
+    async with opened(SQLiteStore(tmp_path / "g.db")) as store:
+        x, y = [(await store.grant(req(THIRTY, who(n)))).lease for n in (1, 2)]
+        outs = await asyncio.gather(
+            store.release(x.lease, x.principal, x.client, T0 + 1),
+            store.renew([x.lease, y.lease], "p1", "ws-1", "srv-a", T0 + 1, 10.0),
+            store.renew([y.lease], "p2", "ws-2", "srv-a", T0 + 1, 10.0),
+            store.release(y.lease, y.principal, y.client, T0 + 1),
+        )
+        assert outs[0] == x
+        assert outs[1].renewed == [] and outs[1].lost == [x.lease, y.lease]  # x gone before
+        assert outs[2].renewed == [y.lease]  # renewed, then checked in
+        assert outs[3].lease == y.lease and outs[3].expires_at == T0 + 1 + 10.0
+
+
+async def test_a_run_failing_halfway_runs_again_with_each_write_alone(tmp_path):
+    """A failure inside a run (here a real one: a trigger refusing one principal's lease)
+    undoes the batch and runs it again write by write: only that write fails."""
+    path = tmp_path / "g.db"
+    async with opened(SQLiteStore(path)) as store:
+        held = (await store.grant(req(THIRTY, who(9)))).lease
+    db = sqlite3.connect(path)
+    db.execute(
+        "CREATE TRIGGER refuse_boom BEFORE INSERT ON leases WHEN NEW.principal = 'boom' "
+        "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+    )
+    db.commit()
+    db.close()
+    async with opened(SQLiteStore(path)) as store:
+        outs = await asyncio.gather(
+            store.grant(req(THIRTY, who(1))),
+            store.release(held.lease, held.principal, held.client, T0),
+            store.grant(req(THIRTY, ("boom", "ws-b"))),
+            store.grant(req(THIRTY, who(3))),
+            return_exceptions=True,
+        )
+        assert outs[0].granted and outs[3].granted and outs[1] == held
+        assert isinstance(outs[2], sqlite3.IntegrityError)
+    assert rows_in(path) == {outs[0].lease.lease, outs[3].lease.lease}
