@@ -234,6 +234,10 @@ class _Checkin(msgspec.Struct, frozen=True):
 
 # A write that may go in a run of its neighbours (`_apply_run`): a plain grant or a checkin.
 _Bulk = GrantRequest | _Checkin | None
+# The shortest run worth its fixed statements: for a checkin and a grant (a run of 2) the
+# run's four statements cost 117k instructions a write against 103k alone; at 4, 82k
+# against 96k (callgrind, 4,000 writes).
+_RUN_MIN = 3
 
 _json = msgspec.json.Encoder()
 
@@ -438,8 +442,9 @@ class SQLiteStore(LeaseStore):
         run: list[tuple[Callable[[sqlite3.Connection], Any], GrantRequest | _Checkin]],
         outcomes: list[tuple[bool, Any]],
     ) -> None:
-        if len(run) == 1:  # alone, its own statements are the fewer
-            outcomes.append(self._apply_one(db, run[0][0]))
+        if len(run) < _RUN_MIN:  # a write or two: their own statements cost less
+            for fn, _ in run:
+                outcomes.append(self._apply_one(db, fn))
         else:
             outcomes += self._apply_run(db, [bulk for _, bulk in run])
 
