@@ -14,7 +14,6 @@ import os
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any, BinaryIO, TextIO
 
@@ -55,16 +54,23 @@ def configure_logging(fmt: str = "json", level: str = "info", stream: TextIO | N
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
-    for logger in list(_LOGGERS):
-        logger.forget()
+    forget_loggers()
 
 
-_LOGGERS: weakref.WeakSet[Logger] = weakref.WeakSet()
+# Every `Logger` made: modules make theirs at import and keep them.
+_LOGGERS: list[Logger] = []
 
 
 def get_logger(name: str) -> Logger:
     """A module's logger (`log = get_logger("metering.seats")`), for structlog's."""
     return Logger(name)
+
+
+def forget_loggers() -> None:
+    """Make every `Logger` look its methods up again: after structlog is configured anew
+    other than by `configure_logging` (a test's own configuration, and its undoing)."""
+    for logger in list(_LOGGERS):
+        logger.forget()
 
 
 class Logger:
@@ -73,17 +79,26 @@ class Logger:
     the normal lookup, so each line built and dropped an AttributeError (3% of a checkout's
     instructions).  This one keeps each method it looked up as its own attribute while
     structlog caches loggers (`configure_logging` turns that on), and `configure_logging`
-    makes every one look again, where structlog's proxies kept the logger they first built.
-    With structlog's defaults (tests that configure it themselves) nothing is kept: each
-    line looks up the logger as configured at that moment."""
+    makes every one look again, where structlog's proxies kept the logger they first built
+    (`forget_loggers` does the same after structlog is configured some other way).  While
+    structlog does not cache (its defaults, and tests that configure it themselves) nothing
+    is kept: each line looks up the logger as configured at that moment."""
+
+    # The level methods, found through `__getattr__` and then kept as instance attributes.
+    debug: Callable[..., Any]
+    info: Callable[..., Any]
+    warning: Callable[..., Any]
+    error: Callable[..., Any]
+    exception: Callable[..., Any]
+    critical: Callable[..., Any]
 
     def __init__(self, name: str):
         self._name = name
         self._proxy = structlog.get_logger(name)
-        _LOGGERS.add(self)
+        _LOGGERS.append(self)
 
     def __getattr__(self, method: str) -> Any:
-        if method.startswith("__"):  # copy, pickle and friends ask for dunders
+        if method.startswith("_"):  # dunders (copy, pickle), and ours before they are set
             raise AttributeError(method)
         found = getattr(self._proxy.bind(), method)
         if structlog.get_config()["cache_logger_on_first_use"]:
@@ -94,11 +109,9 @@ class Logger:
         return self._proxy.bind(**fields)
 
     def forget(self) -> None:
-        """Look the logger up again on its next line (logging was configured again)."""
-        name = self._name
-        self.__dict__.clear()
-        self._name = name
-        self._proxy = structlog.get_logger(name)
+        """Look the logger up again on its next line (logging was configured again); in
+        one assignment, so a line logged meanwhile on another thread finds a whole logger."""
+        self.__dict__ = {"_name": self._name, "_proxy": structlog.get_logger(self._name)}
 
 
 def _line_logger(level: int) -> type:
@@ -128,14 +141,19 @@ def _emitter(method: str, structlogs: Callable[..., Any]) -> Callable[..., Any]:
         try:
             for processor in self._processors:
                 line = processor(self._logger, method, line)
+            out = getattr(self._logger, method)
+            if isinstance(line, (str, bytes, bytearray)):  # a rendered line
+                return out(line)
+            if isinstance(line, tuple):
+                return out(*line[0], **line[1])
+            if isinstance(line, dict):
+                return out(**line)
         except structlog.DropEvent:
             return None
-        out = getattr(self._logger, method)
-        if isinstance(line, (str, bytes, bytearray)):  # a rendered line
-            return out(line)
-        if isinstance(line, tuple):
-            return out(*line[0], **line[1])
-        return out(**line)
+        raise ValueError(
+            "the last processor returned neither a dict, a tuple of (args, kwargs), "
+            f"bytes nor a str: {type(line).__name__}"
+        )
 
     emit.__name__ = method
     return emit

@@ -12,16 +12,16 @@ import ssl
 import sys
 from pathlib import Path
 
-import structlog
-
 from metering_protocol.config import ConfigError
 from metering_runtime.cliargs import UsageParser
 from metering_runtime.exitcodes import EX_CONFIG, EX_SOFTWARE, EX_UNAVAILABLE
 from metering_runtime.listeners import BindError, server_ssl_context
-from metering_runtime.logs import configure_logging
+from metering_runtime.logs import configure_logging, get_logger
 from metering_server.auth.credentials import Credentials, CredentialsError
 from metering_server.config import ServerConfig, build_server_config, load_server_config
 from metering_server.store.base import StoreUnavailable, StoreUnusable
+
+log = get_logger("metering.server")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _run(cfg)
     except BindError as exc:
-        structlog.get_logger("metering.server").error("bind_failed", error=str(exc))
+        log.error("bind_failed", error=str(exc))
         print(f"metering-server: {exc}", file=sys.stderr)
         return EX_UNAVAILABLE
     except (ConfigError, CredentialsError) as exc:
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a bug: the log has the traceback, the operator one line
-        structlog.get_logger("metering.server").exception("server_crashed")
+        log.exception("server_crashed")
         print(f"metering-server: internal error: {exc!r}", file=sys.stderr)
         return EX_SOFTWARE
     return 0

@@ -15,7 +15,13 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from metering_runtime.logs import bind_context, configure_logging, get_logger
+from metering_runtime.logs import (
+    Logger,
+    bind_context,
+    configure_logging,
+    forget_loggers,
+    get_logger,
+)
 
 
 @pytest.fixture
@@ -23,6 +29,7 @@ def restore_structlog():
     old = structlog.get_config()
     yield
     structlog.configure(**old)
+    forget_loggers()
 
 
 def test_json_lines_on_a_file_with_a_binary_buffer(tmp_path, restore_structlog):
@@ -184,4 +191,36 @@ def test_a_module_logger_follows_structlog_when_structlog_does_not_cache(restore
         log.debug("now_shown")
     assert [x["event"] for x in seen] == ["shown"]
     assert [x["event"] for x in more] == ["now_shown"]
-    assert "info" not in vars(log) and log.bind(x=1) is not None
+    assert "info" not in vars(log)
+
+
+def test_capture_logs_sees_the_daemons_lines_with_their_context(tmp_path, restore_structlog):
+    """Under `configure_logging` (the daemons' own level methods and processors), tests'
+    capture_logs still gets each line with its bound context and level, none written out."""
+    log = get_logger("metering.test")
+    path = tmp_path / "server.log"
+
+    async def in_a_connection() -> None:
+        bind_context(conn=3, client="ws-3")
+        log.info("lease_granted", lease="L1")
+        log.bind(product="CAD").warning("store_busy")
+        log.debug("not_at_info")
+
+    with open(path, "w") as stream:
+        configure_logging("json", "info", stream)
+        with capture_logs() as seen:
+            asyncio.run(in_a_connection())
+    assert [(x["event"], x["log_level"]) for x in seen] == [
+        ("lease_granted", "info"),
+        ("store_busy", "warning"),
+    ]
+    assert seen[0]["lease"] == "L1" and seen[1]["product"] == "CAD"
+    assert path.read_text() == ""
+
+
+def test_a_logger_without_its_state_refuses_instead_of_recursing():
+    """A Logger not made by `__init__` (unpickled, copied) has no proxy: asking it for a
+    method is an AttributeError, not a RecursionError through `__getattr__`."""
+    bare = Logger.__new__(Logger)
+    with pytest.raises(AttributeError):
+        bare.info  # noqa: B018 - the lookup is the test
