@@ -185,7 +185,11 @@ class Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         # The peer stopped sending: what is in flight is still answered (the transport stays
-        # open for writing), then the connection closes.
+        # open for writing), then the connection closes.  A connection never served (refused
+        # over max_connections, or while draining) has nothing to finish: the transport
+        # closes itself.
+        if self not in self.endpoint.connections:
+            return False
         self._finish()
         return True
 
