@@ -411,7 +411,7 @@ class SQLiteStore(LeaseStore):
         changing rows raises `_PartlyWritten`, and the batch is run again with each write in a
         savepoint (`_apply_each_undoable`).  A savepoint costs two statements more per write,
         as much as the write itself for a checkin.  Plain grants and checkins next to each
-        other in the batch go together (`_apply_run`)."""
+        other in the batch, `_RUN_MIN` or more of them, go together (`_apply_run`)."""
         outcomes: list[tuple[bool, Any]] = []
         run: list[tuple[Callable[[sqlite3.Connection], Any], GrantRequest | _Checkin]] = []
         for fn, bulk in items:
@@ -459,9 +459,10 @@ class SQLiteStore(LeaseStore):
         The checkins go first.  They were in flight together with the grants, so this is an
         order their clients could have seen (replies may come in any order), and the grants
         can use the seats they free.  The grants are then judged in arrival order, each
-        pool counted once, at the run's earliest `now`: a lease that expires between the
-        first grant's `now` and a later one's is still counted, so this can refuse where a
-        grant alone would not, never grant more.  Anything failing here runs the whole
+        pool counted once, at the run's earliest `now`: a lease that expires between that
+        `now` and a later grant's is still counted, so an enforce pool can refuse where a
+        grant alone would not, never grant more (a meter pool may call a grant overuse, and
+        report one more in use, a moment early).  Anything failing here runs the whole
         batch again, each write alone (`_PartlyWritten`)."""
         outcomes: list[tuple[bool, Any] | None] = [None] * len(run)
         try:
@@ -867,7 +868,7 @@ class SQLiteStore(LeaseStore):
             # concerned.
             return held if verdict is Release.RELEASE else None
 
-        return self._write(release, _Checkin(lease, principal, client, now))
+        return self._write(release, _Checkin(lease, principal, client, now) if self._bulk else None)
 
     async def revoke(
         self, lease: str, *, now: float | None = None, by: str | None = None

@@ -99,6 +99,25 @@ def who(n: int) -> tuple[str, str]:
     return (f"p{n}", f"ws-{n}")
 
 
+def counted(store: SQLiteStore) -> dict[str, int]:
+    """How often the store ran a run together and a batch write by write (wrapped in place,
+    so a test shows which path its writes took)."""
+    calls = {"runs": 0, "each_alone": 0}
+
+    def wrap(name: str, key: str) -> None:
+        real = getattr(store, name)
+
+        def counting(*args):
+            calls[key] += 1
+            return real(*args)
+
+        setattr(store, name, counting)
+
+    wrap("_apply_run", "runs")
+    wrap("_apply_each_undoable", "each_alone")
+    return calls
+
+
 def rows_in(path) -> set[str]:
     db = sqlite3.connect(path)
     try:
@@ -114,7 +133,9 @@ async def test_plain_grants_in_one_batch_stop_at_the_seat_count_in_arrival_order
         assert store._bulk  # this SQLite has json_each: the runs are what is tested
         store._bulk = runs
         store.on_commit = commits.append
+        calls = counted(store)
         outs = await asyncio.gather(*(store.grant(req(THIRTY, who(n))) for n in range(50)))
+        assert calls["runs"] == (1 if runs else 0)
         assert [o.granted for o in outs] == [True] * 30 + [False] * 20
         assert [o.in_use for o in outs] == list(range(1, 31)) + [30] * 20
         assert len(commits) == 1
@@ -126,6 +147,7 @@ async def test_checkins_in_a_batch_free_seats_for_the_grants_beside_them(tmp_pat
     ten seats freed, ten of fifteen grants served, the first ten to arrive."""
     async with opened(SQLiteStore(tmp_path / "g.db")) as store:
         held = await asyncio.gather(*(store.grant(req(THIRTY, who(n))) for n in range(30)))
+        runs = counted(store)
         calls = []
         for n in range(15):
             calls.append(store.grant(req(THIRTY, who(100 + n), now=T0 + 1)))
@@ -139,6 +161,7 @@ async def test_checkins_in_a_batch_free_seats_for_the_grants_beside_them(tmp_pat
         assert [g.granted for g in grants] == [True] * 10 + [False] * 5
         assert [g.in_use for g in grants] == list(range(21, 31)) + [30] * 5
         assert (await store.in_use(T0 + 1))[THIRTY.key] == 30
+        assert runs == {"runs": 1, "each_alone": 0}
 
 
 async def test_each_checkin_in_a_run_is_answered_as_it_would_be_alone(tmp_path):
@@ -167,18 +190,30 @@ async def test_each_checkin_in_a_run_is_answered_as_it_would_be_alone(tmp_path):
 
 
 async def test_a_write_between_plain_ones_keeps_its_place_in_the_batch(tmp_path):
+    """Heartbeats between two runs: the run before them has happened when they are judged,
+    the run after them has not."""
     async with opened(SQLiteStore(tmp_path / "g.db")) as store:
-        x, y = [(await store.grant(req(THIRTY, who(n)))).lease for n in (1, 2)]
+        held = [(await store.grant(req(THIRTY, who(n)))).lease for n in range(6)]
+        runs = counted(store)
+
+        def checkin(rec: LeaseRecord):
+            return store.release(rec.lease, rec.principal, rec.client, T0 + 1)
+
+        def heartbeat(rec: LeaseRecord):
+            return store.renew([rec.lease], rec.principal, rec.client, "srv-a", T0 + 1, 10.0)
+
         outs = await asyncio.gather(
-            store.release(x.lease, x.principal, x.client, T0 + 1),
-            store.renew([x.lease, y.lease], "p1", "ws-1", "srv-a", T0 + 1, 10.0),
-            store.renew([y.lease], "p2", "ws-2", "srv-a", T0 + 1, 10.0),
-            store.release(y.lease, y.principal, y.client, T0 + 1),
+            *(checkin(rec) for rec in held[:3]),  # a run of three
+            heartbeat(held[0]),  # checked in just before: lost
+            heartbeat(held[3]),  # renewed, then checked in by the run after
+            *(checkin(rec) for rec in held[3:]),  # another run of three
         )
-        assert outs[0] == x
-        assert outs[1].renewed == [] and outs[1].lost == [x.lease, y.lease]  # x gone before
-        assert outs[2].renewed == [y.lease]  # renewed, then checked in
-        assert outs[3].lease == y.lease and outs[3].expires_at == T0 + 1 + 10.0
+        assert outs[:3] == held[:3]
+        assert outs[3].renewed == [] and outs[3].lost == [held[0].lease]
+        assert outs[4].renewed == [held[3].lease]
+        assert [o.lease for o in outs[5:]] == [rec.lease for rec in held[3:]]
+        assert outs[5].expires_at == T0 + 1 + 10.0  # as the heartbeat left it
+        assert runs == {"runs": 2, "each_alone": 0}
 
 
 async def test_a_run_failing_halfway_runs_again_with_each_write_alone(tmp_path):
@@ -195,6 +230,7 @@ async def test_a_run_failing_halfway_runs_again_with_each_write_alone(tmp_path):
     db.commit()
     db.close()
     async with opened(SQLiteStore(path)) as store:
+        calls = counted(store)
         outs = await asyncio.gather(
             store.grant(req(THIRTY, who(1))),
             store.release(held.lease, held.principal, held.client, T0),
@@ -204,4 +240,5 @@ async def test_a_run_failing_halfway_runs_again_with_each_write_alone(tmp_path):
         )
         assert outs[0].granted and outs[3].granted and outs[1] == held
         assert isinstance(outs[2], sqlite3.IntegrityError)
+        assert calls == {"runs": 1, "each_alone": 1}  # tried together, then write by write
     assert rows_in(path) == {outs[0].lease.lease, outs[3].lease.lease}
