@@ -102,7 +102,7 @@ def who(n: int) -> tuple[str, str]:
 def counted(store: SQLiteStore) -> dict[str, int]:
     """How often the store ran a run together and a batch write by write (wrapped in place,
     so a test shows which path its writes took)."""
-    calls = {"runs": 0, "each_alone": 0}
+    calls = {"runs": 0, "renew_runs": 0, "each_alone": 0}
 
     def wrap(name: str, key: str) -> None:
         real = getattr(store, name)
@@ -114,6 +114,7 @@ def counted(store: SQLiteStore) -> dict[str, int]:
         setattr(store, name, counting)
 
     wrap("_apply_run", "runs")
+    wrap("_renew_run", "renew_runs")
     wrap("_apply_each_undoable", "each_alone")
     return calls
 
@@ -161,7 +162,7 @@ async def test_checkins_in_a_batch_free_seats_for_the_grants_beside_them(tmp_pat
         assert [g.granted for g in grants] == [True] * 10 + [False] * 5
         assert [g.in_use for g in grants] == list(range(21, 31)) + [30] * 5
         assert (await store.in_use(T0 + 1))[THIRTY.key] == 30
-        assert runs == {"runs": 1, "each_alone": 0}
+        assert runs == {"runs": 1, "renew_runs": 0, "each_alone": 0}
 
 
 async def test_each_checkin_in_a_run_is_answered_as_it_would_be_alone(tmp_path):
@@ -213,7 +214,7 @@ async def test_a_write_between_plain_ones_keeps_its_place_in_the_batch(tmp_path)
         assert outs[4].renewed == [held[3].lease]
         assert [o.lease for o in outs[5:]] == [rec.lease for rec in held[3:]]
         assert outs[5].expires_at == T0 + 1 + 10.0  # as the heartbeat left it
-        assert runs == {"runs": 2, "each_alone": 0}
+        assert runs == {"runs": 2, "renew_runs": 0, "each_alone": 0}
 
 
 async def test_a_run_failing_halfway_runs_again_with_each_write_alone(tmp_path):
@@ -240,5 +241,63 @@ async def test_a_run_failing_halfway_runs_again_with_each_write_alone(tmp_path):
         )
         assert outs[0].granted and outs[3].granted and outs[1] == held
         assert isinstance(outs[2], sqlite3.IntegrityError)
-        assert calls == {"runs": 1, "each_alone": 1}  # tried together, then write by write
+        assert calls == {"runs": 1, "renew_runs": 0, "each_alone": 1}  # together, then alone
     assert rows_in(path) == {outs[0].lease.lease, outs[3].lease.lease}
+
+
+@pytest.mark.parametrize("runs", [True, False], ids=["in-runs", "each-alone"])
+async def test_heartbeats_in_a_run_are_each_answered_as_they_would_be_alone(tmp_path, runs):
+    path = tmp_path / "g.db"
+    async with opened(SQLiteStore(path)) as store:
+        a, b, r = [(await store.grant(req(THIRTY, who(n)))).lease for n in (1, 2, 3)]
+        e = (await store.grant(req(THIRTY, who(4), ttl_s=5.0))).lease
+        await store.revoke(r.lease, now=T0 + 1, by="admin")
+        store._bulk = runs
+        calls = counted(store)
+
+        def heartbeat(n: int, leases: list[str], now: float):
+            principal, client = who(n)
+            return store.renew(leases, principal, client, "srv-b", now, 10.0)
+
+        outs = await asyncio.gather(
+            heartbeat(1, [a.lease], T0 + 9),  # a: T0 + 19 from here
+            heartbeat(1, [a.lease], T0 + 15),  # live only as the one before left it
+            heartbeat(2, [b.lease, a.lease, r.lease], T0 + 9),  # a and r are not p2's
+            heartbeat(3, [r.lease], T0 + 9),  # revoked
+            heartbeat(4, [e.lease], T0 + 9),  # expired at T0 + 5
+        )
+        assert calls == {"runs": 0, "renew_runs": 1 if runs else 0, "each_alone": 0}
+        assert [(o.renewed, o.lost, o.revoked) for o in outs] == [
+            ([a.lease], [], []),
+            ([a.lease], [], []),
+            ([b.lease], [a.lease, r.lease], []),  # r's revocation is its holder's news
+            ([], [r.lease], [r.lease]),
+            ([], [e.lease], []),
+        ]
+        live = {x.lease: x for x in await store.leases(T0 + 9)}
+        assert live[a.lease].expires_at == T0 + 25 and live[a.lease].server == "srv-b"
+        assert live[b.lease].expires_at == T0 + 19
+
+
+async def test_a_heartbeat_run_failing_halfway_runs_again_with_each_write_alone(tmp_path):
+    path = tmp_path / "g.db"
+    async with opened(SQLiteStore(path)) as store:
+        held = [
+            (await store.grant(req(THIRTY, n))).lease for n in (who(1), ("boom", "ws-b"), who(3))
+        ]
+    db = sqlite3.connect(path)
+    db.execute(
+        "CREATE TRIGGER refuse_boom BEFORE UPDATE ON leases WHEN NEW.principal = 'boom' "
+        "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+    )
+    db.commit()
+    db.close()
+    async with opened(SQLiteStore(path)) as store:
+        calls = counted(store)
+        outs = await asyncio.gather(
+            *(store.renew([x.lease], x.principal, x.client, "srv-a", T0 + 1, 10.0) for x in held),
+            return_exceptions=True,
+        )
+        assert calls == {"runs": 0, "renew_runs": 1, "each_alone": 1}
+        assert outs[0].renewed == [held[0].lease] and outs[2].renewed == [held[2].lease]
+        assert isinstance(outs[1], sqlite3.IntegrityError)
