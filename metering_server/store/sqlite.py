@@ -415,7 +415,7 @@ class SQLiteStore(LeaseStore):
                 self._rollback(db)
                 await self._begin_soon(db)
                 outcomes = self._apply_each_undoable(db, [fn for fn, _ in items])
-            await thread.call(self._commit, db)
+            await thread.call(self._commit, db, loop=self._loop)
         except BaseException as exc:  # a failed COMMIT: none of them happened
             with contextlib.suppress(Exception):
                 await thread.call(self._rollback, db)

@@ -28,9 +28,13 @@ class StoreThread:
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
-    def call(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-        """Run `fn(*args)` on the thread; the future has its result (or exception)."""
-        loop = asyncio.get_running_loop()
+    def call(
+        self, fn: Callable[..., T], *args: Any, loop: asyncio.AbstractEventLoop | None = None
+    ) -> asyncio.Future[T]:
+        """Run `fn(*args)` on the thread; the future has its result (or exception).  `loop`,
+        the running one, spares asking for it: asyncio's check that the running loop is this
+        process's is a getpid system call, once per commit otherwise."""
+        loop = loop or asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._jobs.put((loop, future, fn, args))
         return future

@@ -55,3 +55,17 @@ async def test_shutdown_runs_the_calls_already_queued():
         worker.call(done.append, n)
     worker.shutdown()  # joins: the queued calls ran first
     assert done == [0, 1, 2]
+
+
+async def test_a_call_given_its_loop_settles_on_that_loop():
+    """The store passes its loop (no running-loop lookup, a getpid system call, per commit):
+    the future is that loop's, and the outcome comes back on the loop's thread."""
+    worker = StoreThread("test-store")
+    loop = asyncio.get_running_loop()
+    try:
+        future = worker.call(threading.current_thread, loop=loop)
+        assert future.get_loop() is loop
+        ran_on = await future
+        assert ran_on.name == "test-store" and ran_on is not threading.current_thread()
+    finally:
+        worker.shutdown()
