@@ -201,6 +201,7 @@ _INSERT_KEYED_LEASE = (
 # The leases among a JSON array of ids, by the primary key (SQLite's json_each, built in since
 # 3.38; `_bulk` is off without it): one statement text whatever the number.
 _LEASES_AMONG = f"SELECT {_COLUMNS} FROM leases WHERE lease IN (SELECT value FROM json_each(?))"
+_DELETE_LEASE = "DELETE FROM leases WHERE lease = ?"
 _RENEW_ROW = "UPDATE leases SET renewed_at = ?, expires_at = ?, server = ? WHERE lease = ?"
 _REVOKED_AMONG = (
     "SELECT lease, principal, client FROM revoked WHERE lease IN (SELECT value FROM json_each(?))"
@@ -330,7 +331,7 @@ class SQLiteStore(LeaseStore):
         self._commits = TaskOwner("sqlite-commits")
         self._commit_task: asyncio.Task | None = None
         self._abandoned = False
-        self._bulk = False  # plain grants and checkins in runs (`_apply_run`): json_each found
+        self._bulk = False  # writes in runs (`_apply_run`, `_renew_run`): json_each found
         # Long reads (usage reports) get a connection and thread of their own, made at first
         # use: they must not hold up grants queued behind them on the store's thread.
         self._reader: tuple[StoreThread, sqlite3.Connection] | None = None
@@ -359,8 +360,9 @@ class SQLiteStore(LeaseStore):
         before any reply.  A future, not a coroutine: the hot calls (grant, renew, release)
         hand it straight to their caller, a coroutine layer less each way.
 
-        `bulk` names a plain grant or checkin, which may go with its neighbours in the batch
-        in a few statements for all (`_apply_run`); `fn` does the same alone.
+        `bulk` names a plain grant, a checkin or a heartbeat, which may go with its
+        neighbours in the batch in a few statements for all (`_apply_run`, `_renew_run`);
+        `fn` does the same alone.  Callers give it only while `_bulk` is on.
         """
         assert self._loop is not None, "store is not open"
         future: asyncio.Future = self._loop.create_future()
@@ -437,7 +439,7 @@ class SQLiteStore(LeaseStore):
         outcomes: list[tuple[bool, Any]] = []
         run: list[tuple[Callable[[sqlite3.Connection], Any], _Bulk]] = []
         for fn, bulk in items:
-            if bulk is not None and self._bulk:
+            if bulk is not None:
                 if run and (type(bulk) is _Heartbeat) != (type(run[0][1]) is _Heartbeat):
                     self._apply_pending(db, run, outcomes)  # heartbeats run apart
                     run = []
@@ -528,7 +530,7 @@ class SQLiteStore(LeaseStore):
             gone.append((c.lease,))
             outcomes[i] = (True, rec if verdict is Release.RELEASE else None)
         if gone:
-            db.executemany("DELETE FROM leases WHERE lease = ?", gone)
+            db.executemany(_DELETE_LEASE, gone)
 
     def _grant_run(
         self,
@@ -823,7 +825,7 @@ class SQLiteStore(LeaseStore):
             return GrantOutcome(True, in_use + 1, lease)
 
         plain = req.reclaim is None and req.waiter is None and req.idempotency_key is None
-        return self._write(grant, req if plain else None)
+        return self._write(grant, req if plain and self._bulk else None)
 
     @staticmethod
     def _count_and_ahead(
@@ -886,7 +888,7 @@ class SQLiteStore(LeaseStore):
 
     @staticmethod
     def _delete(db: sqlite3.Connection, lease: str) -> None:
-        db.execute("DELETE FROM leases WHERE lease = ?", (lease,))
+        db.execute(_DELETE_LEASE, (lease,))
 
     @staticmethod
     def _renew_row(
@@ -1069,7 +1071,7 @@ class SQLiteStore(LeaseStore):
             # SQL narrows to the candidates by the index; the rule decides.
             rows = db.execute(_EXPIRED_LEASES, (now,))
             gone = [rec for rec in map(_record, rows) if not is_live(rec.expires_at, now)]
-            db.executemany("DELETE FROM leases WHERE lease = ?", [(r.lease,) for r in gone])
+            db.executemany(_DELETE_LEASE, [(r.lease,) for r in gone])
             db.execute("DELETE FROM waiters WHERE deadline <= ? OR kept_until <= ?", (now, now))
             db.execute("DELETE FROM revoked WHERE revoked_at < ?", (now - RETAIN_REVOKED_S,))
             return gone
