@@ -119,6 +119,20 @@ def counted(store: SQLiteStore) -> dict[str, int]:
     return calls
 
 
+def refuse_boom(path, change: str) -> None:
+    """A real failure for one write: SQLite refuses an INSERT or UPDATE of principal boom's
+    lease (a trigger, made before the store opens the file)."""
+    db = sqlite3.connect(path)
+    try:
+        db.execute(
+            f"CREATE TRIGGER refuse_boom BEFORE {change} ON leases WHEN NEW.principal = 'boom' "
+            "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )
+        db.commit()
+    finally:
+        db.close()
+
+
 def rows_in(path) -> set[str]:
     db = sqlite3.connect(path)
     try:
@@ -223,13 +237,7 @@ async def test_a_run_failing_halfway_runs_again_with_each_write_alone(tmp_path):
     path = tmp_path / "g.db"
     async with opened(SQLiteStore(path)) as store:
         held = (await store.grant(req(THIRTY, who(9)))).lease
-    db = sqlite3.connect(path)
-    db.execute(
-        "CREATE TRIGGER refuse_boom BEFORE INSERT ON leases WHEN NEW.principal = 'boom' "
-        "BEGIN SELECT RAISE(ABORT, 'refused'); END"
-    )
-    db.commit()
-    db.close()
+    refuse_boom(path, "INSERT")
     async with opened(SQLiteStore(path)) as store:
         calls = counted(store)
         outs = await asyncio.gather(
@@ -285,13 +293,7 @@ async def test_a_heartbeat_run_failing_halfway_runs_again_with_each_write_alone(
         held = [
             (await store.grant(req(THIRTY, n))).lease for n in (who(1), ("boom", "ws-b"), who(3))
         ]
-    db = sqlite3.connect(path)
-    db.execute(
-        "CREATE TRIGGER refuse_boom BEFORE UPDATE ON leases WHEN NEW.principal = 'boom' "
-        "BEGIN SELECT RAISE(ABORT, 'refused'); END"
-    )
-    db.commit()
-    db.close()
+    refuse_boom(path, "UPDATE")
     async with opened(SQLiteStore(path)) as store:
         calls = counted(store)
         outs = await asyncio.gather(
