@@ -17,6 +17,9 @@ Locks (docs/architecture.md, "PostgreSQL: transactions and locks"):
   and so returned, by exactly one.
 - a lease row a call decides on is read `FOR UPDATE`; several rows in one call are locked in
   one statement, in lease order, so two calls never wait for each other in a cycle.
+  Checkins are one `DELETE` of the holders' rows for a whole batch, which commits itself
+  (`_release_all`); should two such statements ever wait for each other in a cycle,
+  PostgreSQL rolls one back and it runs again.
 - lockout counters: advisory locks on the keys, taken in key order, around read-count-write.
 
 Calls wait for one of the pool's connections in a line of the store's own (`_Admission`:
@@ -39,7 +42,7 @@ import random
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -116,6 +119,30 @@ _USAGE_COLUMNS = (
 _INSERT = (
     f"INSERT INTO leases ({_COLUMNS}, idempotency_key) "
     "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)"
+)
+# A batch of checkins in one statement (`_release_all`): the rows whose holder (principal and
+# client, `licensing.is_owner`) checks them in, deleted and returned, and a notice per pool
+# freed ($4 the channel, $5 the payload's head; PostgreSQL sends each payload once a commit).
+_CHECK_IN = (
+    "WITH gone AS (DELETE FROM leases AS l "
+    "USING unnest($1::text[], $2::text[], $3::text[]) AS c(lease, principal, client) "
+    "WHERE l.lease = ANY($1::text[]) "  # by the primary key: never a scan of the table
+    "AND l.lease = c.lease AND l.principal = c.principal AND l.client = c.client "
+    "RETURNING " + ", ".join(f"l.{c.strip()}" for c in _COLUMNS.split(",")) + ") "
+    f"SELECT {_COLUMNS}, pg_notify($4, $5 || pool_product || chr(31) || pool_version) FROM gone"
+)
+_EXISTING = "SELECT lease FROM leases WHERE lease = ANY($1::text[])"
+# Per pool, at a grant's `now`: live leases (`licensing.is_live`) and live waiters ahead of
+# it, as `_count` and `_live_waiters_ahead` ask them one at a time.
+_COUNTS = (
+    "SELECT p.product, p.version, "
+    "(SELECT count(*) FROM leases WHERE expires_at > p.now "
+    "AND pool_product = p.product AND pool_version = p.version) AS in_use, "
+    "(SELECT count(*) FROM waiters WHERE pool_product = p.product AND pool_version = p.version "
+    "AND id < p.waiter AND deadline > p.now AND kept_until > p.now AND server IN "
+    "(SELECT name FROM servers WHERE seen_at >= p.live_since)) AS ahead "
+    "FROM unnest($1::text[], $2::text[], $3::float8[], $4::bigint[], $5::float8[]) "
+    "AS p(product, version, now, waiter, live_since)"
 )
 _LIVE = "expires_at > $1"
 _EXPIRED = "expires_at <= $1"
@@ -458,8 +485,13 @@ class PostgresStore(LeaseStore):
         *,
         write: bool = True,
         urgent: bool = False,
+        single: bool = False,
+        locks: tuple[int, ...] = (),
     ) -> T:
-        """Run `fn` on a pooled connection, in a READ COMMITTED transaction when `write`.
+        """Run `fn` on a pooled connection, in a READ COMMITTED transaction when `write`;
+        `single`: a write that is one statement, its own transaction (no BEGIN and COMMIT
+        round trips).  `locks`: transaction advisory locks for a write to take first, in the
+        given order, sent with its BEGIN in one round trip (`_begin_locked`).
 
         The call first waits its turn for one of the `pool_max` connections (`_Admission`:
         first come, first served, `urgent` calls — renewals — before the others).  What the
@@ -498,7 +530,21 @@ class PostgresStore(LeaseStore):
                 # (re)connect, and a timeout there is a database that does not answer.
                 async with pool.acquire(timeout=self.query_timeout_s) as conn:
                     acquired = True
-                    if write:
+                    if single:
+                        started = time.perf_counter()
+                        sent = True  # from the first byte its outcome may be lost with the link
+                        result = await fn(conn)
+                        if self.on_commit is not None:
+                            self.on_commit(time.perf_counter() - started)
+                    elif locks:
+                        started = time.perf_counter()
+                        async with _begin_locked(conn, locks):
+                            sent = True
+                            result = await fn(conn)
+                            done = True
+                        if self.on_commit is not None:
+                            self.on_commit(time.perf_counter() - started)
+                    elif write:
                         started = time.perf_counter()
                         async with conn.transaction(isolation="read_committed"):
                             sent = True  # BEGIN went through: from here a rerun is not safe
@@ -519,8 +565,10 @@ class PostgresStore(LeaseStore):
                     continue
                 raise self._fault(op, exc) from None
             except (*_BUSY, TimeoutError) as exc:
-                if done or (isinstance(exc, TimeoutError) and not acquired):
-                    raise self._fault(op, exc) from None  # COMMIT lost, or connecting timed out
+                if done or (isinstance(exc, TimeoutError) and (not acquired or single)):
+                    # COMMIT lost, connecting timed out, or a statement that commits itself
+                    # timed out on our side (it may have committed before the cancel).
+                    raise self._fault(op, exc) from None
                 raise self._busy(
                     op, f"the database did not finish in time ({describe(exc)})"
                 ) from None
@@ -665,13 +713,11 @@ class PostgresStore(LeaseStore):
         counts), and so are the live waiters ahead of it.  The pools' locks are taken in
         lock-key order, so two servers' batches never wait for each other in a circle."""
 
+        pools = sorted({req.pool.key for req in reqs}, key=_pool_lock)
+
         async def grant_all(db: asyncpg.Connection) -> list[GrantOutcome]:
-            pools = sorted({req.pool.key for req in reqs}, key=_pool_lock)
-            for key in pools:
-                await db.execute("SELECT pg_advisory_xact_lock($1)", _pool_lock(key))
-            first = {key: min((r for r in reqs if r.pool.key == key), key=_now) for key in pools}
-            in_use = {key: await self._count(db, key, first[key].now) for key in pools}
-            ahead = {key: await self._live_waiters_ahead(db, key, first[key]) for key in pools}
+            first = [min((r for r in reqs if r.pool.key == key), key=_now) for key in pools]
+            in_use, ahead = await self._counts(db, first)
             earlier = await self._by_keys(db, [r for r in reqs if r.idempotency_key is not None])
             out: list[GrantOutcome] = []
             made: list[tuple[LeaseRecord, str | None]] = []
@@ -707,7 +753,7 @@ class PostgresStore(LeaseStore):
                 await db.executemany(_INSERT, [(*_values(m), k) for m, k in made])
             return out
 
-        outcomes = await self._run("grant", grant_all)
+        outcomes = await self._run("grant", grant_all, locks=tuple(map(_pool_lock, pools)))
         for req, outcome in zip(reqs, outcomes, strict=True):
             self._in_use_seen[req.pool.key] = outcome.in_use
         return outcomes
@@ -781,6 +827,24 @@ class PostgresStore(LeaseStore):
             return out
 
         return await self._run("reclaim", renew)
+
+    @staticmethod
+    async def _counts(
+        db: asyncpg.Connection, first: list[GrantRequest]
+    ) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], int]]:
+        """For the pool of each of these grants, at its `now`, in one statement: its live
+        leases (`_count`) and the live waiters ahead of it (`_live_waiters_ahead`)."""
+        rows = await db.fetch(
+            _COUNTS,
+            [r.pool.product for r in first],
+            [r.pool.version for r in first],
+            [r.now for r in first],
+            [r.waiter if r.waiter is not None else 2**62 for r in first],
+            [r.live_since for r in first],
+        )
+        in_use = {(row["product"], row["version"]): row["in_use"] for row in rows}
+        ahead = {(row["product"], row["version"]): row["ahead"] for row in rows}
+        return in_use, ahead
 
     @staticmethod
     async def _live_waiters_ahead(
@@ -908,42 +972,49 @@ class PostgresStore(LeaseStore):
     async def _release_all(
         self, checkins: list[_Checkin]
     ) -> list[LeaseRecord | LeaseNotFound | None]:
-        """Checkins that arrived together, in one transaction (group commit, as for grants):
-        their rows locked in lease order, each judged by `release_verdict` as it would be
-        alone, in arrival order (a repeat of a checkin finds the lease gone), the rows
-        deleted in one statement, one notice per pool freed.  A checkin by another holder is
-        its own `LeaseNotFound`; the others go ahead."""
+        """Checkins that arrived together, in one statement that commits itself (group
+        commit, as for grants, without BEGIN and COMMIT round trips): every row whose holder
+        checks it in is deleted and returned, with a notice per pool freed.  Each checkin is
+        then judged by `release_verdict` as it would be alone, in arrival order: a repeat of
+        a checkin finds the lease gone; another holder's is its own `LeaseNotFound` if the
+        lease was still there at its turn, and the others go ahead.  `_CHECK_IN` states the
+        rule's owner test in SQL (`licensing.is_owner`: principal and client equal), so a
+        row it leaves was not the caller's; whether such leases exist is asked only when
+        there are some (`_EXISTING`).  One statement locks its rows as it meets them, not in
+        lease order: two batches that overlap and deadlock are rolled back and run again
+        (`_RERUN`), having changed nothing."""
 
         async def release_all(db: asyncpg.Connection) -> list[LeaseRecord | LeaseNotFound | None]:
-            held = await self._lock_rows(db, [c.lease for c in checkins])
+            rows = await db.fetch(
+                _CHECK_IN,
+                [c.lease for c in checkins],
+                [c.principal for c in checkins],
+                [c.client for c in checkins],
+                self._channel,
+                f"freed\x1e{self._origin}\x1e",
+            )
+            gone = {rec.lease: rec for rec in map(_record, rows)}
+            left = list({c.lease for c in checkins} - gone.keys())
+            existing = {row["lease"] for row in await db.fetch(_EXISTING, left)} if left else set()
             out: list[LeaseRecord | LeaseNotFound | None] = []
-            gone: list[str] = []
-            freed: list[Notice] = []
             for c in checkins:
-                rec = held.get(c.lease)
-                if rec is None:
-                    out.append(None)
+                rec = gone.get(c.lease)
+                if rec is None:  # still there (not the caller's), or no longer
+                    out.append(_not_held(c.lease) if c.lease in existing else None)
                     continue
                 verdict = release_verdict(
                     rec.principal, rec.client, rec.expires_at, c.principal, c.client, c.now
                 )
-                if verdict is Release.NOT_OWNER:
-                    out.append(
-                        LeaseNotFound(f"lease {c.lease} is not held by this principal and client")
-                    )
+                if verdict is Release.NOT_OWNER:  # its holder's checkin comes later
+                    out.append(_not_held(c.lease))
                     continue
-                del held[c.lease]
-                gone.append(c.lease)
-                freed.append(("freed", _pool_text(rec.pool_key)))
+                del gone[c.lease]  # later checkins of it find it gone
                 # DROP_EXPIRED: expired but not yet swept, already gone as far as the
                 # protocol is concerned.
                 out.append(rec if verdict is Release.RELEASE else None)
-            if gone:
-                await db.execute("DELETE FROM leases WHERE lease = ANY($1::text[])", gone)
-                await self._notify(db, freed)
             return out
 
-        return await self._run("release", release_all)
+        return await self._run("release", release_all, single=True)
 
     async def revoke(
         self, lease: str, *, now: float | None = None, by: str | None = None
@@ -1371,6 +1442,29 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 def _log_crash(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("store_listener_failed", exc_info=task.exception())
+
+
+@contextlib.asynccontextmanager
+async def _begin_locked(conn: asyncpg.Connection, locks: tuple[int, ...]) -> AsyncIterator[None]:
+    """A READ COMMITTED transaction whose first statements take these advisory locks, in
+    order, sent with BEGIN in one round trip (the simple query protocol; the keys are
+    integers of our own making, `lock_key`): for a group of grants, one round trip less
+    than BEGIN and then the locks.  Committed when the block ends, rolled back when it
+    raises; a connection whose rollback failed goes back to the pool, which rolls back or
+    drops it."""
+    taken = "".join(f"SELECT pg_advisory_xact_lock({int(key)});" for key in locks)
+    await conn.execute(f"BEGIN ISOLATION LEVEL READ COMMITTED;{taken}")
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await conn.execute("ROLLBACK")
+        raise
+    await conn.execute("COMMIT")
+
+
+def _not_held(lease: str) -> LeaseNotFound:
+    return LeaseNotFound(f"lease {lease} is not held by this principal and client")
 
 
 def _pool_text(key: tuple[str, str]) -> str:

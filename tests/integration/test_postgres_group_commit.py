@@ -14,7 +14,7 @@ import asyncio
 import pytest
 from msgspec.structs import replace
 
-from metering_protocol.errors import LeaseNotFound
+from metering_protocol.errors import Internal, LeaseNotFound
 from metering_server.licensing import Pool
 from tests.integration.test_store_contract import T0, TTL, req
 from tests.integration.test_store_overload import (
@@ -49,6 +49,26 @@ async def test_concurrent_grants_share_commits_and_never_pass_the_seat_count(pg_
         assert len(commits) < 10  # 50 grants: a handful of transactions
         held = await store.leases(T0 + 1)
         assert sorted(r.lease for r in held) == sorted(o.lease.lease for o in granted)
+
+
+async def test_a_grant_batch_that_fails_is_undone_whole_and_frees_the_pool(pg_site):
+    """A batch's BEGIN and pool locks go in one round trip, outside asyncpg's transaction
+    object: when a statement after them fails, the batch is rolled back whole (no lease
+    made, no seat counted) and the pool's lock is free for the next batch."""
+    async with opened(pg_store(pg_site, pool_max=1, acquire_timeout_s=10)) as store:
+        bad = replace(req(THIRTY, who(1)), user="nul\x00")  # PostgreSQL refuses NUL in text
+        outs = await asyncio.gather(
+            store.grant(bad), store.grant(req(THIRTY, who(2))), return_exceptions=True
+        )
+        assert isinstance(outs[0], Internal)
+        # In the same batch (as asyncio schedules it) the other grant is undone with it.
+        made = [] if isinstance(outs[1], Internal) else [outs[1].lease.lease]
+        assert [r.lease for r in await store.leases(T0 + 1)] == made
+        again = await asyncio.wait_for(store.grant(req(THIRTY, who(3))), 5)
+        assert again.granted and again.in_use == len(made) + 1
+        assert sorted(r.lease for r in await store.leases(T0 + 1)) == sorted(
+            [*made, again.lease.lease]
+        )
 
 
 async def test_repeats_of_one_checkout_in_a_batch_get_its_one_lease(pg_site):
@@ -139,6 +159,27 @@ async def test_concurrent_checkins_share_commits_and_each_gets_its_own_answer(pg
         assert len(commits) < 10
         assert [r.lease for r in await store.leases(T0 + 2)] == [leases[0].lease]
         assert (await store.in_use(T0 + 2))[THIRTY.key] == 1
+
+
+async def test_a_checkin_in_a_batch_is_judged_at_its_turn(pg_site):
+    """A batch of checkins is one statement, but each is answered as if alone, in arrival
+    order: another holder's checkin before the holder's is refused (the lease was there,
+    not its), after it finds the lease gone; an expired lease's holder gets it dropped."""
+    async with opened(pg_store(pg_site, pool_max=1, acquire_timeout_s=10)) as store:
+        leases = [(await store.grant(req(THIRTY, who(n)))).lease.lease for n in range(4)]
+        outs = await asyncio.gather(
+            store.release(leases[0], *who(0), T0 + 1),
+            store.release(leases[1], *who(9), T0 + 1),  # not its holder, before the holder
+            store.release(leases[1], *who(1), T0 + 1),
+            store.release(leases[1], *who(9), T0 + 1),  # not its holder, after: gone
+            store.release(leases[1], *who(1), T0 + 1),  # the holder again: gone
+            store.release(leases[2], *who(2), T0 + TTL + 1),  # expired: dropped
+            return_exceptions=True,
+        )
+        assert outs[0].lease == leases[0] and outs[2].lease == leases[1]
+        assert isinstance(outs[1], LeaseNotFound)
+        assert outs[3] is None and outs[4] is None and outs[5] is None
+        assert [r.lease for r in await store.leases(T0 + 2)] == [leases[3]]
 
 
 async def test_concurrent_heartbeats_share_commits_and_each_gets_its_own_answer(pg_site):
