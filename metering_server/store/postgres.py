@@ -3,7 +3,9 @@
 asyncpg, a pool of `pool_min`..`pool_max` connections.  Every call is one READ COMMITTED
 transaction on one pooled connection; the rules are `metering_server.licensing`'s, as in the
 SQLite store, and SQL states `licensing.is_live` only as `expires_at > $now` (live) and
-`expires_at <= $now` (expired), which agree with it exactly (both sides are IEEE doubles).
+`expires_at <= $now` (expired), which agree with it exactly (both sides are IEEE doubles),
+and `licensing.is_owner` only as principal and client equal (the one-statement checkin and
+heartbeat batches, `_CHECK_IN`, `_RENEW_BATCH`).
 
 Locks (docs/architecture.md, "PostgreSQL: transactions and locks"):
 
@@ -61,7 +63,6 @@ from metering_server.licensing import (
     lease_expiry,
     reclaim_verdict,
     release_verdict,
-    renew_verdict,
 )
 
 from .base import (
@@ -132,6 +133,18 @@ _CHECK_IN = (
     f"SELECT {_COLUMNS}, pg_notify($4, $5 || pool_product || chr(31) || pool_version) FROM gone"
 )
 _EXISTING = "SELECT lease FROM leases WHERE lease = ANY($1::text[])"
+# A batch of heartbeats in one statement (`_renew_all`): per (lease, principal, client) asked,
+# the first heartbeat's `now` ($4, is the lease live) and the last one's time, expiry and
+# server ($5-$7, the renewal); a row is renewed when its holder asks and it is live.
+_RENEW_BATCH = (
+    "UPDATE leases AS l SET renewed_at = h.now, expires_at = h.expires_at, server = h.server "
+    "FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::float8[], "
+    "$6::float8[], $7::text[]) AS h(lease, principal, client, first_now, now, expires_at, server) "
+    "WHERE l.lease = ANY($1::text[]) "  # by the primary key: never a scan of the table
+    "AND l.lease = h.lease AND l.principal = h.principal AND l.client = h.client "
+    "AND l.expires_at > h.first_now "
+    "RETURNING l.lease, l.principal, l.client"
+)
 # Per pool, at a grant's `now`: live leases (`licensing.is_live`) and live waiters ahead of
 # it, as `_count` and `_live_waiters_ahead` ask them one at a time.
 _COUNTS = (
@@ -385,8 +398,14 @@ class PostgresStore(LeaseStore):
                 conn.terminate()
         if applied:
             log.info("store_migrated", store=self.where, versions=applied)
+        # The database gives up on a statement just before we would (`query_timeout_s`):
+        # then the statement is known to have changed nothing (`overloaded`), even one that
+        # commits itself (`_run`'s `single`), where our own timeout could not tell.
+        stop_ms = round(1000 * max(0.9 * self.query_timeout_s, self.query_timeout_s - 1.0))
+        server = {**(settings.pop("server_settings") or {}), "statement_timeout": f"{stop_ms}"}
         return await asyncpg.create_pool(
             **settings,
+            server_settings=server,
             min_size=self.pool_min,
             max_size=self.pool_max,
             max_inactive_connection_lifetime=300.0,
@@ -904,30 +923,38 @@ class PostgresStore(LeaseStore):
         return await self._batched("renew", self._renewals, heartbeat)
 
     async def _renew_all(self, beats: list[_Heartbeat]) -> list[RenewOutcome]:
-        """Heartbeats that arrived together, in one transaction (group commit): every lease
-        they name locked in one statement, in lease order; each heartbeat judged by
-        `renew_verdict` as it would be alone, in arrival order (a later one in the batch sees
-        the lease as an earlier one renewed it); the renewals written in one pipelined
-        statement, the lost leases looked up among the revoked in one query."""
+        """Heartbeats that arrived together, in one statement that commits itself (group
+        commit, without BEGIN and COMMIT round trips): `_RENEW_BATCH` renews every lease a
+        heartbeat of its holder names while it is live — `renew_verdict`'s owner test and
+        `licensing.is_live` in SQL — at the last such heartbeat's time, server and TTL, and
+        returns the rows it renewed with their holders.  As alone in arrival order, a lease
+        its holder's first heartbeat of the batch finds live stays live for the others (the
+        first renews it for a TTL, and a batch spans milliseconds).  The lost leases are
+        looked up among the revoked in one more query, only when there are some."""
 
         async def renew_all(db: asyncpg.Connection) -> list[RenewOutcome]:
-            held = await self._lock_rows(db, [lease for b in beats for lease in b.leases])
-            judged: list[tuple[list[str], list[str]]] = []
-            writes: dict[str, LeaseRecord] = {}
+            asks: dict[tuple[str, str, str], list[Any]] = {}
             for b in beats:
-                renewed, lost = [], []
+                expires = lease_expiry(b.now, b.ttl_s)
                 for lease in b.leases:
-                    rec = held.get(lease)
-                    if rec is not None and renew_verdict(
-                        rec.principal, rec.client, rec.expires_at, b.principal, b.client, b.now
-                    ):
-                        renewed.append(lease)
-                        held[lease] = writes[lease] = _renewed(rec, b.server, b.now, b.ttl_s)
-                    else:
-                        lost.append(lease)
-                judged.append((renewed, lost))
-            if writes:
-                await db.executemany(_RENEW, [_renew_args(r) for r in writes.values()])
+                    ask = asks.get((lease, b.principal, b.client))
+                    if ask is None:  # first: its `now` decides whether the lease is live
+                        asks[(lease, b.principal, b.client)] = [b.now, b.now, expires, b.server]
+                    else:  # later: the renewal is written with its time and server
+                        ask[1:] = [b.now, expires, b.server]
+            rows = await db.fetch(
+                _RENEW_BATCH,
+                *(list(column) for column in zip(*asks, strict=True)),
+                *(list(column) for column in zip(*asks.values(), strict=True)),
+            )
+            renewed_by = {(row["lease"], row["principal"], row["client"]) for row in rows}
+            judged = [
+                (
+                    [x for x in b.leases if (x, b.principal, b.client) in renewed_by],
+                    [x for x in b.leases if (x, b.principal, b.client) not in renewed_by],
+                )
+                for b in beats
+            ]
             asked = {
                 (lease, b.principal, b.client)
                 for b, (_, lost) in zip(beats, judged, strict=True)
@@ -943,7 +970,7 @@ class PostgresStore(LeaseStore):
 
         # Urgent: a heartbeat keeps a held seat and must not wait behind new work while its
         # lease's TTL runs (the sweep would then expire a lease whose holder renewed on time).
-        return await self._run("renew", renew_all, urgent=True)
+        return await self._run("renew", renew_all, urgent=True, single=True)
 
     @staticmethod
     async def _revoked_among(

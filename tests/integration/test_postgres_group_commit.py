@@ -201,3 +201,26 @@ async def test_concurrent_heartbeats_share_commits_and_each_gets_its_own_answer(
         held = {r.lease: r for r in await store.leases(T0 + 6)}
         assert sorted(held) == sorted(leases[1:])
         assert all(r.expires_at == T0 + 5 + TTL and r.server == "srv-b" for r in held.values())
+
+
+async def test_heartbeats_of_one_lease_in_a_batch_are_each_judged(pg_site):
+    """A batch of heartbeats is one statement; each is answered as alone in arrival order: a
+    holder's repeat renews again (the later time wins), another holder's is lost before and
+    after the holder's, and a lease already expired is lost to all of them."""
+    async with opened(pg_store(pg_site, pool_max=1, acquire_timeout_s=10)) as store:
+        leases = [(await store.grant(req(THIRTY, who(n)))).lease.lease for n in range(3)]
+        outs = await asyncio.gather(
+            store.renew([leases[0]], *who(0), "srv-a", T0 + 1, TTL),
+            store.renew([leases[1]], *who(9), "srv-b", T0 + 2, TTL),  # not its holder
+            store.renew([leases[1]], *who(1), "srv-b", T0 + 2, TTL),
+            store.renew([leases[1]], *who(1), "srv-c", T0 + 3, TTL),  # again, later
+            store.renew([leases[1]], *who(9), "srv-b", T0 + 3, TTL),  # not its holder
+            store.renew([leases[2], leases[1]], *who(2), "srv-b", T0 + TTL + 1, TTL),
+        )
+        assert outs[0].renewed == [leases[0]]
+        assert outs[1].lost == [leases[1]] and outs[4].lost == [leases[1]]
+        assert outs[2].renewed == [leases[1]] and outs[3].renewed == [leases[1]]
+        assert outs[5].renewed == [] and outs[5].lost == [leases[2], leases[1]]
+        held = {r.lease: r for r in await store.leases(T0 + 4)}
+        assert held[leases[1]].expires_at == T0 + 3 + TTL and held[leases[1]].server == "srv-c"
+        assert held[leases[2]].expires_at == T0 + TTL  # expired, not renewed (the sweep's)
