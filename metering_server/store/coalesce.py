@@ -11,6 +11,7 @@ out at once, and a batch is exactly what queued during the one before it.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Generic, TypeVar
 
@@ -26,9 +27,14 @@ class Batches(Generic[I, R]):
 
     def __init__(self, run: Callable[[list[I]], Awaitable[list[R]]], name: str):
         self._run = run
-        self._pending: list[tuple[I, asyncio.Future[R]]] = []
+        # (item, its future, when it is withdrawn if still here: loop time, or inf)
+        self._pending: list[tuple[I, asyncio.Future[R], float]] = []
         self._running = False
         self._tasks = TaskOwner(name)
+        # One timer for the earliest deadline of the calls waiting, not one per call: a
+        # timer made and cancelled per call was a tenth of a busy server's time.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
 
     @property
     def running(self) -> bool:
@@ -46,40 +52,52 @@ class Batches(Generic[I, R]):
         TimeoutError; once its batch runs, that batch's outcome is its answer."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
-        entry = (item, future)
-        self._pending.append(entry)
+        deadline = math.inf if timeout is None else loop.time() + timeout
+        self._pending.append((item, future, deadline))
         if not self._running:
             self._running = True
             self._tasks.spawn(self._drain(), "batches")
-        if timeout is None:
-            return await future
-        timer = loop.call_later(timeout, self._withdraw, entry)
-        try:
-            return await future
-        finally:
-            timer.cancel()
+        if deadline < self._timer_at:
+            self._arm(loop, deadline)
+        return await future
 
-    def _withdraw(self, entry: tuple[I, asyncio.Future[R]]) -> None:
-        if entry in self._pending and not entry[1].done():
-            self._pending.remove(entry)
-            entry[1].set_exception(TimeoutError())
+    def _arm(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = loop.call_at(deadline, self._withdraw_late, loop)
+        self._timer_at = deadline
+
+    def _withdraw_late(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Withdraw the calls still waiting past their deadline; wake again for the next."""
+        self._timer, self._timer_at = None, math.inf
+        now = loop.time()
+        waiting: list[tuple[I, asyncio.Future[R], float]] = []
+        for entry in self._pending:
+            if entry[2] <= now and not entry[1].done():
+                entry[1].set_exception(TimeoutError())
+            else:
+                waiting.append(entry)
+        self._pending = waiting
+        nearest = min((deadline for _, _, deadline in waiting), default=math.inf)
+        if nearest < math.inf:
+            self._arm(loop, nearest)
 
     async def _drain(self) -> None:
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
                 try:
-                    results = await self._run([item for item, _ in batch])
+                    results = await self._run([item for item, _, _ in batch])
                 except asyncio.CancelledError:
-                    for _, future in batch:
+                    for _, future, _ in batch:
                         future.cancel()
                     raise
                 except Exception as exc:  # every call of this batch hears it
-                    for _, future in batch:
+                    for _, future, _ in batch:
                         if not future.done():
                             future.set_exception(exc)
                     continue
-                for (_, future), result in zip(batch, results, strict=True):
+                for (_, future, _), result in zip(batch, results, strict=True):
                     if not future.done():
                         future.set_result(result)
         finally:
@@ -89,8 +107,11 @@ class Batches(Generic[I, R]):
         """Stop: the running batch is cancelled, and so is every call still waiting for one
         (its caller hears CancelledError instead of waiting for ever)."""
         await self._tasks.cancel_all()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer, self._timer_at = None, math.inf
         pending, self._pending = self._pending, []
-        for _, future in pending:
+        for _, future, _ in pending:
             future.cancel()
 
 

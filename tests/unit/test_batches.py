@@ -65,3 +65,26 @@ async def test_closing_cancels_the_running_batch_and_the_calls_waiting_for_the_n
     for call in (running, waiting):
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(call, 5)
+
+
+async def test_each_waiting_call_is_withdrawn_at_its_own_deadline():
+    """One timer serves every waiting call: a later call with a shorter timeout is withdrawn
+    first, the others stay; once withdrawn, the next deadline is still kept."""
+    gate = Gate()
+    batches: Batches[int, int] = Batches(gate.run, "t")
+    running = asyncio.ensure_future(batches.submit(1))
+    await async_wait_until(lambda: gate.batches == [[1]], timeout=5)
+    patient = asyncio.ensure_future(batches.submit(2, timeout=60))
+    medium = asyncio.ensure_future(batches.submit(3, timeout=0.5))
+    hasty = asyncio.ensure_future(batches.submit(4, timeout=0.02))
+    no_timeout = asyncio.ensure_future(batches.submit(5))
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(hasty, 5)
+    assert not medium.done() and batches.waiting == 3
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(medium, 5)
+    assert batches.waiting == 2
+    gate.go.set()
+    assert await asyncio.gather(running, patient, no_timeout) == [10, 20, 50]
+    assert gate.batches == [[1], [2, 5]]
+    await batches.close()
