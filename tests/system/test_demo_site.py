@@ -24,12 +24,37 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "configs" / "demo" / "run_site_demo.py"
 
 
-def steps() -> tuple[str, ...]:
+def demo_module():
     spec = importlib.util.spec_from_file_location("run_site_demo", SCRIPT)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.STEPS
+    return module
+
+
+def steps() -> tuple[str, ...]:
+    return demo_module().STEPS
+
+
+def test_the_demo_reads_an_agent_that_has_no_server_yet_as_not_connected():
+    """`metering-client status` exits 75 with its reply while the agent has no server (its
+    first attempt unfinished, or nothing reachable): the demo waits on that, it does not fail
+    the step (a loaded machine once showed the window between the agent's start and its
+    first attempt's end)."""
+    demo = demo_module()
+    state = short_tmpdir()
+    site = demo.Site(state / "site", "sqlite")  # no server is ever started
+    try:
+        site.write_configs(f'url = "sqlite://{state}/site/site.db"')
+        token = site.state / "ws-1" / "token"
+        token.write_text("not-a-real-token\n")
+        token.chmod(0o600)
+        site.start_agent("ws-1")
+        seen = site.wait("the agent to answer", lambda: site.agent("ws-1").get("error"))
+        assert seen and site.agent("ws-1")["connected"] is False
+    finally:
+        site.stop()
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def test_the_site_demo_tells_its_story_on_sqlite():
