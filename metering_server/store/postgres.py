@@ -50,6 +50,7 @@ from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import msgspec
 from msgspec.structs import replace
 
 from metering_protocol.errors import Internal, LeaseNotFound, MeteringError
@@ -123,28 +124,17 @@ _INSERT = (
 )
 # A batch of checkins in one statement (`_release_all`): the rows whose holder (principal and
 # client, `licensing.is_owner`) checks them in, deleted and returned, and a notice per pool
-# freed ($4 the channel, $5 the payload's head; PostgreSQL sends each payload once a commit).
+# freed ($3 the channel, $4 the payload's head; PostgreSQL sends each payload once a commit).
+# $1 the leases, found by primary key; $2 {lease: {principal: {client: 1}}}, looked up per
+# row (`#>`: a few key lookups, whatever the batch's size — a join of the rows with the
+# batch's list could be planned as a scan of the list per row, seen at 1,000 per batch).
 _CHECK_IN = (
-    "WITH gone AS (DELETE FROM leases AS l "
-    "USING unnest($1::text[], $2::text[], $3::text[]) AS c(lease, principal, client) "
-    "WHERE l.lease = ANY($1::text[]) "  # by the primary key: never a scan of the table
-    "AND l.lease = c.lease AND l.principal = c.principal AND l.client = c.client "
-    "RETURNING " + ", ".join(f"l.{c.strip()}" for c in _COLUMNS.split(",")) + ") "
-    f"SELECT {_COLUMNS}, pg_notify($4, $5 || pool_product || chr(31) || pool_version) FROM gone"
+    "WITH gone AS (DELETE FROM leases "
+    "WHERE lease = ANY($1::text[]) AND $2::jsonb #> ARRAY[lease, principal, client] IS NOT NULL "
+    f"RETURNING {_COLUMNS}) "
+    f"SELECT {_COLUMNS}, pg_notify($3, $4 || pool_product || chr(31) || pool_version) FROM gone"
 )
 _EXISTING = "SELECT lease FROM leases WHERE lease = ANY($1::text[])"
-# A batch of heartbeats in one statement (`_renew_all`): per (lease, principal, client) asked,
-# the first heartbeat's `now` ($4, is the lease live) and the last one's time, expiry and
-# server ($5-$7, the renewal); a row is renewed when its holder asks and it is live.
-_RENEW_BATCH = (
-    "UPDATE leases AS l SET renewed_at = h.now, expires_at = h.expires_at, server = h.server "
-    "FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::float8[], "
-    "$6::float8[], $7::text[]) AS h(lease, principal, client, first_now, now, expires_at, server) "
-    "WHERE l.lease = ANY($1::text[]) "  # by the primary key: never a scan of the table
-    "AND l.lease = h.lease AND l.principal = h.principal AND l.client = h.client "
-    "AND l.expires_at > h.first_now "
-    "RETURNING l.lease, l.principal, l.client"
-)
 # Per pool, at a grant's `now`: live leases (`licensing.is_live`) and live waiters ahead of
 # it, as `_count` and `_live_waiters_ahead` ask them one at a time.
 _COUNTS = (
@@ -156,6 +146,18 @@ _COUNTS = (
     "(SELECT name FROM servers WHERE seen_at >= p.live_since)) AS ahead "
     "FROM unnest($1::text[], $2::text[], $3::float8[], $4::bigint[], $5::float8[]) "
     "AS p(product, version, now, waiter, live_since)"
+)
+# A batch of heartbeats in one statement (`_renew_all`): $1 the leases, found by primary key;
+# $2 {lease: {principal: {client: [first now, last now, expiry, server]}}}: a row is renewed
+# when its holder asks and it is live at the first heartbeat's `now` (`licensing.is_live`),
+# with the last one's time, expiry and server.  Times cross as JSON numbers, printed
+# shortest-exact (msgspec) and read back to the same double.
+_RENEW_ASK = "$2::jsonb #>> ARRAY[lease, principal, client, '{}']"
+_RENEW_BATCH = (
+    f"UPDATE leases SET renewed_at = ({_RENEW_ASK.format(1)})::float8, "
+    f"expires_at = ({_RENEW_ASK.format(2)})::float8, server = {_RENEW_ASK.format(3)} "
+    f"WHERE lease = ANY($1::text[]) AND expires_at > ({_RENEW_ASK.format(0)})::float8 "
+    "RETURNING lease, principal, client"
 )
 _LIVE = "expires_at > $1"
 _EXPIRED = "expires_at <= $1"
@@ -933,20 +935,18 @@ class PostgresStore(LeaseStore):
         looked up among the revoked in one more query, only when there are some."""
 
         async def renew_all(db: asyncpg.Connection) -> list[RenewOutcome]:
-            asks: dict[tuple[str, str, str], list[Any]] = {}
+            # lease -> principal -> client -> [first now, last now, its expiry, its server]
+            asks: dict[str, dict[str, dict[str, list[Any]]]] = {}
             for b in beats:
                 expires = lease_expiry(b.now, b.ttl_s)
                 for lease in b.leases:
-                    ask = asks.get((lease, b.principal, b.client))
+                    by_client = asks.setdefault(lease, {}).setdefault(b.principal, {})
+                    ask = by_client.get(b.client)
                     if ask is None:  # first: its `now` decides whether the lease is live
-                        asks[(lease, b.principal, b.client)] = [b.now, b.now, expires, b.server]
+                        by_client[b.client] = [b.now, b.now, expires, b.server]
                     else:  # later: the renewal is written with its time and server
                         ask[1:] = [b.now, expires, b.server]
-            rows = await db.fetch(
-                _RENEW_BATCH,
-                *(list(column) for column in zip(*asks, strict=True)),
-                *(list(column) for column in zip(*asks.values(), strict=True)),
-            )
+            rows = await db.fetch(_RENEW_BATCH, list(asks), _json(asks))
             renewed_by = {(row["lease"], row["principal"], row["client"]) for row in rows}
             judged = [
                 (
@@ -1012,13 +1012,11 @@ class PostgresStore(LeaseStore):
         (`_RERUN`), having changed nothing."""
 
         async def release_all(db: asyncpg.Connection) -> list[LeaseRecord | LeaseNotFound | None]:
+            asked: dict[str, dict[str, dict[str, int]]] = {}  # lease -> principal -> client
+            for c in checkins:
+                asked.setdefault(c.lease, {}).setdefault(c.principal, {})[c.client] = 1
             rows = await db.fetch(
-                _CHECK_IN,
-                [c.lease for c in checkins],
-                [c.principal for c in checkins],
-                [c.client for c in checkins],
-                self._channel,
-                f"freed\x1e{self._origin}\x1e",
+                _CHECK_IN, list(asked), _json(asked), self._channel, f"freed\x1e{self._origin}\x1e"
             )
             gone = {rec.lease: rec for rec in map(_record, rows)}
             left = list({c.lease for c in checkins} - gone.keys())
@@ -1488,6 +1486,10 @@ async def _begin_locked(conn: asyncpg.Connection, locks: tuple[int, ...]) -> Asy
             await conn.execute("ROLLBACK")
         raise
     await conn.execute("COMMIT")
+
+
+def _json(value: Any) -> str:
+    return msgspec.json.encode(value).decode()
 
 
 def _not_held(lease: str) -> LeaseNotFound:
