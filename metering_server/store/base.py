@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from metering_protocol.errors import Internal, Overloaded
+from metering_protocol.errors import Internal, LeaseNotFound, Overloaded
 from metering_server.auth.lockout import FailureState, LockoutPolicy
 from metering_server.licensing import Pool, lease_expiry
 
@@ -157,6 +157,18 @@ def new_lease(req: GrantRequest, overuse: bool) -> LeaseRecord:
         expires_at=lease_expiry(req.now, req.ttl_s),
         overuse=overuse,
     )
+
+
+def renewed_lease(held: LeaseRecord, server: str, now: float, ttl_s: float) -> LeaseRecord:
+    """`held` renewed at `now` through `server`: held for another TTL from `now`."""
+    return msgspec.structs.replace(
+        held, renewed_at=now, expires_at=lease_expiry(now, ttl_s), server=server
+    )
+
+
+def not_held(lease: str) -> LeaseNotFound:
+    """A checkin of a lease the store has, by someone other than its holder."""
+    return LeaseNotFound(f"lease {lease} is not held by this principal and client")
 
 
 class GrantOutcome(msgspec.Struct, frozen=True):

@@ -51,7 +51,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import msgspec
-from msgspec.structs import replace
 
 from metering_protocol.errors import Internal, LeaseNotFound, MeteringError
 from metering_runtime.logs import get_logger
@@ -83,6 +82,8 @@ from .base import (
     UsageRecord,
     WaitEntry,
     new_lease,
+    not_held,
+    renewed_lease,
 )
 from .coalesce import Batches, KeyedReads
 from .migrations_pg import lock_key, migrate
@@ -135,8 +136,8 @@ _CHECK_IN = (
     f"SELECT {_COLUMNS}, pg_notify($3, $4 || pool_product || chr(31) || pool_version) FROM gone"
 )
 _EXISTING = "SELECT lease FROM leases WHERE lease = ANY($1::text[])"
-# Per pool, at a grant's `now`: live leases (`licensing.is_live`) and live waiters ahead of
-# it, as `_count` and `_live_waiters_ahead` ask them one at a time.
+# Per pool, at a grant's `now`: live leases (`licensing.is_live`, as `_count`) and the live
+# waiters ahead of it (`_counts`).
 _COUNTS = (
     "SELECT p.product, p.version, "
     "(SELECT count(*) FROM leases WHERE expires_at > p.now "
@@ -211,10 +212,6 @@ def _record(row: Any) -> LeaseRecord:
 
 
 _RENEW = "UPDATE leases SET renewed_at = $1, expires_at = $2, server = $3 WHERE lease = $4"
-
-
-def _renewed(held: LeaseRecord, server: str, now: float, ttl_s: float) -> LeaseRecord:
-    return replace(held, renewed_at=now, expires_at=lease_expiry(now, ttl_s), server=server)
 
 
 def _renew_args(lease: LeaseRecord) -> tuple[float, float, str, str]:
@@ -551,26 +548,20 @@ class PostgresStore(LeaseStore):
                 # (re)connect, and a timeout there is a database that does not answer.
                 async with pool.acquire(timeout=self.query_timeout_s) as conn:
                     acquired = True
-                    if single:
+                    if write:
                         started = time.perf_counter()
-                        sent = True  # from the first byte its outcome may be lost with the link
-                        result = await fn(conn)
-                        if self.on_commit is not None:
-                            self.on_commit(time.perf_counter() - started)
-                    elif locks:
-                        started = time.perf_counter()
-                        async with _begin_locked(conn, locks):
-                            sent = True
+                        if single:
+                            sent = True  # from the first byte its outcome may be lost
                             result = await fn(conn)
-                            done = True
-                        if self.on_commit is not None:
-                            self.on_commit(time.perf_counter() - started)
-                    elif write:
-                        started = time.perf_counter()
-                        async with conn.transaction(isolation="read_committed"):
-                            sent = True  # BEGIN went through: from here a rerun is not safe
-                            result = await fn(conn)
-                            done = True  # only COMMIT is left: a fault now loses its outcome
+                        else:
+                            async with (
+                                _begin_locked(conn, locks)
+                                if locks
+                                else conn.transaction(isolation="read_committed")
+                            ):
+                                sent = True  # BEGIN went through: a rerun is not safe now
+                                result = await fn(conn)
+                                done = True  # only COMMIT is left: a fault loses the outcome
                         if self.on_commit is not None:
                             self.on_commit(time.perf_counter() - started)
                     else:
@@ -705,8 +696,8 @@ class PostgresStore(LeaseStore):
                     return GrantOutcome(True, in_use, lease, replayed=True)
                 if earlier is not None:  # expired: the key may make a new lease
                     await self._delete(db, earlier.lease)
-            in_use = await self._count(db, pool.key, req.now)
-            ahead = await self._live_waiters_ahead(db, pool.key, req)
+            counts = await self._counts(db, [req])
+            in_use, ahead = counts[0][pool.key], counts[1][pool.key]
             if ahead:
                 return GrantOutcome(False, in_use, queued_ahead=ahead)
             decision = decide(pool, in_use)
@@ -835,7 +826,7 @@ class PostgresStore(LeaseStore):
                 ):
                     out.append(None)
                     continue
-                lease = _renewed(lease, req.server, req.now, req.ttl_s)
+                lease = renewed_lease(lease, req.server, req.now, req.ttl_s)
                 held[lease.lease] = renewed[lease.lease] = lease
                 in_use = self._in_use_seen.get(req.pool.key)
                 if in_use is None:
@@ -854,7 +845,9 @@ class PostgresStore(LeaseStore):
         db: asyncpg.Connection, first: list[GrantRequest]
     ) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], int]]:
         """For the pool of each of these grants, at its `now`, in one statement: its live
-        leases (`_count`) and the live waiters ahead of it (`_live_waiters_ahead`)."""
+        leases (as `_count`) and the queued checkouts that come before the grant's waiter
+        (all of them, for a grant to no waiter) and can still be served: FIFO across the
+        site.  A grant to a waiter whose own entry is gone counts as blocked."""
         rows = await db.fetch(
             _COUNTS,
             [r.pool.product for r in first],
@@ -866,22 +859,6 @@ class PostgresStore(LeaseStore):
         in_use = {(row["product"], row["version"]): row["in_use"] for row in rows}
         ahead = {(row["product"], row["version"]): row["ahead"] for row in rows}
         return in_use, ahead
-
-    @staticmethod
-    async def _live_waiters_ahead(
-        db: asyncpg.Connection, key: tuple[str, str], req: GrantRequest
-    ) -> int:
-        """Queued checkouts that come before this one and can still be served: FIFO across
-        the site.  A grant to a waiter whose own entry is gone counts as blocked."""
-        return await db.fetchval(
-            "SELECT count(*) FROM waiters WHERE pool_product = $1 AND pool_version = $2 "
-            "AND id < $3 AND deadline > $4 AND kept_until > $4 AND server IN "
-            "(SELECT name FROM servers WHERE seen_at >= $5)",
-            *key,
-            req.waiter if req.waiter is not None else 2**62,
-            req.now,
-            req.live_since,
-        )
 
     @staticmethod
     async def _delete(db: asyncpg.Connection, lease: str) -> None:
@@ -902,7 +879,7 @@ class PostgresStore(LeaseStore):
     async def _renew_row(
         db: asyncpg.Connection, held: LeaseRecord, server: str, now: float, ttl_s: float
     ) -> LeaseRecord:
-        lease = _renewed(held, server, now, ttl_s)
+        lease = renewed_lease(held, server, now, ttl_s)
         await db.execute(_RENEW, *_renew_args(lease))
         return lease
 
@@ -1025,13 +1002,13 @@ class PostgresStore(LeaseStore):
             for c in checkins:
                 rec = gone.get(c.lease)
                 if rec is None:  # still there (not the caller's), or no longer
-                    out.append(_not_held(c.lease) if c.lease in existing else None)
+                    out.append(not_held(c.lease) if c.lease in existing else None)
                     continue
                 verdict = release_verdict(
                     rec.principal, rec.client, rec.expires_at, c.principal, c.client, c.now
                 )
                 if verdict is Release.NOT_OWNER:  # its holder's checkin comes later
-                    out.append(_not_held(c.lease))
+                    out.append(not_held(c.lease))
                     continue
                 del gone[c.lease]  # later checkins of it find it gone
                 # DROP_EXPIRED: expired but not yet swept, already gone as far as the
@@ -1490,10 +1467,6 @@ async def _begin_locked(conn: asyncpg.Connection, locks: tuple[int, ...]) -> Asy
 
 def _json(value: Any) -> str:
     return msgspec.json.encode(value).decode()
-
-
-def _not_held(lease: str) -> LeaseNotFound:
-    return LeaseNotFound(f"lease {lease} is not held by this principal and client")
 
 
 def _pool_text(key: tuple[str, str]) -> str:

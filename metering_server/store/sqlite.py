@@ -27,9 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
-from msgspec.structs import replace
 
-from metering_protocol.errors import LeaseNotFound
 from metering_runtime.tasks import TaskOwner
 from metering_server.auth.lockout import FailureState, LockoutPolicy
 from metering_server.licensing import (
@@ -37,7 +35,6 @@ from metering_server.licensing import (
     Release,
     decide,
     is_live,
-    lease_expiry,
     reclaim_verdict,
     release_verdict,
     renew_verdict,
@@ -57,6 +54,8 @@ from .base import (
     UsageRecord,
     WaitEntry,
     new_lease,
+    not_held,
+    renewed_lease,
 )
 from .worker import StoreThread
 
@@ -271,8 +270,9 @@ def _ids(leases: list[str]) -> str:
     return _json.encode(leases).decode()
 
 
-def _not_held(lease: str) -> LeaseNotFound:
-    return LeaseNotFound(f"lease {lease} is not held by this principal and client")
+def _renew_args(lease: LeaseRecord) -> tuple[float, float, str, str]:
+    """`_RENEW_ROW`'s parameters for a renewed lease."""
+    return (lease.renewed_at, lease.expires_at, lease.server, lease.lease)
 
 
 def _record(row: tuple) -> LeaseRecord:
@@ -524,7 +524,7 @@ class SQLiteStore(LeaseStore):
                 rec.principal, rec.client, rec.expires_at, c.principal, c.client, c.now
             )
             if verdict is Release.NOT_OWNER:
-                outcomes[i] = (False, _not_held(c.lease))
+                outcomes[i] = (False, not_held(c.lease))
                 continue
             del held[c.lease]
             gone.append((c.lease,))
@@ -592,11 +592,10 @@ class SQLiteStore(LeaseStore):
                         beat.client,
                         beat.now,
                     ):
-                        expires = lease_expiry(beat.now, beat.ttl_s)
-                        held[lease] = replace(
-                            rec, renewed_at=beat.now, expires_at=expires, server=beat.server
+                        held[lease] = now_held = renewed_lease(
+                            rec, beat.server, beat.now, beat.ttl_s
                         )
-                        updates.append((beat.now, expires, beat.server, lease))
+                        updates.append(_renew_args(now_held))
                         renewed.append(lease)
                     else:
                         lost.append(lease)
@@ -894,9 +893,9 @@ class SQLiteStore(LeaseStore):
     def _renew_row(
         db: sqlite3.Connection, held: LeaseRecord, server: str, now: float, ttl_s: float
     ) -> LeaseRecord:
-        expires = lease_expiry(now, ttl_s)
-        db.execute(_RENEW_ROW, (now, expires, server, held.lease))
-        return replace(held, renewed_at=now, expires_at=expires, server=server)
+        lease = renewed_lease(held, server, now, ttl_s)
+        db.execute(_RENEW_ROW, _renew_args(lease))
+        return lease
 
     @staticmethod
     def _count(db: sqlite3.Connection, key: tuple[str, str], now: float) -> int:
@@ -941,7 +940,7 @@ class SQLiteStore(LeaseStore):
                 held.principal, held.client, held.expires_at, principal, client, now
             )
             if verdict is Release.NOT_OWNER:
-                raise _not_held(lease)
+                raise not_held(lease)
             # DROP_EXPIRED: expired but not yet swept, already gone as far as the protocol is
             # concerned.
             return held if verdict is Release.RELEASE else None
