@@ -1473,6 +1473,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         workers.close()
         if pg is not None:
+            with contextlib.suppress(Exception):
+                facts["postgresql checkpoints in the run"] = asyncio.run(pg.checkpoints())
             pg.stop()
         if args.keep:
             log(f"kept {tmp}")
