@@ -666,43 +666,45 @@ class SQLiteStore(LeaseStore):
             raise
 
     def _begin(self, db: sqlite3.Connection) -> None:
-        """BEGIN IMMEDIATE, waiting up to busy_timeout_s for another process's write lock —
-        in short sleeps of our own (1 ms, doubling to BUSY_STEP_S), giving up early once the
-        server abandons the store (second stop)."""
-        deadline = time.monotonic() + self.busy_timeout_s
-        pause = 0.001
-        while True:
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as exc:
-                if not _lock_taken(exc) or self._abandoned:
-                    raise
-                if time.monotonic() >= deadline:  # the write lock stayed taken: `overloaded`
-                    raise StoreBusy(
-                        "store busy: another process held the database's write lock past "
-                        f"busy_timeout_s = {self.busy_timeout_s:g}"
-                    ) from None
-            time.sleep(pause)  # on the store's thread
-            pause = min(2 * pause, BUSY_STEP_S)
+        """BEGIN IMMEDIATE, waiting up to busy_timeout_s for another process's write lock;
+        past that, `overloaded` (StoreBusy)."""
+        try:
+            self._run_unlocked(db, "BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if _lock_taken(exc) and not self._abandoned:  # the lock stayed taken
+                raise StoreBusy(
+                    "store busy: another process held the database's write lock past "
+                    f"busy_timeout_s = {self.busy_timeout_s:g}"
+                ) from None
+            raise
 
     def abandon(self) -> None:
         self._abandoned = True
 
     def _use_wal(self, db: sqlite3.Connection) -> None:
-        """journal_mode=WAL, waiting up to busy_timeout_s for other processes.  Turning a new
-        file to WAL needs it to itself, and SQLite answers "locked" at once, without its busy
-        wait, when another server opening the same file at that moment holds it: seen in 2 of
-        40 runs of four stores opening one empty file together."""
+        """journal_mode=WAL.  Turning a new file to WAL needs it to itself, and SQLite
+        answers "locked" at once, without its busy wait, when another server opening the same
+        file at that moment holds it: seen in 2 of 40 runs of four stores opening one empty
+        file together."""
+        self._run_unlocked(db, "PRAGMA journal_mode=WAL")
+
+    def _run_unlocked(self, db: sqlite3.Connection, sql: str) -> None:
+        """`sql`, run again while another process holds the lock it needs, on the store's
+        thread: SQLite answers "locked" at once (the connection's busy timeout is 0 once
+        open), so this waits in short sleeps of its own (1 ms, doubling to BUSY_STEP_S) up to
+        busy_timeout_s, and gives up early once the server abandons the store (second stop).
+        Past either, the last "locked" error is raised."""
         deadline = time.monotonic() + self.busy_timeout_s
+        pause = 0.001
         while True:
             try:
-                db.execute("PRAGMA journal_mode=WAL")
+                db.execute(sql)
                 return
             except sqlite3.OperationalError as exc:
-                if not _lock_taken(exc) or time.monotonic() >= deadline:
+                if not _lock_taken(exc) or self._abandoned or time.monotonic() >= deadline:
                     raise
-                time.sleep(0.005)  # on the store's thread, at open
+            time.sleep(pause)
+            pause = min(2 * pause, BUSY_STEP_S)
 
     def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> Callable[[sqlite3.Connection], T]:
         def run(db: sqlite3.Connection) -> T:

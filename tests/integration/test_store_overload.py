@@ -260,6 +260,35 @@ async def test_sqlite_busy_past_busy_timeout_is_overloaded_and_the_lease_renews_
 
 
 @pytest.mark.asyncio
+async def test_sqlite_waits_for_another_process_write_lock_and_then_writes(tmp_path):
+    path = tmp_path / "store.db"
+    async with opened(SQLiteStore(path, busy_timeout_s=30)) as store:
+        with sqlite_write_lock(path):
+            grant = asyncio.ensure_future(store.grant(req()))
+            # An absence over a window: the grant cannot commit while the lock is held.
+            done, _ = await asyncio.wait({grant}, timeout=0.3)
+            assert not done
+        out = await asyncio.wait_for(grant, 10)  # the lock came free: it goes through
+        assert out.lease is not None and out.in_use == 1
+
+
+@pytest.mark.asyncio
+async def test_an_abandoned_sqlite_store_stops_waiting_for_the_write_lock(tmp_path):
+    """A second stop abandons the store: a write waiting for another process's write lock
+    gives up at its next try instead of after busy_timeout_s (30 s here)."""
+    path = tmp_path / "store.db"
+    store = SQLiteStore(path, busy_timeout_s=30)
+    async with opened(store):
+        with sqlite_write_lock(path):
+            grant = asyncio.ensure_future(store.grant(req()))
+            done, _ = await asyncio.wait({grant}, timeout=0.2)
+            assert not done
+            store.abandon()
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                await asyncio.wait_for(grant, 5)
+
+
+@pytest.mark.asyncio
 async def test_a_busy_sqlite_store_answers_overloaded_on_the_wire(tmp_path, sockdir):
     path = tmp_path / "store.db"
     data = write_server_config(tmp_path, sockdir, f"sqlite://{path}")
