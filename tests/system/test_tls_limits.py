@@ -14,6 +14,7 @@ import pytest
 from metering_protocol.client import ProtocolClient
 from metering_protocol.errors import ConnectionLost, Overloaded
 from tests.support import (
+    async_wait_until,
     bind_tcp,
     server_config,
     server_daemon,
@@ -61,19 +62,19 @@ async def served_once_the_slot_is_free(port: int, ctx: ssl.SSLContext) -> None:
     """The server frees the slot when it sees the close, a moment after the peer saw EOF:
     until then a new connection is told `overloaded` and closed (the refusal may come before
     hello is sent: then the client finds its connection closed). Retry on those only."""
-    deadline = time.monotonic() + 5
-    while True:
+
+    async def served() -> bool:
         c = await ProtocolClient.connect(f"tls://127.0.0.1:{port}", timeout=5, ssl_context=ctx)
         try:
             await c.hello("ws-1", user="ws", token=TOKEN, timeout=5)
             await c.request("ping", timeout=5)
-            return
+            return True
         except (Overloaded, ConnectionLost):
-            if time.monotonic() > deadline:
-                raise
+            return False
         finally:
             await c.close()
-        await asyncio.sleep(0.02)
+
+    await async_wait_until(served, timeout=5, what="the freed slot to serve a new client")
 
 
 def test_silent_tls_peer_is_counted_and_closed_within_hello_timeout(tls_limits_server):
