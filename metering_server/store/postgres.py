@@ -993,7 +993,7 @@ class PostgresStore(LeaseStore):
             for c in checkins:
                 asked.setdefault(c.lease, {}).setdefault(c.principal, {})[c.client] = 1
             rows = await db.fetch(
-                _CHECK_IN, list(asked), _json(asked), self._channel, f"freed\x1e{self._origin}\x1e"
+                _CHECK_IN, list(asked), _json(asked), self._channel, self._notice_head("freed")
             )
             gone = {rec.lease: rec for rec in map(_record, rows)}
             left = list({c.lease for c in checkins} - gone.keys())
@@ -1224,10 +1224,15 @@ class PostgresStore(LeaseStore):
         await self._run("touch_server", touch)
 
     # --- notices between servers (LISTEN / NOTIFY) ----------------------------------------------
+    def _notice_head(self, kind: str) -> str:
+        """A notice's payload up to its subject: kind and this store's origin, each ended by
+        \x1e (`_listen_loop` splits them off). `_CHECK_IN` appends the pool in SQL."""
+        return f"{kind}\x1e{self._origin}\x1e"
+
     async def _notify(self, db: asyncpg.Connection, notices: list[Notice]) -> None:
         """Queue notices in the transaction: PostgreSQL delivers them at commit, and only
         then, to every connection LISTENing on this schema's channel."""
-        payloads = sorted({f"{kind}\x1e{self._origin}\x1e{what}" for kind, what in notices})
+        payloads = sorted({self._notice_head(kind) + what for kind, what in notices})
         if payloads:
             await db.execute(
                 "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p", self._channel, payloads
