@@ -22,6 +22,8 @@ from metering_server.config import ServerConfig, build_server_config, load_serve
 from metering_server.store.base import StoreUnavailable, StoreUnusable
 
 log = get_logger("metering.server")
+# Net allocations between collections of the youngest generation (CPython's default: 700).
+GC_YOUNG_THRESHOLD = 50_000
 
 
 def parser() -> argparse.ArgumentParser:
@@ -167,6 +169,14 @@ def _run(cfg: ServerConfig) -> None:
         # of the cyclic collector's sight, a full collection no longer walks it — those
         # walks were 25-37 ms pauses of every connection under load (docs/performance.md).
         gc.freeze()
+        # A request makes no reference cycles (tests/integration/test_request_garbage.py):
+        # refcounting frees all of it.  At the default threshold (700 net allocations, a
+        # burst of a hundred requests' tasks and futures) the youngest generation's
+        # collections found nothing to free, yet walked the requests in flight and promoted
+        # them, and the older generations' collections walked them again: a sixth of the
+        # server's CPU at 1,000 connections.  What does leave cycles (a closed connection,
+        # ~25 objects) is collected every 50,000.
+        gc.set_threshold(GC_YOUNG_THRESHOLD)
         await server.serve_forever(handle_signals=True)
 
     run_loop(serve())
