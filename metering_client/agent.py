@@ -48,7 +48,7 @@ class AgentSocketError(OSError):
 
 def local_limits(config: ClientConfig) -> Limits:
     # A program that left withdraws what it still waits for: no grace for its requests.
-    return Limits.of(config.local, close_grace_s=0.0)
+    return Limits.of(config.local, answer_in_flight=False, close_grace_s=0.0)
 
 
 class Agent:

@@ -53,7 +53,13 @@ class Limits:
     hello_timeout_s: float = 10.0
     idle_timeout_s: float = 300.0
     max_bad_frames_before_hello: int = 3
-    close_grace_s: float = 1.0  # in-flight requests' time to answer after the peer left
+    # Requests in flight when a connection starts closing: while the socket is still open
+    # (the peer half-closed, sent a frame over max_frame_bytes, or was told `too_large`)
+    # they are answered however long they take (each is bounded by its own limits: the
+    # store's timeouts; waits end at `connection_closing`), unless `answer_in_flight` is off;
+    # once the peer is gone they get `close_grace_s` to finish and are then cancelled.
+    answer_in_flight: bool = True
+    close_grace_s: float = 1.0
     # TLS connections over max_connections still get their handshake (within hello_timeout_s)
     # so they can be told `overloaded`; past this many at once they are closed unanswered.
     max_shed_handshakes: int = 64
@@ -415,10 +421,10 @@ class Connection(asyncio.Protocol):
 
     async def _close(self) -> None:
         try:
-            self.dispatcher.connection_closing()
-            if self.tasks:
-                # Waits end at once (connection_closing()); other requests get a short grace
-                # to answer.
+            self.dispatcher.connection_closing()  # waits end at once
+            if self.limits.answer_in_flight:
+                await self._answer_in_flight()
+            if self.tasks:  # the peer is gone: a short grace, then cancelled
                 _, pending = await asyncio.wait(set(self.tasks), timeout=self.limits.close_grace_s)
                 for task in pending:
                     task.cancel()
@@ -432,6 +438,19 @@ class Connection(asyncio.Protocol):
         finally:
             self.endpoint.connections.discard(self)
             self.finished.set()
+
+    async def _answer_in_flight(self) -> None:
+        """Until every request in flight is answered, or the socket is lost (docs/protocol.md:
+        frames that arrived complete are answered; a write the store makes for a request
+        whose reply then never goes out leaves its client a lease it was not told of)."""
+        if not self.tasks or self._lost.is_set():
+            return
+        lost = self._loop.create_task(self._lost.wait())
+        try:
+            while self.tasks and not lost.done():
+                await asyncio.wait({*self.tasks, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
 
 
 def _refuse(transport: asyncio.Transport) -> None:

@@ -3,13 +3,15 @@ unless framing itself is lost (too_large), and other connections are never distu
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import sqlite3
 from typing import Any
 
 import pytest
 
 from tests.conftest import hello
-from tests.support import Raw
+from tests.support import Raw, async_wait_until
 
 TOKEN = "tok-alice"
 CREDS = {"alice": (["user"], TOKEN)}
@@ -337,3 +339,57 @@ async def test_requests_before_a_huge_frame_are_still_answered(make_server):
         assert {"id": 1, "ok": True} in frames
     finally:
         await raw.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("ending", ["too_large", "half_close"])
+async def test_requests_in_flight_are_answered_however_long_the_store_takes(
+    make_server, tmp_path, ending
+):
+    """Checkouts that arrived before a frame over the limit, or before the client closed its
+    write side, are answered even when the store holds them past `close_grace_s` (0 here):
+    their leases are committed all the same, and a reply never sent would leave the client
+    seats it was not told of."""
+    server = await make_server(
+        server={"max_frame_bytes": LIMIT},
+        products=[{"name": "A", "version": "1", "seats": 5, "mode": "enforce"}],
+    )
+    server.endpoint.limits = dataclasses.replace(server.endpoint.limits, close_grace_s=0.0)
+    raw = await Raw.open(server.address("unix"))
+    other = sqlite3.connect(tmp_path / "shared.db", isolation_level=None)
+    try:
+        await raw.hello()
+        other.execute("BEGIN IMMEDIATE")  # another process writes: the checkouts wait for it
+        await raw.send(
+            b"".join(
+                json.dumps(
+                    {
+                        "id": i,
+                        "op": "checkout",
+                        "product": "A",
+                        "version": "1",
+                        "idempotency_key": f"k{i}",
+                    }
+                ).encode()
+                + b"\n"
+                for i in (1, 2, 3)
+            )
+        )
+        if ending == "too_large":
+            await raw.send(b"w" * (2 * LIMIT) + b"\n")
+            assert (await raw.recv())["error"]["code"] == "too_large"
+        else:
+            raw.writer.write_eof()
+            await async_wait_until(
+                lambda: all(c.closing for c in server.endpoint.connections),
+                what="the server to see the half-close",
+            )
+        other.execute("ROLLBACK")
+        frames = await raw.until_closed(timeout=10)
+    finally:
+        other.close()
+        await raw.close()
+    granted = {f["id"]: f["lease"] for f in frames if f.get("ok")}
+    assert sorted(granted) == [1, 2, 3], frames
+    held = {rec.lease for rec in await server.seats.leases()}
+    assert held == set(granted.values())
