@@ -132,15 +132,70 @@ class SeatService:
         if self.draining:
             raise ShuttingDown("server is draining", retry_after_s=0.1)
         pool = self.catalogue.find(req.product, req.version)
-        outcome = await self.store.grant(self._grant_request(holder, pool, req))
-        if outcome.granted:
+        if req.wait_s <= 0:
+            outcome = await self.store.grant(self._grant_request(holder, pool, req))
+            if not outcome.granted:
+                self._refuse(holder, pool, req, outcome)
             return self._granted(holder, pool, outcome)
+        # A checkout that may wait can be withdrawn (`cancel`, its connection closing) from
+        # the moment it arrives, not only once it is queued: its caller may be gone before
+        # the store has answered the first grant, and a seat must not go to nobody.
+        waiter = Waiter(pool.key, req, holder)
+        mine = self._waiting.setdefault(holder, {})
+        mine[req.request_id] = waiter
+        try:
+            outcome = await self.store.grant(self._grant_request(holder, pool, req))
+            if waiter.future.done():  # withdrawn while the store was granting
+                await self._undo(holder, outcome)
+                raise self._withdrawn(holder, req, waiter)
+            if outcome.granted:
+                return self._granted(holder, pool, outcome)
+            self._refuse(holder, pool, req, outcome, may_wait=True)
+            if self.draining:
+                raise ShuttingDown("server is draining", retry_after_s=0.1)
+            return await self._wait(holder, pool, req, waiter)
+        finally:
+            if not waiter.future.done():
+                waiter.future.cancel()
+            elif not waiter.future.cancelled():
+                waiter.future.exception()  # seen: withdrawn while answered some other way
+            if mine.get(req.request_id) is waiter:
+                del mine[req.request_id]
+            if not mine and self._waiting.get(holder) is mine:
+                del self._waiting[holder]
+
+    def _refuse(
+        self,
+        holder: Holder,
+        pool: Pool,
+        req: CheckoutRequest,
+        outcome: GrantOutcome,
+        *,
+        may_wait: bool = False,
+    ) -> None:
+        """Raise what a checkout the store did not grant hears, unless it is to wait."""
+        if outcome.granted:
+            return
         if outcome.revoked:
             assert req.reclaim is not None
             raise LeaseRevoked(f"lease {req.reclaim} was revoked by an administrator")
-        if req.wait_s <= 0:
+        if not may_wait:
             raise self._deny(holder, pool, req, outcome.in_use)
-        return await self._wait(holder, pool, req)
+
+    async def _undo(self, holder: Holder, outcome: GrantOutcome) -> None:
+        """Give back a seat granted to a checkout withdrawn meanwhile (nobody-waits rule).  A
+        reclaimed lease, or one an earlier attempt of the same checkout made, was the
+        holder's before this request: it stays theirs."""
+        if not outcome.granted or outcome.reclaimed or outcome.replayed:
+            return
+        assert outcome.lease is not None and holder.principal is not None
+        await self.store.release(outcome.lease.lease, holder.principal, holder.client, self.clock())
+
+    def _withdrawn(self, holder: Holder, req: CheckoutRequest, waiter: Waiter) -> Cancelled:
+        exc = waiter.future.exception()
+        assert isinstance(exc, Cancelled)
+        self._publish(ev.Cancelled, holder, req, reason=exc.message)
+        return exc
 
     def _grant_request(
         self, holder: Holder, pool: Pool, req: CheckoutRequest, waiter: int | None = None
@@ -163,10 +218,13 @@ class SeatService:
             live_since=now - self.settings.liveness_s,
         )
 
-    async def _wait(self, holder: Holder, pool: Pool, req: CheckoutRequest) -> Grant:
+    async def _wait(
+        self, holder: Holder, pool: Pool, req: CheckoutRequest, waiter: Waiter
+    ) -> Grant:
+        """Queue `waiter` (registered with `checkout` already, so `cancel` finds it) in the
+        store's site-wide queue and wait for `serve_waiters` to grant it a seat."""
         assert holder.principal is not None
         now = self.clock()
-        waiter = Waiter(pool.key, req, holder)
         self._waiters.add(waiter)  # the local bound first: `overloaded` before any store work
         try:
             ticket = await self.store.enqueue(
@@ -188,7 +246,6 @@ class SeatService:
             self._waiters.discard(waiter)
             raise
         waiter.ticket = ticket.id
-        self._waiting.setdefault(holder, {})[req.request_id] = waiter
         self._publish(ev.Queued, holder, req, position=ticket.position)
         log.debug("checkout_queued", product=pool.product, wait_s=req.wait_s, ticket=ticket.id)
         self._seat_freed(pool.key)  # a seat may be free already (e.g. a re-attached head)
@@ -214,11 +271,6 @@ class SeatService:
             if not waiter.future.done():
                 waiter.future.cancel()
             self._waiters.discard(waiter)
-            mine = self._waiting.get(holder)
-            if mine is not None:
-                mine.pop(req.request_id, None)
-                if not mine:
-                    del self._waiting[holder]
             if not keep_place:
                 await self._dequeue(ticket.id)
 

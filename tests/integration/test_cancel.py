@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -11,7 +14,7 @@ from metering_client.agent import Agent
 from metering_protocol.client import ProtocolClient
 from metering_protocol.errors import Cancelled
 from tests.conftest import hello
-from tests.support import agent_config, async_wait_until, short_tmpdir
+from tests.support import Raw, agent_config, async_wait_until, short_tmpdir
 
 PRODUCTS = [{"name": "A", "version": "1", "seats": 1}]
 
@@ -102,3 +105,113 @@ async def test_drained_waits_for_a_queued_checkout_before_a_session_is_retired(m
     await asyncio.wait_for(drained, 5)
     await holder.close()
     await old.close()
+
+
+# --- withdrawn before the store has answered its first grant --------------------------------
+@contextlib.contextmanager
+def store_held(path: Path) -> Iterator[sqlite3.Connection]:
+    """Another process holds the SQLite write lock: a checkout stays in its first grant
+    (the store's round trip) until it lets go."""
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        yield other
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+
+
+def checkout_frame(rid: int) -> dict:
+    return {"id": rid, "op": "checkout", "product": "A", "version": "1", "wait_s": 30}
+
+
+async def in_use_and_queued(server) -> tuple[int, int]:
+    (pool,) = await server.seats.status()
+    return pool.in_use, pool.queued
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("seat_free", [False, True], ids=["pool-full", "seat-free"])
+async def test_cancel_reaches_a_checkout_still_in_its_first_grant(make_server, tmp_path, seat_free):
+    """`cancel` of a waiting checkout the store has not yet answered: it is answered
+    `cancelled`, never queued, and a seat the store granted it meanwhile goes back (it was
+    `cancelled: false` and the checkout then took the next seat freed, for nobody)."""
+    server = await make_server(products=PRODUCTS)
+    holder = await hello(server.address("unix"), client="holder")
+    raw = await Raw.open(server.address("unix"))
+    try:
+        lease = None
+        if not seat_free:
+            lease = (await holder.request("checkout", timeout=5, product="A", version="1"))["lease"]
+        await raw.hello()
+        with store_held(tmp_path / "shared.db"):
+            await raw.send(checkout_frame(5))
+            assert await raw.request({"id": 6, "op": "cancel", "request": 5}) == {
+                "id": 6,
+                "ok": True,
+                "cancelled": True,
+            }
+        reply = await raw.recv()
+        assert reply is not None and reply["id"] == 5, reply
+        assert reply["ok"] is False and reply["error"]["code"] == Cancelled.code, reply
+        assert await in_use_and_queued(server) == (0 if seat_free else 1, 0)
+        if lease is not None:
+            await holder.request("checkin", timeout=5, lease=lease)
+            assert await in_use_and_queued(server) == (0, 0)  # the freed seat went to nobody
+    finally:
+        await raw.close()
+        await holder.close()
+
+
+@pytest.mark.asyncio
+async def test_a_checkout_whose_connection_closes_in_its_first_grant_takes_no_seat(
+    make_server, tmp_path
+):
+    server = await make_server(products=PRODUCTS)
+    raw = await Raw.open(server.address("unix"))
+    try:
+        await raw.hello()
+        with store_held(tmp_path / "shared.db"):
+            await raw.send(checkout_frame(5))
+            await async_wait_until(
+                lambda: any(c.tasks for c in server.endpoint.connections),
+                what="the checkout to reach the server",
+            )
+            await raw.close()
+            await async_wait_until(
+                lambda: all(c.closing for c in server.endpoint.connections),
+                what="the server to see the connection close",
+            )
+        await async_wait_until(lambda: not server.endpoint.connections, what="the checkout to end")
+        assert await in_use_and_queued(server) == (0, 0)
+    finally:
+        await raw.close()
+
+
+@pytest.mark.asyncio
+async def test_a_checkout_that_would_queue_while_the_server_drains_hears_shutting_down(
+    make_server, tmp_path
+):
+    """The drain answers waiting checkouts `shutting_down`; one still in its first grant when
+    it began is answered so too, rather than queued behind a drain that has already passed."""
+    server = await make_server(products=PRODUCTS)
+    holder = await hello(server.address("unix"), client="holder")
+    raw = await Raw.open(server.address("unix"))
+    try:
+        await holder.request("checkout", timeout=5, product="A", version="1")
+        await raw.hello()
+        with store_held(tmp_path / "shared.db"):
+            await raw.send(checkout_frame(5))
+            await async_wait_until(
+                lambda: any(5 in c.by_id for c in server.endpoint.connections),
+                what="the checkout to reach the server",
+            )
+            stopping = asyncio.create_task(server.shutdown(timeout=30))
+            await async_wait_until(lambda: server.seats.draining, what="the drain to begin")
+        replies = [await raw.recv(), await raw.recv()]
+        checkout = next(r for r in replies if r is not None and r.get("id") == 5)
+        assert checkout["error"]["code"] == "shutting_down", replies
+        await asyncio.wait_for(stopping, 10)
+    finally:
+        await raw.close()
+        await holder.close()
