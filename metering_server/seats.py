@@ -298,6 +298,8 @@ class SeatService:
                         UnknownProduct(f"{pool_key[0]} {pool_key[1]} left the catalogue")
                     )
                     continue
+                if not waiter.ticket:  # still being queued: it serves the pool once it is
+                    return
                 req, holder = waiter.request, waiter.holder
                 req = CheckoutRequest(
                     req.product, req.version, req.user, idempotency_key=req.idempotency_key
@@ -305,6 +307,17 @@ class SeatService:
                 outcome = await self.store.grant(
                     self._grant_request(holder, pool, req, waiter=waiter.ticket)
                 )
+                if outcome.superseded:
+                    # Its place in the store's queue went to a retry of the same checkout
+                    # (here or on another server), which is served in its stead, or ended (its
+                    # deadline passed a moment before its own timer): this server can never
+                    # serve it.  Answer it and serve the next; left at the head, it held up
+                    # every waiter behind it until its wait ran out.
+                    if not waiter.future.done():
+                        waiter.future.set_exception(
+                            Cancelled("its place in the queue went to a retry of this checkout")
+                        )
+                    continue
                 if not outcome.granted:
                     return  # no seat free, or an earlier live waiter (on any server) comes first
                 if outcome.replayed:  # the lease an attempt of this same checkout made: never

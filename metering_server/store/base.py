@@ -179,6 +179,9 @@ class GrantOutcome(msgspec.Struct, frozen=True):
     replayed: bool = False  # the lease an earlier attempt with the same idempotency key made
     revoked: bool = False  # not granted: the lease to reclaim was revoked by an admin
     queued_ahead: int = 0  # not granted: this many live waiters come first
+    # Not granted to a waiter: its place in the queue is no longer this server's (a retry of
+    # the same checkout took it over, here or on another server, or it was answered or dropped)
+    superseded: bool = False
 
 
 class RenewOutcome(msgspec.Struct, frozen=True):

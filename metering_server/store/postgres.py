@@ -681,10 +681,16 @@ class PostgresStore(LeaseStore):
             if req.waiter is not None:
                 owner = await db.fetchval("SELECT server FROM waiters WHERE id = $1", req.waiter)
                 if owner != req.server:
-                    # Answered, dropped, or re-attached to another server by a retry of the
-                    # same checkout: that server serves it now, never this one.
+                    # Answered, dropped, or re-attached by a retry of the same checkout:
+                    # whoever holds the entry now serves it, never this waiter.  A lease that
+                    # retry got is this attempt's answer too (as for any retry of the key).
                     in_use = await self._count(db, pool.key, req.now)
-                    return GrantOutcome(False, in_use, queued_ahead=1)
+                    if req.idempotency_key is not None:
+                        ident = (req.principal, req.client, req.idempotency_key)
+                        earlier = (await self._by_keys(db, [req])).get(ident)
+                        if earlier is not None and is_live(earlier.expires_at, req.now):
+                            return GrantOutcome(True, in_use, earlier, replayed=True)
+                    return GrantOutcome(False, in_use, queued_ahead=1, superseded=True)
             if req.idempotency_key is not None:
                 ident = (req.principal, req.client, req.idempotency_key)
                 earlier = (await self._by_keys(db, [req])).get(ident)

@@ -797,9 +797,15 @@ class SQLiteStore(LeaseStore):
                     if verdict is Reclaim.DROP_EXPIRED:
                         self._delete(db, held.lease)
             if req.waiter is not None and not self._entry_is_mine(db, req.waiter, req.server):
-                # Answered, dropped, or re-attached to another server by a retry of the same
-                # checkout: that server serves it now, never this one.
-                return GrantOutcome(False, self._count(db, pool.key, req.now), queued_ahead=1)
+                # Answered, dropped, or re-attached by a retry of the same checkout: whoever
+                # holds the entry now serves it, never this waiter.  A lease that retry got
+                # is this attempt's answer too (as it is for any retry of the key).
+                in_use = self._count(db, pool.key, req.now)
+                if req.idempotency_key is not None:
+                    earlier = self._by_key(db, req.principal, req.client, req.idempotency_key)
+                    if earlier is not None and is_live(earlier.expires_at, req.now):
+                        return GrantOutcome(True, in_use, earlier, replayed=True)
+                return GrantOutcome(False, in_use, queued_ahead=1, superseded=True)
             if req.idempotency_key is not None:
                 earlier = self._by_key(db, req.principal, req.client, req.idempotency_key)
                 if earlier is not None and is_live(earlier.expires_at, req.now):

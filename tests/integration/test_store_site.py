@@ -213,10 +213,15 @@ async def test_an_entry_re_attached_elsewhere_is_not_the_old_servers_to_grant_or
         assert moved.id == first.id and moved.reattached
         # srv-a (whose connection for it closed) neither serves nor drops it any more
         old = msgspec.structs.replace(grant_req(ALICE, waiter=first.id, key="k", now=T0 + 1))
-        assert not (await a.grant(old)).granted
+        refused = await a.grant(old)
+        assert not refused.granted and refused.superseded  # srv-a answers its waiter, moves on
         await a.dequeue(first.id, "srv-a")
         assert await b.queued(T0 + 1) == {ONE.key: 1}
         new = msgspec.structs.replace(old, server="srv-b")
         served = await b.grant(new)
         assert served.granted and served.lease.server == "srv-b"
         assert await b.queued(T0 + 1) == {}
+        # the first attempt, served on srv-a after that, gets the retry's lease: one seat
+        again = await a.grant(old)
+        assert again.granted and again.replayed and again.lease.lease == served.lease.lease
+        assert again.in_use == 1
