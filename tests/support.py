@@ -13,11 +13,12 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -443,3 +444,16 @@ def server_config(
     for section, values in sections.items():
         cfg.setdefault(section, {}).update(values)
     return cfg
+
+
+@contextlib.contextmanager
+def sqlite_write_lock(path: Path) -> Iterator[sqlite3.Connection]:
+    """Another process holds the SQLite file's write lock: the store's writes wait for it
+    (up to its busy timeout), so a request stays in its store round trip until this ends."""
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        yield other
+        other.execute("ROLLBACK")
+    finally:
+        other.close()

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -14,7 +11,13 @@ from metering_client.agent import Agent
 from metering_protocol.client import ProtocolClient
 from metering_protocol.errors import Cancelled
 from tests.conftest import hello
-from tests.support import Raw, agent_config, async_wait_until, short_tmpdir
+from tests.support import (
+    Raw,
+    agent_config,
+    async_wait_until,
+    short_tmpdir,
+    sqlite_write_lock,
+)
 
 PRODUCTS = [{"name": "A", "version": "1", "seats": 1}]
 
@@ -108,19 +111,6 @@ async def test_drained_waits_for_a_queued_checkout_before_a_session_is_retired(m
 
 
 # --- withdrawn before the store has answered its first grant --------------------------------
-@contextlib.contextmanager
-def store_held(path: Path) -> Iterator[sqlite3.Connection]:
-    """Another process holds the SQLite write lock: a checkout stays in its first grant
-    (the store's round trip) until it lets go."""
-    other = sqlite3.connect(path, isolation_level=None)
-    try:
-        other.execute("BEGIN IMMEDIATE")
-        yield other
-        other.execute("ROLLBACK")
-    finally:
-        other.close()
-
-
 def checkout_frame(rid: int) -> dict:
     return {"id": rid, "op": "checkout", "product": "A", "version": "1", "wait_s": 30}
 
@@ -144,7 +134,7 @@ async def test_cancel_reaches_a_checkout_still_in_its_first_grant(make_server, t
         if not seat_free:
             lease = (await holder.request("checkout", timeout=5, product="A", version="1"))["lease"]
         await raw.hello()
-        with store_held(tmp_path / "shared.db"):
+        with sqlite_write_lock(tmp_path / "shared.db"):
             await raw.send(checkout_frame(5))
             assert await raw.request({"id": 6, "op": "cancel", "request": 5}) == {
                 "id": 6,
@@ -171,7 +161,7 @@ async def test_a_checkout_whose_connection_closes_in_its_first_grant_takes_no_se
     raw = await Raw.open(server.address("unix"))
     try:
         await raw.hello()
-        with store_held(tmp_path / "shared.db"):
+        with sqlite_write_lock(tmp_path / "shared.db"):
             await raw.send(checkout_frame(5))
             await async_wait_until(
                 lambda: any(c.tasks for c in server.endpoint.connections),
@@ -200,7 +190,7 @@ async def test_a_checkout_that_would_queue_while_the_server_drains_hears_shuttin
     try:
         await holder.request("checkout", timeout=5, product="A", version="1")
         await raw.hello()
-        with store_held(tmp_path / "shared.db"):
+        with sqlite_write_lock(tmp_path / "shared.db"):
             await raw.send(checkout_frame(5))
             await async_wait_until(
                 lambda: any(5 in c.by_id for c in server.endpoint.connections),

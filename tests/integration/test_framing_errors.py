@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sqlite3
 from typing import Any
 
 import pytest
 
 from tests.conftest import hello
-from tests.support import Raw, async_wait_until
+from tests.support import Raw, async_wait_until, sqlite_write_lock
 
 TOKEN = "tok-alice"
 CREDS = {"alice": (["user"], TOKEN)}
@@ -356,38 +355,35 @@ async def test_requests_in_flight_are_answered_however_long_the_store_takes(
     )
     server.endpoint.limits = dataclasses.replace(server.endpoint.limits, close_grace_s=0.0)
     raw = await Raw.open(server.address("unix"))
-    other = sqlite3.connect(tmp_path / "shared.db", isolation_level=None)
     try:
         await raw.hello()
-        other.execute("BEGIN IMMEDIATE")  # another process writes: the checkouts wait for it
-        await raw.send(
-            b"".join(
-                json.dumps(
-                    {
-                        "id": i,
-                        "op": "checkout",
-                        "product": "A",
-                        "version": "1",
-                        "idempotency_key": f"k{i}",
-                    }
-                ).encode()
-                + b"\n"
-                for i in (1, 2, 3)
+        with sqlite_write_lock(tmp_path / "shared.db"):  # the checkouts wait for it
+            await raw.send(
+                b"".join(
+                    json.dumps(
+                        {
+                            "id": i,
+                            "op": "checkout",
+                            "product": "A",
+                            "version": "1",
+                            "idempotency_key": f"k{i}",
+                        }
+                    ).encode()
+                    + b"\n"
+                    for i in (1, 2, 3)
+                )
             )
-        )
-        if ending == "too_large":
-            await raw.send(b"w" * (2 * LIMIT) + b"\n")
-            assert (await raw.recv())["error"]["code"] == "too_large"
-        else:
-            raw.writer.write_eof()
-            await async_wait_until(
-                lambda: all(c.closing for c in server.endpoint.connections),
-                what="the server to see the half-close",
-            )
-        other.execute("ROLLBACK")
+            if ending == "too_large":
+                await raw.send(b"w" * (2 * LIMIT) + b"\n")
+                assert (await raw.recv())["error"]["code"] == "too_large"
+            else:
+                raw.writer.write_eof()
+                await async_wait_until(
+                    lambda: all(c.closing for c in server.endpoint.connections),
+                    what="the server to see the half-close",
+                )
         frames = await raw.until_closed(timeout=10)
     finally:
-        other.close()
         await raw.close()
     granted = {f["id"]: f["lease"] for f in frames if f.get("ok")}
     assert sorted(granted) == [1, 2, 3], frames

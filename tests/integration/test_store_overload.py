@@ -37,7 +37,12 @@ from tests.conftest import hello
 from tests.integration.test_store_contract import ALICE, ENFORCE, T0, TTL, req
 from tests.pg import PostgresSite
 from tests.stores import opened
-from tests.support import async_wait_until, server_config, write_credentials
+from tests.support import (
+    async_wait_until,
+    server_config,
+    sqlite_write_lock,
+    write_credentials,
+)
 
 BOB = ("bob", "ws-2")
 
@@ -231,17 +236,6 @@ async def test_a_busy_postgres_store_answers_overloaded_on_the_wire(pg_site, tmp
 
 
 # --- SQLite: the write lock held by another connection past busy_timeout_s --------------------
-@contextlib.contextmanager
-def sqlite_write_lock(path: Path):
-    other = sqlite3.connect(path, isolation_level=None)
-    try:
-        other.execute("BEGIN IMMEDIATE")
-        yield other
-        other.execute("ROLLBACK")
-    finally:
-        other.close()
-
-
 @pytest.mark.asyncio
 async def test_sqlite_busy_past_busy_timeout_is_overloaded_and_the_lease_renews_after(tmp_path):
     path = tmp_path / "store.db"
