@@ -22,7 +22,7 @@ from metering_protocol.timefmt import rfc3339
 from metering_protocol.unixsock import user_name
 from metering_runtime.logs import get_logger
 from metering_runtime.tasks import TaskOwner
-from metering_server.auth.credentials import Credentials, CredentialsError
+from metering_server.auth.credentials import Credentials, CredentialsError, save_upgrades
 from metering_server.auth.lockout import LockoutPolicy, LockoutSettings
 from metering_server.seclog import SecurityLog
 from metering_server.store.base import LeaseStore
@@ -82,7 +82,8 @@ class Authenticator:
         self.seclog = SecurityLog(self._emit, security_log_window_s, clock)
         # Told each refusal: "auth_failed" or "locked_out" (metrics).
         self.observers: list[Callable[[str], None]] = []
-        self._upgraded: list[str] = []  # principals upgraded since the last write
+        # Upgraded since the last write: principal -> (scrypt hash replaced, fast digest)
+        self._upgraded: dict[str, tuple[str, str]] = {}
         self._saving = False
         self._save_lock = asyncio.Lock()
         self._tasks = TaskOwner("authn")
@@ -171,8 +172,7 @@ class Authenticator:
         at once, and in the credentials file when the server may write it — one write for
         all the upgrades of a burst (a whole site reconnecting after an upgrade would
         otherwise rewrite a file of N principals N times)."""
-        credentials.upgrade(user, token)
-        self._upgraded.append(user)
+        self._upgraded[user] = credentials.upgrade(user, token)
         if self.credentials.source is not None and not self._saving:
             self._saving = True
             self._tasks.spawn(self._save_upgrades(), "save-upgraded-hashes")
@@ -187,28 +187,36 @@ class Authenticator:
         """Write the upgrades not yet written (before a reload reads the file again, so that
         an upgraded hash does not look like a changed credential)."""
         async with self._save_lock:  # also waits for a write already under way
-            if self._upgraded and self.credentials.source is not None:
-                self._upgraded = []
-                try:
-                    await asyncio.to_thread(self.credentials.save)
-                except CredentialsError as exc:
-                    log.warning("token_hash_upgrade_not_saved", error=str(exc))
+            await self._write_upgrades()
 
     async def _save_upgrades(self) -> None:
         try:
             await asyncio.sleep(UPGRADE_SAVE_DELAY_S)  # gather the burst into one write
             async with self._save_lock:
-                principals, self._upgraded = self._upgraded, []
-                if principals:
-                    await asyncio.to_thread(self.credentials.save)
-                    log.info("token_hashes_upgraded", principals=len(principals))
-        except CredentialsError as exc:
-            log.warning("token_hash_upgrade_not_saved", error=str(exc))
+                await self._write_upgrades()
         finally:
             self._saving = False
             if self._upgraded:  # upgrades that came in while this write ran
                 self._saving = True
                 self._tasks.spawn(self._save_upgrades(), "save-upgraded-hashes")
+
+    async def _write_upgrades(self) -> None:
+        """Into the file as it is now (`save_upgrades`): what the operator changed since the
+        server read it stays, and reaches the server at the next reload."""
+        source = self.credentials.source
+        upgraded, self._upgraded = self._upgraded, {}
+        if not upgraded or source is None:
+            return
+        try:
+            written = await asyncio.to_thread(save_upgrades, source, upgraded)
+        except CredentialsError as exc:
+            log.warning("token_hash_upgrade_not_saved", error=str(exc))
+            return
+        log.info(
+            "token_hashes_upgraded",
+            principals=len(written),
+            changed_since=len(upgraded) - len(written),  # rotated or removed meanwhile
+        )
 
     async def locks(self) -> list[dict[str, Any]]:
         """Locks in force now, as `metering-admin lockouts` lists them."""

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import os
 import secrets
 import tomllib
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -285,16 +287,15 @@ class Credentials:
         principal = self._by_name.get(name)
         return principal is not None and (principal.token_hash or "").startswith("scrypt$")
 
-    def upgrade(self, name: str, token: str) -> None:
+    def upgrade(self, name: str, token: str) -> tuple[str, str]:
         """Store `name`'s (just verified) token in the fast form: the one change made in
-        place, O(1), so a whole site reconnecting after an upgrade costs N digests, not N²."""
+        place, O(1), so a whole site reconnecting after an upgrade costs N digests, not N².
+        Returns (the hash replaced, the new one), for `save_upgrades`."""
         principal = self._by_name[name]
-        self._by_name[name] = Principal(principal.name, principal.roles, digest_token(token))
-
-    def save(self) -> None:
-        """Write back to `source` (durable, mode 0600, the file's owner kept)."""
-        assert self.source is not None
-        _write(self.source, self._by_name.values())
+        assert principal.token_hash is not None
+        fast = digest_token(token)
+        self._by_name[name] = Principal(principal.name, principal.roles, fast)
+        return principal.token_hash, fast
 
     def roles_for(self, name: str) -> frozenset[str]:
         """Peer-credential principals need roles too; unlisted ones are plain users."""
@@ -384,13 +385,54 @@ def _render(principals: Iterable[Principal]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def save_upgrades(
+    path: str | os.PathLike[str], upgraded: Mapping[str, tuple[str, str]]
+) -> list[str]:
+    """Write upgraded hashes ({name: (old hash, new hash)}) into the file as it is now, and
+    return the names written.  A principal whose stored hash is no longer the old one (the
+    operator rotated its token or removed it since the server read the file) is left as the
+    file has it: writing the server's copy of the whole file instead lost every principal
+    added after the server's last load."""
+    path = Path(path)
+    with _writers_serialised(path):
+        principals = list(Credentials.load(path))
+        written = []
+        for i, principal in enumerate(principals):
+            change = upgraded.get(principal.name)
+            if change is not None and principal.token_hash == change[0]:
+                principals[i] = Principal(principal.name, principal.roles, change[1])
+                written.append(principal.name)
+        if written:
+            _write(path, principals)
+    return written
+
+
+@contextlib.contextmanager
+def _writers_serialised(path: Path) -> Iterator[None]:
+    """One writer of a credentials file at a time (`metering-admin add-principal`, a server
+    saving upgraded hashes), each reading the file afresh under the lock: an `flock` on the
+    file's directory, which the atomic rename needs writable anyway (the file itself is
+    replaced by each write, so a lock on it would not outlive the first)."""
+    try:
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise CredentialsError(
+            f"{path}: cannot open its directory: {exc.strerror or exc}"
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def add_principal(path: str | os.PathLike[str], name: str, role: str) -> str:
     """Create or re-key a principal and return its new token (the only time it exists in clear).
 
     Re-running it for an existing name is the way to rotate a token or change the role; other
     principals are kept. The file is rewritten, so comments in it are not preserved. An invalid
-    existing file is an error rather than being overwritten. Concurrent runs against the same
-    file are not serialised: the last writer wins.
+    existing file is an error rather than being overwritten. Writers of the file (other runs,
+    a server saving upgraded hashes) go one at a time, each reading it afresh.
     """
     path = Path(path)
     problem = validate_name(name)
@@ -401,16 +443,17 @@ def add_principal(path: str | os.PathLike[str], name: str, role: str) -> str:
     if not path.parent.is_dir():
         raise CredentialsError(f"{path}: directory {path.parent} does not exist")
 
-    existing = list(Credentials.load(path, missing_ok=True))
     token = new_token()
     updated = Principal(name, frozenset({role}), digest_token(token))
-    for i, principal in enumerate(existing):
-        if principal.name == name:
-            existing[i] = updated
-            break
-    else:
-        existing.append(updated)
-    _write(path, existing)
+    with _writers_serialised(path):
+        existing = list(Credentials.load(path, missing_ok=True))
+        for i, principal in enumerate(existing):
+            if principal.name == name:
+                existing[i] = updated
+                break
+        else:
+            existing.append(updated)
+        _write(path, existing)
     return token
 
 

@@ -20,7 +20,7 @@ from metering_protocol.errors import (
     MeteringError,
     UnsupportedProtocol,
 )
-from metering_server.auth.credentials import Credentials
+from metering_server.auth.credentials import Credentials, add_principal
 from tests.conftest import hello
 from tests.support import Raw, async_wait_until
 
@@ -442,3 +442,27 @@ async def test_a_legacy_scrypt_hash_is_upgraded_to_the_fast_digest_on_first_use(
     assert Credentials.load(path).get("bob").token_hash.startswith("scrypt$")  # untouched
     assert isinstance(await try_hello(server.address("tcp"), user="alice", token=ALICE), dict)
     assert isinstance(await try_hello(server.address("tcp"), user="alice", token="no"), AuthFailed)
+
+
+@pytest.mark.asyncio
+async def test_saving_upgraded_hashes_keeps_a_principal_the_operator_just_added(make_server):
+    """add-principal, then an agent on an old hash says hello: the server's write of the
+    upgraded hash used to put back the file it had read at start, and the new principal was
+    gone before the operator's reload (then refused `auth_failed`, terminal for its agent)."""
+    server = await make_server(credentials=CREDS)
+    path = server.config.credentials_path
+    token = add_principal(path, "new-agent", "agent")
+    assert isinstance(await try_hello(server.address("tcp"), user="alice", token=ALICE), dict)
+    await async_wait_until(
+        lambda: Credentials.load(path).get("alice").token_hash.startswith("sha256$"),
+        what="alice's hash rewritten",
+    )
+    assert Credentials.load(path).authenticate("new-agent", token) is not None
+    # a reload first writes the upgrades not yet written (flush_upgrades): the same rule
+    later = add_principal(path, "later-agent", "agent")
+    assert isinstance(await try_hello(server.address("tcp"), user="bob", token=BOB), dict)
+    await server.authenticator.flush_upgrades()
+    now = Credentials.load(path)
+    assert now.get("bob").token_hash.startswith("sha256$")
+    assert now.authenticate("new-agent", token) is not None
+    assert now.authenticate("later-agent", later) is not None

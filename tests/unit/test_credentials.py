@@ -18,6 +18,7 @@ from metering_server.auth.credentials import (
     add_principal,
     hash_token,
     new_token,
+    save_upgrades,
     verify_token,
 )
 
@@ -195,13 +196,35 @@ def test_a_legacy_scrypt_hash_verifies_and_is_upgraded_on_first_use(tmp_path, sc
     creds = Credentials.load(path)
     assert creds.needs_upgrade("old") and not creds.needs_upgrade("nobody")
     assert creds.authenticate("old", "old-token") is not None
-    creds.upgrade("old", "old-token")
-    creds.save()
+    assert save_upgrades(path, {"old": creds.upgrade("old", "old-token")}) == ["old"]
     again = Credentials.load(path)
     assert again.get("old").token_hash.startswith("sha256$") and not again.needs_upgrade("old")
     assert again.authenticate("old", "old-token") is not None
     assert again.get("old").roles == {"agent"}
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_saving_upgrades_keeps_what_the_operator_changed_since_the_load(tmp_path, scrypt_calls):
+    """The server writes its upgraded hashes into the file as it is now: a principal added
+    since it read the file stays, and one whose token was rotated keeps the new token."""
+    path = write(
+        tmp_path,
+        "".join(
+            f'[[principals]]\nname = "{name}"\nroles = ["agent"]\n'
+            f'token_hash = "{hash_token(name + "-token", n=FAST_N)}"\n'
+            for name in ("old", "rotated")
+        ),
+    )
+    creds = Credentials.load(path)  # what the server read at start
+    upgraded = {name: creds.upgrade(name, name + "-token") for name in ("old", "rotated")}
+    added = add_principal(path, "new-agent", "agent")  # the operator, meanwhile
+    rotated = add_principal(path, "rotated", "agent")
+    assert sorted(save_upgrades(path, upgraded)) == ["old"]
+    now = Credentials.load(path)
+    assert now.get("old").token_hash == upgraded["old"][1]
+    assert now.authenticate("new-agent", added) is not None
+    assert now.authenticate("rotated", rotated) is not None
+    assert now.authenticate("rotated", "rotated-token") is None
 
 
 def test_roles_for(creds):
