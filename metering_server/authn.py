@@ -1,12 +1,15 @@
 """Hello: who is this, and may it try at all?
 
-Order matters for the quiet security log and for cheap lockout: a locked principal or source
-is answered `locked_out` from the store's state before any hash work is done; only then is
+Order matters for the quiet security log and for cheap lockout: a locked principal is
+answered `locked_out` from the store's state before any hash work is done; only then is
 the token checked (a keyed SHA-256 on the loop; a legacy scrypt hash off it, once).
 Failures are counted in the store so every server sharing it sees the same lock: per
 principal (the lock), per (principal, source) (to know where they come from), and per source
 only across principals — a source is locked for spraying many principals, never because one
-principal behind it (a NAT) failed.
+principal behind it (a NAT) failed, and its lock refuses only attempts that fail: a
+bystander with its right token is never locked out for sharing the attacker's address
+(DESIGN.md).  A failure is judged by the count after it is recorded, so attempts in flight
+at once cannot all slip under the threshold.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from metering_server.seclog import SecurityLog
 from metering_server.store.base import LeaseStore
 
 UPGRADE_SAVE_DELAY_S = 1.0
+SOURCE_LOCK = "*"  # the security log's principal for refusals under a source's lock
 
 log = get_logger("metering.security")
 
@@ -126,19 +130,16 @@ class Authenticator:
         pkey, skey, pair = principal_key(user), source_key(source), pair_key(user, source)
         now = self.clock()
         states = await self.store.auth_states([pkey, skey])
-        retry_after = max(
-            self.policy.retry_after(states.get(pkey), now) or 0.0,
-            self.spray.retry_after(states.get(skey), now) or 0.0,
-        )
-        if retry_after > 0:
-            self._refused("locked_out")
-            self.seclog.event("locked_out", principal=user, source=source)
-            raise LockedOut(
-                "too many failed logons; try again later",
-                retry_after_s=round(max(retry_after, 0.1), 3),
-            )
+        locked_for = self.policy.retry_after(states.get(pkey), now)
+        if locked_for:  # the principal's lock: every attempt, a right token included
+            raise self._locked_out(user, source, locked_for)
+        # A source locked for spraying refuses every attempt that does not prove itself: a
+        # bystander behind the same address (a NAT) with its right token is served.
+        spraying = self.spray.retry_after(states.get(skey), now)
         credentials = self.credentials
         if credentials.needs_upgrade(user):  # a slow scrypt hash of an earlier release
+            if spraying:  # no slow hash for a sprayer: such a bystander waits out the lock
+                raise self._locked_out(SOURCE_LOCK, source, spraying)
             loop = asyncio.get_running_loop()
             principal = await loop.run_in_executor(None, credentials.authenticate, user, token)
             if principal is not None:
@@ -146,11 +147,19 @@ class Authenticator:
         else:  # a keyed SHA-256: a microsecond, on the loop
             principal = credentials.authenticate(user, token)
         if principal is None:
+            if spraying:  # neither counted nor logged one by one: the lock is on already
+                raise self._locked_out(SOURCE_LOCK, source, spraying)
             now = self.clock()
             counted = await self.store.record_auth_failure([pkey, pair], now, self.policy)
+            if self.policy.came_during_lock(counted[pkey], now):  # begun by one in flight
+                raise self._locked_out(user, source, self.policy.retry_after(counted[pkey], now))
             sprayed = None
             if counted[pair].count == 1:  # a principal new to this source within the window
                 sprayed = (await self.store.record_auth_failure([skey], now, self.spray))[skey]
+                if self.spray.came_during_lock(sprayed, now):
+                    raise self._locked_out(
+                        SOURCE_LOCK, source, self.spray.retry_after(sprayed, now)
+                    )
             locked = self.policy.retry_after(counted[pkey], now) or (
                 sprayed is not None and self.spray.retry_after(sprayed, now)
             )
@@ -166,6 +175,17 @@ class Authenticator:
         if pkey in states:  # earlier failures of this principal: a success forgives them
             await self.store.clear_auth_failures([pkey, pair], self.clock(), self.policy)
         return Identity(principal.name, frozenset(principal.roles))
+
+    def _locked_out(self, principal: str, source: str, retry_after: float | None) -> LockedOut:
+        """The refusal during a lock.  Logged per (principal, source) for a principal's lock
+        and per source for a source's (`SOURCE_LOCK`): a sprayer rotating names past its
+        lock makes one line a window, not one per name."""
+        self._refused("locked_out")
+        self.seclog.event("locked_out", principal=principal, source=source)
+        return LockedOut(
+            "too many failed logons; try again later",
+            retry_after_s=round(max(retry_after or 0.0, 0.1), 3),
+        )
 
     async def _upgrade(self, credentials: Credentials, user: str, token: str) -> None:
         """Store the just-verified token's fast digest instead of its scrypt hash: in memory

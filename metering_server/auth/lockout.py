@@ -80,6 +80,16 @@ class LockoutPolicy:
         locked_until = now + self.settings.lockout_s if count >= self.settings.threshold else 0.0
         return FailureState(count=count, window_start=window_start, locked_until=locked_until)
 
+    def came_during_lock(self, recorded: FailureState, now: float) -> bool:
+        """`recorded` is what `record_failure(state, now)` returned: was the lock already on
+        (the failure changed nothing, so it is answered `locked_out`), rather than begun by
+        this very failure (still `auth_failed`)?  Attempts in flight at once all read the
+        state before any of their failures was counted; judged by that read, every one of
+        them got past the threshold."""
+        return (
+            recorded.locked_until > now and recorded.locked_until != now + self.settings.lockout_s
+        )
+
     def on_success(self, state: FailureState | None, now: float) -> FailureState | None:
         """A right token forgives earlier failures, but never lifts an active lock.
 

@@ -6,6 +6,8 @@ principals (spraying).  Admins list the locks and lift them."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from structlog.testing import capture_logs
 
@@ -40,17 +42,25 @@ async def test_a_bystander_from_the_same_address_is_served(make_server):
 
 
 @pytest.mark.asyncio
-async def test_a_source_spraying_many_principals_is_locked_as_a_whole(make_server):
+async def test_a_source_spraying_many_principals_is_locked_but_not_for_bystanders(make_server):
     server = await make_server(credentials=CREDS, auth=AUTH)
     tcp = server.address("tcp")
+    assert isinstance(await try_hello(tcp, user="bob", token=BOB), dict)  # now on the digest
     for n in range(SPRAY):
         assert isinstance(await try_hello(tcp, user=f"guess{n}", token="x"), AuthFailed)
-    # now even a right token from that address waits for the lock
-    assert isinstance(await try_hello(tcp, user="bob", token=BOB), LockedOut)
+    # every attempt from that address that fails is refused under the lock, any name ...
+    assert isinstance(await try_hello(tcp, user="guess-new", token="x"), LockedOut)
+    assert isinstance(await try_hello(tcp, user="bob", token="wrong"), LockedOut)
+    # ... but a bystander behind the same address with its right token is served
+    # (DESIGN.md: lockout never locks out a bystander sharing an attacker's address)
+    bob = await try_hello(tcp, user="bob", token=BOB)
+    assert isinstance(bob, dict) and bob["roles"] == ["user"], bob
+    # one still on an old scrypt hash waits out the lock: no slow hash for a sprayer
+    assert isinstance(await try_hello(tcp, user="alice", token=ALICE), LockedOut)
     listed = await locks(server)
     assert [(x["kind"], x["name"], x["failures"]) for x in listed] == [
         ("source", "ip:127.0.0.1", SPRAY)
-    ]
+    ]  # refusals under the lock are not counted: bob is not locked
     # the same principal failing again and again is not spraying
     other = await make_server(
         credentials=CREDS, auth=AUTH, store=server.store.path.with_name("b.db")
@@ -58,6 +68,38 @@ async def test_a_source_spraying_many_principals_is_locked_as_a_whole(make_serve
     for _ in range(SPRAY + 2):
         await try_hello(other.address("tcp"), user="alice", token="x")
     assert {x["kind"] for x in await locks(other)} == {"principal"}
+
+
+@pytest.mark.asyncio
+async def test_a_sprayer_rotating_names_past_its_lock_makes_one_log_line(make_server):
+    server = await make_server(credentials=CREDS, auth=AUTH)
+    tcp = server.address("tcp")
+    with capture_logs() as logs:
+        for n in range(SPRAY + 40):
+            await try_hello(tcp, user=f"name{n}", token="x")
+        server.authenticator.seclog.flush(server.clock() + 10_000)
+    lines = [(e["event"], e.get("principal")) for e in logs if "locked_out" in e["event"]]
+    assert lines == [("locked_out", "*"), ("locked_out_summary", "*")], lines
+
+
+@pytest.mark.asyncio
+async def test_attempts_in_flight_at_once_cannot_pass_the_thresholds(make_server):
+    """Each hello read the lock state before any of the others' failures was counted, so
+    all of them were judged; now a failure past the threshold is answered `locked_out`."""
+    server = await make_server(credentials=CREDS, auth=AUTH)
+    tcp = server.address("tcp")
+    assert isinstance(await try_hello(tcp, user="bob", token=BOB), dict)  # on the digest
+    at_once = await asyncio.gather(*(try_hello(tcp, user="bob", token="x") for _ in range(40)))
+    assert sum(isinstance(r, AuthFailed) for r in at_once) == AUTH["lockout_threshold"]
+    assert all(isinstance(r, AuthFailed | LockedOut) for r in at_once)
+    other = await make_server(
+        credentials=CREDS, auth=AUTH, store=server.store.path.with_name("b.db")
+    )
+    sprayed = await asyncio.gather(
+        *(try_hello(other.address("tcp"), user=f"n{i}", token="x") for i in range(40))
+    )
+    assert sum(isinstance(r, AuthFailed) for r in sprayed) == SPRAY
+    assert all(isinstance(r, AuthFailed | LockedOut) for r in sprayed)
 
 
 @pytest.mark.asyncio
