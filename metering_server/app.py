@@ -99,6 +99,7 @@ class MeteringServer:
         self.config = config
         self.clock = clock
         self.store = store or open_store(config.store_url, config.store_settings)
+        self.store.clock = clock  # renewals are judged when they take effect
         self.seats = SeatService(
             self.store, catalogue_of(config), seat_settings(config), clock=clock
         )

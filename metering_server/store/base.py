@@ -257,6 +257,17 @@ class LeaseStore(abc.ABC):
     # True while `listen` delivers notices; when it is not (SQLite, or a PostgreSQL listener
     # reconnecting) the seat service's sweep looks for other servers' changes itself.
     listening: bool = False
+    # The time now, for the writes judged when they take effect (`effective_now`); the server
+    # sets its own clock.  None: the caller's `now` (a store used alone, as in its tests).
+    clock: Callable[[], float] | None = None
+
+    def effective_now(self, asked: float) -> float:
+        """The time a renewal or reclaim asked at `asked` is judged at: when it is applied.
+        A heartbeat sent just before its lease's expiry can wait in a batch, or for a
+        connection, past it; judged at `asked` it renewed a lease that a grant on another
+        server had meanwhile counted as free, and the seat was held twice."""
+        clock = self.clock
+        return asked if clock is None else max(asked, clock())
 
     def abandon(self) -> None:
         """The server must stop now: fail waits on other processes' locks at once instead of

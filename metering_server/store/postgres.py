@@ -655,6 +655,7 @@ class PostgresStore(LeaseStore):
             # so it sees everything the previous holder committed.
             await db.execute("SELECT pg_advisory_xact_lock($1)", _pool_lock(pool.key))
             if req.reclaim is not None:
+                now = self.effective_now(req.now)  # a reclaim renews: as it commits
                 asked = (req.reclaim, req.principal, req.client)
                 if asked in await self._revoked_among(db, {asked}):
                     return GrantOutcome(
@@ -670,11 +671,11 @@ class PostgresStore(LeaseStore):
                         req.principal,
                         req.client,
                         pool.key,
-                        req.now,
+                        now,
                     )
                     if verdict is Reclaim.RENEW:
-                        lease = await self._renew_row(db, held, req.server, req.now, req.ttl_s)
-                        in_use = await self._count(db, pool.key, req.now)
+                        lease = await self._renew_row(db, held, req.server, now, req.ttl_s)
+                        in_use = await self._count(db, pool.key, now)
                         return GrantOutcome(True, in_use, lease, reclaimed=True)
                     if verdict is Reclaim.DROP_EXPIRED:
                         await self._delete(db, held.lease)
@@ -811,10 +812,12 @@ class PostgresStore(LeaseStore):
         included — milliseconds each at 10,000 leases, most of a reclaim's cost."""
 
         async def renew(db: asyncpg.Connection) -> list[GrantOutcome | None]:
+            await self._share_pools(db, sorted({req.reclaim for req in reqs if req.reclaim}))
             held = await self._lock_rows(db, [req.reclaim for req in reqs if req.reclaim])
             out: list[GrantOutcome | None] = []
             renewed: dict[str, LeaseRecord] = {}
             for req in reqs:
+                req = msgspec.structs.replace(req, now=self.effective_now(req.now))
                 lease = held.get(req.reclaim or "")
                 if (
                     lease is None
@@ -918,9 +921,11 @@ class PostgresStore(LeaseStore):
         looked up among the revoked in one more query, only when there are some."""
 
         async def renew_all(db: asyncpg.Connection) -> list[RenewOutcome]:
+            await self._share_pools(db, sorted({x for b in beats for x in b.leases}))
             # lease -> principal -> client -> [first now, last now, its expiry, its server]
             asks: dict[str, dict[str, dict[str, list[Any]]]] = {}
             for b in beats:
+                b = b._replace(now=self.effective_now(b.now))  # after the locks: as it commits
                 expires = lease_expiry(b.now, b.ttl_s)
                 for lease in b.leases:
                     by_client = asks.setdefault(lease, {}).setdefault(b.principal, {})
@@ -953,7 +958,28 @@ class PostgresStore(LeaseStore):
 
         # Urgent: a heartbeat keeps a held seat and must not wait behind new work while its
         # lease's TTL runs (the sweep would then expire a lease whose holder renewed on time).
-        return await self._run("renew", renew_all, urgent=True, single=True)
+        return await self._run("renew", renew_all, urgent=True)
+
+    @staticmethod
+    async def _share_pools(db: asyncpg.Connection, leases: list[str]) -> None:
+        """Take the pools' locks of these leases in shared mode, in lock-key order, for a
+        renewal: renewals go on side by side, but never while a grant to one of the pools
+        counts and commits.  Without it a renewal judged before a lease's expiry could commit
+        after a grant on another server had counted the lease as expired and given its seat
+        away, and the seat was held twice (seen at 10 of 150 tries near expiry).  With it,
+        one judged after such a grant judges at a later time (`effective_now`) and finds the
+        lease expired."""
+        if not leases:
+            return
+        rows = await db.fetch(
+            "SELECT DISTINCT pool_product, pool_version FROM leases WHERE lease = ANY($1::text[])",
+            leases,
+        )
+        keys = sorted({_pool_lock((row[0], row[1])) for row in rows})
+        if keys:
+            await db.execute(
+                "SELECT pg_advisory_xact_lock_shared(k) FROM unnest($1::bigint[]) AS k", keys
+            )
 
     @staticmethod
     async def _revoked_among(

@@ -568,14 +568,15 @@ class SQLiteStore(LeaseStore):
         if rows:
             db.executemany(_INSERT_LEASE, rows)
 
-    @staticmethod
-    def _renew_run(db: sqlite3.Connection, run: list[_Heartbeat]) -> list[tuple[bool, Any]]:
+    def _renew_run(self, db: sqlite3.Connection, run: list[_Heartbeat]) -> list[tuple[bool, Any]]:
         """Heartbeats that came one after another: `renew`'s rules for each, in arrival order,
         with the leases read in one statement, renewed in one `executemany`, and the lost
         ones looked up among the revoked in one.  A lease named again later in the run is
         judged as the earlier heartbeat left it.  Anything failing here runs the whole batch
         again, each write alone (`_PartlyWritten`)."""
         try:
+            clock = self.effective_now  # under the write lock: as they commit
+            run = [msgspec.structs.replace(beat, now=clock(beat.now)) for beat in run]
             named = sorted({lease for beat in run for lease in beat.leases})
             held = {row[0]: _record(row) for row in db.execute(_LEASES_AMONG, (_ids(named),))}
             updates: list[tuple[float, float, str, str]] = []
@@ -780,6 +781,7 @@ class SQLiteStore(LeaseStore):
                     return GrantOutcome(False, self._count(db, pool.key, req.now), revoked=True)
                 held = self._get(db, req.reclaim)
                 if held is not None:
+                    now = self.effective_now(req.now)  # under the write lock: as it commits
                     verdict = reclaim_verdict(
                         held.principal,
                         held.client,
@@ -788,11 +790,11 @@ class SQLiteStore(LeaseStore):
                         req.principal,
                         req.client,
                         pool.key,
-                        req.now,
+                        now,
                     )
                     if verdict is Reclaim.RENEW:
-                        lease = self._renew_row(db, held, req.server, req.now, req.ttl_s)
-                        in_use = self._count(db, pool.key, req.now)
+                        lease = self._renew_row(db, held, req.server, now, req.ttl_s)
+                        in_use = self._count(db, pool.key, now)
                         return GrantOutcome(True, in_use, lease, reclaimed=True)
                     if verdict is Reclaim.DROP_EXPIRED:
                         self._delete(db, held.lease)
@@ -912,8 +914,11 @@ class SQLiteStore(LeaseStore):
     def renew(
         self, leases: list[str], principal: str, client: str, server: str, now: float, ttl_s: float
     ) -> asyncio.Future[RenewOutcome]:
+        asked = now
+
         def renew(db: sqlite3.Connection) -> RenewOutcome:
             renewed, lost, revoked = [], [], []
+            now = self.effective_now(asked)  # under the write lock: as it commits
             for lease in leases:
                 held = self._get(db, lease)
                 if held is not None and renew_verdict(

@@ -70,15 +70,17 @@ async def lock_waiters(conn: asyncpg.Connection, locktype: str) -> int:
 
 @contextlib.asynccontextmanager
 async def pool_lock_held(
-    site: PostgresSite, key: tuple[str, str]
+    site: PostgresSite, key: tuple[str, str], *, shared: bool = False
 ) -> AsyncIterator[asyncpg.Connection]:
     """Another connection holds the pool's grant lock (as a long transaction of another
-    server would): a grant to that pool waits for it on the store's connection."""
+    server would): a grant to that pool waits for it on the store's connection.  `shared`:
+    as a renewal or reclaim holds it."""
+    mode = "_shared" if shared else ""
     async with site.cluster.connect() as conn:
         tx = conn.transaction()
         await tx.start()
         try:
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_key("pool", *key))
+            await conn.execute(f"SELECT pg_advisory_xact_lock{mode}($1)", lock_key("pool", *key))
             yield conn
         finally:
             await tx.rollback()
@@ -302,27 +304,37 @@ async def test_a_busy_sqlite_store_answers_overloaded_on_the_wire(tmp_path, sock
 
 
 @pytest.mark.asyncio
-async def test_a_reclaim_of_a_held_lease_does_not_wait_for_the_pool_lock(pg_site):
-    """A failover storm's reclaims change no count: they renew without the pool's lock, so
-    they run side by side (one at a time under it, 10,000 took minutes).  A fresh grant to
-    the pool still waits for the lock; a reclaim that is not a plain renewal goes its way."""
+async def test_reclaims_share_the_pool_lock_with_each_other_not_with_a_grant(pg_site):
+    """A failover storm's reclaims change no count: they take the pool's lock in shared
+    mode, so they run side by side (one at a time under it, 10,000 took minutes).  But not
+    while a grant holds it: a reclaim committed after a grant counted its lease as expired
+    would hold that seat twice.  A reclaim that is not a plain renewal goes the grant's way."""
     async with opened(pg_store(pg_site, pool_max=2, acquire_timeout_s=10)) as store:
         lease = (await store.grant(req())).lease
-        async with pool_lock_held(pg_site, ENFORCE.key) as conn:
-            fresh = asyncio.create_task(store.grant(req(who=BOB, now=T0 + 1)))
-            await async_wait_until(
-                lambda: lock_waiters(conn, "advisory"), what="the fresh grant waiting"
-            )
+        async with pool_lock_held(pg_site, ENFORCE.key, shared=True) as conn:  # another reclaim
             back = await asyncio.wait_for(
                 store.grant(req(now=T0 + 2, reclaim=lease.lease, server="srv-b")), 10
             )
             assert back.granted and back.reclaimed and back.lease.lease == lease.lease
             assert back.lease.server == "srv-b" and back.lease.expires_at == T0 + 2 + TTL
             assert back.in_use == 1  # the count of the pool as this server last saw it
+            fresh = asyncio.create_task(store.grant(req(who=BOB, now=T0 + 2)))
+            await async_wait_until(
+                lambda: lock_waiters(conn, "advisory"), what="the fresh grant waiting"
+            )
             assert not fresh.done()
         assert (await asyncio.wait_for(fresh, 10)).granted
+        async with pool_lock_held(pg_site, ENFORCE.key) as conn:  # a grant, on another server
+            again = asyncio.create_task(
+                store.grant(req(now=T0 + 3, reclaim=lease.lease, server="srv-b"))
+            )
+            await async_wait_until(
+                lambda: lock_waiters(conn, "advisory"), what="the reclaim waiting"
+            )
+            assert not again.done()
+        assert (await asyncio.wait_for(again, 10)).reclaimed
         # Not a renewal (another holder's lease): decided under the lock, as before.
-        stolen = await store.grant(req(who=("carol", "ws-3"), now=T0 + 3, reclaim=lease.lease))
+        stolen = await store.grant(req(who=("carol", "ws-3"), now=T0 + 4, reclaim=lease.lease))
         assert not stolen.reclaimed
 
 

@@ -106,6 +106,34 @@ async def test_a_retried_checkout_gets_the_lease_its_first_attempt_made(store_si
         assert fresh.granted and not fresh.replayed and fresh.lease.lease != first.lease.lease
 
 
+async def test_a_renewal_applied_after_its_lease_expired_does_not_bring_it_back(store_site):
+    """A heartbeat or reclaim asked just before the lease's expiry but applied after it (it
+    waited in a batch, or for a connection), once another server has counted the lease as
+    expired and given its seat away: judged at the time it was asked, it renewed the lease
+    and the one seat was held twice.  The store judges it when it runs (`clock`)."""
+    async with opened(store_site.new_store()) as a, opened(store_site.new_store()) as b:
+        held = (await a.grant(grant_req())).lease
+        expiry = held.expires_at
+        clock = [expiry + 0.002]  # when the writes below actually run
+        a.clock = b.clock = lambda: clock[0]
+        taken = await b.grant(grant_req(BOB, now=expiry + 0.001, server="srv-b"))
+        assert taken.granted  # the seat of alice's expired lease
+        asked = expiry - 0.001  # before the expiry
+        beats = await asyncio.gather(
+            *(a.renew([held.lease], *ALICE, "srv-a", asked, TTL) for _ in range(4))
+        )  # alone, and together in one batch
+        assert all(out.renewed == [] and out.lost == [held.lease] for out in beats)
+        reclaim = msgspec.structs.replace(grant_req(now=asked), reclaim=held.lease)
+        again = await a.grant(reclaim)
+        assert not (again.granted and again.lease.lease == held.lease)
+        assert not again.granted  # and no fresh seat either: the pool's one is bob's
+        assert (await a.in_use(expiry + 0.003)).get(ONE.key) == 1
+        # a renewal applied while the lease is live is judged as before
+        clock[0] = expiry + 1
+        out = await b.renew([taken.lease.lease], *BOB, "srv-b", expiry + 0.5, TTL)
+        assert out.renewed == [taken.lease.lease]
+
+
 # --- the site-wide queue ----------------------------------------------------------------------
 async def test_waiters_are_served_first_in_first_out_across_servers(store_site):
     async with opened(store_site.new_store()) as a, opened(store_site.new_store()) as b:
