@@ -575,14 +575,14 @@ class SQLiteStore(LeaseStore):
         judged as the earlier heartbeat left it.  Anything failing here runs the whole batch
         again, each write alone (`_PartlyWritten`)."""
         try:
-            clock = self.effective_now  # under the write lock: as they commit
-            run = [msgspec.structs.replace(beat, now=clock(beat.now)) for beat in run]
+            current = self.effective_now(0.0)  # under the write lock: as they commit
             named = sorted({lease for beat in run for lease in beat.leases})
             held = {row[0]: _record(row) for row in db.execute(_LEASES_AMONG, (_ids(named),))}
             updates: list[tuple[float, float, str, str]] = []
             answers: list[tuple[list[str], list[str]]] = []
             for beat in run:
                 renewed, lost = [], []
+                now = beat.now if beat.now >= current else current
                 for lease in beat.leases:
                     rec = held.get(lease)
                     if rec is not None and renew_verdict(
@@ -591,11 +591,9 @@ class SQLiteStore(LeaseStore):
                         rec.expires_at,
                         beat.principal,
                         beat.client,
-                        beat.now,
+                        now,
                     ):
-                        held[lease] = now_held = renewed_lease(
-                            rec, beat.server, beat.now, beat.ttl_s
-                        )
+                        held[lease] = now_held = renewed_lease(rec, beat.server, now, beat.ttl_s)
                         updates.append(_renew_args(now_held))
                         renewed.append(lease)
                     else:
