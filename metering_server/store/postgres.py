@@ -39,6 +39,7 @@ the URL, and is never logged.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import random
 import secrets
@@ -236,6 +237,9 @@ def describe(exc: BaseException) -> str:
     return f"{name}: {text}" if text else name
 
 
+POOL_OF_MAX = 100_000  # leases whose pool the store remembers (~20 MB at most)
+
+
 def _pool_lock(key: tuple[str, str]) -> int:
     return lock_key("pool", *key)
 
@@ -336,6 +340,10 @@ class PostgresStore(LeaseStore):
         self._line = _Admission(self.pool_max, self.max_queued)
         self._auth_reads: KeyedReads[FailureState] = KeyedReads(self._fetch_states, "auth-states")
         self._in_use_seen: dict[tuple[str, str], int] = {}  # per pool, at this server's last grant
+        # lease -> its pool, for the leases this server granted, reclaimed or renewed (a lease
+        # never changes pool): a heartbeat batch whose leases are all here takes its pools'
+        # locks with its BEGIN, two round trips fewer than looking them up first.
+        self._pool_of: collections.OrderedDict[str, tuple[str, str]] = collections.OrderedDict()
         self._reclaims: Batches[GrantRequest, GrantOutcome | None] = Batches(
             self._renew_held, "reclaims"
         )
@@ -505,11 +513,13 @@ class PostgresStore(LeaseStore):
         urgent: bool = False,
         single: bool = False,
         locks: tuple[int, ...] = (),
+        shared: bool = False,
     ) -> T:
         """Run `fn` on a pooled connection, in a READ COMMITTED transaction when `write`;
         `single`: a write that is one statement, its own transaction (no BEGIN and COMMIT
         round trips).  `locks`: transaction advisory locks for a write to take first, in the
-        given order, sent with its BEGIN in one round trip (`_begin_locked`).
+        given order, sent with its BEGIN in one round trip (`_begin_locked`); `shared`: in
+        shared mode (renewals), which only an exclusive holder (a grant) waits for.
 
         The call first waits its turn for one of the `pool_max` connections (`_Admission`:
         first come, first served, `urgent` calls — renewals — before the others).  What the
@@ -555,7 +565,7 @@ class PostgresStore(LeaseStore):
                             result = await fn(conn)
                         else:
                             async with (
-                                _begin_locked(conn, locks)
+                                _begin_locked(conn, locks, shared)
                                 if locks
                                 else conn.transaction(isolation="read_committed")
                             ):
@@ -718,6 +728,8 @@ class PostgresStore(LeaseStore):
 
         outcome = await self._run("grant", grant)
         self._in_use_seen[req.pool.key] = outcome.in_use
+        if outcome.lease is not None:
+            self._remember(outcome.lease)
         return outcome
 
     async def _grant_fresh(self, reqs: list[GrantRequest]) -> list[GrantOutcome]:
@@ -775,6 +787,8 @@ class PostgresStore(LeaseStore):
         outcomes = await self._run("grant", grant_all, locks=tuple(map(_pool_lock, pools)))
         for req, outcome in zip(reqs, outcomes, strict=True):
             self._in_use_seen[req.pool.key] = outcome.in_use
+            if outcome.lease is not None:
+                self._remember(outcome.lease)
         return outcomes
 
     @staticmethod
@@ -812,7 +826,6 @@ class PostgresStore(LeaseStore):
         included — milliseconds each at 10,000 leases, most of a reclaim's cost."""
 
         async def renew(db: asyncpg.Connection) -> list[GrantOutcome | None]:
-            await self._share_pools(db, sorted({req.reclaim for req in reqs if req.reclaim}))
             held = await self._lock_rows(db, [req.reclaim for req in reqs if req.reclaim])
             out: list[GrantOutcome | None] = []
             renewed: dict[str, LeaseRecord] = {}
@@ -847,7 +860,14 @@ class PostgresStore(LeaseStore):
                 await db.executemany(_RENEW, [_renew_args(r) for r in renewed.values()])
             return out
 
-        return await self._run("reclaim", renew)
+        # The asked pools' locks, shared, with BEGIN: a lease of another pool is not renewed
+        # here (`reclaim_verdict`), so its own pool needs no lock.
+        locks = tuple(sorted({_pool_lock(req.pool.key) for req in reqs}))
+        outcomes = await self._run("reclaim", renew, locks=locks, shared=True)
+        for outcome in outcomes:
+            if outcome is not None and outcome.lease is not None:
+                self._remember(outcome.lease)
+        return outcomes
 
     @staticmethod
     async def _counts(
@@ -920,8 +940,13 @@ class PostgresStore(LeaseStore):
         first renews it for a TTL, and a batch spans milliseconds).  The lost leases are
         looked up among the revoked in one more query, only when there are some."""
 
+        named = sorted({x for b in beats for x in b.leases})
+        pools = {self._pool_of.get(lease) for lease in named}
+        known = None not in pools
+
         async def renew_all(db: asyncpg.Connection) -> list[RenewOutcome]:
-            await self._share_pools(db, sorted({x for b in beats for x in b.leases}))
+            if not known:  # else locked with BEGIN
+                await self._share_pools(db, named)
             # lease -> principal -> client -> [first now, last now, its expiry, its server]
             asks: dict[str, dict[str, dict[str, list[Any]]]] = {}
             for b in beats:
@@ -958,10 +983,19 @@ class PostgresStore(LeaseStore):
 
         # Urgent: a heartbeat keeps a held seat and must not wait behind new work while its
         # lease's TTL runs (the sweep would then expire a lease whose holder renewed on time).
-        return await self._run("renew", renew_all, urgent=True)
+        locks = tuple(sorted({_pool_lock(key) for key in pools if key is not None}))
+        return await self._run(
+            "renew", renew_all, urgent=True, locks=locks if known else (), shared=True
+        )
 
-    @staticmethod
-    async def _share_pools(db: asyncpg.Connection, leases: list[str]) -> None:
+    def _remember(self, lease: LeaseRecord) -> None:
+        """`lease`'s pool in `_pool_of`, which keeps the most recent entries."""
+        self._pool_of[lease.lease] = lease.pool_key
+        self._pool_of.move_to_end(lease.lease)
+        if len(self._pool_of) > POOL_OF_MAX:
+            self._pool_of.popitem(last=False)
+
+    async def _share_pools(self, db: asyncpg.Connection, leases: list[str]) -> None:
         """Take the pools' locks of these leases in shared mode, in lock-key order, for a
         renewal: renewals go on side by side, but never while a grant to one of the pools
         counts and commits.  Without it a renewal judged before a lease's expiry could commit
@@ -972,10 +1006,12 @@ class PostgresStore(LeaseStore):
         if not leases:
             return
         rows = await db.fetch(
-            "SELECT DISTINCT pool_product, pool_version FROM leases WHERE lease = ANY($1::text[])",
+            "SELECT lease, pool_product, pool_version FROM leases WHERE lease = ANY($1::text[])",
             leases,
         )
-        keys = sorted({_pool_lock((row[0], row[1])) for row in rows})
+        for lease, product, version in rows:
+            self._pool_of[lease] = (product, version)
+        keys = sorted({_pool_lock((row[1], row[2])) for row in rows})
         if keys:
             await db.execute(
                 "SELECT pg_advisory_xact_lock_shared(k) FROM unnest($1::bigint[]) AS k", keys
@@ -1003,6 +1039,7 @@ class PostgresStore(LeaseStore):
         )
         if isinstance(outcome, LeaseNotFound):
             raise outcome
+        self._pool_of.pop(lease, None)
         return outcome
 
     async def _release_all(
@@ -1094,6 +1131,8 @@ class PostgresStore(LeaseStore):
             # Of several servers sweeping at once, each row is deleted — and so returned — by
             # exactly one: a DELETE that finds a row another transaction deleted skips it.
             rows = await db.fetch(f"DELETE FROM leases WHERE {_EXPIRED} RETURNING {_COLUMNS}", now)
+            for row in rows:
+                self._pool_of.pop(row["lease"], None)
             left = await db.fetch(
                 "DELETE FROM waiters WHERE deadline <= $1 OR kept_until <= $1 "
                 "RETURNING pool_product, pool_version",
@@ -1484,14 +1523,17 @@ def _log_crash(task: asyncio.Task) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _begin_locked(conn: asyncpg.Connection, locks: tuple[int, ...]) -> AsyncIterator[None]:
+async def _begin_locked(
+    conn: asyncpg.Connection, locks: tuple[int, ...], shared: bool = False
+) -> AsyncIterator[None]:
     """A READ COMMITTED transaction whose first statements take these advisory locks, in
     order, sent with BEGIN in one round trip (the simple query protocol; the keys are
     integers of our own making, `lock_key`): for a group of grants, one round trip less
     than BEGIN and then the locks.  Committed when the block ends, rolled back when it
     raises; a connection whose rollback failed goes back to the pool, which rolls back or
     drops it."""
-    taken = "".join(f"SELECT pg_advisory_xact_lock({int(key)});" for key in locks)
+    mode = "_shared" if shared else ""
+    taken = "".join(f"SELECT pg_advisory_xact_lock{mode}({int(key)});" for key in locks)
     await conn.execute(f"BEGIN ISOLATION LEVEL READ COMMITTED;{taken}")
     try:
         yield

@@ -132,6 +132,8 @@ async def test_a_renewal_applied_after_its_lease_expired_does_not_bring_it_back(
         clock[0] = expiry + 1
         out = await b.renew([taken.lease.lease], *BOB, "srv-b", expiry + 0.5, TTL)
         assert out.renewed == [taken.lease.lease]
+        out = await a.renew([taken.lease.lease], *BOB, "srv-a", expiry + 0.6, TTL)  # not a's
+        assert out.renewed == [taken.lease.lease]
 
 
 # --- the site-wide queue ----------------------------------------------------------------------
