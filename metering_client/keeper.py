@@ -166,6 +166,8 @@ class LeaseKeeper:
         self.held: dict[str, HeldLease] = {}
         self.session: Session | None = None
         self._connect_lock = asyncio.Lock()
+        self._attempt: asyncio.Future[Session] | None = None  # a connect under way, shared
+        self._attempt_passes: int | None = None
         self._change_lock = asyncio.Lock()  # on_change calls in order, one at a time
         self._wake = asyncio.Event()
         self._tasks = TaskOwner("lease-keeper")  # the maintainer, retiring sessions
@@ -189,6 +191,10 @@ class LeaseKeeper:
         """Stop heartbeats and close the session; the held leases stay (for a journal)."""
         await self._tasks.cancel_all()
         self._task = None
+        attempt = self._attempt
+        if attempt is not None:
+            attempt.cancel()
+            await asyncio.wait([attempt])
         if self.session is not None:
             await self.session.close()
             self.session = None
@@ -214,6 +220,36 @@ class LeaseKeeper:
 
     # --- sessions ----------------------------------------------------------------------------
     async def ensure_session(self, *, passes: int | None = None) -> Session:
+        """The session, connecting first if there is none.  Callers that come while an
+        attempt is under way share its outcome instead of each making a bounded attempt of
+        its own after it: one after another, four programs asking at once through an agent
+        with no server answering waited up to four times T_max (docs/operations.md).  A
+        full attempt (`passes` None) that joins a background one-pass attempt which fails
+        then makes its full attempt: at most T_max plus one pass."""
+        while True:
+            session = self.session
+            if session is not None and not session.dead:
+                return session
+            attempt = self._attempt
+            if attempt is None:
+                attempt = self._attempt = asyncio.ensure_future(self._establish(passes))
+                attempt.add_done_callback(self._attempt_done)
+                self._attempt_passes = passes
+            partial = self._attempt_passes is not None and passes is None
+            try:
+                return await asyncio.shield(attempt)
+            except MeteringError:
+                if not partial:
+                    raise
+            # the one pass we joined failed: this caller's own full attempt now
+
+    def _attempt_done(self, attempt: asyncio.Future) -> None:
+        if self._attempt is attempt:
+            self._attempt = None
+        if not attempt.cancelled():
+            attempt.exception()  # seen: its callers (if any are left) each got it
+
+    async def _establish(self, passes: int | None) -> Session:
         async with self._connect_lock:
             if self.session is not None and not self.session.dead:
                 return self.session

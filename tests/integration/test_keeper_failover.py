@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import time
+
 import pytest
 
 from metering_client.config import build_client_config
 from metering_client.connector import Connector
 from metering_client.keeper import LeaseKeeper
 from metering_client.serverlist import ServerList
+from metering_protocol.errors import MeteringError
 from tests.conftest import hello
 from tests.support import async_wait_until, write_token
 
@@ -64,3 +69,49 @@ async def test_lease_is_reclaimed_with_the_same_id_after_the_server_stops(
         assert leases[0]["user"] == ("alice" if "agent" in roles else "ws")
     finally:
         await keeper.stop()
+
+
+@pytest.mark.asyncio
+async def test_requests_waiting_for_a_server_share_one_bounded_attempt(tmp_path):
+    """Requests that come while the keeper connects share that attempt's outcome.  Each
+    used to make its own bounded attempt after the one before failed: four programs asking
+    at once through an agent with no server answering waited up to four times T_max."""
+    dark = []
+    for _ in range(2):  # accepted by the kernel, never answered: each hello times out
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        dark.append(sock)
+    config = build_client_config(
+        {
+            "client": {
+                "name": "ws-1",
+                "user": "ws",
+                "token_file": str(write_token(tmp_path / "token", "secret-ws")),
+                "state_dir": str(tmp_path / "state"),
+            },
+            "servers": {
+                "list": [f"tcp://127.0.0.1:{s.getsockname()[1]}" for s in dark],
+                "retries": 2,
+                "retry_interval_ms": 50,
+                "backoff_max_ms": 100,
+                "connect_timeout_ms": 200,
+                "request_timeout_ms": 200,
+            },
+        },
+        tmp_path / "client.toml",
+    )
+    t_max = 2 * 2 * (0.2 + 0.2) + 0.05  # docs/operations.md, "Bounded retries"
+    keeper = LeaseKeeper(Connector(config, ServerList(config.servers.addresses, None)))
+    try:
+        started = time.monotonic()
+        outcomes = await asyncio.gather(
+            *(keeper.checkout("A", "1", user="alice") for _ in range(6)), return_exceptions=True
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        await keeper.stop()
+        for sock in dark:
+            sock.close()
+    assert all(isinstance(o, MeteringError) and o.retryable for o in outcomes), outcomes
+    assert elapsed < t_max + 1.0, elapsed  # one after another: about six times T_max
