@@ -14,7 +14,7 @@ import signal
 import stat
 from typing import Any
 
-from metering_client.config import ClientConfig, check_agent_credential
+from metering_client.config import ClientConfig, check_agent_credential, check_agent_socket
 from metering_client.connector import Connector
 from metering_client.journal import LeaseJournal
 from metering_client.keeper import HeldLease, LeaseKeeper
@@ -106,6 +106,7 @@ class Agent:
             check_agent_credential(self.config)
         except ConfigError as exc:
             raise CredentialUnusable(str(exc)) from None  # the CLI: one line, exit 78
+        check_agent_socket(self.config)
         for held in self.journal.load():
             self.keeper.adopt(held)
         if self.keeper.held:

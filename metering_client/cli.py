@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging("console", "info" if getattr(args, "verbose", False) else "critical")
     try:
         return _run_loop(_dispatch(args, config))
+    except ConfigError as exc:  # found at agent start (check_agent_socket)
+        print(f"metering-client: {exc}", file=sys.stderr)
+        return EX_CONFIG
     except MeteringError as exc:
         hint = f" (retry after {exc.retry_after_s:.0f} s)" if exc.retry_after_s else ""
         print(f"metering-client: {exc}{hint}", file=sys.stderr)

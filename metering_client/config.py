@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -163,9 +164,18 @@ def build_client_config(data: dict, path: Path | None) -> ClientConfig:
     token_file = None
     if cfg.client.token_file and path is not None:
         token_file = resolve(base, cfg.client.token_file)
+    _check_dir(where, "client.state_dir", state_dir)
     ca = resolve(base, cfg.servers.tls_ca_file) if cfg.servers.tls_ca_file else None
     if ca is not None and not ca.is_file():
         raise ConfigError(where, "servers.tls_ca_file", f"file {ca} does not exist")
+    if ca is not None:
+        try:
+            ssl.create_default_context(cafile=str(ca))
+        except (ssl.SSLError, OSError) as exc:
+            why = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+            raise ConfigError(
+                where, "servers.tls_ca_file", f"{ca} holds no usable PEM certificate ({why})"
+            ) from None
     return ClientConfig(
         path=path,
         name=name,
@@ -184,9 +194,39 @@ def build_client_config(data: dict, path: Path | None) -> ClientConfig:
     )
 
 
+UNIX_PATH_MAX = 107  # bytes of a Unix socket's path (sun_path, less its terminating NUL)
+
+
+def _check_dir(where: Path | str, key: str, path: Path) -> None:
+    """A directory the agent will create or use must not be something else: found only at
+    `mkdir` or `bind`, it was a bare `File exists` naming neither file nor key."""
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise ConfigError(where, key, f"{part} exists and is not a directory")
+            return
+
+
 def read_token(path: Path | None) -> str | None:
     """The agent's bearer token (None: no token file, e.g. peer credentials on unix://)."""
     return read_token_file(path) if path is not None else None
+
+
+def check_agent_socket(config: ClientConfig) -> None:
+    """At agent start: the socket it will listen on can be made (ConfigError naming
+    client.socket), where `bind` would say only `File exists` or `AF_UNIX path too long`.
+    Only the agent: `run` and `status` fall back to the servers when they cannot reach it."""
+    where = config.path if config.path is not None else "<defaults>"
+    sock = config.socket
+    _check_dir(where, "client.socket", sock.parent)
+    size = len(os.fsencode(sock))
+    if size > UNIX_PATH_MAX:
+        raise ConfigError(
+            where,
+            "client.socket",
+            f"{sock} is {size} bytes, over the {UNIX_PATH_MAX} a Unix socket path may have: "
+            "pick a shorter path",
+        )
 
 
 def check_agent_credential(config: ClientConfig) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +196,42 @@ def test_agent_without_token_file_needs_unix_servers(tmp_path, sockdir):
     assert proc.returncode == 78, proc.stdout + proc.stderr
     line = one_line(proc.stderr)
     assert "client.token_file" in line and "unix://" in line and "servers.list[0]" in line, line
+
+
+# --- the agent's paths ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("case", "key", "problem"),
+    [
+        ("state_dir_is_a_file", "client.state_dir", "exists and is not a directory"),
+        ("socket_dir_is_a_file", "client.socket", "exists and is not a directory"),
+        ("socket_path_too_long", "client.socket", "over the 107 a Unix socket path may have"),
+        ("ca_file_not_pem", "servers.tls_ca_file", "holds no usable PEM certificate"),
+    ],
+)
+def test_agent_paths_that_cannot_work_name_the_file_and_key(tmp_path, sockdir, case, key, problem):
+    """Found only at mkdir, bind or the TLS context, these were a bare `File exists`, an
+    `AF_UNIX path too long` pointing at the server's key, or an OpenSSL code."""
+    token = write_token(tmp_path / "agent.token", TOKEN)
+    afile = tmp_path / "afile"
+    afile.write_text("x\n")
+    cfg = client_toml(tmp_path, ["tcp://127.0.0.1:9"], sockdir, token_file=str(token))
+    data = tomllib.loads(cfg.read_text())
+    if case == "state_dir_is_a_file":
+        data["client"]["state_dir"] = str(afile)
+    elif case == "socket_dir_is_a_file":
+        data["client"]["socket"] = str(afile / "agent.sock")
+    elif case == "socket_path_too_long":
+        data["client"]["socket"] = str(sockdir / ("s" * 120 + ".sock"))
+    else:
+        bad = tmp_path / "ca.pem"
+        bad.write_text("not a pem\n")
+        data["servers"]["list"] = ["tls://127.0.0.1:9"]
+        data["servers"]["tls_ca_file"] = str(bad)
+    write_toml(cfg, data)
+    proc = run_client(cfg, "agent")
+    assert proc.returncode == 78, proc.stdout + proc.stderr
+    line = one_line(proc.stderr)
+    assert line.startswith(f"metering-client: {cfg}: {key}: ") and problem in line, line
 
 
 # --- `metering-client status` while the agent cannot authenticate ---------------------------
