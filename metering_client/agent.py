@@ -60,7 +60,9 @@ class Agent:
         self.servers.load()
         if self.servers.load_error:
             log.warning("server_list_state_ignored", error=self.servers.load_error)
-        self.connector = Connector(config, self.servers)
+        self.connector = Connector(
+            config, self.servers, holdoff_path=config.state_dir / "auth-holdoff.json"
+        )
         self.journal = LeaseJournal(config.state_dir / "leases.json")
         self.keeper = LeaseKeeper(self.connector, on_lost=self._lost, on_change=self._persist)
         # Usage: every run of a watched program and every seat taken through the local API

@@ -105,12 +105,16 @@ class Seat:
             self.lease = self.reply["lease"]
             self._watch = asyncio.create_task(self._stay_attached())
             return self
+        writable = _writable(self.config)
+        state = self.config.state_dir
         servers = ServerList(
-            self.config.servers.addresses,
-            self.config.state_dir / "servers.json" if _writable(self.config) else None,
+            self.config.servers.addresses, state / "servers.json" if writable else None
         )
         servers.load()
-        self._keeper = LeaseKeeper(Connector(self.config, servers), on_lost=self._on_lost)
+        connector = Connector(
+            self.config, servers, holdoff_path=state / "auth-holdoff.json" if writable else None
+        )
+        self._keeper = LeaseKeeper(connector, on_lost=self._on_lost)
         try:
             held, self.reply = await self._keeper.checkout(
                 self.product, self.version, user=self.user, wait_s=self.wait_s

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from metering_client.config import ClientConfig, token_stamp
@@ -30,6 +32,7 @@ from metering_protocol.errors import (
     MeteringError,
     Unavailable,
 )
+from metering_runtime.durable import write_atomic
 from metering_runtime.logs import get_logger
 from metering_runtime.tokens import TokenFileError, require_token_file
 
@@ -100,7 +103,11 @@ class Connector:
         rand: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        holdoff_path: Path | None = None,
     ):
+        """`holdoff_path`: where the auth hold-off is kept for the next process (the agent's
+        and `run`'s state dir), so that a refused credential is not tried again by every
+        `metering-client run` for `auth_holdoff_s`."""
         self.config = config
         self.servers = servers
         self._subscribers: list[EventCallback] = []
@@ -112,6 +119,8 @@ class Connector:
             RetrySettings(s.retries, s.retry_interval_ms, s.backoff_max_ms), self.rand.random
         )
         self.holdoff = AuthHoldoff(s.auth_holdoff_s)
+        self._holdoff_path = holdoff_path
+        self._load_holdoff()
         self.ssl_context: ssl.SSLContext | None = None
         if config.tls_ca_file is not None:
             self.ssl_context = ssl.create_default_context(cafile=str(config.tls_ca_file))
@@ -180,9 +189,35 @@ class Connector:
         return self.config.user, token, token_stamp(self.config.token_file)
 
     def check_holdoff(self) -> None:
+        held = self.holdoff.active_error is not None
         blocked = self.holdoff.blocked(self.clock(), token_stamp(self.config.token_file))
         if blocked is not None:
             raise blocked
+        if held:  # lifted: by time or by a new token file
+            self._save_holdoff()
+
+    def _load_holdoff(self) -> None:
+        path = self._holdoff_path
+        if path is None:
+            return
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # none kept, or unreadable: at worst one attempt more
+            return
+        self.holdoff.load(data, self.clock(), time.time())
+
+    def _save_holdoff(self) -> None:
+        path = self._holdoff_path
+        if path is None:
+            return
+        data = self.holdoff.dump(self.clock(), time.time())
+        try:
+            if data is None:
+                path.unlink(missing_ok=True)
+            else:
+                write_atomic(path, (json.dumps(data) + "\n").encode("utf-8"))
+        except OSError as exc:
+            log.warning("auth_holdoff_not_saved", path=str(path), error=str(exc))
 
     async def connect(
         self, *, avoid: str | None = None, passes: int | None = None
@@ -253,6 +288,7 @@ class Connector:
         except AUTH_TERMINAL as exc:
             await client.close()
             self.holdoff.record(exc, self.clock(), stamp)
+            self._save_holdoff()
             self.last_error = exc
             log.error(
                 "authentication_refused",
@@ -267,7 +303,9 @@ class Connector:
             await client.close()
             raise
         session = ServerSession(entry, client, hello)
-        self.holdoff.clear()
+        if self.holdoff.active_error is not None:
+            self.holdoff.clear()
+            self._save_holdoff()
         self.last_error = None
         self.learn_servers(hello.get("servers") or [], hello.get("servers_version"))
         log.info("connected", server=session.server, address=entry.address)

@@ -56,3 +56,32 @@ class AuthHoldoff:
 
     def clear(self) -> None:
         self._hold = None
+
+    # --- kept across processes: `metering-client run` without an agent is one process per
+    # program, and each would otherwise make its own attempt with a refused credential.
+    def dump(self, now: float, wall_now: float) -> dict[str, Any] | None:
+        """The hold in force as JSON data (its end in wall-clock seconds), or None."""
+        hold = self._hold
+        if hold is None or now >= hold.until:
+            return None
+        return {
+            "error": hold.error.to_wire(),
+            "until": wall_now + (hold.until - now),
+            "stamp": list(hold.stamp) if isinstance(hold.stamp, tuple) else hold.stamp,
+            "lifted_by_new_token": hold.lifted_by_new_token,
+        }
+
+    def load(self, data: Any, now: float, wall_now: float) -> None:
+        """Take up a hold `dump` wrote (in another process); anything malformed is ignored:
+        at worst one attempt more."""
+        try:
+            error = MeteringError.from_wire(data["error"])
+            until = now + (float(data["until"]) - wall_now)
+            stamp = data["stamp"]
+            lifted = bool(data["lifted_by_new_token"])
+        except (KeyError, TypeError, ValueError):
+            return
+        if not isinstance(error, AuthFailed | LockedOut) or until <= now:
+            return
+        stamp = tuple(stamp) if isinstance(stamp, list) else stamp
+        self._hold = _Hold(error, min(until, now + max(self.holdoff_s, 86400.0)), stamp, lifted)

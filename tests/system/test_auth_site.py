@@ -259,6 +259,43 @@ def test_wrong_token_makes_one_hello_per_holdoff_across_the_site(tmp_path, sockd
         assert "wrong-token" not in srv.text() and "right-token" not in srv.text()
 
 
+def test_run_without_an_agent_keeps_the_holdoff_for_the_next_run(tmp_path, sockdir):
+    """Each `metering-client run` without an agent is a process of its own; the hold-off
+    lived in the process, so every run (a cron job, a script in a loop) made its own hello
+    with a refused credential.  It is kept in the state dir now: one hello for the lot,
+    until the token file changes."""
+    site = Site(
+        tmp_path,
+        {"ws-agent": (["agent"], "right-token")},
+        auth={"lockout_threshold": 20, "security_log_window_s": 60.0},
+    )
+    token = write_token(tmp_path / "token", "wrong-token")
+    cfg = client_config(
+        tmp_path / "direct",
+        site.addresses,
+        user="ws-agent",
+        token=token,
+        sock=sockdir / "no-agent.sock",  # nobody listens: `run` goes to the servers
+        auth_holdoff_s=600.0,
+    )
+    try:
+        site.start()
+        runs = [run_client(cfg, "run", *PRODUCT, "--", "true") for _ in range(5)]
+        for r in runs:
+            assert r.returncode == 77, (r.returncode, r.stderr)
+            assert "auth_failed" in one_line(r.stderr), r.stderr
+        assert all("not retrying this credential" in one_line(r.stderr) for r in runs[1:])
+        replace_token(token, "right-token")  # an admin fixes it: the next run goes through
+        ok = run_client(cfg, "run", *PRODUCT, "--", "sh", "-c", "exit 5")
+        assert ok.returncode == 5, ok.stderr
+        assert site.stop() == [0, 0, 0]
+    finally:
+        site.close()
+    per_server = [site.security_lines(srv) for srv in site.servers]
+    hellos = [attempts(lines, "auth_failed", "ws-agent") for lines in per_server]
+    assert sum(hellos) == 1, hellos
+
+
 # --- lockout across servers ---------------------------------------------------------------------
 async def try_hello(address: str, token: str) -> dict[str, Any]:
     c = await ProtocolClient.connect(address, timeout=5)
