@@ -689,30 +689,27 @@ class PostgresStore(LeaseStore):
                         return GrantOutcome(True, in_use, lease, reclaimed=True)
                     if verdict is Reclaim.DROP_EXPIRED:
                         await self._delete(db, held.lease)
-            if req.waiter is not None:
-                owner = await db.fetchval("SELECT server FROM waiters WHERE id = $1", req.waiter)
-                if owner != req.server:
-                    # Answered, dropped, or re-attached by a retry of the same checkout:
-                    # whoever holds the entry now serves it, never this waiter.  A lease that
-                    # retry got is this attempt's answer too (as for any retry of the key).
-                    in_use = await self._count(db, pool.key, req.now)
-                    if req.idempotency_key is not None:
-                        ident = (req.principal, req.client, req.idempotency_key)
-                        earlier = (await self._by_keys(db, [req])).get(ident)
-                        if earlier is not None and is_live(earlier.expires_at, req.now):
-                            return GrantOutcome(True, in_use, earlier, replayed=True)
-                    return GrantOutcome(False, in_use, queued_ahead=1, superseded=True)
+            # A waiter whose entry was answered, dropped, or re-attached by a retry of the
+            # same checkout: whoever holds the entry now serves it, never this waiter.  A
+            # lease that retry got is this attempt's answer too (as for any retry of the key).
+            superseded = req.waiter is not None and req.server != await db.fetchval(
+                "SELECT server FROM waiters WHERE id = $1", req.waiter
+            )
             if req.idempotency_key is not None:
                 ident = (req.principal, req.client, req.idempotency_key)
                 earlier = (await self._by_keys(db, [req])).get(ident)
                 if earlier is not None and is_live(earlier.expires_at, req.now):
-                    lease = await self._renew_row(db, earlier, req.server, req.now, req.ttl_s)
-                    if req.waiter is not None:
-                        await db.execute("DELETE FROM waiters WHERE id = $1", req.waiter)
+                    if not superseded:
+                        earlier = await self._renew_row(db, earlier, req.server, req.now, req.ttl_s)
+                        if req.waiter is not None:
+                            await db.execute("DELETE FROM waiters WHERE id = $1", req.waiter)
                     in_use = await self._count(db, pool.key, req.now)
-                    return GrantOutcome(True, in_use, lease, replayed=True)
-                if earlier is not None:  # expired: the key may make a new lease
+                    return GrantOutcome(True, in_use, earlier, replayed=True)
+                if earlier is not None and not superseded:  # expired: may make a new lease
                     await self._delete(db, earlier.lease)
+            if superseded:
+                in_use = await self._count(db, pool.key, req.now)
+                return GrantOutcome(False, in_use, queued_ahead=1, superseded=True)
             counts = await self._counts(db, [req])
             in_use, ahead = counts[0][pool.key], counts[1][pool.key]
             if ahead:

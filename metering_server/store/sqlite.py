@@ -796,26 +796,26 @@ class SQLiteStore(LeaseStore):
                         return GrantOutcome(True, in_use, lease, reclaimed=True)
                     if verdict is Reclaim.DROP_EXPIRED:
                         self._delete(db, held.lease)
-            if req.waiter is not None and not self._entry_is_mine(db, req.waiter, req.server):
-                # Answered, dropped, or re-attached by a retry of the same checkout: whoever
-                # holds the entry now serves it, never this waiter.  A lease that retry got
-                # is this attempt's answer too (as it is for any retry of the key).
-                in_use = self._count(db, pool.key, req.now)
-                if req.idempotency_key is not None:
-                    earlier = self._by_key(db, req.principal, req.client, req.idempotency_key)
-                    if earlier is not None and is_live(earlier.expires_at, req.now):
-                        return GrantOutcome(True, in_use, earlier, replayed=True)
-                return GrantOutcome(False, in_use, queued_ahead=1, superseded=True)
+            # A waiter whose entry was answered, dropped, or re-attached by a retry of the
+            # same checkout: whoever holds the entry now serves it, never this waiter.  A
+            # lease that retry got is this attempt's answer too (as for any retry of the key).
+            superseded = req.waiter is not None and not self._entry_is_mine(
+                db, req.waiter, req.server
+            )
             if req.idempotency_key is not None:
                 earlier = self._by_key(db, req.principal, req.client, req.idempotency_key)
                 if earlier is not None and is_live(earlier.expires_at, req.now):
-                    lease = self._renew_row(db, earlier, req.server, req.now, req.ttl_s)
-                    if req.waiter is not None:
-                        db.execute("DELETE FROM waiters WHERE id = ?", (req.waiter,))
+                    if not superseded:
+                        earlier = self._renew_row(db, earlier, req.server, req.now, req.ttl_s)
+                        if req.waiter is not None:
+                            db.execute("DELETE FROM waiters WHERE id = ?", (req.waiter,))
                     in_use = self._count(db, pool.key, req.now)
-                    return GrantOutcome(True, in_use, lease, replayed=True)
-                if earlier is not None:  # expired: the key may make a new lease
+                    return GrantOutcome(True, in_use, earlier, replayed=True)
+                if earlier is not None and not superseded:  # expired: may make a new lease
                     self._delete(db, earlier.lease)
+            if superseded:
+                in_use = self._count(db, pool.key, req.now)
+                return GrantOutcome(False, in_use, queued_ahead=1, superseded=True)
             in_use, ahead = self._count_and_ahead(db, pool.key, req.now, req.waiter, req.live_since)
             if ahead:
                 return GrantOutcome(False, in_use, queued_ahead=ahead)
