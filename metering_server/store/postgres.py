@@ -726,7 +726,7 @@ class PostgresStore(LeaseStore):
         outcome = await self._run("grant", grant)
         self._in_use_seen[req.pool.key] = outcome.in_use
         if outcome.lease is not None:
-            self._remember(outcome.lease)
+            self._remember(outcome.lease.lease, outcome.lease.pool_key)
         return outcome
 
     async def _grant_fresh(self, reqs: list[GrantRequest]) -> list[GrantOutcome]:
@@ -785,7 +785,7 @@ class PostgresStore(LeaseStore):
         for req, outcome in zip(reqs, outcomes, strict=True):
             self._in_use_seen[req.pool.key] = outcome.in_use
             if outcome.lease is not None:
-                self._remember(outcome.lease)
+                self._remember(outcome.lease.lease, outcome.lease.pool_key)
         return outcomes
 
     @staticmethod
@@ -826,8 +826,10 @@ class PostgresStore(LeaseStore):
             held = await self._lock_rows(db, [req.reclaim for req in reqs if req.reclaim])
             out: list[GrantOutcome | None] = []
             renewed: dict[str, LeaseRecord] = {}
+            current = self.effective_now(0.0)  # after the locks: as it commits
             for req in reqs:
-                req = msgspec.structs.replace(req, now=self.effective_now(req.now))
+                if req.now < current:
+                    req = msgspec.structs.replace(req, now=current)
                 lease = held.get(req.reclaim or "")
                 if (
                     lease is None
@@ -863,7 +865,7 @@ class PostgresStore(LeaseStore):
         outcomes = await self._run("reclaim", renew, locks=locks, shared=True)
         for outcome in outcomes:
             if outcome is not None and outcome.lease is not None:
-                self._remember(outcome.lease)
+                self._remember(outcome.lease.lease, outcome.lease.pool_key)
         return outcomes
 
     @staticmethod
@@ -946,8 +948,10 @@ class PostgresStore(LeaseStore):
                 await self._share_pools(db, named)
             # lease -> principal -> client -> [first now, last now, its expiry, its server]
             asks: dict[str, dict[str, dict[str, list[Any]]]] = {}
+            current = self.effective_now(0.0)  # after the locks: as it commits
             for b in beats:
-                b = b._replace(now=self.effective_now(b.now))  # after the locks: as it commits
+                if b.now < current:
+                    b = b._replace(now=current)
                 expires = lease_expiry(b.now, b.ttl_s)
                 for lease in b.leases:
                     by_client = asks.setdefault(lease, {}).setdefault(b.principal, {})
@@ -985,10 +989,10 @@ class PostgresStore(LeaseStore):
             "renew", renew_all, urgent=True, locks=locks if known else (), shared=True
         )
 
-    def _remember(self, lease: LeaseRecord) -> None:
-        """`lease`'s pool in `_pool_of`, which keeps the most recent entries."""
-        self._pool_of[lease.lease] = lease.pool_key
-        self._pool_of.move_to_end(lease.lease)
+    def _remember(self, lease: str, pool: tuple[str, str]) -> None:
+        """`lease`'s pool in `_pool_of`, which keeps the most recent POOL_OF_MAX."""
+        self._pool_of[lease] = pool
+        self._pool_of.move_to_end(lease)
         if len(self._pool_of) > POOL_OF_MAX:
             self._pool_of.popitem(last=False)
 
@@ -1007,7 +1011,7 @@ class PostgresStore(LeaseStore):
             leases,
         )
         for lease, product, version in rows:
-            self._pool_of[lease] = (product, version)
+            self._remember(lease, (product, version))
         keys = sorted({_pool_lock((row[1], row[2])) for row in rows})
         if keys:
             await db.execute(

@@ -24,6 +24,7 @@ from metering_server.cli import main as server_main
 from metering_server.config import build_server_config, load_server_config
 from metering_server.licensing import Pool
 from metering_server.store import StoreSettings, open_store
+from metering_server.store import postgres as postgres_store
 from metering_server.store.base import StoreUnavailable, StoreUnusable
 from metering_server.store.migrations_pg import LATEST, MIGRATIONS, migrate
 from metering_server.store.postgres import PostgresStore, redact
@@ -466,3 +467,16 @@ def test_running_tests_as_root_keeps_postgres_unprivileged(pg_cluster):
     status = Path(f"/proc/{pg_cluster.proc.pid}/status").read_text()
     uid = next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
     assert uid != "0"
+
+
+@pytest.mark.asyncio
+async def test_the_lease_pool_cache_stays_within_its_bound(pg_site, monkeypatch):
+    """The pools a heartbeat looks up (leases another server granted) go through the same
+    bound as the ones this server granted: they were once added past it."""
+    monkeypatch.setattr(postgres_store, "POOL_OF_MAX", 2)
+    pool = Pool("CAD", "1", 10, "enforce")
+    async with opened(pg_site.new_store()) as a, opened(pg_site.new_store()) as b:
+        leases = [(await b.grant(req(pool, ALICE, now=T0))).lease.lease for _ in range(4)]
+        out = await a.renew(leases, *ALICE, "srv-a", T0 + 1, 10.0)  # a looks them up
+        assert out.renewed == leases
+        assert len(a._pool_of) <= 2 and len(b._pool_of) <= 2
