@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
 import pytest
@@ -14,7 +13,8 @@ from metering_client.keeper import LeaseKeeper
 from metering_client.serverlist import ServerList
 from metering_protocol.errors import MeteringError
 from tests.conftest import hello
-from tests.support import async_wait_until, write_token
+from tests.integration.test_site_consistency import keeper_for
+from tests.support import async_wait_until, bind_tcp, write_token
 
 PRODUCTS = [{"name": "A", "version": "1", "seats": 1}]
 
@@ -76,33 +76,16 @@ async def test_requests_waiting_for_a_server_share_one_bounded_attempt(tmp_path)
     """Requests that come while the keeper connects share that attempt's outcome.  Each
     used to make its own bounded attempt after the one before failed: four programs asking
     at once through an agent with no server answering waited up to four times T_max."""
-    dark = []
-    for _ in range(2):  # accepted by the kernel, never answered: each hello times out
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(16)
-        dark.append(sock)
-    config = build_client_config(
-        {
-            "client": {
-                "name": "ws-1",
-                "user": "ws",
-                "token_file": str(write_token(tmp_path / "token", "secret-ws")),
-                "state_dir": str(tmp_path / "state"),
-            },
-            "servers": {
-                "list": [f"tcp://127.0.0.1:{s.getsockname()[1]}" for s in dark],
-                "retries": 2,
-                "retry_interval_ms": 50,
-                "backoff_max_ms": 100,
-                "connect_timeout_ms": 200,
-                "request_timeout_ms": 200,
-            },
-        },
-        tmp_path / "client.toml",
+    dark = [bind_tcp() for _ in range(2)]  # accepted by the kernel, hellos never answered
+    keeper = keeper_for(
+        tmp_path,
+        [f"tcp://127.0.0.1:{s.getsockname()[1]}" for s in dark],
+        retry_interval_ms=50,
+        backoff_max_ms=100,
+        connect_timeout_ms=200,
+        request_timeout_ms=200,
     )
     t_max = 2 * 2 * (0.2 + 0.2) + 0.05  # docs/operations.md, "Bounded retries"
-    keeper = LeaseKeeper(Connector(config, ServerList(config.servers.addresses, None)))
     try:
         started = time.monotonic()
         outcomes = await asyncio.gather(
