@@ -177,8 +177,12 @@ class SeatService:
         if outcome.granted:
             return
         if outcome.revoked:
-            assert req.reclaim is not None
-            raise LeaseRevoked(f"lease {req.reclaim} was revoked by an administrator")
+            if req.reclaim is not None:
+                raise LeaseRevoked(f"lease {req.reclaim} was revoked by an administrator")
+            raise LeaseRevoked(
+                "the lease an earlier attempt of this checkout (same idempotency_key) was "
+                "granted was revoked by an administrator"
+            )
         if not may_wait:
             raise self._deny(holder, pool, req, outcome.in_use)
 

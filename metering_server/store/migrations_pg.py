@@ -135,6 +135,15 @@ CREATE INDEX usage_ended ON usage (ended_at, started_at);
 CREATE INDEX usage_pool_ended ON usage (pool_product, ended_at);
 """,
     ),
+    Migration(
+        4,
+        "a revoked lease keeps its checkout's idempotency key: a retry hears `revoked`",
+        """
+ALTER TABLE revoked ADD COLUMN idempotency_key text;
+CREATE INDEX revoked_idempotency ON revoked (principal, client, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+""",
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -707,6 +707,12 @@ class PostgresStore(LeaseStore):
                     return GrantOutcome(True, in_use, earlier, replayed=True)
                 if earlier is not None and not superseded:  # expired: may make a new lease
                     await self._delete(db, earlier.lease)
+                elif earlier is None and not superseded and await self._revoked_keys(db, [req]):
+                    if req.waiter is not None:
+                        await db.execute("DELETE FROM waiters WHERE id = $1", req.waiter)
+                    return GrantOutcome(
+                        False, await self._count(db, pool.key, req.now), revoked=True
+                    )
             if superseded:
                 in_use = await self._count(db, pool.key, req.now)
                 return GrantOutcome(False, in_use, queued_ahead=1, superseded=True)
@@ -746,7 +752,11 @@ class PostgresStore(LeaseStore):
         async def grant_all(db: asyncpg.Connection) -> list[GrantOutcome]:
             first = [min((r for r in reqs if r.pool.key == key), key=_now) for key in pools]
             in_use, ahead = await self._counts(db, first)
-            earlier = await self._by_keys(db, [r for r in reqs if r.idempotency_key is not None])
+            keyed = [r for r in reqs if r.idempotency_key is not None]
+            earlier = await self._by_keys(db, keyed)
+            revoked = await self._revoked_keys(
+                db, [r for r in keyed if (r.principal, r.client, r.idempotency_key) not in earlier]
+            )
             out: list[GrantOutcome] = []
             made: list[tuple[LeaseRecord, str | None]] = []
             new_ids: set[str] = set()
@@ -763,6 +773,9 @@ class PostgresStore(LeaseStore):
                 if held is not None:  # expired: the key may make a new lease
                     await self._delete(db, held.lease)
                     del earlier[ident]
+                elif ident in revoked:  # the lease an earlier attempt made was revoked
+                    out.append(GrantOutcome(False, in_use[key], revoked=True))
+                    continue
                 if ahead[key]:
                     out.append(GrantOutcome(False, in_use[key], queued_ahead=ahead[key]))
                     continue
@@ -808,6 +821,24 @@ class PostgresStore(LeaseStore):
         return {
             (row["principal"], row["client"], row["idempotency_key"]): _record(row) for row in rows
         }
+
+    @staticmethod
+    async def _revoked_keys(
+        db: asyncpg.Connection, reqs: list[GrantRequest]
+    ) -> set[tuple[str, str, str | None]]:
+        """Which of these checkouts' earlier attempts made a lease that was revoked since:
+        a retry whose reply was lost must hear `revoked`, not get a fresh seat."""
+        if not reqs:
+            return set()
+        rows = await db.fetch(
+            "SELECT principal, client, idempotency_key FROM revoked "
+            "WHERE (principal, client, idempotency_key) IN "
+            "(SELECT * FROM unnest($1::text[], $2::text[], $3::text[]))",
+            [r.principal for r in reqs],
+            [r.client for r in reqs],
+            [r.idempotency_key for r in reqs],
+        )
+        return {(row["principal"], row["client"], row["idempotency_key"]) for row in rows}
 
     async def _renew_held(self, reqs: list[GrantRequest]) -> list[GrantOutcome | None]:
         """Reclaims of leases their holders still hold, renewed together: one transaction,
@@ -1092,26 +1123,35 @@ class PostgresStore(LeaseStore):
         self, lease: str, *, now: float | None = None, by: str | None = None
     ) -> LeaseRecord | None:
         async def revoke(db: asyncpg.Connection) -> LeaseRecord | None:
+            # Expired, not yet swept: already gone (the sweep reports it), left alone.
             row = await db.fetchrow(
-                f"DELETE FROM leases WHERE lease = $1 RETURNING {_COLUMNS}", lease
+                f"DELETE FROM leases WHERE lease = $1 AND expires_at > $2 "
+                f"RETURNING {_COLUMNS}, idempotency_key",
+                lease,
+                self.effective_now(judged),
             )
             if row is None:
                 return None
             held = _record(row)
+            # The checkout's idempotency key goes with it: a retry of that checkout (its
+            # reply lost) must hear `revoked`, not get a fresh seat.
             await db.execute(
-                "INSERT INTO revoked (lease, principal, client, revoked_at, by) "
-                "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (lease) DO UPDATE SET "
+                "INSERT INTO revoked (lease, principal, client, revoked_at, by, idempotency_key) "
+                "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (lease) DO UPDATE SET "
                 "principal = excluded.principal, client = excluded.client, "
-                "revoked_at = excluded.revoked_at, by = excluded.by",
+                "revoked_at = excluded.revoked_at, by = excluded.by, "
+                "idempotency_key = excluded.idempotency_key",
                 lease,
                 held.principal,
                 held.client,
-                now if now is not None else held.renewed_at,
+                judged,
                 by,
+                row["idempotency_key"],
             )
             await self._notify(db, [("revoked", lease), ("freed", _pool_text(held.pool_key))])
             return held
 
+        judged = now if now is not None else time.time()
         return await self._run("revoke", revoke)
 
     async def revoked_among(self, leases: list[str]) -> list[str]:

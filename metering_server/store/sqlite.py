@@ -176,6 +176,13 @@ END;
     """
 DROP INDEX leases_expiry;
 """,
+    # 6: a revoked lease keeps its checkout's idempotency key, so that a retry of that
+    # checkout (its reply lost) is refused `revoked` instead of granted a fresh seat.
+    """
+ALTER TABLE revoked ADD COLUMN idempotency_key TEXT;
+CREATE INDEX revoked_idempotency ON revoked (principal, client, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+""",
 ]
 
 # `licensing.is_live(expires_at, now)` in SQL, for filtering and counting; bind `now`.  A lease
@@ -813,6 +820,10 @@ class SQLiteStore(LeaseStore):
                     return GrantOutcome(True, in_use, earlier, replayed=True)
                 if earlier is not None and not superseded:  # expired: may make a new lease
                     self._delete(db, earlier.lease)
+                elif earlier is None and not superseded and self._key_was_revoked(db, req):
+                    if req.waiter is not None:
+                        db.execute("DELETE FROM waiters WHERE id = ?", (req.waiter,))
+                    return GrantOutcome(False, self._count(db, pool.key, req.now), revoked=True)
             if superseded:
                 in_use = self._count(db, pool.key, req.now)
                 return GrantOutcome(False, in_use, queued_ahead=1, superseded=True)
@@ -884,6 +895,17 @@ class SQLiteStore(LeaseStore):
             db.execute(
                 "SELECT 1 FROM revoked WHERE lease = ? AND principal = ? AND client = ?",
                 (lease, principal, client),
+            ).fetchone()
+            is not None
+        )
+
+    @staticmethod
+    def _key_was_revoked(db: sqlite3.Connection, req: GrantRequest) -> bool:
+        """Whether the lease an earlier attempt of this checkout made was revoked."""
+        return (
+            db.execute(
+                "SELECT 1 FROM revoked WHERE principal = ? AND client = ? AND idempotency_key = ?",
+                (req.principal, req.client, req.idempotency_key),
             ).fetchone()
             is not None
         )
@@ -963,14 +985,21 @@ class SQLiteStore(LeaseStore):
     ) -> LeaseRecord | None:
         def revoke(db: sqlite3.Connection) -> LeaseRecord | None:
             held = self._get(db, lease)
-            if held is not None:
-                self._delete(db, lease)
-                db.execute(
-                    "INSERT OR REPLACE INTO revoked (lease, principal, client, revoked_at, by) "
-                    "VALUES (?,?,?,?,?)",
-                    (lease, held.principal, held.client, now or held.renewed_at, by),
-                )
+            if held is None or not is_live(held.expires_at, self.effective_now(judged)):
+                return None  # expired, not yet swept: already gone (the sweep reports it)
+            # The lease's idempotency key goes with it: a retry of the checkout that made
+            # it (its reply lost) must hear `revoked`, not get a fresh seat.
+            db.execute(
+                "INSERT OR REPLACE INTO revoked "
+                "(lease, principal, client, revoked_at, by, idempotency_key) "
+                "SELECT lease, principal, client, ?, ?, idempotency_key FROM leases "
+                "WHERE lease = ?",
+                (judged, by, lease),
+            )
+            self._delete(db, lease)
             return held
+
+        judged = now if now is not None else time.time()
 
         return await self._write(revoke)
 

@@ -180,6 +180,31 @@ async def test_a_checkout_whose_reply_was_lost_gets_the_same_lease_on_the_other_
         await proxy.close()
 
 
+@pytest.mark.asyncio
+async def test_a_retried_checkout_whose_lease_was_revoked_meanwhile_hears_revoked(make_server):
+    """The reply to a checkout was lost with srv-a, an admin revoked the lease through srv-b,
+    then the client's retry (same key) reached srv-b: the revoke stands, no fresh seat."""
+    a = await make_server(name="srv-a", products=PRODUCTS, credentials=CREDS)
+    b = await make_server(name="srv-b", products=PRODUCTS, credentials=CREDS)
+    first = await hello(a.address("tcp"), client="ws-1", user="ws", token="secret-ws")
+    ask = {"product": "A", "version": "1", "idempotency_key": "K-lost"}
+    lease = (await first.request("checkout", timeout=5, **ask))["lease"]
+    await first.close()
+    boss = await admin(b)
+    await boss.request("revoke", timeout=5, lease=lease)
+    await boss.close()
+    retry = await hello(b.address("tcp"), client="ws-1", user="ws", token="secret-ws")
+    try:
+        with pytest.raises(LeaseRevoked):
+            await retry.request("checkout", timeout=5, **ask)
+        assert await leases(b) == []
+        # a new checkout (a new key) is served as usual
+        fresh = await retry.request("checkout", timeout=5, product="A", version="1")
+        assert await leases(b) == [fresh["lease"]]
+    finally:
+        await retry.close()
+
+
 async def wait_checkout(c: ProtocolClient, **fields: Any) -> asyncio.Future:
     rid = c.next_id()
     return c.send("checkout", rid, product="A", version="1", wait_s=30, **fields)

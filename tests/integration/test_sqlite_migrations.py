@@ -131,4 +131,20 @@ async def test_a_version_4_database_loses_the_expiry_index_and_still_sweeps(tmp_
         plan = [r[3] for r in db.execute(f"EXPLAIN QUERY PLAN {_EXPIRED_LEASES}", (T0,))]
         assert any("leases USING INDEX leases_pool" in step for step in plan), plan
         assert not any(step.startswith("SCAN leases") for step in plan), plan
-    assert version_of(path) == len(MIGRATIONS) == 5
+    assert version_of(path) == len(MIGRATIONS)
+
+
+async def test_a_version_5_database_keeps_its_revokes_and_remembers_keys_from_then_on(tmp_path):
+    """Migration 6 adds the revoked lease's idempotency key; revokes made before it (no key)
+    still refuse their reclaims."""
+    path = tmp_path / "v5.db"
+    db = database_at(path, 5)
+    db.execute("INSERT INTO revoked VALUES ('Lold', 'alice', 'ws-1', ?, 'boss')", (T0,))
+    db.close()
+    async with opened(SQLiteStore(path)) as store:
+        assert await store.revoked_among(["Lold", "Lother"]) == ["Lold"]
+    with sqlite3.connect(path) as db:
+        columns = [r[1] for r in db.execute("PRAGMA table_info(revoked)")]
+        assert columns[-1] == "idempotency_key"
+        assert db.execute("SELECT idempotency_key FROM revoked").fetchall() == [(None,)]
+    assert version_of(path) == len(MIGRATIONS)

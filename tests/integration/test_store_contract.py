@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import msgspec
 import pytest
 
 from metering_protocol.errors import LeaseNotFound
@@ -232,15 +233,42 @@ async def test_release_of_an_expired_not_swept_lease_is_none_and_drops_it(store)
         await store.release(bobs.lease, *ALICE, T0 + TTL + 1)
 
 
-async def test_revoke_removes_any_lease_once(store):
+async def test_revoke_removes_any_live_lease_once(store):
     rec = await granted(store, req(who=("bob", "ws-1"), now=T0))
-    old = await granted(store, req(now=T0 - TTL))  # expired, not swept
-    assert await store.revoke(rec.lease) == rec
-    assert await store.revoke(rec.lease) is None
-    assert await store.revoke("L-unknown") is None
-    assert await store.revoke(old.lease) == old
-    assert await store.in_use(T0) == {}
-    assert await store.expire(T0) == []
+    assert await store.revoke(rec.lease, now=T0 + 1) == rec
+    assert await store.revoke(rec.lease, now=T0 + 1) is None
+    assert await store.revoke("L-unknown", now=T0 + 1) is None
+    assert await store.in_use(T0 + 1) == {}
+    assert await store.expire(T0 + 1) == []
+
+
+async def test_an_expired_lease_is_not_revoked_but_left_to_the_sweep(store):
+    """PROTOCOL.md: `lease_not_found` is "lease unknown or already expired/released" — an
+    expired lease the sweep has not reached yet included, as a checkin already treats it."""
+    old = await granted(store, req(now=T0 - TTL))
+    assert await store.revoke(old.lease, now=T0) is None
+    assert await store.expire(T0) == [old]
+    assert await store.revoked_among([old.lease]) == []
+
+
+async def test_a_retry_of_a_checkout_whose_lease_was_revoked_is_refused_revoked(store):
+    """The reply to a checkout is lost (its server died), an admin revokes the lease, the
+    client retries the checkout with the same key: it hears `revoked`, never a fresh seat."""
+    keyed = msgspec.structs.replace(req(now=T0), idempotency_key="K-1")
+    rec = await granted(store, keyed)
+    assert await store.revoke(rec.lease, now=T0 + 1, by="boss") == rec
+    retry = await store.grant(msgspec.structs.replace(keyed, now=T0 + 2))
+    assert (retry.granted, retry.revoked, retry.lease) == (False, True, None)
+    assert await store.in_use(T0 + 2) == {}
+    # Another checkout (another key, or none) of the same holder is a checkout like any other.
+    other = await store.grant(msgspec.structs.replace(keyed, now=T0 + 2, idempotency_key="K-2"))
+    assert other.granted and not other.revoked
+    # And the same for a retry that arrives with others in one batch.
+    again = await asyncio.gather(
+        store.grant(msgspec.structs.replace(keyed, now=T0 + 3)),
+        store.grant(req(who=("bob", "ws-2"), now=T0 + 3)),
+    )
+    assert [(o.granted, o.revoked) for o in again] == [(False, True), (True, False)]
 
 
 # --- expire ----------------------------------------------------------------------------------

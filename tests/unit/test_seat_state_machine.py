@@ -251,9 +251,14 @@ class SeatMachine(RuleBasedStateMachine):
     @rule(lease=leases, srv=stores)
     def revoke(self, lease: str, srv: int):
         rec = self.run(self.stores[srv].revoke(lease, now=self.now))
-        assert (rec is not None) == (lease in self.model)
-        if self.model.pop(lease, None) is not None:
+        held = self.model.get(lease)
+        live = held is not None and held.expires_at > self.now
+        assert (rec is not None) == live  # an expired lease is left to the sweep
+        if live:
+            del self.model[lease]
             self.revoked.add(lease)
+        elif held is not None:
+            event("revoke of an expired lease")
 
     @rule(lease=consumes(leases))
     def forget(self, lease: str):
