@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import msgspec
 
 from metering_protocol.errors import (
+    BadRequest,
     Cancelled,
     Denied,
     LeaseNotFound,
@@ -176,6 +177,12 @@ class SeatService:
         """Raise what a checkout the store did not grant hears, unless it is to wait."""
         if outcome.granted:
             return
+        if outcome.key_reused:
+            raise BadRequest(
+                f"idempotency_key {req.idempotency_key!r} already made a lease for another "
+                "product or version: a retry must repeat its checkout, a new checkout needs a "
+                "new key"
+            )
         if outcome.revoked:
             if req.reclaim is not None:
                 raise LeaseRevoked(f"lease {req.reclaim} was revoked by an administrator")

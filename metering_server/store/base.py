@@ -182,6 +182,16 @@ class GrantOutcome(msgspec.Struct, frozen=True):
     # Not granted to a waiter: its place in the queue is no longer this server's (a retry of
     # the same checkout took it over, here or on another server, or it was answered or dropped)
     superseded: bool = False
+    # Not granted: the idempotency key already made a lease for another product or version,
+    # so this is not a retry of that checkout (replaying it would hand out a seat of a
+    # product the caller did not ask for, whatever that product's count).
+    key_reused: bool = False
+
+
+def same_checkout(earlier: LeaseRecord, req: GrantRequest) -> bool:
+    """Whether the lease an idempotency key made answers this request: a retry repeats
+    its checkout's product and version."""
+    return earlier.product == req.product and earlier.version == req.version
 
 
 class RenewOutcome(msgspec.Struct, frozen=True):

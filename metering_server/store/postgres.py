@@ -85,6 +85,7 @@ from .base import (
     new_lease,
     not_held,
     renewed_lease,
+    same_checkout,
 )
 from .coalesce import Batches, KeyedReads
 from .migrations_pg import lock_key, migrate
@@ -698,6 +699,10 @@ class PostgresStore(LeaseStore):
             if req.idempotency_key is not None:
                 ident = (req.principal, req.client, req.idempotency_key)
                 earlier = (await self._by_keys(db, [req])).get(ident)
+                if earlier is not None and not same_checkout(earlier, req):
+                    return GrantOutcome(
+                        False, await self._count(db, pool.key, req.now), key_reused=True
+                    )
                 if earlier is not None and is_live(earlier.expires_at, req.now):
                     if not superseded:
                         earlier = await self._renew_row(db, earlier, req.server, req.now, req.ttl_s)
@@ -764,6 +769,9 @@ class PostgresStore(LeaseStore):
                 key = req.pool.key
                 ident = (req.principal, req.client, req.idempotency_key)
                 held = earlier.get(ident) if req.idempotency_key is not None else None
+                if held is not None and not same_checkout(held, req):
+                    out.append(GrantOutcome(False, in_use[key], key_reused=True))
+                    continue
                 if held is not None and is_live(held.expires_at, req.now):
                     if held.lease not in new_ids:  # not one this batch is about to insert
                         held = await self._renew_row(db, held, req.server, req.now, req.ttl_s)

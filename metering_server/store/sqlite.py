@@ -56,6 +56,7 @@ from .base import (
     new_lease,
     not_held,
     renewed_lease,
+    same_checkout,
 )
 from .worker import StoreThread
 
@@ -811,6 +812,8 @@ class SQLiteStore(LeaseStore):
             )
             if req.idempotency_key is not None:
                 earlier = self._by_key(db, req.principal, req.client, req.idempotency_key)
+                if earlier is not None and not same_checkout(earlier, req):
+                    return GrantOutcome(False, self._count(db, pool.key, req.now), key_reused=True)
                 if earlier is not None and is_live(earlier.expires_at, req.now):
                     if not superseded:
                         earlier = self._renew_row(db, earlier, req.server, req.now, req.ttl_s)

@@ -12,6 +12,7 @@ import pytest_asyncio
 
 from metering_protocol.client import ProtocolClient
 from metering_protocol.errors import (
+    BadRequest,
     ConnectionLost,
     Denied,
     Forbidden,
@@ -160,6 +161,25 @@ async def test_enforce_and_meter_pools_side_by_side(make_server, connect):
         await checkout(c, product="HARD", version="1")
     await checkout(c, product="SOFT", version="1")
     assert (await checkout(c, product="SOFT", version="1"))["overuse"] is True
+
+
+@pytest.mark.asyncio
+async def test_an_idempotency_key_reused_for_another_product_is_refused(make_server, connect):
+    """A key names one checkout: reused for a full product it must not answer with the
+    lease it made for another (a seat of HARD for a request of SOFT, or the reverse)."""
+    server = await make_server(
+        products=[
+            {"name": "HARD", "version": "1", "seats": 1, "mode": "enforce"},
+            {"name": "OTHER", "version": "1", "seats": 1, "mode": "enforce"},
+        ]
+    )
+    alice, bob = await connect(server, "ws-a"), await connect(server, "ws-b")
+    await checkout(alice, product="HARD", version="1")
+    made = await checkout(bob, product="OTHER", version="1", idempotency_key="k1")
+    with pytest.raises(BadRequest, match="idempotency_key"):
+        await checkout(bob, product="HARD", version="1", idempotency_key="k1")
+    again = await checkout(bob, product="OTHER", version="1", idempotency_key="k1")
+    assert again["lease"] == made["lease"]
 
 
 @pytest.mark.asyncio

@@ -437,3 +437,24 @@ async def test_lockout_counts_locks_and_is_shared(store_site):
         await one.clear_auth_failures(["p:alice"], T0 + 2 + 300.0, POLICY)
         assert await two.auth_states(keys) == {}
         await one.clear_auth_failures(["p:never-failed"], T0, POLICY)  # nothing to forget
+
+
+async def test_a_key_that_made_a_lease_of_another_product_is_not_a_retry(store):
+    """Replaying the key's lease would hand out a seat of the product it was made for,
+    whatever that product's count: the request is refused (`key_reused`), alone and in a
+    batch, and the key's own lease is left as it was."""
+    keyed = msgspec.structs.replace(req(now=T0), idempotency_key="K-1")
+    rec = await granted(store, keyed)
+    for other in (
+        msgspec.structs.replace(req(METER, now=T0 + 1), idempotency_key="K-1"),
+        msgspec.structs.replace(keyed, now=T0 + 1, version="5.00"),
+    ):
+        out = await store.grant(other)
+        assert (out.granted, out.key_reused, out.lease) == (False, True, None)
+        both = await asyncio.gather(
+            store.grant(other), store.grant(req(METER, who=("bob", "ws-2"), now=T0 + 1))
+        )
+        assert [(o.granted, o.key_reused) for o in both] == [(False, True), (True, False)]
+    assert await store.in_use(T0 + 1) == {ENFORCE.key: 1, METER.key: 2}
+    again = await store.grant(msgspec.structs.replace(keyed, now=T0 + 2))
+    assert again.replayed and again.lease is not None and again.lease.lease == rec.lease
