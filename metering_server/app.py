@@ -32,7 +32,7 @@ from metering_runtime.tasks import TaskOwner
 from metering_server.auth.credentials import Credentials, CredentialsError
 from metering_server.auth.lockout import LockoutSettings
 from metering_server.authn import Authenticator
-from metering_server.config import ServerConfig, ServerSection, load_server_config
+from metering_server.config import ServerConfig, load_server_config
 from metering_server.events import EventBus
 from metering_server.handlers import Handlers, SiteView
 from metering_server.licensing import Catalogue, Pool
@@ -74,6 +74,31 @@ def site_view(config: ServerConfig) -> SiteView:
         lease_ttl_s=config.leases.ttl_s,
         servers_version=config.site_servers_version,
     )
+
+
+# [server] keys a reload applies: the connection limits, to connections opened after it (one
+# already open keeps the limits it was accepted under); max_waiters, sweep_interval_s,
+# drain_timeout_s and site at once.  The rest are used at start only: a reload that changes
+# them keeps the running value and reports `restart_required`.
+LIVE_LIMITS = (
+    "max_frame_bytes",
+    "max_connections",
+    "max_inflight",
+    "max_write_buffer_bytes",
+    "hello_timeout_s",
+    "idle_timeout_s",
+    "max_bad_frames_before_hello",
+)
+AT_START = (
+    "name",
+    "listen",
+    "state_dir",
+    "unix_socket_mode",
+    "tls_cert_file",
+    "tls_key_file",
+    "log_format",
+    "log_level",
+)
 
 
 def limits_of(config: ServerConfig) -> Limits:
@@ -306,9 +331,8 @@ class MeteringServer:
 
     # --- periodic work -------------------------------------------------------------------------
     async def _sweep_loop(self) -> None:
-        interval = self.config.server.sweep_interval_s
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.config.server.sweep_interval_s)  # a reload may change it
             try:
                 await self.sweep()
             except asyncio.CancelledError:
@@ -361,25 +385,41 @@ class MeteringServer:
                 }
             if new.auth != old.auth:
                 changed["auth"] = "updated"
+            limits = [k for k in LIVE_LIMITS if getattr(new.server, k) != getattr(old.server, k)]
+            if limits:
+                changed["limits"] = {k: getattr(new.server, k) for k in limits}
             restart = [
                 k
                 for k, a, b in (
-                    ("server.listen", new.server.listen, old.server.listen),
+                    *(
+                        (f"server.{k}", getattr(new.server, k), getattr(old.server, k))
+                        for k in AT_START
+                    ),
                     ("store.url", new.store_url, old.store_url),
-                    ("server.name", new.server.name, old.server.name),
+                    ("store", new.store_settings, old.store_settings),
+                    ("metrics.listen", new.metrics.listen, old.metrics.listen),
                 )
                 if a != b
             ]
             if restart:
                 changed["restart_required"] = restart
-            # Keep what needs a restart as it is running now.
+            # Keep what needs a restart as it is running now, so that the running config
+            # says what runs (and a later reload compares against it).
             self.config = ServerConfig(
                 **{
                     **new.__dict__,
-                    "server": _keep(new.server, old.server),
+                    "server": msgspec.structs.replace(
+                        new.server, **{k: getattr(old.server, k) for k in AT_START}
+                    ),
                     "store_url": old.store_url,
+                    "store_settings": old.store_settings,
+                    "metrics": old.metrics,
+                    "state_dir": old.state_dir,
+                    "tls_cert": old.tls_cert,
+                    "tls_key": old.tls_key,
                 }
             )
+            self.endpoint.limits = limits_of(self.config)  # for connections opened from now on
             self._site = site_view(self.config)
             self.seats.reconfigure(catalogue_of(self.config), seat_settings(self.config), changed)
             self.authenticator.update(
@@ -423,10 +463,6 @@ def check_servers_version(new: ServerConfig, old: ServerConfig) -> None:
             f"[[site.servers]] changed but the version is still {was}: set it above {was}, "
             "the same on every server of the site",
         )
-
-
-def _keep(new: ServerSection, old: ServerSection) -> ServerSection:
-    return msgspec.structs.replace(new, listen=old.listen, name=old.name)
 
 
 def _redact(url: str) -> str:

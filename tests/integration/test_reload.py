@@ -1,0 +1,115 @@
+"""What a reload applies, to whom, and what it says it could not apply: an in-process server
+started from its config file, the file rewritten, `reload` asked over the wire."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from metering_protocol.errors import TooLarge
+from metering_server.app import MeteringServer
+from metering_server.config import load_server_config
+from tests.conftest import hello
+from tests.support import server_config, write_credentials, write_toml
+
+PRINCIPALS = {"ws": (["agent"], "secret-ws"), "ops": (["admin"], "secret-ops")}
+
+
+class Reloadable:
+    """One server and its config file; `rewrite(...)` changes the file, `reload()` applies it."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        write_credentials(root / "credentials.toml", PRINCIPALS)
+        self.server: MeteringServer | None = None
+
+    def write(self, **sections: Any) -> Path:
+        cfg = server_config(
+            name="srv-a",
+            listen=["tcp://127.0.0.1:0"],
+            state_dir=self.root,
+            store=self.root / "site.db",
+            **sections,
+        )
+        return write_toml(self.root / "server.toml", cfg)
+
+    async def start(self, **sections: Any) -> MeteringServer:
+        self.server = MeteringServer(load_server_config(self.write(**sections)))
+        await self.server.start()
+        return self.server
+
+    async def reload(self, **sections: Any) -> dict[str, Any]:
+        assert self.server is not None
+        self.write(**sections)
+        admin = await self.client("ops")
+        try:
+            return (await admin.request("reload", timeout=5))["changed"]
+        finally:
+            await admin.close()
+
+    async def client(self, user: str = "ws"):
+        assert self.server is not None
+        token = {"ws": "secret-ws", "ops": "secret-ops"}[user]
+        return await hello(self.server.address("tcp"), user=user, token=token)
+
+
+@pytest_asyncio.fixture
+async def reloadable(tmp_path: Path) -> AsyncIterator[Reloadable]:
+    r = Reloadable(tmp_path)
+    try:
+        yield r
+    finally:
+        if r.server is not None:
+            await r.server.shutdown(timeout=2.0)
+
+
+@pytest.mark.asyncio
+async def test_connection_limits_apply_to_connections_opened_after_the_reload(reloadable):
+    await reloadable.start()
+    before = await reloadable.client()
+    changed = await reloadable.reload(server={"max_frame_bytes": 1024})
+    assert changed["limits"] == {"max_frame_bytes": 1024}
+    assert "restart_required" not in changed
+    after = await reloadable.client()
+    padding = "x" * 2000
+    try:
+        # the connection accepted under the old limits keeps them
+        await before.request("health", timeout=5, padding=padding)
+        with pytest.raises((TooLarge, ConnectionError)):
+            await after.request("health", timeout=5, padding=padding)
+    finally:
+        for c in (before, after):
+            with contextlib.suppress(Exception):
+                await c.close()
+
+
+@pytest.mark.asyncio
+async def test_keys_used_only_at_start_are_reported_and_kept_as_running(reloadable):
+    server = await reloadable.start()
+    changed = await reloadable.reload(
+        server={"log_level": "warning", "unix_socket_mode": 0o600, "sweep_interval_s": 0.5},
+        metrics={"listen": "127.0.0.1:0"},
+    )
+    assert changed["restart_required"] == [
+        "server.unix_socket_mode",
+        "server.log_level",
+        "metrics.listen",
+    ]
+    # what runs is what the running config says; what a reload can apply is applied
+    assert server.config.server.log_level == "info"
+    assert server.config.server.unix_socket_mode == 0o666
+    assert server.config.metrics.listen is None
+    assert server.config.server.sweep_interval_s == 0.5
+    # and reloading the same file again finds only the same keys still waiting for a restart
+    again = await reloadable.reload(
+        server={"log_level": "warning", "unix_socket_mode": 0o600, "sweep_interval_s": 0.5},
+        metrics={"listen": "127.0.0.1:0"},
+    )
+    assert again == {
+        "restart_required": ["server.unix_socket_mode", "server.log_level", "metrics.listen"]
+    }
