@@ -430,6 +430,10 @@ class MeteringServer:
                 new.auth.spray_principals,
             )
             log.info("config_reloaded", changed=changed)
+            try:
+                await self.seats.settle_catalogue()
+            except Exception as exc:  # applied all the same: the sweep tries again
+                log.warning("repool_failed", error=str(exc))
             if "site_servers" in changed or "servers_version" in changed:
                 self.endpoint.push_all(
                     "servers",

@@ -111,10 +111,26 @@ class SeatService:
         self._holders: dict[str, Holder] = {}  # lease -> the local session that holds it
         self._pool_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._tasks = TaskOwner("seats")
+        self._repools_owed = 0  # passes of `repool` a reloaded catalogue still needs
 
     async def start(self) -> None:
         await self.store.touch_server(self.settings.server, self.clock(), self.settings.ttl_s)
         await self.store.listen(self._on_notice)
+        await self.repool()  # the catalogue may have changed while the server was down
+
+    async def repool(self) -> None:
+        """Count the store's leases against this catalogue's pools (`LeaseStore.repool`)."""
+        catalogue = self.catalogue
+
+        def resolve(product: str, version: str) -> tuple[str, str] | None:
+            try:
+                return catalogue.find(product, version).key
+            except UnknownProduct:
+                return None
+
+        moved = await self.store.repool(resolve)
+        if moved:
+            log.info("leases_repooled", leases=moved)
 
     def _on_notice(self, notice: tuple[str, str]) -> None:
         """Another server freed a seat or revoked a lease: act now, not at the next sweep."""
@@ -432,6 +448,7 @@ class SeatService:
         servers reach this one's holders and waiters (at most one sweep interval late)."""
         now = self.clock()
         await self.store.touch_server(self.settings.server, now, self.settings.ttl_s)
+        await self.settle_catalogue()
         for rec in await self.store.expire(now):
             log.info("lease_expired", lease=rec.lease, product=rec.product, user=rec.user)
             self.events.publish(ev.Expired(self.clock(), rec))
@@ -481,10 +498,21 @@ class SeatService:
             del self._holders[lease]
 
     def reconfigure(self, catalogue: Catalogue, settings: SeatSettings, changed: dict) -> None:
-        self.catalogue = catalogue
+        before, self.catalogue = self.catalogue, catalogue
         self.settings = settings
         self._waiters.max_waiters = settings.max_waiters
         self.events.publish(ev.ConfigReloaded(self.clock(), changed))
+        if catalogue.pools != before.pools:
+            # Leases granted under the old catalogue are counted against the new one's pools
+            # now (`settle_catalogue`), and once more at the next sweep for the grants that
+            # were already on their way to the store under the old one.
+            self._repools_owed = 2
+
+    async def settle_catalogue(self) -> None:
+        """The repools a reload left owed (`reconfigure`); one that fails is owed still."""
+        if self._repools_owed:
+            await self.repool()
+            self._repools_owed -= 1
 
     def drain(self) -> None:
         """Refuse new checkouts; every waiting one is answered `shutting_down`."""

@@ -390,6 +390,16 @@ class LeaseStore(abc.ABC):
     async def in_use(self, now: float) -> dict[tuple[str, str], int]:
         """Live leases at `now` per pool key; pools with none are left out."""
 
+    @abc.abstractmethod
+    async def repool(self, resolve: Callable[[str, str], tuple[str, str] | None]) -> int:
+        """Count every lease against the pool `resolve(product, version)` names for it now;
+        returns how many leases moved.  A reload (or a restart) can change which catalogue
+        entry a product's leases belong to — a name re-spelt, a version made "*" — and a
+        pool counts its own key's leases: without this the leases held under the old key
+        counted for nothing and the pool's seats were granted again.  `resolve` answers None
+        for a product the catalogue no longer has (its leases stay as they are); it is pure,
+        and may be called on the store's thread."""
+
     # --- authentication lockout, shared by every server on the store ---------------------
     @abc.abstractmethod
     async def auth_states(self, keys: list[str]) -> dict[str, FailureState]: ...

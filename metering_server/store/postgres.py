@@ -1239,6 +1239,41 @@ class PostgresStore(LeaseStore):
         self._in_use_seen = {key: counted.get(key, 0) for key in self._in_use_seen} | counted
         return counted
 
+    async def repool(self, resolve: Callable[[str, str], tuple[str, str] | None]) -> int:
+        async def repool(db: asyncpg.Connection) -> int:
+            rows = await db.fetch(
+                "SELECT DISTINCT pool_product, pool_version, product, version FROM leases"
+            )
+            moves = []
+            for pool_product, pool_version, product, version in rows:
+                key = resolve(product, version)
+                if key is not None and key != (pool_product, pool_version):
+                    moves.append(((pool_product, pool_version), product, version, key))
+            if not moves:
+                return 0
+            # Both pools' locks, as a grant takes them (lock-key order): a grant to either
+            # counts before the move or after it, never half-way.
+            keys = sorted({_pool_lock(k) for old, _, _, new in moves for k in (old, new)})
+            await db.execute("SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS k", keys)
+            moved = 0
+            for old, product, version, new in moves:
+                status = await db.execute(
+                    "UPDATE leases SET pool_product = $1, pool_version = $2 WHERE "
+                    "pool_product = $3 AND pool_version = $4 AND product = $5 AND version = $6",
+                    *new,
+                    *old,
+                    product,
+                    version,
+                )
+                moved += int(status.rsplit(" ", 1)[-1])
+            # Every server's lease -> pool cache (renewals' shared locks) forgets them.
+            await self._notify(db, [("repooled", "")])
+            return moved
+
+        moved = await self._run("repool", repool)
+        self._pool_of.clear()
+        return moved
+
     # --- the site-wide queue -------------------------------------------------------------------
     async def enqueue(self, entry: WaitEntry) -> Ticket:
         async def enqueue(db: asyncpg.Connection) -> Ticket:
@@ -1379,6 +1414,9 @@ class PostgresStore(LeaseStore):
     async def _listen_loop(self, on_notice: Callable[[Notice], None], ready: asyncio.Event) -> None:
         def deliver(_conn: object, _pid: int, _channel: str, payload: str) -> None:
             kind, origin, what = [*payload.split("\x1e", 2), "", ""][:3]
+            if kind == "repooled":  # leases moved between pools: the cache is stale
+                self._pool_of.clear()
+                return
             if origin == self._origin:
                 return  # our own change: the seat service acted on it already
             try:

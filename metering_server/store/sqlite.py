@@ -184,6 +184,18 @@ ALTER TABLE revoked ADD COLUMN idempotency_key TEXT;
 CREATE INDEX revoked_idempotency ON revoked (principal, client, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 """,
+    # 7: a lease may move to another pool (`repool`, after a catalogue change): its pool's
+    # row count goes with it.  Renewals do not set these columns, so they do not fire it.
+    """
+DROP TRIGGER leases_pool_unchanged;
+CREATE TRIGGER leases_pool_moved AFTER UPDATE OF pool_product, pool_version ON leases BEGIN
+    UPDATE pool_rows SET n = n - 1
+        WHERE pool_product = OLD.pool_product AND pool_version = OLD.pool_version;
+    INSERT INTO pool_rows (pool_product, pool_version, n)
+        VALUES (NEW.pool_product, NEW.pool_version, 1)
+        ON CONFLICT (pool_product, pool_version) DO UPDATE SET n = n + 1;
+END;
+""",
 ]
 
 # `licensing.is_live(expires_at, now)` in SQL, for filtering and counting; bind `now`.  A lease
@@ -1021,6 +1033,25 @@ class SQLiteStore(LeaseStore):
             return [x for x in leases if x in found]
 
         return await self._read(select)
+
+    async def repool(self, resolve: Callable[[str, str], tuple[str, str] | None]) -> int:
+        def repool(db: sqlite3.Connection) -> int:
+            moved = 0
+            rows = db.execute(
+                "SELECT DISTINCT pool_product, pool_version, product, version FROM leases"
+            ).fetchall()
+            for pool_product, pool_version, product, version in rows:
+                key = resolve(product, version)
+                if key is None or key == (pool_product, pool_version):
+                    continue
+                moved += db.execute(
+                    "UPDATE leases SET pool_product = ?, pool_version = ? WHERE "
+                    "pool_product = ? AND pool_version = ? AND product = ? AND version = ?",
+                    (*key, pool_product, pool_version, product, version),
+                ).rowcount
+            return moved
+
+        return await self._write(repool)
 
     # --- the site-wide queue ------------------------------------------------------------------
     async def enqueue(self, entry: WaitEntry) -> Ticket:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from metering_protocol.errors import TooLarge
+from metering_protocol.errors import Denied, TooLarge
 from metering_server.app import MeteringServer
 from metering_server.config import load_server_config
 from tests.conftest import hello
@@ -113,3 +113,57 @@ async def test_keys_used_only_at_start_are_reported_and_kept_as_running(reloadab
     assert again == {
         "restart_required": ["server.unix_socket_mode", "server.log_level", "metrics.listen"]
     }
+
+
+CLOCK = {"name": "CLOCK.EXE", "version": "4.00", "seats": 2, "mode": "enforce"}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "respelt",
+    [{**CLOCK, "name": "Clock.exe"}, {**CLOCK, "version": "*"}],
+    ids=["name-case", "version-star"],
+)
+async def test_a_reload_that_re_keys_a_pool_keeps_counting_its_held_leases(reloadable, respelt):
+    """Found by a campaign: the held leases stayed under the old pool key, counted for
+    nothing, and a 2-seat product was granted twice over."""
+    await reloadable.start(products=[CLOCK])
+    c = await reloadable.client()
+    try:
+        held = [
+            (await c.request("checkout", timeout=5, product="clock.exe", version="4.00"))["lease"]
+            for _ in range(2)
+        ]
+        changed = await reloadable.reload(products=[respelt])
+        assert "products" in changed
+        with pytest.raises(Denied):
+            await c.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00")
+        status = await c.request("status", timeout=5)
+        assert [(p["seats"], p["in_use"]) for p in status["products"]] == [(2, 2)]
+        # the holder's reclaim after a failover renews the lease it holds
+        back = await c.request(
+            "checkout", timeout=5, product="clock.exe", version="4.00", lease=held[0]
+        )
+        assert back["reclaimed"] is True and back["lease"] == held[0]
+        await c.request("checkin", timeout=5, lease=held[1])
+        await c.request("checkout", timeout=5, product="clock.exe", version="4.00")
+    finally:
+        await c.close()
+
+
+@pytest.mark.asyncio
+async def test_a_restart_with_a_re_keyed_pool_keeps_counting_its_held_leases(reloadable):
+    server = await reloadable.start(products=[CLOCK])
+    c = await reloadable.client()
+    for _ in range(2):
+        await c.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00")
+    await c.close()
+    await server.shutdown(timeout=2.0)
+    reloadable.server = None
+    await reloadable.start(products=[{**CLOCK, "name": "Clock.exe", "version": "*"}])
+    c = await reloadable.client()
+    try:
+        with pytest.raises(Denied):
+            await c.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00")
+    finally:
+        await c.close()

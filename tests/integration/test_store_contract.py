@@ -458,3 +458,35 @@ async def test_a_key_that_made_a_lease_of_another_product_is_not_a_retry(store):
     assert await store.in_use(T0 + 1) == {ENFORCE.key: 1, METER.key: 2}
     again = await store.grant(msgspec.structs.replace(keyed, now=T0 + 2))
     assert again.replayed and again.lease is not None and again.lease.lease == rec.lease
+
+
+async def test_repool_counts_held_leases_against_the_pool_that_now_covers_them(store):
+    """A catalogue change re-spells a pool (or makes its version "*"): the leases held under
+    the old key count against the new pool, for grants, renewals, checkins and the sweep."""
+    a = await granted(store, req(now=T0))
+    b = await granted(store, req(who=("bob", "ws-2"), now=T0))
+    other = await granted(store, req(METER, now=T0))
+    renamed = Pool("Clock.exe", "*", 2, "enforce")
+
+    def resolve(product: str, version: str) -> tuple[str, str] | None:
+        return renamed.key if product.upper() == "CLOCK.EXE" else None
+
+    assert await store.repool(resolve) == 2
+    assert await store.in_use(T0 + 1) == {renamed.key: 2, METER.key: 1}
+    full = await store.grant(req(renamed, who=("carol", "ws-3"), now=T0 + 1, version="4.00"))
+    assert (full.granted, full.in_use) == (False, 2)
+    # the holder's reclaim (what its agent sends after a failover) renews its lease
+    back = await store.grant(req(renamed, now=T0 + 2, reclaim=a.lease, version="4.00"))
+    assert back.reclaimed and back.lease is not None and back.lease.lease == a.lease
+    beat = await store.renew([b.lease], "bob", "ws-2", "srv-a", T0 + 2, TTL)
+    assert beat.renewed == [b.lease]
+    assert await store.repool(resolve) == 0
+    assert await store.release(b.lease, "bob", "ws-2", T0 + 3) is not None
+    again = await store.grant(req(renamed, who=("carol", "ws-3"), now=T0 + 3, version="4.00"))
+    assert again.granted and again.in_use == 2
+    assert {r.lease for r in await store.expire(T0 + 3 + TTL)} == {
+        a.lease,
+        again.lease.lease,
+        other.lease,
+    }
+    assert await store.in_use(T0 + 3 + TTL) == {}
