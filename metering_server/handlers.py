@@ -124,6 +124,7 @@ class Handlers:
         session.principal, session.roles, session.client = ident.principal, ident.roles, req.client
         bind_context(client=req.client, principal=ident.principal)
         site = self.site()
+        session.lease_ttl_s = site.lease_ttl_s
         return {
             "server": site.server,
             "site": site.site,
@@ -167,7 +168,7 @@ class Handlers:
             "renewed": outcome.renewed,
             "lost": outcome.lost,
             "revoked": outcome.revoked,
-            "expires_in_s": self.seats.settings.ttl_s,
+            "expires_in_s": max(self.seats.settings.ttl_s, session.lease_ttl_s),
         }
 
     async def op_checkin(self, session: Session, req: m.Checkin) -> dict[str, Any]:

@@ -49,6 +49,9 @@ class Holder(Protocol):
     principal: str | None
     client: str
     closed: bool
+    # The lease TTL the session was told at hello: its client heartbeats for that one
+    # (`_ttl_for`).
+    lease_ttl_s: float
 
     def push(self, event: str, **fields: Any) -> None: ...
 
@@ -238,7 +241,7 @@ class SeatService:
             client=holder.client,
             server=self.settings.server,
             now=now,
-            ttl_s=self.settings.ttl_s,
+            ttl_s=self._ttl_for(holder),
             reclaim=req.reclaim,
             idempotency_key=req.idempotency_key,
             waiter=waiter,
@@ -407,6 +410,14 @@ class SeatService:
         )
 
     # --- held leases ----------------------------------------------------------------------------
+    def _ttl_for(self, holder: Holder) -> float:
+        """The TTL a holder's leases get: the configured one, but never less than the one its
+        session was told at hello.  Its client heartbeats at the interval it was told then;
+        a reload that shortened the TTL below that interval expired every connected client's
+        seats between two of its heartbeats.  A session opened after the reload gets the new
+        TTL (and heartbeat interval) from its hello."""
+        return max(self.settings.ttl_s, holder.lease_ttl_s)
+
     async def renew(self, holder: Holder, leases: list[str]) -> RenewOutcome:
         assert holder.principal is not None
         outcome = await self.store.renew(
@@ -415,7 +426,7 @@ class SeatService:
             holder.client,
             self.settings.server,
             self.clock(),
-            self.settings.ttl_s,
+            self._ttl_for(holder),
         )
         for lease in outcome.renewed:
             self._holders[lease] = holder

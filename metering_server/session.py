@@ -29,6 +29,7 @@ class Session:
         self.roles: frozenset[str] = frozenset()
         self.client = ""
         self.closed = False
+        self.lease_ttl_s = 0.0  # told at hello (`SeatService._ttl_for`)
 
     @property
     def authenticated(self) -> bool:

@@ -167,3 +167,35 @@ async def test_a_restart_with_a_re_keyed_pool_keeps_counting_its_held_leases(rel
             await c.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00")
     finally:
         await c.close()
+
+
+@pytest.mark.asyncio
+async def test_a_shorter_ttl_applies_to_sessions_opened_after_the_reload(reloadable):
+    """Found by a campaign: a reload to ttl 4 s / heartbeat 1 s, and an agent that had been
+    told heartbeat 10 s at its hello lost every seat between two heartbeats."""
+    await reloadable.start(leases={"ttl_s": 30.0, "heartbeat_s": 10.0})
+    before = await reloadable.client()
+    try:
+        lease = (await before.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00"))[
+            "lease"
+        ]
+        changed = await reloadable.reload(leases={"ttl_s": 4.0, "heartbeat_s": 1.0})
+        assert changed["leases"] == {"ttl_s": 4.0, "heartbeat_s": 1.0}
+        beat = await before.request("heartbeat", timeout=5, leases=[lease])
+        assert beat["renewed"] == [lease] and beat["expires_in_s"] == 30.0
+        again = await before.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00")
+        assert again["expires_in_s"] == 30.0
+        after = await reloadable.client()
+        try:
+            assert after.hello_reply is not None
+            assert (after.hello_reply["heartbeat_s"], after.hello_reply["lease_ttl_s"]) == (
+                1.0,
+                4.0,
+            )
+            await before.request("checkin", timeout=5, lease=lease)
+            fresh = await after.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00")
+            assert fresh["expires_in_s"] == 4.0
+        finally:
+            await after.close()
+    finally:
+        await before.close()
