@@ -248,6 +248,8 @@ class Agent:
             self.watcher.seat_lost(held.handle, reason)
         session = self.holders.pop(held.handle, None)
         if session is not None:
+            if reason == "revoked":
+                session.revoked.add(held.handle)
             session.send({"event": "revoked", "lease": held.handle, "reason": reason})
 
     async def _reap_dead_programs(self) -> None:

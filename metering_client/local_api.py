@@ -71,6 +71,8 @@ class LocalSession:
         self.uid = conn.peer.uid if conn.peer.uid is not None else -1
         self.user: str | None = None
         self.handles: set[str] = set()
+        self.revoked: set[str] = set()  # this program's handles an admin revoked
+        self.ttl_s = 0.0  # the server lease TTL last seen (`op_heartbeat`)
 
     @property
     def authenticated(self) -> bool:
@@ -166,10 +168,19 @@ class LocalSession:
         return {"cancelled": self.conn.withdraw(req.request)}
 
     async def op_heartbeat(self, req: m.Heartbeat) -> dict[str, Any]:
+        """The agent renews the seats itself; a program's heartbeat asks whether they are
+        still held, in the server's reply shape: `revoked` tells it not to replace a seat an
+        admin took away, `expires_in_s` is the TTL of the server's leases the agent renews."""
         mine = {x for x in req.leases if self._mine(x)}
+        lost = [x for x in req.leases if x not in mine]
+        session = self.agent.keeper.session
+        if session is not None:
+            self.ttl_s = session.ttl_s
         return {
             "renewed": [x for x in req.leases if x in mine],
-            "lost": [x for x in req.leases if x not in mine],
+            "lost": lost,
+            "revoked": [x for x in lost if x in self.revoked],
+            "expires_in_s": self.ttl_s,
         }
 
     async def op_status(self, req: m.Status) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import pytest
 from metering_client.agent import Agent
 from metering_client.config import build_client_config
 from tests.conftest import hello
-from tests.support import short_tmpdir, write_token
+from tests.support import async_wait_until, short_tmpdir, write_token
 
 NOBODY = 65534
 PEER_SCRIPT = r"""
@@ -95,5 +95,52 @@ async def test_other_local_users_cannot_touch_a_users_seat(make_server, tmp_path
         assert out["heartbeat"]["lost"] == [lease]
         assert lease in agent.keeper.held  # alice's seat is untouched
     finally:
+        await agent.stop()
+        shutil.rmtree(short, ignore_errors=True)
+
+
+@pytest.mark.asyncio
+async def test_a_programs_heartbeat_names_its_revoked_seat(make_server, tmp_path):
+    """The local heartbeat answers in the server's shape: `revoked` (do not replace the
+    seat) apart from merely `lost`, and `expires_in_s`."""
+    server = await make_server(
+        products=[{"name": "A", "version": "1", "seats": 2}],
+        credentials={"ws": (["agent"], "tok"), "boss": (["admin"], "boss-tok")},
+    )
+    short = short_tmpdir()
+    config = build_client_config(
+        {
+            "client": {
+                "name": "ws-1",
+                "user": "ws",
+                "state_dir": str(tmp_path / "st"),
+                "token_file": str(write_token(tmp_path / "token", "tok")),
+                "socket": str(short / "agent.sock"),
+            },
+            "servers": {"list": [server.address("tcp")]},
+        },
+        tmp_path / "client.toml",
+    )
+    agent = Agent(config)
+    await agent.start()
+    events: list = []
+    program = await hello(f"unix://{config.socket}", client="p1")
+    program.on_event = events.append
+    try:
+        handle = (await program.request("checkout", timeout=10, product="A", version="1"))[
+            "lease"
+        ]
+        beat = await program.request("heartbeat", timeout=5, leases=[handle, "Lother"])
+        assert (beat["renewed"], beat["lost"], beat["revoked"]) == ([handle], ["Lother"], [])
+        assert beat["expires_in_s"] == 10.0  # the test server's lease TTL
+        boss = await hello(server.address("tcp"), user="boss", token="boss-tok")
+        (lease,) = [x["lease"] for x in (await boss.request("leases", timeout=5))["leases"]]
+        await boss.request("revoke", timeout=5, lease=lease)
+        await boss.close()
+        await async_wait_until(lambda: events, what="the revoked event")
+        beat = await program.request("heartbeat", timeout=5, leases=[handle])
+        assert (beat["renewed"], beat["lost"], beat["revoked"]) == ([], [handle], [handle])
+    finally:
+        await program.close()
         await agent.stop()
         shutil.rmtree(short, ignore_errors=True)
