@@ -127,9 +127,7 @@ async def test_a_programs_heartbeat_names_its_revoked_seat(make_server, tmp_path
     program = await hello(f"unix://{config.socket}", client="p1")
     program.on_event = events.append
     try:
-        handle = (await program.request("checkout", timeout=10, product="A", version="1"))[
-            "lease"
-        ]
+        handle = (await program.request("checkout", timeout=10, product="A", version="1"))["lease"]
         beat = await program.request("heartbeat", timeout=5, leases=[handle, "Lother"])
         assert (beat["renewed"], beat["lost"], beat["revoked"]) == ([handle], ["Lother"], [])
         assert beat["expires_in_s"] == 10.0  # the test server's lease TTL
