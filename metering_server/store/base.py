@@ -188,6 +188,15 @@ class GrantOutcome(msgspec.Struct, frozen=True):
     key_reused: bool = False
 
 
+def of_product(records: list[UsageRecord], product: str | None) -> list[UsageRecord]:
+    """The records `usage_between(..., product)` keeps, by Python's case rules (the stores'
+    SQL only narrows: its upper() folds ASCII letters alone)."""
+    if product is None:
+        return records
+    name = product.upper()
+    return [r for r in records if name in (r.product.upper(), r.pool_product.upper())]
+
+
 def same_checkout(earlier: LeaseRecord, req: GrantRequest) -> bool:
     """Whether the lease an idempotency key made answers this request: a retry repeats
     its checkout's product and version."""

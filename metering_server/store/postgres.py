@@ -84,6 +84,7 @@ from .base import (
     WaitEntry,
     new_lease,
     not_held,
+    of_product,
     renewed_lease,
     same_checkout,
 )
@@ -1585,11 +1586,16 @@ class PostgresStore(LeaseStore):
                 "AND (ended_at > $1 OR started_at >= $1)"
             )
             args: list[Any] = [since, until]
-            if product is not None:
-                sql += " AND (upper(product) = upper($3) OR upper(pool_product) = upper($3))"
+            if product is not None and product.isascii():
+                # A narrowing only, as in the SQLite store: rows with other than printable
+                # ASCII are left for the report, which matches names with Python's rules.
+                sql += (
+                    " AND (upper(product) = upper($3) OR upper(pool_product) = upper($3) "
+                    "OR product ~ '[^ -~]' OR pool_product ~ '[^ -~]')"
+                )
                 args.append(product)
             rows = await db.fetch(sql + " ORDER BY started_at, record_id", *args)
-            return [UsageRecord(*row) for row in rows]
+            return of_product([UsageRecord(*row) for row in rows], product)
 
         return await self._run("usage_between", select, write=False)
 

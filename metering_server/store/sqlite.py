@@ -55,6 +55,7 @@ from .base import (
     WaitEntry,
     new_lease,
     not_held,
+    of_product,
     renewed_lease,
     same_checkout,
 )
@@ -1283,11 +1284,17 @@ class SQLiteStore(LeaseStore):
         def select(db: sqlite3.Connection) -> list[UsageRecord]:
             sql = f"SELECT {_USAGE_COLUMNS} FROM usage WHERE {_IN_PERIOD}"
             args: tuple = (since, until, since, since)
-            if product is not None:
-                sql += " AND (upper(product) = upper(?) OR upper(pool_product) = upper(?))"
+            if product is not None and product.isascii():
+                # A narrowing only (the report matches names with Python's case rules):
+                # SQL's upper() folds ASCII letters alone, so rows with other characters
+                # are left for the report to judge.
+                sql += (
+                    " AND (upper(product) = upper(?) OR upper(pool_product) = upper(?) "
+                    "OR product GLOB '*[^ -~]*' OR pool_product GLOB '*[^ -~]*')"
+                )
                 args += (product, product)
             rows = db.execute(sql + " ORDER BY started_at, record_id", args)
-            return [UsageRecord(*row) for row in rows]
+            return of_product([UsageRecord(*row) for row in rows], product)
 
         return await self._read_apart(select)
 

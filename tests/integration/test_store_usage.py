@@ -140,3 +140,19 @@ async def test_usage_between_by_product_matches_sent_or_pool_name_case_insensiti
     assert await ids(store, T0, T0 + 10, "CAD") == ["cad-71", "cad-raw"]
     assert await ids(store, T0, T0 + 10, "clock.exe") == ["clock"]
     assert await ids(store, T0, T0 + 10, "nothing") == []
+
+
+async def test_usage_between_by_product_folds_case_beyond_ascii(store):
+    """SQL's upper() folds ASCII letters only; the catalogue and reports use Python's."""
+    await store.record_usage(
+        [
+            rec("e1", 0, 10, product="édit.exe", pool_product="ÉDIT.EXE", pool_version="4.00"),
+            rec("e2", 0, 10, product="Édit.exe", pool_product="Édit.exe", pool_version="9"),
+            rec("straße", 0, 10, product="straße", pool_product="straße", pool_version="1"),
+            rec("clock", 0, 10),
+        ]
+    )
+    assert await ids(store, T0, T0 + 10, "édit.exe") == ["e1", "e2"]
+    assert await ids(store, T0, T0 + 10, "ÉDIT.EXE") == ["e1", "e2"]
+    assert await ids(store, T0, T0 + 10, "STRASSE") == ["straße"]
+    assert await ids(store, T0, T0 + 10, "Clock.exe") == ["clock"]
