@@ -19,7 +19,9 @@ PROTOCOL_VERSION = 1
 MAX_ID = 2**53 - 1
 
 Id = Annotated[int, msgspec.Meta(ge=0, le=MAX_ID)]
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+# Names (products, users, clients, keys) reach logs, the security log and reports: no control
+# characters, as `add-principal` already refuses them in principals.
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"\A[^\x00-\x1f\x7f]*\Z")]
 LeaseId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Token = Annotated[str, msgspec.Meta(max_length=1024)]
 Seconds = Annotated[float, msgspec.Meta(ge=0, le=86400 * 366)]
@@ -180,7 +182,7 @@ def parse_request(frame: dict[str, Any], ops: dict[str, type[Request]] = REQUEST
 # RFC 3339 date-time: a full date, a full time, and Z or a numeric offset (no bare dates,
 # no ISO 8601 basic format, no naive local times).
 _RFC3339 = re.compile(
-    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})", re.ASCII
+    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})", re.ASCII
 )
 
 
@@ -193,9 +195,14 @@ def parse_time(text: str, field: str) -> float:
             while end < len(text) and text[end].isdigit():
                 end += 1
             text = text[: min(end, frac + 7)] + text[end:]
+        # A leap second (23:59:60, which RFC 3339 allows) is the instant the next minute
+        # starts, as epoch seconds count it.
+        leap = text[17:19] == "60"
+        if leap:
+            text = text[:17] + "59" + text[19:]
         try:
             dt = datetime.fromisoformat(text.upper().replace("Z", "+00:00").replace(" ", "T"))
-            return dt.timestamp()
+            return dt.timestamp() + (1 - dt.microsecond / 1e6 if leap else 0)
         except ValueError:
             pass
     raise BadRequest(f"{field}: expected an RFC 3339 UTC time like 2024-05-01T12:00:00Z")
@@ -216,6 +223,8 @@ def parse_usage_record(raw: Any) -> UsageRecord:
 def _describe(exc: msgspec.ValidationError) -> str:
     # msgspec: "Expected `int`, got `str` - at `$.wait_s`" -> "wait_s: Expected `int`, got `str`"
     text = str(exc)
+    if text.startswith("Expected `str` matching regex"):  # `Name`'s pattern
+        text = "must not contain control characters" + text[text.find(" - at `$") :]
     problem, sep, where = text.partition(" - at `$")
     if sep:
         return f"{where.rstrip('`').lstrip('.')}: {problem}"

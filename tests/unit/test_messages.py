@@ -1,7 +1,7 @@
 import pytest
 
 from metering_protocol.errors import BadRequest, MeteringError
-from metering_protocol.messages import MAX_ID, Checkout, parse_request, request_id
+from metering_protocol.messages import MAX_ID, Checkout, parse_request, parse_time, request_id
 
 
 def test_checkout_parses_with_defaults():
@@ -63,3 +63,32 @@ def test_error_round_trip_keeps_code_fields_and_retryability():
 def test_unknown_error_code_is_not_retried():
     err = MeteringError.from_wire({"code": "martian", "message": "?", "retryable": True})
     assert err.retryable is False and err.wire_code == "martian"
+
+
+@pytest.mark.parametrize(
+    "field", [{"product": "A\x07"}, {"version": "1\n2"}, {"user": "ali\tce"}, {"user": "x\x7f"}]
+)
+def test_names_with_control_characters_are_refused_with_a_readable_reason(field):
+    frame = {"id": 5, "op": "checkout", "product": "A", "version": "1", **field}
+    with pytest.raises(BadRequest) as err:
+        parse_request(frame)
+    (name,) = field
+    assert err.value.message == f"{name}: must not contain control characters"
+
+
+def test_names_beyond_ascii_are_names():
+    req = parse_request({"id": 5, "op": "checkout", "product": "Édit.exe", "version": "ß 1"})
+    assert (req.product, req.version) == ("Édit.exe", "ß 1")
+
+
+@pytest.mark.parametrize(
+    ("text", "epoch"),
+    [
+        ("2016-12-31T23:59:60Z", 1483228800.0),  # a leap second: the next minute's start
+        ("2017-01-01T00:59:60+01:00", 1483228800.0),
+        ("2024-05-01T12:00:00.1234567891234Z", 1714564800.123456),  # past nanoseconds
+        ("2024-05-01T12:00:00Z", 1714564800.0),
+    ],
+)
+def test_rfc3339_times_rfc3339_allows(text, epoch):
+    assert parse_time(text, "t") == pytest.approx(epoch, abs=1e-6)
