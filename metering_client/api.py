@@ -15,7 +15,7 @@ import contextlib
 import os
 from typing import Any
 
-from metering_client.config import ClientConfig, load_client_config
+from metering_client.config import ClientConfig, check_agent_credential, load_client_config
 from metering_client.connector import Connector
 from metering_client.keeper import HeldLease, LeaseKeeper
 from metering_client.serverlist import ServerList
@@ -105,6 +105,9 @@ class Seat:
             self.lease = self.reply["lease"]
             self._watch = asyncio.create_task(self._stay_attached())
             return self
+        # No agent: this process logs on itself, with the credential an agent would check
+        # at its start (a config problem, not a refused logon).
+        check_agent_credential(self.config)
         writable = _writable(self.config)
         state = self.config.state_dir
         servers = ServerList(

@@ -17,7 +17,7 @@ from typing import Any, get_args
 
 from metering_client.agent import Agent
 from metering_client.api import Seat, agent_request_timeout, connect_agent
-from metering_client.config import ClientConfig, load_client_config
+from metering_client.config import ClientConfig, check_agent_credential, load_client_config
 from metering_client.connector import Connector
 from metering_client.keeper import LeaseKeeper
 from metering_client.serverlist import ServerList
@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         return EX_CONFIG
     except MeteringError as exc:
         hint = f" (retry after {exc.retry_after_s:.0f} s)" if exc.retry_after_s else ""
+        if hint and f"{exc.retry_after_s:.0f} s" in exc.message:
+            hint = ""  # the message says when already (an auth hold-off)
         print(f"metering-client: {exc}{hint}", file=sys.stderr)
         return exit_code(exc)
     except KeyboardInterrupt:
@@ -348,6 +350,7 @@ def _status_text(reply: dict[str, Any]) -> str:
 
 
 def _direct_keeper(config: ClientConfig):
+    check_agent_credential(config)  # as an agent would at start: a config problem is 78
     servers = ServerList(config.servers.addresses, None)
     return LeaseKeeper(Connector(config, servers))
 

@@ -26,9 +26,12 @@ class _S(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     pass
 
 
+NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
+
+
 class ClientSection(_S):
-    name: str | None = None
-    user: str | None = None
+    name: NonEmpty | None = None  # None: the host name
+    user: NonEmpty | None = None  # None: the client name
     token_file: str | None = "token"
     state_dir: str | None = None
     socket: str | None = None

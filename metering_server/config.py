@@ -24,7 +24,7 @@ class _S(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
 
 
 class ServerSection(_S):
-    name: str = "metering"
+    name: Annotated[str, msgspec.Meta(min_length=1)] = "metering"
     site: str = "default"
     listen: list[str] = msgspec.field(default_factory=lambda: ["tcp://127.0.0.1:7001"])
     state_dir: str = "state"

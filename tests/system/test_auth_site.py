@@ -285,6 +285,7 @@ def test_run_without_an_agent_keeps_the_holdoff_for_the_next_run(tmp_path, sockd
             assert r.returncode == 77, (r.returncode, r.stderr)
             assert "auth_failed" in one_line(r.stderr), r.stderr
         assert all("not retrying this credential" in one_line(r.stderr) for r in runs[1:])
+        assert not any("retry after" in r.stderr for r in runs[1:])  # said once, not twice
         replace_token(token, "right-token")  # an admin fixes it: the next run goes through
         ok = run_client(cfg, "run", *PRODUCT, "--", "sh", "-c", "exit 5")
         assert ok.returncode == 5, ok.stderr

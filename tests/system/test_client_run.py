@@ -199,6 +199,34 @@ def test_wait_beyond_the_protocols_bound_is_a_usage_error_before_any_network(tmp
         assert proc.stdout == ""
 
 
+def test_without_an_agent_a_credential_problem_is_a_config_error_before_any_network(tmp_path):
+    """As `metering-client agent` refuses to start with them (78): no token file while a
+    server is on TCP, and a token file others can read.  Nothing listens at the address:
+    reaching the network would exit 75 (or 77 for a logon refused), not 78."""
+    token = write_token(tmp_path / "token", "tok-ws")
+    token.chmod(0o644)
+    for client, problem in (
+        ({"token_file": ""}, "only with unix:// servers"),
+        ({"token_file": str(token)}, "chmod 600"),
+    ):
+        config = write_toml(
+            tmp_path / "client.toml",
+            {
+                "client": {"state_dir": str(tmp_path / "state"), **client},
+                "servers": {"list": ["tcp://127.0.0.1:9"]},
+            },
+        )
+        for argv in (
+            ["run", "--product", "CLOCK.EXE", "--version", "4.00", "--", "true"],
+            ["status"],
+            ["checkin", "L-some"],
+        ):
+            proc = run_client(config, *argv)
+            assert proc.returncode == 78, (argv, proc.stderr)
+            line = one_line(proc.stderr)
+            assert "client.token_file" in line and problem in line, line
+
+
 def test_second_run_is_denied_75_while_the_seat_is_held(site):
     site.start_agent()
     flag = site.tmp / "release"
