@@ -7,6 +7,7 @@ ConfigError line: "<file>: <key>: <problem>".
 
 from __future__ import annotations
 
+import math
 import tomllib
 import typing
 from pathlib import Path
@@ -41,7 +42,26 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(path, "", "not valid UTF-8") from None
 
 
+def _non_finite(data: Any, where: str = "") -> str | None:
+    """The key of the first inf or nan in `data` (TOML allows both; no key of ours means
+    either: `hello_timeout_s = inf` would let a connection wait for ever unauthenticated)."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return where
+    items = data.items() if isinstance(data, dict) else None
+    if items is None and isinstance(data, list):
+        items = ((f"[{i}]", v) for i, v in enumerate(data))
+    for key, value in items or ():
+        sub = f"{where}{key}" if str(key).startswith("[") else f"{where}.{key}" if where else key
+        found = _non_finite(value, sub)
+        if found is not None:
+            return found
+    return None
+
+
 def convert(data: dict[str, Any], cls: type[T], path: Path | str) -> T:
+    bad = _non_finite(data)
+    if bad is not None:
+        raise ConfigError(path, bad, "must be a finite number (inf and nan mean nothing here)")
     try:
         return msgspec.convert(data, cls)
     except msgspec.ValidationError as exc:

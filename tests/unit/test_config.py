@@ -51,6 +51,8 @@ def write(tmp_path: Path, text: str) -> Path:
         ("[site]\nservers_version = '2'\n", "site.servers_version", "int"),
         ("[site]\nservers_version = 1.5\n", "site.servers_version", "int"),
         ("[server]\nname = ''\n", "server.name", "length >= 1"),
+        ("[server]\nhello_timeout_s = inf\n", "server.hello_timeout_s", "finite"),
+        ("[[products]]\nname='A'\nversion='1'\nseats=nan\n", "products[0].seats", "finite"),
     ],
 )
 def test_server_config_errors_name_file_key_and_problem(tmp_path, text, key, problem):
@@ -90,6 +92,8 @@ def test_client_config_keys_and_errors(tmp_path):
         build_client_config({"client": {"nmae": "x"}}, path)
     with pytest.raises(ConfigError, match=r"servers\.list\[0\]"):
         build_client_config({"servers": {"list": ["a:1"]}}, path)
+    with pytest.raises(ConfigError, match=r"servers\.reprobe_interval_s: must be a finite"):
+        build_client_config({"servers": {"reprobe_interval_s": float("inf")}}, path)
     # an empty name or user is a mistake, not "use the default" (it became a refused logon)
     for key in ("name", "user"):
         with pytest.raises(ConfigError, match=rf"client\.{key}: expected `str` of length >= 1"):
