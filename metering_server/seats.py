@@ -123,15 +123,7 @@ class SeatService:
 
     async def repool(self) -> None:
         """Count the store's leases against this catalogue's pools (`LeaseStore.repool`)."""
-        catalogue = self.catalogue
-
-        def resolve(product: str, version: str) -> tuple[str, str] | None:
-            try:
-                return catalogue.find(product, version).key
-            except UnknownProduct:
-                return None
-
-        moved = await self.store.repool(resolve)
+        moved = await self.store.repool(_resolver(self.catalogue))
         if moved:
             log.info("leases_repooled", leases=moved)
 
@@ -516,8 +508,11 @@ class SeatService:
         if catalogue.pools != before.pools:
             # Leases granted under the old catalogue are counted against the new one's pools
             # now (`settle_catalogue`), and once more at the next sweep for the grants that
-            # were already on their way to the store under the old one.
+            # were already on their way to the store under the old one.  Waiters keep their
+            # place, in their pool's queue under its new key.
             self._repools_owed = 2
+            resolve = _resolver(catalogue)
+            self._waiters.rekey(lambda w: resolve(w.request.product, w.request.version))
 
     async def settle_catalogue(self) -> None:
         """The repools a reload left owed (`reconfigure`); one that fails is owed still."""
@@ -541,3 +536,15 @@ class SeatService:
             await self.store.detach(self.settings.server)
         except Exception as exc:
             log.warning("store_detach_failed", error=str(exc))
+
+
+def _resolver(catalogue: Catalogue) -> Callable[[str, str], tuple[str, str] | None]:
+    """The pool key a product and version count against in `catalogue` (None: not in it)."""
+
+    def resolve(product: str, version: str) -> tuple[str, str] | None:
+        try:
+            return catalogue.find(product, version).key
+        except UnknownProduct:
+            return None
+
+    return resolve

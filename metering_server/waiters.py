@@ -68,5 +68,22 @@ class WaitQueues:
     def pools(self) -> list[tuple[str, str]]:
         return list(self._queues)
 
+    def rekey(self, key_of: Any) -> list[tuple[str, str]]:
+        """Move waiters to the pool `key_of(waiter)` names now (None: leave it), after a
+        catalogue change re-keyed their pool; returns the pools that gained waiters."""
+        gained = set()
+        for waiter in self.all():
+            key = key_of(waiter)
+            if key is None or key == waiter.pool_key:
+                continue
+            old = self._queues[waiter.pool_key]
+            old.remove(waiter)
+            if not old:
+                del self._queues[waiter.pool_key]
+            waiter.pool_key = key
+            self._queues.setdefault(key, deque()).append(waiter)  # `head` goes by ticket
+            gained.add(key)
+        return sorted(gained)
+
     def all(self) -> list[Waiter]:
         return [w for q in self._queues.values() for w in q]

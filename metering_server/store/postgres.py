@@ -1250,6 +1250,7 @@ class PostgresStore(LeaseStore):
                 key = resolve(product, version)
                 if key is not None and key != (pool_product, pool_version):
                     moves.append(((pool_product, pool_version), product, version, key))
+            await self._repool_waiters(db, resolve)
             if not moves:
                 return 0
             # Both pools' locks, as a grant takes them (lock-key order): a grant to either
@@ -1274,6 +1275,27 @@ class PostgresStore(LeaseStore):
         moved = await self._run("repool", repool)
         self._pool_of.clear()
         return moved
+
+    @staticmethod
+    async def _repool_waiters(
+        db: asyncpg.Connection, resolve: Callable[[str, str], tuple[str, str] | None]
+    ) -> None:
+        """Waiting checkouts keep their place, in the queue of the pool they count for now."""
+        rows = await db.fetch(
+            "SELECT DISTINCT pool_product, pool_version, product, version FROM waiters"
+        )
+        for pool_product, pool_version, product, version in rows:
+            key = resolve(product, version)
+            if key is not None and key != (pool_product, pool_version):
+                await db.execute(
+                    "UPDATE waiters SET pool_product = $1, pool_version = $2 WHERE "
+                    "pool_product = $3 AND pool_version = $4 AND product = $5 AND version = $6",
+                    *key,
+                    pool_product,
+                    pool_version,
+                    product,
+                    version,
+                )
 
     # --- the site-wide queue -------------------------------------------------------------------
     async def enqueue(self, entry: WaitEntry) -> Ticket:

@@ -1038,18 +1038,20 @@ class SQLiteStore(LeaseStore):
     async def repool(self, resolve: Callable[[str, str], tuple[str, str] | None]) -> int:
         def repool(db: sqlite3.Connection) -> int:
             moved = 0
-            rows = db.execute(
-                "SELECT DISTINCT pool_product, pool_version, product, version FROM leases"
-            ).fetchall()
-            for pool_product, pool_version, product, version in rows:
-                key = resolve(product, version)
-                if key is None or key == (pool_product, pool_version):
-                    continue
-                moved += db.execute(
-                    "UPDATE leases SET pool_product = ?, pool_version = ? WHERE "
-                    "pool_product = ? AND pool_version = ? AND product = ? AND version = ?",
-                    (*key, pool_product, pool_version, product, version),
-                ).rowcount
+            for table in ("leases", "waiters"):  # waiters: their place in the pool's queue
+                rows = db.execute(
+                    f"SELECT DISTINCT pool_product, pool_version, product, version FROM {table}"
+                ).fetchall()
+                for pool_product, pool_version, product, version in rows:
+                    key = resolve(product, version)
+                    if key is None or key == (pool_product, pool_version):
+                        continue
+                    count = db.execute(
+                        f"UPDATE {table} SET pool_product = ?, pool_version = ? WHERE "
+                        "pool_product = ? AND pool_version = ? AND product = ? AND version = ?",
+                        (*key, pool_product, pool_version, product, version),
+                    ).rowcount
+                    moved += count if table == "leases" else 0
             return moved
 
         return await self._write(repool)

@@ -3,6 +3,7 @@ started from its config file, the file rewritten, `reload` asked over the wire."
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -199,3 +200,31 @@ async def test_a_shorter_ttl_applies_to_sessions_opened_after_the_reload(reloada
             await after.close()
     finally:
         await before.close()
+
+
+@pytest.mark.asyncio
+async def test_a_checkout_waiting_in_a_re_keyed_pool_keeps_its_place(reloadable):
+    """It was answered `unknown_product` ("left the catalogue") though its product had
+    only been re-spelt."""
+    await reloadable.start(products=[{**CLOCK, "seats": 1}])
+    holder, waiter = await reloadable.client(), await reloadable.client()
+    try:
+        lease = (await holder.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00"))[
+            "lease"
+        ]
+        rid = waiter.next_id()
+        waiting = waiter.send("checkout", rid, product="CLOCK.EXE", version="4.00", wait_s=30)
+        status = await holder.request("status", timeout=5)
+        assert status["products"][0]["queued"] == 1
+        await reloadable.reload(products=[{**CLOCK, "seats": 1, "name": "Clock.exe"}])
+        status = await holder.request("status", timeout=5)
+        assert [(p["product"], p["in_use"], p["queued"]) for p in status["products"]] == [
+            ("Clock.exe", 1, 1)
+        ]
+        assert not waiting.done()
+        await holder.request("checkin", timeout=5, lease=lease)
+        granted = await asyncio.wait_for(waiting, 10)
+        assert granted["lease"] != lease and granted["in_use"] == 1
+    finally:
+        await holder.close()
+        await waiter.close()

@@ -22,6 +22,7 @@ from metering_server.store.base import (
     LeaseRecord,
     LeaseStore,
     RenewOutcome,
+    WaitEntry,
 )
 from tests.stores import opened
 
@@ -471,8 +472,12 @@ async def test_repool_counts_held_leases_against_the_pool_that_now_covers_them(s
     def resolve(product: str, version: str) -> tuple[str, str] | None:
         return renamed.key if product.upper() == "CLOCK.EXE" else None
 
+    entry = WaitEntry(ENFORCE.key, "clock.exe", "4.00", "dan", "ws-4", "dan", "srv-a", T0, T0 + 60)
+    ticket = await store.enqueue(entry)
     assert await store.repool(resolve) == 2
     assert await store.in_use(T0 + 1) == {renamed.key: 2, METER.key: 1}
+    assert await store.queued(T0 + 1) == {renamed.key: 1}  # its place, in the new pool's queue
+    await store.dequeue(ticket.id)
     full = await store.grant(req(renamed, who=("carol", "ws-3"), now=T0 + 1, version="4.00"))
     assert (full.granted, full.in_use) == (False, 2)
     # the holder's reclaim (what its agent sends after a failover) renews its lease
