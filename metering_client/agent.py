@@ -141,13 +141,21 @@ class Agent:
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._stop.set)
+            # The agent has nothing to reload (its config is read at start), but SIGHUP's
+            # default would end it, and a unit's Restart=on-failure does not restart an end
+            # by SIGHUP: a stray `systemctl reload` or `kill -HUP` must not stop metering.
+            loop.add_signal_handler(signal.SIGHUP, self._hangup)
         try:
             await self._stop.wait()
         finally:
             if handle_signals:
-                for sig in (signal.SIGTERM, signal.SIGINT):
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
             await self.stop()
+
+    @staticmethod
+    def _hangup() -> None:
+        log.warning("sighup_ignored", reason="the agent reads its config at start: restart it")
 
     def request_stop(self) -> None:
         self._stop.set()

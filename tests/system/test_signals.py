@@ -155,3 +155,37 @@ async def test_a_second_sigterm_ends_a_drain_at_once(tmp_path):
         blocker.close()
         await client.close()
         site.close()
+
+
+@pytest.mark.asyncio
+async def test_sighup_leaves_the_agent_running_with_its_seat(tmp_path):
+    """SIGHUP's default would end the agent, and Restart=on-failure does not restart an end
+    by SIGHUP: the seats would be gone until someone noticed."""
+    site = Site(tmp_path, seats=1)
+    site.bind("srv-a")
+    site.write_config("srv-a", [("srv-a", 0)])
+    site.start("srv-a")
+    short = short_tmpdir()
+    config = client_config(
+        tmp_path / "ws", "ws-1", [site.addr("srv-a")], socket_path=short / "a.sock"
+    )
+    agent = start_agent(config)
+    try:
+        program = await ProtocolClient.connect(f"unix://{short / 'a.sock'}", timeout=5)
+        await program.hello("p1", user=None, token=None, timeout=5)
+        await program.request("checkout", timeout=5, product=PRODUCT, version="1")
+        agent.signal(signal.SIGHUP)
+        wait_until(
+            lambda: any(e.get("event") == "sighup_ignored" for e in agent.events()),
+            what="the agent to note the SIGHUP",
+        )
+        assert agent.proc is not None and agent.proc.poll() is None  # still running
+        status = await program.request("status", timeout=5)
+        assert len(status["agent"]["held"]) == 1
+        await program.close()
+    except BaseException:
+        dump_logs([agent])
+        raise
+    finally:
+        agent.stop()
+        site.close()
