@@ -100,6 +100,10 @@ class Logger:
     def __getattr__(self, method: str) -> Any:
         if method.startswith("_"):  # dunders (copy, pickle), and ours before they are set
             raise AttributeError(method)
+        if not structlog.is_configured():
+            # Embedded (the Python API in someone's program), logging never configured:
+            # structlog's default prints to stdout, which is the program's own output.
+            return getattr(structlog.wrap_logger(structlog.PrintLogger(sys.stderr)), method)
         found = getattr(self._proxy.bind(), method)
         if structlog.get_config()["cache_logger_on_first_use"]:
             self.__dict__[method] = found

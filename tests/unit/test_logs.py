@@ -224,3 +224,16 @@ def test_a_logger_without_its_state_refuses_instead_of_recursing():
     bare = Logger.__new__(Logger)
     with pytest.raises(AttributeError):
         bare.info  # noqa: B018 - the lookup is the test
+
+
+def test_an_embedding_program_without_logging_configured_keeps_its_stdout():
+    """The Python API (`Seat`) runs inside someone's program: our lines go to stderr, never
+    into the program's output, when nobody configured logging."""
+    import subprocess
+    import sys
+
+    code = "from metering_runtime.logs import get_logger; get_logger('x').info('hello_there')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == ""
+    assert "hello_there" in out.stderr
