@@ -133,6 +133,7 @@ class HeldLease:
     detached: bool = False
     seats: int = 0
     mode: str = ""
+    in_use: int = 0  # the pool's seats in use as of its grant
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -398,24 +399,26 @@ class LeaseKeeper:
         pid_start: int | None = None,
         detached: bool = False,
         reclaim: str | None = None,
+        idempotency_key: str | None = None,
     ) -> tuple[HeldLease, dict[str, Any]]:
-        if reclaim is not None and reclaim in self.held:
-            held = self.held[reclaim]  # still held here: nothing to ask the server
-            if pid is not None:
+        """`idempotency_key`: the caller's own (a local program's retry of one checkout),
+        else one made here; either way one key for every attempt of this checkout."""
+        held = self.held.get(reclaim) if reclaim is not None else None
+        if held is not None and not _same_product(held, product, version):
+            # Another product's seat is no reclaim of this one (as the server judges it): a
+            # checkout of what was asked.
+            reclaim = held = None
+        if held is not None:
+            if pid is not None:  # still held here: nothing to ask the server
                 held.pid, held.pid_start = pid, pid_start
             await self._changed()
-            return held, {
-                "lease": held.handle,
-                "reclaimed": True,
-                "seats": held.seats,
-                "mode": held.mode,
-            }
+            return held, self._held_reply(held)
         # One key for every attempt of this checkout: a retry after a lost reply, on any
         # server, gets the lease the first attempt made (or keeps its place in the queue).
         fields: dict[str, Any] = {
             "product": product,
             "version": version,
-            "idempotency_key": "K" + secrets.token_hex(12),
+            "idempotency_key": idempotency_key or "K" + secrets.token_hex(12),
         }
         if user is not None:
             fields["user"] = user
@@ -424,6 +427,10 @@ class LeaseKeeper:
         if reclaim is not None:
             fields["lease"] = reclaim
         reply = await self.call("checkout", extra_timeout=wait_s, **fields)
+        same = self._holding(reply["lease"])
+        if same is not None:  # the caller's key made it before: one seat, one handle
+            same.in_use = reply.get("in_use", same.in_use)
+            return same, {**reply, "lease": same.handle}
         held = HeldLease(
             handle=reply["lease"],
             lease=reply["lease"],
@@ -435,11 +442,28 @@ class LeaseKeeper:
             detached=detached,
             seats=reply.get("seats", 0),
             mode=reply.get("mode", ""),
+            in_use=reply.get("in_use", 0),
         )
         self.held[held.handle] = held
         await self._changed()
         self._wake.set()  # heartbeats now matter
         return held, reply
+
+    def _holding(self, lease: str) -> HeldLease | None:
+        return next((h for h in self.held.values() if h.lease == lease), None)
+
+    def _held_reply(self, held: HeldLease) -> dict[str, Any]:
+        """A checkout's reply for a lease still held here, in the server's shape: its TTL
+        is the current session's (the keeper renews it), `in_use` as of its grant."""
+        session = self.session
+        return {
+            "lease": held.handle,
+            "reclaimed": True,
+            "expires_in_s": session.ttl_s if session is not None else 0.0,
+            "in_use": held.in_use,
+            "seats": held.seats,
+            "mode": held.mode,
+        }
 
     async def checkin(self, handle: str) -> bool:
         held = self.held.get(handle)
@@ -636,3 +660,9 @@ def seat_fields(session: Session, fields: dict[str, Any]) -> dict[str, Any]:
     if {"agent", "admin"} & set(session.roles):
         return fields
     return {k: v for k, v in fields.items() if k != "user"}
+
+
+def _same_product(held: HeldLease, product: str, version: str) -> bool:
+    """Whether a held lease answers a checkout of `product` `version` (names match as the
+    catalogue matches them: without regard to case)."""
+    return held.product.upper() == product.upper() and held.version == version

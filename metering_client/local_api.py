@@ -10,6 +10,7 @@ checked in, unless it was checked out with `detach` (scripting).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -145,6 +146,7 @@ class LocalSession:
             pid_start=pid_start(self.pid),
             detached=req.detach,
             reclaim=reclaim,
+            idempotency_key=_agent_key(self.user, req.idempotency_key),
         )
         self.handles.add(held.handle)
         self.agent.holders[held.handle] = self
@@ -196,3 +198,12 @@ class LocalSession:
         agent["spool"] = self.agent.usage_status()
         agent["watch"] = self.agent.watch_status()
         return {"server": server, "products": products, "agent": agent}
+
+
+def _agent_key(user: str | None, key: str | None) -> str | None:
+    """A program's idempotency key as the agent sends it: the server knows one principal
+    and client (the agent) for every local user, so the key is made per local user —
+    another user's program choosing the same key must not get this one's seat."""
+    if key is None:
+        return None
+    return "P" + hashlib.sha256(f"{user}\0{key}".encode()).hexdigest()[:40]

@@ -142,3 +142,67 @@ async def test_a_programs_heartbeat_names_its_revoked_seat(make_server, tmp_path
         await program.close()
         await agent.stop()
         shutil.rmtree(short, ignore_errors=True)
+
+
+@pytest.mark.asyncio
+async def test_a_programs_checkout_keeps_the_protocols_promises(make_server, tmp_path):
+    """Found by a campaign: through the agent, a retried checkout (same key) took a second
+    seat, another product's lease was answered as a reclaim of this one, and a reclaim of
+    a seat still held lacked `expires_in_s` and `in_use`."""
+    server = await make_server(
+        products=[
+            {"name": "A", "version": "1", "seats": 3},
+            {"name": "B", "version": "1", "seats": 1},
+        ],
+        credentials={"ws": (["agent"], "tok"), "boss": (["admin"], "boss-tok")},
+    )
+    short = short_tmpdir()
+    config = build_client_config(
+        {
+            "client": {
+                "name": "ws-1",
+                "user": "ws",
+                "state_dir": str(tmp_path / "st"),
+                "token_file": str(write_token(tmp_path / "token", "tok")),
+                "socket": str(short / "agent.sock"),
+            },
+            "servers": {"list": [server.address("tcp")]},
+        },
+        tmp_path / "client.toml",
+    )
+    agent = Agent(config)
+    await agent.start()
+    program = await hello(f"unix://{config.socket}", client="p1")
+    boss = await hello(server.address("tcp"), user="boss", token="boss-tok")
+
+    async def in_use() -> dict[str, int]:
+        status = await boss.request("status", timeout=5)
+        return {p["product"]: p["in_use"] for p in status["products"]}
+
+    try:
+        first = await program.request(
+            "checkout", timeout=10, product="A", version="1", idempotency_key="k1"
+        )
+        again = await program.request(
+            "checkout", timeout=10, product="A", version="1", idempotency_key="k1"
+        )
+        assert again["lease"] == first["lease"]
+        assert await in_use() == {"A": 1, "B": 0}
+        assert len(agent.keeper.held) == 1
+        # another product's seat is no reclaim of this one
+        other = await program.request(
+            "checkout", timeout=10, product="B", version="1", lease=first["lease"]
+        )
+        assert other["lease"] != first["lease"] and other["reclaimed"] is False
+        assert await in_use() == {"A": 1, "B": 1}
+        # a reclaim of a seat the agent still holds answers in the server's shape
+        back = await program.request(
+            "checkout", timeout=10, product="a", version="1", lease=first["lease"]
+        )
+        assert back["lease"] == first["lease"] and back["reclaimed"] is True
+        assert (back["expires_in_s"], back["in_use"], back["seats"]) == (10.0, 1, 3)
+    finally:
+        await boss.close()
+        await program.close()
+        await agent.stop()
+        shutil.rmtree(short, ignore_errors=True)
