@@ -98,24 +98,45 @@ class ProtocolClient:
     async def request(self, op: str, *, timeout: float | None, **fields: Any) -> dict[str, Any]:
         rid = next(self._ids)
         fut = self.send(op, rid, **fields)
+        orphan = False
         try:
             async with asyncio.timeout(timeout):
                 reply = await asyncio.shield(fut)
         except asyncio.CancelledError:
-            if op == "checkout" and fields.get("wait_s") and not self.closed.done():
-                # The caller is gone: withdraw the queued checkout, or a seat freed later
-                # would go to nobody. The reply to `cancel` is not awaited.
-                self.writer.write(encode({"id": self.next_id(), "op": "cancel", "request": rid}))
+            if op == "checkout" and "lease" not in fields and not self.closed.done():
+                orphan = True
+                self._give_back(rid, fut, waiting=bool(fields.get("wait_s")))
             raise
         except TimeoutError:
             self._pending.pop(rid, None)
             self.abort(ConnectionLost(f"{self.address}: no reply to {op} within {timeout:g} s"))
             raise ConnectionLost(f"{self.address}: no reply to {op} within {timeout:g} s") from None
         finally:
-            self._pending.pop(rid, None)
+            if not orphan:
+                self._pending.pop(rid, None)
         if reply.get("ok") is True:
             return reply
         raise MeteringError.from_wire(reply.get("error"))
+
+    def _give_back(self, rid: int, fut: asyncio.Future, *, waiting: bool) -> None:
+        """A checkout whose caller went away (a program that left the agent, Ctrl-C): no
+        seat may stay with nobody.  A waiting one is withdrawn (`cancel`); and whatever the
+        server had granted meanwhile, or grants before the cancel reaches it, is checked in
+        when its reply comes — else the seat stayed taken until its lease expired.  The
+        replies to both are not awaited."""
+        if waiting:
+            self.writer.write(encode({"id": self.next_id(), "op": "cancel", "request": rid}))
+
+        def granted(done: asyncio.Future) -> None:
+            self._pending.pop(rid, None)
+            if done.cancelled() or done.exception() is not None or self.closed.done():
+                return
+            reply = done.result()
+            lease = reply.get("lease") if reply.get("ok") is True else None
+            if isinstance(lease, str):  # its reply, to an id nobody waits for, is dropped
+                self.writer.write(encode({"id": self.next_id(), "op": "checkin", "lease": lease}))
+
+        fut.add_done_callback(granted)
 
     def send(self, op: str, rid: int, **fields: Any) -> asyncio.Future:
         if self.closed.done():

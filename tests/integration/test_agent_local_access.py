@@ -13,7 +13,7 @@ import pytest
 from metering_client.agent import Agent
 from metering_client.config import build_client_config
 from tests.conftest import hello
-from tests.support import async_wait_until, short_tmpdir, write_token
+from tests.support import async_wait_until, short_tmpdir, sqlite_write_lock, write_token
 
 NOBODY = 65534
 PEER_SCRIPT = r"""
@@ -204,5 +204,56 @@ async def test_a_programs_checkout_keeps_the_protocols_promises(make_server, tmp
     finally:
         await boss.close()
         await program.close()
+        await agent.stop()
+        shutil.rmtree(short, ignore_errors=True)
+
+
+@pytest.mark.asyncio
+async def test_a_seat_granted_after_its_program_left_is_given_back_at_once(make_server, tmp_path):
+    """Found by a campaign: the program left while its checkout was in the store; the seat
+    the server granted then went to nobody and stayed taken until the lease expired."""
+    server = await make_server(
+        products=[{"name": "A", "version": "1", "seats": 1}],
+        credentials={"ws": (["agent"], "tok"), "boss": (["admin"], "boss-tok")},
+    )
+    short = short_tmpdir()
+    config = build_client_config(
+        {
+            "client": {
+                "name": "ws-1",
+                "user": "ws",
+                "state_dir": str(tmp_path / "st"),
+                "token_file": str(write_token(tmp_path / "token", "tok")),
+                "socket": str(short / "agent.sock"),
+            },
+            "servers": {"list": [server.address("tcp")]},
+        },
+        tmp_path / "client.toml",
+    )
+    agent = Agent(config)
+    await agent.start()
+    boss = await hello(server.address("tcp"), user="boss", token="boss-tok")
+
+    async def freed() -> bool:
+        return (await boss.request("status", timeout=5))["products"][0]["in_use"] == 0
+
+    try:
+        await agent.keeper.ensure_session()
+        with sqlite_write_lock(tmp_path / "shared.db"):
+            program = await hello(f"unix://{config.socket}", client="p1")
+            program.send("checkout", program.next_id(), product="A", version="1")
+            await async_wait_until(
+                lambda: any(c.tasks for c in server.endpoint.connections),
+                what="the checkout in the server's store",
+            )
+            await program.close()
+            await async_wait_until(
+                lambda: not agent.endpoint.connections, what="the program gone from the agent"
+            )
+        # TTL 10 s: given back, the seat is free long before its lease would expire
+        await async_wait_until(freed, timeout=5, what="the seat given back")
+        assert agent.keeper.held == {}
+    finally:
+        await boss.close()
         await agent.stop()
         shutil.rmtree(short, ignore_errors=True)
