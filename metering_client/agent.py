@@ -86,6 +86,7 @@ class Agent:
                 self.name,
                 connected=self._connected,
                 catalogue_path=config.state_dir / "catalogue.json",
+                direct_dir=config.state_dir,
             )
         self.keeper.on_session(self._session_established)
         self.holders: dict[str, LocalSession] = {}  # seat handle -> the program's session

@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from pathlib import Path
 from typing import Any
 
 from metering_client.config import ClientConfig, check_agent_credential, load_client_config
 from metering_client.connector import Connector
 from metering_client.keeper import HeldLease, LeaseKeeper
+from metering_client.programs import announce_direct_seat, withdraw_direct_seat
 from metering_client.serverlist import ServerList
 from metering_protocol.client import ProtocolClient
 from metering_protocol.errors import ConnectionLost, LeaseRevoked, MeteringError
@@ -80,6 +82,7 @@ class Seat:
         self.via_agent = False
         self._agent: ProtocolClient | None = None
         self._keeper: LeaseKeeper | None = None
+        self._note: Path | None = None  # this process's direct seat, for an agent's watcher
         self._watch: asyncio.Task | None = None
 
     async def __aenter__(self) -> Seat:
@@ -126,6 +129,8 @@ class Seat:
             await self._keeper.stop()
             raise
         self.lease = held.handle
+        if writable:  # an agent started meanwhile must not seat this program a second time
+            self._note = announce_direct_seat(state, held.lease, self.product, self.version)
         self._keeper.start()
         return self
 
@@ -200,6 +205,8 @@ class Seat:
             elif self._keeper is not None and self.lease is not None:
                 released = await self._keeper.checkin(self.lease)
         finally:
+            withdraw_direct_seat(self._note)
+            self._note = None
             if self._agent is not None:
                 await self._agent.close()
             if self._keeper is not None:

@@ -1,7 +1,10 @@
-"""Facts about local programs: is the process that held a seat still the same process."""
+"""Facts about local programs: is the process that held a seat still the same process, and
+which processes hold a seat without the agent (`metering-client run` while it was down)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 from pathlib import Path
 
@@ -28,3 +31,50 @@ def pid_alive(pid: int | None, start: int | None = None) -> bool:
     except PermissionError:
         pass
     return start is None or pid_start(pid) in (start, None)
+
+
+# A process holding a seat straight from the servers (`metering-client run`, or the Python
+# API, with no agent answering) leaves a note here under the agent's state dir: an agent
+# started meanwhile must not watch the program as unseated and take it a second seat (or
+# stop it when the pool is full).
+DIRECT_SEATS = "direct-seats"
+
+
+def announce_direct_seat(state_dir: Path, lease: str, product: str, version: str) -> Path | None:
+    """Note this process's direct seat; None when the state dir cannot be written."""
+    pid = os.getpid()
+    path = state_dir / DIRECT_SEATS / f"{pid}-{pid_start(pid)}.json"
+    note = {"pid": pid, "lease": lease, "product": product, "version": version}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(note) + "\n")
+    except OSError:
+        return None
+    return path
+
+
+def withdraw_direct_seat(path: Path | None) -> None:
+    if path is not None:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def direct_seats(state_dir: Path) -> set[tuple[int, int | None]]:
+    """(pid, start) of the live processes holding a direct seat; notes of processes gone
+    are removed (a run killed with SIGKILL leaves its note)."""
+    out: set[tuple[int, int | None]] = set()
+    try:
+        notes = list((state_dir / DIRECT_SEATS).glob("*.json"))
+    except OSError:
+        return out
+    for note in notes:
+        pid_text, _, start_text = note.stem.partition("-")
+        try:
+            pid, start = int(pid_text), None if start_text == "None" else int(start_text)
+        except ValueError:
+            continue
+        if pid_alive(pid, start):
+            out.add((pid, start))
+        else:
+            withdraw_direct_seat(note)
+    return out

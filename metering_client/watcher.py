@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from metering_client.config import WatchSection
-from metering_client.programs import pid_start
+from metering_client.programs import direct_seats, pid_start
 from metering_client.spool import Spool
 from metering_client.usage import UsageRecord, new_record
 from metering_protocol.errors import (
@@ -392,8 +392,10 @@ class Watcher:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         user_of: Callable[[int], str | None] = user_name,
+        direct_dir: Path | None = None,
     ):
         self.config = config
+        self.direct_dir = direct_dir  # the state dir whose direct seats count as held
         self.keeper = keeper
         self.spool = spool
         self.client = client
@@ -597,8 +599,9 @@ class Watcher:
         return False
 
     def _api_seats(self) -> set[ProcKey]:
-        """(pid, start) of the programs holding seats through the local API."""
-        out: set[ProcKey] = set()
+        """(pid, start) of the programs holding seats through the local API, or straight
+        from the servers (a `run` begun while the agent was down: `direct_seats`)."""
+        out: set[ProcKey] = set(direct_seats(self.direct_dir)) if self.direct_dir else set()
         for held in self.keeper.held.values():
             if held.handle not in self.handles and held.pid is not None:
                 out.add((held.pid, held.pid_start))

@@ -312,6 +312,43 @@ async def test_a_program_holding_its_own_seat_through_the_agent_is_not_checked_o
 
 
 @pytest.mark.asyncio
+async def test_a_program_seated_without_the_agent_is_left_alone_by_an_agent_started_later(
+    make_server, tmp_path, sockdir, progdir, programs
+):
+    """Found by a campaign: `metering-client run` while the agent was down holds its seat
+    straight from the servers; the agent, started meanwhile, took the program a second
+    seat - or, with the pool full, stopped a properly licensed program."""
+    from metering_client.api import Seat
+
+    server = await make_server(products=[{**CLOCK, "seats": 1}], credentials=CREDS)
+    config = agent_config(
+        tmp_path,
+        server.address("tcp"),
+        sockdir,
+        watch={"interval_ms": 50, "kill_grace_s": 0.5},
+        usage={"upload_interval_s": 3600},
+    )
+    async with Seat("CLOCK.EXE", "4.00", config=config) as seat:
+        assert not seat.via_agent  # nobody answers on the agent's socket yet
+        proc = await programs.start(clock_binary(progdir), "60")
+        agent = Agent(config)
+        await agent.start()
+        try:
+            with capture_logs() as logs:
+                await async_wait_until(
+                    lambda: any(k[0] == proc.pid for k in agent.watcher.covered),
+                    what="the watcher to see the program and leave it alone",
+                )
+            assert requested(logs, proc.pid) == []
+            assert len(await leases(server)) == 1 and proc.returncode is None
+        finally:
+            await agent.stop()
+    assert list((config.state_dir / "direct-seats").iterdir()) == []  # the note went with it
+    proc.kill()
+    await proc.wait()
+
+
+@pytest.mark.asyncio
 async def test_a_restart_closes_runs_that_ended_meanwhile_and_keeps_watching_the_rest(
     make_server, tmp_path, sockdir, progdir, programs
 ):

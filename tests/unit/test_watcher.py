@@ -597,3 +597,24 @@ def test_watch_and_usage_keys_have_sane_defaults_and_errors_name_file_and_key(tm
         with pytest.raises(ConfigError) as err:
             build_client_config({section: {key: value}}, path)
         assert str(err.value).startswith(f"{path}: {section}.{key}: "), str(err.value)
+
+
+def test_direct_seat_notes_count_while_their_process_lives(tmp_path):
+    import os
+
+    from metering_client.programs import (
+        DIRECT_SEATS,
+        announce_direct_seat,
+        direct_seats,
+        pid_start,
+        withdraw_direct_seat,
+    )
+
+    note = announce_direct_seat(tmp_path, "L1", "CLOCK.EXE", "4.00")
+    assert note is not None
+    stale = tmp_path / DIRECT_SEATS / "999999999-12345.json"  # a run killed with SIGKILL
+    stale.write_text("{}\n")
+    assert direct_seats(tmp_path) == {(os.getpid(), pid_start(os.getpid()))}
+    assert not stale.exists()
+    withdraw_direct_seat(note)
+    assert direct_seats(tmp_path) == set()
