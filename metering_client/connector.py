@@ -27,6 +27,7 @@ from metering_client.serverlist import ServerEntry, ServerList
 from metering_protocol.client import ProtocolClient
 from metering_protocol.errors import (
     AUTH_TERMINAL,
+    CertificateError,
     ConnectionLost,
     CredentialUnusable,
     MeteringError,
@@ -235,6 +236,7 @@ class Connector:
                     e for e in order if e.address == avoid
                 ]
             hopeless = True  # every server refused in a way another pass cannot change
+            untrusted = 0
             for entry in order:
                 try:
                     return await self.open(entry)
@@ -242,6 +244,7 @@ class Connector:
                     raise
                 except MeteringError as exc:
                     hopeless = hopeless and not exc.retryable  # e.g. certificate_untrusted
+                    untrusted += isinstance(exc, CertificateError)
                     # Transport errors already name the address; server answers do not.
                     text = exc.message if isinstance(exc, ConnectionLost) else str(exc)
                     if not text.startswith(entry.address):
@@ -251,7 +254,10 @@ class Connector:
             done += 1
             delay = self.policy.pass_delay_s(done) if done < passes and not hopeless else None
             if delay is None:
-                self.last_error = Unavailable(
+                # Every server's certificate untrusted: the CA file is wrong (a config
+                # problem, 78), not a site that is down (75).
+                fault = CertificateError if order and untrusted == len(order) else Unavailable
+                self.last_error = fault(
                     f"no server reachable after {done} pass(es) over {len(order)} server(s): "
                     + "; ".join(errors[-len(order) :] or ["no servers configured"])
                 )

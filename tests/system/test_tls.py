@@ -157,7 +157,8 @@ def test_tls_end_to_end_direct_and_through_agent(tls_server, tmp_path, sockdir):
 
 def test_untrusted_certificate_fails_quickly_and_clearly(tls_server, tmp_path, sockdir):
     """With the default retry schedule (5 passes, up to 1+2+4+8 s of backoff between them):
-    another pass cannot make the certificate trusted, so the client gives up after one."""
+    another pass cannot make the certificate trusted, so the client gives up after one, and
+    exits 78 (fix the CA file: docs/operations.md's exit codes), not 75 (try again later)."""
     srv, _, port = tls_server
     other_ca, _, _ = write_pki(trustme.CA(), tmp_path / "other-pki")
     cfg = client_config(
@@ -171,13 +172,32 @@ def test_untrusted_certificate_fails_quickly_and_clearly(tls_server, tmp_path, s
     started = time.monotonic()
     proc = run_client(cfg, "run", *PRODUCT, "--", "true", timeout=20)
     elapsed = time.monotonic() - started
-    assert proc.returncode == 75, proc.stderr
+    assert proc.returncode == 78, proc.stderr
     line = one_line(proc.stderr)
     assert "certificate" in line and "not trusted" in line, line
     assert "after 1 pass(es)" in line, line
     assert elapsed < 5, f"an untrusted certificate took {elapsed:.1f} s to report"
     # The server saw a failed handshake, not a session: nothing to authenticate, nothing held.
     assert not [e for e in srv.events() if e.get("event") == "auth_failed"]
+
+
+def test_an_untrusted_certificate_among_servers_that_are_down_is_try_again_later(
+    tls_server, tmp_path, sockdir
+):
+    """Only when every server's certificate is untrusted is it the CA file (78); with
+    another server merely down, the site may be back later (75)."""
+    _, _, port = tls_server
+    other_ca, _, _ = write_pki(trustme.CA(), tmp_path / "other-pki")
+    cfg = client_config(
+        tmp_path,
+        "mixed",
+        [f"tls://127.0.0.1:{port}", "tcp://127.0.0.1:9"],
+        ca=other_ca,
+        sock=sockdir / "none.sock",
+    )
+    proc = run_client(cfg, "run", *PRODUCT, "--", "true", timeout=30)
+    assert proc.returncode == 75, proc.stderr
+    assert "not trusted" in one_line(proc.stderr)
 
 
 def test_plaintext_client_on_tls_port_fails_clearly_without_hanging(tls_server, tmp_path, sockdir):
