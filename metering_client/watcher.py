@@ -65,6 +65,7 @@ log = get_logger("metering.watch")
 
 COMM_LEN = 15  # /proc/PID/comm keeps the first 15 bytes of the name
 PF_KTHREAD = 0x00200000
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # /proc/PID/stat's start time is in these
 SEAT_RETRY_S = 5.0  # a program running without a seat asks again this often (when connected)
 CATALOGUE_RETRY_S = 5.0
 INTERPRETER = re.compile(
@@ -100,6 +101,10 @@ class ProcessTable(Protocol):
         """The real uid; None when the process is gone."""
         ...
 
+    def started_at(self, proc: Proc) -> float | None:
+        """When the process started, epoch seconds; None when unknown."""
+        ...
+
     def signal(self, proc: Proc, sig: int) -> bool:
         """Send `sig` to this very process; False when it is gone (or its pid reused).
         PermissionError when it is another user's and the agent may not."""
@@ -115,6 +120,7 @@ class LinuxProcTable:
 
     def __init__(self, root: str = "/proc"):
         self.root = root
+        self._boot: float | None = None  # epoch seconds, read once (`started_at`)
 
     def snapshot(self) -> dict[int, Proc]:
         out: dict[int, Proc] = {}
@@ -174,6 +180,20 @@ class LinuxProcTable:
         except (OSError, ValueError, IndexError):
             return None
         return None
+
+    def started_at(self, proc: Proc) -> float | None:
+        """Boot time plus the start in clock ticks (/proc/stat's btime: whole seconds)."""
+        if proc.start is None:
+            return None
+        if self._boot is None:
+            try:
+                with open(f"{self.root}/stat", "rb") as f:
+                    self._boot = next(
+                        float(line.split()[1]) for line in f if line.startswith(b"btime ")
+                    )
+            except (OSError, StopIteration, ValueError, IndexError):
+                return None
+        return self._boot + proc.start / CLOCK_TICKS
 
     def _same(self, proc: Proc) -> bool:
         return proc.start is None or pid_start(proc.pid) == proc.start
@@ -645,7 +665,10 @@ class Watcher:
                 )
                 self._save_pids(run)
                 return
-        run = Run(product, user, {proc.key: proc}, started=now)
+        # The record starts when the program did, not when a scan (or an agent started
+        # after it) noticed it; never after `now`, whatever the clocks say.
+        started = self.table.started_at(proc)
+        run = Run(product, user, {proc.key: proc}, started=min(now, started or now))
         self.runs[proc.key] = run
         if self.config.instances == "shared":
             self.groups[group] = run

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ class FakeTable:
         self.procs: dict[int, Proc] = {}
         self.argvs: dict[int, tuple[str, ...]] = {}
         self.uids: dict[int, int] = {}
+        self.starts: dict[int, float] = {}  # started_at, epoch seconds (unknown: None)
         self.ignores_term: set[int] = set()
         self.signals: list[tuple[int, str]] = []
         self.on_signal: Any = None
@@ -85,6 +87,9 @@ class FakeTable:
 
     def uid(self, proc: Proc) -> int | None:
         return self.uids[proc.pid] if self._same(proc) else None
+
+    def started_at(self, proc: Proc) -> float | None:
+        return self.starts.get(proc.pid)
 
     def signal(self, proc: Proc, sig: int) -> bool:
         if not self._same(proc):
@@ -252,6 +257,19 @@ async def test_a_program_gets_a_seat_for_its_user_and_gives_it_back_at_exit(env)
     assert env.keeper.checkins == ["L1"] and not env.watcher.owns("L1")
     [rec] = env.records()
     assert not rec.running and rec.ended_at == rfc3339(T0 + 1.5)
+
+
+@pytest.mark.asyncio
+async def test_a_record_starts_when_its_program_did_not_when_it_was_noticed(env):
+    """Found by a campaign: a program started while the agent was down got a record from
+    the agent's restart (2 s of a 5 s run).  Never after the scan, whatever the clocks."""
+    env.table.add(100, exe="Clock", start=7)
+    env.table.starts[100] = T0 - 3.0
+    env.table.add(101, exe="report-gen", start=8)
+    env.table.starts[101] = T0 + 99.0  # a clock stepped back since: the scan's time
+    await env.scan()
+    started = {r.product: r.started_at for r in env.records()}
+    assert started == {"CLOCK.EXE": rfc3339(T0 - 3.0), "REPORT": rfc3339(T0 + 0.5)}
 
 
 @pytest.mark.asyncio
@@ -530,6 +548,8 @@ def test_the_proc_table_reads_this_process():
     assert me.exe is not None and me.exe.startswith("python")
     assert table.argv(me)[0].endswith(("python", "python3")) or "python" in table.argv(me)[0]
     assert table.uid(me) == os.getuid()
+    started = table.started_at(me)
+    assert started is not None and time.time() - 3600 < started <= time.time() + 1
 
 
 @pytest.mark.asyncio
