@@ -29,7 +29,7 @@ from metering_runtime.http import HttpEndpoint, Response
 from metering_runtime.listeners import Listener, bind, server_ssl_context
 from metering_runtime.logs import bind_context, get_logger
 from metering_runtime.tasks import TaskOwner
-from metering_server.auth.credentials import Credentials, CredentialsError
+from metering_server.auth.credentials import UPGRADES_ASIDE, Credentials, CredentialsError
 from metering_server.auth.lockout import LockoutSettings
 from metering_server.authn import Authenticator
 from metering_server.config import ServerConfig, load_server_config
@@ -163,7 +163,11 @@ class MeteringServer:
         cfg = self.config
         bind_context(server=cfg.server.name)
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        credentials = Credentials.load(cfg.credentials_path, missing_ok=cfg.auth.peercred_only)
+        credentials = Credentials.load(
+            cfg.credentials_path,
+            missing_ok=cfg.auth.peercred_only,
+            upgrades_aside=cfg.state_dir / UPGRADES_ASIDE,
+        )
         await self.store.open()
         await self.seats.start()
         self.authenticator = Authenticator(
@@ -174,6 +178,7 @@ class MeteringServer:
             self.clock,
             cfg.auth.security_log_window_s,
             cfg.auth.spray_principals,
+            upgrades_aside=cfg.state_dir / UPGRADES_ASIDE,
         )
         self.handlers = Handlers(
             self.seats, self.authenticator, lambda: self._site, self.reload, self.health
@@ -359,7 +364,9 @@ class MeteringServer:
                 new = load_server_config(self.config.path)
                 check_servers_version(new, self.config)
                 credentials = Credentials.load(
-                    new.credentials_path, missing_ok=new.auth.peercred_only
+                    new.credentials_path,
+                    missing_ok=new.auth.peercred_only,
+                    upgrades_aside=self.config.state_dir / UPGRADES_ASIDE,
                 )
             except (ConfigError, CredentialsError) as exc:
                 log.error("reload_failed", error=str(exc))

@@ -18,6 +18,7 @@ import asyncio
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from metering_protocol.errors import AuthFailed, LockedOut
@@ -25,7 +26,12 @@ from metering_protocol.timefmt import rfc3339
 from metering_protocol.unixsock import user_name
 from metering_runtime.logs import get_logger
 from metering_runtime.tasks import TaskOwner
-from metering_server.auth.credentials import Credentials, CredentialsError, save_upgrades
+from metering_server.auth.credentials import (
+    Credentials,
+    CredentialsError,
+    save_upgrades,
+    save_upgrades_aside,
+)
 from metering_server.auth.lockout import LockoutPolicy, LockoutSettings
 from metering_server.seclog import SecurityLog
 from metering_server.store.base import LeaseStore
@@ -75,8 +81,11 @@ class Authenticator:
         clock: Callable[[], float],
         security_log_window_s: float,
         spray_principals: int = 10,
+        upgrades_aside: Path | None = None,
     ):
         self.credentials = credentials
+        # Upgraded hashes the credentials file could not take (`save_upgrades_aside`).
+        self.upgrades_aside = upgrades_aside
         self.store = store
         self.policy = LockoutPolicy(settings)
         self.spray = LockoutPolicy(spray_settings(settings, spray_principals))
@@ -230,7 +239,22 @@ class Authenticator:
         try:
             written = await asyncio.to_thread(save_upgrades, source, upgraded)
         except CredentialsError as exc:
-            log.warning("token_hash_upgrade_not_saved", error=str(exc))
+            if self.upgrades_aside is None:
+                log.warning("token_hash_upgrade_not_saved", error=str(exc))
+                return
+            try:  # the file is read-only to us (e.g. the shipped unit): keep them aside
+                written = await asyncio.to_thread(
+                    save_upgrades_aside, self.upgrades_aside, upgraded
+                )
+            except OSError as aside:
+                log.warning("token_hash_upgrade_not_saved", error=f"{exc}; {aside}")
+                return
+            log.info(
+                "token_hashes_upgraded",
+                principals=len(written),
+                kept_in=str(self.upgrades_aside),
+                because=str(exc),
+            )
             return
         log.info(
             "token_hashes_upgraded",

@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import hashlib
 import hmac
+import json
 import os
 import secrets
 import tomllib
@@ -247,9 +248,26 @@ class Credentials:
         self._dummy = _DUMMY_FAST
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, missing_ok: bool = False) -> Credentials:
-        """Strict: unknown keys and wrong types are errors, never ignored."""
-        path = Path(path)
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        missing_ok: bool = False,
+        upgrades_aside: Path | None = None,
+    ) -> Credentials:
+        """Strict: unknown keys and wrong types are errors, never ignored.  `upgrades_aside`:
+        the upgraded hashes a server could not write into the file (`save_upgrades_aside`)
+        are used for the principals whose hash in the file is still the one they replaced."""
+        loaded = cls._load(Path(path), missing_ok=missing_ok)
+        if upgrades_aside is not None:
+            for name, (old, new) in read_upgrades_aside(upgrades_aside).items():
+                principal = loaded._by_name.get(name)
+                if principal is not None and principal.token_hash == old:
+                    loaded._by_name[name] = Principal(name, principal.roles, new)
+        return loaded
+
+    @classmethod
+    def _load(cls, path: Path, *, missing_ok: bool) -> Credentials:
         try:
             with path.open("rb") as fh:
                 data = tomllib.load(fh)
@@ -405,6 +423,32 @@ def save_upgrades(
         if written:
             _write(path, principals)
     return written
+
+
+# Where a server keeps the upgraded hashes it could not write into the credentials file (a
+# file in /etc the service user may only read: the shipped unit's ProtectSystem=strict), in
+# its own state dir: without them every restart paid scrypt again for each legacy principal,
+# a failover storm's worth of slow hellos.
+UPGRADES_ASIDE = "upgraded-token-hashes.json"
+
+
+def read_upgrades_aside(path: Path) -> dict[str, tuple[str, str]]:
+    """{name: (hash replaced, fast hash)}; nothing when the file is missing or unreadable
+    (the principals then cost scrypt once more, and are upgraded again)."""
+    try:
+        data = json.loads(path.read_text())
+        return {str(k): (str(v[0]), str(v[1])) for k, v in data.items()}
+    except (OSError, ValueError, TypeError, IndexError, AttributeError):
+        return {}
+
+
+def save_upgrades_aside(path: Path, upgraded: Mapping[str, tuple[str, str]]) -> list[str]:
+    """Add upgraded hashes to the server's own file of them (durable, 0600); the names."""
+    kept = read_upgrades_aside(path)
+    kept.update(upgraded)
+    data = {name: list(change) for name, change in sorted(kept.items())}
+    write_atomic(path, (json.dumps(data, indent=1) + "\n").encode(), mode=0o600)
+    return sorted(upgraded)
 
 
 @contextlib.contextmanager

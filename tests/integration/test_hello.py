@@ -466,3 +466,37 @@ async def test_saving_upgraded_hashes_keeps_a_principal_the_operator_just_added(
     assert now.get("bob").token_hash.startswith("sha256$")
     assert now.authenticate("new-agent", token) is not None
     assert now.authenticate("later-agent", later) is not None
+
+
+@pytest.mark.asyncio
+async def test_upgrades_the_credentials_file_cannot_take_are_kept_in_the_state_dir(
+    make_server, monkeypatch
+):
+    """Found by a campaign: under the shipped unit (ProtectSystem=strict, /etc read-only to
+    the service user) the upgraded hashes were never written, and every restart paid scrypt
+    again for each legacy principal.  The file refusing the write is simulated (tests run as
+    root, whom permissions do not stop); the aside file and its use after a restart are
+    real."""
+    import metering_server.authn as authn_mod
+    from metering_server.auth.credentials import UPGRADES_ASIDE, CredentialsError
+
+    def read_only(path, upgraded):
+        raise CredentialsError(f"{path}: cannot write: Read-only file system")
+
+    monkeypatch.setattr(authn_mod, "save_upgrades", read_only)
+    server = await make_server(name="srv-a", credentials=CREDS)
+    path, aside = server.config.credentials_path, server.config.state_dir / UPGRADES_ASIDE
+    assert isinstance(await try_hello(server.address("tcp"), user="alice", token=ALICE), dict)
+    await server.authenticator.flush_upgrades()
+    assert 'token_hash = "scrypt$' in path.read_text()  # the file as it was
+    assert oct(aside.stat().st_mode & 0o777) == "0o600"
+    # the next start (a reload, too) uses alice's fast hash; bob's file entry is untouched
+    again = Credentials.load(path, upgrades_aside=aside)
+    assert again.get("alice").token_hash.startswith("sha256$")
+    assert again.get("bob").token_hash.startswith("scrypt$")
+    assert again.authenticate("alice", ALICE) is not None
+    # an operator who rotates alice's token in the file wins over the hash kept aside
+    token = add_principal(path, "alice", "user")
+    rotated = Credentials.load(path, upgrades_aside=aside)
+    assert rotated.authenticate("alice", token) is not None
+    assert rotated.authenticate("alice", ALICE) is None
