@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -186,7 +187,7 @@ async def run_command(
         loop = asyncio.get_running_loop()
         forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
         for sig in forwarded:
-            loop.add_signal_handler(sig, _forward, proc, sig)
+            loop.add_signal_handler(sig, _relay, proc, sig)
         try:
             exited = asyncio.ensure_future(proc.wait())
             lost = asyncio.ensure_future(seat.lost.wait())
@@ -226,6 +227,30 @@ async def _stop(proc: asyncio.subprocess.Process, exited: asyncio.Future, grace_
 def _forward(proc: asyncio.subprocess.Process, sig: int) -> None:
     if proc.returncode is None:
         proc.send_signal(sig)
+
+
+def _relay(proc: asyncio.subprocess.Process, sig: int) -> None:
+    """Pass a signal `run` received on to its command, once.  A keyboard's SIGINT or SIGQUIT
+    (Ctrl-C, Ctrl-\\) goes to the terminal's whole foreground process group, the command
+    included (it is in run's group): relayed as well, it arrived twice, and many programs
+    take a second Ctrl-C as "quit now"."""
+    if sig in (signal.SIGINT, signal.SIGQUIT) and _in_terminal_foreground():
+        return
+    _forward(proc, sig)
+
+
+def _in_terminal_foreground() -> bool:
+    """Whether this process's group is the foreground group of its controlling terminal."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:
+        return False  # no controlling terminal: no keyboard signals
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _print(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:

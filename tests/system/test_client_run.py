@@ -252,6 +252,54 @@ def test_interrupted_run_forwards_the_signal_and_checks_in(site):
     assert site.in_use() == 0
 
 
+# Counts the SIGINTs it gets; exits with that count 1 s after the first (a ready file first).
+COUNT_SIGINTS = """
+import signal, sys, time
+got = []
+signal.signal(signal.SIGINT, lambda s, f: got.append(time.monotonic()))
+open(sys.argv[1], "w").close()
+while not got or time.monotonic() - got[0] < 1.0:
+    time.sleep(0.02)
+sys.exit(len(got))
+"""
+
+
+def test_ctrl_c_at_a_terminal_reaches_the_command_once(site):
+    """Found by a campaign: the terminal sends Ctrl-C's SIGINT to its whole foreground
+    process group, the command included, and `run` relayed it as well: twice (many programs
+    take a second Ctrl-C as "quit now")."""
+    import fcntl
+    import os
+    import pty
+    import termios
+
+    site.start_agent()
+    ready = site.tmp / "ready"
+    master, slave = pty.openpty()
+
+    def own_terminal() -> None:  # a session whose controlling terminal is the pty
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    argv = [CLIENT, "--config", str(site.client_toml), "run", "--product", "CLOCK.EXE"]
+    argv += ["--version", "4.00", "--", sys.executable, "-c", COUNT_SIGINTS, str(ready)]
+    err = site.tmp / "run.stderr"
+    with open(err, "wb") as stderr:
+        proc = subprocess.Popen(
+            argv, stdin=slave, stdout=slave, stderr=stderr, preexec_fn=own_terminal
+        )
+    os.close(slave)
+    try:
+        wait_until(ready.exists, what="the command running")
+        os.write(master, b"\x03")  # Ctrl-C
+        assert proc.wait(30) == 1, err.read_text()  # exits with the SIGINTs it counted
+        assert site.in_use() == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+
+
 def test_killed_run_seat_is_returned_by_the_agent(site):
     """kill -9 of the `run` wrapper: its connection to the agent closes, the seat comes back."""
     site.start_agent()
