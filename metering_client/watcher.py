@@ -120,7 +120,6 @@ class LinuxProcTable:
 
     def __init__(self, root: str = "/proc"):
         self.root = root
-        self._boot: float | None = None  # epoch seconds, read once (`started_at`)
 
     def snapshot(self) -> dict[int, Proc]:
         out: dict[int, Proc] = {}
@@ -182,18 +181,12 @@ class LinuxProcTable:
         return None
 
     def started_at(self, proc: Proc) -> float | None:
-        """Boot time plus the start in clock ticks (/proc/stat's btime: whole seconds)."""
+        """The start in clock ticks since boot, on the wall clock: to the tick (10 ms),
+        where /proc/stat's btime would be to the whole second."""
         if proc.start is None:
             return None
-        if self._boot is None:
-            try:
-                with open(f"{self.root}/stat", "rb") as f:
-                    self._boot = next(
-                        float(line.split()[1]) for line in f if line.startswith(b"btime ")
-                    )
-            except (OSError, StopIteration, ValueError, IndexError):
-                return None
-        return self._boot + proc.start / CLOCK_TICKS
+        since_boot = time.clock_gettime(time.CLOCK_BOOTTIME)
+        return time.time() - since_boot + proc.start / CLOCK_TICKS
 
     def _same(self, proc: Proc) -> bool:
         return proc.start is None or pid_start(proc.pid) == proc.start
