@@ -66,7 +66,7 @@ def test_unknown_error_code_is_not_retried():
 
 
 @pytest.mark.parametrize(
-    "field", [{"product": "A\x07"}, {"version": "1\n2"}, {"user": "ali\tce"}, {"user": "x\x7f"}]
+    "field", [{"idempotency_key": "k\n2"}, {"user": "ali\tce"}, {"user": "x\x7f"}]
 )
 def test_names_with_control_characters_are_refused_with_a_readable_reason(field):
     frame = {"id": 5, "op": "checkout", "product": "A", "version": "1", **field}
@@ -74,6 +74,26 @@ def test_names_with_control_characters_are_refused_with_a_readable_reason(field)
         parse_request(frame)
     (name,) = field
     assert err.value.message == f"{name}: must not contain control characters"
+
+
+def test_a_usage_records_names_are_checked_and_a_checkouts_product_is_the_catalogues():
+    from metering_protocol.messages import parse_usage_record
+
+    record = {
+        "record_id": "r1",
+        "product": "A\x07",
+        "version": "1",
+        "user": "u",
+        "client": "c",
+        "started_at": "2024-05-01T12:00:00Z",
+        "ended_at": "2024-05-01T12:00:01Z",
+        "outcome": "granted",
+    }
+    with pytest.raises(BadRequest, match="product: must not contain control characters"):
+        parse_usage_record(record)
+    # a checkout's product must name a catalogue entry: no pattern to pay on every checkout
+    req = parse_request({"id": 5, "op": "checkout", "product": "A\x07", "version": "1"})
+    assert req.product == "A\x07"
 
 
 def test_names_beyond_ascii_are_names():
