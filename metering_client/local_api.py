@@ -146,7 +146,7 @@ class LocalSession:
             pid_start=pid_start(self.pid),
             detached=req.detach,
             reclaim=reclaim,
-            idempotency_key=_agent_key(self.user, req.idempotency_key),
+            idempotency_key=_agent_key(req.user or self.user, req.idempotency_key),
         )
         self.handles.add(held.handle)
         self.agent.holders[held.handle] = self

@@ -68,6 +68,11 @@ def direct_seats(state_dir: Path) -> set[tuple[int, int | None]]:
     except OSError:
         return out
     for note in notes:
+        try:  # root's or the agent's own (the dir is theirs): no one else exempts a program
+            if note.stat().st_uid not in (0, os.getuid()):
+                continue
+        except OSError:
+            continue
         pid_text, _, start_text = note.stem.partition("-")
         try:
             pid, start = int(pid_text), None if start_text == "None" else int(start_text)

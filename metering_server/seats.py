@@ -11,6 +11,7 @@ is anything with a principal, a client name, a `closed` flag and a `push` for ev
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -21,8 +22,11 @@ from metering_protocol.errors import (
     BadRequest,
     Cancelled,
     Denied,
+    Internal,
     LeaseNotFound,
     LeaseRevoked,
+    MeteringError,
+    Overloaded,
     ShuttingDown,
     UnknownProduct,
 )
@@ -115,6 +119,8 @@ class SeatService:
         self._pool_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._tasks = TaskOwner("seats")
         self._repools_owed = 0  # passes of `repool` a reloaded catalogue still needs
+        self._gone_keys: set[tuple[str, str]] = set()  # to retire at the next `repool`
+        self._settling = asyncio.Lock()  # one `settle_catalogue` at a time
 
     async def start(self) -> None:
         await self.store.touch_server(self.settings.server, self.clock(), self.settings.ttl_s)
@@ -122,8 +128,12 @@ class SeatService:
         await self.repool()  # the catalogue may have changed while the server was down
 
     async def repool(self) -> None:
-        """Count the store's leases against this catalogue's pools (`LeaseStore.repool`)."""
-        moved = await self.store.repool(_resolver(self.catalogue))
+        """Count the store's leases against this catalogue's pools (`LeaseStore.repool`),
+        and retire for the site the keys the catalogue left behind."""
+        catalogue, gone = self.catalogue, set(self._gone_keys)
+        live = [pool.key for pool in catalogue.pools]
+        moved = await self.store.repool(_resolver(catalogue), live, gone)
+        self._gone_keys -= gone
         if moved:
             log.info("leases_repooled", leases=moved)
 
@@ -144,10 +154,16 @@ class SeatService:
         if self.draining:
             raise ShuttingDown("server is draining", retry_after_s=0.1)
         pool = self.catalogue.find(req.product, req.version)
+        if pool.version == "*" and not _clean(req.version):
+            # Any version counts here, and the lease keeps it as sent (logs, reports).
+            raise BadRequest("version: must not contain control characters")
         if req.wait_s <= 0:
-            outcome = await self.store.grant(self._grant_request(holder, pool, req))
+            pool, outcome = await self._grant(holder, pool, req)
             if not outcome.granted:
                 self._refuse(holder, pool, req, outcome)
+            if holder.closed:  # nobody to tell: the seat goes back (nobody-waits rule)
+                await self._undo(holder, outcome)
+                raise Cancelled("connection closed")
             return self._granted(holder, pool, outcome)
         # A checkout that may wait can be withdrawn (`cancel`, its connection closing) from
         # the moment it arrives, not only once it is queued: its caller may be gone before
@@ -156,7 +172,8 @@ class SeatService:
         mine = self._waiting.setdefault(holder, {})
         mine[req.request_id] = waiter
         try:
-            outcome = await self.store.grant(self._grant_request(holder, pool, req))
+            pool, outcome = await self._grant(holder, pool, req)
+            waiter.pool_key = pool.key
             if waiter.future.done():  # withdrawn while the store was granting
                 await self._undo(holder, outcome)
                 raise self._withdrawn(holder, req, waiter)
@@ -176,6 +193,46 @@ class SeatService:
             if not mine and self._waiting.get(holder) is mine:
                 del self._waiting[holder]
 
+    async def _grant(
+        self, holder: Holder, pool: Pool, req: CheckoutRequest, waiter: int | None = None
+    ) -> tuple[Pool, GrantOutcome]:
+        """The store's grant; when the pool's key was retired meanwhile (a reload here, or
+        on another server, re-keyed it: `LeaseStore.repool`), once more under the pool the
+        catalogue names now, if that is another."""
+        outcome = await self.store.grant(self._grant_request(holder, pool, req, waiter))
+        if outcome.retired:
+            now = self.catalogue.find(req.product, req.version)
+            if now.key != pool.key:
+                pool = now
+                outcome = await self.store.grant(self._grant_request(holder, pool, req, waiter))
+        return pool, outcome
+
+    def _final_refusal(
+        self, pool: Pool, req: CheckoutRequest, outcome: GrantOutcome
+    ) -> MeteringError | None:
+        """What a refused grant answers whether or not the checkout may wait: waiting
+        cannot change it (or, retired, only a reload of this server can)."""
+        if outcome.key_reused:
+            return BadRequest(
+                f"idempotency_key {req.idempotency_key!r} already made a lease for another "
+                "product or version: a retry must repeat its checkout, a new checkout needs a "
+                "new key"
+            )
+        if outcome.revoked:
+            if req.reclaim is not None:
+                return LeaseRevoked(f"lease {req.reclaim} was revoked by an administrator")
+            return LeaseRevoked(
+                "the lease an earlier attempt of this checkout (same idempotency_key) was "
+                "granted was revoked by an administrator"
+            )
+        if outcome.retired:
+            return Overloaded(
+                f"{pool.product} {pool.version}: the site's catalogue is changing (a reload "
+                "has not reached every server yet); retry",
+                retry_after_s=1.0,
+            )
+        return None
+
     def _refuse(
         self,
         holder: Holder,
@@ -188,19 +245,9 @@ class SeatService:
         """Raise what a checkout the store did not grant hears, unless it is to wait."""
         if outcome.granted:
             return
-        if outcome.key_reused:
-            raise BadRequest(
-                f"idempotency_key {req.idempotency_key!r} already made a lease for another "
-                "product or version: a retry must repeat its checkout, a new checkout needs a "
-                "new key"
-            )
-        if outcome.revoked:
-            if req.reclaim is not None:
-                raise LeaseRevoked(f"lease {req.reclaim} was revoked by an administrator")
-            raise LeaseRevoked(
-                "the lease an earlier attempt of this checkout (same idempotency_key) was "
-                "granted was revoked by an administrator"
-            )
+        final = self._final_refusal(pool, req, outcome)
+        if final is not None:
+            raise final
         if not may_wait:
             raise self._deny(holder, pool, req, outcome.in_use)
 
@@ -247,6 +294,10 @@ class SeatService:
         store's site-wide queue and wait for `serve_waiters` to grant it a seat."""
         assert holder.principal is not None
         now = self.clock()
+        # The catalogue as it is now: a reload while the first grant was in the store may
+        # have re-keyed the pool (`rekey` moved only the waiters already queued).
+        pool = self.catalogue.find(req.product, req.version)
+        waiter.pool_key = pool.key
         self._waiters.add(waiter)  # the local bound first: `overloaded` before any store work
         try:
             ticket = await self.store.enqueue(
@@ -316,9 +367,7 @@ class SeatService:
             while (waiter := self._waiters.head(pool_key)) is not None:
                 pool = self.catalogue.by_key(pool_key)
                 if pool is None:
-                    waiter.future.set_exception(
-                        UnknownProduct(f"{pool_key[0]} {pool_key[1]} left the catalogue")
-                    )
+                    self._requeue_or_refuse(waiter)  # its pool was re-keyed, or removed
                     continue
                 if not waiter.ticket:  # still being queued: it serves the pool once it is
                     return
@@ -340,6 +389,14 @@ class SeatService:
                             Cancelled("its place in the queue went to a retry of this checkout")
                         )
                     continue
+                if outcome.retired:  # re-keyed by a reload (here, or another server's)
+                    self._requeue_or_refuse(waiter)
+                    continue
+                final = self._final_refusal(pool, req, outcome)
+                if final is not None:  # the store dropped its entry: answered, never served
+                    if not waiter.future.done():
+                        waiter.future.set_exception(final)
+                    continue
                 if not outcome.granted:
                     return  # no seat free, or an earlier live waiter (on any server) comes first
                 if outcome.replayed:  # the lease an attempt of this same checkout made: never
@@ -354,6 +411,21 @@ class SeatService:
                     )
                     continue
                 waiter.future.set_result(self._granted(holder, pool, outcome, waited=True))
+
+    def _requeue_or_refuse(self, waiter: Waiter) -> None:
+        """A waiter whose pool key left the catalogue: into the queue of the pool its
+        product counts against now (served there), or refused when there is none."""
+        req = waiter.request
+        try:
+            pool = self.catalogue.find(req.product, req.version)
+        except UnknownProduct as exc:
+            waiter.future.set_exception(exc)
+            return
+        if pool.key == waiter.pool_key:  # retired by another server, still ours: come back
+            waiter.future.set_exception(self._final_refusal(pool, req, RETIRED) or Internal())
+            return
+        self._waiters.move(waiter, pool.key)
+        self._seat_freed(pool.key)
 
     def _granted(
         self, holder: Holder, pool: Pool, outcome: GrantOutcome, *, waited: bool = False
@@ -451,7 +523,10 @@ class SeatService:
         servers reach this one's holders and waiters (at most one sweep interval late)."""
         now = self.clock()
         await self.store.touch_server(self.settings.server, now, self.settings.ttl_s)
-        await self.settle_catalogue()
+        try:
+            await self.settle_catalogue()
+        except MeteringError as exc:  # owed still; expiry and waiters must not wait for it
+            log.warning("repool_failed", error=exc.message)
         for rec in await self.store.expire(now):
             log.info("lease_expired", lease=rec.lease, product=rec.product, user=rec.user)
             self.events.publish(ev.Expired(self.clock(), rec))
@@ -506,6 +581,7 @@ class SeatService:
         self._waiters.max_waiters = settings.max_waiters
         self.events.publish(ev.ConfigReloaded(self.clock(), changed))
         if catalogue.pools != before.pools:
+            self._gone_keys |= {p.key for p in before.pools} - {p.key for p in catalogue.pools}
             # Leases granted under the old catalogue are counted against the new one's pools
             # now (`settle_catalogue`), and once more at the next sweep for the grants that
             # were already on their way to the store under the old one.  Waiters keep their
@@ -515,10 +591,13 @@ class SeatService:
             self._waiters.rekey(lambda w: resolve(w.request.product, w.request.version))
 
     async def settle_catalogue(self) -> None:
-        """The repools a reload left owed (`reconfigure`); one that fails is owed still."""
-        if self._repools_owed:
-            await self.repool()
-            self._repools_owed -= 1
+        """The repools a reload left owed (`reconfigure`), one at a time (the reload's and
+        a sweep's must not both spend the pass meant for later); one that fails is owed
+        still."""
+        async with self._settling:
+            if self._repools_owed:
+                await self.repool()
+                self._repools_owed -= 1
 
     def drain(self) -> None:
         """Refuse new checkouts; every waiting one is answered `shutting_down`."""
@@ -536,6 +615,15 @@ class SeatService:
             await self.store.detach(self.settings.server)
         except Exception as exc:
             log.warning("store_detach_failed", error=str(exc))
+
+
+RETIRED = GrantOutcome(False, 0, retired=True)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _clean(name: str) -> bool:
+    """No control characters (the protocol's `CleanName`), ASCII the fast way."""
+    return name.isprintable() if name.isascii() else not _CONTROL.search(name)
 
 
 def _resolver(catalogue: Catalogue) -> Callable[[str, str], tuple[str, str] | None]:

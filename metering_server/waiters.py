@@ -68,6 +68,12 @@ class WaitQueues:
     def pools(self) -> list[tuple[str, str]]:
         return list(self._queues)
 
+    def move(self, waiter: Waiter, key: tuple[str, str]) -> None:
+        """Into `key`'s queue (`head` goes by ticket: its place is kept)."""
+        self.discard(waiter)
+        waiter.pool_key = key
+        self._queues.setdefault(key, deque()).append(waiter)
+
     def rekey(self, key_of: Any) -> list[tuple[str, str]]:
         """Move waiters to the pool `key_of(waiter)` names now (None: leave it), after a
         catalogue change re-keyed their pool; returns the pools that gained waiters."""

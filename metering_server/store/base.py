@@ -18,7 +18,7 @@ import abc
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import msgspec
@@ -186,6 +186,11 @@ class GrantOutcome(msgspec.Struct, frozen=True):
     # so this is not a retry of that checkout (replaying it would hand out a seat of a
     # product the caller did not ask for, whatever that product's count).
     key_reused: bool = False
+    # Not granted: a catalogue change (on this server or another sharing the store) moved
+    # this pool's leases to another key (`repool`); counted under this key it looks empty.
+    # The caller resolves the product again, or (its catalogue is the old one) tells the
+    # client to come back.
+    retired: bool = False
 
 
 def of_product(records: list[UsageRecord], product: str | None) -> list[UsageRecord]:
@@ -199,8 +204,9 @@ def of_product(records: list[UsageRecord], product: str | None) -> list[UsageRec
 
 def same_checkout(earlier: LeaseRecord, req: GrantRequest) -> bool:
     """Whether the lease an idempotency key made answers this request: a retry repeats
-    its checkout's product and version."""
-    return earlier.product == req.product and earlier.version == req.version
+    its checkout's product (names match as the catalogue matches them, without regard to
+    case) and version."""
+    return earlier.product.upper() == req.product.upper() and earlier.version == req.version
 
 
 class RenewOutcome(msgspec.Struct, frozen=True):
@@ -400,14 +406,25 @@ class LeaseStore(abc.ABC):
         """Live leases at `now` per pool key; pools with none are left out."""
 
     @abc.abstractmethod
-    async def repool(self, resolve: Callable[[str, str], tuple[str, str] | None]) -> int:
+    async def repool(
+        self,
+        resolve: Callable[[str, str], tuple[str, str] | None],
+        live: Iterable[tuple[str, str]] = (),
+        gone: Iterable[tuple[str, str]] = (),
+    ) -> int:
         """Count every lease against the pool `resolve(product, version)` names for it now;
         returns how many leases moved.  A reload (or a restart) can change which catalogue
         entry a product's leases belong to — a name re-spelt, a version made "*" — and a
         pool counts its own key's leases: without this the leases held under the old key
         counted for nothing and the pool's seats were granted again.  `resolve` answers None
         for a product the catalogue no longer has (its leases stay as they are); it is pure,
-        and may be called on the store's thread."""
+        and may be called on the store's thread.
+
+        The keys leases moved from, and `gone` (the previous catalogue's keys the new one
+        lacks), are retired for the whole site: a grant counted under one is refused
+        (`GrantOutcome.retired`) — a grant resolved under the old catalogue, here a moment
+        before or on a server not reloaded yet, counted the emptied key and was granted
+        beyond the seats.  `live` (the catalogue's keys) are never retired."""
 
     # --- authentication lockout, shared by every server on the store ---------------------
     @abc.abstractmethod

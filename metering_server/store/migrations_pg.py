@@ -144,6 +144,17 @@ CREATE INDEX revoked_idempotency ON revoked (principal, client, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 """,
     ),
+    Migration(
+        5,
+        "pool keys a catalogue change retired: grants counted under them are refused",
+        """
+CREATE TABLE retired_pools (
+    pool_product text NOT NULL,
+    pool_version text NOT NULL,
+    PRIMARY KEY (pool_product, pool_version)
+);
+""",
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -45,7 +45,7 @@ import random
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -147,7 +147,9 @@ _COUNTS = (
     "AND pool_product = p.product AND pool_version = p.version) AS in_use, "
     "(SELECT count(*) FROM waiters WHERE pool_product = p.product AND pool_version = p.version "
     "AND id < p.waiter AND deadline > p.now AND kept_until > p.now AND server IN "
-    "(SELECT name FROM servers WHERE seen_at >= p.live_since)) AS ahead "
+    "(SELECT name FROM servers WHERE seen_at >= p.live_since)) AS ahead, "
+    "EXISTS (SELECT 1 FROM retired_pools WHERE pool_product = p.product "
+    "AND pool_version = p.version) AS retired "
     "FROM unnest($1::text[], $2::text[], $3::float8[], $4::bigint[], $5::float8[]) "
     "AS p(product, version, now, waiter, live_since)"
 )
@@ -724,6 +726,8 @@ class PostgresStore(LeaseStore):
                 return GrantOutcome(False, in_use, queued_ahead=1, superseded=True)
             counts = await self._counts(db, [req])
             in_use, ahead = counts[0][pool.key], counts[1][pool.key]
+            if pool.key in counts[2]:
+                return GrantOutcome(False, in_use, retired=True)
             if ahead:
                 return GrantOutcome(False, in_use, queued_ahead=ahead)
             decision = decide(pool, in_use)
@@ -757,7 +761,7 @@ class PostgresStore(LeaseStore):
 
         async def grant_all(db: asyncpg.Connection) -> list[GrantOutcome]:
             first = [min((r for r in reqs if r.pool.key == key), key=_now) for key in pools]
-            in_use, ahead = await self._counts(db, first)
+            in_use, ahead, retired_keys = await self._counts(db, first)
             keyed = [r for r in reqs if r.idempotency_key is not None]
             earlier = await self._by_keys(db, keyed)
             revoked = await self._revoked_keys(
@@ -784,6 +788,9 @@ class PostgresStore(LeaseStore):
                     del earlier[ident]
                 elif ident in revoked:  # the lease an earlier attempt made was revoked
                     out.append(GrantOutcome(False, in_use[key], revoked=True))
+                    continue
+                if key in retired_keys:
+                    out.append(GrantOutcome(False, in_use[key], retired=True))
                     continue
                 if ahead[key]:
                     out.append(GrantOutcome(False, in_use[key], queued_ahead=ahead[key]))
@@ -911,11 +918,12 @@ class PostgresStore(LeaseStore):
     @staticmethod
     async def _counts(
         db: asyncpg.Connection, first: list[GrantRequest]
-    ) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], int]]:
+    ) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], int], set[tuple[str, str]]]:
         """For the pool of each of these grants, at its `now`, in one statement: its live
-        leases (as `_count`) and the queued checkouts that come before the grant's waiter
-        (all of them, for a grant to no waiter) and can still be served: FIFO across the
-        site.  A grant to a waiter whose own entry is gone counts as blocked."""
+        leases (as `_count`), the queued checkouts that come before the grant's waiter (all
+        of them, for a grant to no waiter) and can still be served (FIFO across the site),
+        and whether its key is retired (`repool`).  A grant to a waiter whose own entry is
+        gone counts as blocked."""
         rows = await db.fetch(
             _COUNTS,
             [r.pool.product for r in first],
@@ -926,7 +934,8 @@ class PostgresStore(LeaseStore):
         )
         in_use = {(row["product"], row["version"]): row["in_use"] for row in rows}
         ahead = {(row["product"], row["version"]): row["ahead"] for row in rows}
-        return in_use, ahead
+        retired = {(row["product"], row["version"]) for row in rows if row["retired"]}
+        return in_use, ahead, retired
 
     @staticmethod
     async def _delete(db: asyncpg.Connection, lease: str) -> None:
@@ -1240,23 +1249,54 @@ class PostgresStore(LeaseStore):
         self._in_use_seen = {key: counted.get(key, 0) for key in self._in_use_seen} | counted
         return counted
 
-    async def repool(self, resolve: Callable[[str, str], tuple[str, str] | None]) -> int:
+    async def repool(
+        self,
+        resolve: Callable[[str, str], tuple[str, str] | None],
+        live: Iterable[tuple[str, str]] = (),
+        gone: Iterable[tuple[str, str]] = (),
+    ) -> int:
+        live, gone = set(live), set(gone)
+
         async def repool(db: asyncpg.Connection) -> int:
-            rows = await db.fetch(
-                "SELECT DISTINCT pool_product, pool_version, product, version FROM leases"
-            )
-            moves = []
-            for pool_product, pool_version, product, version in rows:
-                key = resolve(product, version)
-                if key is not None and key != (pool_product, pool_version):
-                    moves.append(((pool_product, pool_version), product, version, key))
+            # Every pool touched is locked as a grant locks it, so a grant counts before the
+            # move and the retirement or after both, never half-way; the leases are looked
+            # at again once the locks are held (a grant may have added a pool meanwhile).
+            locked: set[int] = set()
+            while True:
+                rows = await db.fetch(
+                    "SELECT DISTINCT pool_product, pool_version, product, version FROM leases"
+                )
+                moves = []
+                for pool_product, pool_version, product, version in rows:
+                    key = resolve(product, version)
+                    if key is not None and key != (pool_product, pool_version):
+                        moves.append(((pool_product, pool_version), product, version, key))
+                retire = (gone | {old for old, _, _, _ in moves}) - live
+                touched = retire | {new for _, _, _, new in moves}
+                need = sorted({_pool_lock(k) for k in touched} - locked)
+                if not need:
+                    break
+                await db.execute(
+                    "SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS k", need
+                )
+                locked.update(need)
             await self._repool_waiters(db, resolve)
+            if retire:
+                await db.execute(
+                    "INSERT INTO retired_pools (pool_product, pool_version) SELECT * FROM "
+                    "unnest($1::text[], $2::text[]) ON CONFLICT DO NOTHING",
+                    [k[0] for k in sorted(retire)],
+                    [k[1] for k in sorted(retire)],
+                )
+            if live:
+                await db.execute(
+                    "DELETE FROM retired_pools WHERE (pool_product, pool_version) IN "
+                    "(SELECT * FROM unnest($1::text[], $2::text[]))",
+                    [k[0] for k in sorted(live)],
+                    [k[1] for k in sorted(live)],
+                )
             if not moves:
                 return 0
-            # Both pools' locks, as a grant takes them (lock-key order): a grant to either
-            # counts before the move or after it, never half-way.
-            keys = sorted({_pool_lock(k) for old, _, _, new in moves for k in (old, new)})
-            await db.execute("SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS k", keys)
             moved = 0
             for old, product, version, new in moves:
                 status = await db.execute(
@@ -1463,6 +1503,9 @@ class PostgresStore(LeaseStore):
                 await conn.add_listener(self._channel, deliver)
                 if failures:
                     log.info("store_listen_restored", store=self.where)
+                    # A `repooled` notice sent while we were not listening is lost: the
+                    # lease -> pool cache may be stale (renewals would lock the old pool).
+                    self._pool_of.clear()
                 failures = 0
                 self.listening = True
                 ready.set()

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import astuple
 from pathlib import Path
 from typing import Any, TypeVar
@@ -196,6 +196,15 @@ CREATE TRIGGER leases_pool_moved AFTER UPDATE OF pool_product, pool_version ON l
         VALUES (NEW.pool_product, NEW.pool_version, 1)
         ON CONFLICT (pool_product, pool_version) DO UPDATE SET n = n + 1;
 END;
+""",
+    # 8: pool keys a catalogue change retired (`repool`): grants counted under them are
+    # refused, site-wide.
+    """
+CREATE TABLE retired_pools (
+    pool_product TEXT NOT NULL,
+    pool_version TEXT NOT NULL,
+    PRIMARY KEY (pool_product, pool_version)
+);
 """,
 ]
 
@@ -574,7 +583,10 @@ class SQLiteStore(LeaseStore):
         rows: list[tuple] = []
         for i, g in grants:
             count = counts[g.pool.key]
-            in_use, ahead = count
+            in_use, ahead, retired = count
+            if retired:
+                outcomes[i] = (True, GrantOutcome(False, in_use, retired=True))
+                continue
             if ahead:
                 outcomes[i] = (True, GrantOutcome(False, in_use, queued_ahead=ahead))
                 continue
@@ -843,7 +855,11 @@ class SQLiteStore(LeaseStore):
             if superseded:
                 in_use = self._count(db, pool.key, req.now)
                 return GrantOutcome(False, in_use, queued_ahead=1, superseded=True)
-            in_use, ahead = self._count_and_ahead(db, pool.key, req.now, req.waiter, req.live_since)
+            in_use, ahead, retired = self._count_and_ahead(
+                db, pool.key, req.now, req.waiter, req.live_since
+            )
+            if retired:
+                return GrantOutcome(False, in_use, retired=True)
             if ahead:
                 return GrantOutcome(False, in_use, queued_ahead=ahead)
             decision = decide(pool, in_use)
@@ -868,15 +884,17 @@ class SQLiteStore(LeaseStore):
         now: float,
         waiter: int | None,
         live_since: float,
-    ) -> tuple[int, int]:
-        """The pool's live leases (`_count`) and the queued checkouts that come before
+    ) -> tuple[int, int, int]:
+        """The pool's live leases (`_count`), the queued checkouts that come before
         `waiter` (all of them, for a grant to no waiter) and can still be served (FIFO across
-        the site), in one statement.  A grant to a waiter whose own entry is gone (answered
-        elsewhere, dropped) counts as blocked."""
+        the site), and whether the pool's key is retired (`repool`), in one statement.  A
+        grant to a waiter whose own entry is gone (answered elsewhere, dropped) counts as
+        blocked."""
         return db.execute(
             f"SELECT {_COUNT}, (SELECT COUNT(*) FROM waiters WHERE pool_product = ? "
             "AND pool_version = ? AND id < ? AND deadline > ? AND kept_until > ? AND server IN "
-            "(SELECT name FROM servers WHERE seen_at >= ?))",
+            "(SELECT name FROM servers WHERE seen_at >= ?)), EXISTS (SELECT 1 FROM "
+            "retired_pools WHERE pool_product = ? AND pool_version = ?)",
             (
                 *key,
                 *key,
@@ -886,6 +904,7 @@ class SQLiteStore(LeaseStore):
                 now,
                 now,
                 live_since,
+                *key,
             ),
         ).fetchone()
 
@@ -1035,9 +1054,17 @@ class SQLiteStore(LeaseStore):
 
         return await self._read(select)
 
-    async def repool(self, resolve: Callable[[str, str], tuple[str, str] | None]) -> int:
+    async def repool(
+        self,
+        resolve: Callable[[str, str], tuple[str, str] | None],
+        live: Iterable[tuple[str, str]] = (),
+        gone: Iterable[tuple[str, str]] = (),
+    ) -> int:
+        live, gone = set(live), set(gone)
+
         def repool(db: sqlite3.Connection) -> int:
             moved = 0
+            retire = set(gone)
             for table in ("leases", "waiters"):  # waiters: their place in the pool's queue
                 rows = db.execute(
                     f"SELECT DISTINCT pool_product, pool_version, product, version FROM {table}"
@@ -1052,6 +1079,15 @@ class SQLiteStore(LeaseStore):
                         (*key, pool_product, pool_version, product, version),
                     ).rowcount
                     moved += count if table == "leases" else 0
+                    retire.add((pool_product, pool_version))
+            db.executemany(
+                "INSERT OR IGNORE INTO retired_pools (pool_product, pool_version) VALUES (?, ?)",
+                sorted(retire - live),
+            )
+            db.executemany(
+                "DELETE FROM retired_pools WHERE pool_product = ? AND pool_version = ?",
+                sorted(live),
+            )
             return moved
 
         return await self._write(repool)

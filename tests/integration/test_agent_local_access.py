@@ -189,6 +189,17 @@ async def test_a_programs_checkout_keeps_the_protocols_promises(make_server, tmp
         assert again["lease"] == first["lease"]
         assert await in_use() == {"A": 1, "B": 0}
         assert len(agent.keeper.held) == 1
+        # keys are per end user: root's program checking out for bob and for carol with one
+        # key asks for two seats
+        for_bob = await program.request(
+            "checkout", timeout=10, product="A", version="1", user="bob", idempotency_key="k9"
+        )
+        for_carol = await program.request(
+            "checkout", timeout=10, product="A", version="1", user="carol", idempotency_key="k9"
+        )
+        assert for_bob["lease"] != for_carol["lease"]
+        for handle in (for_bob["lease"], for_carol["lease"]):
+            await program.request("checkin", timeout=10, lease=handle)
         # another product's seat is no reclaim of this one
         other = await program.request(
             "checkout", timeout=10, product="B", version="1", lease=first["lease"]

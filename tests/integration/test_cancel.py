@@ -205,3 +205,42 @@ async def test_a_checkout_that_would_queue_while_the_server_drains_hears_shuttin
     finally:
         await raw.close()
         await holder.close()
+
+
+@pytest.mark.asyncio
+async def test_a_checkout_whose_connection_closed_before_the_grant_gives_the_seat_back(
+    make_server,
+):
+    """Found by a review: without an agent, Ctrl-C during a checkout closes the client's
+    connection at once, before the orphan's reply (and the client's checkin of it) can
+    come; the server granted it all the same, and the seat stayed taken until its TTL."""
+    server = await make_server(products=PRODUCTS)
+    store = server.seats.store
+    real, arrived, gate, granted = store.grant, asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def slow(req):  # the store answers this checkout only when the test says so
+        arrived.set()
+        await gate.wait()
+        try:
+            return await real(req)
+        finally:
+            granted.set()
+
+    store.grant = slow
+    client = await hello(server.address("unix"), client="gone")
+    client.send("checkout", client.next_id(), product="A", version="1")
+    await asyncio.wait_for(arrived.wait(), 10)
+    await client.close()  # Ctrl-C: the connection goes before the reply
+    await async_wait_until(
+        lambda: all(c.closing for c in server.endpoint.connections),
+        what="the server to see the connection close",
+    )
+    store.grant = real
+    gate.set()
+    await asyncio.wait_for(granted.wait(), 10)
+    # TTL 10 s: given back at once, not when the lease would have expired
+    await async_wait_until(lambda: _no_leases(server), timeout=5, what="the seat given back")
+
+
+async def _no_leases(server) -> bool:
+    return await server.seats.store.in_use(server.clock()) == {}

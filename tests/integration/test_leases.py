@@ -714,3 +714,44 @@ async def test_checkin_of_an_expired_but_unswept_lease_reports_released_false(ma
     clock.advance(TTL + 1)  # expired; the sweeper has not run for this clock
     assert (await a.request("checkin", timeout=5, lease=old))["released"] is False
     assert (await checkout(a))["in_use"] == 1
+
+
+@pytest.mark.asyncio
+async def test_a_version_counted_by_a_star_pool_has_no_control_characters(make_server, connect):
+    """A "*" pool takes any version and the lease keeps it as sent (logs, reports)."""
+    server = await make_server(products=[{"name": "CAD", "version": "*", "seats": 2}])
+    c = await connect(server)
+    with pytest.raises(BadRequest, match="version: must not contain control characters"):
+        await checkout(c, product="CAD", version="7\x1b[31m")
+    assert (await checkout(c, product="CAD", version="7.1 ß"))["in_use"] == 1
+
+
+@pytest.mark.asyncio
+async def test_a_waiter_whose_key_made_another_products_lease_does_not_block_the_queue(
+    make_server, connect
+):
+    """Found by a review: a waiting checkout of A with key K, then K used for a checkout of B
+    (granted).  When A's seat was freed, the waiter's grant came back `key_reused` and the
+    waiter stayed at the head of A's queue - for the whole site - until its wait ran out."""
+    server = await make_server(
+        products=[
+            {"name": "A", "version": "1", "seats": 1, "mode": "enforce"},
+            {"name": "B", "version": "1", "seats": 1, "mode": "enforce"},
+        ]
+    )
+    holder = await connect(server, "ws-h")
+    bob = await connect(server, "ws-b")
+    carol = await connect(server, "ws-c")
+    lease = (await checkout(holder, product="A", version="1"))["lease"]
+    waiting = start_waiting(bob, wait_s=60, product="A", version="1", idempotency_key="K")
+    await async_wait_until(lambda: _queued(holder, "A"), what="bob's checkout queued")
+    await checkout(bob, product="B", version="1", idempotency_key="K")
+    await holder.request("checkin", timeout=5, lease=lease)
+    with pytest.raises(BadRequest, match="idempotency_key"):
+        await asyncio.wait_for(waiting, 10)
+    assert (await checkout(carol, product="A", version="1"))["in_use"] == 1
+
+
+async def _queued(c: ProtocolClient, product: str) -> int:
+    status = await c.request("status", timeout=5)
+    return next(p["queued"] for p in status["products"] if p["product"] == product)

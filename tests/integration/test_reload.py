@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -12,11 +13,21 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from metering_protocol.errors import Denied, TooLarge
+from metering_protocol.errors import Denied, Overloaded, TooLarge
 from metering_server.app import MeteringServer
 from metering_server.config import load_server_config
+from metering_server.licensing import Catalogue, Pool
+from metering_server.seats import CheckoutRequest, SeatService, SeatSettings
+from metering_server.store.migrations_pg import lock_key
 from tests.conftest import hello
-from tests.support import server_config, write_credentials, write_toml
+from tests.stores import opened
+from tests.support import (
+    async_wait_until,
+    server_config,
+    sqlite_write_lock,
+    write_credentials,
+    write_toml,
+)
 
 PRINCIPALS = {"ws": (["agent"], "secret-ws"), "ops": (["admin"], "secret-ops")}
 
@@ -24,17 +35,18 @@ PRINCIPALS = {"ws": (["agent"], "secret-ws"), "ops": (["admin"], "secret-ops")}
 class Reloadable:
     """One server and its config file; `rewrite(...)` changes the file, `reload()` applies it."""
 
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, root: Path, name: str = "srv-a", store: Path | None = None):
+        self.root, self.name, self.store = root, name, store or root / "site.db"
+        root.mkdir(parents=True, exist_ok=True)
         write_credentials(root / "credentials.toml", PRINCIPALS)
         self.server: MeteringServer | None = None
 
     def write(self, **sections: Any) -> Path:
         cfg = server_config(
-            name="srv-a",
+            name=self.name,
             listen=["tcp://127.0.0.1:0"],
             state_dir=self.root,
-            store=self.root / "site.db",
+            store=self.store,
             **sections,
         )
         return write_toml(self.root / "server.toml", cfg)
@@ -228,3 +240,126 @@ async def test_a_checkout_waiting_in_a_re_keyed_pool_keeps_its_place(reloadable)
     finally:
         await holder.close()
         await waiter.close()
+
+
+class _Holder:
+    """A session as the seat service sees it."""
+
+    def __init__(self, client: str):
+        self.principal, self.client, self.closed, self.lease_ttl_s = "u", client, False, 30.0
+
+    def push(self, event: str, **fields: Any) -> None:
+        pass
+
+
+async def _lock_waiters(conn) -> int:
+    return await conn.fetchval(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+    )
+
+
+@pytest.mark.asyncio
+async def test_a_grant_resolved_before_a_re_key_is_not_granted_beyond_the_seats(pg_site):
+    """Found by a campaign and a review (PostgreSQL): a checkout resolved under the old
+    catalogue waited in the next grant batch while the reload's repool committed, then
+    counted the emptied old key and was granted - 4 leases on a 2-seat pool.  The old key is
+    retired now: the grant is refused there and made again under the pool's new key."""
+    old, new = Pool("CLOCK.EXE", "4.00", 2, "enforce"), Pool("Clock.exe", "4.00", 2, "enforce")
+    settings = SeatSettings("srv-a", 30.0, 100)
+    ask = CheckoutRequest("CLOCK.EXE", "4.00", "u")
+    async with opened(pg_site.new_store()) as store:
+        seats = SeatService(store, Catalogue([old]), settings, clock=time.time)
+        await seats.start()
+        try:
+            await seats.checkout(_Holder("ws-1"), ask)
+            async with pg_site.cluster.connect() as blocker:
+                # another transaction holds the pool's lock: the next batch waits in the
+                # database, and the checkout after it waits for that batch
+                await blocker.execute("SELECT pg_advisory_lock($1)", lock_key("pool", *old.key))
+                second = asyncio.ensure_future(seats.checkout(_Holder("ws-2"), ask))
+                await async_wait_until(lambda: _lock_waiters(blocker), what="a batch waiting")
+                third = asyncio.ensure_future(seats.checkout(_Holder("ws-3"), ask))
+                await async_wait_until(lambda: store._fresh.waiting == 1, what="the next batch")
+                seats.reconfigure(Catalogue([new]), settings, {})
+                settle = asyncio.ensure_future(seats.settle_catalogue())
+                await async_wait_until(
+                    lambda: _at_least(_lock_waiters(blocker), 2), what="the repool waiting"
+                )
+                await blocker.execute("SELECT pg_advisory_unlock($1)", lock_key("pool", *old.key))
+            await second
+            outcome = (await asyncio.gather(third, return_exceptions=True))[0]
+            await settle
+            await seats.settle_catalogue()  # the next sweep's pass
+            assert isinstance(outcome, Denied), outcome
+            assert await store.in_use(time.time()) == {new.key: 2}
+        finally:
+            await seats.close()
+
+
+async def _at_least(count, n: int) -> bool:
+    return await count >= n
+
+
+@pytest.mark.asyncio
+async def test_a_checkout_that_starts_waiting_across_a_re_key_keeps_its_place(reloadable):
+    """Found by a campaign and a review: the waiting checkout's first grant was in the store
+    when the reload re-keyed its pool; it was queued under the old key afterwards and
+    answered unknown_product ("left the catalogue")."""
+    server = await reloadable.start(products=[{**CLOCK, "seats": 1}])
+    holder, waiter = await reloadable.client(), await reloadable.client()
+    try:
+        lease = (await holder.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00"))[
+            "lease"
+        ]
+        reloadable.write(products=[{**CLOCK, "seats": 1, "name": "Clock.exe"}])
+        with sqlite_write_lock(reloadable.root / "site.db"):
+            rid = waiter.next_id()
+            waiting = waiter.send("checkout", rid, product="CLOCK.EXE", version="4.00", wait_s=30)
+            await async_wait_until(
+                lambda: any(c.tasks for c in server.endpoint.connections),
+                what="the checkout in the store",
+            )
+            reload = asyncio.ensure_future(server.reload())
+            await async_wait_until(
+                lambda: server.seats.catalogue.pools[0].product == "Clock.exe",
+                what="the new catalogue",
+            )
+        await reload
+        status = await holder.request("status", timeout=5)
+        assert [(p["in_use"], p["queued"]) for p in status["products"]] == [(1, 1)]
+        assert not waiting.done()
+        await holder.request("checkin", timeout=5, lease=lease)
+        granted = await asyncio.wait_for(waiting, 10)
+        assert granted["ok"] is True and granted["in_use"] == 1, granted
+    finally:
+        await holder.close()
+        await waiter.close()
+
+
+@pytest.mark.asyncio
+async def test_a_server_not_reloaded_yet_sends_its_clients_elsewhere_not_beyond_the_seats(
+    tmp_path,
+):
+    """Found by a campaign: of two servers on one store, the one still on the old catalogue
+    counted the key the other's repool had emptied, and each granted the pool's seats."""
+    site = tmp_path / "site.db"
+    a, b = Reloadable(tmp_path / "a", "srv-a", site), Reloadable(tmp_path / "b", "srv-b", site)
+    srv_a = await a.start(products=[{**CLOCK, "seats": 2}])
+    srv_b = await b.start(products=[{**CLOCK, "seats": 2}])
+    try:
+        ca, cb = await a.client(), await b.client()
+        await ca.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00")
+        await a.reload(products=[{**CLOCK, "seats": 2, "version": "*"}])
+        await ca.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00")
+        with pytest.raises(Overloaded):  # b still counts "4.00", retired by a: come back
+            await cb.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00")
+        await b.reload(products=[{**CLOCK, "seats": 2, "version": "*"}])
+        with pytest.raises(Denied):  # both seats are a's, counted by both servers
+            await cb.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00")
+        assert await srv_b.store.in_use(time.time()) == {("CLOCK.EXE", "*"): 2}
+    finally:
+        for c in (ca, cb):
+            await c.close()
+        await srv_a.shutdown(timeout=2.0)
+        await srv_b.shutdown(timeout=2.0)
+        a.server = b.server = None

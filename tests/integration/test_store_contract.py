@@ -459,6 +459,9 @@ async def test_a_key_that_made_a_lease_of_another_product_is_not_a_retry(store):
     assert await store.in_use(T0 + 1) == {ENFORCE.key: 1, METER.key: 2}
     again = await store.grant(msgspec.structs.replace(keyed, now=T0 + 2))
     assert again.replayed and again.lease is not None and again.lease.lease == rec.lease
+    # the same product in another case is the same checkout (names match as the catalogue's)
+    lower = await store.grant(msgspec.structs.replace(keyed, now=T0 + 2, product="clock.exe"))
+    assert lower.replayed and lower.lease is not None and lower.lease.lease == rec.lease
 
 
 async def test_repool_counts_held_leases_against_the_pool_that_now_covers_them(store):
@@ -495,3 +498,29 @@ async def test_repool_counts_held_leases_against_the_pool_that_now_covers_them(s
         other.lease,
     }
     assert await store.in_use(T0 + 3 + TTL) == {}
+
+
+async def test_repool_retires_the_keys_left_behind_for_every_grant_of_the_site(store):
+    """A grant resolved under the old catalogue (a moment before the reload, or on a server
+    not reloaded yet) counted the emptied old key and was granted beyond the seats."""
+    held = await granted(store, req(now=T0))
+    renamed = Pool("Clock.exe", "4.00", 2, "enforce")
+    moved = await store.repool(
+        lambda product, version: renamed.key, live=[renamed.key], gone=[ENFORCE.key]
+    )
+    assert moved == 1
+    stale = await store.grant(req(who=("bob", "ws-2"), now=T0 + 1))  # counted as ENFORCE
+    assert (stale.granted, stale.retired) == (False, True)
+    both = await asyncio.gather(
+        store.grant(req(who=("bob", "ws-2"), now=T0 + 1)),
+        store.grant(req(renamed, who=("carol", "ws-3"), now=T0 + 1, version="4.00")),
+    )
+    assert [(o.granted, o.retired) for o in both] == [(False, True), (True, False)]
+    assert await store.in_use(T0 + 1) == {renamed.key: 2}
+    # the reverse change (back to the old spelling) brings the old key back and retires this
+    assert await store.repool(lambda p, v: ENFORCE.key, live=[ENFORCE.key], gone=[renamed.key]) == 2
+    again = await store.grant(req(who=("dan", "ws-4"), now=T0 + 2))
+    assert (again.granted, again.retired, again.in_use) == (False, False, 2)  # full, not retired
+    assert (await store.grant(req(renamed, who=("eve", "ws-5"), now=T0 + 2))).retired
+    assert await store.release(held.lease, *ALICE, T0 + 3) is not None
+    assert (await store.grant(req(who=("dan", "ws-4"), now=T0 + 3))).granted
