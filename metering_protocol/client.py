@@ -24,6 +24,9 @@ _CONNECTION_FATAL = {"too_large", "overloaded", "auth_required", "shutting_down"
 EventHandler = Callable[[dict[str, Any]], None]
 
 
+ORPHAN_WAIT_S = 10.0  # `close` waits this long at most for abandoned checkouts' replies
+
+
 class ProtocolClient:
     def __init__(
         self,
@@ -41,6 +44,9 @@ class ProtocolClient:
         self._decoder = FrameDecoder(max_frame_bytes)
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
+        # Replies still due to checkouts whose callers went away (`_give_back`): `close`
+        # waits for them, bounded, so that what they carry can be checked in first.
+        self._orphans: set[asyncio.Future] = set()
         self.closed = asyncio.get_running_loop().create_future()
         self._reader_task = asyncio.create_task(self._read_loop(), name=f"client-read {address}")
         self.hello_reply: dict[str, Any] | None = None
@@ -129,6 +135,7 @@ class ProtocolClient:
 
         def granted(done: asyncio.Future) -> None:
             self._pending.pop(rid, None)
+            self._orphans.discard(done)
             if done.cancelled() or done.exception() is not None or self.closed.done():
                 return
             reply = done.result()
@@ -136,6 +143,7 @@ class ProtocolClient:
             if isinstance(lease, str):  # its reply, to an id nobody waits for, is dropped
                 self.writer.write(encode({"id": self.next_id(), "op": "checkin", "lease": lease}))
 
+        self._orphans.add(fut)
         fut.add_done_callback(granted)
 
     def send(self, op: str, rid: int, **fields: Any) -> asyncio.Future:
@@ -210,7 +218,13 @@ class ProtocolClient:
     def is_closed(self) -> bool:
         return self.closed.done()
 
-    async def close(self) -> None:
+    async def close(self, *, orphans_s: float = ORPHAN_WAIT_S) -> None:
+        """Close; first wait (up to `orphans_s`) for the replies of checkouts whose callers
+        went away, so the seats they carry are checked in, not left with nobody until their
+        leases expire (Ctrl-C during `metering-client run`'s checkout, without an agent)."""
+        if self._orphans and not self.closed.done():
+            await asyncio.wait(set(self._orphans), timeout=orphans_s)
+            await asyncio.sleep(0)  # their callbacks write the checkins
         self._finish(ConnectionLost(f"{self.address}: closed"))
         self._reader_task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):

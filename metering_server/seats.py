@@ -161,9 +161,6 @@ class SeatService:
             pool, outcome = await self._grant(holder, pool, req)
             if not outcome.granted:
                 self._refuse(holder, pool, req, outcome)
-            if holder.closed:  # nobody to tell: the seat goes back (nobody-waits rule)
-                await self._undo(holder, outcome)
-                raise Cancelled("connection closed")
             return self._granted(holder, pool, outcome)
         # A checkout that may wait can be withdrawn (`cancel`, its connection closing) from
         # the moment it arrives, not only once it is queued: its caller may be gone before
