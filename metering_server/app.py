@@ -89,6 +89,7 @@ LIVE_LIMITS = (
     "idle_timeout_s",
     "max_bad_frames_before_hello",
 )
+LIVE_AT_ONCE = ("max_waiters", "sweep_interval_s", "drain_timeout_s", "site")
 AT_START = (
     "name",
     "listen",
@@ -395,6 +396,9 @@ class MeteringServer:
             limits = [k for k in LIVE_LIMITS if getattr(new.server, k) != getattr(old.server, k)]
             if limits:
                 changed["limits"] = {k: getattr(new.server, k) for k in limits}
+            server = [k for k in LIVE_AT_ONCE if getattr(new.server, k) != getattr(old.server, k)]
+            if server:
+                changed["server"] = {k: getattr(new.server, k) for k in server}
             restart = [
                 k
                 for k, a, b in (

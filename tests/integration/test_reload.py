@@ -118,6 +118,7 @@ async def test_keys_used_only_at_start_are_reported_and_kept_as_running(reloadab
     assert server.config.server.unix_socket_mode == 0o666
     assert server.config.metrics.listen is None
     assert server.config.server.sweep_interval_s == 0.5
+    assert changed["server"] == {"sweep_interval_s": 0.5}  # applied, and said so
     # and reloading the same file again finds only the same keys still waiting for a restart
     again = await reloadable.reload(
         server={"log_level": "warning", "unix_socket_mode": 0o600, "sweep_interval_s": 0.5},
