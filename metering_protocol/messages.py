@@ -8,7 +8,7 @@ Unknown fields are ignored: newer clients may add fields (PROTOCOL.md allows add
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -201,14 +201,18 @@ def parse_time(text: str, field: str) -> float:
             while end < len(text) and text[end].isdigit():
                 end += 1
             text = text[: min(end, frac + 7)] + text[end:]
-        # A leap second (23:59:60, which RFC 3339 allows) is the instant the next minute
-        # starts, as epoch seconds count it.
+        # A leap second (23:59:60 UTC, which RFC 3339 allows; local time by its offset) is
+        # the instant the next minute starts, as epoch seconds count it.
         leap = text[17:19] == "60"
         if leap:
             text = text[:17] + "59" + text[19:]
         try:
             dt = datetime.fromisoformat(text.upper().replace("Z", "+00:00").replace(" ", "T"))
-            return dt.timestamp() + (1 - dt.microsecond / 1e6 if leap else 0)
+            if not leap:
+                return dt.timestamp()
+            utc = dt.astimezone(UTC)
+            if (utc.hour, utc.minute) == (23, 59):
+                return dt.timestamp() + 1 - dt.microsecond / 1e6
         except ValueError:
             pass
     raise BadRequest(f"{field}: expected an RFC 3339 UTC time like 2024-05-01T12:00:00Z")

@@ -112,3 +112,9 @@ def test_names_beyond_ascii_are_names():
 )
 def test_rfc3339_times_rfc3339_allows(text, epoch):
     assert parse_time(text, "t") == pytest.approx(epoch, abs=1e-6)
+
+
+@pytest.mark.parametrize("text", ["2016-12-31T12:00:60Z", "2017-01-01T00:59:60Z"])
+def test_a_second_60_is_refused_but_at_the_end_of_a_utc_day(text):
+    with pytest.raises(BadRequest, match="RFC 3339"):
+        parse_time(text, "t")
