@@ -160,6 +160,12 @@ class Catalogue:
         self.pools: tuple[Pool, ...] = tuple(pools)
         self._exact: dict[tuple[str, str], Pool] = {}
         self._any: dict[str, Pool] = {}
+        # Each product's pools, as one string (by the product's name in capitals): what a
+        # server's grants are fenced by when the site's catalogue changes (`LeaseStore.repool`).
+        keys: dict[str, list[str]] = {}
+        for pool in self.pools:
+            keys.setdefault(pool.product.upper(), []).append(f"{pool.product}\x1f{pool.version}")
+        self.layouts: dict[str, str] = {name: "\x1e".join(sorted(k)) for name, k in keys.items()}
         for pool in self.pools:
             if pool.version == "*":
                 self._any[pool.product.upper()] = pool

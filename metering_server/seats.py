@@ -118,22 +118,26 @@ class SeatService:
         self._holders: dict[str, Holder] = {}  # lease -> the local session that holds it
         self._pool_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._tasks = TaskOwner("seats")
-        self._repools_owed = 0  # passes of `repool` a reloaded catalogue still needs
-        self._gone_keys: set[tuple[str, str]] = set()  # to retire at the next `repool`
+        self._repools_owed = 0  # passes of `repool` a reload still needs (the first claims)
+        self._claim_owed = False  # the next `repool` makes this catalogue the site's
+        self._removed: set[str] = set()  # products a reload dropped, for the next claim
         self._settling = asyncio.Lock()  # one `settle_catalogue` at a time
 
     async def start(self) -> None:
         await self.store.touch_server(self.settings.server, self.clock(), self.settings.ttl_s)
         await self.store.listen(self._on_notice)
-        await self.repool()  # the catalogue may have changed while the server was down
+        # The config may have changed while the server was down (a restart is how many
+        # operators apply one): this catalogue becomes the site's.
+        await self.repool(claim=True)
 
-    async def repool(self) -> None:
-        """Count the store's leases against this catalogue's pools (`LeaseStore.repool`),
-        and retire for the site the keys the catalogue left behind."""
-        catalogue, gone = self.catalogue, set(self._gone_keys)
-        live = [pool.key for pool in catalogue.pools]
-        moved = await self.store.repool(_resolver(catalogue), live, gone)
-        self._gone_keys -= gone
+    async def repool(self, *, claim: bool) -> None:
+        """Make the site count leases by this catalogue (`LeaseStore.repool`): `claim`, at
+        start and reload, makes its pool layouts the site's; a later pass only moves leases
+        granted under the old one meanwhile (and claims nothing another server claimed)."""
+        catalogue, removed = self.catalogue, set(self._removed) if claim else set()
+        layouts = {**dict.fromkeys(removed, ""), **catalogue.layouts}
+        moved = await self.store.repool(_resolver(catalogue), layouts, claim=claim)
+        self._removed -= removed
         if moved:
             log.info("leases_repooled", leases=moved)
 
@@ -193,15 +197,16 @@ class SeatService:
     async def _grant(
         self, holder: Holder, pool: Pool, req: CheckoutRequest, waiter: int | None = None
     ) -> tuple[Pool, GrantOutcome]:
-        """The store's grant; when the pool's key was retired meanwhile (a reload here, or
-        on another server, re-keyed it: `LeaseStore.repool`), once more under the pool the
-        catalogue names now, if that is another."""
+        """The store's grant.  Refused as resolved under a catalogue that is not the
+        site's (`GrantOutcome.retired`: a reload here meanwhile, or on another server), once
+        more under this server's catalogue as it is now - after this server's own claim, if
+        a reload left one owed."""
         outcome = await self.store.grant(self._grant_request(holder, pool, req, waiter))
         if outcome.retired:
-            now = self.catalogue.find(req.product, req.version)
-            if now.key != pool.key:
-                pool = now
-                outcome = await self.store.grant(self._grant_request(holder, pool, req, waiter))
+            if self._repools_owed:
+                await self.settle_catalogue()
+            pool = self.catalogue.find(req.product, req.version)
+            outcome = await self.store.grant(self._grant_request(holder, pool, req, waiter))
         return pool, outcome
 
     def _final_refusal(
@@ -282,6 +287,7 @@ class SeatService:
             idempotency_key=req.idempotency_key,
             waiter=waiter,
             live_since=now - self.settings.liveness_s,
+            layout=self.catalogue.layouts.get(pool.product.upper()),
         )
 
     async def _wait(
@@ -360,6 +366,7 @@ class SeatService:
 
     async def serve_waiters(self, pool_key: tuple[str, str]) -> None:
         """Grant freed seats to the queue's head, oldest first, until the pool is full again."""
+        settled = False
         async with self._pool_locks.setdefault(pool_key, asyncio.Lock()):
             while (waiter := self._waiters.head(pool_key)) is not None:
                 pool = self.catalogue.by_key(pool_key)
@@ -386,7 +393,11 @@ class SeatService:
                             Cancelled("its place in the queue went to a retry of this checkout")
                         )
                     continue
-                if outcome.retired:  # re-keyed by a reload (here, or another server's)
+                if outcome.retired:  # a reload here, or another server's, changed the site's
+                    if self._repools_owed and not settled:  # ours: claim it, then again
+                        settled = True
+                        await self.settle_catalogue()
+                        continue
                     self._requeue_or_refuse(waiter)
                     continue
                 final = self._final_refusal(pool, req, outcome)
@@ -577,8 +588,12 @@ class SeatService:
         self.settings = settings
         self._waiters.max_waiters = settings.max_waiters
         self.events.publish(ev.ConfigReloaded(self.clock(), changed))
+        # A reload makes this catalogue the site's (`repool` with claim), even unchanged:
+        # after a server with another config claimed it, reloading the right ones is how
+        # the operator takes it back.
+        self._claim_owed, self._repools_owed = True, max(self._repools_owed, 1)
         if catalogue.pools != before.pools:
-            self._gone_keys |= {p.key for p in before.pools} - {p.key for p in catalogue.pools}
+            self._removed |= set(before.layouts) - set(catalogue.layouts)
             # Leases granted under the old catalogue are counted against the new one's pools
             # now (`settle_catalogue`), and once more at the next sweep for the grants that
             # were already on their way to the store under the old one.  Waiters keep their
@@ -593,7 +608,8 @@ class SeatService:
         still."""
         async with self._settling:
             if self._repools_owed:
-                await self.repool()
+                await self.repool(claim=self._claim_owed)
+                self._claim_owed = False
                 self._repools_owed -= 1
 
     def drain(self) -> None:

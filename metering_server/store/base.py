@@ -18,7 +18,7 @@ import abc
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import msgspec
@@ -131,6 +131,9 @@ class GrantRequest(msgspec.Struct, frozen=True):
     reclaim: str | None = None
     # A retry of the same checkout (same principal and client) gets the lease this key made.
     idempotency_key: str | None = None
+    # The product's pools in the catalogue that resolved this grant (`Catalogue.layouts`):
+    # refused (`GrantOutcome.retired`) while the site's catalogue says otherwise (`repool`).
+    layout: str | None = None
     # Granting to a queued checkout: its ticket from `enqueue`, granted only while the entry
     # is held by `server`.  Without one, a grant is refused while live waiters queue for the
     # pool (FIFO across the site).
@@ -186,10 +189,10 @@ class GrantOutcome(msgspec.Struct, frozen=True):
     # so this is not a retry of that checkout (replaying it would hand out a seat of a
     # product the caller did not ask for, whatever that product's count).
     key_reused: bool = False
-    # Not granted: a catalogue change (on this server or another sharing the store) moved
-    # this pool's leases to another key (`repool`); counted under this key it looks empty.
-    # The caller resolves the product again, or (its catalogue is the old one) tells the
-    # client to come back.
+    # Not granted: the grant was resolved under a catalogue whose pools of this product are
+    # not the site's (`repool`): counted under its key it could miss the leases the site
+    # counts elsewhere.  The caller resolves the product again, or (its catalogue is not
+    # the site's) tells the client to come back.
     retired: bool = False
 
 
@@ -409,22 +412,25 @@ class LeaseStore(abc.ABC):
     async def repool(
         self,
         resolve: Callable[[str, str], tuple[str, str] | None],
-        live: Iterable[tuple[str, str]] = (),
-        gone: Iterable[tuple[str, str]] = (),
+        layouts: Mapping[str, str],
+        *,
+        claim: bool,
     ) -> int:
-        """Count every lease against the pool `resolve(product, version)` names for it now;
-        returns how many leases moved.  A reload (or a restart) can change which catalogue
-        entry a product's leases belong to — a name re-spelt, a version made "*" — and a
-        pool counts its own key's leases: without this the leases held under the old key
-        counted for nothing and the pool's seats were granted again.  `resolve` answers None
-        for a product the catalogue no longer has (its leases stay as they are); it is pure,
-        and may be called on the store's thread.
+        """Make the site count leases as this catalogue does; returns how many leases moved.
 
-        The keys leases moved from, and `gone` (the previous catalogue's keys the new one
-        lacks), are retired for the whole site: a grant counted under one is refused
-        (`GrantOutcome.retired`) — a grant resolved under the old catalogue, here a moment
-        before or on a server not reloaded yet, counted the emptied key and was granted
-        beyond the seats.  `live` (the catalogue's keys) are never retired."""
+        A catalogue change (a reload, or a restart with another config) can change which
+        pool a product's leases belong to — a name re-spelt, a version made "*", a pool
+        split by version — and a pool counts the leases stored under its own key.  The
+        store keeps, per product (its name in capitals), the layout of its pools that the
+        site counts by (`layouts`: `Catalogue.layouts`, "" for a product removed).  `claim`
+        (a reload, a start) makes this catalogue's layouts the site's; otherwise (a later
+        pass) only products without one get it.  Then, for every product whose site layout
+        is this catalogue's, leases and queued waiters move to the pool `resolve(product,
+        version)` names (None: left as they are).  A grant whose `layout` is not its
+        product's site layout is refused (`GrantOutcome.retired`), in the same statement as
+        its count, so a grant resolved under another catalogue — in flight during the
+        change, or on a server not reloaded — never counts a key the site no longer holds
+        the product's leases under.  `resolve` is pure, and may run on the store's thread."""
 
     # --- authentication lockout, shared by every server on the store ---------------------
     @abc.abstractmethod

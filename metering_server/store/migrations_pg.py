@@ -146,13 +146,9 @@ CREATE INDEX revoked_idempotency ON revoked (principal, client, idempotency_key)
     ),
     Migration(
         5,
-        "pool keys a catalogue change retired: grants counted under them are refused",
+        "each product's pool layout the site counts by: a grant resolved under another is refused",
         """
-CREATE TABLE retired_pools (
-    pool_product text NOT NULL,
-    pool_version text NOT NULL,
-    PRIMARY KEY (pool_product, pool_version)
-);
+CREATE TABLE product_layouts (product text PRIMARY KEY, layout text NOT NULL);
 """,
     ),
 )

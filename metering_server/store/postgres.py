@@ -10,8 +10,9 @@ heartbeat batches, `_CHECK_IN`, `_RENEW_BATCH`).
 Locks (docs/architecture.md, "PostgreSQL: transactions and locks"):
 
 - check-and-grant, and joining the queue, first take a transaction advisory lock on the
-  pool (`pg_advisory_xact_lock(lock_key("pool", product, version))`), then count: grants to
-  one pool are serialised across every server, grants to different pools run in parallel.
+  pool's product (`pg_advisory_xact_lock(lock_key("product", PRODUCT))`, the name in
+  capitals: every pool a product has, or had under another catalogue), then count: grants
+  to one product are serialised across every server, other products run in parallel.
   The count is a statement of its own after the lock, so under READ COMMITTED it sees every
   grant committed by the previous holder of the lock.  Fresh grants that arrive together
   share one such transaction (`_grant_fresh`), their pools locked in lock-key order.
@@ -45,7 +46,7 @@ import random
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -148,10 +149,10 @@ _COUNTS = (
     "(SELECT count(*) FROM waiters WHERE pool_product = p.product AND pool_version = p.version "
     "AND id < p.waiter AND deadline > p.now AND kept_until > p.now AND server IN "
     "(SELECT name FROM servers WHERE seen_at >= p.live_since)) AS ahead, "
-    "EXISTS (SELECT 1 FROM retired_pools WHERE pool_product = p.product "
-    "AND pool_version = p.version) AS retired "
-    "FROM unnest($1::text[], $2::text[], $3::float8[], $4::bigint[], $5::float8[]) "
-    "AS p(product, version, now, waiter, live_since)"
+    "p.layout IS NOT NULL AND EXISTS (SELECT 1 FROM product_layouts WHERE "
+    "product = p.name AND layout <> p.layout) AS retired, p.layout "
+    "FROM unnest($1::text[], $2::text[], $3::float8[], $4::bigint[], $5::float8[], "
+    "$6::text[], $7::text[]) AS p(product, version, now, waiter, live_since, name, layout)"
 )
 # A batch of heartbeats in one statement (`_renew_all`): $1 the leases, found by primary key;
 # $2 {lease: {principal: {client: [first now, last now, expiry, server]}}}: a row is renewed
@@ -245,7 +246,10 @@ POOL_OF_MAX = 100_000  # leases whose pool the store remembers (~20 MB at most)
 
 
 def _pool_lock(key: tuple[str, str]) -> int:
-    return lock_key("pool", *key)
+    """A pool's advisory lock: its product's (by name in capitals), so that every pool a
+    product has, or had under another catalogue, is counted under one lock — a catalogue
+    change (`repool`) and the grants of servers on either catalogue go one at a time."""
+    return lock_key("product", key[0].upper())
 
 
 class _LineFull(Exception):
@@ -726,7 +730,7 @@ class PostgresStore(LeaseStore):
                 return GrantOutcome(False, in_use, queued_ahead=1, superseded=True)
             counts = await self._counts(db, [req])
             in_use, ahead = counts[0][pool.key], counts[1][pool.key]
-            if pool.key in counts[2]:
+            if (pool.key, req.layout) in counts[2]:
                 return GrantOutcome(False, in_use, retired=True)
             if ahead:
                 return GrantOutcome(False, in_use, queued_ahead=ahead)
@@ -760,8 +764,14 @@ class PostgresStore(LeaseStore):
         pools = sorted({req.pool.key for req in reqs}, key=_pool_lock)
 
         async def grant_all(db: asyncpg.Connection) -> list[GrantOutcome]:
-            first = [min((r for r in reqs if r.pool.key == key), key=_now) for key in pools]
-            in_use, ahead, retired_keys = await self._counts(db, first)
+            # The earliest grant of each pool and layout (a pool's grants carry one layout,
+            # but across a catalogue change two): each layout judged, each pool counted.
+            firsts: dict[tuple[tuple[str, str], str | None], GrantRequest] = {}
+            for r in reqs:
+                seen = firsts.get((r.pool.key, r.layout))
+                if seen is None or r.now < seen.now:
+                    firsts[(r.pool.key, r.layout)] = r
+            in_use, ahead, retired_keys = await self._counts(db, list(firsts.values()))
             keyed = [r for r in reqs if r.idempotency_key is not None]
             earlier = await self._by_keys(db, keyed)
             revoked = await self._revoked_keys(
@@ -789,7 +799,7 @@ class PostgresStore(LeaseStore):
                 elif ident in revoked:  # the lease an earlier attempt made was revoked
                     out.append(GrantOutcome(False, in_use[key], revoked=True))
                     continue
-                if key in retired_keys:
+                if (key, req.layout) in retired_keys:
                     out.append(GrantOutcome(False, in_use[key], retired=True))
                     continue
                 if ahead[key]:
@@ -918,12 +928,16 @@ class PostgresStore(LeaseStore):
     @staticmethod
     async def _counts(
         db: asyncpg.Connection, first: list[GrantRequest]
-    ) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], int], set[tuple[str, str]]]:
+    ) -> tuple[
+        dict[tuple[str, str], int],
+        dict[tuple[str, str], int],
+        set[tuple[tuple[str, str], str | None]],
+    ]:
         """For the pool of each of these grants, at its `now`, in one statement: its live
         leases (as `_count`), the queued checkouts that come before the grant's waiter (all
         of them, for a grant to no waiter) and can still be served (FIFO across the site),
-        and whether its key is retired (`repool`).  A grant to a waiter whose own entry is
-        gone counts as blocked."""
+        and (pool, layout) for those whose layout is not the site's (`repool`).  A grant to a
+        waiter whose own entry is gone counts as blocked."""
         rows = await db.fetch(
             _COUNTS,
             [r.pool.product for r in first],
@@ -931,10 +945,14 @@ class PostgresStore(LeaseStore):
             [r.now for r in first],
             [r.waiter if r.waiter is not None else 2**62 for r in first],
             [r.live_since for r in first],
+            [r.pool.product.upper() for r in first],
+            [r.layout for r in first],
         )
         in_use = {(row["product"], row["version"]): row["in_use"] for row in rows}
         ahead = {(row["product"], row["version"]): row["ahead"] for row in rows}
-        retired = {(row["product"], row["version"]) for row in rows if row["retired"]}
+        retired = {
+            ((row["product"], row["version"]), row["layout"]) for row in rows if row["retired"]
+        }
         return in_use, ahead, retired
 
     @staticmethod
@@ -1252,51 +1270,42 @@ class PostgresStore(LeaseStore):
     async def repool(
         self,
         resolve: Callable[[str, str], tuple[str, str] | None],
-        live: Iterable[tuple[str, str]] = (),
-        gone: Iterable[tuple[str, str]] = (),
+        layouts: Mapping[str, str],
+        *,
+        claim: bool,
     ) -> int:
-        live, gone = set(live), set(gone)
-
         async def repool(db: asyncpg.Connection) -> int:
-            # Every pool touched is locked as a grant locks it, so a grant counts before the
-            # move and the retirement or after both, never half-way; the leases are looked
-            # at again once the locks are held (a grant may have added a pool meanwhile).
-            locked: set[int] = set()
-            while True:
-                rows = await db.fetch(
-                    "SELECT DISTINCT pool_product, pool_version, product, version FROM leases"
-                )
-                moves = []
-                for pool_product, pool_version, product, version in rows:
-                    key = resolve(product, version)
-                    if key is not None and key != (pool_product, pool_version):
-                        moves.append(((pool_product, pool_version), product, version, key))
-                retire = (gone | {old for old, _, _, _ in moves}) - live
-                touched = retire | {new for _, _, _, new in moves}
-                need = sorted({_pool_lock(k) for k in touched} - locked)
-                if not need:
-                    break
+            # Each product's lock, as its grants take it (lock-key order): a grant counts
+            # wholly before the change or wholly after it, on whatever catalogue.
+            keys = sorted({lock_key("product", name) for name in layouts})
+            if keys:
                 await db.execute(
-                    "SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS k", need
+                    "SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS k", keys
                 )
-                locked.update(need)
-            await self._repool_waiters(db, resolve)
-            if retire:
-                await db.execute(
-                    "INSERT INTO retired_pools (pool_product, pool_version) SELECT * FROM "
-                    "unnest($1::text[], $2::text[]) ON CONFLICT DO NOTHING",
-                    [k[0] for k in sorted(retire)],
-                    [k[1] for k in sorted(retire)],
-                )
-            if live:
-                await db.execute(
-                    "DELETE FROM retired_pools WHERE (pool_product, pool_version) IN "
-                    "(SELECT * FROM unnest($1::text[], $2::text[]))",
-                    [k[0] for k in sorted(live)],
-                    [k[1] for k in sorted(live)],
-                )
-            if not moves:
-                return 0
+            names, shapes = (
+                [k for k, _ in sorted(layouts.items())],
+                [v for _, v in sorted(layouts.items())],
+            )
+            await db.execute(
+                "INSERT INTO product_layouts (product, layout) SELECT * FROM "
+                "unnest($1::text[], $2::text[]) ON CONFLICT (product) DO "
+                + ("UPDATE SET layout = excluded.layout" if claim else "NOTHING"),
+                names,
+                shapes,
+            )
+            site = dict(await db.fetch("SELECT product, layout FROM product_layouts"))
+            ours = {name for name, layout in layouts.items() if site.get(name) == layout}
+            rows = await db.fetch(
+                "SELECT DISTINCT pool_product, pool_version, product, version FROM leases"
+            )
+            moves = []
+            for pool_product, pool_version, product, version in rows:
+                key = resolve(product, version)
+                if key is None or key == (pool_product, pool_version):
+                    continue
+                if product.upper() in ours:  # else the site counts it by another layout
+                    moves.append(((pool_product, pool_version), product, version, key))
+            await self._repool_waiters(db, resolve, ours)
             moved = 0
             for old, product, version, new in moves:
                 status = await db.execute(
@@ -1308,8 +1317,8 @@ class PostgresStore(LeaseStore):
                     version,
                 )
                 moved += int(status.rsplit(" ", 1)[-1])
-            # Every server's lease -> pool cache (renewals' shared locks) forgets them.
-            await self._notify(db, [("repooled", "")])
+            if moved:  # every server's lease -> pool cache (renewals' locks) forgets them
+                await self._notify(db, [("repooled", "")])
             return moved
 
         moved = await self._run("repool", repool)
@@ -1318,15 +1327,18 @@ class PostgresStore(LeaseStore):
 
     @staticmethod
     async def _repool_waiters(
-        db: asyncpg.Connection, resolve: Callable[[str, str], tuple[str, str] | None]
+        db: asyncpg.Connection,
+        resolve: Callable[[str, str], tuple[str, str] | None],
+        ours: set[str],
     ) -> None:
-        """Waiting checkouts keep their place, in the queue of the pool they count for now."""
+        """Waiting checkouts keep their place, in the queue of the pool they count for now
+        (products the site counts by this catalogue: `ours`)."""
         rows = await db.fetch(
             "SELECT DISTINCT pool_product, pool_version, product, version FROM waiters"
         )
         for pool_product, pool_version, product, version in rows:
             key = resolve(product, version)
-            if key is not None and key != (pool_product, pool_version):
+            if key is not None and key != (pool_product, pool_version) and product.upper() in ours:
                 await db.execute(
                     "UPDATE waiters SET pool_product = $1, pool_version = $2 WHERE "
                     "pool_product = $3 AND pool_version = $4 AND product = $5 AND version = $6",

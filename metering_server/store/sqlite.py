@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 from dataclasses import astuple
 from pathlib import Path
 from typing import Any, TypeVar
@@ -197,14 +197,10 @@ CREATE TRIGGER leases_pool_moved AFTER UPDATE OF pool_product, pool_version ON l
         ON CONFLICT (pool_product, pool_version) DO UPDATE SET n = n + 1;
 END;
 """,
-    # 8: pool keys a catalogue change retired (`repool`): grants counted under them are
-    # refused, site-wide.
+    # 8: each product's pool layout that the site counts by (`repool`): a grant resolved
+    # under another is refused.
     """
-CREATE TABLE retired_pools (
-    pool_product TEXT NOT NULL,
-    pool_version TEXT NOT NULL,
-    PRIMARY KEY (pool_product, pool_version)
-);
+CREATE TABLE product_layouts (product TEXT PRIMARY KEY, layout TEXT NOT NULL);
 """,
 ]
 
@@ -572,19 +568,32 @@ class SQLiteStore(LeaseStore):
         count carried from one grant to the next, and the new leases in one statement."""
         grants = [(i, g) for i, g in enumerate(run) if type(g) is not _Checkin]
         earliest: dict[tuple[str, str], tuple[float, float]] = {}
+        layouts: dict[tuple[str, str], set[str | None]] = {}
         for _, g in grants:
             key = g.pool.key
             now, live_since = earliest.get(key, (g.now, g.live_since))
             earliest[key] = (min(now, g.now), min(live_since, g.live_since))
-        counts = {
-            key: list(self._count_and_ahead(db, key, now, None, live_since))
-            for key, (now, live_since) in earliest.items()
-        }
+            layouts.setdefault(key, set()).add(g.layout)
+        counts: dict[tuple[str, str], list[int]] = {}
+        retired: set[tuple[tuple[str, str], str | None]] = set()
+        for key, (now, live_since) in earliest.items():
+            # A pool's grants carry one layout, but across a catalogue change two: the
+            # first judged in the count's statement, another (rarely) on its own.
+            first, *others = sorted(layouts[key], key=lambda x: (x is None, x or ""))
+            in_use, ahead, differs = self._count_and_ahead(db, key, now, None, live_since, first)
+            counts[key] = [in_use, ahead]
+            if differs:
+                retired.add((key, first))
+            retired.update(
+                (key, other)
+                for other in others
+                if other is not None and self._layout_differs(db, key, other)
+            )
         rows: list[tuple] = []
         for i, g in grants:
             count = counts[g.pool.key]
-            in_use, ahead, retired = count
-            if retired:
+            in_use, ahead = count
+            if (g.pool.key, g.layout) in retired:
                 outcomes[i] = (True, GrantOutcome(False, in_use, retired=True))
                 continue
             if ahead:
@@ -856,7 +865,7 @@ class SQLiteStore(LeaseStore):
                 in_use = self._count(db, pool.key, req.now)
                 return GrantOutcome(False, in_use, queued_ahead=1, superseded=True)
             in_use, ahead, retired = self._count_and_ahead(
-                db, pool.key, req.now, req.waiter, req.live_since
+                db, pool.key, req.now, req.waiter, req.live_since, req.layout
             )
             if retired:
                 return GrantOutcome(False, in_use, retired=True)
@@ -884,17 +893,18 @@ class SQLiteStore(LeaseStore):
         now: float,
         waiter: int | None,
         live_since: float,
+        layout: str | None,
     ) -> tuple[int, int, int]:
         """The pool's live leases (`_count`), the queued checkouts that come before
         `waiter` (all of them, for a grant to no waiter) and can still be served (FIFO across
-        the site), and whether the pool's key is retired (`repool`), in one statement.  A
-        grant to a waiter whose own entry is gone (answered elsewhere, dropped) counts as
-        blocked."""
+        the site), and whether `layout` is not the site's for the product (`repool`), in one
+        statement.  A grant to a waiter whose own entry is gone (answered elsewhere,
+        dropped) counts as blocked."""
         return db.execute(
             f"SELECT {_COUNT}, (SELECT COUNT(*) FROM waiters WHERE pool_product = ? "
             "AND pool_version = ? AND id < ? AND deadline > ? AND kept_until > ? AND server IN "
-            "(SELECT name FROM servers WHERE seen_at >= ?)), EXISTS (SELECT 1 FROM "
-            "retired_pools WHERE pool_product = ? AND pool_version = ?)",
+            "(SELECT name FROM servers WHERE seen_at >= ?)), ? IS NOT NULL AND EXISTS "
+            "(SELECT 1 FROM product_layouts WHERE product = ? AND layout != ?)",
             (
                 *key,
                 *key,
@@ -904,9 +914,21 @@ class SQLiteStore(LeaseStore):
                 now,
                 now,
                 live_since,
-                *key,
+                layout,
+                key[0].upper(),
+                layout,
             ),
         ).fetchone()
+
+    @staticmethod
+    def _layout_differs(db: sqlite3.Connection, key: tuple[str, str], layout: str) -> bool:
+        return (
+            db.execute(
+                "SELECT 1 FROM product_layouts WHERE product = ? AND layout != ?",
+                (key[0].upper(), layout),
+            ).fetchone()
+            is not None
+        )
 
     @staticmethod
     def _entry_is_mine(db: sqlite3.Connection, ticket: int, server: str) -> bool:
@@ -1057,14 +1079,19 @@ class SQLiteStore(LeaseStore):
     async def repool(
         self,
         resolve: Callable[[str, str], tuple[str, str] | None],
-        live: Iterable[tuple[str, str]] = (),
-        gone: Iterable[tuple[str, str]] = (),
+        layouts: Mapping[str, str],
+        *,
+        claim: bool,
     ) -> int:
-        live, gone = set(live), set(gone)
-
         def repool(db: sqlite3.Connection) -> int:
+            verb = "INSERT OR REPLACE" if claim else "INSERT OR IGNORE"
+            db.executemany(
+                f"{verb} INTO product_layouts (product, layout) VALUES (?, ?)",
+                sorted(layouts.items()),
+            )
+            site = dict(db.execute("SELECT product, layout FROM product_layouts"))
+            ours = {name for name, layout in layouts.items() if site.get(name) == layout}
             moved = 0
-            retire = set(gone)
             for table in ("leases", "waiters"):  # waiters: their place in the pool's queue
                 rows = db.execute(
                     f"SELECT DISTINCT pool_product, pool_version, product, version FROM {table}"
@@ -1073,21 +1100,14 @@ class SQLiteStore(LeaseStore):
                     key = resolve(product, version)
                     if key is None or key == (pool_product, pool_version):
                         continue
+                    if product.upper() not in ours:  # the site counts it by another layout
+                        continue
                     count = db.execute(
                         f"UPDATE {table} SET pool_product = ?, pool_version = ? WHERE "
                         "pool_product = ? AND pool_version = ? AND product = ? AND version = ?",
                         (*key, pool_product, pool_version, product, version),
                     ).rowcount
                     moved += count if table == "leases" else 0
-                    retire.add((pool_product, pool_version))
-            db.executemany(
-                "INSERT OR IGNORE INTO retired_pools (pool_product, pool_version) VALUES (?, ?)",
-                sorted(retire - live),
-            )
-            db.executemany(
-                "DELETE FROM retired_pools WHERE pool_product = ? AND pool_version = ?",
-                sorted(live),
-            )
             return moved
 
         return await self._write(repool)

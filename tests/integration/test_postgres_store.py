@@ -492,7 +492,8 @@ async def test_a_repool_on_one_server_empties_every_servers_lease_pool_cache(pg_
         lease = (await a.grant(req(now=T0))).lease.lease
         assert (await b.renew([lease], *ALICE, "srv-b", T0 + 1, 10.0)).renewed == [lease]
         assert lease in a._pool_of and lease in b._pool_of
-        assert await a.repool(lambda product, version: ("Clock.exe", "*")) == 1
+        renamed = {"CLOCK.EXE": "Clock.exe\x1f*"}
+        assert await a.repool(lambda product, version: ("Clock.exe", "*"), renamed, claim=True) == 1
         assert a._pool_of == {}
         await async_wait_until(lambda: not b._pool_of, what="b's cache emptied")
         assert (await b.renew([lease], *ALICE, "srv-b", T0 + 2, 10.0)).renewed == [lease]

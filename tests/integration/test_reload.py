@@ -276,7 +276,9 @@ async def test_a_grant_resolved_before_a_re_key_is_not_granted_beyond_the_seats(
             async with pg_site.cluster.connect() as blocker:
                 # another transaction holds the pool's lock: the next batch waits in the
                 # database, and the checkout after it waits for that batch
-                await blocker.execute("SELECT pg_advisory_lock($1)", lock_key("pool", *old.key))
+                await blocker.execute(
+                    "SELECT pg_advisory_lock($1)", lock_key("product", "CLOCK.EXE")
+                )
                 second = asyncio.ensure_future(seats.checkout(_Holder("ws-2"), ask))
                 await async_wait_until(lambda: _lock_waiters(blocker), what="a batch waiting")
                 third = asyncio.ensure_future(seats.checkout(_Holder("ws-3"), ask))
@@ -286,7 +288,9 @@ async def test_a_grant_resolved_before_a_re_key_is_not_granted_beyond_the_seats(
                 await async_wait_until(
                     lambda: _at_least(_lock_waiters(blocker), 2), what="the repool waiting"
                 )
-                await blocker.execute("SELECT pg_advisory_unlock($1)", lock_key("pool", *old.key))
+                await blocker.execute(
+                    "SELECT pg_advisory_unlock($1)", lock_key("product", "CLOCK.EXE")
+                )
             await second
             outcome = (await asyncio.gather(third, return_exceptions=True))[0]
             await settle
@@ -337,27 +341,49 @@ async def test_a_checkout_that_starts_waiting_across_a_re_key_keeps_its_place(re
         await waiter.close()
 
 
+STAR = {**CLOCK, "version": "*"}
+
+
 @pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("before", "after", "key"),
+    [
+        ([CLOCK], [STAR], ("CLOCK.EXE", "*")),  # a version made "*"
+        ([STAR], [CLOCK, STAR], ("CLOCK.EXE", "4.00")),  # a "*" pool split by version
+    ],
+    ids=["to-star", "split"],
+)
 async def test_a_server_not_reloaded_yet_sends_its_clients_elsewhere_not_beyond_the_seats(
-    tmp_path,
+    tmp_path, before, after, key
 ):
-    """Found by a campaign: of two servers on one store, the one still on the old catalogue
-    counted the key the other's repool had emptied, and each granted the pool's seats."""
+    """Found by campaigns: of two servers on one store, the one still on the old catalogue
+    counted a key the other's repool had emptied (or, for a split, partly emptied), and
+    each granted the pool's seats."""
     site = tmp_path / "site.db"
     a, b = Reloadable(tmp_path / "a", "srv-a", site), Reloadable(tmp_path / "b", "srv-b", site)
-    srv_a = await a.start(products=[{**CLOCK, "seats": 2}])
-    srv_b = await b.start(products=[{**CLOCK, "seats": 2}])
+    srv_a = await a.start(products=before)
+    srv_b = await b.start(products=before)
     try:
         ca, cb = await a.client(), await b.client()
         await ca.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00")
-        await a.reload(products=[{**CLOCK, "seats": 2, "version": "*"}])
+        await a.reload(products=after)
         await ca.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00")
-        with pytest.raises(Overloaded):  # b still counts "4.00", retired by a: come back
+        with pytest.raises(Overloaded):  # b's catalogue is not the site's now: come back
             await cb.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00")
-        await b.reload(products=[{**CLOCK, "seats": 2, "version": "*"}])
+        await b.reload(products=after)
         with pytest.raises(Denied):  # both seats are a's, counted by both servers
             await cb.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00")
-        assert await srv_b.store.in_use(time.time()) == {("CLOCK.EXE", "*"): 2}
+        assert await srv_b.store.in_use(time.time()) == {key: 2}
+        # a server (re)started with the old config makes it the site's again: the others
+        # then send their clients away until they are reloaded - never beyond the seats
+        await srv_b.shutdown(timeout=2.0)
+        srv_b = await b.start(products=before)
+        with pytest.raises(Overloaded):
+            await ca.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00")
+        await a.reload(products=after)  # the operator takes the site back
+        with pytest.raises(Denied):
+            await ca.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00")
+        assert await srv_a.store.in_use(time.time()) == {key: 2}
     finally:
         for c in (ca, cb):
             await c.close()

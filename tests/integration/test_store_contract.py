@@ -15,7 +15,7 @@ import pytest
 
 from metering_protocol.errors import LeaseNotFound
 from metering_server.auth.lockout import FailureState, LockoutPolicy, LockoutSettings
-from metering_server.licensing import Pool
+from metering_server.licensing import Catalogue, Pool
 from metering_server.store.base import (
     GrantOutcome,
     GrantRequest,
@@ -477,7 +477,8 @@ async def test_repool_counts_held_leases_against_the_pool_that_now_covers_them(s
 
     entry = WaitEntry(ENFORCE.key, "clock.exe", "4.00", "dan", "ws-4", "dan", "srv-a", T0, T0 + 60)
     ticket = await store.enqueue(entry)
-    assert await store.repool(resolve) == 2
+    layouts = Catalogue([renamed, METER]).layouts
+    assert await store.repool(resolve, layouts, claim=True) == 2
     assert await store.in_use(T0 + 1) == {renamed.key: 2, METER.key: 1}
     assert await store.queued(T0 + 1) == {renamed.key: 1}  # its place, in the new pool's queue
     await store.dequeue(ticket.id)
@@ -488,7 +489,7 @@ async def test_repool_counts_held_leases_against_the_pool_that_now_covers_them(s
     assert back.reclaimed and back.lease is not None and back.lease.lease == a.lease
     beat = await store.renew([b.lease], "bob", "ws-2", "srv-a", T0 + 2, TTL)
     assert beat.renewed == [b.lease]
-    assert await store.repool(resolve) == 0
+    assert await store.repool(resolve, layouts, claim=False) == 0
     assert await store.release(b.lease, "bob", "ws-2", T0 + 3) is not None
     again = await store.grant(req(renamed, who=("carol", "ws-3"), now=T0 + 3, version="4.00"))
     assert again.granted and again.in_use == 2
@@ -500,27 +501,35 @@ async def test_repool_counts_held_leases_against_the_pool_that_now_covers_them(s
     assert await store.in_use(T0 + 3 + TTL) == {}
 
 
-async def test_repool_retires_the_keys_left_behind_for_every_grant_of_the_site(store):
-    """A grant resolved under the old catalogue (a moment before the reload, or on a server
-    not reloaded yet) counted the emptied old key and was granted beyond the seats."""
-    held = await granted(store, req(now=T0))
-    renamed = Pool("Clock.exe", "4.00", 2, "enforce")
-    moved = await store.repool(
-        lambda product, version: renamed.key, live=[renamed.key], gone=[ENFORCE.key]
-    )
-    assert moved == 1
-    stale = await store.grant(req(who=("bob", "ws-2"), now=T0 + 1))  # counted as ENFORCE
+async def test_a_grant_resolved_under_a_layout_not_the_sites_is_refused(store):
+    """A grant resolved under another catalogue than the site's (a moment before a reload,
+    or on a server not reloaded yet) counted a key the site no longer holds the product's
+    leases under, and was granted beyond the seats - also when its key is still in use, as
+    when a "*" pool is split by version."""
+    star = Pool("CLOCK.EXE", "*", 2, "enforce")
+    split = [Pool("CLOCK.EXE", "4.00", 2, "enforce"), star]
+    before, after = Catalogue([star]).layouts, Catalogue(split).layouts
+    assert await store.repool(lambda p, v: star.key, before, claim=True) == 0
+    old = msgspec.structs.replace(req(star, version="4.00", now=T0), layout=before["CLOCK.EXE"])
+    held = await granted(store, old)
+    assert await store.repool(lambda p, v: (p, v), after, claim=True) == 1  # 4.00 leases move
+    stale = await store.grant(msgspec.structs.replace(old, principal="bob", now=T0 + 1))
     assert (stale.granted, stale.retired) == (False, True)
+    new = msgspec.structs.replace(
+        req(split[0], who=("carol", "ws-3"), now=T0 + 1), layout=after["CLOCK.EXE"]
+    )
     both = await asyncio.gather(
-        store.grant(req(who=("bob", "ws-2"), now=T0 + 1)),
-        store.grant(req(renamed, who=("carol", "ws-3"), now=T0 + 1, version="4.00")),
+        store.grant(msgspec.structs.replace(old, principal="bob", now=T0 + 1)), store.grant(new)
     )
     assert [(o.granted, o.retired) for o in both] == [(False, True), (True, False)]
-    assert await store.in_use(T0 + 1) == {renamed.key: 2}
-    # the reverse change (back to the old spelling) brings the old key back and retires this
-    assert await store.repool(lambda p, v: ENFORCE.key, live=[ENFORCE.key], gone=[renamed.key]) == 2
-    again = await store.grant(req(who=("dan", "ws-4"), now=T0 + 2))
-    assert (again.granted, again.retired, again.in_use) == (False, False, 2)  # full, not retired
-    assert (await store.grant(req(renamed, who=("eve", "ws-5"), now=T0 + 2))).retired
+    assert await store.in_use(T0 + 1) == {split[0].key: 2}
+    # a later pass on the old catalogue (a server not reloaded) claims nothing, moves nothing
+    assert await store.repool(lambda p, v: star.key, before, claim=False) == 0
+    assert (await store.grant(msgspec.structs.replace(old, principal="dan", now=T0 + 2))).retired
+    # a reload back to it claims it again: the leases move back, the split's grants are fenced
+    assert await store.repool(lambda p, v: star.key, before, claim=True) == 2
+    again = await store.grant(msgspec.structs.replace(old, principal="dan", now=T0 + 2))
+    assert (again.granted, again.retired, again.in_use) == (False, False, 2)  # full, not fenced
+    assert (await store.grant(msgspec.structs.replace(new, principal="eve", now=T0 + 2))).retired
     assert await store.release(held.lease, *ALICE, T0 + 3) is not None
-    assert (await store.grant(req(who=("dan", "ws-4"), now=T0 + 3))).granted
+    assert (await store.grant(msgspec.structs.replace(old, principal="dan", now=T0 + 3))).granted

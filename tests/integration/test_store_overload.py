@@ -80,7 +80,9 @@ async def pool_lock_held(
         tx = conn.transaction()
         await tx.start()
         try:
-            await conn.execute(f"SELECT pg_advisory_xact_lock{mode}($1)", lock_key("pool", *key))
+            await conn.execute(
+                f"SELECT pg_advisory_xact_lock{mode}($1)", lock_key("product", key[0].upper())
+            )
             yield conn
         finally:
             await tx.rollback()
