@@ -213,7 +213,7 @@ class SeatService:
         self, pool: Pool, req: CheckoutRequest, outcome: GrantOutcome
     ) -> MeteringError | None:
         """What a refused grant answers whether or not the checkout may wait: waiting
-        cannot change it (or, retired, only a reload of this server can)."""
+        cannot change it (or, refused as not the site's layout, only a reload can)."""
         if outcome.key_reused:
             return BadRequest(
                 f"idempotency_key {req.idempotency_key!r} already made a lease for another "
@@ -421,15 +421,17 @@ class SeatService:
                 waiter.future.set_result(self._granted(holder, pool, outcome, waited=True))
 
     def _requeue_or_refuse(self, waiter: Waiter) -> None:
-        """A waiter whose pool key left the catalogue: into the queue of the pool its
-        product counts against now (served there), or refused when there is none."""
+        """A waiter whose pool key left the catalogue, or whose grant was refused as not
+        the site's layout: into the queue of the pool its product counts against now
+        (served there), or refused - `unknown_product` when there is none, `overloaded`
+        when it is the same pool (this server's catalogue is not the site's)."""
         req = waiter.request
         try:
             pool = self.catalogue.find(req.product, req.version)
         except UnknownProduct as exc:
             waiter.future.set_exception(exc)
             return
-        if pool.key == waiter.pool_key:  # retired by another server, still ours: come back
+        if pool.key == waiter.pool_key:  # another server's catalogue is the site's: come back
             waiter.future.set_exception(self._final_refusal(pool, req, RETIRED) or Internal())
             return
         self._waiters.move(waiter, pool.key)
