@@ -120,6 +120,7 @@ class SeatService:
         self._tasks = TaskOwner("seats")
         self._repools_owed = 0  # passes of `repool` a reload still needs (the first claims)
         self._claim_owed = False  # the next `repool` makes this catalogue the site's
+        self._generation = 0  # reloads so far (`settle_catalogue`)
         self._removed: set[str] = set()  # products a reload dropped, for the next claim
         self._settling = asyncio.Lock()  # one `settle_catalogue` at a time
 
@@ -593,6 +594,7 @@ class SeatService:
         # A reload makes this catalogue the site's (`repool` with claim), even unchanged:
         # after a server with another config claimed it, reloading the right ones is how
         # the operator takes it back.
+        self._generation += 1
         self._claim_owed, self._repools_owed = True, max(self._repools_owed, 1)
         if catalogue.pools != before.pools:
             self._removed |= set(before.layouts) - set(catalogue.layouts)
@@ -609,9 +611,19 @@ class SeatService:
         a sweep's must not both spend the pass meant for later); one that fails is owed
         still."""
         async with self._settling:
-            if self._repools_owed:
-                await self.repool(claim=self._claim_owed)
-                self._claim_owed = False
+            if not self._repools_owed:
+                return
+            # What this pass is for, taken at its start: a reload while it runs owes its
+            # own passes, its claim first (a campaign found a sweep's pass, ending after a
+            # reload, spending the reload's claim: the site kept the old layout for good).
+            generation, claim = self._generation, self._claim_owed
+            self._claim_owed = False
+            try:
+                await self.repool(claim=claim)
+            except BaseException:
+                self._claim_owed = self._claim_owed or claim
+                raise
+            if generation == self._generation:
                 self._repools_owed -= 1
 
     def drain(self) -> None:

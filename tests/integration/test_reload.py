@@ -390,3 +390,28 @@ async def test_a_server_not_reloaded_yet_sends_its_clients_elsewhere_not_beyond_
         await srv_a.shutdown(timeout=2.0)
         await srv_b.shutdown(timeout=2.0)
         a.server = b.server = None
+
+
+@pytest.mark.asyncio
+async def test_a_reload_during_a_sweeps_pass_keeps_its_claim(reloadable):
+    """Found by a campaign: a reload whose settle waited for a pass already running (the
+    sweep's later pass, which claims nothing) lost its claim when that pass ended; the site
+    kept the previous layout and its only server answered `overloaded` for good."""
+    server = await reloadable.start(products=[CLOCK])
+    await reloadable.reload(products=[STAR])  # claims; one later pass owed
+    c = await reloadable.client()
+    try:
+        with sqlite_write_lock(reloadable.root / "site.db"):
+            sweeping = asyncio.ensure_future(server.seats.settle_catalogue())
+            await async_wait_until(lambda: server.seats._settling.locked(), what="the pass")
+            reloadable.write(products=[CLOCK])
+            reload = asyncio.ensure_future(server.reload())
+            await async_wait_until(
+                lambda: server.seats.catalogue.pools[0].version == "4.00", what="reconfigured"
+            )
+        await sweeping
+        await reload
+        granted = await c.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00")
+        assert granted["in_use"] == 1
+    finally:
+        await c.close()
