@@ -512,8 +512,12 @@ async def test_agent_killed_9_closes_the_runs_that_ended_and_keeps_watching_the_
         return Daemon(argv, tmp_path / "agent.jsonl", ready_event=ready)
 
     def on_disk() -> dict[int, dict[str, Any]]:
-        files = sorted((state / "spool").glob("*.json"))
-        return {r["pids"][0][0]: r for r in (json.loads(p.read_text()) for p in files)}
+        records = []
+        for path in sorted((state / "spool").glob("*.json")):
+            # a record uploaded between the listing and the read is gone: the spool deletes it
+            with contextlib.suppress(FileNotFoundError):
+                records.append(json.loads(path.read_text()))
+        return {r["pids"][0][0]: r for r in records}
 
     first = agent("watch_catalogue")  # ready: watching from now on
     try:
