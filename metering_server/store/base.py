@@ -24,8 +24,11 @@ from dataclasses import dataclass
 import msgspec
 
 from metering_protocol.errors import Internal, LeaseNotFound, Overloaded
+from metering_runtime.logs import get_logger
 from metering_server.auth.lockout import FailureState, LockoutPolicy
 from metering_server.licensing import Pool, lease_expiry
+
+log = get_logger("metering.store")
 
 
 def new_lease_id() -> str:
@@ -203,6 +206,14 @@ def of_product(records: list[UsageRecord], product: str | None) -> list[UsageRec
         return records
     name = product.upper()
     return [r for r in records if name in (r.product.upper(), r.pool_product.upper())]
+
+
+def claimed_over(store: str, products: list[str]) -> None:
+    """Log a claim (`repool`) that changed the layout the site counted products by: a
+    reload that changed the catalogue, or a server started with another config taking the
+    site over (then the other servers answer `overloaded` for them until reloaded)."""
+    if products:
+        log.warning("site_catalogue_claimed", store=store, products=products)
 
 
 def same_checkout(earlier: LeaseRecord, req: GrantRequest) -> bool:

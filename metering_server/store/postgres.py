@@ -83,6 +83,7 @@ from .base import (
     UsageOutcome,
     UsageRecord,
     WaitEntry,
+    claimed_over,
     new_lease,
     not_held,
     of_product,
@@ -1274,6 +1275,8 @@ class PostgresStore(LeaseStore):
         *,
         claim: bool,
     ) -> int:
+        changed: list[str] = []
+
         async def repool(db: asyncpg.Connection) -> int:
             # Each product's lock, as its grants take it (lock-key order): a grant counts
             # wholly before the change or wholly after it, on whatever catalogue.
@@ -1282,6 +1285,9 @@ class PostgresStore(LeaseStore):
                 await db.execute(
                     "SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS k", keys
                 )
+            if claim:
+                site = dict(await db.fetch("SELECT product, layout FROM product_layouts"))
+                changed[:] = [n for n, lay in sorted(layouts.items()) if site.get(n, lay) != lay]
             names, shapes = (
                 [k for k, _ in sorted(layouts.items())],
                 [v for _, v in sorted(layouts.items())],
@@ -1323,6 +1329,7 @@ class PostgresStore(LeaseStore):
 
         moved = await self._run("repool", repool)
         self._pool_of.clear()
+        claimed_over(self.where, changed)
         return moved
 
     @staticmethod

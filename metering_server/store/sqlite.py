@@ -53,6 +53,7 @@ from .base import (
     UsageOutcome,
     UsageRecord,
     WaitEntry,
+    claimed_over,
     new_lease,
     not_held,
     of_product,
@@ -1083,7 +1084,12 @@ class SQLiteStore(LeaseStore):
         *,
         claim: bool,
     ) -> int:
+        changed: list[str] = []
+
         def repool(db: sqlite3.Connection) -> int:
+            if claim:
+                site = dict(db.execute("SELECT product, layout FROM product_layouts"))
+                changed.extend(n for n, lay in sorted(layouts.items()) if site.get(n, lay) != lay)
             verb = "INSERT OR REPLACE" if claim else "INSERT OR IGNORE"
             db.executemany(
                 f"{verb} INTO product_layouts (product, layout) VALUES (?, ?)",
@@ -1110,7 +1116,9 @@ class SQLiteStore(LeaseStore):
                     moved += count if table == "leases" else 0
             return moved
 
-        return await self._write(repool)
+        moved = await self._write(repool)
+        claimed_over(f"sqlite://{self.path}", changed)
+        return moved
 
     # --- the site-wide queue ------------------------------------------------------------------
     async def enqueue(self, entry: WaitEntry) -> Ticket:

@@ -12,6 +12,7 @@ import contextlib
 
 import msgspec
 import pytest
+from structlog.testing import capture_logs
 
 from metering_protocol.errors import LeaseNotFound
 from metering_server.auth.lockout import FailureState, LockoutPolicy, LockoutSettings
@@ -509,10 +510,16 @@ async def test_a_grant_resolved_under_a_layout_not_the_sites_is_refused(store):
     star = Pool("CLOCK.EXE", "*", 2, "enforce")
     split = [Pool("CLOCK.EXE", "4.00", 2, "enforce"), star]
     before, after = Catalogue([star]).layouts, Catalogue(split).layouts
-    assert await store.repool(lambda p, v: star.key, before, claim=True) == 0
+    with capture_logs() as first:
+        assert await store.repool(lambda p, v: star.key, before, claim=True) == 0
     old = msgspec.structs.replace(req(star, version="4.00", now=T0), layout=before["CLOCK.EXE"])
     held = await granted(store, old)
-    assert await store.repool(lambda p, v: (p, v), after, claim=True) == 1  # 4.00 leases move
+    with capture_logs() as changed:
+        assert await store.repool(lambda p, v: (p, v), after, claim=True) == 1  # 4.00 moves
+    # a claim that changes what the site counts by says so (a stale server taking over)
+    assert not [e for e in first if e["event"] == "site_catalogue_claimed"]
+    [line] = [e for e in changed if e["event"] == "site_catalogue_claimed"]
+    assert line["products"] == ["CLOCK.EXE"] and line["log_level"] == "warning"
     stale = await store.grant(msgspec.structs.replace(old, principal="bob", now=T0 + 1))
     assert (stale.granted, stale.retired) == (False, True)
     new = msgspec.structs.replace(
