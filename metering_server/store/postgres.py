@@ -349,9 +349,11 @@ class PostgresStore(LeaseStore):
         self._line = _Admission(self.pool_max, self.max_queued)
         self._auth_reads: KeyedReads[FailureState] = KeyedReads(self._fetch_states, "auth-states")
         self._in_use_seen: dict[tuple[str, str], int] = {}  # per pool, at this server's last grant
-        # lease -> its pool, for the leases this server granted, reclaimed or renewed (a lease
-        # never changes pool): a heartbeat batch whose leases are all here takes its pools'
-        # locks with its BEGIN, two round trips fewer than looking them up first.
+        # lease -> its pool, for the leases this server granted, reclaimed or renewed: a
+        # heartbeat batch whose leases are all here takes its pools' locks with its BEGIN, two
+        # round trips fewer than looking them up first.  A catalogue change may move a lease
+        # to another pool (`repool`), but never to another product, and the lock is the
+        # product's (`_pool_lock`): an entry it made stale still names the right lock.
         self._pool_of: collections.OrderedDict[str, tuple[str, str]] = collections.OrderedDict()
         self._reclaims: Batches[GrantRequest, GrantOutcome | None] = Batches(
             self._renew_held, "reclaims"
@@ -1323,12 +1325,9 @@ class PostgresStore(LeaseStore):
                     version,
                 )
                 moved += int(status.rsplit(" ", 1)[-1])
-            if moved:  # every server's lease -> pool cache (renewals' locks) forgets them
-                await self._notify(db, [("repooled", "")])
             return moved
 
         moved = await self._run("repool", repool)
-        self._pool_of.clear()
         claimed_over(self.where, changed)
         return moved
 
@@ -1496,9 +1495,6 @@ class PostgresStore(LeaseStore):
     async def _listen_loop(self, on_notice: Callable[[Notice], None], ready: asyncio.Event) -> None:
         def deliver(_conn: object, _pid: int, _channel: str, payload: str) -> None:
             kind, origin, what = [*payload.split("\x1e", 2), "", ""][:3]
-            if kind == "repooled":  # leases moved between pools: the cache is stale
-                self._pool_of.clear()
-                return
             if origin == self._origin:
                 return  # our own change: the seat service acted on it already
             try:
@@ -1522,9 +1518,6 @@ class PostgresStore(LeaseStore):
                 await conn.add_listener(self._channel, deliver)
                 if failures:
                     log.info("store_listen_restored", store=self.where)
-                    # A `repooled` notice sent while we were not listening is lost: the
-                    # lease -> pool cache may be stale (renewals would lock the old pool).
-                    self._pool_of.clear()
                 failures = 0
                 self.listening = True
                 ready.set()
