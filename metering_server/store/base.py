@@ -18,7 +18,7 @@ import abc
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import msgspec
@@ -206,6 +206,29 @@ def of_product(records: list[UsageRecord], product: str | None) -> list[UsageRec
         return records
     name = product.upper()
     return [r for r in records if name in (r.product.upper(), r.pool_product.upper())]
+
+
+def layouts_changed(site: Mapping[str, str], layouts: Mapping[str, str]) -> list[str]:
+    """The products whose site layout a claim of `layouts` replaces (not first claims)."""
+    return [name for name, layout in sorted(layouts.items()) if site.get(name, layout) != layout]
+
+
+def repool_moves(
+    rows: Iterable[tuple[str, str, str, str]],
+    resolve: Callable[[str, str], tuple[str, str] | None],
+    site: Mapping[str, str],
+    layouts: Mapping[str, str],
+) -> list[tuple[tuple[str, str], str, str, tuple[str, str]]]:
+    """`repool`'s moves for rows (pool product, pool version, product, version) of leases
+    or waiters: (old pool, product, version, new pool) where `resolve` names another pool
+    and the site counts the product by this catalogue's layout (`site`, after the claim)."""
+    ours = {name for name, layout in layouts.items() if site.get(name) == layout}
+    moves = []
+    for pool_product, pool_version, product, version in rows:
+        key = resolve(product, version)
+        if key is not None and key != (pool_product, pool_version) and product.upper() in ours:
+            moves.append(((pool_product, pool_version), product, version, key))
+    return moves
 
 
 def claimed_over(store: str, products: list[str]) -> None:

@@ -84,10 +84,12 @@ from .base import (
     UsageRecord,
     WaitEntry,
     claimed_over,
+    layouts_changed,
     new_lease,
     not_held,
     of_product,
     renewed_lease,
+    repool_moves,
     same_checkout,
 )
 from .coalesce import Batches, KeyedReads
@@ -1288,43 +1290,32 @@ class PostgresStore(LeaseStore):
                     "SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS k", keys
                 )
             if claim:
-                site = dict(await db.fetch("SELECT product, layout FROM product_layouts"))
-                changed[:] = [n for n, lay in sorted(layouts.items()) if site.get(n, lay) != lay]
-            names, shapes = (
-                [k for k, _ in sorted(layouts.items())],
-                [v for _, v in sorted(layouts.items())],
-            )
+                changed[:] = layouts_changed(await self._layouts(db), layouts)
+            pairs = sorted(layouts.items())
             await db.execute(
                 "INSERT INTO product_layouts (product, layout) SELECT * FROM "
                 "unnest($1::text[], $2::text[]) ON CONFLICT (product) DO "
                 + ("UPDATE SET layout = excluded.layout" if claim else "NOTHING"),
-                names,
-                shapes,
+                [name for name, _ in pairs],
+                [layout for _, layout in pairs],
             )
-            site = dict(await db.fetch("SELECT product, layout FROM product_layouts"))
-            ours = {name for name, layout in layouts.items() if site.get(name) == layout}
-            rows = await db.fetch(
-                "SELECT DISTINCT pool_product, pool_version, product, version FROM leases"
-            )
-            moves = []
-            for pool_product, pool_version, product, version in rows:
-                key = resolve(product, version)
-                if key is None or key == (pool_product, pool_version):
-                    continue
-                if product.upper() in ours:  # else the site counts it by another layout
-                    moves.append(((pool_product, pool_version), product, version, key))
-            await self._repool_waiters(db, resolve, ours)
+            site = await self._layouts(db)
             moved = 0
-            for old, product, version, new in moves:
-                status = await db.execute(
-                    "UPDATE leases SET pool_product = $1, pool_version = $2 WHERE "
-                    "pool_product = $3 AND pool_version = $4 AND product = $5 AND version = $6",
-                    *new,
-                    *old,
-                    product,
-                    version,
+            for table in ("leases", "waiters"):  # waiters: their place in the pool's queue
+                rows = await db.fetch(
+                    f"SELECT DISTINCT pool_product, pool_version, product, version FROM {table}"
                 )
-                moved += int(status.rsplit(" ", 1)[-1])
+                for old, product, version, new in repool_moves(rows, resolve, site, layouts):
+                    status = await db.execute(
+                        f"UPDATE {table} SET pool_product = $1, pool_version = $2 WHERE "
+                        "pool_product = $3 AND pool_version = $4 AND product = $5 "
+                        "AND version = $6",
+                        *new,
+                        *old,
+                        product,
+                        version,
+                    )
+                    moved += int(status.rsplit(" ", 1)[-1]) if table == "leases" else 0
             return moved
 
         moved = await self._run("repool", repool)
@@ -1332,28 +1323,8 @@ class PostgresStore(LeaseStore):
         return moved
 
     @staticmethod
-    async def _repool_waiters(
-        db: asyncpg.Connection,
-        resolve: Callable[[str, str], tuple[str, str] | None],
-        ours: set[str],
-    ) -> None:
-        """Waiting checkouts keep their place, in the queue of the pool they count for now
-        (products the site counts by this catalogue: `ours`)."""
-        rows = await db.fetch(
-            "SELECT DISTINCT pool_product, pool_version, product, version FROM waiters"
-        )
-        for pool_product, pool_version, product, version in rows:
-            key = resolve(product, version)
-            if key is not None and key != (pool_product, pool_version) and product.upper() in ours:
-                await db.execute(
-                    "UPDATE waiters SET pool_product = $1, pool_version = $2 WHERE "
-                    "pool_product = $3 AND pool_version = $4 AND product = $5 AND version = $6",
-                    *key,
-                    pool_product,
-                    pool_version,
-                    product,
-                    version,
-                )
+    async def _layouts(db: asyncpg.Connection) -> dict[str, str]:
+        return dict(await db.fetch("SELECT product, layout FROM product_layouts"))
 
     # --- the site-wide queue -------------------------------------------------------------------
     async def enqueue(self, entry: WaitEntry) -> Ticket:

@@ -54,10 +54,12 @@ from .base import (
     UsageRecord,
     WaitEntry,
     claimed_over,
+    layouts_changed,
     new_lease,
     not_held,
     of_product,
     renewed_lease,
+    repool_moves,
     same_checkout,
 )
 from .worker import StoreThread
@@ -922,6 +924,10 @@ class SQLiteStore(LeaseStore):
         ).fetchone()
 
     @staticmethod
+    def _layouts(db: sqlite3.Connection) -> dict[str, str]:
+        return dict(db.execute("SELECT product, layout FROM product_layouts"))
+
+    @staticmethod
     def _layout_differs(db: sqlite3.Connection, key: tuple[str, str], layout: str) -> bool:
         return (
             db.execute(
@@ -1088,30 +1094,23 @@ class SQLiteStore(LeaseStore):
 
         def repool(db: sqlite3.Connection) -> int:
             if claim:
-                site = dict(db.execute("SELECT product, layout FROM product_layouts"))
-                changed.extend(n for n, lay in sorted(layouts.items()) if site.get(n, lay) != lay)
+                changed.extend(layouts_changed(self._layouts(db), layouts))
             verb = "INSERT OR REPLACE" if claim else "INSERT OR IGNORE"
             db.executemany(
                 f"{verb} INTO product_layouts (product, layout) VALUES (?, ?)",
                 sorted(layouts.items()),
             )
-            site = dict(db.execute("SELECT product, layout FROM product_layouts"))
-            ours = {name for name, layout in layouts.items() if site.get(name) == layout}
+            site = self._layouts(db)
             moved = 0
             for table in ("leases", "waiters"):  # waiters: their place in the pool's queue
                 rows = db.execute(
                     f"SELECT DISTINCT pool_product, pool_version, product, version FROM {table}"
                 ).fetchall()
-                for pool_product, pool_version, product, version in rows:
-                    key = resolve(product, version)
-                    if key is None or key == (pool_product, pool_version):
-                        continue
-                    if product.upper() not in ours:  # the site counts it by another layout
-                        continue
+                for old, product, version, new in repool_moves(rows, resolve, site, layouts):
                     count = db.execute(
                         f"UPDATE {table} SET pool_product = ?, pool_version = ? WHERE "
                         "pool_product = ? AND pool_version = ? AND product = ? AND version = ?",
-                        (*key, pool_product, pool_version, product, version),
+                        (*new, *old, product, version),
                     ).rowcount
                     moved += count if table == "leases" else 0
             return moved
