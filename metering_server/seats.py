@@ -11,7 +11,6 @@ is anything with a principal, a client name, a `closed` flag and a `push` for ev
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -22,7 +21,6 @@ from metering_protocol.errors import (
     BadRequest,
     Cancelled,
     Denied,
-    Internal,
     LeaseNotFound,
     LeaseRevoked,
     MeteringError,
@@ -30,6 +28,7 @@ from metering_protocol.errors import (
     ShuttingDown,
     UnknownProduct,
 )
+from metering_protocol.names import is_clean_name
 from metering_runtime.logs import get_logger
 from metering_runtime.tasks import TaskOwner
 from metering_server import events as ev
@@ -159,7 +158,7 @@ class SeatService:
         if self.draining:
             raise ShuttingDown("server is draining", retry_after_s=0.1)
         pool = self.catalogue.find(req.product, req.version)
-        if pool.version == "*" and not _clean(req.version):
+        if pool.version == "*" and not is_clean_name(req.version):
             # Any version counts here, and the lease keeps it as sent (logs, reports).
             raise BadRequest("version: must not contain control characters")
         if req.wait_s <= 0:
@@ -229,11 +228,7 @@ class SeatService:
                 "granted was revoked by an administrator"
             )
         if outcome.retired:
-            return Overloaded(
-                f"{pool.product} {pool.version}: the site's catalogue is changing (a reload "
-                "has not reached every server yet); retry",
-                retry_after_s=1.0,
-            )
+            return _catalogue_changing(pool)
         return None
 
     def _refuse(
@@ -433,7 +428,7 @@ class SeatService:
             waiter.future.set_exception(exc)
             return
         if pool.key == waiter.pool_key:  # another server's catalogue is the site's: come back
-            waiter.future.set_exception(self._final_refusal(pool, req, RETIRED) or Internal())
+            waiter.future.set_exception(_catalogue_changing(pool))
             return
         self._waiters.move(waiter, pool.key)
         self._seat_freed(pool.key)
@@ -644,13 +639,13 @@ class SeatService:
             log.warning("store_detach_failed", error=str(exc))
 
 
-RETIRED = GrantOutcome(False, 0, retired=True)
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def _clean(name: str) -> bool:
-    """No control characters (the protocol's `CleanName`), ASCII the fast way."""
-    return name.isprintable() if name.isascii() else not _CONTROL.search(name)
+def _catalogue_changing(pool: Pool) -> Overloaded:
+    """The answer of a server whose catalogue is not the site's for `pool`'s product."""
+    return Overloaded(
+        f"{pool.product} {pool.version}: the site's catalogue is changing (a reload has not "
+        "reached every server yet); retry",
+        retry_after_s=1.0,
+    )
 
 
 def _resolver(catalogue: Catalogue) -> Callable[[str, str], tuple[str, str] | None]:
