@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -44,17 +45,12 @@ def python_for_nobody() -> str | None:
     return None
 
 
-@pytest.mark.asyncio
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a peer as another uid")
-async def test_other_local_users_cannot_touch_a_users_seat(make_server, tmp_path):
-    exe = python_for_nobody()
-    if exe is None:
-        pytest.skip("no python the `nobody` user can run")
-    server = await make_server(
-        products=[{"name": "A", "version": "1", "seats": 2}], credentials={"ws": (["agent"], "tok")}
-    )
+async def start_local_agent(server, tmp_path: Path, *, shared: bool = False) -> tuple[Agent, Path]:
+    """An in-process agent (principal `ws`, token `tok`) for `server`, its socket in a short
+    dir of its own (`shared`: others may reach it, for a peer running as another uid)."""
     short = short_tmpdir()
-    short.chmod(0o755)
+    if shared:
+        short.chmod(0o755)
     config = build_client_config(
         {
             "client": {
@@ -70,6 +66,25 @@ async def test_other_local_users_cannot_touch_a_users_seat(make_server, tmp_path
     )
     agent = Agent(config)
     await agent.start()
+    return agent, short
+
+
+async def stop_local_agent(agent: Agent, short: Path) -> None:
+    await agent.stop()
+    shutil.rmtree(short, ignore_errors=True)
+
+
+@pytest.mark.asyncio
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a peer as another uid")
+async def test_other_local_users_cannot_touch_a_users_seat(make_server, tmp_path):
+    exe = python_for_nobody()
+    if exe is None:
+        pytest.skip("no python the `nobody` user can run")
+    server = await make_server(
+        products=[{"name": "A", "version": "1", "seats": 2}], credentials={"ws": (["agent"], "tok")}
+    )
+    agent, short = await start_local_agent(server, tmp_path, shared=True)
+    config = agent.config
     try:
         root = await hello(f"unix://{config.socket}", client="p1")
         lease = (
@@ -95,8 +110,7 @@ async def test_other_local_users_cannot_touch_a_users_seat(make_server, tmp_path
         assert out["heartbeat"]["lost"] == [lease]
         assert lease in agent.keeper.held  # alice's seat is untouched
     finally:
-        await agent.stop()
-        shutil.rmtree(short, ignore_errors=True)
+        await stop_local_agent(agent, short)
 
 
 @pytest.mark.asyncio
@@ -107,22 +121,8 @@ async def test_a_programs_heartbeat_names_its_revoked_seat(make_server, tmp_path
         products=[{"name": "A", "version": "1", "seats": 2}],
         credentials={"ws": (["agent"], "tok"), "boss": (["admin"], "boss-tok")},
     )
-    short = short_tmpdir()
-    config = build_client_config(
-        {
-            "client": {
-                "name": "ws-1",
-                "user": "ws",
-                "state_dir": str(tmp_path / "st"),
-                "token_file": str(write_token(tmp_path / "token", "tok")),
-                "socket": str(short / "agent.sock"),
-            },
-            "servers": {"list": [server.address("tcp")]},
-        },
-        tmp_path / "client.toml",
-    )
-    agent = Agent(config)
-    await agent.start()
+    agent, short = await start_local_agent(server, tmp_path)
+    config = agent.config
     events: list = []
     program = await hello(f"unix://{config.socket}", client="p1")
     program.on_event = events.append
@@ -140,8 +140,7 @@ async def test_a_programs_heartbeat_names_its_revoked_seat(make_server, tmp_path
         assert (beat["renewed"], beat["lost"], beat["revoked"]) == ([], [handle], [handle])
     finally:
         await program.close()
-        await agent.stop()
-        shutil.rmtree(short, ignore_errors=True)
+        await stop_local_agent(agent, short)
 
 
 @pytest.mark.asyncio
@@ -156,22 +155,8 @@ async def test_a_programs_checkout_keeps_the_protocols_promises(make_server, tmp
         ],
         credentials={"ws": (["agent"], "tok"), "boss": (["admin"], "boss-tok")},
     )
-    short = short_tmpdir()
-    config = build_client_config(
-        {
-            "client": {
-                "name": "ws-1",
-                "user": "ws",
-                "state_dir": str(tmp_path / "st"),
-                "token_file": str(write_token(tmp_path / "token", "tok")),
-                "socket": str(short / "agent.sock"),
-            },
-            "servers": {"list": [server.address("tcp")]},
-        },
-        tmp_path / "client.toml",
-    )
-    agent = Agent(config)
-    await agent.start()
+    agent, short = await start_local_agent(server, tmp_path)
+    config = agent.config
     program = await hello(f"unix://{config.socket}", client="p1")
     boss = await hello(server.address("tcp"), user="boss", token="boss-tok")
 
@@ -215,8 +200,7 @@ async def test_a_programs_checkout_keeps_the_protocols_promises(make_server, tmp
     finally:
         await boss.close()
         await program.close()
-        await agent.stop()
-        shutil.rmtree(short, ignore_errors=True)
+        await stop_local_agent(agent, short)
 
 
 @pytest.mark.asyncio
@@ -227,22 +211,8 @@ async def test_a_seat_granted_after_its_program_left_is_given_back_at_once(make_
         products=[{"name": "A", "version": "1", "seats": 1}],
         credentials={"ws": (["agent"], "tok"), "boss": (["admin"], "boss-tok")},
     )
-    short = short_tmpdir()
-    config = build_client_config(
-        {
-            "client": {
-                "name": "ws-1",
-                "user": "ws",
-                "state_dir": str(tmp_path / "st"),
-                "token_file": str(write_token(tmp_path / "token", "tok")),
-                "socket": str(short / "agent.sock"),
-            },
-            "servers": {"list": [server.address("tcp")]},
-        },
-        tmp_path / "client.toml",
-    )
-    agent = Agent(config)
-    await agent.start()
+    agent, short = await start_local_agent(server, tmp_path)
+    config = agent.config
     boss = await hello(server.address("tcp"), user="boss", token="boss-tok")
 
     async def freed() -> bool:
@@ -266,5 +236,4 @@ async def test_a_seat_granted_after_its_program_left_is_given_back_at_once(make_
         assert agent.keeper.held == {}
     finally:
         await boss.close()
-        await agent.stop()
-        shutil.rmtree(short, ignore_errors=True)
+        await stop_local_agent(agent, short)
