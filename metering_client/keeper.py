@@ -38,6 +38,7 @@ from metering_protocol.errors import (
     ShuttingDown,
     Unavailable,
 )
+from metering_protocol.names import same_product
 from metering_runtime.logs import get_logger
 from metering_runtime.tasks import TaskOwner
 
@@ -404,7 +405,7 @@ class LeaseKeeper:
         """`idempotency_key`: the caller's own (a local program's retry of one checkout),
         else one made here; either way one key for every attempt of this checkout."""
         held = self.held.get(reclaim) if reclaim is not None else None
-        if held is not None and not _same_product(held, product, version):
+        if held is not None and not same_product(held.product, held.version, product, version):
             # Another product's seat is no reclaim of this one (as the server judges it): a
             # checkout of what was asked.
             reclaim = held = None
@@ -660,9 +661,3 @@ def seat_fields(session: Session, fields: dict[str, Any]) -> dict[str, Any]:
     if {"agent", "admin"} & set(session.roles):
         return fields
     return {k: v for k, v in fields.items() if k != "user"}
-
-
-def _same_product(held: HeldLease, product: str, version: str) -> bool:
-    """Whether a held lease answers a checkout of `product` `version` (names match as the
-    catalogue matches them: without regard to case)."""
-    return held.product.upper() == product.upper() and held.version == version

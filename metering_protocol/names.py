@@ -1,6 +1,8 @@
-"""The character rule for names stored as sent (users, clients, keys, usage records): no
-control characters.  The protocol's `CleanName` checks it while decoding; the seat service
-checks it where decoding cannot know it matters (a version a "*" pool counts)."""
+"""Rules about names the server and the agent both apply.  The character rule for names
+stored as sent (users, clients, keys, usage records): no control characters — the
+protocol's `CleanName` checks it while decoding, the seat service where decoding cannot
+know it matters (a version a "*" pool counts).  And when two checkouts ask for the same
+product and version."""
 
 from __future__ import annotations
 
@@ -13,3 +15,9 @@ _no_control = re.compile(NO_CONTROL)
 def is_clean_name(name: str) -> bool:
     """No control characters (U+0000-U+001F, U+007F); ASCII the fast way."""
     return name.isprintable() if name.isascii() else _no_control.match(name) is not None
+
+
+def same_product(product: str, version: str, other_product: str, other_version: str) -> bool:
+    """The same product and version, names matched as the catalogue matches them (without
+    regard to case): a retry repeats its checkout, a reclaim asks for its lease's product."""
+    return product.upper() == other_product.upper() and version == other_version

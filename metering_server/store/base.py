@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import msgspec
 
 from metering_protocol.errors import Internal, LeaseNotFound, Overloaded
+from metering_protocol.names import same_product
 from metering_runtime.logs import get_logger
 from metering_server.auth.lockout import FailureState, LockoutPolicy
 from metering_server.licensing import Pool, lease_expiry
@@ -243,7 +244,7 @@ def same_checkout(earlier: LeaseRecord, req: GrantRequest) -> bool:
     """Whether the lease an idempotency key made answers this request: a retry repeats
     its checkout's product (names match as the catalogue matches them, without regard to
     case) and version."""
-    return earlier.product.upper() == req.product.upper() and earlier.version == req.version
+    return same_product(earlier.product, earlier.version, req.product, req.version)
 
 
 class RenewOutcome(msgspec.Struct, frozen=True):
