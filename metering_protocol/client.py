@@ -128,7 +128,9 @@ class ProtocolClient:
         """A checkout whose caller went away (a program that left the agent, Ctrl-C): no
         seat may stay with nobody.  A waiting one is withdrawn (`cancel`); and whatever the
         server had granted meanwhile, or grants before the cancel reaches it, is checked in
-        when its reply comes — else the seat stayed taken until its lease expired.  The
+        when its reply comes — else the seat stayed taken until its lease expired.  That
+        checkin is `abandoned`: a retry of the same checkout (its idempotency key) may have
+        been handed the same lease meanwhile, on another connection, and then it stays.  The
         replies to both are not awaited."""
         if waiting:
             self.writer.write(encode({"id": self.next_id(), "op": "cancel", "request": rid}))
@@ -141,7 +143,8 @@ class ProtocolClient:
             reply = done.result()
             lease = reply.get("lease") if reply.get("ok") is True else None
             if isinstance(lease, str):  # its reply, to an id nobody waits for, is dropped
-                self.writer.write(encode({"id": self.next_id(), "op": "checkin", "lease": lease}))
+                checkin = {"id": self.next_id(), "op": "checkin", "lease": lease, "abandoned": True}
+                self.writer.write(encode(checkin))
 
         self._orphans.add(fut)
         fut.add_done_callback(granted)

@@ -71,6 +71,9 @@ class Heartbeat(Request, frozen=True, kw_only=True):
 
 class Checkin(Request, frozen=True, kw_only=True):
     lease: LeaseId
+    # The lease came in the reply to a checkout whose caller had gone away (the client
+    # gives it back): released only if no retry of that checkout was handed it since.
+    abandoned: bool = False
 
 
 class Status(Request, frozen=True, kw_only=True):

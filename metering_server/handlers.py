@@ -172,7 +172,7 @@ class Handlers:
         }
 
     async def op_checkin(self, session: Session, req: m.Checkin) -> dict[str, Any]:
-        return {"released": await self.seats.release(session, req.lease)}
+        return {"released": await self.seats.release(session, req.lease, abandoned=req.abandoned)}
 
     # --- information -------------------------------------------------------------------------
     async def op_status(self, session: Session, req: m.Status) -> dict[str, Any]:

@@ -255,8 +255,18 @@ class SeatService:
         holder's before this request: it stays theirs."""
         if not outcome.granted or outcome.reclaimed or outcome.replayed:
             return
-        assert outcome.lease is not None and holder.principal is not None
-        await self.store.release(outcome.lease.lease, holder.principal, holder.client, self.clock())
+        assert outcome.lease is not None
+        await self._give_back(holder, outcome.lease)
+
+    async def _give_back(self, holder: Holder, lease: LeaseRecord) -> None:
+        """A lease granted to a checkout nobody waits for any more goes back - unless a retry
+        of that checkout (its connection timed out, so it asked again, here or on another
+        server) has meanwhile been handed it by its idempotency key: released anyway, it was
+        an acknowledged lease lost (seen once in the site storm test)."""
+        assert holder.principal is not None
+        rec = await self.store.give_back(lease.lease, holder.principal, holder.client)
+        if rec is not None:
+            self._seat_freed(rec.pool_key)
 
     def _withdrawn(self, holder: Holder, req: CheckoutRequest, waiter: Waiter) -> Cancelled:
         exc = waiter.future.exception()
@@ -409,10 +419,8 @@ class SeatService:
                     continue
                 if waiter.future.done() or holder.closed:
                     # Nobody waits for it any more (timed out, cancelled, disconnected).
-                    assert outcome.lease is not None and holder.principal is not None
-                    await self.store.release(
-                        outcome.lease.lease, holder.principal, holder.client, self.clock()
-                    )
+                    assert outcome.lease is not None
+                    await self._give_back(holder, outcome.lease)
                     continue
                 waiter.future.set_result(self._granted(holder, pool, outcome, waited=True))
 
@@ -502,10 +510,15 @@ class SeatService:
             self._holders[lease] = holder
         return outcome
 
-    async def release(self, holder: Holder, lease: str) -> bool:
-        """Check a lease in; False when it was already gone (checkin is idempotent)."""
+    async def release(self, holder: Holder, lease: str, *, abandoned: bool = False) -> bool:
+        """Check a lease in; False when it was already gone (checkin is idempotent).
+        `abandoned`: the lease came in the reply to a checkout whose caller had gone away;
+        it stays, False, if a retry of that checkout was handed it (`LeaseStore.give_back`)."""
         assert holder.principal is not None
-        rec = await self.store.release(lease, holder.principal, holder.client, self.clock())
+        if abandoned:
+            rec = await self.store.give_back(lease, holder.principal, holder.client)
+        else:
+            rec = await self.store.release(lease, holder.principal, holder.client, self.clock())
         if rec is None:
             return False
         self._holders.pop(rec.lease, None)

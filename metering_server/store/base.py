@@ -15,6 +15,7 @@ them, is tests/integration/test_store_contract.py (stores registered in tests/st
 from __future__ import annotations
 
 import abc
+import math
 import os
 import random
 import time
@@ -167,9 +168,17 @@ def new_lease(req: GrantRequest, overuse: bool) -> LeaseRecord:
 
 
 def renewed_lease(held: LeaseRecord, server: str, now: float, ttl_s: float) -> LeaseRecord:
-    """`held` renewed at `now` through `server`: held for another TTL from `now`."""
+    """`held` renewed at `now` through `server`: held for another TTL from `now`.
+
+    A lease renewed here (a replay by idempotency key, a reclaim) never keeps `renewed_at ==
+    granted_at`, which is how `give_back` tells a lease nobody was handed yet: a renewal in
+    the very clock tick of the grant is recorded a float step later.  (A heartbeat's
+    renewal is made in SQL without that step; it cannot be a lease's first: a heartbeat
+    names a lease its sender was handed, by the grant's reply - then there is no give-back -
+    or by a replay or a reclaim.)"""
+    renewed_at = now if now != held.granted_at else math.nextafter(now, math.inf)
     return msgspec.structs.replace(
-        held, renewed_at=now, expires_at=lease_expiry(now, ttl_s), server=server
+        held, renewed_at=renewed_at, expires_at=lease_expiry(now, ttl_s), server=server
     )
 
 
@@ -371,6 +380,15 @@ class LeaseStore(abc.ABC):
         """Release a lease of this principal and client (`licensing.release_verdict`) and
         return it; None when it is already gone (including expired at `now` but not yet swept,
         which is deleted too).  Raises LeaseNotFound when it belongs to someone else."""
+
+    @abc.abstractmethod
+    def give_back(self, lease: str, principal: str, client: str) -> Awaitable[LeaseRecord | None]:
+        """Release a lease of this principal and client made for a checkout whose caller
+        went away before its reply (the seat service's withdrawn waiters, a client's
+        `checkin` with `abandoned`), and return it - unless it was renewed since its grant
+        (`renewed_at` is no longer `granted_at`): a retry of that checkout, by its
+        idempotency key on any server, was handed it, or a reclaim or a heartbeat renewed
+        it, so somebody holds it now.  None when it stays, or is gone."""
 
     @abc.abstractmethod
     async def revoke(

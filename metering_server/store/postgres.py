@@ -1160,6 +1160,28 @@ class PostgresStore(LeaseStore):
 
         return await self._run("release", release_all, single=True)
 
+    async def give_back(self, lease: str, principal: str, client: str) -> LeaseRecord | None:
+        async def give_back(db: asyncpg.Connection) -> LeaseRecord | None:
+            # A replay renewing it holds its row (`_by_keys` locks): this waits for it, then
+            # finds the row renewed and leaves it.
+            row = await db.fetchrow(
+                "DELETE FROM leases WHERE lease = $1 AND principal = $2 AND client = $3 "
+                f"AND renewed_at = granted_at RETURNING {_COLUMNS}",
+                lease,
+                principal,
+                client,
+            )
+            if row is None:
+                return None
+            held = _record(row)
+            await self._notify(db, [("freed", _pool_text(held.pool_key))])
+            return held
+
+        held = await self._run("give_back", give_back)
+        if held is not None:
+            self._pool_of.pop(held.lease, None)
+        return held
+
     async def revoke(
         self, lease: str, *, now: float | None = None, by: str | None = None
     ) -> LeaseRecord | None:

@@ -1044,6 +1044,19 @@ class SQLiteStore(LeaseStore):
 
         return self._write(release, _Checkin(lease, principal, client, now) if self._bulk else None)
 
+    def give_back(
+        self, lease: str, principal: str, client: str
+    ) -> asyncio.Future[LeaseRecord | None]:
+        def give_back(db: sqlite3.Connection) -> LeaseRecord | None:
+            rows = db.execute(
+                f"DELETE FROM leases WHERE lease = ? AND principal = ? AND client = ? "
+                f"AND renewed_at = granted_at RETURNING {_COLUMNS}",
+                (lease, principal, client),
+            ).fetchall()
+            return _record(rows[0]) if rows else None
+
+        return self._write(give_back)
+
     async def revoke(
         self, lease: str, *, now: float | None = None, by: str | None = None
     ) -> LeaseRecord | None:

@@ -246,3 +246,129 @@ async def test_a_client_closing_after_its_caller_left_a_checkout_gives_the_seat_
 
 async def _no_leases(server) -> bool:
     return await server.seats.store.in_use(server.clock()) == {}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("queued", [False, True], ids=["first-grant", "from-the-queue"])
+async def test_a_seat_given_back_for_a_gone_checkout_stays_with_a_retry_handed_it(
+    make_server, queued
+):
+    """Found by the site storm test (one failure in many runs): a client whose waiting
+    checkout timed out closed its connection and asked again, with the same idempotency key,
+    elsewhere.  The first server's grant had committed; the retry was handed that lease by
+    its key; then the first server gave the lease back, as granted to nobody - and the
+    client held a lease that was gone.  The give-back now leaves a lease renewed since its
+    grant."""
+    server = await make_server(products=PRODUCTS)
+    address = server.address("unix")
+    store = server.seats.store
+    real, committed, gate = store.grant, asyncio.Event(), asyncio.Event()
+
+    async def held_after_commit(req):  # the first attempt's grant, committed, answers late
+        outcome = await real(req)
+        if req.idempotency_key == "K1" and outcome.granted and not committed.is_set():
+            committed.set()
+            await gate.wait()
+        return outcome
+
+    store.grant = held_after_commit
+    other = await hello(address, client="other")
+    first = await Raw.open(address)
+    retry = await hello(address, client="ws")
+    try:
+        if queued:
+            seat = (await other.request("checkout", timeout=5, product="A", version="1"))["lease"]
+        await first.hello(client="ws")
+        await first.send({**checkout_frame(5), "idempotency_key": "K1"})
+        if queued:
+            await async_wait_until(lambda: _queued(server, 1), what="the first attempt queued")
+            await other.request("checkin", timeout=5, lease=seat)
+        await asyncio.wait_for(committed.wait(), 10)
+        await first.close()  # its client timed out: it asks again elsewhere
+        await async_wait_until(
+            lambda: all(c.closing for c in server.endpoint.connections if 5 in c.by_id),
+            what="the server to see the first connection close",
+        )
+        reply = await retry.request(
+            "checkout", timeout=5, product="A", version="1", idempotency_key="K1"
+        )
+        lease = reply["lease"]
+        gate.set()
+        await async_wait_until(
+            lambda: not any(5 in c.by_id for c in server.endpoint.connections),
+            what="the first attempt to end",
+        )
+        beat = await retry.request("heartbeat", timeout=5, leases=[lease])
+        assert beat["renewed"] == [lease], beat
+        assert await in_use_and_queued(server) == (1, 0)
+    finally:
+        gate.set()
+        store.grant = real
+        await first.close()
+        await retry.close()
+        await other.close()
+
+
+async def _queued(server, n: int) -> bool:
+    return (await in_use_and_queued(server))[1] == n
+
+
+@pytest.mark.asyncio
+async def test_a_client_gives_back_an_abandoned_checkouts_lease_only_if_no_retry_holds_it(
+    make_server,
+):
+    """The client side of the same rule: a checkout abandoned by its caller (a program that
+    left the agent) whose retry, with the same idempotency key on another connection, was
+    handed the same lease.  The abandoned attempt's reply carries that lease too; its
+    give-back used to check it in under the retry's caller."""
+    server = await make_server(products=PRODUCTS)
+    address = server.address("unix")
+    store = server.seats.store
+    real, arrived, gate, answered = store.grant, asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def first_waits(req):  # the abandoned attempt reaches the store after the retry
+        if arrived.is_set():
+            return await real(req)
+        arrived.set()
+        await gate.wait()
+        try:
+            return await real(req)
+        finally:
+            answered.set()
+
+    store.grant = first_waits
+    gone = await hello(address, client="ws")
+    retry = await hello(address, client="ws")
+    try:
+        asking = asyncio.ensure_future(
+            gone.request("checkout", timeout=30, product="A", version="1", idempotency_key="K1")
+        )
+        await asyncio.wait_for(arrived.wait(), 10)
+        asking.cancel()  # the program left
+        with contextlib.suppress(asyncio.CancelledError):
+            await asking
+        lease = (
+            await retry.request(
+                "checkout", timeout=5, product="A", version="1", idempotency_key="K1"
+            )
+        )["lease"]
+        gate.set()
+        await asyncio.wait_for(answered.wait(), 10)
+        await asyncio.wait_for(gone.close(), 15)  # once its give-back's checkin is sent
+        await async_wait_until(
+            lambda: len(server.endpoint.connections) == 1, what="the give-back to be served"
+        )
+        beat = await retry.request("heartbeat", timeout=5, leases=[lease])
+        assert beat["renewed"] == [lease], beat
+        assert await in_use_and_queued(server) == (1, 0)
+        # An abandoned checkout's lease that nobody else was handed still goes back.
+        await retry.request("checkin", timeout=5, lease=lease)
+        other = (await retry.request("checkout", timeout=5, product="A", version="1"))["lease"]
+        reply = await retry.request("checkin", timeout=5, lease=other, abandoned=True)
+        assert reply["released"] is True
+        assert await in_use_and_queued(server) == (0, 0)
+    finally:
+        gate.set()
+        store.grant = real
+        await gone.close()
+        await retry.close()

@@ -235,6 +235,35 @@ async def test_release_of_an_expired_not_swept_lease_is_none_and_drops_it(store)
         await store.release(bobs.lease, *ALICE, T0 + TTL + 1)
 
 
+async def test_give_back_releases_a_lease_nobody_was_handed_yet(store):
+    rec = await granted(store, req(now=T0))
+    assert await store.give_back(rec.lease, "bob", "ws-1") is None  # not bob's: left
+    assert await store.give_back(rec.lease, *ALICE) == rec
+    assert await store.in_use(T0) == {}
+    assert await store.give_back(rec.lease, *ALICE) is None  # gone already
+
+
+@pytest.mark.parametrize("at", [0.0, 1.0], ids=["same-tick", "later"])
+async def test_give_back_leaves_a_lease_a_retry_was_handed_by_its_key(store_site, at):
+    """The grant's caller went away, and a retry of the same checkout was handed its lease
+    (by idempotency key, through another server, even in the clock tick of the grant):
+    the give-back of the first attempt leaves it - its holder is the retry's caller."""
+    keyed = msgspec.structs.replace(req(now=T0), idempotency_key="K-1")
+    async with instances(store_site, 2) as (a, b):
+        rec = await granted(a, keyed)
+        retry = await b.grant(msgspec.structs.replace(keyed, now=T0 + at, server="srv-b"))
+        assert retry.replayed and retry.lease is not None and retry.lease.lease == rec.lease
+        assert await a.give_back(rec.lease, *ALICE) is None
+        assert await b.renew([rec.lease], *ALICE, "srv-b", T0 + 2, TTL) == RenewOutcome(
+            [rec.lease], []
+        )
+        # a reclaim renews it too
+        again = await granted(a, msgspec.structs.replace(keyed, idempotency_key="K-2"))
+        await granted(b, req(now=T0, reclaim=again.lease, server="srv-b"))
+        assert await a.give_back(again.lease, *ALICE) is None
+        assert await a.in_use(T0 + 2) == {ENFORCE.key: 2}
+
+
 async def test_revoke_removes_any_live_lease_once(store):
     rec = await granted(store, req(who=("bob", "ws-1"), now=T0))
     assert await store.revoke(rec.lease, now=T0 + 1) == rec
