@@ -716,10 +716,11 @@ class PostgresStore(LeaseStore):
                         False, await self._count(db, pool.key, req.now), key_reused=True
                     )
                 if earlier is not None and is_live(earlier.expires_at, req.now):
-                    if not superseded:
-                        earlier = await self._renew_row(db, earlier, req.server, req.now, req.ttl_s)
-                        if req.waiter is not None:
-                            await db.execute("DELETE FROM waiters WHERE id = $1", req.waiter)
+                    # Renewed also for a superseded waiter: handed to its caller, it must not
+                    # be given back for the retry's (`give_back`).
+                    earlier = await self._renew_row(db, earlier, req.server, req.now, req.ttl_s)
+                    if req.waiter is not None and not superseded:
+                        await db.execute("DELETE FROM waiters WHERE id = $1", req.waiter)
                     in_use = await self._count(db, pool.key, req.now)
                     return GrantOutcome(True, in_use, earlier, replayed=True)
                 if earlier is not None and not superseded:  # expired: may make a new lease
@@ -783,8 +784,7 @@ class PostgresStore(LeaseStore):
                 db, [r for r in keyed if (r.principal, r.client, r.idempotency_key) not in earlier]
             )
             out: list[GrantOutcome] = []
-            made: list[tuple[LeaseRecord, str | None]] = []
-            new_ids: set[str] = set()
+            made: dict[str, tuple[LeaseRecord, str | None]] = {}  # lease id: (row, key)
             for req in reqs:
                 key = req.pool.key
                 ident = (req.principal, req.client, req.idempotency_key)
@@ -793,9 +793,14 @@ class PostgresStore(LeaseStore):
                     out.append(GrantOutcome(False, in_use[key], key_reused=True))
                     continue
                 if held is not None and is_live(held.expires_at, req.now):
-                    if held.lease not in new_ids:  # not one this batch is about to insert
-                        held = await self._renew_row(db, held, req.server, req.now, req.ttl_s)
-                        earlier[ident] = held
+                    # Renewed, so that no give-back takes it from this caller; one this batch
+                    # is about to insert is renewed before it is written.
+                    renewed = renewed_lease(held, req.server, req.now, req.ttl_s)
+                    if held.lease in made:
+                        made[held.lease] = (renewed, made[held.lease][1])
+                    else:
+                        await db.execute(_RENEW, *_renew_args(renewed))
+                    earlier[ident] = held = renewed
                     out.append(GrantOutcome(True, in_use[key], held, replayed=True))
                     continue
                 if held is not None:  # expired: the key may make a new lease
@@ -815,14 +820,13 @@ class PostgresStore(LeaseStore):
                     out.append(GrantOutcome(False, in_use[key]))
                     continue
                 lease = new_lease(req, decision.overuse)
-                made.append((lease, req.idempotency_key))
-                new_ids.add(lease.lease)
+                made[lease.lease] = (lease, req.idempotency_key)
                 if req.idempotency_key is not None:  # a repeat of it in this batch replays it
                     earlier[ident] = lease
                 in_use[key] += 1
                 out.append(GrantOutcome(True, in_use[key], lease))
             if made:
-                await db.executemany(_INSERT, [(*_values(m), k) for m, k in made])
+                await db.executemany(_INSERT, [(*_values(m), k) for m, k in made.values()])
             return out
 
         outcomes = await self._run("grant", grant_all, locks=tuple(map(_pool_lock, pools)))

@@ -852,10 +852,11 @@ class SQLiteStore(LeaseStore):
                 if earlier is not None and not same_checkout(earlier, req):
                     return GrantOutcome(False, self._count(db, pool.key, req.now), key_reused=True)
                 if earlier is not None and is_live(earlier.expires_at, req.now):
-                    if not superseded:
-                        earlier = self._renew_row(db, earlier, req.server, req.now, req.ttl_s)
-                        if req.waiter is not None:
-                            db.execute("DELETE FROM waiters WHERE id = ?", (req.waiter,))
+                    # Renewed also for a superseded waiter: handed to its caller, it must not
+                    # be given back for the retry's (`give_back`).
+                    earlier = self._renew_row(db, earlier, req.server, req.now, req.ttl_s)
+                    if req.waiter is not None and not superseded:
+                        db.execute("DELETE FROM waiters WHERE id = ?", (req.waiter,))
                     in_use = self._count(db, pool.key, req.now)
                     return GrantOutcome(True, in_use, earlier, replayed=True)
                 if earlier is not None and not superseded:  # expired: may make a new lease

@@ -6,17 +6,22 @@ import asyncio
 import contextlib
 
 import pytest
+import pytest_asyncio
 
 from metering_client.agent import Agent
 from metering_protocol.client import ProtocolClient
 from metering_protocol.errors import Cancelled
+from metering_server.app import MeteringServer
+from metering_server.config import build_server_config
 from tests.conftest import hello
 from tests.support import (
     Raw,
     agent_config,
     async_wait_until,
+    server_config,
     short_tmpdir,
     sqlite_write_lock,
+    write_credentials,
 )
 
 PRODUCTS = [{"name": "A", "version": "1", "seats": 1}]
@@ -372,3 +377,89 @@ async def test_a_client_gives_back_an_abandoned_checkouts_lease_only_if_no_retry
         store.grant = real
         await gone.close()
         await retry.close()
+
+
+@pytest_asyncio.fixture
+async def two_servers(store_site, tmp_path, sockdir):
+    """Two in-process servers, srv-a and srv-b, sharing `store_site`'s store (both stores)."""
+    servers: list[MeteringServer] = []
+    for name in ("srv-a", "srv-b"):
+        state = tmp_path / name
+        state.mkdir()
+        write_credentials(state / "credentials.toml", {})
+        data = server_config(
+            name=name,
+            state_dir=state,
+            store=tmp_path / "unused.db",
+            listen=[f"unix://{sockdir}/{name}.sock"],
+            products=PRODUCTS,
+        )
+        server = MeteringServer(build_server_config(data, None), store=store_site.new_store())
+        await server.start()
+        servers.append(server)
+    yield servers
+    for server in servers:
+        await server.shutdown(timeout=1.0)
+
+
+@pytest.mark.asyncio
+async def test_a_superseded_waiter_keeps_the_lease_it_is_handed(two_servers):
+    """Found by a campaign: a waiter on srv-a whose queue entry a retry of the same
+    checkout took over on srv-b is answered with the lease the retry was granted - as a
+    replay without a renewal.  The retry's caller had gone, so srv-b gave that lease back,
+    taking it from the first attempt's caller, who had just been handed it."""
+    a, b = two_servers
+    real_a, real_b = a.seats.store.grant, b.seats.store.grant
+    serve_a, committed_b, gate_b = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def a_grant(req):  # srv-a serves its waiter only once srv-b's grant committed
+        if req.waiter is not None:
+            await serve_a.wait()
+        return await real_a(req)
+
+    async def b_grant(req):  # srv-b's grant to the retry, committed, answers late
+        outcome = await real_b(req)
+        if req.waiter is not None and outcome.granted and not committed_b.is_set():
+            committed_b.set()
+            await gate_b.wait()
+        return outcome
+
+    other = await hello(b.address("unix"), client="other")
+    first = await hello(a.address("unix"), client="ws")
+    retry = await Raw.open(b.address("unix"))
+    try:
+        seat = (await other.request("checkout", timeout=5, product="A", version="1"))["lease"]
+        a.seats.store.grant = a_grant
+        asking = asyncio.ensure_future(
+            first.request(
+                "checkout", timeout=30, product="A", version="1", wait_s=20, idempotency_key="K1"
+            )
+        )
+        await async_wait_until(lambda: _queued(a, 1), what="the first attempt queued on srv-a")
+        await retry.hello(client="ws")
+        await retry.send({**checkout_frame(7), "wait_s": 20, "idempotency_key": "K1"})
+        await async_wait_until(lambda: _queued(b, 1), what="the retry queued on srv-b")
+        b.seats.store.grant = b_grant
+        await other.request("checkin", timeout=5, lease=seat)
+        await asyncio.wait_for(committed_b.wait(), 10)  # srv-b granted the retry a lease
+        await retry.close()  # ... whose caller went away
+        await async_wait_until(
+            lambda: all(c.closing for c in b.endpoint.connections if 7 in c.by_id),
+            what="srv-b to see the retry's connection close",
+        )
+        serve_a.set()  # srv-a serves its superseded waiter: handed that lease by the key
+        lease = (await asyncio.wait_for(asking, 10))["lease"]
+        gate_b.set()  # srv-b gives the lease back as granted to nobody
+        await async_wait_until(
+            lambda: not any(7 in c.by_id for c in b.endpoint.connections),
+            what="the retry's checkout to end on srv-b",
+        )
+        beat = await first.request("heartbeat", timeout=5, leases=[lease])
+        assert beat["renewed"] == [lease], beat
+    finally:
+        serve_a.set()
+        gate_b.set()
+        a.seats.store.grant, b.seats.store.grant = real_a, real_b
+        await retry.close()
+        await first.close()
+        await other.close()

@@ -264,6 +264,21 @@ async def test_give_back_leaves_a_lease_a_retry_was_handed_by_its_key(store_site
         assert await a.in_use(T0 + 2) == {ENFORCE.key: 2}
 
 
+async def test_a_retry_in_the_grants_own_batch_is_handed_a_renewed_lease(store):
+    """Found by a campaign (PostgreSQL): a retry that went into the same group commit as
+    the grant it repeats was handed the lease as inserted, not renewed, so the first
+    attempt's give-back (its caller gone) took the lease from the retry's caller."""
+    keyed = msgspec.structs.replace(req(now=T0), idempotency_key="K-1")
+    retry = msgspec.structs.replace(keyed, now=T0 + 0.5)
+    first, second = await asyncio.gather(store.grant(keyed), store.grant(retry))
+    assert first.lease is not None and second.lease is not None
+    assert second.replayed and second.lease.lease == first.lease.lease
+    assert await store.give_back(first.lease.lease, *ALICE) is None
+    assert await store.renew([first.lease.lease], *ALICE, "srv-a", T0 + 1, TTL) == RenewOutcome(
+        [first.lease.lease], []
+    )
+
+
 async def test_revoke_removes_any_live_lease_once(store):
     rec = await granted(store, req(who=("bob", "ws-1"), now=T0))
     assert await store.revoke(rec.lease, now=T0 + 1) == rec
