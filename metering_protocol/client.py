@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import socket
 import ssl
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +26,7 @@ _CONNECTION_FATAL = {"too_large", "overloaded", "auth_required", "shutting_down"
 EventHandler = Callable[[dict[str, Any]], None]
 
 
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close sends a reset
 ORPHAN_WAIT_S = 10.0  # `close` waits this long at most for abandoned checkouts' replies
 
 
@@ -214,6 +217,12 @@ class ProtocolClient:
 
     def abort(self, error: MeteringError | None = None) -> None:
         with contextlib.suppress(Exception):
+            sock = self.writer.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                # A reset, not a FIN: the server then knows nobody reads its replies (a FIN
+                # is also a half-close, whose replies it still sends) and gives back a seat
+                # it grants this connection meanwhile, instead of holding it to its TTL.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
             self.writer.transport.abort()
         self._finish(error or ConnectionLost(f"{self.address}: aborted"))
 

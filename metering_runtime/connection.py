@@ -16,6 +16,7 @@ import contextlib
 import contextvars
 import itertools
 import secrets
+import select
 import socket
 import ssl
 import time
@@ -40,6 +41,8 @@ from metering_runtime.logs import bind_context, get_logger
 
 log = get_logger("metering.conn")
 _conn_ids = itertools.count(1)
+# A socket whose peer closed both ways (or reset it): `Connection.writable`.
+_HUNG_UP = select.POLLHUP | select.POLLERR
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,10 +210,27 @@ class Connection(asyncio.Protocol):
             self._finish()
 
     # --- output -------------------------------------------------------------------------------
+    @property
+    def writable(self) -> bool:
+        """A reply sent now can still reach the peer.  Not `self.closing`: that only stops
+        reading. Requests already in flight (a client that half-closed after pipelining, a
+        drain, a frame after which framing was lost) still get their replies until the
+        socket itself is closed.  After the peer's EOF, a peer that closed altogether (a
+        Unix socket's close, a TCP reset) is told from one that only half-closed by the
+        socket's hang-up flag: one `poll`, on that rare path only."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return False
+        if not self.closing:
+            return True
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return True
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLOUT)
+        return not any(events & _HUNG_UP for _, events in poller.poll(0))
+
     def send(self, message: dict[str, Any]) -> None:
-        # Not `self.closing`: that only stops reading. Requests already in flight (a client
-        # that half-closed after pipelining, a drain, a frame after which framing was lost)
-        # still get their replies until the socket itself is closed.
         transport = self._transport
         if transport is None or transport.is_closing():
             return

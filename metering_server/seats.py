@@ -51,7 +51,8 @@ class Holder(Protocol):
 
     principal: str | None
     client: str
-    closed: bool
+    closed: bool  # closing: the peer went away or half-closed; waits end
+    gone: bool  # the socket is closed: no reply can reach the client any more
     # The lease TTL the session was told at hello: its client heartbeats for that one
     # (`_ttl_for`).
     lease_ttl_s: float
@@ -165,6 +166,13 @@ class SeatService:
             pool, outcome = await self._grant(holder, pool, req)
             if not outcome.granted:
                 self._refuse(holder, pool, req, outcome)
+            if holder.gone:
+                # Its client went away (a request timeout, say) while the store granted:
+                # nobody will hear of this seat, so it goes back now, not at its TTL - a
+                # server too slow for its clients' timeouts filled whole pools so.  A lease
+                # the holder had before (reclaimed, or replayed by key) stays theirs.
+                await self._undo(holder, outcome)
+                raise Cancelled("the client went away before its checkout was answered")
             return self._granted(holder, pool, outcome)
         # A checkout that may wait can be withdrawn (`cancel`, its connection closing) from
         # the moment it arrives, not only once it is queued: its caller may be gone before
@@ -266,6 +274,7 @@ class SeatService:
         assert holder.principal is not None
         rec = await self.store.give_back(lease.lease, holder.principal, holder.client)
         if rec is not None:
+            log.info("lease_given_back", lease=rec.lease, product=rec.product, user=rec.user)
             self._seat_freed(rec.pool_key)
 
     def _withdrawn(self, holder: Holder, req: CheckoutRequest, waiter: Waiter) -> Cancelled:

@@ -35,6 +35,10 @@ class Session:
     def authenticated(self) -> bool:
         return self.principal is not None
 
+    @property
+    def gone(self) -> bool:
+        return not self.conn.writable
+
     def push(self, event: str, **fields: Any) -> None:
         if not self.closed:
             self.conn.push(event, **fields)

@@ -10,7 +10,7 @@ import pytest_asyncio
 
 from metering_client.agent import Agent
 from metering_protocol.client import ProtocolClient
-from metering_protocol.errors import Cancelled
+from metering_protocol.errors import Cancelled, ConnectionLost
 from metering_server.app import MeteringServer
 from metering_server.config import build_server_config
 from tests.conftest import hello
@@ -463,3 +463,74 @@ async def test_a_superseded_waiter_keeps_the_lease_it_is_handed(two_servers):
         await retry.close()
         await first.close()
         await other.close()
+
+
+@pytest.mark.asyncio
+async def test_a_checkout_answered_after_its_client_went_away_gives_the_seat_back(make_server):
+    """Found by a campaign: a checkout without `wait_s` whose client went away (its request
+    timed out) while the store granted it kept its seat until the lease's TTL: under a slow
+    server the pools filled with seats nobody was told of.  A client that only half-closed
+    still reads its replies, and is answered as before (test_limits)."""
+    server = await make_server(products=PRODUCTS)
+    store = server.seats.store
+    real, arrived, gate = store.grant, asyncio.Event(), asyncio.Event()
+
+    async def slow(req):
+        arrived.set()
+        await gate.wait()
+        return await real(req)
+
+    store.grant = slow
+    raw = await Raw.open(server.address("unix"))
+    try:
+        await raw.hello()
+        await raw.send({"id": 5, "op": "checkout", "product": "A", "version": "1"})
+        await asyncio.wait_for(arrived.wait(), 10)
+        await raw.close()
+        await async_wait_until(
+            lambda: all(c.closing for c in server.endpoint.connections),
+            what="the server to see the connection close",
+        )
+        gate.set()
+        await async_wait_until(lambda: not server.endpoint.connections, what="the checkout to end")
+        assert await in_use_and_queued(server) == (0, 0)
+    finally:
+        gate.set()
+        store.grant = real
+        await raw.close()
+
+
+@pytest.mark.asyncio
+async def test_a_checkout_that_timed_out_over_tcp_gives_the_seat_back(make_server):
+    """Over TCP a client's close is a FIN, which the server cannot tell from a half-close:
+    a client giving up on a connection (a request timeout) resets it instead, so the
+    server knows nobody reads the reply and gives the seat back."""
+    server = await make_server(products=PRODUCTS, credentials={"ws": (["agent"], "secret-ws")})
+    store = server.seats.store
+    real, arrived, gate = store.grant, asyncio.Event(), asyncio.Event()
+
+    async def slow(req):
+        arrived.set()
+        await gate.wait()
+        return await real(req)
+
+    store.grant = slow
+    client = await hello(server.address("tcp"), client="impatient", user="ws", token="secret-ws")
+    try:
+        asking = asyncio.ensure_future(
+            client.request("checkout", timeout=0.5, product="A", version="1")
+        )
+        await asyncio.wait_for(arrived.wait(), 10)
+        with pytest.raises(ConnectionLost):
+            await asking
+        await async_wait_until(
+            lambda: all(not c.writable for c in server.endpoint.connections),
+            what="the server to see the reset",
+        )
+        gate.set()
+        await async_wait_until(lambda: not server.endpoint.connections, what="the checkout to end")
+        assert await in_use_and_queued(server) == (0, 0)
+    finally:
+        gate.set()
+        store.grant = real
+        await client.close()

@@ -248,6 +248,7 @@ class _Holder:
 
     def __init__(self, client: str):
         self.principal, self.client, self.closed, self.lease_ttl_s = "u", client, False, 30.0
+        self.gone = False
 
     def push(self, event: str, **fields: Any) -> None:
         pass
