@@ -467,7 +467,11 @@ class LeaseKeeper:
         }
 
     async def checkin(self, handle: str) -> bool:
-        held = self.held.get(handle)
+        # Out of `held` before it is sent: a failover while it is under way must not reclaim
+        # it.  Reclaimed, it came back as a fresh lease (or `denied`, reported lost) when the
+        # first attempt had been applied, and the retry then checked in the old id - the new
+        # seat stayed with nobody until its TTL.
+        held = self.held.pop(handle, None)
         if held is None:
             return False
         try:
@@ -475,7 +479,6 @@ class LeaseKeeper:
         except LeaseNotFound:
             reply = {"released": False}
         finally:
-            self.held.pop(handle, None)
             await self._changed()
         return bool(reply.get("released"))
 

@@ -267,3 +267,38 @@ async def test_a_wait_re_sent_elsewhere_with_its_key_keeps_its_place(make_server
 
 async def _is(coro, value) -> bool:
     return (await coro) == value
+
+
+@pytest.mark.asyncio
+async def test_a_checkin_that_fails_over_does_not_reclaim_the_lease_it_is_checking_in(
+    make_server, tmp_path
+):
+    """Found by a campaign: a checkin whose server committed it but answered too late
+    failed over, and the new session's reclaims included the lease being checked in.  Gone
+    already, it came back as a fresh seat (or `denied`: reported lost), and the retried
+    checkin named the old id - the fresh seat stayed with nobody until its TTL."""
+    LOST.clear()
+    a = await make_server(name="srv-a", products=PRODUCTS, credentials=CREDS)
+    b = await make_server(name="srv-b", products=PRODUCTS, credentials=CREDS)
+    store = a.seats.store
+    real, committed, gate = store.release, asyncio.Event(), asyncio.Event()
+
+    async def late(*args):  # committed, answered after the client's request timeout
+        rec = await real(*args)
+        committed.set()
+        await gate.wait()
+        return rec
+
+    keeper = keeper_for(tmp_path, [a.address("tcp"), b.address("tcp")], request_timeout_ms=500)
+    try:
+        held, _ = await keeper.checkout("A", "1", user="alice")
+        store.release = late
+        assert await keeper.checkin(held.handle) is False  # the retry found it gone
+        assert committed.is_set()
+        assert LOST == []
+        assert keeper.held == {}
+        assert await leases(b) == []  # no fresh seat left with nobody
+    finally:
+        gate.set()
+        store.release = real
+        await keeper.stop()

@@ -6,7 +6,9 @@ ten seats held and no acknowledged lease lost.
 The client-side interval of a seat starts when the grant reply arrived and ends when the
 checkin was sent, so it lies inside the store's interval: more than ten overlapping client
 intervals would mean the site oversold.  A lease is lost if its checkin is not `released`,
-or the keeper reports it lost, after the grant was acknowledged.
+or the keeper reports it lost, after the grant was acknowledged.  A checkin that failed over
+and then found its lease gone is not a loss: its first attempt, committed by a server killed
+before its reply, may have released it (counted, and bounded).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ PRINCIPALS = {"ws": (["agent"], "secret-ws"), "ops": (["admin"], "secret-ops")}
 class Audit:
     intervals: list[tuple[float, float, str]] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)
+    unconfirmed: list[str] = field(default_factory=list)  # checkins whose first try was lost
     denied: int = 0
     errors: list[str] = field(default_factory=list)
 
@@ -134,8 +137,16 @@ async def hammer(k: LeaseKeeper, n: int, audit: Audit, until: float, rand: rando
         await asyncio.sleep(rand.uniform(0.01, 0.2))
         end = time.monotonic()
         audit.intervals.append((start, end, held.lease))
+        failovers = k.failovers
         try:
-            if not await k.checkin(held.handle):
+            if await k.checkin(held.handle):
+                continue
+            if k.failovers > failovers:
+                # Its first attempt went to a server that died: committed there before the
+                # kill, its reply lost, the retry finds the lease gone.  Released either way;
+                # which, the client cannot tell.
+                audit.unconfirmed.append(held.lease)
+            else:
                 audit.lost.append(f"{held.lease}: checkin answered released=false")
         except MeteringError as exc:
             audit.errors.append(f"checkin {held.lease}: {exc}")
@@ -185,10 +196,13 @@ def test_no_seat_oversold_and_no_lease_lost_while_a_server_dies_under_load(
     failovers = sum(k.failovers for k in keepers)
     print(
         f"\n{store}: {grants} grants, {audit.denied} denials, {failovers} failovers, "
-        f"peak {audit.peak()} of {SEATS}, {len(audit.errors)} errors"
+        f"peak {audit.peak()} of {SEATS}, {len(audit.errors)} errors, "
+        f"{len(audit.unconfirmed)} checkins released by a lost first attempt or the retry"
     )
     assert audit.peak() <= SEATS, "the site granted more seats than the pool has"
     assert audit.lost == [], "acknowledged leases were lost"
+    # At most one checkin in flight per client when the victim dies, and a few timeouts.
+    assert len(audit.unconfirmed) <= CLIENTS // 2, audit.unconfirmed
     assert grants > 100 and failovers > 0, "the load or the failover did not happen"
     assert len({lease for _, _, lease in audit.intervals}) == grants  # no lease id twice
     assert len(audit.errors) <= CLIENTS, audit.errors[:10]  # a retry bound hit, not a trend

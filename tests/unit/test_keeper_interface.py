@@ -226,11 +226,9 @@ async def test_dead_session_fails_over_through_the_interface():
     assert await keeper.checkin(held.handle) is True
     assert first.dead  # the keeper declared it dead with session.fail
     assert connector.connects == [None, A.address]  # the failed server is tried last
-    # The held lease is reclaimed on the new server before the checkin is sent again there.
-    assert [(op, f.get("lease")) for op, f in second.requests] == [
-        ("checkout", held.lease),
-        ("checkin", held.lease),
-    ]
+    # The checkin is sent again there; the lease it checks in is not reclaimed first (the
+    # first attempt may have released it: a reclaim would take a fresh seat, or fail).
+    assert [(op, f.get("lease")) for op, f in second.requests] == [("checkin", held.lease)]
     assert keeper.failovers == 1
     await keeper.stop()
     assert second.dead
