@@ -59,10 +59,16 @@ class Limits:
     # Requests in flight when a connection starts closing: while the socket is still open
     # (the peer half-closed, sent a frame over max_frame_bytes, or was told `too_large`)
     # they are answered however long they take (each is bounded by its own limits: the
-    # store's timeouts; waits end at `connection_closing`), unless `answer_in_flight` is off;
-    # once the peer is gone they get `close_grace_s` to finish and are then cancelled.
+    # store's timeouts; waits end at `connection_closing`), unless `answer_in_flight` is off.
+    # Once the peer is gone they still run to their end, up to `finish_in_flight_s`, so
+    # that what they changed is followed through: a seat granted to nobody given back, a
+    # checkin's release announced.  Cancelled mid-way, a store write they had queued still
+    # committed, and the seat stayed with nobody until its TTL.  Without `answer_in_flight`
+    # (the agent's local socket), and once the daemon is draining, they get `close_grace_s`
+    # and are then cancelled.
     answer_in_flight: bool = True
     close_grace_s: float = 1.0
+    finish_in_flight_s: float = 120.0
     # TLS connections over max_connections still get their handshake (within hello_timeout_s)
     # so they can be told `overloaded`; past this many at once they are closed unanswered.
     max_shed_handshakes: int = 64
@@ -251,6 +257,9 @@ class Connection(asyncio.Protocol):
         self.closing = True
         if self._transport is not None:
             self._transport.abort()
+        if self._closer is not None:  # already closing: what it still runs ends now too
+            for task in list(self.tasks):
+                task.cancel()
 
     def close_when_idle(self) -> None:
         """Drain: stop reading; close now if nothing is in flight, else after the last reply."""
@@ -444,8 +453,10 @@ class Connection(asyncio.Protocol):
             self.dispatcher.connection_closing()  # waits end at once
             if self.limits.answer_in_flight:
                 await self._answer_in_flight()
-            if self.tasks:  # the peer is gone: a short grace, then cancelled
-                _, pending = await asyncio.wait(set(self.tasks), timeout=self.limits.close_grace_s)
+            if self.tasks:  # the peer is gone: to their end (bounded), or a short grace
+                finish = self.limits.answer_in_flight and not self.endpoint.draining
+                grace = self.limits.finish_in_flight_s if finish else self.limits.close_grace_s
+                _, pending = await asyncio.wait(set(self.tasks), timeout=grace)
                 for task in pending:
                     task.cancel()
                 if pending:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 
 import pytest
 import pytest_asyncio
+from structlog.testing import capture_logs
 
 from metering_client.agent import Agent
 from metering_protocol.client import ProtocolClient
@@ -533,4 +535,61 @@ async def test_a_checkout_that_timed_out_over_tcp_gives_the_seat_back(make_serve
     finally:
         gate.set()
         store.grant = real
+        await client.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("wait_s", [0, 30], ids=["no-wait", "may-wait"])
+async def test_a_gone_clients_checkout_runs_to_its_end_and_gives_the_seat_back(
+    make_server, tmp_path, wait_s
+):
+    """Found by a campaign: once a client's socket was gone (a reset), its requests got
+    `close_grace_s` and were then cancelled, while the grant they had queued in the store
+    still committed: the seat stayed with nobody until its TTL whenever the store took
+    longer than the grace.  They now run to their end (bounded), and the grant goes back."""
+    server = await make_server(products=PRODUCTS, credentials={"ws": (["agent"], "secret-ws")})
+    server.endpoint.limits = dataclasses.replace(server.endpoint.limits, close_grace_s=0.0)
+    client = await hello(server.address("tcp"), client="impatient", user="ws", token="secret-ws")
+    fields = {"product": "A", "version": "1", **({"wait_s": wait_s} if wait_s else {})}
+    try:
+        with sqlite_write_lock(tmp_path / "shared.db"):  # the store is slow to grant
+            with pytest.raises(ConnectionLost):  # timed out: the client resets
+                await client.request("checkout", timeout=0.3, **fields)
+            await async_wait_until(
+                lambda: all(c.closing and not c.writable for c in server.endpoint.connections),
+                what="the server to see the reset",
+            )
+            for _ in range(20):  # loop turns, not time: a zero grace would cancel by now
+                await asyncio.sleep(0)
+        await async_wait_until(lambda: not server.endpoint.connections, what="the checkout to end")
+        assert await in_use_and_queued(server) == (0, 0)
+    finally:
+        await client.close()
+
+
+@pytest.mark.asyncio
+async def test_a_gone_clients_checkin_runs_to_its_end_and_is_announced(make_server, tmp_path):
+    """The same on a checkin: cancelled after the grace, its delete still committed but was
+    never logged, published as usage, nor told to the waiters (until the next sweep)."""
+    server = await make_server(products=PRODUCTS, credentials={"ws": (["agent"], "secret-ws")})
+    server.endpoint.limits = dataclasses.replace(server.endpoint.limits, close_grace_s=0.0)
+    client = await hello(server.address("tcp"), client="impatient", user="ws", token="secret-ws")
+    lease = (await client.request("checkout", timeout=5, product="A", version="1"))["lease"]
+    try:
+        with capture_logs() as logs:
+            with sqlite_write_lock(tmp_path / "shared.db"):
+                with pytest.raises(ConnectionLost):
+                    await client.request("checkin", timeout=0.3, lease=lease)
+                await async_wait_until(
+                    lambda: all(c.closing and not c.writable for c in server.endpoint.connections),
+                    what="the server to see the reset",
+                )
+                for _ in range(20):  # loop turns, not time: a zero grace would cancel by now
+                    await asyncio.sleep(0)
+            await async_wait_until(
+                lambda: not server.endpoint.connections, what="the checkin to end"
+            )
+        assert await in_use_and_queued(server) == (0, 0)
+        assert [e["lease"] for e in logs if e["event"] == "lease_released"] == [lease]
+    finally:
         await client.close()
