@@ -209,6 +209,8 @@ class Connection(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self._lost.is_set() and self in self.endpoint.connections:
+            self.endpoint.socketless += 1  # may still finish requests, holds no socket
         self._lost.set()
         if exc is not None:
             self._context.run(log.debug, "connection_error", error=str(exc))
@@ -467,7 +469,10 @@ class Connection(asyncio.Protocol):
                 await asyncio.wait_for(self._lost.wait(), 1.0)
             await self.dispatcher.connection_closed()
         finally:
-            self.endpoint.connections.discard(self)
+            if self in self.endpoint.connections:
+                self.endpoint.connections.discard(self)
+                if self._lost.is_set():
+                    self.endpoint.socketless -= 1
             self.finished.set()
 
     async def _answer_in_flight(self) -> None:
@@ -503,6 +508,7 @@ class Endpoint:
         self.make_dispatcher = make_dispatcher
         self.connections: set[Connection] = set()
         self.handshaking: set[asyncio.Task] = set()  # counted TLS handshakes
+        self.socketless = 0  # of `connections`, those whose socket is gone (`counted`)
         self._shedding: set[asyncio.Task] = set()  # over-cap handshakes, to say `overloaded`
         self.draining = False
         # Called with (op, seconds) after each request (metrics); None costs nothing.
@@ -510,8 +516,11 @@ class Endpoint:
 
     @property
     def counted(self) -> int:
-        """Connections counted against max_connections: served ones and TLS handshakes."""
-        return len(self.connections) + len(self.handshaking)
+        """Connections counted against max_connections: served ones and TLS handshakes.  Not
+        those whose socket is gone while they finish their requests (up to
+        `finish_in_flight_s`): through a store stall, clients that time out and reconnect
+        would fill the cap with them."""
+        return len(self.connections) - self.socketless + len(self.handshaking)
 
     def handler_for(
         self, transport: str, ssl_context: ssl.SSLContext | None = None

@@ -593,3 +593,46 @@ async def test_a_gone_clients_checkin_runs_to_its_end_and_is_announced(make_serv
         assert [e["lease"] for e in logs if e["event"] == "lease_released"] == [lease]
     finally:
         await client.close()
+
+
+@pytest.mark.asyncio
+async def test_a_connection_finishing_without_its_socket_does_not_count_against_the_cap(
+    make_server,
+):
+    """Requests of a gone client now run to their end; through a store stall, clients that
+    time out and reconnect would otherwise fill `max_connections` with connections that
+    hold no socket any more."""
+    server = await make_server(
+        products=PRODUCTS,
+        credentials={"ws": (["agent"], "secret-ws")},
+        server={"max_connections": 1},
+    )
+    store = server.seats.store
+    real, gate = store.grant, asyncio.Event()
+
+    async def stalled(req):
+        await gate.wait()
+        return await real(req)
+
+    store.grant = stalled
+    address = server.address("tcp")
+    first = await hello(address, client="impatient", user="ws", token="secret-ws")
+    try:
+        with pytest.raises(ConnectionLost):  # timed out: the client resets
+            await first.request("checkout", timeout=0.3, product="A", version="1")
+        await async_wait_until(
+            lambda: all(not c.writable for c in server.endpoint.connections),
+            what="the server to see the reset",
+        )
+        assert len(server.endpoint.connections) == 1  # its checkout still runs
+        second = await hello(address, client="again", user="ws", token="secret-ws")
+        await second.request("ping", timeout=5)
+        await second.close()
+        gate.set()
+        await async_wait_until(lambda: not server.endpoint.connections, what="both to end")
+        assert server.endpoint.socketless == 0
+        assert await in_use_and_queued(server) == (0, 0)
+    finally:
+        gate.set()
+        store.grant = real
+        await first.close()
