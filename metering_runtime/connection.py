@@ -219,6 +219,12 @@ class Connection(asyncio.Protocol):
 
     # --- output -------------------------------------------------------------------------------
     @property
+    def wire(self) -> asyncio.Transport:
+        """The socket's transport (set from `connection_made` on)."""
+        assert self._transport is not None
+        return self._transport
+
+    @property
     def writable(self) -> bool:
         """A reply sent now can still reach the peer.  Not `self.closing`: that only stops
         reading. Requests already in flight (a client that half-closed after pipelining, a

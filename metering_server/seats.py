@@ -166,7 +166,7 @@ class SeatService:
             pool, outcome = await self._grant(holder, pool, req)
             if not outcome.granted:
                 self._refuse(holder, pool, req, outcome)
-            if holder.closed and holder.gone:  # `closed` first: a plain attribute
+            if holder.gone:
                 # Its client went away (a request timeout, say) while the store granted:
                 # nobody will hear of this seat, so it goes back now, not at its TTL - a
                 # server too slow for its clients' timeouts filled whole pools so.  A lease

@@ -23,6 +23,7 @@ class Session:
         self.conn = conn
         self.handlers = handlers
         self.transport = conn.peer.transport
+        self._wire = conn.wire  # the asyncio transport, for `gone`
         self.source = conn.peer.source
         self.peer_uid = conn.peer.uid
         self.principal: str | None = None
@@ -37,7 +38,9 @@ class Session:
 
     @property
     def gone(self) -> bool:
-        return not self.conn.writable
+        # A reset closes the transport at once; `closed` follows a loop turn or two later,
+        # and after a plain EOF only the socket's hang-up flag tells (`Connection.writable`).
+        return self._wire.is_closing() or (self.closed and not self.conn.writable)
 
     def push(self, event: str, **fields: Any) -> None:
         if not self.closed:

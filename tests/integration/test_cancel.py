@@ -636,3 +636,36 @@ async def test_a_connection_finishing_without_its_socket_does_not_count_against_
         gate.set()
         store.grant = real
         await first.close()
+
+
+@pytest.mark.asyncio
+async def test_a_grant_finishing_as_the_reset_is_seen_is_given_back(make_server):
+    """Found by a campaign: the store's grant landed in the loop turn in which the client's
+    reset was read - the transport already closed, the session not yet told - and the seat
+    went to a socket that was gone, kept until its TTL."""
+    server = await make_server(products=PRODUCTS, credentials={"ws": (["agent"], "secret-ws")})
+    store = server.seats.store
+    real = store.grant
+
+    def tcp():
+        return [c for c in server.endpoint.connections if c.kind == "tcp"]
+
+    async def until_the_reset_is_read(req):
+        outcome = await real(req)  # committed
+        await async_wait_until(
+            lambda: tcp() and all(c.wire.is_closing() for c in tcp()),
+            interval=0,
+            what="the reset to be read",
+        )
+        return outcome
+
+    store.grant = until_the_reset_is_read
+    client = await hello(server.address("tcp"), client="impatient", user="ws", token="secret-ws")
+    try:
+        with pytest.raises(ConnectionLost):  # timed out: the client resets
+            await client.request("checkout", timeout=0.3, product="A", version="1")
+        await async_wait_until(lambda: not tcp(), what="the checkout to end")
+        assert await in_use_and_queued(server) == (0, 0)
+    finally:
+        store.grant = real
+        await client.close()
