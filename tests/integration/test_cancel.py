@@ -467,6 +467,49 @@ async def test_a_superseded_waiter_keeps_the_lease_it_is_handed(two_servers):
         await other.close()
 
 
+# --- clients that go away while the store answers -------------------------------------------
+AGENT = {"ws": (["agent"], "secret-ws")}
+
+
+async def agent_over_tcp(server, client: str = "impatient") -> ProtocolClient:
+    return await hello(server.address("tcp"), client=client, user="ws", token="secret-ws")
+
+
+async def reset_seen(server) -> None:
+    await async_wait_until(
+        lambda: all(c.closing and not c.writable for c in server.endpoint.connections),
+        what="the server to see the reset",
+    )
+
+
+async def loop_turns(n: int = 20) -> None:
+    """Loop turns, not time: a zero `close_grace_s` cancels within a few."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+class HeldGrants:
+    """The store's grants wait for `gate` (each sets `arrived` on reaching it) until the
+    test opens it; `with` puts the store's own grant back, the gate opened."""
+
+    def __init__(self, store):
+        self.store, self.real = store, store.grant
+        self.arrived, self.gate = asyncio.Event(), asyncio.Event()
+
+    async def _grant(self, req):
+        self.arrived.set()
+        await self.gate.wait()
+        return await self.real(req)
+
+    def __enter__(self) -> HeldGrants:
+        self.store.grant = self._grant
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.gate.set()
+        self.store.grant = self.real
+
+
 @pytest.mark.asyncio
 async def test_a_checkout_answered_after_its_client_went_away_gives_the_seat_back(make_server):
     """Found by a campaign: a checkout without `wait_s` whose client went away (its request
@@ -474,31 +517,20 @@ async def test_a_checkout_answered_after_its_client_went_away_gives_the_seat_bac
     server the pools filled with seats nobody was told of.  A client that only half-closed
     still reads its replies, and is answered as before (test_limits)."""
     server = await make_server(products=PRODUCTS)
-    store = server.seats.store
-    real, arrived, gate = store.grant, asyncio.Event(), asyncio.Event()
-
-    async def slow(req):
-        arrived.set()
-        await gate.wait()
-        return await real(req)
-
-    store.grant = slow
     raw = await Raw.open(server.address("unix"))
     try:
-        await raw.hello()
-        await raw.send({"id": 5, "op": "checkout", "product": "A", "version": "1"})
-        await asyncio.wait_for(arrived.wait(), 10)
-        await raw.close()
-        await async_wait_until(
-            lambda: all(c.closing for c in server.endpoint.connections),
-            what="the server to see the connection close",
-        )
-        gate.set()
+        with HeldGrants(server.seats.store) as held:
+            await raw.hello()
+            await raw.send({"id": 5, "op": "checkout", "product": "A", "version": "1"})
+            await asyncio.wait_for(held.arrived.wait(), 10)
+            await raw.close()
+            await async_wait_until(
+                lambda: all(c.closing for c in server.endpoint.connections),
+                what="the server to see the connection close",
+            )
         await async_wait_until(lambda: not server.endpoint.connections, what="the checkout to end")
         assert await in_use_and_queued(server) == (0, 0)
     finally:
-        gate.set()
-        store.grant = real
         await raw.close()
 
 
@@ -507,34 +539,20 @@ async def test_a_checkout_that_timed_out_over_tcp_gives_the_seat_back(make_serve
     """Over TCP a client's close is a FIN, which the server cannot tell from a half-close:
     a client giving up on a connection (a request timeout) resets it instead, so the
     server knows nobody reads the reply and gives the seat back."""
-    server = await make_server(products=PRODUCTS, credentials={"ws": (["agent"], "secret-ws")})
-    store = server.seats.store
-    real, arrived, gate = store.grant, asyncio.Event(), asyncio.Event()
-
-    async def slow(req):
-        arrived.set()
-        await gate.wait()
-        return await real(req)
-
-    store.grant = slow
-    client = await hello(server.address("tcp"), client="impatient", user="ws", token="secret-ws")
+    server = await make_server(products=PRODUCTS, credentials=AGENT)
+    client = await agent_over_tcp(server)
     try:
-        asking = asyncio.ensure_future(
-            client.request("checkout", timeout=0.5, product="A", version="1")
-        )
-        await asyncio.wait_for(arrived.wait(), 10)
-        with pytest.raises(ConnectionLost):
-            await asking
-        await async_wait_until(
-            lambda: all(not c.writable for c in server.endpoint.connections),
-            what="the server to see the reset",
-        )
-        gate.set()
+        with HeldGrants(server.seats.store) as held:
+            asking = asyncio.ensure_future(
+                client.request("checkout", timeout=0.5, product="A", version="1")
+            )
+            await asyncio.wait_for(held.arrived.wait(), 10)
+            with pytest.raises(ConnectionLost):
+                await asking
+            await reset_seen(server)
         await async_wait_until(lambda: not server.endpoint.connections, what="the checkout to end")
         assert await in_use_and_queued(server) == (0, 0)
     finally:
-        gate.set()
-        store.grant = real
         await client.close()
 
 
@@ -547,20 +565,16 @@ async def test_a_gone_clients_checkout_runs_to_its_end_and_gives_the_seat_back(
     `close_grace_s` and were then cancelled, while the grant they had queued in the store
     still committed: the seat stayed with nobody until its TTL whenever the store took
     longer than the grace.  They now run to their end (bounded), and the grant goes back."""
-    server = await make_server(products=PRODUCTS, credentials={"ws": (["agent"], "secret-ws")})
+    server = await make_server(products=PRODUCTS, credentials=AGENT)
     server.endpoint.limits = dataclasses.replace(server.endpoint.limits, close_grace_s=0.0)
-    client = await hello(server.address("tcp"), client="impatient", user="ws", token="secret-ws")
+    client = await agent_over_tcp(server)
     fields = {"product": "A", "version": "1", **({"wait_s": wait_s} if wait_s else {})}
     try:
         with sqlite_write_lock(tmp_path / "shared.db"):  # the store is slow to grant
             with pytest.raises(ConnectionLost):  # timed out: the client resets
                 await client.request("checkout", timeout=0.3, **fields)
-            await async_wait_until(
-                lambda: all(c.closing and not c.writable for c in server.endpoint.connections),
-                what="the server to see the reset",
-            )
-            for _ in range(20):  # loop turns, not time: a zero grace would cancel by now
-                await asyncio.sleep(0)
+            await reset_seen(server)
+            await loop_turns()
         await async_wait_until(lambda: not server.endpoint.connections, what="the checkout to end")
         assert await in_use_and_queued(server) == (0, 0)
     finally:
@@ -571,21 +585,17 @@ async def test_a_gone_clients_checkout_runs_to_its_end_and_gives_the_seat_back(
 async def test_a_gone_clients_checkin_runs_to_its_end_and_is_announced(make_server, tmp_path):
     """The same on a checkin: cancelled after the grace, its delete still committed but was
     never logged, published as usage, nor told to the waiters (until the next sweep)."""
-    server = await make_server(products=PRODUCTS, credentials={"ws": (["agent"], "secret-ws")})
+    server = await make_server(products=PRODUCTS, credentials=AGENT)
     server.endpoint.limits = dataclasses.replace(server.endpoint.limits, close_grace_s=0.0)
-    client = await hello(server.address("tcp"), client="impatient", user="ws", token="secret-ws")
+    client = await agent_over_tcp(server)
     lease = (await client.request("checkout", timeout=5, product="A", version="1"))["lease"]
     try:
         with capture_logs() as logs:
             with sqlite_write_lock(tmp_path / "shared.db"):
                 with pytest.raises(ConnectionLost):
                     await client.request("checkin", timeout=0.3, lease=lease)
-                await async_wait_until(
-                    lambda: all(c.closing and not c.writable for c in server.endpoint.connections),
-                    what="the server to see the reset",
-                )
-                for _ in range(20):  # loop turns, not time: a zero grace would cancel by now
-                    await asyncio.sleep(0)
+                await reset_seen(server)
+                await loop_turns()
             await async_wait_until(
                 lambda: not server.endpoint.connections, what="the checkin to end"
             )
@@ -602,39 +612,21 @@ async def test_a_connection_finishing_without_its_socket_does_not_count_against_
     """Requests of a gone client now run to their end; through a store stall, clients that
     time out and reconnect would otherwise fill `max_connections` with connections that
     hold no socket any more."""
-    server = await make_server(
-        products=PRODUCTS,
-        credentials={"ws": (["agent"], "secret-ws")},
-        server={"max_connections": 1},
-    )
-    store = server.seats.store
-    real, gate = store.grant, asyncio.Event()
-
-    async def stalled(req):
-        await gate.wait()
-        return await real(req)
-
-    store.grant = stalled
-    address = server.address("tcp")
-    first = await hello(address, client="impatient", user="ws", token="secret-ws")
+    server = await make_server(products=PRODUCTS, credentials=AGENT, server={"max_connections": 1})
+    first = await agent_over_tcp(server)
     try:
-        with pytest.raises(ConnectionLost):  # timed out: the client resets
-            await first.request("checkout", timeout=0.3, product="A", version="1")
-        await async_wait_until(
-            lambda: all(not c.writable for c in server.endpoint.connections),
-            what="the server to see the reset",
-        )
-        assert len(server.endpoint.connections) == 1  # its checkout still runs
-        second = await hello(address, client="again", user="ws", token="secret-ws")
-        await second.request("ping", timeout=5)
-        await second.close()
-        gate.set()
+        with HeldGrants(server.seats.store):
+            with pytest.raises(ConnectionLost):  # timed out: the client resets
+                await first.request("checkout", timeout=0.3, product="A", version="1")
+            await reset_seen(server)
+            assert len(server.endpoint.connections) == 1  # its checkout still runs
+            second = await agent_over_tcp(server, "again")
+            await second.request("ping", timeout=5)
+            await second.close()
         await async_wait_until(lambda: not server.endpoint.connections, what="both to end")
         assert server.endpoint.socketless == 0
         assert await in_use_and_queued(server) == (0, 0)
     finally:
-        gate.set()
-        store.grant = real
         await first.close()
 
 
@@ -643,7 +635,7 @@ async def test_a_grant_finishing_as_the_reset_is_seen_is_given_back(make_server)
     """Found by a campaign: the store's grant landed in the loop turn in which the client's
     reset was read - the transport already closed, the session not yet told - and the seat
     went to a socket that was gone, kept until its TTL."""
-    server = await make_server(products=PRODUCTS, credentials={"ws": (["agent"], "secret-ws")})
+    server = await make_server(products=PRODUCTS, credentials=AGENT)
     store = server.seats.store
     real = store.grant
 
@@ -660,7 +652,7 @@ async def test_a_grant_finishing_as_the_reset_is_seen_is_given_back(make_server)
         return outcome
 
     store.grant = until_the_reset_is_read
-    client = await hello(server.address("tcp"), client="impatient", user="ws", token="secret-ws")
+    client = await agent_over_tcp(server)
     try:
         with pytest.raises(ConnectionLost):  # timed out: the client resets
             await client.request("checkout", timeout=0.3, product="A", version="1")
