@@ -9,6 +9,7 @@ when its component stops.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Coroutine
 from typing import Any
 
@@ -28,10 +29,13 @@ class TaskOwner:
         name: str,
         *,
         loop: asyncio.AbstractEventLoop | None = None,
+        context: contextvars.Context | None = None,
     ) -> asyncio.Task:
         """Run `coro` as a task of this owner (on `loop`, which need not be running yet;
-        default: the running loop)."""
-        task = (loop or asyncio.get_running_loop()).create_task(coro, name=f"{self.owner}:{name}")
+        default: the running loop), in a copy of `context` (default: the current one)."""
+        task = (loop or asyncio.get_running_loop()).create_task(
+            coro, name=f"{self.owner}:{name}", context=None if context is None else context.copy()
+        )
         self._tasks.add(task)
         task.add_done_callback(self._reap)
         return task

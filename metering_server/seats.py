@@ -11,6 +11,7 @@ is anything with a principal, a client name, a `closed` flag and a `push` for ev
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -123,8 +124,12 @@ class SeatService:
         self._generation = 0  # reloads so far (`settle_catalogue`)
         self._removed: set[str] = set()  # products a reload dropped, for the next claim
         self._settling = asyncio.Lock()  # one `settle_catalogue` at a time
+        # The server's own log context (`start`): serving a queue is the server's work, not
+        # that of the request that freed a seat (its client's name on other clients' lines).
+        self._context: contextvars.Context | None = None
 
     async def start(self) -> None:
+        self._context = contextvars.copy_context()
         await self.store.touch_server(self.settings.server, self.clock(), self.settings.ttl_s)
         await self.store.listen(self._on_notice)
         # The config may have changed while the server was down (a restart is how many
@@ -266,7 +271,9 @@ class SeatService:
         assert outcome.lease is not None
         await self._give_back(holder, outcome.lease)
 
-    async def _give_back(self, holder: Holder, lease: LeaseRecord) -> None:
+    async def _give_back(
+        self, holder: Holder, lease: LeaseRecord, context: contextvars.Context | None = None
+    ) -> None:
         """A lease granted to a checkout nobody waits for any more goes back - unless a retry
         of that checkout (its connection timed out, so it asked again, here or on another
         server) has meanwhile been handed it by its idempotency key: released anyway, it was
@@ -274,7 +281,11 @@ class SeatService:
         assert holder.principal is not None
         rec = await self.store.give_back(lease.lease, holder.principal, holder.client)
         if rec is not None:
-            log.info("lease_given_back", lease=rec.lease, product=rec.product, user=rec.user)
+            line = {"lease": rec.lease, "product": rec.product, "user": rec.user}
+            if context is None:
+                log.info("lease_given_back", **line)
+            else:  # a waiter's: logged as its client's (`context`)
+                context.run(log.info, "lease_given_back", **line)
             self._seat_freed(rec.pool_key)
 
     def _withdrawn(self, holder: Holder, req: CheckoutRequest, waiter: Waiter) -> Cancelled:
@@ -424,14 +435,18 @@ class SeatService:
                     return  # no seat free, or an earlier live waiter (on any server) comes first
                 if outcome.replayed:  # the lease an attempt of this same checkout made: never
                     if not waiter.future.done():  # undo it, its client may hold it already
-                        waiter.future.set_result(self._granted(holder, pool, outcome, waited=True))
+                        waiter.future.set_result(self._served(waiter, pool, outcome))
                     continue
                 if waiter.future.done() or holder.closed:
                     # Nobody waits for it any more (timed out, cancelled, disconnected).
                     assert outcome.lease is not None
-                    await self._give_back(holder, outcome.lease)
+                    await self._give_back(holder, outcome.lease, waiter.context)
                     continue
-                waiter.future.set_result(self._granted(holder, pool, outcome, waited=True))
+                waiter.future.set_result(self._served(waiter, pool, outcome))
+
+    def _served(self, waiter: Waiter, pool: Pool, outcome: GrantOutcome) -> Grant:
+        """A waiter's grant, logged as the waiting client's."""
+        return waiter.context.run(self._granted, waiter.holder, pool, outcome, waited=True)
 
     def _requeue_or_refuse(self, waiter: Waiter) -> None:
         """A waiter whose pool key left the catalogue, or whose grant was refused as not
@@ -573,7 +588,7 @@ class SeatService:
 
     def _seat_freed(self, pool_key: tuple[str, str]) -> None:
         if self._waiters.queued(pool_key):
-            self._tasks.spawn(self.serve_waiters(pool_key), "serve_waiters")
+            self._tasks.spawn(self.serve_waiters(pool_key), "serve_waiters", context=self._context)
 
     # --- views ----------------------------------------------------------------------------------
     def queued(self, pool_key: tuple[str, str]) -> int:

@@ -6,6 +6,7 @@ these queues hold the futures of the ones connected here, served in ticket order
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,9 @@ class Waiter:
     future: asyncio.Future = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+    # The waiting request's log context (its connection, client, principal): the seat it is
+    # granted is logged under it, not under the request that happened to free the seat.
+    context: contextvars.Context = field(default_factory=contextvars.copy_context)
 
     @property
     def live(self) -> bool:
