@@ -18,7 +18,8 @@ Scenarios (`--only`, comma-separated; default all):
   paced      open loop: checkout, checkin, ... on a fixed schedule at --paced-fraction of
              the target's peak (its `pairs` ops/s at --paced-clients connections in this
              run, else a short closed-loop probe), over --paced-clients connections;
-             latency from each op's scheduled send time; pass/fail for p99 < --paced-p99-ms
+             latency from each op's scheduled send time; pass/fail for p99 < --paced-p99-ms;
+             --paced-rate offers a fixed rate instead (two versions at the same load)
   idle       --idle-sessions authenticated sessions, each holding a lease and heartbeating
              every --idle-heartbeat seconds: the server's RSS and CPU
   storm      N agents on server A, A killed -9, every agent reconnects to B, says hello with
@@ -486,7 +487,9 @@ def run_paced(workers: Workers, args, target: Target, report) -> None:
         None,
     )
     source = "pairs"
-    if peak_row is None:
+    if args.paced_rate:
+        source, peak_row = "fixed", {"ops_s": args.paced_rate / args.paced_fraction, "errors": {}}
+    elif peak_row is None:
         source = "probe"
         log(f"{target.name}: peak probe, closed-loop checkout+checkin at {conns} connections")
         peak_row = run_load(workers, args, target, "pairs", conns, 1, 2.0, 0.5)
@@ -497,7 +500,7 @@ def run_paced(workers: Workers, args, target: Target, report) -> None:
             f"({peak:,.0f} ops/s, errors {_errors(peak_row['errors'])})"
         )
         return
-    rate = args.paced_fraction * peak
+    rate = args.paced_rate or args.paced_fraction * peak
     log(f"{target.name}: {title}: {rate:,.0f} ops/s offered ({source} peak {peak:,.0f})")
     row = run_load(
         workers, args, target, "paced", conns, 1, args.paced_seconds, args.warmup, rate=rate
@@ -524,6 +527,11 @@ def run_paced(workers: Workers, args, target: Target, report) -> None:
 
 
 def paced_title(args) -> str:
+    if args.paced_rate:
+        return (
+            f"paced (open loop): checkout+checkin at {args.paced_rate:,.0f} ops/s, "
+            f"{args.paced_clients:,} connections"
+        )
     return (
         f"paced (open loop): checkout+checkin at {args.paced_fraction:.0%} of peak, "
         f"{args.paced_clients:,} connections"
@@ -1115,7 +1123,10 @@ class Report:
             body.append(
                 [
                     r["target"],
-                    f"{r['peak_ops_s']:,.0f}" + (" (probe)" if r["peak_source"] == "probe" else ""),
+                    "-"
+                    if r["peak_source"] == "fixed"
+                    else f"{r['peak_ops_s']:,.0f}"
+                    + (" (probe)" if r["peak_source"] == "probe" else ""),
                     f"{r['offered_ops_s']:,.0f}",
                     f"{r['ops_s']:,.0f}",
                     _ms(r["p50_ms"]),
@@ -1291,6 +1302,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=0.5,
         help="paced: the offered rate, as a fraction of the target's closed-loop peak",
+    )
+    p.add_argument(
+        "--paced-rate",
+        type=float,
+        default=None,
+        help="paced: offer this many ops/s to every target instead of a fraction of its peak",
     )
     p.add_argument("--paced-clients", type=int, default=100, help="paced: connections")
     p.add_argument(
