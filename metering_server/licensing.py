@@ -162,9 +162,13 @@ class Catalogue:
         self._any: dict[str, Pool] = {}
         # Each product's pools, as one string (by the product's name in capitals): what a
         # server's grants are fenced by when the site's catalogue changes (`LeaseStore.repool`).
+        # Seats and mode are in it: servers that count a pool differently must not each
+        # grant by their own count (the site's is the last start's or reload's).
         keys: dict[str, list[str]] = {}
         for pool in self.pools:
-            keys.setdefault(pool.product.upper(), []).append(f"{pool.product}\x1f{pool.version}")
+            keys.setdefault(pool.product.upper(), []).append(
+                f"{pool.product}\x1f{pool.version}\x1f{pool.seats}\x1f{pool.mode}"
+            )
         self.layouts: dict[str, str] = {name: "\x1e".join(sorted(k)) for name, k in keys.items()}
         for pool in self.pools:
             if pool.version == "*":

@@ -394,6 +394,45 @@ async def test_a_server_not_reloaded_yet_sends_its_clients_elsewhere_not_beyond_
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "other",
+    [{"seats": 2}, {"mode": "meter"}],
+    ids=["more-seats", "meter"],
+)
+async def test_servers_that_count_a_pool_differently_grant_by_the_sites_count_only(tmp_path, other):
+    """Of two servers on one store, one reloaded to fewer seats (or to `enforce`) and one
+    not yet: each granted by its own count, and the site held more leases than the last
+    reload said.  Seats and mode are part of the layout the site counts by: the server not
+    reloaded yet sends new checkouts elsewhere (`overloaded`), and keeps its holders'
+    leases (a reclaim is no new seat)."""
+    site = tmp_path / "site.db"
+    a, b = Reloadable(tmp_path / "a", "srv-a", site), Reloadable(tmp_path / "b", "srv-b", site)
+    one = {**CLOCK, "seats": 1}
+    srv_a = await a.start(products=[{**one, **other}])
+    srv_b = await b.start(products=[{**one, **other}])
+    try:
+        ca, cb = await a.client(), await b.client()
+        await a.reload(products=[one])
+        held = await ca.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00")
+        with pytest.raises(Overloaded):  # by b's own count, a second seat
+            await cb.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00")
+        again = await cb.request(
+            "checkout", timeout=5, product="CLOCK.EXE", version="4.00", lease=held["lease"]
+        )
+        assert again["reclaimed"] is True
+        await b.reload(products=[one])
+        with pytest.raises(Denied):
+            await cb.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00")
+        assert await srv_b.store.in_use(time.time()) == {("CLOCK.EXE", "4.00"): 1}
+    finally:
+        for c in (ca, cb):
+            await c.close()
+        await srv_a.shutdown(timeout=2.0)
+        await srv_b.shutdown(timeout=2.0)
+        a.server = b.server = None
+
+
+@pytest.mark.asyncio
 async def test_a_reload_during_a_sweeps_pass_keeps_its_claim(reloadable):
     """Found by a campaign: a reload whose settle waited for a pass already running (the
     sweep's later pass, which claims nothing) lost its claim when that pass ended; the site
