@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -45,6 +46,10 @@ from metering_server.store.base import (
 from metering_server.waiters import Waiter, WaitQueues
 
 log = get_logger("metering.seats")
+
+# A server whose catalogue is not the site's says so in its log at most this often per
+# product (it refuses every new checkout of it until reloaded: a line each would flood).
+NOT_THE_SITES_LOG_S = 60.0
 
 
 class Holder(Protocol):
@@ -127,6 +132,8 @@ class SeatService:
         # The server's own log context (`start`): serving a queue is the server's work, not
         # that of the request that freed a seat (its client's name on other clients' lines).
         self._context: contextvars.Context | None = None
+        # product (capitals) -> (when `catalogue_not_sites` was last logged, refusals since)
+        self._not_sites: dict[str, tuple[float, int]] = {}
 
     async def start(self) -> None:
         self._context = contextvars.copy_context()
@@ -241,7 +248,7 @@ class SeatService:
                 "granted was revoked by an administrator"
             )
         if outcome.retired:
-            return _catalogue_changing(pool)
+            return self._not_the_sites(pool)
         return None
 
     def _refuse(
@@ -460,10 +467,28 @@ class SeatService:
             waiter.future.set_exception(exc)
             return
         if pool.key == waiter.pool_key:  # another server's catalogue is the site's: come back
-            waiter.future.set_exception(_catalogue_changing(pool))
+            waiter.future.set_exception(self._not_the_sites(pool))
             return
         self._waiters.move(waiter, pool.key)
         self._seat_freed(pool.key)
+
+    def _not_the_sites(self, pool: Pool) -> Overloaded:
+        """`overloaded` for a checkout of a product whose layout the site counts by is
+        another server's (`LeaseStore.repool`), and a warning for the operator, at most once
+        a minute per product: until this server, or the one that claimed, is reloaded, this
+        one grants none of it."""
+        name, now = pool.product.upper(), self.clock()
+        last, refused = self._not_sites.get(name, (-math.inf, 0))
+        refused += 1
+        if now - last >= NOT_THE_SITES_LOG_S:
+            line = {"product": pool.product, "version": pool.version, "refused": refused}
+            if self._context is None:
+                log.warning("catalogue_not_sites", **line)
+            else:  # the server's line, not the refused client's
+                self._context.run(log.warning, "catalogue_not_sites", **line)
+            last, refused = now, 0
+        self._not_sites[name] = (last, refused)
+        return _catalogue_changing(pool)
 
     def _granted(
         self, holder: Holder, pool: Pool, outcome: GrantOutcome, *, waited: bool = False

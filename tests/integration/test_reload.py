@@ -6,20 +6,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
+from structlog.testing import capture_logs
 
 from metering_protocol.errors import Denied, Overloaded, TooLarge
 from metering_server.app import MeteringServer
 from metering_server.config import load_server_config
 from metering_server.licensing import Catalogue, Pool
-from metering_server.seats import CheckoutRequest, SeatService, SeatSettings
+from metering_server.seats import (
+    NOT_THE_SITES_LOG_S,
+    CheckoutRequest,
+    SeatService,
+    SeatSettings,
+)
 from metering_server.store.migrations_pg import lock_key
 from tests.conftest import hello
+from tests.integration.test_leases import FakeClock
 from tests.stores import opened
 from tests.support import (
     async_wait_until,
@@ -51,8 +58,10 @@ class Reloadable:
         )
         return write_toml(self.root / "server.toml", cfg)
 
-    async def start(self, **sections: Any) -> MeteringServer:
-        self.server = MeteringServer(load_server_config(self.write(**sections)))
+    async def start(
+        self, clock: Callable[[], float] = time.time, **sections: Any
+    ) -> MeteringServer:
+        self.server = MeteringServer(load_server_config(self.write(**sections)), clock=clock)
         await self.server.start()
         return self.server
 
@@ -427,6 +436,38 @@ async def test_servers_that_count_a_pool_differently_grant_by_the_sites_count_on
     finally:
         for c in (ca, cb):
             await c.close()
+        await srv_a.shutdown(timeout=2.0)
+        await srv_b.shutdown(timeout=2.0)
+        a.server = b.server = None
+
+
+@pytest.mark.asyncio
+async def test_a_server_whose_catalogue_is_not_the_sites_says_so_once_a_minute(tmp_path):
+    """It answers every new checkout of the product `overloaded` until it is reloaded;
+    its operator learns why from its own log, not from clients' retries."""
+    site = tmp_path / "site.db"
+    a, b = Reloadable(tmp_path / "a", "srv-a", site), Reloadable(tmp_path / "b", "srv-b", site)
+    clock = FakeClock()
+    srv_a = await a.start(products=[CLOCK])
+    srv_b = await b.start(products=[CLOCK], clock=clock)
+    try:
+        cb = await b.client()
+        await a.reload(products=[{**CLOCK, "seats": 3}])
+        with capture_logs() as logs:
+            for advance in (0, 0, 0, NOT_THE_SITES_LOG_S - 1, 1):
+                clock.advance(advance)
+                with pytest.raises(Overloaded):
+                    await cb.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00")
+            await b.reload(products=[{**CLOCK, "seats": 3}])
+            await cb.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00")
+        lines = [e for e in logs if e["event"] == "catalogue_not_sites"]
+        assert [(e["product"], e["version"], e["refused"]) for e in lines] == [
+            ("CLOCK.EXE", "4.00", 1),  # the first refusal
+            ("CLOCK.EXE", "4.00", 4),  # a minute later: the three since, and this one
+        ]
+        assert lines[0]["log_level"] == "warning"
+    finally:
+        await cb.close()
         await srv_a.shutdown(timeout=2.0)
         await srv_b.shutdown(timeout=2.0)
         a.server = b.server = None
