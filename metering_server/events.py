@@ -96,6 +96,13 @@ class Cancelled(CheckoutEvent, frozen=True):
     reason: str = ""
 
 
+class Redirected(CheckoutEvent, frozen=True):
+    """A checkout answered `overloaded` so that its client goes to another server: this
+    server's catalogue is not the one the site counts the product by (until it is reloaded)."""
+
+    kind: ClassVar[str] = "redirected"
+
+
 class ConfigReloaded(SeatEvent, frozen=True):
     kind: ClassVar[str] = "reloaded"
     changed: dict[str, Any] = msgspec.field(default_factory=dict)

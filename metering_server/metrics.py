@@ -32,6 +32,10 @@ EVENT_COUNTERS = {
     "denied": ("metering_denials_total", "Checkouts denied: no free seat"),
     "queued": ("metering_queued_total", "Checkouts that started waiting for a seat"),
     "cancelled": ("metering_cancelled_total", "Waiting checkouts withdrawn"),
+    "redirected": (
+        "metering_redirected_total",
+        "Checkouts sent to another server: this server's catalogue is not the site's (reload it)",
+    ),
 }
 
 

@@ -230,7 +230,7 @@ class SeatService:
         return pool, outcome
 
     def _final_refusal(
-        self, pool: Pool, req: CheckoutRequest, outcome: GrantOutcome
+        self, holder: Holder, pool: Pool, req: CheckoutRequest, outcome: GrantOutcome
     ) -> MeteringError | None:
         """What a refused grant answers whether or not the checkout may wait: waiting
         cannot change it (or, refused as not the site's layout, only a reload can)."""
@@ -248,7 +248,7 @@ class SeatService:
                 "granted was revoked by an administrator"
             )
         if outcome.retired:
-            return self._not_the_sites(pool)
+            return self._not_the_sites(holder, pool, req)
         return None
 
     def _refuse(
@@ -263,7 +263,7 @@ class SeatService:
         """Raise what a checkout the store did not grant hears, unless it is to wait."""
         if outcome.granted:
             return
-        final = self._final_refusal(pool, req, outcome)
+        final = self._final_refusal(holder, pool, req, outcome)
         if final is not None:
             raise final
         if not may_wait:
@@ -433,7 +433,7 @@ class SeatService:
                         continue
                     self._requeue_or_refuse(waiter)
                     continue
-                final = self._final_refusal(pool, req, outcome)
+                final = self._final_refusal(holder, pool, req, outcome)
                 if final is not None:  # the store dropped its entry: answered, never served
                     if not waiter.future.done():
                         waiter.future.set_exception(final)
@@ -459,7 +459,10 @@ class SeatService:
         """A waiter whose pool key left the catalogue, or whose grant was refused as not
         the site's layout: into the queue of the pool its product counts against now
         (served there), or refused - `unknown_product` when there is none, `overloaded`
-        when it is the same pool (this server's catalogue is not the site's)."""
+        when it is the same pool (this server's catalogue is not the site's).  One that
+        withdrew while its grant was in the store is answered already: left alone."""
+        if waiter.future.done():
+            return
         req = waiter.request
         try:
             pool = self.catalogue.find(req.product, req.version)
@@ -467,12 +470,12 @@ class SeatService:
             waiter.future.set_exception(exc)
             return
         if pool.key == waiter.pool_key:  # another server's catalogue is the site's: come back
-            waiter.future.set_exception(self._not_the_sites(pool))
+            waiter.future.set_exception(self._not_the_sites(waiter.holder, pool, req))
             return
         self._waiters.move(waiter, pool.key)
         self._seat_freed(pool.key)
 
-    def _not_the_sites(self, pool: Pool) -> Overloaded:
+    def _not_the_sites(self, holder: Holder, pool: Pool, req: CheckoutRequest) -> Overloaded:
         """`overloaded` for a checkout of a product whose layout the site counts by is
         another server's (`LeaseStore.repool`), and a warning for the operator, at most once
         a minute per product: until this server, or the one that claimed, is reloaded, this
@@ -488,6 +491,7 @@ class SeatService:
                 self._context.run(log.warning, "catalogue_not_sites", **line)
             last, refused = now, 0
         self._not_sites[name] = (last, refused)
+        self._publish(ev.Redirected, holder, req)
         return _catalogue_changing(pool)
 
     def _granted(

@@ -450,6 +450,7 @@ async def test_a_server_whose_catalogue_is_not_the_sites_says_so_once_a_minute(t
     clock = FakeClock()
     srv_a = await a.start(products=[CLOCK])
     srv_b = await b.start(products=[CLOCK], clock=clock)
+    sub = srv_b.events.subscribe()
     try:
         cb = await b.client()
         await a.reload(products=[{**CLOCK, "seats": 3}])
@@ -466,8 +467,62 @@ async def test_a_server_whose_catalogue_is_not_the_sites_says_so_once_a_minute(t
             ("CLOCK.EXE", "4.00", 4),  # a minute later: the three since, and this one
         ]
         assert lines[0]["log_level"] == "warning"
+        # each refusal is counted (metering_redirected_total), not only the logged ones
+        redirected = [e for e in sub.pending() if e.kind == "redirected"]
+        assert [(e.product, e.client) for e in redirected] == [("CLOCK.EXE", "ws-test")] * 5
     finally:
         await cb.close()
+        await srv_a.shutdown(timeout=2.0)
+        await srv_b.shutdown(timeout=2.0)
+        a.server = b.server = None
+
+
+@pytest.mark.asyncio
+async def test_a_waiter_withdrawn_while_its_grant_is_refused_as_not_the_sites(tmp_path):
+    """Found reading the code: the queue's head withdrew (cancel) while its grant was in
+    the store, the grant came back refused (this server's catalogue no longer the site's),
+    and the server answered the withdrawn checkout again - on a future already done: the
+    queue's task died (`background_task_failed`), leaving the waiters behind it unserved."""
+    site = tmp_path / "site.db"
+    a, b = Reloadable(tmp_path / "a", "srv-a", site), Reloadable(tmp_path / "b", "srv-b", site)
+    one = {**CLOCK, "seats": 1}
+    srv_a = await a.start(products=[one])
+    srv_b = await b.start(products=[one])
+    holder, waiter, behind = await b.client(), await b.client(), await b.client()
+    try:
+        held = await holder.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00")
+        rid = waiter.next_id()
+        withdrawn = waiter.send("checkout", rid, product="CLOCK.EXE", version="4.00", wait_s=30)
+        second = asyncio.ensure_future(
+            behind.request("checkout", timeout=10, product="CLOCK.EXE", version="4.00", wait_s=30)
+        )
+        await async_wait_until(
+            lambda: srv_b.seats.queued(("CLOCK.EXE", "4.00")) == 2, what="two waiting"
+        )
+        await a.reload(products=[{**one, "seats": 2}])  # the site counts by a's now
+        store, real = srv_b.store, srv_b.store.grant
+        arrived, gate = asyncio.Event(), asyncio.Event()
+
+        async def held_grant(req):
+            outcome = await real(req)  # refused: not the site's layout
+            arrived.set()
+            await gate.wait()
+            return outcome
+
+        store.grant = held_grant
+        with capture_logs() as logs:
+            await holder.request("checkin", timeout=5, lease=held["lease"])
+            await asyncio.wait_for(arrived.wait(), 10)  # the head's grant, refused and held
+            assert (await waiter.request("cancel", timeout=5, request=rid))["cancelled"] is True
+            store.grant = real
+            gate.set()
+            with pytest.raises(Overloaded):  # the one behind is answered, not left waiting
+                await asyncio.wait_for(second, 10)
+        assert (await asyncio.wait_for(withdrawn, 5))["error"]["code"] == "cancelled"
+        assert not [e for e in logs if e["log_level"] == "error"]
+    finally:
+        for c in (holder, waiter, behind):
+            await c.close()
         await srv_a.shutdown(timeout=2.0)
         await srv_b.shutdown(timeout=2.0)
         a.server = b.server = None
