@@ -152,7 +152,7 @@ class SeatService:
         moved = await self.store.repool(_resolver(catalogue), layouts, claim=claim)
         self._removed -= removed
         if moved:
-            log.info("leases_repooled", leases=moved)
+            self._log_as_server("info", "leases_repooled", leases=moved)
 
     def _on_notice(self, notice: tuple[str, str]) -> None:
         """Another server freed a seat or revoked a lease: act now, not at the next sweep."""
@@ -195,6 +195,8 @@ class SeatService:
         try:
             pool, outcome = await self._grant(holder, pool, req)
             waiter.pool_key = pool.key
+            if holder.gone and not waiter.future.done():  # reset: not told of it yet
+                waiter.future.set_exception(Cancelled("connection closed"))
             if waiter.future.done():  # withdrawn while the store was granting
                 await self._undo(holder, outcome)
                 raise self._withdrawn(holder, req, waiter)
@@ -360,14 +362,17 @@ class SeatService:
         self._seat_freed(pool.key)  # a seat may be free already (e.g. a re-attached head)
         keep_place = False
         try:
-            async with asyncio.timeout(req.wait_s):
-                return await asyncio.shield(waiter.future)
-        except TimeoutError:
-            if waiter.future.done() and not waiter.future.cancelled():
-                return waiter.future.result()  # granted at the very last moment
-            waiter.future.cancel()
-            in_use = (await self.store.in_use(self.clock())).get(pool.key, 0)
-            raise self._deny(holder, pool, req, in_use, waited=True) from None
+            try:
+                async with asyncio.timeout(req.wait_s):
+                    return await asyncio.shield(waiter.future)
+            except TimeoutError:
+                if waiter.future.done() and not waiter.future.cancelled():
+                    # Answered in the very turn its time ran out: that answer stands, a
+                    # `shutting_down` keeping its place as below.
+                    return waiter.future.result()
+                waiter.future.cancel()
+                in_use = (await self.store.in_use(self.clock())).get(pool.key, 0)
+                raise self._deny(holder, pool, req, in_use, waited=True) from None
         except ShuttingDown as exc:
             # The client re-sends it to another server with the same key: keep its place.
             keep_place = True
@@ -380,7 +385,9 @@ class SeatService:
             if not waiter.future.done():
                 waiter.future.cancel()
             self._waiters.discard(waiter)
-            if not keep_place:
+            # A retry of this checkout here (a new connection, the same key) took over this
+            # place in the store (`enqueue` gave it the same ticket): it is the retry's now.
+            if not keep_place and not self._waiters.ticket_held(ticket.id):
                 await self._dequeue(ticket.id)
 
     async def _dequeue(self, ticket: int) -> None:
@@ -429,8 +436,11 @@ class SeatService:
                 if outcome.retired:  # a reload here, or another server's, changed the site's
                     if self._repools_owed and not settled:  # ours: claim it, then again
                         settled = True
-                        await self.settle_catalogue()
-                        continue
+                        try:
+                            await self.settle_catalogue()
+                            continue
+                        except MeteringError as exc:  # owed still (the sweep tries again)
+                            self._log_as_server("warning", "repool_failed", error=exc.message)
                     self._requeue_or_refuse(waiter)
                     continue
                 final = self._final_refusal(holder, pool, req, outcome)
@@ -444,7 +454,13 @@ class SeatService:
                     if not waiter.future.done():  # undo it, its client may hold it already
                         waiter.future.set_result(self._served(waiter, pool, outcome))
                     continue
-                if waiter.future.done() or holder.closed:
+                if _sent_elsewhere(waiter) and req.idempotency_key is not None:
+                    # Told `shutting_down` while this grant was in the store: its client asks
+                    # another server with the same key, which hands it this lease (the grant
+                    # took its place in the queue, so it would otherwise lose both).
+                    self._served(waiter, pool, outcome)
+                    continue
+                if waiter.future.done() or holder.closed or holder.gone:
                     # Nobody waits for it any more (timed out, cancelled, disconnected).
                     assert outcome.lease is not None
                     await self._give_back(holder, outcome.lease, waiter.context)
@@ -484,15 +500,26 @@ class SeatService:
         last, refused = self._not_sites.get(name, (-math.inf, 0))
         refused += 1
         if now - last >= NOT_THE_SITES_LOG_S:
-            line = {"product": pool.product, "version": pool.version, "refused": refused}
-            if self._context is None:
-                log.warning("catalogue_not_sites", **line)
-            else:  # the server's line, not the refused client's
-                self._context.run(log.warning, "catalogue_not_sites", **line)
+            self._log_as_server(
+                "warning",
+                "catalogue_not_sites",
+                product=pool.product,
+                version=pool.version,
+                refused=refused,
+            )
             last, refused = now, 0
         self._not_sites[name] = (last, refused)
         self._publish(ev.Redirected, holder, req)
         return _catalogue_changing(pool)
+
+    def _log_as_server(self, level: str, event: str, **fields: Any) -> None:
+        """A line about the server's own work, done on some client's request: logged with
+        the server's context, not that client's."""
+        emit = getattr(log, level)
+        if self._context is None:
+            emit(event, **fields)
+        else:
+            self._context.run(emit, event, **fields)
 
     def _granted(
         self, holder: Holder, pool: Pool, outcome: GrantOutcome, *, waited: bool = False
@@ -703,6 +730,12 @@ class SeatService:
             await self.store.detach(self.settings.server)
         except Exception as exc:
             log.warning("store_detach_failed", error=str(exc))
+
+
+def _sent_elsewhere(waiter: Waiter) -> bool:
+    """Whether the waiter was answered `shutting_down` (to ask another server)."""
+    future = waiter.future
+    return future.done() and not future.cancelled() and isinstance(future.exception(), ShuttingDown)
 
 
 def _catalogue_changing(pool: Pool) -> Overloaded:

@@ -56,6 +56,11 @@ class WaitQueues:
         if not queue:
             del self._queues[waiter.pool_key]
 
+    def ticket_held(self, ticket: int) -> bool:
+        """Whether a waiter still waiting holds this store ticket (a retry of a checkout
+        on this server is handed its first attempt's ticket)."""
+        return any(w.ticket == ticket and w.live for q in self._queues.values() for w in q)
+
     def head(self, pool_key: tuple[str, str]) -> Waiter | None:
         """The oldest waiter still waiting; waiters already answered are dropped on the way."""
         queue = self._queues.get(pool_key)

@@ -661,3 +661,32 @@ async def test_a_grant_finishing_as_the_reset_is_seen_is_given_back(make_server)
     finally:
         store.grant = real
         await client.close()
+
+
+@pytest.mark.asyncio
+async def test_a_waiting_checkout_granted_as_its_clients_reset_is_read_gives_the_seat_back(
+    make_server,
+):
+    """Found by a review: a checkout that may wait, granted at once, looked only at its
+    own withdrawal, which a reset reaches a loop turn or more after the transport has
+    closed: a grant landing in that turn went to a gone socket and its seat stayed with
+    nobody until its TTL (the checkout without `wait_s` already asked the socket)."""
+    server = await make_server(products=PRODUCTS, credentials=AGENT)
+    client = await agent_over_tcp(server)
+    store, real = server.seats.store, server.seats.store.grant
+
+    async def granted_as_the_reset_is_read(req):
+        outcome = await real(req)
+        for conn in server.endpoint.connections:
+            conn.wire.abort()  # the reset, read in this very turn
+        return outcome
+
+    store.grant = granted_as_the_reset_is_read
+    try:
+        with pytest.raises(ConnectionLost):
+            await client.request("checkout", timeout=5, product="A", version="1", wait_s=30)
+        await async_wait_until(lambda: not server.endpoint.connections, what="the checkout to end")
+        assert await in_use_and_queued(server) == (0, 0)
+    finally:
+        store.grant = real
+        await client.close()

@@ -7,11 +7,13 @@ freed" while a seat stood free."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 from metering_protocol.client import ProtocolClient
 from tests.conftest import hello
+from tests.integration.test_cancel import HeldGrants
 from tests.support import async_wait_until
 
 PRODUCTS = [{"name": "A", "version": "1", "seats": 2, "mode": "enforce"}]
@@ -77,4 +79,128 @@ async def test_a_retried_waiting_checkout_does_not_hold_up_the_queue(make_server
         assert status["products"][0]["queued"] == 0
     finally:
         for c in (bob, attempt1, attempt2, third):
+            await c.close()
+
+
+ONE_SEAT = [{"name": "A", "version": "1", "seats": 1, "mode": "enforce"}]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("how", ["cancel", "close"])
+async def test_the_first_attempt_ending_leaves_the_retrys_place_in_the_queue(make_server, how):
+    """Found by a review: a retry on the same server is handed its first attempt's store
+    ticket; the first attempt then ended (withdrawn, its connection closed, its wait run
+    out) and took the ticket's entry out of the store with it.  The retry, still waiting,
+    was answered `cancelled` when its turn came, and the seat went to the next in line."""
+    server = await make_server(products=ONE_SEAT, credentials=CREDS)
+    queued = Queued(server)
+    bob = await hello(server.address("tcp"), client="ws-b", user="bob", token="tok-bob")
+    first = await hello(server.address("tcp"), client="ws-a", user="alice", token="tok-alice")
+    retry = await hello(server.address("tcp"), client="ws-a", user="alice", token="tok-alice")
+    try:
+        lease = (await bob.request("checkout", timeout=5, product="A", version="1"))["lease"]
+        rid = first.next_id()
+        attempt = first.send(
+            "checkout", rid, product="A", version="1", idempotency_key="K", wait_s=30
+        )
+        await queued.reach(1)
+        again = checkout(retry, idempotency_key="K", wait_s=30)  # the same ticket
+        await queued.reach(2)
+        if how == "cancel":
+            assert (await first.request("cancel", timeout=5, request=rid))["cancelled"] is True
+            assert (await asyncio.wait_for(attempt, 5))["error"]["code"] == "cancelled"
+        else:
+            await first.close()
+        await async_wait_until(
+            lambda: server.seats.queued(("A", "1")) == 1, what="the first attempt to end"
+        )
+        assert (await server.store.queued(time.time())) == {("A", "1"): 1}
+        await bob.request("checkin", timeout=5, lease=lease)
+        assert (await asyncio.wait_for(again, 10))["ok"] is True
+    finally:
+        for c in (bob, first, retry):
+            await c.close()
+
+
+@pytest.mark.asyncio
+async def test_a_head_told_to_go_elsewhere_while_granted_finds_its_lease_there(make_server):
+    """Found by a review: a drain answered the queue's head `shutting_down` (ask another
+    server, same key) while its grant was in the store; the grant, having taken the head's
+    place in the queue, was given back.  The retry elsewhere found neither lease nor place,
+    and queued last."""
+    s1 = await make_server(products=ONE_SEAT, credentials=CREDS)
+    s2 = await make_server(products=ONE_SEAT, credentials=CREDS)
+    bob = await hello(s1.address("tcp"), client="ws-b", user="bob", token="tok-bob")
+    head = await hello(s1.address("tcp"), client="ws-a", user="alice", token="tok-alice")
+    behind = await hello(s2.address("tcp"), client="ws-x", user="bob", token="tok-bob")
+    retry = await hello(s2.address("tcp"), client="ws-a", user="alice", token="tok-alice")
+    try:
+        lease = (await bob.request("checkout", timeout=5, product="A", version="1"))["lease"]
+        waiting = checkout(head, idempotency_key="K", wait_s=30)
+        await Queued(s1).reach(1)
+        checkout(behind, wait_s=30)
+        await Queued(s2).reach(1)
+        with HeldGrants(s1.seats.store) as held:
+            await bob.request("checkin", timeout=5, lease=lease)
+            await asyncio.wait_for(held.arrived.wait(), 10)  # the head's grant, in the store
+            s1.seats.drain()
+            assert (await asyncio.wait_for(waiting, 5))["error"]["code"] == "shutting_down"
+        await async_wait_until(lambda: not len(s1.seats._tasks), what="the queue's task to end")
+        [left] = await s1.store.leases(time.time())  # kept for the retry, not given back
+        assert left.client == "ws-a"
+        again = await retry.request(
+            "checkout", timeout=5, product="A", version="1", idempotency_key="K", wait_s=2
+        )
+        assert again["lease"] == left.lease
+    finally:
+        for c in (bob, head, behind, retry):
+            await c.close()
+
+
+@pytest.mark.asyncio
+async def test_a_waiter_drained_as_its_wait_runs_out_keeps_its_place(make_server, monkeypatch):
+    """Found by a review: a waiter answered `shutting_down` in the very loop turn its wait
+    ran out re-raised that answer from inside the timeout's handler, past the one that
+    keeps its place for the retry elsewhere: its entry was taken out of the store."""
+    server = await make_server(products=ONE_SEAT, credentials=CREDS)
+    bob = await hello(server.address("tcp"), client="ws-b", user="bob", token="tok-bob")
+    alice = await hello(server.address("tcp"), client="ws-a", user="alice", token="tok-alice")
+    events = server.events.subscribe()
+    real_timeout, racing_wait = asyncio.timeout, 29.5
+
+    def timeout(delay):  # the seat service's wait (only) ends as the server drains
+        limit = real_timeout(delay)
+        if delay != racing_wait:
+            return limit
+
+        class ExpiringAsDrained:
+            async def __aenter__(self):
+                await limit.__aenter__()
+                loop = asyncio.get_running_loop()
+
+                def expire_and_drain() -> None:
+                    limit.reschedule(loop.time())
+                    server.seats.drain()
+
+                loop.call_soon(expire_and_drain)
+                return limit
+
+            async def __aexit__(self, *exc):
+                return await limit.__aexit__(*exc)
+
+        return ExpiringAsDrained()
+
+    try:
+        await bob.request("checkout", timeout=5, product="A", version="1")
+        monkeypatch.setattr(asyncio, "timeout", timeout)
+        reply = await checkout(alice, idempotency_key="K", wait_s=racing_wait)
+        monkeypatch.undo()
+        assert reply["error"]["code"] == "shutting_down"
+        assert await server.store.queued(time.time()) == {("A", "1"): 1}  # kept for the retry
+        assert [e.kind for e in events.pending() if e.kind in ("queued", "cancelled")] == [
+            "queued",
+            "cancelled",
+        ]
+    finally:
+        for c in (bob, alice):
             await c.close()

@@ -529,6 +529,40 @@ async def test_a_waiter_withdrawn_while_its_grant_is_refused_as_not_the_sites(tm
 
 
 @pytest.mark.asyncio
+async def test_a_repool_failing_in_the_queues_task_answers_its_head(reloadable, monkeypatch):
+    """Found by a review: a reload's repool failed (the store busy), leaving it owed; the
+    queue's head, refused as resolved under the old layout, had the queue's task try the
+    owed repool itself, which raised out of the task (`background_task_failed`): the head
+    waited out its `wait_s` and was denied, though another server would have served it."""
+    one = {**CLOCK, "seats": 1}
+    srv = await reloadable.start(products=[one])
+    holder, waiter = await reloadable.client(), await reloadable.client()
+    try:
+        held = await holder.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00")
+        waiting = asyncio.ensure_future(
+            waiter.request("checkout", timeout=10, product="CLOCK.EXE", version="4.00", wait_s=8)
+        )
+        await async_wait_until(
+            lambda: srv.seats.queued(("CLOCK.EXE", "4.00")) == 1, what="the waiter queued"
+        )
+
+        async def busy(*args: Any, **kwargs: Any) -> int:
+            raise Overloaded("the store is busy", retry_after_s=1.0)
+
+        with capture_logs() as logs:
+            monkeypatch.setattr(srv.seats.store, "repool", busy)
+            await reloadable.reload(products=[{**one, "seats": 2}])  # its repool stays owed
+            await holder.request("checkin", timeout=5, lease=held["lease"])
+            with pytest.raises(Overloaded):  # not the site's layout yet: ask another server
+                await asyncio.wait_for(waiting, 5)
+        assert not [e for e in logs if e["log_level"] == "error"]
+        assert "repool_failed" in [e["event"] for e in logs]
+    finally:
+        for c in (holder, waiter):
+            await c.close()
+
+
+@pytest.mark.asyncio
 async def test_a_reload_during_a_sweeps_pass_keeps_its_claim(reloadable):
     """Found by a campaign: a reload whose settle waited for a pass already running (the
     sweep's later pass, which claims nothing) lost its claim when that pass ended; the site

@@ -21,6 +21,7 @@ from tests.integration.test_leases import (
     queued,
     start_waiting,
 )
+from tests.integration.test_reload import CLOCK, Reloadable
 from tests.support import async_wait_until
 
 __all__ = ["connect"]  # the fixture, imported for use here
@@ -125,3 +126,23 @@ async def test_a_seat_given_back_for_a_withdrawn_waiter_is_logged_as_its_clients
     [given_back] = [x for x in lines if x["event"] == "lease_given_back"]
     assert given_back["client"] == "ws-b" and given_back["conn"] == await conn_of(server, "ws-b")
     assert about(lines, "lease_released", first)["client"] == "ws-a"
+
+
+@pytest.mark.asyncio
+async def test_a_reloads_repool_is_logged_as_the_servers(tmp_path, lines):
+    """`leases_repooled` is the server's work; it carried the context of whichever request
+    ran it (the admin's `reload`, or a checkout that found the repool owed)."""
+    reloadable = Reloadable(tmp_path)
+    await reloadable.start(products=[CLOCK])
+    holder = await reloadable.client()
+    try:
+        await holder.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00")
+        await reloadable.reload(products=[{**CLOCK, "name": "Clock.exe"}])  # re-keyed
+        [repooled] = [x for x in lines if x["event"] == "leases_repooled"]
+        assert repooled["leases"] == 1
+        assert "client" not in repooled and "conn" not in repooled
+        assert repooled["server"] == "srv-a"
+    finally:
+        await holder.close()
+        assert reloadable.server is not None
+        await reloadable.server.shutdown(timeout=2.0)
