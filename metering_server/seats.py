@@ -364,15 +364,22 @@ class SeatService:
         try:
             try:
                 async with asyncio.timeout(req.wait_s):
-                    return await asyncio.shield(waiter.future)
+                    grant = await asyncio.shield(waiter.future)
             except TimeoutError:
-                if waiter.future.done() and not waiter.future.cancelled():
-                    # Answered in the very turn its time ran out: that answer stands, a
-                    # `shutting_down` keeping its place as below.
-                    return waiter.future.result()
-                waiter.future.cancel()
-                in_use = (await self.store.in_use(self.clock())).get(pool.key, 0)
-                raise self._deny(holder, pool, req, in_use, waited=True) from None
+                if not waiter.future.done() or waiter.future.cancelled():
+                    waiter.future.cancel()
+                    in_use = (await self.store.in_use(self.clock())).get(pool.key, 0)
+                    raise self._deny(holder, pool, req, in_use, waited=True) from None
+                # Answered in the very turn its time ran out: that answer stands, a
+                # `shutting_down` keeping its place as below.
+                grant = waiter.future.result()
+            if holder.gone:
+                # Its client's reset was read after the queue served it and before this
+                # reply: nobody hears of the seat.  (A lease renewed since its grant - a
+                # retry's, by its key - stays: `give_back` takes only an untouched one.)
+                await self._give_back(holder, grant.lease)
+                raise Cancelled("the client went away before its checkout was answered")
+            return grant
         except ShuttingDown as exc:
             # The client re-sends it to another server with the same key: keep its place.
             keep_place = True

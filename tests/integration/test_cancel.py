@@ -690,3 +690,40 @@ async def test_a_waiting_checkout_granted_as_its_clients_reset_is_read_gives_the
     finally:
         store.grant = real
         await client.close()
+
+
+@pytest.mark.asyncio
+async def test_a_waiter_served_as_its_clients_reset_is_read_gives_the_seat_back(make_server):
+    """Found by a campaign: the queue served a waiter, and its client's reset was read
+    before the waiter's own task came to write the reply, a loop turn or two later; the
+    reply went nowhere and the seat stayed with nobody until its TTL."""
+    server = await make_server(products=PRODUCTS, credentials=AGENT)
+    holder = await agent_over_tcp(server, client="holder")
+    waiting = await agent_over_tcp(server, client="waiting")
+    seats, served = server.seats, server.seats._served
+
+    def served_as_the_reset_is_read(waiter, pool, outcome):
+        grant = served(waiter, pool, outcome)
+        for conn in server.endpoint.connections:
+            if conn.dispatcher.client == "waiting":
+                conn.wire.abort()  # read before the waiter's task runs again
+        return grant
+
+    try:
+        lease = (await holder.request("checkout", timeout=5, product="A", version="1"))["lease"]
+        attempt = asyncio.ensure_future(
+            waiting.request("checkout", timeout=10, product="A", version="1", wait_s=30)
+        )
+        await async_wait_until(lambda: seats.queued(("A", "1")) == 1, what="the waiter queued")
+        seats._served = served_as_the_reset_is_read
+        await holder.request("checkin", timeout=5, lease=lease)
+        with pytest.raises(ConnectionLost):
+            await attempt
+        await async_wait_until(
+            lambda: len(server.endpoint.connections) == 1, what="the waiter's checkout to end"
+        )
+        assert await in_use_and_queued(server) == (0, 0)
+    finally:
+        seats._served = served
+        for c in (holder, waiting):
+            await c.close()
