@@ -15,7 +15,7 @@ import json
 import random
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -221,20 +221,22 @@ class Connector:
             log.warning("auth_holdoff_not_saved", path=str(path), error=str(exc))
 
     async def connect(
-        self, *, avoid: str | None = None, passes: int | None = None
+        self, *, avoid: Sequence[str] = (), passes: int | None = None
     ) -> ServerSession:
-        """A session on the most preferred server that answers; `avoid` (the server that
-        just failed) is tried last so a dark host does not cost a connect timeout first."""
+        """A session on the most preferred server that answers; `avoid` (the servers that
+        failed us, oldest failure first) are tried last, in that order, so a dark host does
+        not cost a connect timeout first and two faulting ones do not hide a third."""
         passes = passes if passes is not None else self.config.servers.retries
         errors: list[str] = []
         done = 0
         while True:
             self.check_holdoff()
             order = attempt_order(self.servers.entries(), self.rand)
-            if avoid is not None:
-                order = [e for e in order if e.address != avoid] + [
-                    e for e in order if e.address == avoid
-                ]
+            if avoid:
+                last = {address: i for i, address in enumerate(avoid)}
+                order = [e for e in order if e.address not in last] + sorted(
+                    (e for e in order if e.address in last), key=lambda e: last[e.address]
+                )
             hopeless = True  # every server refused in a way another pass cannot change
             untrusted = 0
             for entry in order:

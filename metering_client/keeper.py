@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -105,7 +105,7 @@ class SessionSource(Protocol):
         """Events pushed on any session it opens go to `callback(session, event)`."""
         ...
 
-    async def connect(self, *, avoid: str | None = None, passes: int | None = None) -> Session: ...
+    async def connect(self, *, avoid: Sequence[str] = (), passes: int | None = None) -> Session: ...
 
     async def probe(self, entry: ServerEntry) -> Session | None: ...
 
@@ -175,7 +175,12 @@ class LeaseKeeper:
         self._tasks = TaskOwner("lease-keeper")  # the maintainer, retiring sessions
         self._notes = TaskOwner("lease-keeper-on-change")  # on_change calls: never cancelled
         self._task: asyncio.Task | None = None
-        self._failed_address: str | None = None
+        # Servers that failed us (a dead session, a fault on a request or a reclaim) since
+        # each last served a request, oldest failure first: tried after every other one.
+        # Only the last one was remembered before, and two servers that took a hello but
+        # faulted every request were tried in turn while a third, healthy one never was.
+        self._failed: dict[str, None] = {}
+        self._failing_over = False
         self._dead_logged: Session | None = None
         self._gave_up = False  # after a full bounded attempt failed: one pass per backoff_max
         self._overloaded_beats = 0  # heartbeats in a row answered `overloaded`
@@ -257,11 +262,11 @@ class LeaseKeeper:
                 return self.session
             old, self.session = self.session, None
             if old is not None:
-                self._failed_address = old.entry.address
+                self._failed_over(old.entry.address)
                 await old.close()
             faults = 0
             while True:
-                session = await self.connector.connect(avoid=self._failed_address, passes=passes)
+                session = await self.connector.connect(avoid=list(self._failed), passes=passes)
                 try:
                     await self._reclaim_all(session)
                     break
@@ -275,12 +280,12 @@ class LeaseKeeper:
                     if faults >= self.connector.server_count():
                         raise
                     log.warning("session_dead", server=session.server, reason=f"reclaim: {exc}")
-                    self._failed_address = session.entry.address
+                    self._failed_over(session.entry.address)
             self._watch(session)
-            if self._failed_address is not None:
+            if self._failing_over:
                 self.failovers += 1
                 log.info("failed_over", server=session.server, leases=len(self.held))
-            self._failed_address = None
+            self._failing_over = False
             self._gave_up = False
             self.session = session
             self._wake.set()
@@ -297,8 +302,17 @@ class LeaseKeeper:
             self._dead_logged = session
             log.warning("session_dead", server=session.server, reason=why)
         session.fail(why)
-        self._failed_address = session.entry.address
+        self._failed_over(session.entry.address)
         self._wake.set()
+
+    def _failed_over(self, address: str) -> None:
+        self._failed.pop(address, None)
+        self._failed[address] = None  # the latest failure goes last
+        self._failing_over = True
+
+    def _served(self, session: Session) -> None:
+        """A request answered: its server is a first choice again."""
+        self._failed.pop(session.entry.address, None)
 
     async def _reclaim_all(self, session: Session) -> None:
         for held in list(self.held.values()):
@@ -323,6 +337,11 @@ class LeaseKeeper:
         except MeteringError as exc:  # denied, lease_not_found, forbidden ...
             await self._lose(held, f"reclaim refused: {exc}")
             return
+        if self.held.get(held.handle) is not held:
+            # Checked in or dropped while the reclaim was on its way (a lease gone by then
+            # comes back as a fresh seat): nobody holds it here, so nobody may keep it.
+            await self._check_in_unheld(session, held, reply["lease"])
+            return
         if reply["lease"] != held.lease:
             log.warning("lease_regranted", handle=held.handle, old=held.lease, new=reply["lease"])
             held.lease = reply["lease"]
@@ -332,6 +351,15 @@ class LeaseKeeper:
             lease=held.lease,
             server=session.server,
         )
+
+    async def _check_in_unheld(self, session: Session, held: HeldLease, lease: str) -> None:
+        if lease == held.lease:
+            return  # the same lease, renewed: whoever let it go checks it in (or it expires)
+        log.warning("reclaimed_for_nobody", handle=held.handle, lease=lease, server=session.server)
+        try:
+            await session.request("checkin", timeout=self.request_timeout, lease=lease)
+        except MeteringError as exc:  # its TTL frees it
+            log.warning("checkin_failed", lease=lease, error=exc.message)
 
     async def _lose(self, held: HeldLease, reason: str) -> None:
         if self._drop(held, reason):
@@ -380,7 +408,7 @@ class LeaseKeeper:
             if op == "checkout":
                 fields = seat_fields(session, fields)
             try:
-                return await session.request(
+                reply = await session.request(
                     op, timeout=self.request_timeout + extra_timeout, **fields
                 )
             except SESSION_FAULTS as exc:
@@ -388,6 +416,9 @@ class LeaseKeeper:
                 tries += 1
                 if tries >= limit:
                     raise Unavailable(f"{op} failed on {tries} server session(s): {exc}") from None
+            else:
+                self._served(session)
+                return reply
 
     async def checkout(
         self,
@@ -589,6 +620,7 @@ class LeaseKeeper:
             log.error("heartbeat_refused", error=str(exc))
             return None
         self._overloaded_beats = 0
+        self._served(session)
         revoked = set(reply.get("revoked") or ())
         for held in [h for h in self.held.values() if h.lease in revoked]:
             # An admin took it back (through whichever server): never replaced behind the

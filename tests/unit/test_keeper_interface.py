@@ -5,7 +5,7 @@ the keeper reached for would be an AttributeError here.  No sockets, no sleeps."
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,7 +90,7 @@ class FakeConnector:
     def __init__(self, *sessions: FakeSession):
         self.config = CONFIG
         self.sessions = list(sessions)
-        self.connects: list[str | None] = []  # the `avoid` of each connect
+        self.connects: list[list[str]] = []  # the `avoid` of each connect
         self.subscribers: list[Callable[[Any, dict[str, Any]], None]] = []
         self.learned: list[list[dict[str, Any]]] = []
 
@@ -102,8 +102,8 @@ class FakeConnector:
         for callback in list(self.subscribers):
             callback(session, event)
 
-    async def connect(self, *, avoid: str | None = None, passes: int | None = None) -> Any:
-        self.connects.append(avoid)
+    async def connect(self, *, avoid: Sequence[str] = (), passes: int | None = None) -> Any:
+        self.connects.append(list(avoid))
         return self.sessions.pop(0)
 
     async def probe(self, entry: ServerEntry) -> Any:
@@ -225,7 +225,7 @@ async def test_dead_session_fails_over_through_the_interface():
     first.fail_next = ConnectionLost("reset")
     assert await keeper.checkin(held.handle) is True
     assert first.dead  # the keeper declared it dead with session.fail
-    assert connector.connects == [None, A.address]  # the failed server is tried last
+    assert connector.connects == [[], [A.address]]  # the failed server is tried last
     # The checkin is sent again there; the lease it checks in is not reclaimed first (the
     # first attempt may have released it: a reclaim would take a fresh seat, or fail).
     assert [(op, f.get("lease")) for op, f in second.requests] == [("checkin", held.lease)]
