@@ -126,9 +126,19 @@ _USAGE_COLUMNS = (
     "started_at, ended_at, outcome, server, received_at"
 )
 # `licensing.is_live` in SQL; bind `now` as $1.
+# A lease with its checkout's idempotency key.  A conflict can only be that key's lease for
+# another product, made meanwhile by a grant under another product's lock (a key reused
+# across products on two servers at once): not inserted, and answered `key_reused` (a unique
+# violation failed the whole batch, every other client's grants with it).
 _INSERT = (
     f"INSERT INTO leases ({_COLUMNS}, idempotency_key) "
-    "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)"
+    "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14) ON CONFLICT DO NOTHING"
+)
+_INSERT_MANY = (
+    f"INSERT INTO leases ({_COLUMNS}, idempotency_key) SELECT * FROM unnest("
+    "$1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], "
+    "$8::text[], $9::text[], $10::float8[], $11::float8[], $12::float8[], $13::bool[], "
+    "$14::text[]) ON CONFLICT DO NOTHING RETURNING lease"
 )
 # A batch of checkins in one statement (`_release_all`): the rows whose holder (principal and
 # client, `licensing.is_owner`) checks them in, deleted and returned, and a notice per pool
@@ -715,10 +725,13 @@ class PostgresStore(LeaseStore):
                     return GrantOutcome(
                         False, await self._count(db, pool.key, req.now), key_reused=True
                     )
-                if earlier is not None and is_live(earlier.expires_at, req.now):
+                # A replay renews: judged, like a renewal, when it is applied (a retry can
+                # wait past its lease's expiry, and another server may have counted it free).
+                replay_now = self.effective_now(req.now)
+                if earlier is not None and is_live(earlier.expires_at, replay_now):
                     # Renewed also for a superseded waiter: handed to its caller, it must not
                     # be given back for the retry's (`give_back`).
-                    earlier = await self._renew_row(db, earlier, req.server, req.now, req.ttl_s)
+                    earlier = await self._renew_row(db, earlier, req.server, replay_now, req.ttl_s)
                     if req.waiter is not None and not superseded:
                         await db.execute("DELETE FROM waiters WHERE id = $1", req.waiter)
                     in_use = await self._count(db, pool.key, req.now)
@@ -744,7 +757,8 @@ class PostgresStore(LeaseStore):
             if not decision.granted:
                 return GrantOutcome(False, in_use)
             lease = new_lease(req, decision.overuse)
-            await db.execute(_INSERT, *_values(lease), req.idempotency_key)
+            if await db.execute(_INSERT, *_values(lease), req.idempotency_key) == "INSERT 0 0":
+                return GrantOutcome(False, in_use, key_reused=True)
             if req.waiter is not None:
                 await db.execute("DELETE FROM waiters WHERE id = $1", req.waiter)
             return GrantOutcome(True, in_use + 1, lease)
@@ -778,6 +792,7 @@ class PostgresStore(LeaseStore):
                 if seen is None or r.now < seen.now:
                     firsts[(r.pool.key, r.layout)] = r
             in_use, ahead, retired_keys = await self._counts(db, list(firsts.values()))
+            current = self.effective_now(0.0)  # after the locks: as it commits
             keyed = [r for r in reqs if r.idempotency_key is not None]
             earlier = await self._by_keys(db, keyed)
             revoked = await self._revoked_keys(
@@ -792,10 +807,11 @@ class PostgresStore(LeaseStore):
                 if held is not None and not same_checkout(held, req):
                     out.append(GrantOutcome(False, in_use[key], key_reused=True))
                     continue
-                if held is not None and is_live(held.expires_at, req.now):
+                replay_now = max(req.now, current)  # judged as it commits, as a renewal is
+                if held is not None and is_live(held.expires_at, replay_now):
                     # Renewed, so that no give-back takes it from this caller; one this batch
                     # is about to insert is renewed before it is written.
-                    renewed = renewed_lease(held, req.server, req.now, req.ttl_s)
+                    renewed = renewed_lease(held, req.server, replay_now, req.ttl_s)
                     if held.lease in made:
                         made[held.lease] = (renewed, made[held.lease][1])
                     else:
@@ -826,7 +842,12 @@ class PostgresStore(LeaseStore):
                 in_use[key] += 1
                 out.append(GrantOutcome(True, in_use[key], lease))
             if made:
-                await db.executemany(_INSERT, [(*_values(m), k) for m, k in made.values()])
+                columns = zip(*[(*_values(m), k) for m, k in made.values()], strict=True)
+                inserted = {r["lease"] for r in await db.fetch(_INSERT_MANY, *columns)}
+                for i, outcome in enumerate(out):  # the grant, and repeats that replayed it
+                    lease = outcome.lease
+                    if lease is not None and lease.lease in made and lease.lease not in inserted:
+                        out[i] = GrantOutcome(False, outcome.in_use, key_reused=True)
             return out
 
         outcomes = await self._run("grant", grant_all, locks=tuple(map(_pool_lock, pools)))
@@ -1143,7 +1164,15 @@ class PostgresStore(LeaseStore):
             )
             gone = {rec.lease: rec for rec in map(_record, rows)}
             left = list({c.lease for c in checkins} - gone.keys())
-            existing = {row["lease"] for row in await db.fetch(_EXISTING, left)} if left else set()
+            existing: set[str] = set()
+            if left:
+                # The deletes have committed: a failure from here on must not answer them
+                # `overloaded` ("nothing changed", `_run`).  Without this answer the leases
+                # left are told `released: false` rather than `lease_not_found`.
+                try:
+                    existing = {row["lease"] for row in await db.fetch(_EXISTING, left)}
+                except (asyncpg.PostgresError, TimeoutError) as exc:
+                    log.warning("checkin_owner_check_failed", error=describe(exc))
             out: list[LeaseRecord | LeaseNotFound | None] = []
             for c in checkins:
                 rec = gone.get(c.lease)

@@ -851,10 +851,13 @@ class SQLiteStore(LeaseStore):
                 earlier = self._by_key(db, req.principal, req.client, req.idempotency_key)
                 if earlier is not None and not same_checkout(earlier, req):
                     return GrantOutcome(False, self._count(db, pool.key, req.now), key_reused=True)
-                if earlier is not None and is_live(earlier.expires_at, req.now):
+                # A replay renews: judged, like a renewal, when it is applied (a retry can
+                # wait past its lease's expiry, and another server may have counted it free).
+                replay_now = self.effective_now(req.now)
+                if earlier is not None and is_live(earlier.expires_at, replay_now):
                     # Renewed also for a superseded waiter: handed to its caller, it must not
                     # be given back for the retry's (`give_back`).
-                    earlier = self._renew_row(db, earlier, req.server, req.now, req.ttl_s)
+                    earlier = self._renew_row(db, earlier, req.server, replay_now, req.ttl_s)
                     if req.waiter is not None and not superseded:
                         db.execute("DELETE FROM waiters WHERE id = ?", (req.waiter,))
                     in_use = self._count(db, pool.key, req.now)

@@ -14,6 +14,7 @@ import asyncio
 import pytest
 from msgspec.structs import replace
 
+import metering_server.store.postgres as pgmod
 from metering_protocol.errors import Internal, LeaseNotFound
 from metering_server.licensing import Pool
 from tests.integration.test_store_contract import T0, TTL, req
@@ -224,3 +225,61 @@ async def test_heartbeats_of_one_lease_in_a_batch_are_each_judged(pg_site):
         held = {r.lease: r for r in await store.leases(T0 + 4)}
         assert held[leases[1]].expires_at == T0 + 3 + TTL and held[leases[1]].server == "srv-c"
         assert held[leases[2]].expires_at == T0 + TTL  # expired, not renewed (the sweep's)
+
+
+async def test_one_key_reused_for_two_products_at_once_fails_no_other_grant(pg_site):
+    """Found by a review: grants of two products take two locks, so two servers' batches
+    can carry one (principal, client, key) each; the second's insert hit the unique index
+    and its whole batch was answered `internal`, other clients' grants too.  The reuse is
+    `key_reused`, as on SQLite, and the rest of the batch is granted."""
+    async with opened(pg_store(pg_site, pool_max=2, acquire_timeout_s=10)) as store:
+        async with pg_site.cluster.connect() as srv_a:  # another server's batch, uncommitted
+            await srv_a.execute(f"SET search_path = {pg_site.schema}")
+            batch = srv_a.transaction()
+            await batch.start()
+            await srv_a.execute(
+                "INSERT INTO leases (lease, product, version, pool_product, pool_version, "
+                'principal, "user", client, server, granted_at, renewed_at, expires_at, '
+                "overuse, idempotency_key) VALUES ('L-other', 'OTHER', '1', 'OTHER', '1', "
+                "$1, 'u', $2, 'srv-a', $3, $3, $4, false, 'k1')",
+                *who(1),
+                T0,
+                T0 + TTL,
+            )
+            reused = replace(req(THIRTY, who(1)), idempotency_key="k1")
+            both = asyncio.gather(store.grant(reused), store.grant(req(THIRTY, who(2))))
+            async with pg_site.cluster.connect() as watch:
+                await async_wait_until(
+                    lambda: lock_waiters(watch, "transactionid"),
+                    what="the batch to wait on the unique index",
+                )
+            await batch.commit()
+            reuse, innocent = await asyncio.wait_for(both, 10)
+        assert reuse.key_reused and not reuse.granted
+        assert innocent.granted
+        assert [x.lease for x in await store.leases(T0 + 1, "THIRTY")] == [innocent.lease.lease]
+
+
+async def test_a_checkin_batch_committed_is_never_answered_overloaded(pg_site, monkeypatch):
+    """Found by a review: a checkin batch's deletes commit by themselves, and a second
+    statement (are the leases not deleted someone else's?) follows; cancelled past the
+    statement timeout, it had the whole batch answered `overloaded` (nothing changed) when
+    its leases were gone.  The deletes stand and are answered; the others are told
+    `released: false`."""
+    async with opened(pg_store(pg_site, query_timeout_s=2)) as store:
+        mine = (await store.grant(req(THIRTY, who(1)))).lease.lease
+        theirs = (await store.grant(req(THIRTY, who(3)))).lease.lease
+        monkeypatch.setattr(
+            pgmod,
+            "_EXISTING",
+            "SELECT lease FROM leases WHERE lease = ANY($1::text[]) "
+            "AND (SELECT count(*) FROM pg_sleep(5)) = 1",  # past the statement timeout
+        )
+        released, not_mine = await asyncio.gather(
+            store.release(mine, *who(1), T0 + 1),
+            store.release(theirs, *who(2), T0 + 1),  # not its holder: the second statement
+        )
+        monkeypatch.undo()
+        assert released is not None and released.lease == mine
+        assert not_mine is None
+        assert [x.lease for x in await store.leases(T0 + 2)] == [theirs]

@@ -136,6 +136,30 @@ async def test_a_renewal_applied_after_its_lease_expired_does_not_bring_it_back(
         assert out.renewed == [taken.lease.lease]
 
 
+@pytest.mark.parametrize("queued", [False, True], ids=["plain", "queued"])
+async def test_a_retry_applied_after_its_lease_expired_does_not_bring_it_back(store_site, queued):
+    """Found by a review: a retry of a checkout (its idempotency key) asked just before its
+    lease's expiry but applied after another server gave the seat away was judged at the
+    time it was asked, replayed and renewed the expired lease: one seat held twice.  A
+    replay renews, so it is judged as a renewal is: when it runs."""
+    async with opened(store_site.new_store()) as a, opened(store_site.new_store()) as b:
+        held = (await a.grant(grant_req(key="k1"))).lease
+        expiry = held.expires_at
+        clock = [expiry + 0.002]  # when the writes below actually run
+        a.clock = b.clock = lambda: clock[0]
+        taken = await b.grant(grant_req(BOB, now=expiry + 0.001, server="srv-b"))
+        assert taken.granted  # the seat of alice's expired lease
+        asked = expiry - 0.001
+        retry = grant_req(key="k1", now=asked)
+        if queued:  # the same through the queue's path
+            await a.touch_server("srv-a", asked)
+            ticket = await a.enqueue(entry(ALICE, server="srv-a", now=asked - 1, key="k1"))
+            retry = msgspec.structs.replace(retry, waiter=ticket.id)
+        again = await a.grant(retry)
+        assert not again.replayed
+        assert (await a.in_use(expiry + 0.003)).get(ONE.key) == 1
+
+
 # --- the site-wide queue ----------------------------------------------------------------------
 async def test_waiters_are_served_first_in_first_out_across_servers(store_site):
     async with opened(store_site.new_store()) as a, opened(store_site.new_store()) as b:
