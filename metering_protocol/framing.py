@@ -5,6 +5,7 @@ Kept free of sockets so it can be tested byte by byte and reused by server, agen
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgspec
@@ -14,6 +15,11 @@ from .errors import BadRequest, TooLarge
 DEFAULT_MAX_FRAME_BYTES = 65536
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder()
+# Blank lines, and the blanks a frame starts with, are skipped in one C-level match per run:
+# one Python step per blank line let a peer that sends nothing but newlines keep the event
+# loop busy (0.45 µs a line, 116 ms per 256 KiB read, none of it a bad frame).
+_BLANKS = re.compile(rb"[\r\n \t]+")
+_BLANK_BYTES = frozenset(b"\r\n \t")
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -51,15 +57,24 @@ class FrameDecoder:
         self.overflow: TooLarge | None = None
         self._buffer = bytearray()
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes, max_frames: int | None = None) -> list[bytes]:
+        """The frames complete so far.  `max_frames`: split at most that many, leaving the
+        rest buffered for a later call (`feed(b"")` takes it up): a peer that has not said
+        hello gets no more work done than the few frames it may send before it is closed,
+        however much its read held."""
         if self.overflow is not None:
             return []
         self._buffer += data
         frames: list[bytes] = []
         start = 0
         buf = self._buffer
+        size = len(buf)
         limit = self.max_frame_bytes
-        while True:
+        while max_frames is None or len(frames) < max_frames:
+            if start < size and buf[start] in _BLANK_BYTES:
+                match = _BLANKS.match(buf, start)
+                assert match is not None
+                start = match.end()
             end = buf.find(b"\n", start)
             if end < 0:
                 break
@@ -67,10 +82,11 @@ class FrameDecoder:
                 self.overflow = TooLarge(f"frame of {end - start} bytes exceeds {limit}")
                 buf.clear()
                 return frames
-            line = bytes(buf[start:end]).strip(b"\r \t")
-            if line:
-                frames.append(line)
+            frames.append(bytes(buf[start:end]).rstrip(b"\r \t"))
             start = end + 1
+        else:  # stopped at max_frames: what is left may hold whole frames
+            del buf[:start]
+            return frames
         del buf[:start]
         if len(buf) > limit:
             self.overflow = TooLarge(f"frame exceeds {limit} bytes without a newline")

@@ -195,8 +195,16 @@ class Connection(asyncio.Protocol):
         if self.closing:
             return
         self._last_read = self._loop.time()
-        self._frames.extend(self.decoder.feed(data))
+        self._frames.extend(self.decoder.feed(data, self._frame_budget()))
         self._handle_frames()
+
+    def _frame_budget(self) -> int | None:
+        """Frames to split from what was read: all of them once authenticated; before that
+        the few a peer may send before it is closed (a hello, or bad frames up to the
+        limit), the rest left unsplit (taken up after the hello, `_hello_done`)."""
+        if self.dispatcher.authenticated:
+            return None
+        return self.limits.max_bad_frames_before_hello + 1
 
     def eof_received(self) -> bool:
         # The peer stopped sending: what is in flight is still answered (the transport stays
@@ -361,6 +369,7 @@ class Connection(asyncio.Protocol):
             return
         assert self._transport is not None
         self._transport.resume_reading()
+        self._frames.extend(self.decoder.feed(b"", self._frame_budget()))  # read behind it
         self._handle_frames()
 
     def _hello_due(self) -> None:

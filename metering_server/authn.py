@@ -201,6 +201,12 @@ class Authenticator:
         at once, and in the credentials file when the server may write it — one write for
         all the upgrades of a burst (a whole site reconnecting after an upgrade would
         otherwise rewrite a file of N principals N times)."""
+        if not credentials.needs_upgrade(user):
+            # Another hello of the same principal, verified at the same time, upgraded it:
+            # upgraded again, the record would name that one's digest as the hash replaced,
+            # which the file does not hold - the save found nothing to replace, and every
+            # restart paid scrypt again.
+            return
         self._upgraded[user] = credentials.upgrade(user, token)
         if self.credentials.source is not None and not self._saving:
             self._saving = True

@@ -445,6 +445,22 @@ async def test_a_legacy_scrypt_hash_is_upgraded_to_the_fast_digest_on_first_use(
 
 
 @pytest.mark.asyncio
+async def test_first_hellos_of_one_principal_at_once_still_save_its_upgrade(make_server):
+    """Found by a review: two hellos of a principal still on scrypt (an agent with two
+    connections, a site failing over) both verified and both upgraded; the second recorded
+    the first's digest as the hash it replaced, which the file never held, so the save
+    found nothing to replace and every restart paid scrypt again."""
+    server = await make_server(credentials=CREDS)
+    path = server.config.credentials_path
+    replies = await asyncio.gather(
+        *(try_hello(server.address("tcp"), user="alice", token=ALICE) for _ in range(4))
+    )
+    assert all(isinstance(r, dict) for r in replies)
+    await server.authenticator.flush_upgrades()
+    assert Credentials.load(path).get("alice").token_hash.startswith("sha256$")
+
+
+@pytest.mark.asyncio
 async def test_saving_upgraded_hashes_keeps_a_principal_the_operator_just_added(make_server):
     """add-principal, then an agent on an old hash says hello: the server's write of the
     upgraded hash used to put back the file it had read at start, and the new principal was

@@ -22,6 +22,28 @@ def test_byte_by_byte_feed_yields_the_same_frames():
     assert [decode(f) for f in frames] == [{"a": 1}, {"b": "é"}]
 
 
+def test_a_run_of_blank_lines_is_skipped_whole():
+    """Found by a review: one Python step per blank line let a peer sending only newlines
+    keep the event loop busy; a run of blanks is skipped in one step."""
+    d = FrameDecoder(10)
+    assert d.feed(b"\n" * 1_000_000 + b" \t\r\n  {} \r\n" + b"\r\n" * 1000) == [b"{}"]
+    assert d.pending == 0 and d.overflow is None
+    assert d.feed(b" " * 100) == [] and d.pending == 0  # blanks without a newline: dropped
+
+
+def test_at_most_max_frames_are_split_and_the_rest_waits_for_a_later_feed():
+    """Before hello a connection splits only the few frames a peer may send before it is
+    closed; the rest of its read waits, whole, for `feed(b"")` - even when it is longer
+    than a frame may be."""
+    d = FrameDecoder(8)
+    data = b"".join(b'{"n":%d}\n' % i for i in range(6))
+    assert d.feed(data, max_frames=2) == [b'{"n":0}', b'{"n":1}']
+    assert d.pending == len(data) - 16 and d.overflow is None
+    assert d.feed(b"", max_frames=1) == [b'{"n":2}']
+    assert d.feed(b"") == [b'{"n":3}', b'{"n":4}', b'{"n":5}']
+    assert d.pending == 0
+
+
 def test_oversized_frame_keeps_earlier_frames_then_overflows():
     d = FrameDecoder(10)
     frames = d.feed(b'{"a":1}\n' + b"x" * 20 + b"\n" + b'{"b":2}\n')
