@@ -99,6 +99,8 @@ class Authenticator:
         self._upgraded: dict[str, tuple[str, str]] = {}
         self._saving = False
         self._save_lock = asyncio.Lock()
+        # A principal still on scrypt -> [its hellos' turn, how many hold or wait for it].
+        self._slow_judging: dict[str, list] = {}
         self._tasks = TaskOwner("authn")
 
     def _refused(self, outcome: str) -> None:
@@ -136,6 +138,22 @@ class Authenticator:
                 reason="token and user required",
             )
             raise AuthFailed("hello needs `user` and `token` on this transport")
+        if self.credentials.needs_upgrade(user):
+            # A slow scrypt hash: its hellos are judged one at a time, each after the lock
+            # state the ones before it left.  Judged side by side, every wrong token sent at
+            # once cost its 50 ms of scrypt before the lockout counted any of them.
+            turn = self._slow_judging.setdefault(user, [asyncio.Lock(), 0])
+            turn[1] += 1  # hellos holding or waiting for it: the last one out forgets it
+            try:
+                async with turn[0]:
+                    return await self._judge(user, token, source)
+            finally:
+                turn[1] -= 1
+                if not turn[1]:
+                    del self._slow_judging[user]
+        return await self._judge(user, token, source)
+
+    async def _judge(self, user: str, token: str, source: str) -> Identity:
         pkey, skey, pair = principal_key(user), source_key(source), pair_key(user, source)
         now = self.clock()
         states = await self.store.auth_states([pkey, skey])

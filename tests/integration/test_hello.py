@@ -461,6 +461,30 @@ async def test_first_hellos_of_one_principal_at_once_still_save_its_upgrade(make
 
 
 @pytest.mark.asyncio
+async def test_wrong_tokens_at_once_for_a_scrypt_principal_cost_scrypt_up_to_the_lock(
+    make_server, monkeypatch
+):
+    """Found by a review: the lock was read before hashing, so every wrong token sent at
+    once for a principal still on scrypt cost its 50 ms and 16 MiB before the lockout
+    counted any: 13 runs for 40 tokens with the lock at 3.  Such hellos are now judged one
+    at a time, each after the lock state left by the one before."""
+    server = await make_server(credentials=CREDS, auth={"lockout_threshold": 3})
+    runs: list[int] = []
+    real = credentials_mod._scrypt
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        runs.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(credentials_mod, "_scrypt", counted)
+    replies = await asyncio.gather(
+        *(try_hello(server.address("tcp"), user="alice", token=f"guess-{i}") for i in range(40))
+    )
+    assert sorted({type(r).__name__ for r in replies}) == ["AuthFailed", "LockedOut"]
+    assert len(runs) == 3
+
+
+@pytest.mark.asyncio
 async def test_saving_upgraded_hashes_keeps_a_principal_the_operator_just_added(make_server):
     """add-principal, then an agent on an old hash says hello: the server's write of the
     upgraded hash used to put back the file it had read at start, and the new principal was
