@@ -348,6 +348,21 @@ def _statements(script: str) -> list[str]:
     return statements
 
 
+def _nothing() -> None:
+    return None
+
+
+def _closing() -> StoreBusy:
+    return StoreBusy("store busy: the store is closing; nothing was written")
+
+
+def _refuse(batch: list, error: Exception) -> None:
+    """Writes of a batch that will never run hear `error`."""
+    for _, future, _ in batch:
+        if not future.done():
+            future.set_exception(error)
+
+
 class SQLiteStore(LeaseStore):
     def __init__(self, path: str | Path, busy_timeout_s: float = 30.0):
         self.path = Path(path)
@@ -357,6 +372,8 @@ class SQLiteStore(LeaseStore):
         self._db: sqlite3.Connection | None = None
         self._batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future, _Bulk]] = []
         self._committing = False
+        self._commits_done = 0  # COMMITs the store's thread has completed
+        self._stopping = False  # the committing task was cancelled: stop after this batch
         self._commits = TaskOwner("sqlite-commits")
         self._commit_task: asyncio.Task | None = None
         self._abandoned = False
@@ -404,10 +421,18 @@ class SQLiteStore(LeaseStore):
         return future
 
     async def _commit_batches(self) -> None:
+        """Batches one after another while writes queue.  Cancelled (a shutdown that does
+        not wait), it first learns what the batch under way did and tells its callers, then
+        stops; the writes queued behind it hear `overloaded`, nothing done for them."""
         try:
             while self._batch:
                 batch, self._batch = self._batch, []
-                outcomes = await self._transact([(fn, bulk) for fn, _, bulk in batch])
+                try:
+                    outcomes = await self._transact([(fn, bulk) for fn, _, bulk in batch])
+                except asyncio.CancelledError:
+                    self._stopping = True
+                    _refuse(batch, _closing())
+                    raise
                 for (_, future, _), (ok, value) in zip(batch, outcomes, strict=True):
                     if future.done():
                         continue
@@ -415,8 +440,14 @@ class SQLiteStore(LeaseStore):
                         future.set_result(value)
                     else:
                         future.set_exception(value)
+                if self._stopping:
+                    raise asyncio.CancelledError
         finally:
             self._committing = False
+            if self._stopping:
+                self._stopping = False
+                batch, self._batch = self._batch, []
+                _refuse(batch, _closing())
 
     async def _transact(
         self, items: list[tuple[Callable[[sqlite3.Connection], Any], _Bulk]]
@@ -446,7 +477,15 @@ class SQLiteStore(LeaseStore):
                 self._rollback(db)
                 await self._begin_soon(db)
                 outcomes = self._apply_each_undoable(db, [fn for fn, _ in items])
-            await thread.call(self._commit, db, loop=self._loop)
+            done = self._commits_done
+            try:
+                await thread.call(self._commit_counted, db, loop=self._loop)
+            except asyncio.CancelledError:
+                # The COMMIT runs on regardless: its callers must hear what it did.
+                await self._thread_settled()
+                self._stopping = True
+                if self._commits_done == done:
+                    raise _closing() from None
         except BaseException as exc:  # a failed COMMIT: none of them happened
             with contextlib.suppress(Exception):
                 await thread.call(self._rollback, db)
@@ -695,7 +734,27 @@ class SQLiteStore(LeaseStore):
     async def _begin_soon(self, db: sqlite3.Connection) -> None:
         if not self._begin_now(db):  # another process writes: wait for it off the loop
             assert self._thread is not None
-            await self._thread.call(self._begin, db)
+            try:
+                await self._thread.call(self._begin, db)
+            except asyncio.CancelledError:
+                # The BEGIN waits on for the other process's lock: abandoned, it would leave
+                # the connection in a transaction and hold the file's write lock for good.
+                await self._thread_settled()
+                self._rollback(db)  # the thread is idle now
+                self._stopping = True
+                raise _closing() from None
+
+    async def _thread_settled(self) -> None:
+        """Wait, through cancellations, until the jobs handed to the store's thread ran."""
+        assert self._thread is not None
+        marker = self._thread.call(_nothing, loop=self._loop)
+        while not marker.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(marker)
+
+    def _commit_counted(self, db: sqlite3.Connection) -> None:
+        self._commit(db)
+        self._commits_done += 1
 
     @staticmethod
     def _begin_now(db: sqlite3.Connection) -> bool:

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 
 import pytest
 
 from metering_protocol.errors import LeaseNotFound
 from metering_server.licensing import Pool
-from metering_server.store.base import GrantOutcome, LeaseRecord
+from metering_server.store.base import GrantOutcome, LeaseRecord, StoreBusy
 from metering_server.store.sqlite import SQLiteStore
 from tests.integration.test_store_contract import T0, req
 from tests.stores import opened
+from tests.support import async_wait_until
 
 pytestmark = pytest.mark.asyncio
 BIG = Pool("BIG", "1", 1000, "enforce")
@@ -303,3 +305,71 @@ async def test_a_heartbeat_run_failing_halfway_runs_again_with_each_write_alone(
         assert calls == {"runs": 0, "renew_runs": 1, "each_alone": 1}
         assert outs[0].renewed == [held[0].lease] and outs[2].renewed == [held[2].lease]
         assert isinstance(outs[1], sqlite3.IntegrityError)
+
+
+async def test_a_commit_cancelled_midway_tells_its_callers_what_it_did(tmp_path):
+    """Found by a review: the committing task cancelled while the COMMIT ran on the store's
+    thread (a shutdown that does not wait) told every caller of the batch it failed, though
+    the COMMIT went through: a granted seat held for nobody.  It now waits for the COMMIT,
+    tells its callers, and stops; a write queued behind it is refused, nothing done."""
+    path = tmp_path / "g.db"
+    async with opened(SQLiteStore(path)) as store:
+        committing, release = threading.Event(), threading.Event()
+        real = store._commit
+
+        def held_commit(db: sqlite3.Connection) -> None:
+            committing.set()
+            release.wait(10)
+            real(db)
+
+        store._commit = held_commit
+        first = store.grant(req(BIG))
+        await async_wait_until(committing.is_set, what="the COMMIT to start")
+        queued = store.grant(req(BIG, ("bob", "ws-2")))
+        assert store._commit_task is not None
+        store._commit_task.cancel()
+        release.set()
+        granted = await asyncio.wait_for(first, 10)
+        assert granted.granted
+        with pytest.raises(StoreBusy):
+            await asyncio.wait_for(queued, 10)
+        store._commit = real
+        again = await store.grant(req(BIG, ("carol", "ws-3")))  # the store goes on
+        assert again.granted
+    db = sqlite3.connect(path)
+    leases = {row[0] for row in db.execute("SELECT lease FROM leases")}
+    db.close()
+    assert leases == {granted.lease.lease, again.lease.lease}
+
+
+async def test_a_begin_cancelled_while_another_process_writes_leaves_no_transaction(tmp_path):
+    """Found by a review: cancelled while its BEGIN waited on the store's thread for
+    another process's write lock, the batch returned at once; the BEGIN went through later
+    with nobody to end it, the connection stayed in a transaction and the file's write
+    lock stayed with this process: every other server got `overloaded` for good."""
+    path = tmp_path / "g.db"
+    async with opened(SQLiteStore(path)) as store:
+        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        begun, real_begin = threading.Event(), store._begin
+
+        def begin(db: sqlite3.Connection) -> None:
+            begun.set()
+            real_begin(db)
+
+        store._begin = begin
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            waiting = store.grant(req(BIG))
+            await async_wait_until(begun.is_set, what="the BEGIN to wait for the lock")
+            assert store._commit_task is not None
+            store._commit_task.cancel()
+            other.execute("COMMIT")  # the waiting BEGIN now gets the lock
+            with pytest.raises(StoreBusy):
+                await asyncio.wait_for(waiting, 10)
+            assert store._db is not None and not store._db.in_transaction
+            assert (await store.grant(req(BIG, ("bob", "ws-2")))).granted
+            other.execute("PRAGMA busy_timeout = 2000")
+            other.execute("BEGIN IMMEDIATE")  # the lock is free again for others
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
