@@ -13,6 +13,7 @@ import msgspec
 
 from metering_protocol.address import AddressError, parse_address
 from metering_protocol.config import ConfigError, convert, read_toml, resolve
+from metering_protocol.messages import MAX_USAGE_RECORDS
 from metering_runtime.http import parse_listen
 from metering_runtime.tokens import TokenFileError, read_token_file, require_token_file
 
@@ -69,7 +70,9 @@ class WatchSection(_S):
 
 class UsageSection(_S):
     upload_interval_s: PosF = 30.0  # and at once when a server session is established
-    batch_size: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 500  # records per `usage`
+    # records per `usage` request: at most what one request may carry (more: every batch
+    # refused as a bad frame, and the spool never drained)
+    batch_size: Annotated[int, msgspec.Meta(ge=1, le=MAX_USAGE_RECORDS)] = 500
     batch_max_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 60000  # < servers' max_frame_bytes
 
 

@@ -60,9 +60,15 @@ def withdraw_direct_seat(path: Path | None) -> None:
 
 
 def direct_seats(state_dir: Path) -> set[tuple[int, int | None]]:
-    """(pid, start) of the live processes holding a direct seat; notes of processes gone
-    are removed (a run killed with SIGKILL leaves its note)."""
-    out: set[tuple[int, int | None]] = set()
+    """(pid, start) of the live processes holding a direct seat."""
+    return set(direct_seat_products(state_dir))
+
+
+def direct_seat_products(state_dir: Path) -> dict[tuple[int, int | None], str | None]:
+    """(pid, start) of the live processes holding a direct seat, with its product (in
+    capitals; None from a note that does not say); notes of processes gone are removed (a
+    run killed with SIGKILL leaves its note)."""
+    out: dict[tuple[int, int | None], str | None] = {}
     try:
         notes = list((state_dir / DIRECT_SEATS).glob("*.json"))
     except OSError:
@@ -79,7 +85,15 @@ def direct_seats(state_dir: Path) -> set[tuple[int, int | None]]:
         except ValueError:
             continue
         if pid_alive(pid, start):
-            out.add((pid, start))
+            out[(pid, start)] = _noted_product(note)
         else:
             withdraw_direct_seat(note)
     return out
+
+
+def _noted_product(note: Path) -> str | None:
+    try:
+        product = json.loads(note.read_text()).get("product")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return product.upper() if isinstance(product, str) else None

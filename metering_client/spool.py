@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from metering_client.programs import pid_alive
 from metering_client.usage import BadRecord, UsageRecord, decode, encode, new_record, wire_size
 from metering_protocol.timefmt import rfc3339
 from metering_runtime.durable import write_atomic, write_atomic_async
@@ -159,6 +160,10 @@ class Spool:
         their end if they are gone by then."""
         stamp = rfc3339(now)
         for record in [r for r in self.records.values() if r.running]:
+            # Each write waits its turn: a record discarded or closed meanwhile (a seat
+            # yielded, a run ended) must not be written back as running.
+            if self.records.get(record.record_id) is not record or not record.running:
+                continue
             record.ended_at = stamp
             await self.put(record)
 
@@ -273,6 +278,16 @@ class HeldSeat(Protocol):
     product: str
     version: str
     user: str
+    pid: int | None
+    pid_start: int | None
+    detached: bool
+
+
+def _program_gone(seat: HeldSeat) -> bool:
+    """A seat held for a program that died while the agent was down (the agent checks it in
+    at once): its run ended at the last time it was seen, not now - the time the agent was
+    down is never billed."""
+    return not seat.detached and not pid_alive(seat.pid, seat.pid_start)
 
 
 class UsageLog:
@@ -331,7 +346,7 @@ class UsageLog:
         for record in running:
             if record.source == "watch" and watching:
                 handed.append(record)
-            elif record.handle is not None and record.handle in held:
+            elif record.handle in held and not _program_gone(held[record.handle]):
                 self.by_handle[record.handle] = record
             else:
                 record.running = False  # ended_at: the last time it was seen going on

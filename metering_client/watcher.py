@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from metering_client.config import WatchSection
-from metering_client.programs import direct_seats, pid_start
+from metering_client.programs import direct_seat_products, pid_start
 from metering_client.spool import Spool
 from metering_client.usage import UsageRecord, new_record
 from metering_protocol.errors import (
@@ -423,7 +423,8 @@ class Watcher:
         self.runs: dict[ProcKey, Run] = {}  # watched process -> its run
         self.groups: dict[tuple[str, tuple[str, str]], Run] = {}  # (user, product) -> run
         self.handles: set[str] = set()  # the keeper's seats the watcher holds
-        self.covered: set[ProcKey] = set()  # programs holding their own seat (local API)
+        # Programs holding their own seat (local API) -> their product, in capitals.
+        self.covered: dict[ProcKey, str] = {}
         self.stopping: dict[ProcKey, Proc] = {}  # programs stopped for want of a seat
         self._nomatch: dict[ProcKey, tuple[Any, ...]] = {}  # checked, not watched
         self._last_connected = clock()
@@ -557,11 +558,12 @@ class Watcher:
             self._exited(key, now)
         for key in [k for k in self.stopping if k not in alive]:
             del self.stopping[key]
-        self.covered &= alive.keys()
+        self.covered = {k: v for k, v in self.covered.items() if k in alive}
         self._nomatch = {k: v for k, v in self._nomatch.items() if k in alive}
         api = self._api_seats()
-        for key in [k for k in self.covered if not self._holds_own_seat(alive[k], procs, api)]:
-            self.covered.discard(key)  # its seat went away (e.g. `run` killed): watch it now
+        for key, name in list(self.covered.items()):
+            if not self._holds_own_seat(alive[key], procs, api, name):
+                del self.covered[key]  # its seat went away (e.g. `run` killed): watch it now
         if self.catalogue:
             # Parents before the processes they forked, so that a forked child finds its
             # parent's run (oldest first; pids break ties).
@@ -576,14 +578,14 @@ class Watcher:
                 product = match(self.catalogue, proc, lambda p=proc: self.table.argv(p))
                 if product is None:
                     self._nomatch[key] = seen
-                elif self._holds_own_seat(proc, procs, api):
-                    self.covered.add(key)
+                elif self._holds_own_seat(proc, procs, api, product.product):
+                    self.covered[key] = product.product.upper()
                     log.debug("program_holds_its_own_seat", pid=proc.pid, product=product.product)
                 else:
                     self._started(proc, product, now)
         for run in self._live_runs():
             if run.state == "seated" and any(
-                self._holds_own_seat(p, procs, api) for p in run.procs.values()
+                self._holds_own_seat(p, procs, api, run.product.product) for p in run.procs.values()
             ):
                 self._yield_seat(run)
             elif run.state == "unseated" and not run.revoked:
@@ -611,25 +613,35 @@ class Watcher:
             node = procs.get(node.ppid)
         return False
 
-    def _api_seats(self) -> set[ProcKey]:
+    def _api_seats(self) -> dict[ProcKey, set[str | None]]:
         """(pid, start) of the programs holding seats through the local API, or straight
-        from the servers (a `run` begun while the agent was down: `direct_seats`)."""
-        out: set[ProcKey] = set(direct_seats(self.direct_dir)) if self.direct_dir else set()
+        from the servers (a `run` begun while the agent was down: `direct_seats`), with the
+        products of those seats (in capitals; None: a note that does not say)."""
+        out: dict[ProcKey, set[str | None]] = {}
+        if self.direct_dir:
+            for key, name in direct_seat_products(self.direct_dir).items():
+                out.setdefault(key, set()).add(name)
         for held in self.keeper.held.values():
             if held.handle not in self.handles and held.pid is not None:
-                out.add((held.pid, held.pid_start))
+                out.setdefault((held.pid, held.pid_start), set()).add(held.product.upper())
         return out
 
     @staticmethod
-    def _holds_own_seat(proc: Proc, procs: Mapping[int, Proc], api: set[ProcKey]) -> bool:
-        """The process, or one of its parents, holds a seat through the local API."""
+    def _holds_own_seat(
+        proc: Proc, procs: Mapping[int, Proc], api: Mapping[ProcKey, set[str | None]], product: str
+    ) -> bool:
+        """The process, or one of its parents, holds a seat of `product` through the local
+        API.  Of that product only: a shell started by `run REPORT` that starts CLOCK.EXE
+        must not run it unseated (nor have the watcher's seat and record of it dropped)."""
         if not api:
             return False
+        name = product.upper()
         node: Proc | None = proc
         for _ in range(64):
             if node is None:
                 return False
-            if (node.pid, node.start) in api or (node.pid, None) in api:
+            held = api.get((node.pid, node.start), set()) | api.get((node.pid, None), set())
+            if name in held or None in held:
                 return True
             if node.ppid <= 1:
                 return False
@@ -920,7 +932,7 @@ class Watcher:
         )
         for key in list(run.procs):
             self.runs.pop(key, None)
-            self.covered.add(key)
+            self.covered[key] = run.product.product.upper()
         run.procs.clear()
         run.state = "ended"
         self._forget_group(run)

@@ -157,3 +157,17 @@ def test_a_changed_site_list_needs_a_higher_servers_version(tmp_path):
             check_servers_version(new, running)
         assert str(err.value).startswith(f"{path}: site.servers_version: "), str(err.value)
         assert problem in str(err.value)
+
+
+def test_a_usage_batch_larger_than_one_request_may_carry_is_a_config_error(tmp_path):
+    """Found by a review: `usage.batch_size` up to 100,000 was accepted, but a request
+    carries at most 1,000 records: every batch was refused and the spool never drained."""
+    config = {
+        "client": {"name": "ws-1", "user": "ws", "token_file": str(tmp_path / "token")},
+        "servers": {"list": ["tcp://127.0.0.1:7001"]},
+        "usage": {"batch_size": 1001},
+    }
+    with pytest.raises(ConfigError, match=r"client\.toml: usage\.batch_size: .*<= 1000"):
+        build_client_config(config, tmp_path / "client.toml")
+    config["usage"]["batch_size"] = 1000
+    assert build_client_config(config, tmp_path / "client.toml").usage.batch_size == 1000

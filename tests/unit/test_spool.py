@@ -4,9 +4,11 @@ Real files in a temp dir; a full disk is os.write raising ENOSPC for the spool's
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -219,8 +221,23 @@ async def test_touch_open_moves_the_last_seen_time_of_open_runs_only(spool, tmp_
 
 
 # --- records of seats taken through the local API -------------------------------------------------
-def seat(handle: str, user: str = "alice") -> SimpleNamespace:
-    return SimpleNamespace(handle=handle, product="CLOCK.EXE", version="4.00", user=user)
+def seat(handle: str, user: str = "alice", pid: int | None = None) -> SimpleNamespace:
+    """A seat held for a program: by default this (running) process."""
+    return SimpleNamespace(
+        handle=handle,
+        product="CLOCK.EXE",
+        version="4.00",
+        user=user,
+        pid=os.getpid() if pid is None else pid,
+        pid_start=None,
+        detached=False,
+    )
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
 
 
 @pytest.mark.asyncio
@@ -261,3 +278,38 @@ async def test_after_a_restart_runs_gone_are_closed_at_last_seen_and_held_seats_
     # A seat the journal kept but no record names (died between checkout and record).
     [new] = [r for r in spool.records.values() if r.handle == "L4"]
     assert new.running and new.user == "bob" and new.started_at == rfc3339(T0 + 1000)
+
+
+@pytest.mark.asyncio
+async def test_a_seat_whose_program_died_while_the_agent_was_down_ends_at_last_seen(spool):
+    """Found by a review: after a power cut the journal still held the seat of a program
+    that was gone; its record was kept open and closed when the agent checked the seat in,
+    at the restart: eight hours down billed as use."""
+    usage = UsageLog(spool, "ws-1", wall=lambda: T0 + 8 * 3600)
+    died = record(1, running=True, handle="L1")
+    died.source = "api"
+    await spool.put(died)
+    held = {"L1": seat("L1", pid=dead_pid())}
+    assert await usage.recover([died], held, watching=True) == []
+    assert not died.running and died.ended_at == rfc3339(T0 + 11)  # last seen, not now
+    del held["L1"]  # the agent checks the dead program's seat in
+    await usage.seats_changed(held)
+    assert died.ended_at == rfc3339(T0 + 11)
+    assert [r.handle for r in spool.records.values() if r.running] == []
+
+
+@pytest.mark.asyncio
+async def test_refreshing_open_runs_does_not_bring_back_one_discarded_meanwhile(spool):
+    """Found by a review: `touch_open` wrote the open records one after another from a list
+    made first; one discarded while it wrote another (a seat yielded to the program's own)
+    was written back as running, and uploaded after the next restart beside the program's
+    own record."""
+    first, second, third = (record(n, running=True) for n in (1, 2, 3))
+    for rec in (first, second, third):
+        await spool.put(rec)
+    touching = asyncio.ensure_future(spool.touch_open(T0 + 600))
+    await asyncio.sleep(0)  # it writes the first record now
+    await asyncio.gather(spool.discard(third.record_id), touching)
+    assert third.record_id not in spool.records
+    assert not spool.path(third.record_id).exists()
+    assert spool.records[second.record_id].ended_at == rfc3339(T0 + 600)

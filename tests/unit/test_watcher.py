@@ -391,6 +391,36 @@ async def test_a_program_that_takes_its_own_seat_later_gives_the_watchers_back(e
 
 
 @pytest.mark.asyncio
+async def test_a_parents_seat_of_another_product_does_not_cover_a_watched_program(env):
+    """Found by a review: a seat held through the local API by any ancestor counted as the
+    program's own, whatever its product: from a shell started by `run REPORT`, CLOCK.EXE
+    ran unseated and unrecorded."""
+    env.keeper.held["A1"] = Held("A1", "REPORT", "1", "alice", pid=50, pid_start=1)
+    env.table.add(50, exe="python3", comm="metering-client")
+    env.table.add(60, exe="bash", ppid=50)
+    env.table.add(100, ppid=60)
+    await env.scan()
+    assert len(env.keeper.checkouts) == 1
+    [rec] = env.records()
+    assert rec.product == "CLOCK.EXE"
+
+
+@pytest.mark.asyncio
+async def test_a_parent_taking_a_seat_of_another_product_keeps_the_watched_run(env):
+    """The same check gave the watcher's seat back and discarded the run's record (an hour
+    of use, never uploaded) when the parent shell took a seat of an unrelated product."""
+    env.table.add(50, exe="bash")
+    env.table.add(100, ppid=50)
+    await env.scan()
+    [watch_record] = env.records()
+    await env.scan(advance=3600)
+    env.keeper.held["A1"] = Held("A1", "REPORT", "1", "alice", pid=50, pid_start=1)
+    await env.scan()
+    assert env.keeper.checkins == []
+    assert watch_record.record_id in env.spool.records
+
+
+@pytest.mark.asyncio
 async def test_an_unknown_product_is_logged_once_and_the_program_runs(env):
     env.keeper.answer = UnknownProduct("no product")
     env.table.add(100)
