@@ -273,8 +273,8 @@ class Agent:
                     log.info("program_gone_checking_in", lease=held.handle, pid=held.pid)
                     try:
                         await self.keeper.checkin(held.handle)
-                    except MeteringError as exc:
-                        log.warning("checkin_failed_will_retry", lease=held.handle, error=str(exc))
+                    except MeteringError as exc:  # no server took it: its TTL frees the seat
+                        log.warning("checkin_failed", lease=held.handle, error=str(exc))
                     except OSError as exc:  # journal write; the next round tries again
                         log.error("lease_journal_write_failed", error=str(exc))
             await asyncio.sleep(REAP_INTERVAL_S)
