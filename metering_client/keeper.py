@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
@@ -325,6 +326,10 @@ class LeaseKeeper:
                 "version": held.version,
                 "user": held.user,
                 "lease": held.lease,
+                # A lease gone by now comes back as a fresh seat.  Should that reply be lost
+                # (the server dies before it), the reclaim asked again elsewhere is handed
+                # the same fresh seat by this key, not a second one.
+                "idempotency_key": reclaim_key(held.lease),
             }
             reply = await session.request(
                 "checkout", timeout=self.request_timeout, **seat_fields(session, fields)
@@ -688,6 +693,12 @@ class LeaseKeeper:
             "servers": conn.servers,
             "error": None if err is None else {"code": err.code, "message": err.message},
         }
+
+
+def reclaim_key(lease: str) -> str:
+    """A reclaim's idempotency key: the same for every attempt at one lease, clean and short
+    whatever a server's lease ids look like."""
+    return "R" + hashlib.sha256(lease.encode()).hexdigest()[:40]
 
 
 def seat_fields(session: Session, fields: dict[str, Any]) -> dict[str, Any]:

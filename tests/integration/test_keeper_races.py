@@ -4,6 +4,7 @@ checked in, and failover among servers that take a hello but fault every request
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -257,3 +258,45 @@ async def test_the_background_reconnect_reaches_the_third_server(make_server, tm
         await keeper.stop()
         for b in busy:
             b.close()
+
+
+@pytest.mark.asyncio
+async def test_a_fresh_seat_from_a_reclaim_whose_reply_was_lost_is_not_taken_twice(
+    make_server, tmp_path
+):
+    """Found by a review: a reclaim of a lease that had expired is granted a fresh seat; its
+    server died before the reply, and the reclaim asked again on the next server took a
+    second fresh seat: two for one program until a TTL.  A reclaim carries a key of its
+    lease, so the next server hands it the same fresh seat."""
+    clock = FakeClock()
+    a = await make_server(name="srv-a", products=PRODUCTS, credentials=CREDS, clock=clock)
+    b = await make_server(name="srv-b", products=PRODUCTS, credentials=CREDS, clock=clock)
+    keeper = make_keeper(tmp_path, [a.address("tcp"), b.address("tcp")])
+    try:
+        held, _ = await keeper.checkout("A", "1", user="alice")
+        assert keeper.session is not None and keeper.session.server == "srv-a"
+        clock.advance(120)  # the lease expires (the agent was suspended, say)
+        store, real = a.seats.store, a.seats.store.grant
+
+        async def granted_then_server_lost(req):
+            outcome = await real(req)  # the fresh seat, committed
+            for conn in list(a.endpoint.connections):
+                conn.abort()  # ... and the reply never leaves
+            return outcome
+
+        async def died(*args: object) -> None:  # a server killed -9 gives nothing back
+            return None
+
+        store.grant = granted_then_server_lost
+        a.seats._undo = died
+        session = keeper.session
+        with contextlib.suppress(MeteringError):
+            await keeper._reclaim(session, held)  # as a heartbeat's `lost` would
+        store.grant = real
+        session = await keeper.ensure_session()  # fails over to srv-b, reclaims there
+        assert session.server == "srv-b"
+        assert await in_use(b) == 1  # one seat for the one program
+        [lease] = await b.store.leases(clock())
+        assert keeper.held[held.handle].lease == lease.lease
+    finally:
+        await keeper.stop()
