@@ -213,13 +213,25 @@ def parse_time(text: str, field: str) -> float:
         try:
             dt = datetime.fromisoformat(text.upper().replace("Z", "+00:00").replace(" ", "T"))
             if not leap:
-                return dt.timestamp()
+                return _in_range(dt.timestamp(), field)
             utc = dt.astimezone(UTC)
             if (utc.hour, utc.minute) == (23, 59):
-                return dt.timestamp() + 1 - dt.microsecond / 1e6
+                return _in_range(dt.timestamp() + 1 - dt.microsecond / 1e6, field)
         except ValueError:
             pass
     raise BadRequest(f"{field}: expected an RFC 3339 UTC time like 2024-05-01T12:00:00Z")
+
+
+# The instants a UTC time can be written for (years 1 to 9999): an offset or a leap second
+# can name one outside them, which every reply that echoes the time then failed to write.
+_FIRST = datetime(1, 1, 1, tzinfo=UTC).timestamp()
+_END = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp() + 1
+
+
+def _in_range(stamp: float, field: str) -> float:
+    if not _FIRST <= stamp < _END:
+        raise BadRequest(f"{field}: outside the years 1 to 9999 in UTC")
+    return stamp
 
 
 def parse_usage_record(raw: Any) -> UsageRecord:

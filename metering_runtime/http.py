@@ -3,13 +3,15 @@
 Two read-only paths do not justify a web framework, and prometheus-client's own server is
 a thread that could not answer /healthz from the daemon's state.  This one runs on the
 daemon's event loop, answers GET and HEAD only, closes every connection after one reply,
-and bounds what a client can make it hold: an 8 KiB request head read within 5 s.
+and bounds what a client can make it hold: an 8 KiB request head, the whole exchange
+(reading, answering, writing) within 15 s, and 64 connections at once - past that a new one
+is closed unanswered (a scraper or a health check opens one at a time; without a cap, idle
+sockets held the daemon's file descriptors, which its protocol listener needs too).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -20,6 +22,8 @@ log = get_logger("metering.http")
 
 MAX_HEAD = 8192
 READ_TIMEOUT_S = 5.0
+EXCHANGE_TIMEOUT_S = 15.0  # a /metrics behind a stalled store, a client that does not read
+MAX_CONNECTIONS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +52,7 @@ class HttpEndpoint:
         self.routes = routes
         self._server: asyncio.Server | None = None
         self.address: Address | None = None
+        self.open = 0  # connections being served
 
     async def start(self, listen: str) -> None:
         """`listen` is HOST:PORT (port 0 picks a free one: see `address`)."""
@@ -62,17 +67,13 @@ class HttpEndpoint:
             await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.open >= MAX_CONNECTIONS:
+            writer.transport.abort()
+            return
+        self.open += 1
         try:
-            async with asyncio.timeout(READ_TIMEOUT_S):
-                head = await reader.readuntil(b"\r\n\r\n")
-            method, path = _request_line(head)
-            if method not in ("GET", "HEAD"):
-                response = Response(405, b"only GET\n")
-            else:
-                route = self.routes.get(path.split("?", 1)[0])
-                response = await route() if route else Response(404, b"not found\n")
-            writer.write(_encode(response, head_only=method == "HEAD"))
-            await writer.drain()
+            async with asyncio.timeout(EXCHANGE_TIMEOUT_S):
+                await self._exchange(reader, writer)
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
             pass  # a client that cannot say GET in 8 KiB and 5 s gets nothing
         except ConnectionError:
@@ -80,9 +81,25 @@ class HttpEndpoint:
         except Exception:
             log.exception("http_request_failed")
         finally:
+            self.open -= 1
             writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            try:
+                async with asyncio.timeout(1.0):
+                    await writer.wait_closed()
+            except Exception:  # a peer that reads nothing: its reply is dropped
+                writer.transport.abort()
+
+    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async with asyncio.timeout(READ_TIMEOUT_S):
+            head = await reader.readuntil(b"\r\n\r\n")
+        method, path = _request_line(head)
+        if method not in ("GET", "HEAD"):
+            response = Response(405, b"only GET\n")
+        else:
+            route = self.routes.get(path.split("?", 1)[0])
+            response = await route() if route else Response(404, b"not found\n")
+        writer.write(_encode(response, head_only=method == "HEAD"))
+        await writer.drain()
 
 
 def _request_line(head: bytes) -> tuple[str, str]:

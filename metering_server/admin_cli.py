@@ -526,14 +526,24 @@ def _when(text: str, option: str, *, end_of_day: bool = False) -> float:
         if len(text) == 10:
             day = date.fromisoformat(text)
             start = datetime(day.year, day.month, day.day, tzinfo=UTC)
-            return (start + timedelta(days=1 if end_of_day else 0)).timestamp()
-        return parse_rfc3339(text)
+            when = (start + timedelta(days=1 if end_of_day else 0)).timestamp()
+        else:
+            when = parse_rfc3339(text)
     except ValueError:
         raise AdminError(
             f"report: {option} {text!r}: expected an RFC 3339 time "
             f"(2024-05-01T12:00:00Z) or a date (2024-05-01)",
             EX_USAGE,
         ) from None
+    except OverflowError:
+        when = float("inf")
+    try:
+        rfc3339(when)  # the report's head writes it: years 1 to 9999 in UTC only
+    except (ValueError, OverflowError):
+        raise AdminError(
+            f"report: {option} {text!r}: outside the years 1 to 9999 in UTC", EX_USAGE
+        ) from None
+    return when
 
 
 REPORT_DEFAULT_DAYS = 7

@@ -145,6 +145,9 @@ class ServerMetrics:
             self._count(event)
         self.sessions_gauge.set(self.sessions())
         self.draining.set(1 if draining else 0)
+        # The pools of the catalogue as it is now: a pool a reload removed or re-keyed must
+        # not go on reporting its last seats and use for the life of the process.
+        self.seats_total.clear()
         for pool in self.seats.catalogue.pools:
             self.seats_total.labels(*pool.key).set(pool.seats)
         try:
@@ -153,6 +156,8 @@ class ServerMetrics:
             self.store_up.set(0)
             return False
         self.store_up.set(1)
+        self.in_use.clear()
+        self.waiters.clear()
         for s in status:
             self.in_use.labels(*s.pool.key).set(s.in_use)
             self.waiters.labels(*s.pool.key).set(s.queued)

@@ -504,13 +504,16 @@ def add_principal(path: str | os.PathLike[str], name: str, role: str) -> str:
 def _write(path: Path, principals: Iterable[Principal]) -> None:
     """Durable, mode 0600 whatever the umask (digests are not tokens, but no one else needs
     them), and owned as before: `add-principal` run as root must not leave a file the
-    `metering` service user can no longer read."""
+    `metering` service user can no longer read — as its owner, or through its group when the
+    file was `root:metering 0640` (the service reads it, cannot write it: upgraded hashes go
+    to its state dir), whose group read is kept."""
     try:
         owner = path.stat()
     except FileNotFoundError:
         owner = None
+    mode = 0o600 | (owner.st_mode & 0o040 if owner is not None else 0)
     try:
-        write_atomic(path, _render(principals).encode("utf-8"), mode=0o600)
+        write_atomic(path, _render(principals).encode("utf-8"), mode=mode)
         if owner is not None and (owner.st_uid, owner.st_gid) != (os.getuid(), os.getgid()):
             os.chown(path, owner.st_uid, owner.st_gid)
     except OSError as exc:

@@ -4,6 +4,7 @@ changes; the exposition is checked with promtool where it is installed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -160,3 +161,61 @@ async def test_agent_metrics_show_its_leases_and_server(make_server, tmp_path):
     finally:
         await agent.stop()
         shutil.rmtree(short, ignore_errors=True)
+
+
+@pytest.mark.asyncio
+async def test_a_pool_a_reload_removed_leaves_the_metrics(tmp_path):
+    """Found by a review: a reload that removed or re-keyed a pool left its seats and use
+    gauges at their last values for the life of the process (capacity dashboards and their
+    alerts read a product that was gone)."""
+    from tests.integration.test_reload import Reloadable
+
+    reloadable = Reloadable(tmp_path)
+    old = [{"name": "CLOCK.EXE", "version": "4.00", "seats": 2, "mode": "enforce"}]
+    new = [{"name": "TIMER.EXE", "version": "1.0", "seats": 5, "mode": "enforce"}]
+    listen = {"listen": "127.0.0.1:0"}
+    server = await reloadable.start(products=old, metrics=listen)
+    client = await reloadable.client()
+    try:
+        await client.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00")
+        clock = (("product", "CLOCK.EXE"), ("version", "4.00"))
+        timer = (("product", "TIMER.EXE"), ("version", "1.0"))
+        got = samples((await http_get(server.http.address, "/metrics"))[1])
+        assert got[("metering_seats", clock)] == 2 and got[("metering_seats_in_use", clock)] == 1
+        await reloadable.reload(products=new, metrics=listen)
+        got = samples((await http_get(server.http.address, "/metrics"))[1])
+        assert ("metering_seats", clock) not in got
+        assert ("metering_seats_in_use", clock) not in got
+        assert got[("metering_seats", timer)] == 5 and got[("metering_seats_in_use", timer)] == 0
+    finally:
+        await client.close()
+        await server.shutdown(timeout=2.0)
+
+
+@pytest.mark.asyncio
+async def test_the_http_endpoint_holds_a_bounded_number_of_connections(make_server):
+    """Found by a review: every connection to /metrics and /healthz was held, each with a
+    task and a file descriptor, until its 5 s read timeout: idle sockets could take the
+    descriptors the protocol listener needs.  Past the cap a new one is closed at once."""
+    from metering_runtime.http import MAX_CONNECTIONS
+
+    server = await make_server(metrics={"listen": "127.0.0.1:0"})
+    address = server.http.address
+    idle = [await asyncio.open_connection(address.host, address.port) for _ in range(80)]
+    try:
+        await async_wait_until(
+            lambda: server.http.open == MAX_CONNECTIONS, what="the cap to be reached"
+        )
+        refused = 0
+        for reader, _ in idle:  # the ones held time out here; the others were closed
+            with contextlib.suppress(asyncio.TimeoutError):
+                try:
+                    refused += await asyncio.wait_for(reader.read(), 0.05) == b""
+                except ConnectionError:
+                    refused += 1
+        assert refused == 80 - MAX_CONNECTIONS
+    finally:
+        for _, writer in idle:
+            writer.close()
+    await async_wait_until(lambda: server.http.open == 0, what="the idle ones to go")
+    assert (await http_get(address, "/healthz"))[0] == 200

@@ -201,7 +201,7 @@ def test_a_legacy_scrypt_hash_verifies_and_is_upgraded_on_first_use(tmp_path, sc
     assert again.get("old").token_hash.startswith("sha256$") and not again.needs_upgrade("old")
     assert again.authenticate("old", "old-token") is not None
     assert again.get("old").roles == {"agent"}
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640  # written 0644: the world's read goes
 
 
 def test_saving_upgrades_keeps_what_the_operator_changed_since_the_load(tmp_path, scrypt_calls):
@@ -349,7 +349,21 @@ def test_add_principal_keeps_tokenless_and_multi_role_entries(tmp_path):
     add_principal(path, "x", "user")
     peer = Credentials.load(path).get("peer")
     assert peer == Principal("peer", frozenset({"admin", "user"}), None)
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640  # no longer world-readable
+
+
+def test_add_principal_keeps_the_group_read_a_read_only_service_needs(tmp_path):
+    """Found by a review: a file `root:metering 0640` (the service reads it and cannot
+    write it; its upgraded hashes go to its state dir) came back 0600 from `add-principal`
+    run as root, and the service's next reload or start could not read it."""
+    path = tmp_path / "credentials.toml"
+    add_principal(path, "alice", "user")
+    path.chmod(0o640)
+    add_principal(path, "bob", "agent")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    path.chmod(0o600)
+    add_principal(path, "carol", "agent")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600  # nothing added
 
 
 @pytest.mark.parametrize("name", ['qu"ote', "back\\slash", "ünïcödé", "a" * 128])

@@ -2,6 +2,8 @@ import pytest
 
 from metering_protocol.errors import BadRequest, MeteringError
 from metering_protocol.messages import MAX_ID, Checkout, parse_request, parse_time, request_id
+from metering_runtime.exitcodes import EX_USAGE
+from metering_server.admin_cli import AdminError, _when
 
 
 def test_checkout_parses_with_defaults():
@@ -118,3 +120,25 @@ def test_rfc3339_times_rfc3339_allows(text, epoch):
 def test_a_second_60_is_refused_but_at_the_end_of_a_utc_day(text):
     with pytest.raises(BadRequest, match="RFC 3339"):
         parse_time(text, "t")
+
+
+@pytest.mark.parametrize(
+    "text", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:60Z", "9999-12-31T23:59:59-00:01"]
+)
+def test_a_time_outside_the_years_one_to_9999_in_utc_is_a_bad_request(text):
+    """Found by a review: an offset or a leap second named an instant outside the years a
+    UTC time can be written for; `report` accepted it and failed writing its reply's head
+    (`internal_error`)."""
+    with pytest.raises(BadRequest, match="since: outside the years 1 to 9999"):
+        parse_time(text, "since")
+    assert parse_time("0001-01-01T00:00:00Z", "since") == -62135596800.0
+    assert parse_time("9999-12-31T23:59:59Z", "since") == 253402300799.0
+
+
+@pytest.mark.parametrize(
+    ("text", "end_of_day"), [("9999-12-31", True), ("0001-01-01T00:00:00+01:00", False)]
+)
+def test_metering_admin_report_refuses_such_a_time_as_a_usage_error(text, end_of_day):
+    with pytest.raises(AdminError, match="outside the years 1 to 9999") as info:
+        _when(text, "--until", end_of_day=end_of_day)
+    assert info.value.code == EX_USAGE
