@@ -139,7 +139,8 @@ def test_add_principal_via_server_config_then_reload_over_unix_socket(site):
     assert token not in site.added.stderr
     text = site.credentials.read_text(encoding="utf-8")
     assert token not in text and 'name = "ops"' in text
-    assert stat.S_IMODE(site.credentials.stat().st_mode) == 0o600
+    # the owner's read and write, the group's read if it had it (b06da73), no one else's
+    assert stat.S_IMODE(site.credentials.stat().st_mode) & ~0o040 == 0o600
     creds = Credentials.load(site.credentials)
     assert creds.get("ops").roles == {"admin"}
     assert creds.get("ws") is not None and creds.get("alice") is not None  # others kept
