@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from metering_client.config import ClientConfig, build_client_config
+from metering_client.connector import Connector
+from metering_client.keeper import HeldLease, LeaseKeeper
+from metering_client.serverlist import ServerList
 from metering_protocol.address import parse_address
 from metering_server.auth.credentials import hash_token
 
@@ -110,6 +113,32 @@ def agent_config(
             **sections,
         },
         tmp_path / "client.toml",
+    )
+
+
+def keeper_for(
+    tmp_path: Path,
+    addresses: list[str],
+    *,
+    on_lost: Callable[[HeldLease, str], None] | None = None,
+    **servers: Any,
+) -> LeaseKeeper:
+    """A lease keeper for client `ws-1` authenticating as principal `ws` with token
+    `secret-ws`, on `addresses` (fast retries; `servers` keys override)."""
+    config = build_client_config(
+        {
+            "client": {
+                "name": "ws-1",
+                "user": "ws",
+                "token_file": str(write_token(tmp_path / "token", "secret-ws")),
+                "state_dir": str(tmp_path / "state"),
+            },
+            "servers": {"list": addresses, "retries": 2, "retry_interval_ms": 10, **servers},
+        },
+        tmp_path / "client.toml",
+    )
+    return LeaseKeeper(
+        Connector(config, ServerList(config.servers.addresses, None)), on_lost=on_lost
     )
 
 

@@ -7,40 +7,21 @@ import asyncio
 import contextlib
 
 import pytest
+import pytest_asyncio
 
-from metering_client.config import build_client_config
-from metering_client.connector import Connector
-from metering_client.keeper import HeldLease, LeaseKeeper
-from metering_client.serverlist import ServerList
+from metering_client.keeper import HeldLease
 from metering_protocol.errors import MeteringError
 from tests.conftest import hello
 from tests.integration.test_keeper_reclaim_fault import _overloaded_on_checkout
 from tests.integration.test_leases import FakeClock
-from tests.support import async_wait_until, write_token
+from tests.support import async_wait_until, keeper_for
 
 PRODUCTS = [{"name": "A", "version": "1", "seats": 2, "mode": "enforce"}]
 CREDS = {"ws": (["agent"], "secret-ws"), "admin": (["admin"], "secret-admin")}
 
 
 def make_keeper(tmp_path, addresses):
-    config = build_client_config(
-        {
-            "client": {
-                "name": "ws-1",
-                "user": "ws",
-                "token_file": str(write_token(tmp_path / "token", "secret-ws")),
-                "state_dir": str(tmp_path / "state"),
-            },
-            "servers": {
-                "list": addresses,
-                "retries": 2,
-                "retry_interval_ms": 10,
-                "request_timeout_ms": 3000,
-            },
-        },
-        tmp_path / "client.toml",
-    )
-    return LeaseKeeper(Connector(config, ServerList(config.servers.addresses, None)))
+    return keeper_for(tmp_path, addresses, request_timeout_ms=3000)
 
 
 async def in_use(server) -> int:
@@ -135,28 +116,10 @@ async def test_a_lease_checked_in_while_moving_back_is_not_kept(make_server, tmp
         await keeper.stop()
 
 
-def config_for(tmp_path, addresses):
-    return build_client_config(
-        {
-            "client": {
-                "name": "ws-1",
-                "user": "ws",
-                "token_file": str(write_token(tmp_path / "token", "secret-ws")),
-            },
-            "servers": {
-                "list": addresses,
-                "retries": 2,
-                "retry_interval_ms": 10,
-                "request_timeout_ms": 1000,
-                "connect_timeout_ms": 1000,
-            },
-        },
-        tmp_path / "client.toml",
-    )
-
-
-@pytest.mark.asyncio
-async def test_a_reclaim_faulting_on_two_servers_goes_on_to_the_third(make_server, tmp_path):
+@pytest_asyncio.fixture
+async def faulting_site(make_server):
+    """srv-c, which serves, after two servers that take a hello but answer every checkout
+    `overloaded`: the addresses in the order the agent is given them, and srv-c."""
     good = await make_server(
         name="srv-c",
         products=[{"name": "A", "version": "1", "seats": 1}],
@@ -164,13 +127,29 @@ async def test_a_reclaim_faulting_on_two_servers_goes_on_to_the_third(make_serve
     )
     busy = [await asyncio.start_server(_overloaded_on_checkout, "127.0.0.1", 0) for _ in "ab"]
     addrs = [f"tcp://127.0.0.1:{b.sockets[0].getsockname()[1]}" for b in busy]
-    c = await hello(good.address("tcp"), client="ws-1", user="ws", token="secret-ws")
+    try:
+        yield [*addrs, good.address("tcp")], good
+    finally:
+        for b in busy:
+            b.close()
+
+
+async def lease_held_on(server) -> HeldLease:
+    """A lease client ws-1 holds on `server`, as the keeper's journal would give it back."""
+    c = await hello(server.address("tcp"), client="ws-1", user="ws", token="secret-ws")
     lease = (await c.request("checkout", timeout=5, product="A", version="1"))["lease"]
     await c.close()
-    config = config_for(tmp_path, [*addrs, good.address("tcp")])
-    connector = Connector(config, ServerList(config.servers.addresses, None))
-    keeper = LeaseKeeper(connector)
-    keeper.adopt(HeldLease(handle=lease, lease=lease, product="A", version="1", user="ws"))
+    return HeldLease(handle=lease, lease=lease, product="A", version="1", user="ws")
+
+
+FAST_FAULTS = {"request_timeout_ms": 1000, "connect_timeout_ms": 1000}
+
+
+@pytest.mark.asyncio
+async def test_a_reclaim_faulting_on_two_servers_goes_on_to_the_third(faulting_site, tmp_path):
+    addresses, good = faulting_site
+    keeper = keeper_for(tmp_path, addresses, **FAST_FAULTS)
+    keeper.adopt(await lease_held_on(good))
     try:
         try:
             session = await keeper.ensure_session()
@@ -178,71 +157,31 @@ async def test_a_reclaim_faulting_on_two_servers_goes_on_to_the_third(make_serve
         except MeteringError as exc:
             where = f"gave up: {exc}"
         # before: busy-a, busy-b, busy-a - srv-c (up, holding the lease) was never tried
-        assert where == "srv-c", f"{where}; attempts={connector.attempts}"
+        assert where == "srv-c", f"{where}; attempts={keeper.connector.attempts}"
     finally:
         await keeper.stop()
-        for b in busy:
-            b.close()
 
 
 @pytest.mark.asyncio
-async def test_a_request_faulting_on_two_servers_goes_on_to_the_third(make_server, tmp_path):
-    good = await make_server(
-        name="srv-c",
-        products=[{"name": "A", "version": "1", "seats": 1}],
-        credentials={"ws": (["agent"], "secret-ws")},
-    )
-    busy = [await asyncio.start_server(_overloaded_on_checkout, "127.0.0.1", 0) for _ in "ab"]
-    addrs = [f"tcp://127.0.0.1:{b.sockets[0].getsockname()[1]}" for b in busy]
-    config = config_for(tmp_path, [*addrs, good.address("tcp")])
-    connector = Connector(config, ServerList(config.servers.addresses, None))
-    keeper = LeaseKeeper(connector)
+async def test_a_request_faulting_on_two_servers_goes_on_to_the_third(faulting_site, tmp_path):
+    addresses, _ = faulting_site
+    keeper = keeper_for(tmp_path, addresses, **FAST_FAULTS)
     try:
         try:
             await keeper.checkout("A", "1")
             where = keeper.session.server
         except MeteringError as exc:
             where = f"gave up: {exc}"
-        assert where == "srv-c", f"{where}; attempts={connector.attempts}"
+        assert where == "srv-c", f"{where}; attempts={keeper.connector.attempts}"
     finally:
         await keeper.stop()
-        for b in busy:
-            b.close()
 
 
 @pytest.mark.asyncio
-async def test_the_background_reconnect_reaches_the_third_server(make_server, tmp_path):
-    good = await make_server(
-        name="srv-c",
-        products=[{"name": "A", "version": "1", "seats": 1}],
-        credentials={"ws": (["agent"], "secret-ws")},
-    )
-    busy = [await asyncio.start_server(_overloaded_on_checkout, "127.0.0.1", 0) for _ in "ab"]
-    addrs = [f"tcp://127.0.0.1:{b.sockets[0].getsockname()[1]}" for b in busy]
-    c = await hello(good.address("tcp"), client="ws-1", user="ws", token="secret-ws")
-    lease = (await c.request("checkout", timeout=5, product="A", version="1"))["lease"]
-    await c.close()
-    config = build_client_config(
-        {
-            "client": {
-                "name": "ws-1",
-                "user": "ws",
-                "token_file": str(write_token(tmp_path / "token", "secret-ws")),
-            },
-            "servers": {
-                "list": [*addrs, good.address("tcp")],
-                "retries": 2,
-                "retry_interval_ms": 10,
-                "backoff_max_ms": 100,
-                "request_timeout_ms": 1000,
-                "connect_timeout_ms": 1000,
-            },
-        },
-        tmp_path / "client.toml",
-    )
-    connector = Connector(config, ServerList(config.servers.addresses, None))
-    keeper = LeaseKeeper(connector)
-    keeper.adopt(HeldLease(handle=lease, lease=lease, product="A", version="1", user="ws"))
+async def test_the_background_reconnect_reaches_the_third_server(faulting_site, tmp_path):
+    addresses, good = faulting_site
+    keeper = keeper_for(tmp_path, addresses, backoff_max_ms=100, **FAST_FAULTS)
+    keeper.adopt(await lease_held_on(good))
     keeper.start()
     try:
         await async_wait_until(
@@ -256,8 +195,6 @@ async def test_the_background_reconnect_reaches_the_third_server(make_server, tm
         )
     finally:
         await keeper.stop()
-        for b in busy:
-            b.close()
 
 
 @pytest.mark.asyncio

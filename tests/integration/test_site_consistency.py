@@ -11,14 +11,12 @@ from typing import Any
 
 import pytest
 
-from metering_client.config import build_client_config
-from metering_client.connector import Connector
 from metering_client.keeper import HeldLease, LeaseKeeper
-from metering_client.serverlist import ServerList
 from metering_protocol.client import ProtocolClient
 from metering_protocol.errors import LeaseRevoked, ShuttingDown
+from tests import support
 from tests.conftest import hello
-from tests.support import async_wait_until, write_token
+from tests.support import async_wait_until
 
 PRODUCTS = [{"name": "A", "version": "1", "seats": 1}]
 CREDS = {"ws": (["agent"], "secret-ws"), "admin": (["admin"], "secret-admin")}
@@ -26,21 +24,7 @@ FAST = {"sweep_interval_s": 0.2}
 
 
 def keeper_for(tmp_path: Path, addresses: list[str], **servers: Any) -> LeaseKeeper:
-    config = build_client_config(
-        {
-            "client": {
-                "name": "ws-1",
-                "user": "ws",
-                "token_file": str(write_token(tmp_path / "token", "secret-ws")),
-                "state_dir": str(tmp_path / "state"),
-            },
-            "servers": {"list": addresses, "retries": 2, "retry_interval_ms": 10, **servers},
-        },
-        tmp_path / "client.toml",
-    )
-    return LeaseKeeper(
-        Connector(config, ServerList(config.servers.addresses, None)), on_lost=LOST.append_lost
-    )
+    return support.keeper_for(tmp_path, addresses, on_lost=LOST.append_lost, **servers)
 
 
 class Lost(list):
