@@ -175,10 +175,7 @@ async def test_a_checkout_whose_connection_closes_in_its_first_grant_takes_no_se
                 what="the checkout to reach the server",
             )
             await raw.close()
-            await async_wait_until(
-                lambda: all(c.closing for c in server.endpoint.connections),
-                what="the server to see the connection close",
-            )
+            await close_seen(server)
         await async_wait_until(lambda: not server.endpoint.connections, what="the checkout to end")
         assert await in_use_and_queued(server) == (0, 0)
     finally:
@@ -475,6 +472,13 @@ async def agent_over_tcp(server, client: str = "impatient") -> ProtocolClient:
     return await hello(server.address("tcp"), client=client, user="ws", token="secret-ws")
 
 
+async def close_seen(server) -> None:
+    await async_wait_until(
+        lambda: all(c.closing for c in server.endpoint.connections),
+        what="the server to see the connection close",
+    )
+
+
 async def reset_seen(server) -> None:
     await async_wait_until(
         lambda: all(c.closing and not c.writable for c in server.endpoint.connections),
@@ -490,16 +494,19 @@ async def loop_turns(n: int = 20) -> None:
 
 class HeldGrants:
     """The store's grants wait for `gate` (each sets `arrived` on reaching it) until the
-    test opens it; `with` puts the store's own grant back, the gate opened."""
+    test opens it: before the store runs them, or with `after` once they are committed,
+    before their caller hears of them.  `with` puts the store's own grant back, the gate
+    opened."""
 
-    def __init__(self, store):
-        self.store, self.real = store, store.grant
+    def __init__(self, store, *, after: bool = False):
+        self.store, self.real, self.after = store, store.grant, after
         self.arrived, self.gate = asyncio.Event(), asyncio.Event()
 
     async def _grant(self, req):
+        outcome = await self.real(req) if self.after else None
         self.arrived.set()
         await self.gate.wait()
-        return await self.real(req)
+        return outcome if self.after else await self.real(req)
 
     def __enter__(self) -> HeldGrants:
         self.store.grant = self._grant
@@ -524,10 +531,7 @@ async def test_a_checkout_answered_after_its_client_went_away_gives_the_seat_bac
             await raw.send({"id": 5, "op": "checkout", "product": "A", "version": "1"})
             await asyncio.wait_for(held.arrived.wait(), 10)
             await raw.close()
-            await async_wait_until(
-                lambda: all(c.closing for c in server.endpoint.connections),
-                what="the server to see the connection close",
-            )
+            await close_seen(server)
         await async_wait_until(lambda: not server.endpoint.connections, what="the checkout to end")
         assert await in_use_and_queued(server) == (0, 0)
     finally:

@@ -26,6 +26,7 @@ from metering_server.seats import (
 )
 from metering_server.store.migrations_pg import lock_key
 from tests.conftest import hello
+from tests.integration.test_cancel import HeldGrants
 from tests.integration.test_leases import FakeClock
 from tests.stores import opened
 from tests.support import (
@@ -500,22 +501,12 @@ async def test_a_waiter_withdrawn_while_its_grant_is_refused_as_not_the_sites(tm
             lambda: srv_b.seats.queued(("CLOCK.EXE", "4.00")) == 2, what="two waiting"
         )
         await a.reload(products=[{**one, "seats": 2}])  # the site counts by a's now
-        store, real = srv_b.store, srv_b.store.grant
-        arrived, gate = asyncio.Event(), asyncio.Event()
-
-        async def held_grant(req):
-            outcome = await real(req)  # refused: not the site's layout
-            arrived.set()
-            await gate.wait()
-            return outcome
-
-        store.grant = held_grant
         with capture_logs() as logs:
-            await holder.request("checkin", timeout=5, lease=held["lease"])
-            await asyncio.wait_for(arrived.wait(), 10)  # the head's grant, refused and held
-            assert (await waiter.request("cancel", timeout=5, request=rid))["cancelled"] is True
-            store.grant = real
-            gate.set()
+            with HeldGrants(srv_b.store, after=True) as grants:  # refused: not the site's
+                await holder.request("checkin", timeout=5, lease=held["lease"])
+                await asyncio.wait_for(grants.arrived.wait(), 10)  # the head's grant, held
+                cancelled = await waiter.request("cancel", timeout=5, request=rid)
+                assert cancelled["cancelled"] is True
             with pytest.raises(Overloaded):  # the one behind is answered, not left waiting
                 await asyncio.wait_for(second, 10)
         assert (await asyncio.wait_for(withdrawn, 5))["error"]["code"] == "cancelled"

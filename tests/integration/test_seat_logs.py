@@ -13,6 +13,7 @@ import structlog
 
 from metering_protocol.errors import Cancelled
 from metering_runtime.logs import LineHeader, forget_loggers
+from tests.integration.test_cancel import HeldGrants
 from tests.integration.test_leases import (
     KEY,
     checkout,
@@ -43,28 +44,6 @@ def lines():
     yield kept
     structlog.configure(**old)
     forget_loggers()
-
-
-class GrantedThenHeld:
-    """The store's grants commit, then wait for `gate` before their caller hears of them."""
-
-    def __init__(self, store):
-        self.store, self.real = store, store.grant
-        self.arrived, self.gate = asyncio.Event(), asyncio.Event()
-
-    async def _grant(self, req):
-        outcome = await self.real(req)
-        self.arrived.set()
-        await self.gate.wait()
-        return outcome
-
-    def __enter__(self) -> GrantedThenHeld:
-        self.store.grant = self._grant
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.gate.set()
-        self.store.grant = self.real
 
 
 def about(lines: list[dict[str, Any]], event: str, lease: str) -> dict[str, Any]:
@@ -113,7 +92,7 @@ async def test_a_seat_given_back_for_a_withdrawn_waiter_is_logged_as_its_clients
     rid = b.next_id()
     withdrawn = b.send("checkout", rid, product=KEY[0], version=KEY[1], wait_s=30)
     await queued(server, 1)
-    with GrantedThenHeld(server.seats.store) as held:
+    with HeldGrants(server.seats.store, after=True) as held:
         await a.request("checkin", timeout=5, lease=first)
         await asyncio.wait_for(held.arrived.wait(), 10)  # the head's grant, committed
         assert (await b.request("cancel", timeout=5, request=rid))["cancelled"] is True
