@@ -91,6 +91,20 @@ async def reloadable(tmp_path: Path) -> AsyncIterator[Reloadable]:
             await r.server.shutdown(timeout=2.0)
 
 
+@pytest_asyncio.fixture
+async def two_servers(tmp_path: Path) -> AsyncIterator[tuple[Reloadable, Reloadable]]:
+    """srv-a and srv-b on one store, each with a config file of its own; whichever run at
+    the end are shut down."""
+    site = tmp_path / "site.db"
+    pair = Reloadable(tmp_path / "a", "srv-a", site), Reloadable(tmp_path / "b", "srv-b", site)
+    try:
+        yield pair
+    finally:
+        for r in pair:
+            if r.server is not None:
+                await r.server.shutdown(timeout=2.0)
+
+
 @pytest.mark.asyncio
 async def test_connection_limits_apply_to_connections_opened_after_the_reload(reloadable):
     await reloadable.start()
@@ -365,13 +379,12 @@ STAR = {**CLOCK, "version": "*"}
     ids=["to-star", "split"],
 )
 async def test_a_server_not_reloaded_yet_sends_its_clients_elsewhere_not_beyond_the_seats(
-    tmp_path, before, after, key
+    two_servers, before, after, key
 ):
     """Found by campaigns: of two servers on one store, the one still on the old catalogue
     counted a key the other's repool had emptied (or, for a split, partly emptied), and
     each granted the pool's seats."""
-    site = tmp_path / "site.db"
-    a, b = Reloadable(tmp_path / "a", "srv-a", site), Reloadable(tmp_path / "b", "srv-b", site)
+    a, b = two_servers
     srv_a = await a.start(products=before)
     srv_b = await b.start(products=before)
     try:
@@ -398,9 +411,6 @@ async def test_a_server_not_reloaded_yet_sends_its_clients_elsewhere_not_beyond_
     finally:
         for c in (ca, cb):
             await c.close()
-        await srv_a.shutdown(timeout=2.0)
-        await srv_b.shutdown(timeout=2.0)
-        a.server = b.server = None
 
 
 @pytest.mark.asyncio
@@ -409,16 +419,17 @@ async def test_a_server_not_reloaded_yet_sends_its_clients_elsewhere_not_beyond_
     [{"seats": 2}, {"mode": "meter"}],
     ids=["more-seats", "meter"],
 )
-async def test_servers_that_count_a_pool_differently_grant_by_the_sites_count_only(tmp_path, other):
+async def test_servers_that_count_a_pool_differently_grant_by_the_sites_count_only(
+    two_servers, other
+):
     """Of two servers on one store, one reloaded to fewer seats (or to `enforce`) and one
     not yet: each granted by its own count, and the site held more leases than the last
     reload said.  Seats and mode are part of the layout the site counts by: the server not
     reloaded yet sends new checkouts elsewhere (`overloaded`), and keeps its holders'
     leases (a reclaim is no new seat)."""
-    site = tmp_path / "site.db"
-    a, b = Reloadable(tmp_path / "a", "srv-a", site), Reloadable(tmp_path / "b", "srv-b", site)
+    a, b = two_servers
     one = {**CLOCK, "seats": 1}
-    srv_a = await a.start(products=[{**one, **other}])
+    await a.start(products=[{**one, **other}])
     srv_b = await b.start(products=[{**one, **other}])
     try:
         ca, cb = await a.client(), await b.client()
@@ -437,19 +448,15 @@ async def test_servers_that_count_a_pool_differently_grant_by_the_sites_count_on
     finally:
         for c in (ca, cb):
             await c.close()
-        await srv_a.shutdown(timeout=2.0)
-        await srv_b.shutdown(timeout=2.0)
-        a.server = b.server = None
 
 
 @pytest.mark.asyncio
-async def test_a_server_whose_catalogue_is_not_the_sites_says_so_once_a_minute(tmp_path):
+async def test_a_server_whose_catalogue_is_not_the_sites_says_so_once_a_minute(two_servers):
     """It answers every new checkout of the product `overloaded` until it is reloaded;
     its operator learns why from its own log, not from clients' retries."""
-    site = tmp_path / "site.db"
-    a, b = Reloadable(tmp_path / "a", "srv-a", site), Reloadable(tmp_path / "b", "srv-b", site)
+    a, b = two_servers
     clock = FakeClock()
-    srv_a = await a.start(products=[CLOCK])
+    await a.start(products=[CLOCK])
     srv_b = await b.start(products=[CLOCK], clock=clock)
     sub = srv_b.events.subscribe()
     try:
@@ -473,21 +480,17 @@ async def test_a_server_whose_catalogue_is_not_the_sites_says_so_once_a_minute(t
         assert [(e.product, e.client) for e in redirected] == [("CLOCK.EXE", "ws-test")] * 5
     finally:
         await cb.close()
-        await srv_a.shutdown(timeout=2.0)
-        await srv_b.shutdown(timeout=2.0)
-        a.server = b.server = None
 
 
 @pytest.mark.asyncio
-async def test_a_waiter_withdrawn_while_its_grant_is_refused_as_not_the_sites(tmp_path):
+async def test_a_waiter_withdrawn_while_its_grant_is_refused_as_not_the_sites(two_servers):
     """Found reading the code: the queue's head withdrew (cancel) while its grant was in
     the store, the grant came back refused (this server's catalogue no longer the site's),
     and the server answered the withdrawn checkout again - on a future already done: the
     queue's task died (`background_task_failed`), leaving the waiters behind it unserved."""
-    site = tmp_path / "site.db"
-    a, b = Reloadable(tmp_path / "a", "srv-a", site), Reloadable(tmp_path / "b", "srv-b", site)
+    a, b = two_servers
     one = {**CLOCK, "seats": 1}
-    srv_a = await a.start(products=[one])
+    await a.start(products=[one])
     srv_b = await b.start(products=[one])
     holder, waiter, behind = await b.client(), await b.client(), await b.client()
     try:
@@ -514,9 +517,6 @@ async def test_a_waiter_withdrawn_while_its_grant_is_refused_as_not_the_sites(tm
     finally:
         for c in (holder, waiter, behind):
             await c.close()
-        await srv_a.shutdown(timeout=2.0)
-        await srv_b.shutdown(timeout=2.0)
-        a.server = b.server = None
 
 
 @pytest.mark.asyncio
