@@ -163,6 +163,27 @@ def _emitter(method: str, structlogs: Callable[..., Any]) -> Callable[..., Any]:
     return emit
 
 
+class Throttle:
+    """At most one log line a period per key, for an event that may come thousands of times
+    a second: `due(key)` counts an occurrence and, when a line is due, returns how many
+    there were since the last one (this one included), else 0."""
+
+    def __init__(self, period_s: float, clock: Callable[[], float]):
+        self.period_s = period_s
+        self.clock = clock
+        self._last: dict[Any, tuple[float, int]] = {}  # key -> (last line, occurrences since)
+
+    def due(self, key: Any = None) -> int:
+        now = self.clock()
+        last, seen = self._last.get(key, (float("-inf"), 0))
+        seen += 1
+        if now - last < self.period_s:
+            self._last[key] = (last, seen)
+            return 0
+        self._last[key] = (now, 0)
+        return seen
+
+
 _json = msgspec.json.Encoder(enc_hook=str)  # anything without a JSON form is logged as str()
 
 

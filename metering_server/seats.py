@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -31,7 +30,7 @@ from metering_protocol.errors import (
     UnknownProduct,
 )
 from metering_protocol.names import is_clean_name
-from metering_runtime.logs import get_logger
+from metering_runtime.logs import Throttle, get_logger
 from metering_runtime.tasks import TaskOwner
 from metering_server import events as ev
 from metering_server.licensing import Catalogue, Pool
@@ -132,8 +131,7 @@ class SeatService:
         # The server's own log context (`start`): serving a queue is the server's work, not
         # that of the request that freed a seat (its client's name on other clients' lines).
         self._context: contextvars.Context | None = None
-        # product (capitals) -> (when `catalogue_not_sites` was last logged, refusals since)
-        self._not_sites: dict[str, tuple[float, int]] = {}
+        self._not_sites = Throttle(NOT_THE_SITES_LOG_S, clock)  # by product, in capitals
 
     async def start(self) -> None:
         self._context = contextvars.copy_context()
@@ -290,11 +288,15 @@ class SeatService:
         assert holder.principal is not None
         rec = await self.store.give_back(lease.lease, holder.principal, holder.client)
         if rec is not None:
-            line = {"lease": rec.lease, "product": rec.product, "user": rec.user}
-            if context is None:
-                log.info("lease_given_back", **line)
-            else:  # a waiter's: logged as its client's (`context`)
-                context.run(log.info, "lease_given_back", **line)
+            # `context`: a waiter's, so that the line names its client
+            _log_in(
+                context,
+                "info",
+                "lease_given_back",
+                lease=rec.lease,
+                product=rec.product,
+                user=rec.user,
+            )
             self._seat_freed(rec.pool_key)
 
     def _withdrawn(self, holder: Holder, req: CheckoutRequest, waiter: Waiter) -> Cancelled:
@@ -503,10 +505,8 @@ class SeatService:
         another server's (`LeaseStore.repool`), and a warning for the operator, at most once
         a minute per product: until this server, or the one that claimed, is reloaded, this
         one grants none of it."""
-        name, now = pool.product.upper(), self.clock()
-        last, refused = self._not_sites.get(name, (-math.inf, 0))
-        refused += 1
-        if now - last >= NOT_THE_SITES_LOG_S:
+        refused = self._not_sites.due(pool.product.upper())
+        if refused:
             self._log_as_server(
                 "warning",
                 "catalogue_not_sites",
@@ -514,19 +514,13 @@ class SeatService:
                 version=pool.version,
                 refused=refused,
             )
-            last, refused = now, 0
-        self._not_sites[name] = (last, refused)
         self._publish(ev.Redirected, holder, req)
         return _catalogue_changing(pool)
 
     def _log_as_server(self, level: str, event: str, **fields: Any) -> None:
         """A line about the server's own work, done on some client's request: logged with
         the server's context, not that client's."""
-        emit = getattr(log, level)
-        if self._context is None:
-            emit(event, **fields)
-        else:
-            self._context.run(emit, event, **fields)
+        _log_in(self._context, level, event, **fields)
 
     def _granted(
         self, holder: Holder, pool: Pool, outcome: GrantOutcome, *, waited: bool = False
@@ -737,6 +731,15 @@ class SeatService:
             await self.store.detach(self.settings.server)
         except Exception as exc:
             log.warning("store_detach_failed", error=str(exc))
+
+
+def _log_in(context: contextvars.Context | None, level: str, event: str, **fields: Any) -> None:
+    """A line logged with `context`'s bound fields (None: the current ones)."""
+    emit = getattr(log, level)
+    if context is None:
+        emit(event, **fields)
+    else:
+        context.run(emit, event, **fields)
 
 
 def _sent_elsewhere(waiter: Waiter) -> bool:

@@ -55,7 +55,7 @@ import asyncpg
 import msgspec
 
 from metering_protocol.errors import Internal, LeaseNotFound, MeteringError
-from metering_runtime.logs import get_logger
+from metering_runtime.logs import Throttle, get_logger
 from metering_server.auth.lockout import FailureState, LockoutPolicy
 from metering_server.licensing import (
     Reclaim,
@@ -375,8 +375,7 @@ class PostgresStore(LeaseStore):
             self._release_all, "releases"
         )
         self._renewals: Batches[_Heartbeat, RenewOutcome] = Batches(self._renew_all, "renewals")
-        self._shed = 0  # calls answered `StoreBusy` since the last `store_busy` line
-        self._busy_logged_at = float("-inf")
+        self._busy_lines = Throttle(_BUSY_LOG_EVERY_S, time.monotonic)  # `store_busy`
         self.retry_base_s = retry_base_s
         self.retry_max_s = retry_max_s
         self._sleep = sleep
@@ -646,20 +645,17 @@ class PostgresStore(LeaseStore):
     def _busy(self, op: str, why: str) -> StoreBusy:
         """The store could not take this call now: `overloaded` for the client; for the
         operator one `store_busy` line per `_BUSY_LOG_EVERY_S`, counting the calls refused."""
-        self._shed += 1
-        now = time.monotonic()
-        if now - self._busy_logged_at >= _BUSY_LOG_EVERY_S:
+        refused = self._busy_lines.due()
+        if refused:
             log.warning(
                 "store_busy",
                 store=self.where,
                 op=op,
                 error=why,
-                refused=self._shed,
+                refused=refused,
                 queued=self._line.queued,
                 pool_max=self.pool_max,
             )
-            self._shed = 0
-            self._busy_logged_at = now
         return StoreBusy(f"store busy: {op}: {why}")
 
     def _fault(self, op: str, exc: BaseException) -> Internal:

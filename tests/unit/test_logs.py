@@ -17,6 +17,7 @@ from structlog.testing import capture_logs
 
 from metering_runtime.logs import (
     Logger,
+    Throttle,
     bind_context,
     configure_logging,
     forget_loggers,
@@ -237,3 +238,14 @@ def test_an_embedding_program_without_logging_configured_keeps_its_stdout():
     assert out.returncode == 0, out.stderr
     assert out.stdout == ""
     assert "hello_there" in out.stderr
+
+
+def test_a_throttle_lets_one_line_a_period_through_per_key_counting_the_rest():
+    now = [100.0]
+    lines = Throttle(60.0, lambda: now[0])
+    assert [lines.due("A"), lines.due("A"), lines.due("B"), lines.due("A")] == [1, 0, 1, 0]
+    now[0] += 59.9
+    assert lines.due("A") == 0
+    now[0] += 0.1
+    assert lines.due("A") == 4  # the three held back, and this one
+    assert lines.due("A") == 0 and lines.due("B") == 1  # B: its period is over too
