@@ -93,6 +93,19 @@ class StoreUnreachable(Internal):
         super().__init__(message, retry_after_s=retry_after_s, **fields)
 
 
+class StoreFailed(Internal):
+    """The database refused a call it was reachable for: a disk full, an I/O error, a file it
+    may no longer write.  Nothing of the call was changed (its transaction was rolled back):
+    retryable `internal` with `retry_after_s`, since the operator can free the disk and the
+    same request then succeeds.  The store logs `store_error` for the operator, at most one
+    line a period with the count of calls refused."""
+
+    def __init__(
+        self, message: str, *, retry_after_s: float = STORE_RETRY_AFTER_S, **fields: object
+    ):
+        super().__init__(message, retry_after_s=retry_after_s, **fields)
+
+
 # How long a revoke is remembered: a holder that was away (disconnected, suspended) still
 # learns its seat was revoked instead of silently getting a new one.
 RETAIN_REVOKED_S = 7 * 86400

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from metering_runtime.logs import Throttle, get_logger
 from metering_runtime.tasks import TaskOwner
 from metering_server.auth.lockout import FailureState, LockoutPolicy
 from metering_server.licensing import (
@@ -48,6 +49,7 @@ from .base import (
     LeaseStore,
     RenewOutcome,
     StoreBusy,
+    StoreFailed,
     StoreUnusable,
     Ticket,
     UsageOutcome,
@@ -352,6 +354,12 @@ def _nothing() -> None:
     return None
 
 
+log = get_logger("metering.store")
+
+# At most one `store_error` line per this many seconds (with the count of calls refused).
+_ERROR_LOG_EVERY_S = 10.0
+
+
 def _closing() -> StoreBusy:
     return StoreBusy("store busy: the store is closing; nothing was written")
 
@@ -381,6 +389,7 @@ class SQLiteStore(LeaseStore):
         # Long reads (usage reports) get a connection and thread of their own, made at first
         # use: they must not hold up grants queued behind them on the store's thread.
         self._reader: tuple[StoreThread, sqlite3.Connection] | None = None
+        self._error_lines = Throttle(_ERROR_LOG_EVERY_S, time.monotonic)  # `store_error`
 
     # --- plumbing --------------------------------------------------------------------------
     def _read(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
@@ -388,6 +397,22 @@ class SQLiteStore(LeaseStore):
         the store's thread of its own, and it never meets a batch halfway.  Long reads go
         to `_read_apart`."""
         return self._write(fn)
+
+    def _failed(self, exc: sqlite3.Error) -> StoreFailed:
+        """A call SQLite refused (disk full, I/O error, a file it may not write; its
+        transaction rolled back): retryable `internal` for the client, and for the operator
+        one `store_error` line per `_ERROR_LOG_EVERY_S` with the calls refused since — a full
+        disk refuses every write, and a traceback per request would bury the one line."""
+        refused = self._error_lines.due()
+        if refused:
+            log.error(
+                "store_error",
+                store=str(self.path),
+                error=str(exc),
+                sqlite_error=getattr(exc, "sqlite_errorname", type(exc).__name__),
+                refused=refused,
+            )
+        return StoreFailed(f"store error: {exc}; nothing was changed")
 
     def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         assert self._db is not None
@@ -438,6 +463,8 @@ class SQLiteStore(LeaseStore):
                         continue
                     if ok:
                         future.set_result(value)
+                    elif isinstance(value, sqlite3.Error):
+                        future.set_exception(self._failed(value))
                     else:
                         future.set_exception(value)
                 if self._stopping:
@@ -788,8 +815,18 @@ class SQLiteStore(LeaseStore):
         """journal_mode=WAL.  Turning a new file to WAL needs it to itself, and SQLite
         answers "locked" at once, without its busy wait, when another server opening the same
         file at that moment holds it: seen in 2 of 40 runs of four stores opening one empty
-        file together."""
+        file together.
+
+        SQLite answers with the mode it is in, not an error, where WAL cannot be had (a
+        database in memory, a VFS without shared memory): refused here, since the report
+        reader beside the writer and servers sharing the file both rest on it."""
         self._run_unlocked(db, "PRAGMA journal_mode=WAL")
+        (mode,) = db.execute("PRAGMA journal_mode").fetchone()
+        if str(mode).lower() != "wal":
+            raise StoreUnusable(
+                f"store {self.path}: SQLite kept journal_mode = {mode} where this store needs "
+                "WAL; put the database on a local file system"
+            )
 
     def _run_unlocked(self, db: sqlite3.Connection, sql: str) -> None:
         """`sql`, run again while another process holds the lock it needs, on the store's
@@ -1464,7 +1501,10 @@ class SQLiteStore(LeaseStore):
                 await thread.call(db.close)
                 thread.shutdown(wait=False)
         thread, db = self._reader
-        return await thread.call(fn, db)
+        try:
+            return await thread.call(fn, db)
+        except sqlite3.Error as exc:
+            raise self._failed(exc) from None
 
     async def _close_reader(self) -> None:
         if self._reader is None:

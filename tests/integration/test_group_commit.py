@@ -11,7 +11,7 @@ import pytest
 
 from metering_protocol.errors import LeaseNotFound
 from metering_server.licensing import Pool
-from metering_server.store.base import GrantOutcome, LeaseRecord, StoreBusy
+from metering_server.store.base import GrantOutcome, LeaseRecord, StoreBusy, StoreFailed
 from metering_server.store.sqlite import SQLiteStore
 from tests.integration.test_store_contract import T0, req
 from tests.stores import opened
@@ -250,7 +250,7 @@ async def test_a_run_failing_halfway_runs_again_with_each_write_alone(tmp_path):
             return_exceptions=True,
         )
         assert outs[0].granted and outs[3].granted and outs[1] == held
-        assert isinstance(outs[2], sqlite3.IntegrityError)
+        assert isinstance(outs[2], StoreFailed) and "refused" in str(outs[2])
         assert calls == {"runs": 1, "renew_runs": 0, "each_alone": 1}  # together, then alone
     assert rows_in(path) == {outs[0].lease.lease, outs[3].lease.lease}
 
@@ -304,7 +304,7 @@ async def test_a_heartbeat_run_failing_halfway_runs_again_with_each_write_alone(
         )
         assert calls == {"runs": 0, "renew_runs": 1, "each_alone": 1}
         assert outs[0].renewed == [held[0].lease] and outs[2].renewed == [held[2].lease]
-        assert isinstance(outs[1], sqlite3.IntegrityError)
+        assert isinstance(outs[1], StoreFailed) and "refused" in str(outs[1])
 
 
 async def test_a_commit_cancelled_midway_tells_its_callers_what_it_did(tmp_path):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from metering_protocol.errors import MeteringError, Overloaded
 from metering_server.app import MeteringServer
 from metering_server.config import build_server_config
 from metering_server.licensing import Pool
-from metering_server.store.base import LeaseStore, StoreBusy
+from metering_server.store.base import LeaseStore, StoreBusy, StoreFailed
 from metering_server.store.migrations_pg import lock_key
 from metering_server.store.postgres import PostgresStore
 from metering_server.store.sqlite import SQLiteStore
@@ -282,7 +281,7 @@ async def test_an_abandoned_sqlite_store_stops_waiting_for_the_write_lock(tmp_pa
             done, _ = await asyncio.wait({grant}, timeout=0.2)
             assert not done
             store.abandon()
-            with pytest.raises(sqlite3.OperationalError, match="locked"):
+            with pytest.raises(StoreFailed, match="locked"):
                 await asyncio.wait_for(grant, 5)
 
 
