@@ -367,6 +367,12 @@ class Connection(asyncio.Protocol):
         elif self.hello_deadline is not None and self._loop.time() >= self.hello_deadline:
             self._hello_due()  # refused, and the deadline passed meanwhile
             return
+        else:
+            # A refused hello counts like a bad frame: each costs a store read and a digest,
+            # and one connection must not try token after token until its deadline.
+            self._count_bad()
+            if self.closing:
+                return
         assert self._transport is not None
         self._transport.resume_reading()
         self._frames.extend(self.decoder.feed(b"", self._frame_budget()))  # read behind it

@@ -322,6 +322,45 @@ async def test_too_many_bad_frames_before_hello_closes(make_server):
 
 
 @pytest.mark.asyncio
+async def test_refused_hellos_count_as_bad_frames_and_close_the_connection(make_server):
+    """One connection may not try token after token until its hello deadline: each refused
+    hello costs the server a store read and a digest, so it counts like a bad frame."""
+    server = await make_server(credentials=CREDS, server={"max_bad_frames_before_hello": 3})
+    raw = await Raw.open(server.address("tcp"))
+    try:
+        for n in range(1, 6):  # one at a time: a hello is answered before the next is read
+            await raw.send(
+                b'{"id":%d,"op":"hello","protocol":1,"client":"raw","user":"alice",'
+                b'"token":"guess-%d"}\n' % (n, n)
+            )
+        frames = await raw.until_closed()
+        assert [(f["id"], f["error"]["code"]) for f in frames] == [
+            (1, "auth_failed"),
+            (2, "auth_failed"),
+            (3, "auth_failed"),
+        ]
+    finally:
+        await raw.close()
+    # a bad frame and a refused hello add up, and the right token still works below the limit
+    raw = await Raw.open(server.address("tcp"))
+    try:
+        await raw.send(b"garbage\n")
+        await raw.send(
+            b'{"id":1,"op":"hello","protocol":1,"client":"raw","user":"alice","token":"x"}\n'
+        )
+        await raw.send(
+            b'{"id":2,"op":"hello","protocol":1,"client":"raw","user":"alice","token":"%s"}\n'
+            % ALICE.encode()
+        )
+        await raw.send(b'{"id":3,"op":"ping"}\n')
+        raw.writer.write_eof()
+        frames = await raw.until_closed()
+        assert [f.get("ok") for f in frames] == [False, False, True, True], frames
+    finally:
+        await raw.close()
+
+
+@pytest.mark.asyncio
 async def test_bad_frames_below_limit_then_hello_is_fine(make_server):
     server = await make_server(server={"max_bad_frames_before_hello": 2})
     raw = await Raw.open(server.address("unix"))
@@ -382,17 +421,13 @@ def security_lines(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 @pytest.mark.asyncio
 async def test_security_log_is_quiet_under_a_retry_storm(make_server):
     server = await make_server(credentials=CREDS, auth={"lockout_threshold": 1000})
-    c = await connect(server.address("tcp"))
-    try:
-        with capture_logs() as logs:
-            for _ in range(50):
-                with pytest.raises(AuthFailed):
-                    await c.hello("ws", user="alice", token="secret-guess", timeout=5)
-            before_flush = security_lines(logs)
-            server.authenticator.seclog.flush(server.clock() + 10_000)
-            after_flush = security_lines(logs)
-    finally:
-        await c.close()
+    with capture_logs() as logs:
+        for _ in range(50):
+            refused = await try_hello(server.address("tcp"), user="alice", token="secret-guess")
+            assert isinstance(refused, AuthFailed), refused
+        before_flush = security_lines(logs)
+        server.authenticator.seclog.flush(server.clock() + 10_000)
+        after_flush = security_lines(logs)
     assert 1 <= len(before_flush) <= 2
     first = before_flush[0]
     assert first["event"] == "auth_failed"
@@ -410,17 +445,13 @@ async def test_security_log_is_quiet_under_a_retry_storm(make_server):
 @pytest.mark.asyncio
 async def test_security_log_quiet_when_lockout_kicks_in(make_server):
     server = await make_server(credentials=CREDS, auth={"lockout_threshold": 3})
-    c = await connect(server.address("tcp"))
-    try:
-        with capture_logs() as logs:
-            for _ in range(50):
-                with pytest.raises((AuthFailed, LockedOut)):
-                    await c.hello("ws", user="alice", token="secret-guess", timeout=5)
-            before_flush = security_lines(logs)
-            server.authenticator.seclog.flush(server.clock() + 10_000)
-            summaries = security_lines(logs)[len(before_flush) :]
-    finally:
-        await c.close()
+    with capture_logs() as logs:
+        for _ in range(50):
+            refused = await try_hello(server.address("tcp"), user="alice", token="secret-guess")
+            assert isinstance(refused, (AuthFailed, LockedOut)), refused
+        before_flush = security_lines(logs)
+        server.authenticator.seclog.flush(server.clock() + 10_000)
+        summaries = security_lines(logs)[len(before_flush) :]
     # one full line per kind of event, no more
     assert [e["event"] for e in before_flush] == ["auth_failed", "locked_out"]
     assert sorted(e["event"] for e in summaries) == ["auth_failed_summary", "locked_out_summary"]
