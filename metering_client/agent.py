@@ -273,7 +273,7 @@ class Agent:
                     log.info("program_gone_checking_in", lease=held.handle, pid=held.pid)
                     try:
                         await self.keeper.checkin(held.handle)
-                    except MeteringError as exc:  # no server took it: its TTL frees the seat
+                    except MeteringError as exc:  # no server took it: the keeper sends it again
                         log.warning("checkin_failed", lease=held.handle, error=str(exc))
                     except OSError as exc:  # journal write; the next round tries again
                         log.error("lease_journal_write_failed", error=str(exc))

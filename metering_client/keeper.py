@@ -187,6 +187,10 @@ class LeaseKeeper:
         self._overloaded_beats = 0  # heartbeats in a row answered `overloaded`
         self.failovers = 0
         self._last_note: asyncio.Task | None = None
+        # Leases let go (a checkin no server took) -> when they expire anyway: checked in
+        # again on the next session, so a seat is free sooner than its TTL after an outage.
+        self._unreturned: dict[str, float] = {}
+        self._ttl_s = 0.0  # the last session's lease TTL
         self._session_callbacks: list[Callable[[], None]] = []
         connector.subscribe(self._on_event)  # for the keeper's life
 
@@ -283,6 +287,7 @@ class LeaseKeeper:
                     log.warning("session_dead", server=session.server, reason=f"reclaim: {exc}")
                     self._failed_over(session.entry.address)
             self._watch(session)
+            self._ttl_s = session.ttl_s
             if self._failing_over:
                 self.failovers += 1
                 log.info("failed_over", server=session.server, leases=len(self.held))
@@ -363,8 +368,10 @@ class LeaseKeeper:
         log.warning("reclaimed_for_nobody", handle=held.handle, lease=lease, server=session.server)
         try:
             await session.request("checkin", timeout=self.request_timeout, lease=lease)
-        except MeteringError as exc:  # its TTL frees it
+        except MeteringError as exc:
             log.warning("checkin_failed", lease=lease, error=exc.message)
+            if exc.retryable:
+                self._give_back_later(lease)
 
     async def _lose(self, held: HeldLease, reason: str) -> None:
         if self._drop(held, reason):
@@ -514,9 +521,37 @@ class LeaseKeeper:
             reply = await self.call("checkin", lease=held.lease)
         except LeaseNotFound:
             reply = {"released": False}
+        except MeteringError as exc:
+            if exc.retryable:  # no server took it now: the next session tries again
+                self._give_back_later(held.lease)
+            raise
         finally:
             await self._changed()
         return bool(reply.get("released"))
+
+    def _give_back_later(self, lease: str) -> None:
+        self._unreturned[lease] = self.clock() + self._ttl_s
+        self._wake.set()  # a session already back gives it back at once
+
+    async def _give_back(self, session: Session) -> None:
+        """Check in again the leases whose checkin no server took, until each would have
+        expired anyway.  Only once the lease is gone may its seat go to someone else; a
+        seat that waited for its TTL after an outage was a refusal for the next user."""
+        for lease, expires in list(self._unreturned.items()):
+            if self.clock() >= expires:
+                del self._unreturned[lease]  # expired on every server by now
+                continue
+            try:
+                reply = await session.request("checkin", timeout=self.request_timeout, lease=lease)
+            except LeaseNotFound:
+                reply = {"released": False}  # taken back meanwhile, or expired
+            except SESSION_FAULTS:
+                return  # the session's own failure is the heartbeat's to notice
+            except MeteringError as exc:
+                log.warning("checkin_failed", lease=lease, error=exc.message)
+                reply = {"released": False}
+            self._unreturned.pop(lease, None)
+            log.info("checked_in_late", lease=lease, released=bool(reply.get("released")))
 
     def adopt(self, held: HeldLease) -> None:
         """Take over a lease recorded before a restart; the next session reclaims it."""
@@ -559,6 +594,8 @@ class LeaseKeeper:
                 assert session is not None
                 next_beat = self.clock() + session.heartbeat_s
                 next_probe = self._next_probe_time(session)
+            if self._unreturned:  # at once on a session back, else once a wake-up or a beat
+                await self._give_back(session)
             now = self.clock()
             due = min(next_beat, next_probe)
             if due > now:

@@ -914,7 +914,7 @@ class Watcher:
     async def _checkin(self, handle: str) -> None:
         try:
             await self.keeper.checkin(handle)
-        except MeteringError as exc:  # the server lets it expire
+        except MeteringError as exc:  # no server took it: the keeper sends it again
             log.warning("checkin_failed", lease=handle, error=str(exc))
         except OSError as exc:  # the lease journal
             log.error("lease_journal_write_failed", error=str(exc))

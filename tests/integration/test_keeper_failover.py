@@ -13,8 +13,7 @@ from metering_client.keeper import LeaseKeeper
 from metering_client.serverlist import ServerList
 from metering_protocol.errors import MeteringError
 from tests.conftest import hello
-from tests.integration.test_site_consistency import keeper_for
-from tests.support import async_wait_until, bind_tcp, write_token
+from tests.support import async_wait_until, bind_tcp, keeper_for, write_token
 
 PRODUCTS = [{"name": "A", "version": "1", "seats": 1}]
 
@@ -98,3 +97,44 @@ async def test_requests_waiting_for_a_server_share_one_bounded_attempt(tmp_path)
             sock.close()
     assert all(isinstance(o, MeteringError) and o.retryable for o in outcomes), outcomes
     assert elapsed < t_max + 1.0, elapsed  # one after another: about six times T_max
+
+
+@pytest.mark.asyncio
+async def test_a_checkin_no_server_took_is_sent_again_when_a_server_is_back(make_server, tmp_path):
+    """The site was down when the program gave its seat back: the checkin failed, and the
+    seat used to stay taken until the lease's TTL (a minute here). The keeper sends it again
+    on its next session, so the one seat of an enforce pool is free for the next user."""
+    creds = {"ws": (["user"], "secret-ws"), "bob": (["user"], "secret-bob")}
+    products = [{"name": "A", "version": "1", "seats": 1, "mode": "enforce"}]
+    leases = {"ttl_s": 60.0, "heartbeat_s": 1.0}
+    a = await make_server(name="srv-a", products=products, credentials=creds, leases=leases)
+    keeper = keeper_for(tmp_path, [a.address("unix")], backoff_max_ms=100)
+    try:
+        held, reply = await keeper.checkout("A", "1")
+        keeper.start()
+        await a.shutdown(timeout=1.0)  # the lease stays in the store, for a reclaim
+        with pytest.raises(MeteringError) as err:
+            await keeper.checkin(held.handle)
+        assert err.value.retryable and held.handle not in keeper.held
+
+        back = await make_server(name="srv-a", products=products, credentials=creds, leases=leases)
+        assert back.address("unix") == a.address("unix")
+        bob = await hello(back.address("unix"), client="ws-2", user="bob", token="secret-bob")
+        try:
+
+            async def seat_taken() -> bool:
+                try:
+                    await bob.request("checkout", timeout=5, product="A", version="1")
+                except MeteringError as exc:
+                    assert exc.code == "denied", exc
+                    return False
+                return True
+
+            deadline = time.monotonic() + 15.0  # far less than the lease's 60 s TTL
+            while not await seat_taken():
+                assert time.monotonic() < deadline, f"{reply['lease']} was never given back"
+                await asyncio.sleep(0.1)  # polling for the give-back, bounded above
+        finally:
+            await bob.close()
+    finally:
+        await keeper.stop()
