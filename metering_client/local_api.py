@@ -128,8 +128,16 @@ class LocalSession:
         return self.uid in (0, os.getuid())
 
     def _mine(self, handle: str) -> bool:
+        """A seat this client may check in or reclaim.  Never one the watcher holds for a
+        program, whoever asks: checked in behind the watcher's back, the program would run on
+        without a seat (in enforce mode, past the licence) and its record say it had one."""
         held = self.agent.keeper.held.get(handle)
-        return held is not None and (self.privileged or held.user == self.user)
+        if held is None:
+            return False
+        watcher = self.agent.watcher
+        if watcher is not None and watcher.owns(handle):
+            return False
+        return self.privileged or held.user == self.user
 
     async def op_checkout(self, req: LocalCheckout) -> dict[str, Any]:
         if req.user is not None and req.user != self.user and not self.privileged:

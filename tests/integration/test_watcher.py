@@ -22,6 +22,7 @@ from structlog.testing import capture_logs
 
 from metering_client.agent import Agent
 from metering_client.usage import WIRE_FIELDS
+from metering_protocol.errors import MeteringError
 from metering_protocol.messages import REQUESTS
 from metering_protocol.timefmt import parse_rfc3339, rfc3339
 from tests.conftest import hello
@@ -197,6 +198,40 @@ async def test_a_watched_program_gets_a_seat_for_its_user_and_gives_it_back_on_e
 
 async def _no_leases(server) -> bool:
     return not await leases(server)
+
+
+@pytest.mark.asyncio
+async def test_no_local_client_can_check_in_or_take_over_the_watchers_seat(
+    make_server, tmp_path, sockdir, progdir, programs
+):
+    """The program's user (here root, who may act for anyone) sees the watcher's seat in
+    `status`; checked in or reclaimed through the local API, the enforce program would run
+    on without a seat while the watcher still counted it seated."""
+    server = await make_server(products=[{**CLOCK, "seats": 1}], credentials=CREDS)
+    agent = await start_agent(tmp_path, sockdir, server)
+    try:
+        proc = await programs.start(clock_binary(progdir), "60")
+        [lease] = await async_wait_until(lambda: leases(server), what="the watcher's seat")
+        [handle] = await async_wait_until(lambda: set(agent.watcher.handles), what="its handle")
+        local = await hello(f"unix://{agent.config.socket}", client="p1")
+        try:
+            held = (await local.request("status", timeout=5))["agent"]["held"]
+            assert [h["handle"] for h in held] == [handle]
+            with pytest.raises(MeteringError) as err:
+                await local.request("checkin", timeout=5, lease=handle)
+            assert err.value.code == "lease_not_found"
+            with pytest.raises(MeteringError) as err:  # a reclaim is a fresh checkout: denied
+                await local.request(
+                    "checkout", timeout=5, product="CLOCK.EXE", version="4.00", lease=handle
+                )
+            assert err.value.code == "denied"
+        finally:
+            await local.close()
+        assert proc.returncode is None
+        assert [x["lease"] for x in await leases(server)] == [lease["lease"]]
+        assert agent.watcher.owns(handle) and handle in agent.keeper.held
+    finally:
+        await agent.stop()
 
 
 @pytest.mark.asyncio
