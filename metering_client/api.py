@@ -22,7 +22,7 @@ from metering_client.keeper import HeldLease, LeaseKeeper
 from metering_client.programs import announce_direct_seat, withdraw_direct_seat
 from metering_client.serverlist import ServerList
 from metering_protocol.client import ProtocolClient
-from metering_protocol.errors import ConnectionLost, LeaseRevoked, MeteringError
+from metering_protocol.errors import LeaseRevoked, MeteringError
 from metering_runtime.logs import get_logger
 
 log = get_logger("metering.client")
@@ -189,6 +189,10 @@ class Seat:
                 break
 
     async def release(self) -> bool:
+        """Give the seat back; False when no server took it.  Never raises for that: the
+        program has run by now, and its outcome must not turn into this checkin's (`run`
+        exits with its command's status).  A seat no server took is checked in again by the
+        agent on its next session, or freed by its TTL."""
         if self._watch is not None:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -197,13 +201,14 @@ class Seat:
         released = False
         try:
             if self._agent is not None and self.lease is not None:
-                with contextlib.suppress(ConnectionLost):
-                    reply = await self._agent.request(
-                        "checkin", timeout=self._agent_timeout(), lease=self.lease
-                    )
-                    released = bool(reply.get("released"))
+                reply = await self._agent.request(
+                    "checkin", timeout=self._agent_timeout(), lease=self.lease
+                )
+                released = bool(reply.get("released"))
             elif self._keeper is not None and self.lease is not None:
                 released = await self._keeper.checkin(self.lease)
+        except MeteringError as exc:
+            log.warning("checkin_failed", lease=self.lease, error=str(exc))
         finally:
             withdraw_direct_seat(self._note)
             self._note = None

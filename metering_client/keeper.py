@@ -410,13 +410,15 @@ class LeaseKeeper:
                 await self.on_change()
 
     # --- requests with failover -------------------------------------------------------------
-    async def call(self, op: str, *, extra_timeout: float = 0.0, **fields: Any) -> dict[str, Any]:
+    async def call(
+        self, op: str, *, extra_timeout: float = 0.0, passes: int | None = None, **fields: Any
+    ) -> dict[str, Any]:
         """Send one request to the current server; on a dead session fail over and send it
-        again, within the retry bound."""
+        again, within the retry bound (`passes` over the server list to connect, if given)."""
         tries = 0
         limit = max(1, self.connector.server_count()) * self.config.servers.retries
         while True:
-            session = await self.ensure_session()
+            session = await self.ensure_session(passes=passes)
             if op == "checkout":
                 fields = seat_fields(session, fields)
             try:
@@ -514,11 +516,14 @@ class LeaseKeeper:
         # it.  Reclaimed, it came back as a fresh lease (or `denied`, reported lost) when the
         # first attempt had been applied, and the retry then checked in the old id - the new
         # seat stayed with nobody until its TTL.
+        #
+        # One pass over the servers, not the whole retry bound: a checkin no server takes is
+        # sent again on the next session (`_give_back`), so its program need not wait.
         held = self.held.pop(handle, None)
         if held is None:
             return False
         try:
-            reply = await self.call("checkin", lease=held.lease)
+            reply = await self.call("checkin", passes=1, lease=held.lease)
         except LeaseNotFound:
             reply = {"released": False}
         except MeteringError as exc:

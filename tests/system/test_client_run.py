@@ -369,3 +369,19 @@ async def test_python_api_seat(site, use_agent):
 
 async def _seats_free(site: Site) -> bool:
     return await asyncio.to_thread(site.in_use) == 0
+
+
+@pytest.mark.parametrize("use_agent", [True, False], ids=["agent", "direct"])
+def test_run_exits_with_its_commands_status_when_no_server_takes_the_checkin(site, use_agent):
+    """The command ran: its status is run's, even when every server went away meanwhile and
+    the final checkin finds none (it used to exit 75 after the whole retry bound)."""
+    if use_agent:
+        site.start_agent()
+    flag = site.tmp / "release"
+    run = site.run_popen(*hold_until(flag, code=3))
+    wait_until(lambda: site.in_use() == 1, what="the seat held")
+    site.server.stop()
+    flag.touch()  # the command exits 3
+    code = run.wait(60)
+    _, err = run.communicate()
+    assert code == 3, f"run exited {code}, not its command's 3; stderr: {err.strip()}"
