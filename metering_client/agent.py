@@ -255,6 +255,8 @@ class Agent:
     def _lost(self, held: HeldLease, reason: str) -> None:
         if self.watcher is not None:
             self.watcher.seat_lost(held.handle, reason)
+            if reason == "revoked":
+                self.watcher.own_seat_revoked(held)
         session = self.holders.pop(held.handle, None)
         if session is not None:
             if reason == "revoked":

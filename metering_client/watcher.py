@@ -426,6 +426,9 @@ class Watcher:
         # Programs holding their own seat (local API) -> their product, in capitals.
         self.covered: dict[ProcKey, str] = {}
         self.stopping: dict[ProcKey, Proc] = {}  # programs stopped for want of a seat
+        # Programs whose own seat an administrator revoked -> its product, in capitals: they
+        # stay covered as if they held it, so the watcher never seats them behind the revoke.
+        self._revoked_own: dict[ProcKey, str] = {}
         self._nomatch: dict[ProcKey, tuple[Any, ...]] = {}  # checked, not watched
         self._last_connected = clock()
         self._tasks = TaskOwner("watcher")
@@ -559,6 +562,7 @@ class Watcher:
         for key in [k for k in self.stopping if k not in alive]:
             del self.stopping[key]
         self.covered = {k: v for k, v in self.covered.items() if k in alive}
+        self._revoked_own = {k: v for k, v in self._revoked_own.items() if k in alive}
         self._nomatch = {k: v for k, v in self._nomatch.items() if k in alive}
         api = self._api_seats()
         for key, name in list(self.covered.items()):
@@ -624,6 +628,8 @@ class Watcher:
         for held in self.keeper.held.values():
             if held.handle not in self.handles and held.pid is not None:
                 out.setdefault((held.pid, held.pid_start), set()).add(held.product.upper())
+        for key, name in self._revoked_own.items():
+            out.setdefault(key, set()).add(name)
         return out
 
     @staticmethod
@@ -942,6 +948,13 @@ class Watcher:
             self._spawn(self._checkin(handle), "checkin")
         if record is not None:
             self._spawn(self.spool.discard(record.record_id), "discard")
+
+    def own_seat_revoked(self, held: Any) -> None:
+        """An administrator revoked a seat a program held through the local API (`run`, the
+        Python API).  The program is told (in enforce mode `run` stops it); the watcher must
+        not give it or its children a new seat meanwhile: that would undo the revoke."""
+        if held.pid is not None and held.handle not in self.handles:
+            self._revoked_own[(held.pid, held.pid_start)] = held.product.upper()
 
     def seat_lost(self, handle: str, reason: str) -> None:
         """The keeper lost a watcher seat (revoked, or not reclaimable after an outage)."""

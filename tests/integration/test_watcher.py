@@ -21,6 +21,7 @@ import pytest_asyncio
 from structlog.testing import capture_logs
 
 from metering_client.agent import Agent
+from metering_client.api import Seat
 from metering_client.usage import WIRE_FIELDS
 from metering_protocol.errors import MeteringError
 from metering_protocol.messages import REQUESTS
@@ -198,6 +199,41 @@ async def test_a_watched_program_gets_a_seat_for_its_user_and_gives_it_back_on_e
 
 async def _no_leases(server) -> bool:
     return not await leases(server)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mode", ["meter", "enforce"])
+async def test_the_watcher_does_not_replace_a_seat_revoked_from_its_program(
+    make_server, tmp_path, sockdir, progdir, programs, mode
+):
+    """A program holding its own seat through the agent (`run`, the Python API) and its
+    children are left alone by the watcher; once an administrator revokes that seat they must
+    stay so. The watcher used to find the child uncovered at its next scan and check out a
+    fresh seat for it, undoing the revoke behind the program's back."""
+    server = await make_server(products=[{**CLOCK, "mode": mode}], credentials=CREDS)
+    agent = await start_agent(tmp_path, sockdir, server)
+    try:
+        async with Seat("CLOCK.EXE", "4.00", config=agent.config) as seat:
+            assert seat.via_agent
+            child = await programs.start(clock_binary(progdir), "60")  # as `run`'s command
+            await async_wait_until(
+                lambda: any(k[0] == child.pid for k in agent.watcher.covered),
+                what="the child covered by its parent's seat",
+            )
+            [lease] = [x["lease"] for x in await leases(server)]
+            admin = await hello(server.address("unix"), client="admin")
+            try:
+                await admin.request("revoke", timeout=5, lease=lease)
+            finally:
+                await admin.close()
+            await async_wait_until(lambda: seat.lost.is_set(), what="the program told")
+            for _ in range(3):  # scans of its own, each after the last one's work is done
+                await agent.watcher.tick()
+                await agent.watcher.settle()
+            assert [x["lease"] for x in await leases(server)] == []
+            assert child.returncode is None and not agent.watcher.runs
+    finally:
+        await agent.stop()
 
 
 @pytest.mark.asyncio
