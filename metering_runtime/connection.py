@@ -43,6 +43,8 @@ log = get_logger("metering.conn")
 _conn_ids = itertools.count(1)
 # A socket whose peer closed both ways (or reset it): `Connection.writable`.
 _HUNG_UP = select.POLLHUP | select.POLLERR
+# How long a closing connection's last replies get to flush before the socket is cut.
+FLUSH_ON_CLOSE_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -487,7 +489,14 @@ class Connection(asyncio.Protocol):
             if self._transport is not None:
                 self._transport.close()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._lost.wait(), 1.0)
+                await asyncio.wait_for(self._lost.wait(), FLUSH_ON_CLOSE_S)
+            if not self._lost.is_set() and self._transport is not None:
+                # The replies still queued never flushed: a peer that does not read would
+                # keep the socket and its buffer for good once this connection stops
+                # counting against max_connections.
+                self._transport.abort()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._lost.wait(), FLUSH_ON_CLOSE_S)
             await self.dispatcher.connection_closed()
         finally:
             if self in self.endpoint.connections:

@@ -17,7 +17,7 @@ from metering_client.programs import pid_alive, pid_start
 from metering_protocol.address import parse_address
 from metering_runtime.listeners import bind
 from tests.conftest import hello
-from tests.support import cli_path, short_tmpdir, write_token, write_toml
+from tests.support import async_wait_until, cli_path, short_tmpdir, write_token, write_toml
 
 
 @pytest.mark.asyncio
@@ -132,3 +132,61 @@ async def test_tcp_listener_queues_a_failover_storm_of_connections():
     finally:
         listener.close()
         await listener.server.wait_closed()
+
+
+# --- a closed connection whose peer does not read ----------------------------------------------
+async def _peer_that_stops_reading(server) -> tuple[socket.socket, object]:
+    """A unix peer that says hello, then sends pings without reading until the server holds
+    replies it cannot write; returns the peer's socket and its server-side Connection."""
+    path = parse_address(server.address("unix")).path
+    loop = asyncio.get_running_loop()
+    peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    peer.setblocking(False)
+    before = set(server.endpoint.connections)
+    await loop.sock_connect(peer, path)
+    await loop.sock_sendall(peer, b'{"id":0,"op":"hello","protocol":1,"client":"stuck"}\n')
+    conn = await async_wait_until(
+        lambda: next(
+            (c for c in server.endpoint.connections - before if c.dispatcher.authenticated), None
+        ),
+        what="the peer authenticated",
+    )
+    pings = b"".join(b'{"id":%d,"op":"ping"}\n' % i for i in range(1, 200))
+    deadline = loop.time() + 20
+    while conn.wire.get_write_buffer_size() == 0:
+        assert loop.time() < deadline, "the server never had to queue a reply"
+        await loop.sock_sendall(peer, pings)
+        await asyncio.sleep(0.01)  # the flood's pace
+    await async_wait_until(lambda: not conn.tasks, what="the pings answered")
+    return peer, conn
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("ending", ["half-close", "idle-timeout", "too-large"])
+async def test_a_closed_connection_lets_go_of_its_socket_though_its_peer_never_reads(
+    make_server, ending
+):
+    """Closing waits for the last replies to flush; a peer that never reads would keep the
+    socket and its buffer for good, no longer counted against max_connections (a principal
+    could pile them up without bound). After a short flush the socket is cut."""
+    server = await make_server(
+        server={"max_connections": 2, "idle_timeout_s": 0.5, "max_frame_bytes": 1024},
+        leases={"ttl_s": 10.0, "heartbeat_s": 0.1},
+    )
+    peers = []
+    try:
+        for _ in range(3):  # more than max_connections
+            peer, conn = await _peer_that_stops_reading(server)
+            peers.append((peer, conn))
+            if ending == "half-close":  # answered what is due, then closed
+                peer.shutdown(socket.SHUT_WR)
+            elif ending == "too-large":  # framing lost: one reply, then closed
+                peer.send(b"x" * 2048 + b"\n")
+            # idle-timeout: the peer just goes silent, like a hung client
+            await asyncio.wait_for(conn.finished.wait(), 10)
+            assert conn._lost.is_set(), "finished, no longer counted, but the socket still open"
+        assert not server.endpoint.connections
+    finally:
+        for peer, _ in peers:
+            peer.close()
