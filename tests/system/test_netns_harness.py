@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from tests.support import wait_until
 from tests.system import netns
 from tests.system.netns import Site, list_namespaces
 from tests.system.netns import site as site_fixture  # noqa: F401  (registers "site")
@@ -155,9 +156,14 @@ def test_close_removes_namespaces_and_processes() -> None:
         netns.wait_for_line(stubborn)
         s.popen(b, ["sh", "-c", "setsid sleep 1000 & exec sleep 1000"])
         ns_names = s.namespaces
-        pids = {p for ns in ns_names for p in netns._ns_pids(ns)}
+
+        def all_five() -> set[int] | None:
+            found = {p for ns in ns_names for p in netns._ns_pids(ns)}
+            return found if len(found) >= 5 else None
+
+        # The shell forks its background sleep when it gets to it: wait for all five.
+        pids = wait_until(all_five, what="five processes in the namespaces")
         assert {echo.pid, relay.proc.pid, stubborn.pid} <= pids
-        assert len(pids) >= 5
     finally:
         s.close()
     assert not set(ns_names) & set(list_namespaces())
