@@ -37,7 +37,8 @@ from metering_protocol.errors import (
     UnknownError,
 )
 from metering_protocol.framing import DEFAULT_MAX_FRAME_BYTES
-from metering_protocol.timefmt import parse_rfc3339, rfc3339
+from metering_protocol.messages import parse_time
+from metering_protocol.timefmt import rfc3339
 from metering_runtime.cliargs import UsageParser
 from metering_runtime.durable import write_atomic
 from metering_runtime.exitcodes import (
@@ -528,13 +529,16 @@ def _when(text: str, option: str, *, end_of_day: bool = False) -> float:
             start = datetime(day.year, day.month, day.day, tzinfo=UTC)
             when = (start + timedelta(days=1 if end_of_day else 0)).timestamp()
         else:
-            when = parse_rfc3339(text)
+            when = parse_time(text, option)  # as the server reads it: `z`, a leap second
     except ValueError:
         raise AdminError(
             f"report: {option} {text!r}: expected an RFC 3339 time "
             f"(2024-05-01T12:00:00Z) or a date (2024-05-01)",
             EX_USAGE,
         ) from None
+    except BadRequest as exc:  # "OPTION: why"
+        why = exc.message.removeprefix(f"{option}: ")
+        raise AdminError(f"report: {option} {text!r}: {why}", EX_USAGE) from None
     except OverflowError:
         when = float("inf")
     try:

@@ -142,3 +142,22 @@ def test_metering_admin_report_refuses_such_a_time_as_a_usage_error(text, end_of
     with pytest.raises(AdminError, match="outside the years 1 to 9999") as info:
         _when(text, "--until", end_of_day=end_of_day)
     assert info.value.code == EX_USAGE
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2024-05-01t08:00:00z", 1714550400.0),  # RFC 3339 allows lower case
+        ("2016-12-31T23:59:60Z", 1483228800.0),  # a leap second: the next minute's start
+        ("2024-05-01T10:00:00+02:00", 1714550400.0),
+    ],
+)
+def test_metering_admin_report_reads_times_as_the_server_does(text, expected):
+    """Found by a review: `--since`/`--until` refused RFC 3339 times the server's `report`
+    takes (a lower-case `t`/`z`, a leap second) as "expected an RFC 3339 time"."""
+    assert _when(text, "--since") == expected == parse_time(text, "since")
+
+
+def test_metering_admin_report_names_the_option_and_the_text_it_cannot_read():
+    with pytest.raises(AdminError, match=r"--since '2024-13-01T00:00:00Z': expected an RFC 3339"):
+        _when("2024-13-01T00:00:00Z", "--since")
