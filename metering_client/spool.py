@@ -158,13 +158,12 @@ class Spool:
     async def touch_open(self, now: float) -> None:
         """Open runs are still going at `now`: the time a restart after a crash takes as
         their end if they are gone by then."""
-        stamp = rfc3339(now)
         for record in [r for r in self.records.values() if r.running]:
             # Each write waits its turn: a record discarded or closed meanwhile (a seat
             # yielded, a run ended) must not be written back as running.
             if self.records.get(record.record_id) is not record or not record.running:
                 continue
-            record.ended_at = stamp
+            record.seen(now)
             await self.put(record)
 
     # --- uploading -----------------------------------------------------------------------------
@@ -349,7 +348,7 @@ class UsageLog:
             elif record.handle in held and not _program_gone(held[record.handle]):
                 self.by_handle[record.handle] = record
             else:
-                record.running = False  # ended_at: the last time it was seen going on
+                record.end_at_last_seen()
                 await self.spool.put(record)
                 log.info(
                     "usage_run_closed_after_restart",

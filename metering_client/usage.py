@@ -50,10 +50,20 @@ class UsageRecord(msgspec.Struct, kw_only=True):
     def to_wire(self) -> dict[str, Any]:
         return {f: getattr(self, f) for f in WIRE_FIELDS}
 
+    def seen(self, at: float) -> None:
+        """The open run was still going at `at` (never before it started: a wall clock
+        stepped back would otherwise make a record every server refuses)."""
+        self.ended_at = rfc3339(max(at, parse_rfc3339(self.started_at)))
+
     def end(self, at: float) -> None:
         """Close the run at `at` (never before it started)."""
-        self.ended_at = rfc3339(max(at, parse_rfc3339(self.started_at)))
+        self.seen(at)
         self.running = False
+
+    def end_at_last_seen(self) -> None:
+        """Close a run found open after a restart at the last time it was known to go on
+        (records written before `seen` clamped it included)."""
+        self.end(parse_rfc3339(self.ended_at))
 
 
 def new_record_id() -> str:

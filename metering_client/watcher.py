@@ -1006,7 +1006,7 @@ class Watcher:
         for record in running:
             keys = [tuple(k) for k in record.pids if tuple(k) in alive]
             if not keys:
-                record.running = False  # ended_at: the last time it was seen going on
+                record.end_at_last_seen()
                 await self.spool.put(record)
                 log.info(
                     "usage_run_closed_after_restart",

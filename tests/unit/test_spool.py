@@ -313,3 +313,31 @@ async def test_refreshing_open_runs_does_not_bring_back_one_discarded_meanwhile(
     assert third.record_id not in spool.records
     assert not spool.path(third.record_id).exists()
     assert spool.records[second.record_id].ended_at == rfc3339(T0 + 600)
+
+
+@pytest.mark.asyncio
+async def test_a_run_closed_after_the_clock_stepped_back_never_ends_before_it_started(tmp_path):
+    """Found by a review: the minute's upkeep wrote the wall clock as it was into an open
+    run's last-seen time, and a restart closed the run there. After the clock stepped back
+    (NTP at boot, a VM resumed) that was before the run's start: every server refuses such a
+    record, and the run went to spool/rejected/, lost to reports."""
+    now = [T0]
+    spool = Spool(tmp_path / "spool")
+    spool.load()
+    usage = UsageLog(spool, "ws-1", wall=lambda: now[0])
+    held = seat("L1", pid=os.getpid())
+    await usage.seat_taken(held, {}, {"L1": held}.__contains__)  # the run opens at T0
+    now[0] = T0 - 300  # the wall clock steps back five minutes
+    await spool.touch_open(now[0])
+    [open_run] = [r for r in spool.records.values() if r.running]
+    assert open_run.ended_at == open_run.started_at == rfc3339(T0)
+
+    # A record an older release wrote that way is repaired when the restart closes it.
+    on_disk = json.loads(spool.path(open_run.record_id).read_text())
+    on_disk["ended_at"] = rfc3339(T0 - 300)
+    spool.path(open_run.record_id).write_text(json.dumps(on_disk))
+    again = Spool(tmp_path / "spool")
+    running = again.load()
+    await UsageLog(again, "ws-1", wall=lambda: T0 + 3600).recover(running, {}, watching=False)
+    [closed] = again.pending(10, 10**6)
+    assert closed.started_at == closed.ended_at == rfc3339(T0) and not closed.running
