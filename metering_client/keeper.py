@@ -446,9 +446,14 @@ class LeaseKeeper:
         detached: bool = False,
         reclaim: str | None = None,
         idempotency_key: str | None = None,
+        on_held: Callable[[HeldLease], None] | None = None,
     ) -> tuple[HeldLease, dict[str, Any]]:
         """`idempotency_key`: the caller's own (a local program's retry of one checkout),
-        else one made here; either way one key for every attempt of this checkout."""
+        else one made here; either way one key for every attempt of this checkout.
+
+        `on_held(held)` (sync) the moment the seat is held here, before its journal write:
+        a caller cancelled during that write (its program went away) has by then recorded
+        whose seat it is, and can give it back."""
         held = self.held.get(reclaim) if reclaim is not None else None
         if held is not None and not same_product(held.product, held.version, product, version):
             # Another product's seat is no reclaim of this one (as the server judges it): a
@@ -457,6 +462,8 @@ class LeaseKeeper:
         if held is not None:
             if pid is not None:  # still held here: nothing to ask the server
                 held.pid, held.pid_start = pid, pid_start
+            if on_held is not None:
+                on_held(held)
             await self._changed()
             return held, self._held_reply(held)
         # One key for every attempt of this checkout: a retry after a lost reply, on any
@@ -476,6 +483,8 @@ class LeaseKeeper:
         same = self._holding(reply["lease"])
         if same is not None:  # the caller's key made it before: one seat, one handle
             same.in_use = reply.get("in_use", same.in_use)
+            if on_held is not None:
+                on_held(same)
             return same, {**reply, "lease": same.handle}
         held = HeldLease(
             handle=reply["lease"],
@@ -491,6 +500,8 @@ class LeaseKeeper:
             in_use=reply.get("in_use", 0),
         )
         self.held[held.handle] = held
+        if on_held is not None:
+            on_held(held)
         await self._changed()
         self._wake.set()  # heartbeats now matter
         return held, reply

@@ -15,7 +15,7 @@ import os
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from metering_client.keeper import LeaseKeeper
+from metering_client.keeper import HeldLease, LeaseKeeper
 from metering_client.programs import pid_start
 from metering_client.spool import UsageLog
 from metering_protocol import messages as m
@@ -155,12 +155,15 @@ class LocalSession:
             detached=req.detach,
             reclaim=reclaim,
             idempotency_key=_agent_key(req.user or self.user, req.idempotency_key),
+            on_held=self._hold,  # before the journal write: a close during it gives it back
         )
-        self.handles.add(held.handle)
-        self.agent.holders[held.handle] = self
         # On disk before the program hears of its seat (a reclaim adds nothing).
         await self.agent.usage.seat_taken(held, reply, self.agent.keeper.held.__contains__)
         return {**{k: v for k, v in reply.items() if k not in ("id", "ok")}, "lease": held.handle}
+
+    def _hold(self, held: HeldLease) -> None:
+        self.handles.add(held.handle)
+        self.agent.holders[held.handle] = self
 
     async def op_checkin(self, req: LocalCheckin) -> dict[str, Any]:
         if req.lease in self.agent.keeper.held and not self._mine(req.lease):

@@ -237,3 +237,39 @@ async def test_a_seat_granted_after_its_program_left_is_given_back_at_once(make_
     finally:
         await boss.close()
         await stop_local_agent(agent, short)
+
+
+@pytest.mark.asyncio
+async def test_a_program_gone_while_its_granted_seat_is_journalled_leaves_no_seat(
+    make_server, tmp_path
+):
+    """Found by a review: the program's connection closed after the server granted its seat
+    but while the agent wrote it to its journal. The seat stayed held for nobody for as long
+    as the program's pid lived (here this test's own process: the reaper never frees it)."""
+    server = await make_server(
+        products=[{"name": "A", "version": "1", "seats": 2}],
+        credentials={"ws": (["agent"], "tok"), "boss": (["admin"], "boss-tok")},
+    )
+    agent, short = await start_local_agent(server, tmp_path)
+    boss = await hello(server.address("tcp"), user="boss", token="boss-tok")
+    # Another seat change is being journalled (they are written one at a time): the
+    # program's seat waits for its own write behind it, deterministically.
+    journalling = agent.keeper._change_lock
+    await journalling.acquire()
+    try:
+        program = await hello(f"unix://{agent.config.socket}", client="p1")
+        program.send("checkout", program.next_id(), product="A", version="1")
+        await async_wait_until(lambda: agent.keeper.held, what="the seat granted and held")
+        await program.close()  # the program goes away (Ctrl-C, its own timeout)
+        await async_wait_until(
+            lambda: all(c.closing and not c.tasks for c in agent.endpoint.connections),
+            what="the program's checkout cancelled by the agent",
+        )
+        journalling.release()
+        await async_wait_until(lambda: not agent.keeper.held, what="the seat given back")
+        assert (await boss.request("status", timeout=5))["products"][0]["in_use"] == 0
+    finally:
+        if journalling.locked():
+            journalling.release()
+        await boss.close()
+        await stop_local_agent(agent, short)
