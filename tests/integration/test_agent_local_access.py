@@ -13,6 +13,7 @@ import pytest
 
 from metering_client.agent import Agent
 from metering_client.config import build_client_config
+from metering_protocol.errors import ConnectionLost
 from tests.conftest import hello
 from tests.support import async_wait_until, short_tmpdir, sqlite_write_lock, write_token
 
@@ -222,12 +223,13 @@ async def test_a_seat_granted_after_its_program_left_is_given_back_at_once(make_
         await agent.keeper.ensure_session()
         with sqlite_write_lock(tmp_path / "shared.db"):
             program = await hello(f"unix://{config.socket}", client="p1")
-            program.send("checkout", program.next_id(), product="A", version="1")
+            asked = program.send("checkout", program.next_id(), product="A", version="1")
             await async_wait_until(
                 lambda: any(c.tasks for c in server.endpoint.connections),
                 what="the checkout in the server's store",
             )
             await program.close()
+            assert isinstance(asked.exception(), ConnectionLost)  # never answered
             await async_wait_until(
                 lambda: not agent.endpoint.connections, what="the program gone from the agent"
             )
@@ -256,20 +258,23 @@ async def test_a_program_gone_while_its_granted_seat_is_journalled_leaves_no_sea
     # program's seat waits for its own write behind it, deterministically.
     journalling = agent.keeper._change_lock
     await journalling.acquire()
+    held_here = True
     try:
         program = await hello(f"unix://{agent.config.socket}", client="p1")
-        program.send("checkout", program.next_id(), product="A", version="1")
+        asked = program.send("checkout", program.next_id(), product="A", version="1")
         await async_wait_until(lambda: agent.keeper.held, what="the seat granted and held")
         await program.close()  # the program goes away (Ctrl-C, its own timeout)
+        assert isinstance(asked.exception(), ConnectionLost)  # never answered
         await async_wait_until(
             lambda: all(c.closing and not c.tasks for c in agent.endpoint.connections),
             what="the program's checkout cancelled by the agent",
         )
         journalling.release()
+        held_here = False
         await async_wait_until(lambda: not agent.keeper.held, what="the seat given back")
         assert (await boss.request("status", timeout=5))["products"][0]["in_use"] == 0
     finally:
-        if journalling.locked():
+        if held_here:  # not the agent's own hold of it
             journalling.release()
         await boss.close()
         await stop_local_agent(agent, short)
