@@ -64,6 +64,7 @@ class Agent:
             config, self.servers, holdoff_path=config.state_dir / "auth-holdoff.json"
         )
         self.journal = LeaseJournal(config.state_dir / "leases.json")
+        self._journal_failing = False  # its last write failed: logged once, written again
         self.keeper = LeaseKeeper(self.connector, on_lost=self._lost, on_change=self._persist)
         # Usage: every run of a watched program and every seat taken through the local API
         # is one record, spooled durably (state_dir/spool) and uploaded with `usage`.
@@ -199,10 +200,27 @@ class Agent:
         return f"{where}, {len(self.keeper.held)} lease(s)"
 
     async def _persist(self) -> None:
+        """The keeper's seats changed: the journal, then the usage records."""
         try:
-            await self.journal.save(list(self.keeper.held.values()))
+            await self._save_journal()
         finally:
             await self.usage.seats_changed(self.keeper.held)  # never raises
+
+    async def _save_journal(self) -> None:
+        """A journal that cannot be written (the state dir's disk full) costs no seat and no
+        record: the seats are held and renewed all the same, and only a restart before a
+        later write succeeds would not reclaim them (their TTL frees them).  The reaper's
+        rounds write it again meanwhile."""
+        try:
+            await self.journal.save(list(self.keeper.held.values()))
+        except OSError as exc:
+            if not self._journal_failing:  # one line per outage, not one per seat change
+                self._journal_failing = True
+                log.error("lease_journal_write_failed", error=str(exc))
+        else:
+            if self._journal_failing and not self.journal.behind:
+                self._journal_failing = False
+                log.info("lease_journal_written", leases=len(self.keeper.held))
 
     # --- usage -------------------------------------------------------------------------------
     async def _recover_usage(self) -> None:
@@ -264,7 +282,8 @@ class Agent:
             session.send({"event": "revoked", "lease": held.handle, "reason": reason})
 
     async def _reap_dead_programs(self) -> None:
-        """Leases whose program died without a checkin (or died while the agent was down)."""
+        """Leases whose program died without a checkin (or died while the agent was down);
+        and a journal whose last write failed, written again."""
         while True:
             for held in list(self.keeper.held.values()):
                 if held.detached or held.handle in self.holders:
@@ -277,6 +296,6 @@ class Agent:
                         await self.keeper.checkin(held.handle)
                     except MeteringError as exc:  # no server took it: the keeper sends it again
                         log.warning("checkin_failed", lease=held.handle, error=str(exc))
-                    except OSError as exc:  # journal write; the next round tries again
-                        log.error("lease_journal_write_failed", error=str(exc))
+            if self._journal_failing:
+                await self._save_journal()  # space again, perhaps
             await asyncio.sleep(REAP_INTERVAL_S)

@@ -40,6 +40,11 @@ class LeaseJournal:
             log.error("lease_journal_unreadable", path=str(self.path), error=str(exc))
             return []
 
+    @property
+    def behind(self) -> bool:
+        """A snapshot handed to `save` is not on disk yet (its write failed, or is under way)."""
+        return self._written < self._taken
+
     async def save(self, held: list[HeldLease]) -> None:
         """Persist `held`; on return it (or a newer snapshot) is on disk. Raises OSError."""
         self._taken += 1

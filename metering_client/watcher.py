@@ -922,8 +922,6 @@ class Watcher:
             await self.keeper.checkin(handle)
         except MeteringError as exc:  # no server took it: the keeper sends it again
             log.warning("checkin_failed", lease=handle, error=str(exc))
-        except OSError as exc:  # the lease journal
-            log.error("lease_journal_write_failed", error=str(exc))
         finally:
             self.handles.discard(handle)
 

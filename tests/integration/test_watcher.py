@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -199,6 +200,53 @@ async def test_a_watched_program_gets_a_seat_for_its_user_and_gives_it_back_on_e
 
 async def _no_leases(server) -> bool:
     return not await leases(server)
+
+
+@pytest.mark.asyncio
+async def test_a_full_disk_under_the_lease_journal_costs_no_seat_and_no_record(
+    make_server, tmp_path, sockdir, progdir, programs, monkeypatch
+):
+    """Found by a review: the journal's write failing (ENOSPC) inside the keeper's checkout
+    killed the watcher's checkout task; the run stayed "asking" for good, with a seat held
+    on the server and no usage record at all. Now the seat and the record are kept, the
+    failure is logged once, and the journal is written again once there is space."""
+    server = await make_server(products=[CLOCK], credentials=CREDS)
+    agent = await start_agent(tmp_path, sockdir, server)
+    journal = str(tmp_path / "st" / ".leases.json.")  # its temp files, before the rename
+    real_write = os.write
+    full = [True]
+
+    def write(fd: int, data) -> int:  # the state dir's disk is full, for the journal
+        if full[0] and os.readlink(f"/proc/self/fd/{fd}").startswith(journal):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    try:
+        with capture_logs() as logs:
+            proc = await programs.start(clock_binary(progdir), "60")
+            [lease] = await async_wait_until(lambda: leases(server), what="the seat granted")
+            await async_wait_until(
+                lambda: agent.watcher.handles and not agent.watcher._busy, what="the run seated"
+            )
+            [record] = [r for r in agent.spool.records.values() if r.product == "CLOCK.EXE"]
+            assert record.running and record.handle in agent.watcher.handles
+            proc.terminate()
+            await proc.wait()
+            await async_wait_until(lambda: _no_leases(server), what="the seat given back")
+            await agent.watcher.settle()
+            assert not record.running and record.outcome == "granted"
+            failed = [e for e in logs if e["event"] == "lease_journal_write_failed"]
+            assert len(failed) == 1, failed  # once, though every seat change failed
+            full[0] = False  # space again: the next reaper round writes the journal
+            await async_wait_until(
+                lambda: any(e["event"] == "lease_journal_written" for e in logs),
+                what="the journal written again",
+            )
+        assert json.loads((tmp_path / "st" / "leases.json").read_text())["leases"] == []
+        assert lease["product"] == "CLOCK.EXE"
+    finally:
+        await agent.stop()
 
 
 @pytest.mark.asyncio
