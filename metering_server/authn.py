@@ -107,6 +107,13 @@ class Authenticator:
         for observe in self.observers:
             observe(outcome)
 
+    def _failed(self, principal: str, source: str, reason: str, message: str) -> AuthFailed:
+        """A hello refused before any credential was judged: counted and logged like a
+        wrong token (an agent sending none is as much a failure to see on a dashboard)."""
+        self._refused("auth_failed")
+        self.seclog.event("auth_failed", principal=principal, source=source, reason=reason)
+        return AuthFailed(message)
+
     @staticmethod
     def _emit(event: str, fields: dict) -> None:
         log.warning(event, **fields)
@@ -131,13 +138,10 @@ class Authenticator:
         if token is None and peer_uid is not None and self.allow_peercred:
             return self._by_peer(user, peer_uid, source)
         if token is None or user is None:
-            self.seclog.event(
-                "auth_failed",
-                principal=user or "-",
-                source=source,
-                reason="token and user required",
-            )
-            raise AuthFailed("hello needs `user` and `token` on this transport")
+            raise self._failed(
+                user or "-", source, "token and user required",
+                "hello needs `user` and `token` on this transport",
+            )  # fmt: skip
         if self.credentials.needs_upgrade(user):
             # A slow scrypt hash: its hellos are judged one at a time, each after the lock
             # state the ones before it left.  Judged side by side, every wrong token sent at
@@ -327,18 +331,14 @@ class Authenticator:
         name = user_name(uid)
         privileged = uid in (0, self.own_uid)
         if name is None and not privileged:
-            self.seclog.event(
-                "auth_failed",
-                principal=f"uid={uid}",
-                source=source,
-                reason="peer uid has no user name",
-            )
-            raise AuthFailed(f"peer uid {uid} has no user name")
+            raise self._failed(
+                f"uid={uid}", source, "peer uid has no user name",
+                f"peer uid {uid} has no user name",
+            )  # fmt: skip
         if user is not None and user != name and not privileged:
-            self.seclog.event(
-                "auth_failed", principal=user, source=source, reason=f"peer is {name}"
+            raise self._failed(
+                user, source, f"peer is {name}", f"peer uid {uid} is {name!r}, not {user!r}"
             )
-            raise AuthFailed(f"peer uid {uid} is {name!r}, not {user!r}")
         principal = user or name or f"uid{uid}"
         roles = set(self.credentials.roles_for(principal))
         if privileged:

@@ -219,3 +219,20 @@ async def test_the_http_endpoint_holds_a_bounded_number_of_connections(make_serv
             writer.close()
     await async_wait_until(lambda: server.http.open == 0, what="the idle ones to go")
     assert (await http_get(address, "/healthz"))[0] == 200
+
+
+@pytest.mark.asyncio
+async def test_every_hello_refused_auth_failed_is_counted(make_server):
+    """Found by a review: only a wrong token reached `metering_auth_failures_total`; a hello
+    without a token (a misconfigured agent on TCP) was refused and security-logged, but not
+    counted, so the dashboard's alert on failed logons never saw it."""
+    server = await make_server(credentials=CREDS, metrics={"listen": "127.0.0.1:0"})
+    for user, token in (("alice", None), (None, "tok-alice"), ("alice", "wrong")):
+        c = await ProtocolClient.connect(server.address("tcp"), timeout=5)
+        try:
+            with pytest.raises(AuthFailed):
+                await c.hello("ws", user=user, token=token, timeout=5)
+        finally:
+            await c.close()
+    got = samples((await http_get(server.http.address, "/metrics"))[1])
+    assert got[("metering_auth_failures_total", ())] == 3
