@@ -12,7 +12,14 @@ from typing import Annotated, Literal
 import msgspec
 
 from metering_protocol.address import AddressError, parse_address
-from metering_protocol.config import ConfigError, convert, read_toml, resolve
+from metering_protocol.config import (
+    ConfigError,
+    Seconds,
+    SecondsOrZero,
+    convert,
+    read_toml,
+    resolve,
+)
 from metering_protocol.messages import MAX_USAGE_RECORDS
 from metering_runtime.http import parse_listen
 from metering_runtime.tokens import TokenFileError, read_token_file, require_token_file
@@ -20,7 +27,6 @@ from metering_runtime.tokens import TokenFileError, read_token_file, require_tok
 DEFAULT_CONFIG = Path("/etc/metering/client.toml")
 Pos = Annotated[int, msgspec.Meta(gt=0)]
 NonNeg = Annotated[int, msgspec.Meta(ge=0)]
-PosF = Annotated[float, msgspec.Meta(gt=0)]
 
 
 class _S(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -49,27 +55,27 @@ class ServersSection(_S):
     backoff_max_ms: Pos = 60000
     connect_timeout_ms: Pos = 2000
     request_timeout_ms: Pos = 2000
-    reprobe_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
-    auth_holdoff_s: Annotated[float, msgspec.Meta(ge=0)] = 3600.0
+    reprobe_interval_s: Seconds = 60.0
+    auth_holdoff_s: SecondsOrZero = 3600.0
     tls_ca_file: str | None = None
 
 
 class WatchSection(_S):
     enabled: bool = True
     interval_ms: Pos = 500
-    kill_grace_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0  # SIGTERM, then SIGKILL after this
+    kill_grace_s: SecondsOrZero = 10.0  # SIGTERM, then SIGKILL after this
     # Several instances of one product run by one user: one seat (and one record) for all,
     # held while any runs ("shared"), or a seat and a record each ("each").
     instances: Literal["shared", "each"] = "shared"
     # enforce mode with no server reachable: let programs run without a seat (recorded as
     # overuse) for offline_grace_s after the servers were lost ("allow"), or stop them ("stop").
     offline: Literal["allow", "stop"] = "allow"
-    offline_grace_s: Annotated[float, msgspec.Meta(ge=0)] = 3600.0
-    catalogue_refresh_s: PosF = 60.0  # re-read the servers' catalogue (executables) this often
+    offline_grace_s: SecondsOrZero = 3600.0
+    catalogue_refresh_s: Seconds = 60.0  # re-read the servers' catalogue (executables) this often
 
 
 class UsageSection(_S):
-    upload_interval_s: PosF = 30.0  # and at once when a server session is established
+    upload_interval_s: Seconds = 30.0  # and at once when a server session is established
     # records per `usage` request: at most what one request may carry (more: every batch
     # refused as a bad frame, and the spool never drained)
     batch_size: Annotated[int, msgspec.Meta(ge=1, le=MAX_USAGE_RECORDS)] = 500
@@ -83,8 +89,8 @@ class LocalSection(_S):
     max_connections: Pos = 1000
     max_inflight: Pos = 64
     max_write_buffer_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 1048576
-    hello_timeout_s: PosF = 10.0
-    idle_timeout_s: PosF = 300.0  # only for a connection that holds no seat
+    hello_timeout_s: Seconds = 10.0
+    idle_timeout_s: Seconds = 300.0  # only for a connection that holds no seat
     max_bad_frames_before_hello: Pos = 3
 
 

@@ -17,6 +17,13 @@ import msgspec
 
 T = TypeVar("T")
 
+# A duration key's bound: a year (and a day), the protocol's bound on any seconds it carries.
+# Past it an operator means "for ever", and the times made from it (a lease's expiry) could no
+# longer be written as dates: refused here, naming the key, not later as an internal error.
+MAX_SECONDS = 86400 * 366
+Seconds = typing.Annotated[float, msgspec.Meta(gt=0, le=MAX_SECONDS)]  # a duration
+SecondsOrZero = typing.Annotated[float, msgspec.Meta(ge=0, le=MAX_SECONDS)]  # 0: none, or off
+
 
 class ConfigError(ValueError):
     """A config problem, already phrased as one line for the operator."""

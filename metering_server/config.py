@@ -11,12 +11,18 @@ from urllib.parse import parse_qs, urlsplit
 import msgspec
 
 from metering_protocol.address import AddressError, parse_address
-from metering_protocol.config import ConfigError, convert, read_toml, resolve
+from metering_protocol.config import (
+    ConfigError,
+    Seconds,
+    SecondsOrZero,
+    convert,
+    read_toml,
+    resolve,
+)
 from metering_runtime.http import parse_listen
 from metering_server.store import POSTGRES_SCHEMES, StoreSettings
 
 Pos = Annotated[int, msgspec.Meta(gt=0)]
-PosF = Annotated[float, msgspec.Meta(gt=0)]
 
 
 class _S(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -33,11 +39,11 @@ class ServerSection(_S):
     max_inflight: Pos = 1024
     max_write_buffer_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 1048576
     max_waiters: Pos = 1000
-    hello_timeout_s: PosF = 10.0
-    idle_timeout_s: PosF = 300.0
+    hello_timeout_s: Seconds = 10.0
+    idle_timeout_s: Seconds = 300.0
     max_bad_frames_before_hello: Pos = 3
     sweep_interval_s: Annotated[float, msgspec.Meta(gt=0, le=5)] = 1.0
-    drain_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0
+    drain_timeout_s: SecondsOrZero = 10.0
     unix_socket_mode: Annotated[int, msgspec.Meta(ge=0, le=0o777)] = 0o666
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
@@ -51,18 +57,18 @@ class StoreSection(_S):
     password_file: str | None = None
     pool_min: Annotated[int, msgspec.Meta(ge=0, le=10000)] = 2
     pool_max: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 10
-    connect_timeout_s: PosF = 5.0
-    start_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 300.0  # 0: wait for ever
-    query_timeout_s: PosF = 30.0
+    connect_timeout_s: Seconds = 5.0
+    start_timeout_s: SecondsOrZero = 300.0  # 0: wait for ever
+    query_timeout_s: Seconds = 30.0
     # How long a call waits for a pooled connection (default: query_timeout_s), and how many
     # calls may wait at once (default: 1,000 per pool_max connection); past either, overloaded.
-    acquire_timeout_s: PosF | None = None
+    acquire_timeout_s: Seconds | None = None
     max_queued: Annotated[int, msgspec.Meta(ge=0, le=100_000_000)] | None = None
 
 
 class LeasesSection(_S):
-    ttl_s: PosF = 60.0
-    heartbeat_s: PosF = 20.0
+    ttl_s: Seconds = 60.0
+    heartbeat_s: Seconds = 20.0
 
 
 class AuthSection(_S):
@@ -73,12 +79,12 @@ class AuthSection(_S):
     # unreadable credentials file is a config error: every token hello would fail.
     peercred_only: bool = False
     lockout_threshold: Pos = 5
-    lockout_window_s: PosF = 300.0
-    lockout_s: PosF = 900.0
+    lockout_window_s: Seconds = 300.0
+    lockout_s: Seconds = 900.0
     # A source address alone is locked only when this many different principals fail from it
     # within lockout_window_s (password spraying); a bystander sharing the address is served.
     spray_principals: Annotated[int, msgspec.Meta(ge=2)] = 10
-    security_log_window_s: PosF = 60.0
+    security_log_window_s: Seconds = 60.0
 
 
 class SiteServer(_S):

@@ -53,6 +53,11 @@ def write(tmp_path: Path, text: str) -> Path:
         ("[server]\nname = ''\n", "server.name", "length >= 1"),
         ("[server]\nhello_timeout_s = inf\n", "server.hello_timeout_s", "finite"),
         ("[[products]]\nname='A'\nversion='1'\nseats=nan\n", "products[0].seats", "finite"),
+        # Found by a review: a TTL meant as "for ever" made expiries past the year 9999, and
+        # every `leases` request failed as an internal error while such a lease was held.
+        ("[leases]\nttl_s = 1e12\n", "leases.ttl_s", "<= 31622400"),
+        ("[store]\nstart_timeout_s = 1e9\n", "store.start_timeout_s", "<= 31622400"),
+        ("[auth]\nlockout_s = 1e10\n", "auth.lockout_s", "<= 31622400"),
     ],
 )
 def test_server_config_errors_name_file_key_and_problem(tmp_path, text, key, problem):
@@ -94,6 +99,8 @@ def test_client_config_keys_and_errors(tmp_path):
         build_client_config({"servers": {"list": ["a:1"]}}, path)
     with pytest.raises(ConfigError, match=r"servers\.reprobe_interval_s: must be a finite"):
         build_client_config({"servers": {"reprobe_interval_s": float("inf")}}, path)
+    with pytest.raises(ConfigError, match=r"watch\.offline_grace_s: expected `float` <= 31622400"):
+        build_client_config({"watch": {"offline_grace_s": 1e12}}, path)
     # an empty name or user is a mistake, not "use the default" (it became a refused logon)
     for key in ("name", "user"):
         with pytest.raises(ConfigError, match=rf"client\.{key}: expected `str` of length >= 1"):
