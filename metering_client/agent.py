@@ -123,7 +123,10 @@ class Agent:
         if someone_listens(path):
             raise AgentSocketError(f"client.socket: another agent is listening on {path}")
         self._listener = await bind(
-            Address("unix", path=str(path)), self.endpoint.handler_for("unix"), unix_mode=0o666
+            Address("unix", path=str(path)),
+            self.endpoint.handler_for("unix"),
+            unix_mode=0o666,
+            key="client.socket",
         )
         self.keeper.start()
         self._tasks.spawn(self._reap_dead_programs(), "reap-dead-programs")

@@ -30,9 +30,11 @@ from metering_runtime.exitcodes import (
     EX_CONFIG,
     EX_SOFTWARE,
     EX_TEMPFAIL,
+    EX_UNAVAILABLE,
     EX_USAGE,
     exit_code,
 )
+from metering_runtime.listeners import BindError
 from metering_runtime.logs import configure_logging
 
 # The protocol's bound on wait_s (messages.Seconds, `le`): a larger --wait is refused here, as
@@ -140,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         return exit_code(exc)
     except KeyboardInterrupt:
         return 130
+    except BindError as exc:  # client.socket or metrics.listen: perhaps free again soon
+        print(f"metering-client: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
     except OSError as exc:  # a path from the config that cannot be used
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
         print(f"metering-client: {where}{exc.strerror or exc}", file=sys.stderr)

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from metering_protocol.address import Address
+from metering_runtime.listeners import bind_error
 from metering_runtime.logs import get_logger
 
 log = get_logger("metering.http")
@@ -54,10 +55,14 @@ class HttpEndpoint:
         self.address: Address | None = None
         self.open = 0  # connections being served
 
-    async def start(self, listen: str) -> None:
-        """`listen` is HOST:PORT (port 0 picks a free one: see `address`)."""
+    async def start(self, listen: str, key: str = "metrics.listen") -> None:
+        """`listen` is HOST:PORT (port 0 picks a free one: see `address`); `key` the config
+        key that named it, for the one line a `BindError` gives the operator."""
         host, port = parse_listen(listen)
-        self._server = await asyncio.start_server(self._serve, host, port, limit=MAX_HEAD)
+        try:
+            self._server = await asyncio.start_server(self._serve, host, port, limit=MAX_HEAD)
+        except OSError as exc:  # in use, not this host's, a name that does not resolve
+            raise bind_error(f"http://{listen}", exc, key) from None
         bound = self._server.sockets[0].getsockname()
         self.address = Address("tcp", host=bound[0], port=bound[1])
 

@@ -77,8 +77,10 @@ async def bind(
     unix_mode: int = 0o666,
     limit: int = 2**16,
     inherited: list[socket.socket] | None = None,
+    key: str = "server.listen",
 ) -> Listener:
     """Listen on `address` (or on the socket-activated socket bound to it, from `inherited`).
+    `key`: the config key that named it, for the operator's one line if it cannot be bound.
 
     tcp:// and unix://: a protocol factory (a protocol per connection), or a stream handler
     `handler(reader, writer)` (a coroutine function).  tls://: `handler(sock)` with each
@@ -86,7 +88,7 @@ async def bind(
     """
     sock = _take_inherited(address, inherited or [])
     if address.scheme == "tls":
-        return await _bind_tls(address, handler, sock)  # type: ignore[arg-type]
+        return await _bind_tls(address, handler, sock, key)  # type: ignore[arg-type]
     serve = _server_of(handler, limit)  # type: ignore[arg-type]
     if sock is not None:
         if address.is_unix:
@@ -112,7 +114,7 @@ async def bind(
     except BindError:
         raise
     except OSError as exc:
-        raise _bind_error(address, exc) from None
+        raise bind_error(address, exc, key) from None
     sock = server.sockets[0]
     host, port = sock.getsockname()[:2]
     return Listener(address, Address(address.scheme, host=host, port=port), server)
@@ -137,14 +139,12 @@ def _server_of(
     return serve
 
 
-def _bind_error(address: Address, exc: OSError) -> BindError:
-    return BindError(
-        f"cannot listen on {address}: {exc.strerror or exc}; pick a free address in server.listen"
-    )
+def bind_error(address: object, exc: OSError, key: str) -> BindError:
+    return BindError(f"cannot listen on {address}: {exc.strerror or exc}; check {key}")
 
 
 async def _bind_tls(
-    address: Address, handler: SocketHandler, inherited: socket.socket | None
+    address: Address, handler: SocketHandler, inherited: socket.socket | None, key: str
 ) -> Listener:
     if inherited is not None:
         socks = [inherited]
@@ -152,7 +152,7 @@ async def _bind_tls(
         try:
             socks = await _listening_sockets(address.host, address.port)
         except OSError as exc:
-            raise _bind_error(address, exc) from None
+            raise bind_error(address, exc, key) from None
     server = AcceptLoop(socks, handler)
     server.start()
     host, port = socks[0].getsockname()[:2]

@@ -14,8 +14,8 @@ import pytest
 from metering_client.agent import Agent, AgentSocketError
 from metering_client.config import build_client_config
 from metering_client.programs import pid_alive, pid_start
-from metering_protocol.address import parse_address
-from metering_runtime.listeners import bind
+from metering_protocol.address import Address, parse_address
+from metering_runtime.listeners import BindError, bind
 from tests.conftest import hello
 from tests.support import async_wait_until, cli_path, short_tmpdir, write_token, write_toml
 
@@ -190,3 +190,18 @@ async def test_a_closed_connection_lets_go_of_its_socket_though_its_peer_never_r
     finally:
         for peer, _ in peers:
             peer.close()
+
+
+@pytest.mark.asyncio
+async def test_a_socket_that_cannot_be_bound_names_the_key_that_gave_it(tmp_path):
+    """Found by a review: the agent's socket failing to bind told the operator to fix
+    `server.listen`, a key its config does not have."""
+
+    async def handler(reader, writer) -> None:
+        writer.close()
+
+    where = Address("unix", path="/proc/agent.sock")  # no file can be made there, even by root
+    with pytest.raises(
+        BindError, match=r"^cannot listen on unix:///proc/agent.sock: .*; check client\.socket$"
+    ):
+        await bind(where, handler, key="client.socket")

@@ -281,3 +281,38 @@ def test_status_exits_75_while_no_server_is_reachable(tmp_path, sockdir):
         assert agent.terminate() == 0, agent.text()
     finally:
         agent.stop()
+
+
+# --- a metrics address that cannot be bound -------------------------------------------------
+@pytest.mark.parametrize("daemon", ["server", "agent"])
+@pytest.mark.parametrize("how", ["in-use", "unknown-host"])
+def test_a_metrics_address_that_cannot_be_bound_names_the_key_and_exits_69(
+    tmp_path, sockdir, daemon, how
+):
+    """Found by a review: a busy or unknown `metrics.listen` was a bare "address already in
+    use" or "Name or service not known", naming neither the key, with exit 78 — which the
+    units do not restart, so a port taken for a moment at boot kept the daemon down."""
+    busy = bind_tcp()
+    try:
+        host, port = busy.getsockname()
+        listen = f"{host}:{port}" if how == "in-use" else "no-such-host.invalid:9100"
+        if daemon == "server":
+            free = bind_tcp()
+            address = "tcp://{}:{}".format(*free.getsockname())
+            free.close()
+            cfg = server_toml(tmp_path, [address], metrics={"listen": listen})
+            write_credentials(cfg.parent / "credentials.toml", {})
+            proc = run_server("--config", str(cfg))
+        else:
+            token = write_token(tmp_path / "agent.token", TOKEN)
+            cfg = client_toml(tmp_path, ["tcp://127.0.0.1:9"], sockdir, token_file=str(token))
+            data = tomllib.loads(cfg.read_text())
+            data["metrics"] = {"listen": listen}
+            write_toml(cfg, data)
+            proc = run_client(cfg, "agent")
+    finally:
+        busy.close()
+    assert proc.returncode == 69, proc.stdout + proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]  # the log's JSON lines go before it
+    assert line.startswith(f"metering-{'server' if daemon == 'server' else 'client'}: "), line
+    assert f"cannot listen on http://{listen}: " in line and "check metrics.listen" in line, line
