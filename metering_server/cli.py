@@ -101,6 +101,15 @@ def preflight(cfg: ServerConfig) -> None:
             raise ConfigError(where, key, f"{existing} is not a directory")
         if not os.access(existing, os.W_OK | os.X_OK):
             raise ConfigError(where, key, f"{existing} is not writable by this user")
+    _sqlite_file(where, cfg.store_url)
+
+
+def _sqlite_file(where: Path | str, url: str) -> None:
+    """SQLite opens a file or makes one: anything else there is the operator's to fix."""
+    if url.startswith("sqlite://"):
+        path = Path(url[len("sqlite://") :])
+        if path.exists() and not path.is_file():
+            raise ConfigError(where, "store.url", f"{path} is not a file")
 
 
 def _sqlite_dir(url: str) -> Path | None:

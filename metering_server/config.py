@@ -250,7 +250,9 @@ def _store(
             if key != "url":
                 raise ConfigError(where, f"store.{key}", "only used with a postgresql:// store.url")
         db = url[len("sqlite://") :]
-        return (f"sqlite://{resolve(base, db)}" if db else url), StoreSettings()
+        if not db:
+            raise ConfigError(where, "store.url", "sqlite:// needs the database file's path")
+        return f"sqlite://{resolve(base, db)}", StoreSettings()
     if not url.startswith(POSTGRES_SCHEMES):
         raise ConfigError(where, "store.url", "must start with sqlite:// or postgresql://")
     try:

@@ -50,6 +50,7 @@ from .base import (
     RenewOutcome,
     StoreBusy,
     StoreFailed,
+    StoreUnavailable,
     StoreUnusable,
     Ticket,
     UsageOutcome,
@@ -888,9 +889,18 @@ class SQLiteStore(LeaseStore):
         loop = asyncio.get_running_loop()
         try:
             await self._thread.call(connect)
-        except BaseException:
+        except BaseException as exc:
             self._thread.shutdown(wait=False)  # a connect still waiting ends on its own
             self._thread = None
+            if isinstance(exc, sqlite3.OperationalError) and _lock_taken(exc):
+                raise StoreUnavailable(
+                    f"store {self.path}: another process held the database's lock past "
+                    f"busy_timeout_s = {self.busy_timeout_s:g}"
+                ) from None
+            if isinstance(exc, sqlite3.Error):  # a directory, not a database, unreadable
+                raise StoreUnusable(
+                    f"{self.path} (store.url): not a usable database: {exc}"
+                ) from None
             raise
         self._loop = loop
 

@@ -316,3 +316,31 @@ def test_a_metrics_address_that_cannot_be_bound_names_the_key_and_exits_69(
     line = proc.stderr.strip().splitlines()[-1]  # the log's JSON lines go before it
     assert line.startswith(f"metering-{'server' if daemon == 'server' else 'client'}: "), line
     assert f"cannot listen on http://{listen}: " in line and "check metrics.listen" in line, line
+
+
+# --- a SQLite store.url that cannot be a database -------------------------------------------
+@pytest.mark.parametrize("what", ["a-directory", "not-a-database", "no-path"])
+def test_a_sqlite_store_url_that_cannot_be_a_database_is_a_config_error(tmp_path, sockdir, what):
+    """Found by a review: a directory, a file that is not SQLite's or an empty path passed
+    --check-config, and the start then failed as a bug (exit 70, a traceback), which the
+    units restart for ever."""
+    if what == "a-directory":
+        url = f"sqlite://{tmp_path}"
+    elif what == "not-a-database":
+        junk = tmp_path / "junk.db"
+        junk.write_text("hello, I am not SQLite\n")
+        url = f"sqlite://{junk}"
+    else:
+        url = "sqlite://"
+    cfg = server_toml(tmp_path, [f"unix://{sockdir}/srv.sock"], auth={"peercred_only": True})
+    data = tomllib.loads(cfg.read_text())
+    data["store"] = {"url": url}
+    write_toml(cfg, data)
+    checked = run_server("--check-config", str(cfg))
+    started = run_server("--config", str(cfg))
+    assert started.returncode == 78, started.stdout + started.stderr
+    line = started.stderr.strip().splitlines()[-1]
+    assert line.startswith("metering-server: ") and "store.url" in line, line
+    if what != "not-a-database":  # that one is found only by opening it
+        line = one_line(checked.stderr, "metering-server")
+        assert checked.returncode == 78 and "store.url" in line, line
