@@ -234,7 +234,12 @@ class MeteringServer:
         return {"status": "serving" if store == "ok" else "degraded", "store": store}
 
     async def _start_metrics(self, listen: str) -> None:
-        metrics = ServerMetrics(self.seats, lambda: len(self.endpoint.connections), self.name)
+        metrics = ServerMetrics(
+            self.seats,
+            lambda: len(self.endpoint.connections),
+            self.name,
+            store_timeout_s=HEALTH_TIMEOUT_S,
+        )
         self.endpoint.observe = metrics.observe_request
         self.store.on_commit = metrics.observe_commit
         self.authenticator.observers.append(metrics.observe_auth)

@@ -9,6 +9,7 @@ Prometheus scrapes, so they describe the whole site (every server sharing the st
 
 from __future__ import annotations
 
+import asyncio
 import platform
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
@@ -47,9 +48,20 @@ def package_version() -> str:
 
 
 class ServerMetrics:
-    def __init__(self, seats: SeatService, sessions: Callable[[], int], server: str):
+    def __init__(
+        self,
+        seats: SeatService,
+        sessions: Callable[[], int],
+        server: str,
+        *,
+        store_timeout_s: float = 2.0,
+    ):
+        """`store_timeout_s`: how long a scrape waits for the store's figures.  A stuck
+        store must not hold the scrape past Prometheus's own timeout (10 s by default): the
+        reply then never comes, and `metering_store_up 0` is never seen."""
         self.seats = seats
         self.sessions = sessions
+        self.store_timeout_s = store_timeout_s
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.events = {
@@ -151,9 +163,12 @@ class ServerMetrics:
         for pool in self.seats.catalogue.pools:
             self.seats_total.labels(*pool.key).set(pool.seats)
         try:
-            status = await self.seats.status()
-        except Exception:
+            async with asyncio.timeout(self.store_timeout_s):
+                status = await self.seats.status()
+        except Exception:  # the store's failure, or no answer in time
             self.store_up.set(0)
+            self.in_use.clear()  # unknown now: no stale figures beside store_up 0
+            self.waiters.clear()
             return False
         self.store_up.set(1)
         self.in_use.clear()

@@ -18,7 +18,7 @@ from metering_client.agent import Agent
 from metering_protocol.client import ProtocolClient
 from metering_protocol.errors import AuthFailed, Denied
 from tests.conftest import hello
-from tests.support import agent_config, async_wait_until, short_tmpdir
+from tests.support import agent_config, async_wait_until, short_tmpdir, sqlite_write_lock
 
 P, V = "CLOCK.EXE", "4.00"
 PRODUCTS = [{"name": P, "version": V, "seats": 1}]
@@ -236,3 +236,22 @@ async def test_every_hello_refused_auth_failed_is_counted(make_server):
             await c.close()
     got = samples((await http_get(server.http.address, "/metrics"))[1])
     assert got[("metering_auth_failures_total", ())] == 3
+
+
+@pytest.mark.asyncio
+async def test_a_scrape_while_the_store_is_stuck_answers_store_down_in_time(make_server, tmp_path):
+    """Found by a review: a scrape waited for the store's figures as long as the store took
+    (SQLite's busy timeout, 30 s), past Prometheus's scrape timeout and the endpoint's own
+    15 s: no reply at all, so `metering_store_up 0` was never seen and its alert never fired."""
+    server = await make_server(products=[{"name": P, "version": V, "seats": 1}],
+                               metrics={"listen": "127.0.0.1:0"})  # fmt: skip
+    got = samples((await http_get(server.http.address, "/metrics"))[1])
+    assert got[("metering_store_up", ())] == 1 and got[("metering_seats_in_use", pool())] == 0
+    with sqlite_write_lock(tmp_path / "shared.db"):  # another process holds the store
+        code, text = await http_get(server.http.address, "/metrics")  # within 5 s
+        assert code == 200
+        got = samples(text)
+        assert got[("metering_store_up", ())] == 0
+        assert ("metering_seats_in_use", pool()) not in got  # unknown, not the last figure
+    got = samples((await http_get(server.http.address, "/metrics"))[1])
+    assert got[("metering_store_up", ())] == 1
