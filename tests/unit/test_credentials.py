@@ -408,3 +408,17 @@ def test_add_principal_missing_directory(tmp_path):
 
 def test_roles_constant():
     assert ROLES == ("user", "agent", "admin")
+
+
+def test_add_principal_writes_through_a_symlinked_credentials_file(tmp_path):
+    """Found by a review: the atomic rename replaced the link itself with a new file; the
+    file it pointed to (what config management keeps) never got the principal."""
+    kept = tmp_path / "managed" / "credentials.toml"
+    kept.parent.mkdir()
+    add_principal(kept, "alice", "user")
+    link = tmp_path / "credentials.toml"
+    link.symlink_to(kept)
+    token = add_principal(link, "bob", "agent")
+    assert link.is_symlink() and link.resolve() == kept
+    assert {p.name for p in Credentials.load(kept)} == {"alice", "bob"}
+    assert Credentials.load(link).authenticate("bob", token) is not None
