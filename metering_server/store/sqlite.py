@@ -361,6 +361,10 @@ log = get_logger("metering.store")
 _ERROR_LOG_EVERY_S = 10.0
 
 
+def _fold(name: str | None) -> str | None:
+    return None if name is None else name.upper()
+
+
 def _closing() -> StoreBusy:
     return StoreBusy("store busy: the store is closing; nothing was written")
 
@@ -883,6 +887,9 @@ class SQLiteStore(LeaseStore):
             # busy_timeout_s by another process.  (Setting the timeout around each BEGIN
             # instead cost two statements per batch, both prepared anew each time.)
             db.execute("PRAGMA busy_timeout=0")
+            # SQL's upper() folds ASCII letters alone: "Grün" and "GRÜN" name one pool for
+            # the catalogue but were two products to a lease listing.
+            db.create_function("fold", 1, _fold, deterministic=True)
             self._bulk = _has_json_each(db)
             self._db = db
 
@@ -1351,9 +1358,9 @@ class SQLiteStore(LeaseStore):
         def select(db: sqlite3.Connection) -> list[LeaseRecord]:
             sql = f"SELECT {_COLUMNS} FROM leases WHERE {_LIVE}"
             args: tuple = (now,)
-            if product is not None:
-                sql += " AND upper(product) = upper(?)"
-                args += (product,)
+            if product is not None:  # Python's case rules, as the catalogue's (`_fold`)
+                sql += " AND fold(product) = ?"
+                args += (product.upper(),)
             if after is None and limit is None:
                 sql += " ORDER BY granted_at"
             else:  # paged: by lease id (TEXT compares BINARY: code-point order in UTF-8)

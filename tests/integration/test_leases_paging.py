@@ -15,6 +15,7 @@ from metering_protocol.errors import BadRequest, Forbidden
 from metering_protocol.framing import DEFAULT_MAX_FRAME_BYTES, encode
 from metering_server.licensing import Pool
 from metering_server.store.base import GrantRequest
+from tests.conftest import hello
 
 pytestmark = pytest.mark.asyncio
 
@@ -171,3 +172,27 @@ async def test_paging_fields_do_not_bypass_the_admin_role(make_server):
             await c.request("leases", timeout=5, limit=1, after="L")
     finally:
         await c.close()
+
+
+@pytest.mark.asyncio
+async def test_a_product_filter_matches_names_as_the_catalogue_does(make_server):
+    """Found by a review: a checkout of "GRÜN" counts in the pool "Grün" (Python's case
+    rules), but `leases --product Grün` compared with SQLite's upper(), which folds ASCII
+    letters alone, and listed nothing."""
+    server = await make_server(
+        credentials={"adm": (["admin"], "tok-adm")},
+        products=[{"name": "Grün", "version": "1", "seats": 2}],
+    )
+    ws = await hello(server.address("unix"), client="ws")
+    adm = await hello(server.address("tcp"), client="adm", user="adm", token="tok-adm")
+    try:
+        lease = (await ws.request("checkout", timeout=5, product="GRÜN", version="1"))["lease"]
+        assert (await adm.request("status", timeout=5))["products"][0]["in_use"] == 1
+        for name in ("Grün", "grün", "GRÜN"):
+            listed = (await adm.request("leases", timeout=5, product=name))["leases"]
+            assert [x["lease"] for x in listed] == [lease], name
+            paged = (await adm.request("leases", timeout=5, product=name, limit=1))["leases"]
+            assert [x["lease"] for x in paged] == [lease], name
+    finally:
+        await ws.close()
+        await adm.close()
