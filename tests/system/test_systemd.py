@@ -191,6 +191,17 @@ def test_every_unit_is_a_watched_notify_service_in_a_sandbox(name):
     assert d.get("ProtectHome") in (["yes"], ["read-only"])
 
 
+def test_servers_wait_for_their_store_as_long_as_their_config_says():
+    """Found by a review: the default 90 s start timeout killed a server still waiting for
+    its PostgreSQL store (store.start_timeout_s, default 300 s; 0: for ever) before its own
+    bound could end the wait with exit 69 and its one line."""
+    from metering_server.config import StoreSection
+
+    assert StoreSection().start_timeout_s > 90
+    for name in ("metering-server.service", "metering-server@.service"):
+        assert unit(name)["TimeoutStartSec"] == ["infinity"], name
+
+
 def test_servers_have_no_capabilities_and_reload_on_sighup():
     for name in ("metering-server.service", "metering-server@.service"):
         d = unit(name)
