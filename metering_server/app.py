@@ -40,7 +40,7 @@ from metering_server.metrics import ServerMetrics
 from metering_server.seats import SeatService, SeatSettings
 from metering_server.session import Session
 from metering_server.store import open_store
-from metering_server.store.base import LeaseStore
+from metering_server.store.base import LeaseStore, StoreReadOnly
 
 log = get_logger("metering.server")
 
@@ -227,6 +227,8 @@ class MeteringServer:
             async with asyncio.timeout(HEALTH_TIMEOUT_S):
                 await self.store.ping()
             store = "ok"
+        except StoreReadOnly:
+            store = "read_only"
         except Exception:
             store = "unreachable"
         if self.draining:

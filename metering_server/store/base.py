@@ -106,6 +106,12 @@ class StoreFailed(Internal):
         super().__init__(message, retry_after_s=retry_after_s, **fields)
 
 
+class StoreReadOnly(StoreFailed):
+    """The database answers but takes no writes (a PostgreSQL primary demoted to a standby
+    after a failover, `default_transaction_read_only`, a URL that reaches a replica): every
+    checkout, heartbeat and checkin would fail, so health must not say `ok`."""
+
+
 # How long a revoke is remembered: a holder that was away (disconnected, suspended) still
 # learns its seat was revoked instead of silently getting a new one.
 RETAIN_REVOKED_S = 7 * 86400

@@ -76,6 +76,7 @@ from .base import (
     Notice,
     RenewOutcome,
     StoreBusy,
+    StoreReadOnly,
     StoreUnavailable,
     StoreUnreachable,
     StoreUnusable,
@@ -1309,6 +1310,20 @@ class PostgresStore(LeaseStore):
             return [rec for rec in map(_record, rows) if is_live(rec.expires_at, now)]
 
         return await self._run("leases", select, write=False)
+
+    async def ping(self) -> None:
+        """The database answers and takes writes.  A read-only one answers reads (the
+        base class's ping) while refusing every call that matters."""
+
+        async def read_only(db: asyncpg.Connection) -> bool:
+            return bool(
+                await db.fetchval(
+                    "SELECT pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on'"
+                )
+            )
+
+        if await self._run("ping", read_only, write=False):
+            raise StoreReadOnly(f"store {self.where}: the database is read-only")
 
     async def in_use(self, now: float) -> dict[tuple[str, str], int]:
         async def count(db: asyncpg.Connection) -> dict[tuple[str, str], int]:

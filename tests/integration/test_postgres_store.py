@@ -32,7 +32,7 @@ from tests.conftest import hello
 from tests.integration.test_store_contract import ALICE, T0, req
 from tests.pg import Cluster, create_database, drop_database, started
 from tests.stores import opened
-from tests.support import server_config, write_credentials
+from tests.support import async_wait_until, server_config, write_credentials
 
 
 @contextlib.asynccontextmanager
@@ -496,3 +496,40 @@ async def test_a_lease_moved_by_a_repool_keeps_the_lock_its_renewals_take(pg_sit
         assert await a.repool(lambda product, version: ("Clock.exe", "*"), renamed, claim=True) == 1
         assert postgres_store._pool_lock(stale) == postgres_store._pool_lock(("Clock.exe", "*"))
         assert (await b.renew([lease], *ALICE, "srv-b", T0 + 2, 10.0)).renewed == [lease]
+
+
+# --- a database that answers but takes no writes -----------------------------------------------
+@pytest.mark.asyncio
+async def test_health_is_degraded_while_the_database_is_read_only(pg_private, tmp_path, sockdir):
+    """Found by a review: health asked the store for a read alone, so a database gone
+    read-only (a primary demoted to a standby after a failover, a URL reaching a replica)
+    was "serving / ok" while every checkout, heartbeat and checkin failed."""
+    state = tmp_path / "srv"
+    state.mkdir()
+    write_credentials(state / "credentials.toml", {})
+    data = server_config(name="srv", state_dir=state, listen=[f"unix://{sockdir}/srv.sock"])
+    server = MeteringServer(build_server_config(data, None), store=pg_private.store())
+    await server.start()
+    try:
+        assert await server.health() == {"status": "serving", "store": "ok"}
+        async with pg_private.connect(superuser=True) as su:
+            await su.execute("ALTER SYSTEM SET default_transaction_read_only = on")
+            await su.execute("SELECT pg_reload_conf()")
+        await async_wait_until(  # each pooled backend takes the setting once signalled
+            lambda: _health_is(server, {"status": "degraded", "store": "read_only"}),
+            what="health degraded",
+        )
+        with pytest.raises(Internal):  # what every call meets meanwhile
+            await server.store.grant(req())
+        async with pg_private.connect(superuser=True) as su:
+            await su.execute("ALTER SYSTEM RESET default_transaction_read_only")
+            await su.execute("SELECT pg_reload_conf()")
+        await async_wait_until(
+            lambda: _health_is(server, {"status": "serving", "store": "ok"}), what="health ok"
+        )
+    finally:
+        await server.shutdown(timeout=1.0)
+
+
+async def _health_is(server: MeteringServer, expected: dict[str, str]) -> bool:
+    return await server.health() == expected
