@@ -135,6 +135,11 @@ class SeatService:
 
     async def start(self) -> None:
         self._context = contextvars.copy_context()
+        # Queue entries left by this server's last run (killed -9: nothing detached them)
+        # have no waiter here.  Renewed by this run's sweeps as its own, they counted as live
+        # waiters ahead of every checkout of their pool, site-wide, until their wait_s ran
+        # out.  Orphaned, they are skipped, and a client's keyed retry still re-attaches.
+        await self.store.detach(self.settings.server)
         await self.store.touch_server(self.settings.server, self.clock(), self.settings.ttl_s)
         await self.store.listen(self._on_notice)
         # The config may have changed while the server was down (a restart is how many
