@@ -184,6 +184,7 @@ class LeaseKeeper:
         self._failing_over = False
         self._dead_logged: Session | None = None
         self._gave_up = False  # after a full bounded attempt failed: one pass per backoff_max
+        self._refused_reclaims = 0  # reconnects in a row whose reclaim a server refused
         self._overloaded_beats = 0  # heartbeats in a row answered `overloaded`
         self.failovers = 0
         self._last_note: asyncio.Task | None = None
@@ -293,6 +294,7 @@ class LeaseKeeper:
                 log.info("failed_over", server=session.server, leases=len(self.held))
             self._failing_over = False
             self._gave_up = False
+            self._refused_reclaims = 0
             self.session = session
             self._wake.set()
             self._session_established()
@@ -643,6 +645,16 @@ class LeaseKeeper:
         except CredentialUnusable as exc:
             log.error("credential_unusable", error=exc.message)
             wait = 5.0
+        except SESSION_FAULTS as exc:
+            # A server took the hello and then refused or dropped the reclaims (`overloaded`
+            # in a failover storm): the site is there.  Parked for backoff_max like a site
+            # that never answered, the agent let every lease expire; it tries again after
+            # what the server asked, doubling while the refusals go on.
+            self._refused_reclaims += 1
+            servers = self.config.servers
+            first = max(exc.retry_after_s or 0.0, servers.retry_interval_ms / 1000, 0.1)
+            wait = min(first * 2 ** (self._refused_reclaims - 1), servers.backoff_max_ms / 1000)
+            log.warning("reclaim_refused", error=exc.message, retry_in_s=round(wait, 2))
         except MeteringError as exc:
             self._gave_up = True
             wait = self.connector.background_delay_s()

@@ -13,6 +13,7 @@ from metering_client.connector import Connector
 from metering_client.keeper import HeldLease, LeaseKeeper
 from metering_client.serverlist import ServerList
 from tests.conftest import hello
+from tests.support import async_wait_until
 
 
 async def _overloaded_on_checkout(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
@@ -86,3 +87,79 @@ async def test_reclaim_fault_moves_on_to_next_server(make_server, tmp_path):
         await keeper.stop()
         busy.close()
         await busy.wait_closed()
+
+
+class _RefusesTheFirstReclaim:
+    """The only server of a site: says hello, sheds the first reclaim with `overloaded`
+    (a failover storm's store), then serves."""
+
+    def __init__(self) -> None:
+        self.reclaims = 0
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        try:
+            while line := await reader.readline():
+                req = json.loads(line)
+                reply: dict = {"id": req["id"], "ok": True}
+                if req["op"] == "hello":
+                    reply |= {"server": "srv-a", "site": "test", "protocol": 1, "servers": [],
+                              "heartbeat_s": 1, "lease_ttl_s": 10, "roles": ["agent"]}  # fmt: skip
+                elif req["op"] == "checkout":
+                    self.reclaims += "lease" in req
+                    if self.reclaims == 1 and "lease" in req:
+                        reply = {"id": req["id"], "ok": False, "error": {
+                            "code": "overloaded", "message": "store busy", "retryable": True,
+                            "retry_after_s": 1.0}}  # fmt: skip
+                    else:
+                        reply |= {"lease": req.get("lease", "L1"), "reclaimed": "lease" in req,
+                                  "expires_in_s": 10, "in_use": 1, "seats": 5,
+                                  "mode": "enforce"}  # fmt: skip
+                elif req["op"] == "heartbeat":
+                    reply |= {"renewed": req["leases"], "lost": [], "revoked": [],
+                              "expires_in_s": 10}  # fmt: skip
+                writer.write(json.dumps(reply).encode() + b"\n")
+        finally:
+            writer.close()
+
+
+@pytest.mark.asyncio
+async def test_a_refused_reclaim_is_tried_again_soon_not_after_backoff_max(tmp_path):
+    """Found by a review: a reclaim the only server answered `overloaded` (retry after 1 s)
+    parked the agent for backoff_max_ms (60 s here) as if no server had answered: no
+    session, no heartbeats, and its leases (TTL 10 s) expired meanwhile."""
+    site = _RefusesTheFirstReclaim()
+    server = await asyncio.start_server(site.serve, "127.0.0.1", 0)
+    token = tmp_path / "token"
+    token.write_text("secret-ws\n")
+    token.chmod(0o600)
+    config = build_client_config(
+        {
+            "client": {"name": "ws-1", "user": "ws", "token_file": str(token)},
+            "servers": {
+                "list": [f"tcp://127.0.0.1:{server.sockets[0].getsockname()[1]}"],
+                "retries": 3,
+                "retry_interval_ms": 100,
+                "request_timeout_ms": 1000,
+                "backoff_max_ms": 60000,
+            },
+        },
+        tmp_path / "client.toml",
+    )
+    keeper = LeaseKeeper(Connector(config, ServerList(config.servers.addresses, None)))
+    try:
+        keeper.start()
+        held, _ = await keeper.checkout("A", "1", user="alice")
+        site.writers[0].transport.abort()  # the connection is reset
+        await async_wait_until(lambda: site.reclaims >= 1, what="the refused reclaim")
+        await async_wait_until(  # after the server's retry_after_s, well within the TTL
+            lambda: keeper.session is not None and not keeper.session.dead and site.reclaims >= 2,
+            timeout=8.0,
+            what="a session again",
+        )
+        assert held.handle in keeper.held
+    finally:
+        await keeper.stop()
+        server.close()
+        await server.wait_closed()
