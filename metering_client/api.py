@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,16 +112,7 @@ class Seat:
         # No agent: this process logs on itself, with the credential an agent would check
         # at its start (a config problem, not a refused logon).
         check_agent_credential(self.config)
-        writable = _writable(self.config)
-        state = self.config.state_dir
-        servers = ServerList(
-            self.config.servers.addresses, state / "servers.json" if writable else None
-        )
-        servers.load()
-        connector = Connector(
-            self.config, servers, holdoff_path=state / "auth-holdoff.json" if writable else None
-        )
-        self._keeper = LeaseKeeper(connector, on_lost=self._on_lost)
+        self._keeper = direct_keeper(self.config, on_lost=self._on_lost)
         try:
             held, self.reply = await self._keeper.checkout(
                 self.product, self.version, user=self.user, wait_s=self.wait_s
@@ -129,8 +121,10 @@ class Seat:
             await self._keeper.stop()
             raise
         self.lease = held.handle
-        if writable:  # an agent started meanwhile must not seat this program a second time
-            self._note = announce_direct_seat(state, held.lease, self.product, self.version)
+        if _writable(self.config):  # an agent started meanwhile must not seat it a second time
+            self._note = announce_direct_seat(
+                self.config.state_dir, held.lease, self.product, self.version
+            )
         self._keeper.start()
         return self
 
@@ -220,6 +214,21 @@ class Seat:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.release()
+
+
+def direct_keeper(
+    config: ClientConfig, *, on_lost: Callable[[HeldLease, str], None] | None = None
+) -> LeaseKeeper:
+    """A lease keeper for a process that logs on itself (no agent answers): with the
+    learned server list and the auth hold-off of the state dir, as the agent has them.
+    Without the hold-off every `status` of a monitoring job and every `checkin` presented a
+    credential the servers had refused, one more logon each (the seed's logon storm)."""
+    writable = _writable(config)
+    state = config.state_dir
+    servers = ServerList(config.servers.addresses, state / "servers.json" if writable else None)
+    servers.load()
+    holdoff = state / "auth-holdoff.json" if writable else None
+    return LeaseKeeper(Connector(config, servers, holdoff_path=holdoff), on_lost=on_lost)
 
 
 def _writable(config: ClientConfig) -> bool:

@@ -17,11 +17,9 @@ from pathlib import Path
 from typing import Any, get_args
 
 from metering_client.agent import Agent
-from metering_client.api import Seat, agent_request_timeout, connect_agent
+from metering_client.api import Seat, agent_request_timeout, connect_agent, direct_keeper
 from metering_client.config import ClientConfig, check_agent_credential, load_client_config
-from metering_client.connector import Connector
 from metering_client.keeper import LeaseKeeper
-from metering_client.serverlist import ServerList
 from metering_protocol.config import ConfigError
 from metering_protocol.errors import MeteringError
 from metering_protocol.messages import Seconds
@@ -379,10 +377,9 @@ def _status_text(reply: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _direct_keeper(config: ClientConfig):
+def _direct_keeper(config: ClientConfig) -> LeaseKeeper:
     check_agent_credential(config)  # as an agent would at start: a config problem is 78
-    servers = ServerList(config.servers.addresses, None)
-    return LeaseKeeper(Connector(config, servers))
+    return direct_keeper(config)
 
 
 if __name__ == "__main__":

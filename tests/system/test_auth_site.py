@@ -354,3 +354,33 @@ async def test_lockout_holds_across_server_processes(tmp_path, sockdir):
     # did not carry the credential on to the other servers.
     assert sum(locked_out) == 3 + 1, per_server
     assert all(n >= 1 for n in locked_out), per_server
+
+
+@pytest.mark.asyncio
+async def test_status_and_checkin_without_an_agent_keep_the_auth_hold_off(
+    make_server, tmp_path, sockdir
+):
+    """Found by a review: `status` and `checkin` without an agent ignored the hold-off the
+    state dir keeps after a refused logon (and the learned server list): a monitoring job's
+    every `status` presented the refused credential again, one more logon each."""
+    srv = await make_server(name="srv-a", credentials={"ws": (["agent"], "right-token")},
+                            auth={"lockout_threshold": 50})  # fmt: skip
+    refusals: list[str] = []
+    srv.authenticator.observers.append(refusals.append)
+    token = write_token(tmp_path / "token", "wrong-token")
+    client = {
+        "name": "ws-1",
+        "user": "ws",
+        "token_file": str(token),
+        "state_dir": str(tmp_path / "state"),
+        "socket": str(sockdir / "none.sock"),  # no agent answers
+    }
+    servers = {"list": [srv.address("tcp")], "retries": 1, "auth_holdoff_s": 3600}
+    cfg = write_toml(tmp_path / "client.toml", {"client": client, "servers": servers})
+    first = await asyncio.to_thread(run_client, cfg, "status")
+    assert first.returncode == 77, first.stderr
+    assert (tmp_path / "state" / "auth-holdoff.json").exists() and refusals == ["auth_failed"]
+    for args in (("status",), ("status",), ("checkin", "L-some-lease")):
+        again = await asyncio.to_thread(run_client, cfg, *args)
+        assert again.returncode == 77, again.stderr
+    assert refusals == ["auth_failed"]  # the one logon, not one per command
