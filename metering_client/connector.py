@@ -166,6 +166,10 @@ class Connector:
         )
         return True
 
+    def pass_delay_s(self, passes_done: int) -> float | None:
+        """The pause after `passes_done` passes over the servers (the retry policy's)."""
+        return self.policy.pass_delay_s(passes_done)
+
     def background_delay_s(self) -> float:
         """How long to wait before the next background attempt after `connect` gave up."""
         return self.policy.background_delay_s()

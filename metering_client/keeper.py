@@ -120,6 +120,8 @@ class SessionSource(Protocol):
 
     def background_delay_s(self) -> float: ...
 
+    def pass_delay_s(self, passes_done: int) -> float | None: ...
+
     def status(self) -> SourceStatus: ...
 
 
@@ -418,7 +420,8 @@ class LeaseKeeper:
         """Send one request to the current server; on a dead session fail over and send it
         again, within the retry bound (`passes` over the server list to connect, if given)."""
         tries = 0
-        limit = max(1, self.connector.server_count()) * self.config.servers.retries
+        servers = max(1, self.connector.server_count())
+        limit = servers * self.config.servers.retries
         while True:
             session = await self.ensure_session(passes=passes)
             if op == "checkout":
@@ -432,6 +435,12 @@ class LeaseKeeper:
                 tries += 1
                 if tries >= limit:
                     raise Unavailable(f"{op} failed on {tries} server session(s): {exc}") from None
+                if tries % servers == 0:
+                    # Each server took a hello and faulted the request: a pass, and the pause
+                    # between passes (or what the server asked), as when none answers at all.
+                    # Back to back, every try was a new session reclaiming every lease.
+                    pause = self.connector.pass_delay_s(tries // servers) or 0.0
+                    await asyncio.sleep(max(pause, exc.retry_after_s or 0.0))
             else:
                 self._served(session)
                 return reply

@@ -85,7 +85,7 @@ class FakeStatus:
 
 
 class FakeConnector:
-    __slots__ = ("config", "connects", "learned", "sessions", "subscribers")
+    __slots__ = ("config", "connects", "learned", "paused_after", "sessions", "subscribers")
 
     def __init__(self, *sessions: FakeSession):
         self.config = CONFIG
@@ -93,6 +93,7 @@ class FakeConnector:
         self.connects: list[list[str]] = []  # the `avoid` of each connect
         self.subscribers: list[Callable[[Any, dict[str, Any]], None]] = []
         self.learned: list[list[dict[str, Any]]] = []
+        self.paused_after: list[int] = []  # passes done, at each pause asked for
 
     def subscribe(self, callback: Callable[[Any, dict[str, Any]], None]) -> Callable[[], None]:
         self.subscribers.append(callback)
@@ -124,6 +125,10 @@ class FakeConnector:
 
     def background_delay_s(self) -> float:
         return 60.0
+
+    def pass_delay_s(self, passes_done: int) -> float | None:
+        self.paused_after.append(passes_done)
+        return 0.01
 
     def status(self) -> FakeStatus:
         return FakeStatus(attempts=7, error=None, servers=[A.address, B.address])
@@ -275,4 +280,25 @@ async def test_a_heartbeat_answered_overloaded_is_retried_on_the_same_server_fir
     first.fail_next = Overloaded("store busy", retry_after_s=0.5)
     assert await keeper._beat(first) is None
     assert first.dead  # refused once too often: the keeper moves
+    await keeper.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_request_faulted_by_every_server_pauses_between_passes():
+    """Found by a review: a request every server answered `overloaded` (or `internal`) was
+    sent again at once on a new session, each reclaiming every lease, retries x servers
+    times back to back, without the pause between passes or the servers' retry_after_s."""
+    sessions = [FakeSession(entry) for entry in (A, B, A, B)]
+    connector = FakeConnector(*sessions)
+    keeper, _ = make_keeper(connector, [])
+    for s in sessions:
+        s.fail_next = Overloaded("queue full", retry_after_s=0.05)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(MeteringError) as err:
+        await keeper.checkout("P", "1")
+    assert err.value.code == "unavailable"
+    assert [len(s.requests) for s in sessions] == [1, 1, 1, 1]  # retries (2) x servers (2)
+    assert connector.paused_after == [1]  # one pass done, one pause: none after the last
+    assert loop.time() - started >= 0.05  # the servers' retry_after_s, not the policy's 0.01
     await keeper.stop()
