@@ -54,6 +54,13 @@ def decide(pool: Pool, in_use: int) -> Decision:
     return Decision(granted=False)
 
 
+def queue_blocks(pool: Pool, ahead: int) -> bool:
+    """Checkouts queued ahead (FIFO across the site) keep a seat from a later one, in an
+    `enforce` pool; `meter` always grants, also past entries queued while it enforced (a
+    reload switched it): they refused its checkouts as "all seats are in use"."""
+    return ahead > 0 and pool.mode != "meter"
+
+
 def is_live(expires_at: float, now: float) -> bool:
     """The expiry rule, stated once: a lease is live while `expires_at > now`.
 

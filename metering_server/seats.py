@@ -719,6 +719,10 @@ class SeatService:
                 raise
             if generation == self._generation:
                 self._repools_owed -= 1
+            # A reload may have added seats or made a pool `meter`: the waiters here are
+            # served now, not at the next sweep.
+            for key in self._waiters.pools():
+                self._seat_freed(key)
 
     def drain(self) -> None:
         """Refuse new checkouts; every waiting one is answered `shutting_down`."""

@@ -63,6 +63,7 @@ from metering_server.licensing import (
     decide,
     is_live,
     lease_expiry,
+    queue_blocks,
     reclaim_verdict,
     release_verdict,
 )
@@ -748,7 +749,7 @@ class PostgresStore(LeaseStore):
             in_use, ahead = counts[0][pool.key], counts[1][pool.key]
             if (pool.key, req.layout) in counts[2]:
                 return GrantOutcome(False, in_use, retired=True)
-            if ahead:
+            if queue_blocks(pool, ahead):
                 return GrantOutcome(False, in_use, queued_ahead=ahead)
             decision = decide(pool, in_use)
             if not decision.granted:
@@ -825,7 +826,7 @@ class PostgresStore(LeaseStore):
                 if (key, req.layout) in retired_keys:
                     out.append(GrantOutcome(False, in_use[key], retired=True))
                     continue
-                if ahead[key]:
+                if queue_blocks(req.pool, ahead[key]):
                     out.append(GrantOutcome(False, in_use[key], queued_ahead=ahead[key]))
                     continue
                 decision = decide(req.pool, in_use[key])

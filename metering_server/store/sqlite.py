@@ -36,6 +36,7 @@ from metering_server.licensing import (
     Release,
     decide,
     is_live,
+    queue_blocks,
     reclaim_verdict,
     release_verdict,
     renew_verdict,
@@ -670,7 +671,7 @@ class SQLiteStore(LeaseStore):
             if (g.pool.key, g.layout) in retired:
                 outcomes[i] = (True, GrantOutcome(False, in_use, retired=True))
                 continue
-            if ahead:
+            if queue_blocks(g.pool, ahead):
                 outcomes[i] = (True, GrantOutcome(False, in_use, queued_ahead=ahead))
                 continue
             decision = decide(g.pool, in_use)
@@ -989,7 +990,7 @@ class SQLiteStore(LeaseStore):
             )
             if retired:
                 return GrantOutcome(False, in_use, retired=True)
-            if ahead:
+            if queue_blocks(pool, ahead):
                 return GrantOutcome(False, in_use, queued_ahead=ahead)
             decision = decide(pool, in_use)
             if not decision.granted:

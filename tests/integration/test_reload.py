@@ -576,3 +576,43 @@ async def test_a_reload_during_a_sweeps_pass_keeps_its_claim(reloadable):
         assert granted["in_use"] == 1
     finally:
         await c.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("after", ["more-seats", "meter"])
+async def test_a_reload_that_frees_seats_serves_the_waiting_checkouts_at_once(reloadable, after):
+    """Found by a review: a reload adding seats (or making the pool `meter`) left its
+    waiting checkouts to the next sweep (5 s here), and in `meter` mode, which always
+    grants, a checkout was `denied` meanwhile: the waiter queued while it enforced counted
+    as ahead of it."""
+    slow = {"sweep_interval_s": 5.0}
+    one = [{"name": "CLOCK.EXE", "version": "4.00", "seats": 1, "mode": "enforce"}]
+    server = await reloadable.start(products=one, server=slow)
+    sweep, swept = server.seats.sweep, asyncio.Event()
+
+    async def held_sweep() -> None:  # only the reload may serve the waiter
+        await swept.wait()
+        await sweep()
+
+    server.seats.sweep = held_sweep
+    try:
+        holder = await reloadable.client()
+        await holder.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00")
+        waiter = await reloadable.client()
+        waiting = waiter.send("checkout", waiter.next_id(), product="CLOCK.EXE",
+                              version="4.00", wait_s=30)  # fmt: skip
+
+        async def queued() -> bool:
+            return (await holder.request("status", timeout=5))["products"][0]["queued"] == 1
+
+        await async_wait_until(queued, what="the checkout queued")
+        new = dict(one[0], seats=2) if after == "more-seats" else dict(one[0], mode="meter")
+        await reloadable.reload(products=[new], server=slow)
+        if after == "meter":
+            other = await reloadable.client()
+            got = await other.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00")
+            assert got["mode"] == "meter"
+        got = await asyncio.wait_for(asyncio.shield(waiting), 3.0)  # not the sweep's 5 s
+        assert got["ok"] is True and got["lease"]
+    finally:
+        swept.set()

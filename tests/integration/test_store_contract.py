@@ -584,3 +584,19 @@ async def test_a_grant_resolved_under_a_layout_not_the_sites_is_refused(store):
     assert (await store.grant(msgspec.structs.replace(new, principal="eve", now=T0 + 2))).retired
     assert await store.release(held.lease, *ALICE, T0 + 3) is not None
     assert (await store.grant(msgspec.structs.replace(old, principal="dan", now=T0 + 3))).granted
+
+
+async def test_a_meter_pool_grants_past_checkouts_queued_while_it_enforced(store):
+    """Found by a review: a reload switched a pool to `meter`, which always grants, but the
+    checkout still queued from when it enforced counted as ahead of every new one: `denied`,
+    "all seats are in use"."""
+    await store.touch_server("srv-a", T0, 60.0)
+    await granted(store, req(now=T0))
+    entry = WaitEntry(ENFORCE.key, "CLOCK.EXE", "4.00", "dan", "ws-4", "dan", "srv-a", T0, T0 + 60)
+    await store.enqueue(entry)
+    blocked = await store.grant(req(who=("bob", "ws-2"), now=T0 + 1))
+    assert (blocked.granted, blocked.queued_ahead) == (False, 1)  # enforce: first come first
+    metered = Pool(ENFORCE.product, ENFORCE.version, ENFORCE.seats, "meter")
+    await store.repool(lambda p, v: metered.key, Catalogue([metered, METER]).layouts, claim=True)
+    out = await store.grant(req(metered, who=("bob", "ws-2"), now=T0 + 1))
+    assert out.granted and out.in_use == 2
