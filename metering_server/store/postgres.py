@@ -58,6 +58,7 @@ from metering_protocol.errors import Internal, LeaseNotFound, MeteringError
 from metering_runtime.logs import Throttle, get_logger
 from metering_server.auth.lockout import FailureState, LockoutPolicy
 from metering_server.licensing import (
+    Pool,
     Reclaim,
     Release,
     decide,
@@ -730,9 +731,9 @@ class PostgresStore(LeaseStore):
                     # Renewed also for a superseded waiter: handed to its caller, it must not
                     # be given back for the retry's (`give_back`).
                     earlier = await self._renew_row(db, earlier, req.server, replay_now, req.ttl_s)
-                    if req.waiter is not None and not superseded:
-                        await db.execute("DELETE FROM waiters WHERE id = $1", req.waiter)
                     in_use = await self._count(db, pool.key, req.now)
+                    if req.waiter is not None and not superseded:
+                        await self._served_waiter(db, req.waiter, pool, in_use)
                     return GrantOutcome(True, in_use, earlier, replayed=True)
                 if earlier is not None and not superseded:  # expired: may make a new lease
                     await self._delete(db, earlier.lease)
@@ -758,7 +759,7 @@ class PostgresStore(LeaseStore):
             if await db.execute(_INSERT, *_values(lease), req.idempotency_key) == "INSERT 0 0":
                 return GrantOutcome(False, in_use, key_reused=True)
             if req.waiter is not None:
-                await db.execute("DELETE FROM waiters WHERE id = $1", req.waiter)
+                await self._served_waiter(db, req.waiter, pool, in_use + 1)
             return GrantOutcome(True, in_use + 1, lease)
 
         outcome = await self._run("grant", grant)
@@ -1502,6 +1503,16 @@ class PostgresStore(LeaseStore):
         """A notice's payload up to its subject: kind and this store's origin, each ended by
         \x1e (`_listen_loop` splits them off). `_CHECK_IN` appends the pool in SQL."""
         return f"{kind}\x1e{self._origin}\x1e"
+
+    async def _served_waiter(
+        self, db: asyncpg.Connection, waiter: int, pool: Pool, in_use: int
+    ) -> None:
+        """A waiter's entry leaves the queue with its grant.  Seats left free then belong to
+        the next waiters, who may wait on other servers: refused a moment ago because this
+        one was ahead, they hear of it now (`freed`), not at their server's next sweep."""
+        await db.execute("DELETE FROM waiters WHERE id = $1", waiter)
+        if in_use < pool.seats:
+            await self._notify(db, [("freed", _pool_text(pool.key))])
 
     async def _notify(self, db: asyncpg.Connection, notices: list[Notice]) -> None:
         """Queue notices in the transaction: PostgreSQL delivers them at commit, and only

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 from structlog.testing import capture_logs
 
 from metering_protocol.config import ConfigError
@@ -30,7 +31,7 @@ from metering_server.store.migrations_pg import LATEST, MIGRATIONS, migrate
 from metering_server.store.postgres import PostgresStore, redact
 from tests.conftest import hello
 from tests.integration.test_store_contract import ALICE, T0, req
-from tests.pg import Cluster, create_database, drop_database, started
+from tests.pg import Cluster, create_database, drop_database, postgres_site, started
 from tests.stores import opened
 from tests.support import async_wait_until, server_config, write_credentials
 
@@ -533,3 +534,115 @@ async def test_health_is_degraded_while_the_database_is_read_only(pg_private, tm
 
 async def _health_is(server: MeteringServer, expected: dict[str, str]) -> bool:
     return await server.health() == expected
+
+
+# --- a waiter's grant on one server, the next waiter on another -----------------------------
+WAKE_PRODUCTS = [{"name": "A", "version": "1", "seats": 2}]
+WAKE_CREDS = {"ws": (["agent"], "secret-ws"), "admin": (["admin"], "secret-admin")}
+
+
+@pytest_asyncio.fixture
+async def two_pg_servers(tmp_path, sockdir):
+    site = await postgres_site(tmp_path)
+    servers: list[MeteringServer] = []
+    for name in ("srv-a", "srv-b"):
+        state = tmp_path / name
+        state.mkdir()
+        write_credentials(state / "credentials.toml", WAKE_CREDS)
+        data = server_config(
+            name=name,
+            state_dir=state,
+            store=tmp_path / "unused.db",
+            listen=[f"unix://{sockdir}/{name}.sock"],
+            products=WAKE_PRODUCTS,
+            server={"sweep_interval_s": 5.0},
+        )
+        server = MeteringServer(build_server_config(data, None), store=site.new_store())
+        await server.start()
+        servers.append(server)
+    yield servers
+    for server in servers:
+        await server.shutdown(timeout=1.0)
+    await site.destroy()
+
+
+async def _queued_on(server) -> int:
+    c = await hello(server.address("unix"), user="admin", token="secret-admin")
+    try:
+        return (await c.request("status", timeout=5))["products"][0]["queued"]
+    finally:
+        await c.close()
+
+
+async def _is(coro, value) -> bool:
+    return (await coro) == value
+
+
+@pytest.mark.asyncio
+async def test_a_seat_left_free_by_a_waiters_grant_reaches_the_next_on_another_server(
+    two_pg_servers,
+):
+    """Found by a review: W1 (srv-a) and W2 (srv-b) wait for a pool of 2; both seats are
+    freed. srv-b tries W2 first and is refused (W1 is ahead); srv-a then grants W1 one seat
+    and told nobody: the other seat stayed free while W2 waited for srv-b's next sweep."""
+    a, b = two_pg_servers
+    assert a.seats.store.listening and b.seats.store.listening
+    holder = await hello(a.address("unix"), client="holder", user="ws", token="secret-ws")
+    l1 = (await holder.request("checkout", timeout=5, product="A", version="1"))["lease"]
+    l2 = (await holder.request("checkout", timeout=5, product="A", version="1"))["lease"]
+    w1 = await hello(a.address("unix"), client="w1", user="ws", token="secret-ws")
+    w2 = await hello(b.address("unix"), client="w2", user="ws", token="secret-ws")
+    w1_reply = w1.send("checkout", w1.next_id(), product="A", version="1", wait_s=30)
+    await async_wait_until(lambda: _is(_queued_on(b), 1), what="w1 queued")
+    w2_reply = w2.send("checkout", w2.next_id(), product="A", version="1", wait_s=30)
+    await async_wait_until(lambda: _is(_queued_on(a), 2), what="w2 queued")
+
+    # Hold srv-a's grant to its waiter (as a busy store would) until srv-b has tried W2.
+    real_a, real_b = a.seats.store.grant, b.seats.store.grant
+    gate_a = asyncio.Event()
+    b_refusals: list[int] = []
+
+    async def a_grant(req):
+        if req.waiter is not None:
+            await gate_a.wait()
+        return await real_a(req)
+
+    async def b_grant(req):
+        outcome = await real_b(req)
+        if req.waiter is not None and not outcome.granted:
+            b_refusals.append(outcome.queued_ahead)
+        return outcome
+
+    a.seats.store.grant, b.seats.store.grant = a_grant, b_grant
+    # srv-b's sweep is up to 5 s away; hold it so the test shows what the notices do.
+    sweep_gate = asyncio.Event()
+    real_sweep = b.seats.sweep
+
+    async def held_sweep():
+        await sweep_gate.wait()
+        await real_sweep()
+
+    b.seats.sweep = held_sweep
+    try:
+        await holder.request("checkin", timeout=5, lease=l1)
+        await async_wait_until(lambda: len(b_refusals) >= 1, what="srv-b tried W2 (W1 ahead)")
+        await holder.request("checkin", timeout=5, lease=l2)
+        await async_wait_until(lambda: len(b_refusals) >= 2, what="srv-b tried W2 again")
+        gate_a.set()  # srv-a grants W1 one of the two free seats
+        got1 = await asyncio.wait_for(w1_reply, 5)
+        assert got1["ok"] is True
+        # one seat is free and W2 is the only waiter of the site
+        try:
+            got2 = await asyncio.wait_for(asyncio.shield(w2_reply), 2.0)
+        except TimeoutError:
+            pytest.fail(
+                f"W2 on srv-b still waiting 2 s after W1's grant, with a free seat "
+                f"(in_use={got1['in_use']} of {got1['seats']}, queued={await _queued_on(b)})"
+            )
+        assert got2["ok"] is True
+    finally:
+        sweep_gate.set()
+        a.seats.store.grant, b.seats.store.grant = real_a, real_b
+        b.seats.sweep = real_sweep
+        for c in (holder, w1, w2):
+            await c.close()
