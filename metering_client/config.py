@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import ssl
@@ -263,12 +264,14 @@ def check_agent_credential(config: ClientConfig) -> None:
         raise ConfigError(where, key, str(exc).removeprefix("token file ")) from None
 
 
-def token_stamp(path: Path | None) -> tuple | None:
-    """What identifies this version of the token file: a change lifts the auth hold-off."""
+def token_stamp(path: Path | None) -> str | None:
+    """What identifies the token the file holds: a change lifts the auth hold-off.  Its
+    digest, not the file's mtime and inode: a provisioning job that writes the same refused
+    token again every hour must not buy one more refused logon each time."""
     if path is None:
         return None
     try:
-        st = path.stat()
-    except FileNotFoundError:
+        token = path.read_bytes()
+    except OSError:  # gone or unreadable: the next hello finds out why
         return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
+    return hashlib.sha256(token.strip()).hexdigest()

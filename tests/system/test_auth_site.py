@@ -23,6 +23,9 @@ from typing import Any
 
 import pytest
 
+from metering_client.config import build_client_config
+from metering_client.connector import Connector
+from metering_client.serverlist import ServerList
 from metering_protocol.client import ProtocolClient
 from metering_protocol.errors import AuthFailed, LockedOut
 from tests.support import (
@@ -384,3 +387,39 @@ async def test_status_and_checkin_without_an_agent_keep_the_auth_hold_off(
         again = await asyncio.to_thread(run_client, cfg, *args)
         assert again.returncode == 77, again.stderr
     assert refusals == ["auth_failed"]  # the one logon, not one per command
+
+
+@pytest.mark.asyncio
+async def test_the_same_refused_token_written_again_does_not_lift_the_hold_off(
+    make_server, tmp_path
+):
+    """Found by a review: the hold-off was lifted by the token file's new mtime or inode, so
+    a provisioning job writing the same refused token every hour bought one more refused
+    logon each time, on every agent. A new token still lifts it at once."""
+    srv = await make_server(name="srv-a", credentials={"ws": (["agent"], "right-token")},
+                            auth={"lockout_threshold": 50})  # fmt: skip
+    refusals: list[str] = []
+    srv.authenticator.observers.append(refusals.append)
+    token = write_token(tmp_path / "token", "wrong-token")
+    config = build_client_config(
+        {
+            "client": {"name": "ws-1", "user": "ws", "token_file": str(token)},
+            "servers": {"list": [srv.address("tcp")], "retries": 1, "auth_holdoff_s": 3600},
+        },
+        tmp_path / "client.toml",
+    )
+    connector = Connector(config, ServerList(config.servers.addresses, None))
+    with pytest.raises(AuthFailed):
+        await connector.connect()
+    for n in range(3):  # new inode and mtime each time, the same token
+        again = tmp_path / f"token.{n}"
+        write_token(again, "wrong-token\n")
+        os.utime(again, ns=(0, (n + 1) * 10**9))
+        os.replace(again, token)
+        with pytest.raises(AuthFailed):
+            await connector.connect()
+    assert refusals == ["auth_failed"]
+    write_token(token, "right-token")  # the operator's fix is tried at once
+    session = await connector.connect()
+    await session.close()
+    assert refusals == ["auth_failed"]
