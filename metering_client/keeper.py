@@ -718,28 +718,43 @@ class LeaseKeeper:
     async def _move_back(self, session: Session | None) -> None:
         if session is None or session.dead:
             return
-        for entry in self.connector.better_than(session.entry):
-            try:
-                candidate = await self.connector.probe(entry)
-            except MeteringError:
-                return
-            if candidate is None:
-                continue
-            async with self._connect_lock:
-                try:
-                    await self._reclaim_all(candidate)
-                except SESSION_FAULTS:
-                    await candidate.close()
-                    continue
-                self._watch(candidate)
-                old, self.session = self.session, candidate
-            log.info(
-                "moved_back", server=candidate.server, left=old.server if old is not None else None
-            )
-            self._session_established()
-            if old is not None:
-                self._retire(old)
+        better = self.connector.better_than(session.entry)
+        if not better:
             return
+        # Probed side by side: one after another, each dark server cost its timeouts while
+        # no heartbeat went out, and three of them outlasted a short lease's TTL.
+        probed = await asyncio.gather(
+            *(self.connector.probe(entry) for entry in better), return_exceptions=True
+        )
+        candidates = [p for p in probed if p is not None and not isinstance(p, BaseException)]
+        try:
+            for failure in probed:
+                if isinstance(failure, BaseException) and not isinstance(failure, MeteringError):
+                    raise failure  # cancelled, or a bug
+            if any(isinstance(p, MeteringError) for p in probed):
+                return  # the credential was refused: no move on it
+            while candidates:  # the most preferred first
+                candidate = candidates.pop(0)
+                async with self._connect_lock:
+                    try:
+                        await self._reclaim_all(candidate)
+                    except SESSION_FAULTS:
+                        await candidate.close()
+                        continue
+                    self._watch(candidate)
+                    old, self.session = self.session, candidate
+                log.info(
+                    "moved_back",
+                    server=candidate.server,
+                    left=old.server if old is not None else None,
+                )
+                self._session_established()
+                if old is not None:
+                    self._retire(old)
+                return
+        finally:
+            for unused in candidates:
+                await unused.close()
 
     def _retire(self, old: Session) -> None:
         """Close a session we moved away from once the requests it carries are answered:

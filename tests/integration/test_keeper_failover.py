@@ -138,3 +138,75 @@ async def test_a_checkin_no_server_took_is_sent_again_when_a_server_is_back(make
             await bob.close()
     finally:
         await keeper.stop()
+
+
+# --- probing preferred servers while beating on another --------------------------------------
+PROBE_PRODUCTS = [{"name": "A", "version": "1", "seats": 5}]
+PROBE_CREDS = {"ws": (["agent"], "secret-ws")}
+
+
+@pytest.mark.asyncio
+async def test_probing_dark_preferred_servers_does_not_starve_heartbeats(
+    make_server, tmp_path, sockdir
+):
+    """Found by a review: the move-back probes of the preferred servers went one after
+    another in the heartbeat loop; three that accept TCP and never answer cost 4.5 s without
+    a heartbeat, past the 4 s TTL, and the lease expired on the server that answered all
+    along. Probed side by side, they cost one probe's time."""
+    dark = [bind_tcp() for _ in range(3)]
+    dark_addrs = [f"tcp://127.0.0.1:{s.getsockname()[1]}" for s in dark]
+    b_addr = f"unix://{sockdir}/srv-b.sock"
+    site = [{"name": f"dark{i}", "address": a, "priority": 0} for i, a in enumerate(dark_addrs)]
+    site.append({"name": "srv-b", "address": b_addr, "priority": 1})
+    await make_server(
+        name="srv-b",
+        products=PROBE_PRODUCTS,
+        credentials=PROBE_CREDS,
+        site=site,
+        leases={"ttl_s": 4.0, "heartbeat_s": 1.0},
+    )
+    config = build_client_config(
+        {
+            "client": {
+                "name": "ws-1",
+                "user": "ws",
+                "token_file": str(write_token(tmp_path / "token", "secret-ws")),
+                "state_dir": str(tmp_path / "state"),
+            },
+            "servers": {
+                "list": [b_addr],
+                "retries": 2,
+                "retry_interval_ms": 10,
+                "connect_timeout_ms": 1000,
+                "request_timeout_ms": 1500,
+                "reprobe_interval_s": 0.5,
+            },
+        },
+        tmp_path / "client.toml",
+    )
+    servers = ServerList(config.servers.addresses, None)
+    servers.learn(site, 1)  # as from servers.json: the site's list is known
+    keeper = LeaseKeeper(Connector(config, servers))
+    try:
+        keeper.start()  # as the agent does: the maintainer makes the first session
+        held, _ = await keeper.checkout("A", "1", user="alice")  # the darks cost 4.5 s once
+        assert keeper.session.server == "srv-b"
+        original = held.lease
+
+        def lost() -> bool:
+            h = keeper.held.get(held.handle)
+            return h is None or h.lease != original
+
+        try:  # an absence over a window of several probe rounds
+            await async_wait_until(lost, timeout=8.0, what="the lease lost")
+        except AssertionError:
+            pass  # kept all along
+        else:
+            pytest.fail(
+                "the lease expired on srv-b (which answered all along): heartbeats were "
+                "starved by move-back probes of dark servers"
+            )
+    finally:
+        await keeper.stop()
+        for s in dark:
+            s.close()
