@@ -147,6 +147,15 @@ class Connector:
         """The best (lowest) priority of any known server."""
         return self.servers.preferred_priority()
 
+    def priority_of(self, address: str) -> int:
+        """`address`'s priority in the list as it is now; a server no longer listed ranks
+        below every listed one."""
+        entries = self.servers.entries()
+        for e in entries:
+            if e.address == address:
+                return e.priority
+        return max((e.priority for e in entries), default=0) + 1
+
     def better_than(self, entry: ServerEntry) -> list[ServerEntry]:
         """Servers preferred over `entry`, in the order they are listed: what to probe
         before moving back."""

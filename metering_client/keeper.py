@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import secrets
 import time
@@ -114,6 +115,8 @@ class SessionSource(Protocol):
 
     def preferred_priority(self) -> int: ...
 
+    def priority_of(self, address: str) -> int: ...
+
     def better_than(self, entry: ServerEntry) -> list[ServerEntry]: ...
 
     def learn_servers(self, servers: list[dict[str, Any]], version: Any = None) -> bool: ...
@@ -187,6 +190,7 @@ class LeaseKeeper:
         self._dead_logged: Session | None = None
         self._gave_up = False  # after a full bounded attempt failed: one pass per backoff_max
         self._refused_reclaims = 0  # reconnects in a row whose reclaim a server refused
+        self._list_changed = False  # the server list changed: when to probe is worked out anew
         self._overloaded_beats = 0  # heartbeats in a row answered `overloaded`
         self.failovers = 0
         self._last_note: asyncio.Task | None = None
@@ -588,7 +592,9 @@ class LeaseKeeper:
     def _on_event(self, session: Session, msg: dict[str, Any]) -> None:
         event = msg.get("event")
         if event == "servers":
-            self.connector.learn_servers(msg.get("servers") or [], msg.get("servers_version"))
+            if self.connector.learn_servers(msg.get("servers") or [], msg.get("servers_version")):
+                self._list_changed = True  # a re-ranked site: look for a better server again
+                self._wake.set()
         elif event == "shutdown":
             self.session_failed(session, "server is shutting down")
         elif event == "revoked":
@@ -612,15 +618,23 @@ class LeaseKeeper:
     async def _maintain_rounds(self) -> None:
         next_beat = 0.0
         next_probe = float("inf")
+        probing_for: Session | None = None  # the session next_probe was worked out for
         while True:
             session = self.session
+            if session is not probing_for or self._list_changed:
+                # A session made by a request (`call`, a program's checkout before `start`)
+                # or a list that re-ranked the servers: when to look for a better server
+                # follows, not only the sessions this loop made itself.
+                self._list_changed = False
+                probing_for = session
+                next_probe = self._next_probe_time(session)
             if session is None or session.dead:
                 if not await self._reconnect_in_background():
                     continue
                 session = self.session
                 assert session is not None
                 next_beat = self.clock() + session.heartbeat_s
-                next_probe = self._next_probe_time(session)
+                probing_for, next_probe = session, self._next_probe_time(session)
             if self._unreturned:  # at once on a session back, else once a wake-up or a beat
                 await self._give_back(session)
             now = self.clock()
@@ -636,12 +650,14 @@ class LeaseKeeper:
                 next_beat = self.clock() + (sooner if sooner is not None else session.heartbeat_s)
             if self.clock() >= next_probe:
                 await self._move_back(session)
-                next_probe = self._next_probe_time(self.session)
+                probing_for, next_probe = self.session, self._next_probe_time(self.session)
 
     def _next_probe_time(self, session: Session | None) -> float:
-        if session is None:
+        if session is None or session.dead:
             return float("inf")
-        if session.entry.priority > self.connector.preferred_priority():
+        # The priority the site's list gives its server now, not the one of the list the
+        # session was opened from (a config naming the backup alone; a re-ranked site).
+        if self.connector.priority_of(session.entry.address) > self.connector.preferred_priority():
             return self.clock() + self.config.servers.reprobe_interval_s
         return float("inf")
 
@@ -718,7 +734,10 @@ class LeaseKeeper:
     async def _move_back(self, session: Session | None) -> None:
         if session is None or session.dead:
             return
-        better = self.connector.better_than(session.entry)
+        now_ranked = dataclasses.replace(
+            session.entry, priority=self.connector.priority_of(session.entry.address)
+        )
+        better = self.connector.better_than(now_ranked)
         if not better:
             return
         # Probed side by side: one after another, each dark server cost its timeouts while

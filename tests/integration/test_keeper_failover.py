@@ -210,3 +210,117 @@ async def test_probing_dark_preferred_servers_does_not_starve_heartbeats(
         await keeper.stop()
         for s in dark:
             s.close()
+
+
+@pytest.mark.asyncio
+async def test_a_client_configured_with_the_backup_alone_moves_to_the_preferred_server(
+    make_server, tmp_path, sockdir
+):
+    """Found by a review: a workstation whose config names only the site's backup server
+    connects there with the configured priority 0; hello teaches it the site's list (srv-a
+    preferred), but the keeper judged by the session's own entry and never probed. Its
+    first session is a program's checkout, before the keeper's loop starts (`run` without
+    an agent), which also left the loop never probing."""
+    a_addr = f"unix://{sockdir}/srv-a.sock"
+    b_addr = f"unix://{sockdir}/srv-b.sock"
+    site = [
+        {"name": "srv-a", "address": a_addr, "priority": 0},
+        {"name": "srv-b", "address": b_addr, "priority": 1},
+    ]
+    await make_server(name="srv-a", products=PROBE_PRODUCTS, credentials=PROBE_CREDS, site=site)
+    await make_server(name="srv-b", products=PROBE_PRODUCTS, credentials=PROBE_CREDS, site=site)
+    config = build_client_config(
+        {
+            "client": {
+                "name": "ws-1",
+                "user": "ws",
+                "token_file": str(write_token(tmp_path / "token", "secret-ws")),
+                "state_dir": str(tmp_path / "state"),
+            },
+            # the workstation image names only the backup server
+            "servers": {
+                "list": [b_addr],
+                "retries": 2,
+                "retry_interval_ms": 10,
+                "reprobe_interval_s": 0.2,
+            },
+        },
+        tmp_path / "client.toml",
+    )
+    servers = ServerList(config.servers.addresses, None)
+    keeper = LeaseKeeper(Connector(config, servers))
+    try:
+        await keeper.checkout("A", "1", user="alice")
+        keeper.start()
+        assert keeper.session.server == "srv-b"
+        # hello taught it the site's list: srv-a is preferred
+        assert servers.entries()[0].address == a_addr
+        # 0.2 s reprobe interval: within 5 s it should have moved to srv-a
+        await async_wait_until(
+            lambda: keeper.session is not None and keeper.session.server == "srv-a",
+            timeout=5.0,
+            what="move to the site's preferred server srv-a",
+        )
+    finally:
+        await keeper.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_client_moves_when_a_servers_event_re_ranks_the_site(
+    make_server, tmp_path, sockdir
+):
+    """Found by a review: srv-a demoted by a `servers` event with a higher version; the
+    client on srv-a never probed srv-b (its session's entry still said priority 0)."""
+    a_addr = f"unix://{sockdir}/srv-a.sock"
+    b_addr = f"unix://{sockdir}/srv-b.sock"
+    site = [
+        {"name": "srv-a", "address": a_addr, "priority": 0},
+        {"name": "srv-b", "address": b_addr, "priority": 1},
+    ]
+    await make_server(name="srv-a", products=PROBE_PRODUCTS, credentials=PROBE_CREDS, site=site)
+    await make_server(name="srv-b", products=PROBE_PRODUCTS, credentials=PROBE_CREDS, site=site)
+    config = build_client_config(
+        {
+            "client": {
+                "name": "ws-1",
+                "user": "ws",
+                "token_file": str(write_token(tmp_path / "token", "secret-ws")),
+                "state_dir": str(tmp_path / "state"),
+            },
+            "servers": {
+                "list": [a_addr, b_addr],
+                "retries": 2,
+                "retry_interval_ms": 10,
+                "reprobe_interval_s": 0.2,
+            },
+        },
+        tmp_path / "client.toml",
+    )
+    servers = ServerList(config.servers.addresses, None)
+    connector = Connector(config, servers)
+    keeper = LeaseKeeper(connector)
+    try:
+        await keeper.checkout("A", "1", user="alice")
+        keeper.start()
+        assert keeper.session.server == "srv-a"
+        session = keeper.session
+        # what srv-a pushes after the operator's reload (delivered as the event callback)
+        keeper._on_event(
+            session,
+            {
+                "event": "servers",
+                "servers": [
+                    {"name": "srv-a", "address": a_addr, "priority": 5},
+                    {"name": "srv-b", "address": b_addr, "priority": 0},
+                ],
+                "servers_version": 7,
+            },
+        )
+        assert servers.entries()[0].address == b_addr
+        await async_wait_until(
+            lambda: keeper.session is not None and keeper.session.server == "srv-b",
+            timeout=5.0,
+            what="move to the now-preferred srv-b",
+        )
+    finally:
+        await keeper.stop()

@@ -116,6 +116,9 @@ class FakeConnector:
     def preferred_priority(self) -> int:
         return 0
 
+    def priority_of(self, address: str) -> int:
+        return next(e.priority for e in (A, B) if e.address == address)
+
     def better_than(self, entry: ServerEntry) -> list[ServerEntry]:
         return [e for e in (A, B) if e.priority < entry.priority]
 
