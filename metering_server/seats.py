@@ -552,7 +552,12 @@ class SeatService:
         self, holder: Holder, pool: Pool, req: CheckoutRequest, in_use: int, waited: bool = False
     ) -> Denied:
         self._publish(ev.Denied, holder, req, in_use=in_use, seats=pool.seats, waited=waited)
-        why = "waited, no seat freed" if waited else "all seats are in use"
+        if waited:
+            why = "waited, no seat freed"
+        elif in_use < pool.seats:  # a seat is free, and checkouts queued before this one get it
+            why = "checkouts waiting before this one take the free seats"
+        else:
+            why = "all seats are in use"
         return Denied(
             f"{pool.product} {pool.version}: {why}",
             in_use=in_use,

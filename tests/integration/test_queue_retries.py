@@ -12,6 +12,8 @@ import time
 import pytest
 
 from metering_protocol.client import ProtocolClient
+from metering_protocol.errors import Denied
+from metering_server.store.base import WaitEntry
 from tests.conftest import hello
 from tests.integration.test_cancel import HeldGrants
 from tests.support import async_wait_until
@@ -204,3 +206,27 @@ async def test_a_waiter_drained_as_its_wait_runs_out_keeps_its_place(make_server
     finally:
         for c in (bob, alice):
             await c.close()
+
+
+@pytest.mark.asyncio
+async def test_a_checkout_refused_for_waiters_ahead_says_so_not_that_all_seats_are_in_use(
+    make_server,
+):
+    """Found by a review: a seat free, and a checkout queued on another server ahead of this
+    one: `denied` said "all seats are in use" beside `in_use` 0 of 1, so a client working out
+    free seats from the words retried in vain."""
+    server = await make_server(products=[{"name": "A", "version": "1", "seats": 1}])
+    now = server.clock()
+    await server.store.touch_server("srv-other", now, 60.0)  # a live server of the site
+    await server.store.enqueue(
+        WaitEntry(("A", "1"), "A", "1", "bob", "ws-9", "bob", "srv-other", now, now + 60)
+    )
+    c = await hello(server.address("unix"), client="ws-1")
+    try:
+        with pytest.raises(Denied) as err:
+            await c.request("checkout", timeout=5, product="A", version="1")
+    finally:
+        await c.close()
+    assert err.value.fields["in_use"] == 0 and err.value.fields["seats"] == 1
+    assert "waiting before this one" in err.value.message
+    assert "all seats are in use" not in err.value.message
