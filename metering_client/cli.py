@@ -179,19 +179,28 @@ async def run_command(
     config: ClientConfig, product: str, version: str, wait_s: float, cmd: list[str]
 ) -> int:
     async with Seat(product, version, config=config, wait_s=wait_s) as seat:
-        try:
-            proc = await asyncio.create_subprocess_exec(*cmd)
-        except OSError as exc:
-            print(
-                f"metering-client run: cannot start {cmd[0]!r}: {exc.strerror or exc}",
-                file=sys.stderr,
-            )
-            return 127 if isinstance(exc, FileNotFoundError) else 126
         loop = asyncio.get_running_loop()
         forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+        # Caught from the moment the seat is held: a signal before the command exists is
+        # passed on as soon as it does.  Caught only after the start, one in between took
+        # Python's default way (KeyboardInterrupt, or the end of `run`) and left the command
+        # running with nobody to stop it or give its seat back when it ended.
+        early: list[int] = []
         for sig in forwarded:
-            loop.add_signal_handler(sig, _relay, proc, sig)
+            loop.add_signal_handler(sig, early.append, sig)
         try:
+            try:
+                proc = await asyncio.create_subprocess_exec(*cmd)
+            except OSError as exc:
+                print(
+                    f"metering-client run: cannot start {cmd[0]!r}: {exc.strerror or exc}",
+                    file=sys.stderr,
+                )
+                return 127 if isinstance(exc, FileNotFoundError) else 126
+            for sig in forwarded:
+                loop.add_signal_handler(sig, _relay, proc, sig)
+            for sig in early:  # the command missed these, the terminal's own included
+                _forward(proc, sig)
             exited = asyncio.ensure_future(proc.wait())
             lost = asyncio.ensure_future(seat.lost.wait())
             await asyncio.wait({exited, lost}, return_when=asyncio.FIRST_COMPLETED)

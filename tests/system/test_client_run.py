@@ -385,3 +385,33 @@ def test_run_exits_with_its_commands_status_when_no_server_takes_the_checkin(sit
     code = run.wait(60)
     _, err = run.communicate()
     assert code == 3, f"run exited {code}, not its command's 3; stderr: {err.strip()}"
+
+
+# `metering-client run` with a signal arriving after its seat is held but before its command
+# exists: the start is slowed down, and the signal sent, from inside the process itself.
+SIGNAL_BEFORE_THE_START = """
+import asyncio, os, signal, sys
+real = asyncio.create_subprocess_exec
+async def slow_start(*args, **kw):
+    os.kill(os.getpid(), signal.SIGTERM)  # the seat is held; the command does not exist yet
+    await asyncio.sleep(0.2)
+    return await real(*args, **kw)
+asyncio.create_subprocess_exec = slow_start
+from metering_client.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_signal_before_the_command_starts_reaches_it_once_it_does(site):
+    """Found by a full run: `run` began catching signals only once its command had started;
+    one in between took Python's default way, ended `run` (exit 1, or by the signal) and
+    left the command, once started, running with nobody to give its seat back."""
+    site.start_agent()
+    flag = site.tmp / "never"
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGNAL_BEFORE_THE_START, "--config", str(site.client_toml),
+         "run", "--product", "CLOCK.EXE", "--version", "4.00", "--", *hold_until(flag)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert site.in_use() == 0  # the command ended by the signal, and its seat went back
