@@ -150,6 +150,11 @@ def load_client_config(path: Path | str | None = None) -> ClientConfig:
     return build_client_config(read_toml(path), path)
 
 
+# The agent's socket where a config file names neither `socket` nor `state_dir`
+# (INTERFACE.md's; the shipped units' tmpfiles make its directory).
+SITE_AGENT_SOCKET = Path("/run/metering-client/agent.sock")
+
+
 def _user_state_dir() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
     return Path(base) / "metering-client"
@@ -173,7 +178,15 @@ def build_client_config(data: dict, path: Path | None) -> ClientConfig:
             raise ConfigError(where, f"servers.list[{i}]", str(exc)) from None
     name = cfg.client.name or socket.gethostname()
     state_dir = resolve(base, cfg.client.state_dir) if cfg.client.state_dir else _user_state_dir()
-    sock = resolve(base, cfg.client.socket) if cfg.client.socket else state_dir / "agent.sock"
+    if cfg.client.socket:
+        sock = resolve(base, cfg.client.socket)
+    elif path is not None and not cfg.client.state_dir:
+        # A config file shared by the agent and every user of the workstation, naming
+        # neither: the state dir is each user's own, so the socket must not be in it (the
+        # users' `run` and `status` looked for the agent each in their own home).
+        sock = SITE_AGENT_SOCKET
+    else:
+        sock = state_dir / "agent.sock"
     token_file = None
     if cfg.client.token_file and path is not None:
         token_file = resolve(base, cfg.client.token_file)

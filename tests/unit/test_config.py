@@ -178,3 +178,18 @@ def test_a_usage_batch_larger_than_one_request_may_carry_is_a_config_error(tmp_p
         build_client_config(config, tmp_path / "client.toml")
     config["usage"]["batch_size"] = 1000
     assert build_client_config(config, tmp_path / "client.toml").usage.batch_size == 1000
+
+
+def test_a_shared_config_naming_no_socket_gives_every_user_the_agents_socket(tmp_path):
+    """Found by a review: a config file naming neither `client.socket` nor `state_dir` put
+    the socket in the invoking user's own state dir, so each user's `run` and `status`
+    looked for the agent in their own home and never found it."""
+    path = tmp_path / "client.toml"
+    shared = build_client_config({"servers": {"list": ["tcp://a:1"]}}, path)
+    assert shared.socket == Path("/run/metering-client/agent.sock")
+    own = build_client_config(
+        {"client": {"state_dir": str(tmp_path / "st")}, "servers": {"list": ["tcp://a:1"]}}, path
+    )
+    assert own.socket == tmp_path / "st" / "agent.sock"  # a state dir the config names
+    alone = build_client_config({"servers": {"list": ["tcp://a:1"]}}, None)  # no config file
+    assert alone.socket == alone.state_dir / "agent.sock"
