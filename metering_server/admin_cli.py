@@ -55,6 +55,8 @@ from metering_server import report_html
 from metering_server.auth.credentials import ROLES, CredentialsError, add_principal
 
 PROG = "metering-admin"
+DEFAULT_TIMEOUT_S = 5.0  # the connection, the hello and each reply
+REPORT_TIMEOUT_S = 60.0  # a report's reply, unless --timeout says otherwise
 DEFAULT_SERVER = "tcp://127.0.0.1:7001"
 
 
@@ -121,8 +123,9 @@ def _globals(p: argparse.ArgumentParser, sub: bool) -> None:
         "--timeout",
         metavar="S",
         type=_positive_float,
-        help="seconds to wait for the connection and for each reply (default 5)",
-        **d(5.0),
+        help="seconds to wait for the connection and for each reply (default 5; a report's "
+        f"reply {REPORT_TIMEOUT_S:g})",
+        **d(None),
     )
     g.add_argument("--json", action="store_true", help="machine-readable output", **d(False))
 
@@ -349,13 +352,19 @@ async def _session(
     ctx = _ssl_context(args, addr)
     try:
         client = await ProtocolClient.connect(
-            addr, timeout=args.timeout, ssl_context=ctx, max_frame_bytes=max_frame_bytes
+            addr,
+            timeout=args.timeout or DEFAULT_TIMEOUT_S,
+            ssl_context=ctx,
+            max_frame_bytes=max_frame_bytes,
         )
     except ConnectionLost as exc:
         raise AdminError(f"cannot connect to {exc.message}", EX_UNAVAILABLE) from None
     try:
         await client.hello(
-            f"{PROG}@{socket.gethostname()}"[:128], user=user, token=token, timeout=args.timeout
+            f"{PROG}@{socket.gethostname()}"[:128],
+            user=user,
+            token=token,
+            timeout=args.timeout or DEFAULT_TIMEOUT_S,
         )
     except BaseException:
         await client.close()
@@ -374,10 +383,12 @@ async def _call(
     """One request on a new session; with `pages_of`, a paged op (`leases`): follow `next`
     on the same session and return the first reply with every page's `pages_of` list."""
     client = await _session(args, max_frame_bytes)
+    # A year's report of a busy site is a long read: its reply gets longer by default.
+    timeout = args.timeout or (REPORT_TIMEOUT_S if op == "report" else DEFAULT_TIMEOUT_S)
     try:
         if pages_of is not None:
-            return await _all_pages(client, args.timeout, op, pages_of, **fields)
-        return await client.request(op, timeout=args.timeout, **fields)
+            return await _all_pages(client, timeout, op, pages_of, **fields)
+        return await client.request(op, timeout=timeout, **fields)
     finally:
         await client.close()
 
