@@ -742,9 +742,18 @@ class LeaseKeeper:
             return
         # Probed side by side: one after another, each dark server cost its timeouts while
         # no heartbeat went out, and three of them outlasted a short lease's TTL.
-        probed = await asyncio.gather(
-            *(self.connector.probe(entry) for entry in better), return_exceptions=True
-        )
+        probes = [asyncio.ensure_future(self.connector.probe(entry)) for entry in better]
+        try:
+            await asyncio.wait(probes)
+        except BaseException:  # stopped meanwhile: no probe's session may outlive us
+            for probe in probes:
+                probe.cancel()
+            await asyncio.wait(probes)
+            for probe in probes:
+                if not probe.cancelled() and probe.exception() is None and probe.result():
+                    await probe.result().close()
+            raise
+        probed = [p.exception() or p.result() for p in probes]
         candidates = [p for p in probed if p is not None and not isinstance(p, BaseException)]
         try:
             for failure in probed:

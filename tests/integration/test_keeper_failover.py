@@ -324,3 +324,81 @@ async def test_a_client_moves_when_a_servers_event_re_ranks_the_site(
         )
     finally:
         await keeper.stop()
+
+
+def _keeper_sessions(server) -> int:
+    return sum(
+        1 for c in server.endpoint.connections if getattr(c.dispatcher, "authenticated", False)
+    )
+
+
+@pytest.mark.asyncio
+async def test_a_keeper_stopped_while_it_probes_closes_the_sessions_its_probes_opened(
+    make_server, tmp_path, sockdir
+):
+    """Found by a review of this round: with the probes side by side, a keeper stopped
+    while one probe had opened a healthy session and another still waited on a dark server
+    left that session open, its events still reaching the stopped keeper."""
+    dark = bind_tcp()
+    dark_addr = f"tcp://127.0.0.1:{dark.getsockname()[1]}"
+    a_addr = f"unix://{sockdir}/srv-a.sock"
+    b_addr = f"unix://{sockdir}/srv-b.sock"
+    site = [
+        {"name": "dark", "address": dark_addr, "priority": 0},
+        {"name": "srv-a", "address": a_addr, "priority": 0},
+        {"name": "srv-b", "address": b_addr, "priority": 1},
+    ]
+    await make_server(name="srv-b", products=PROBE_PRODUCTS, credentials=PROBE_CREDS, site=site)
+    config = build_client_config(
+        {
+            "client": {
+                "name": "ws-1",
+                "user": "ws",
+                "token_file": str(write_token(tmp_path / "token", "secret-ws")),
+                "state_dir": str(tmp_path / "state"),
+            },
+            "servers": {
+                "list": [b_addr],
+                "retries": 2,
+                "retry_interval_ms": 10,
+                "connect_timeout_ms": 10000,
+                "request_timeout_ms": 10000,
+                "reprobe_interval_s": 0.2,
+            },
+        },
+        tmp_path / "client.toml",
+    )
+    keeper = LeaseKeeper(Connector(config, ServerList(config.servers.addresses, None)))
+    probed: list = []
+    real_probe = keeper.connector.probe
+
+    async def probe(entry):
+        result = await real_probe(entry)
+        probed.append((entry.address, result))
+        return result
+
+    keeper.connector.probe = probe
+    a = None
+    try:
+        await keeper.ensure_session()
+        assert keeper.session.server == "srv-b"
+        a = await make_server(
+            name="srv-a", products=PROBE_PRODUCTS, credentials=PROBE_CREDS, site=site
+        )
+        keeper.start()
+        await async_wait_until(
+            lambda: any(addr == a_addr and s is not None for addr, s in probed),
+            timeout=10.0,
+            what="srv-a probed healthy (while the dark server's probe hangs)",
+        )
+        assert keeper.session.server == "srv-b"  # still waiting on the dark probe
+        await keeper.stop()
+        # Nothing holds the probed session any more: it must be closed.
+        await async_wait_until(
+            lambda: _keeper_sessions(a) == 0,
+            timeout=3.0,
+            what="the probe's session to srv-a closed after keeper.stop()",
+        )
+    finally:
+        await keeper.stop()
+        dark.close()
