@@ -624,10 +624,14 @@ class LeaseKeeper:
             if session is not probing_for or self._list_changed:
                 # A session made by a request (`call`, a program's checkout before `start`)
                 # or a list that re-ranked the servers: when to look for a better server
-                # follows, not only the sessions this loop made itself.
+                # follows, not only the sessions this loop made itself.  A list change
+                # brings a probe forward, never puts one off (lists changing more often than
+                # reprobe_interval_s would have put it off for good).
+                relisted = self._list_changed and session is probing_for
                 self._list_changed = False
                 probing_for = session
-                next_probe = self._next_probe_time(session)
+                due = self._next_probe_time(session)
+                next_probe = min(next_probe, due) if relisted else due
             if session is None or session.dead:
                 if not await self._reconnect_in_background():
                     continue

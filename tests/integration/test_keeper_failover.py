@@ -402,3 +402,38 @@ async def test_a_keeper_stopped_while_it_probes_closes_the_sessions_its_probes_o
     finally:
         await keeper.stop()
         dark.close()
+
+
+@pytest.mark.asyncio
+async def test_server_lists_changing_often_do_not_put_off_moving_back(
+    make_server, tmp_path, sockdir
+):
+    """Found by a review of this round: each list change set the next probe a whole
+    reprobe_interval_s away, so lists changing more often than that (here every 0.3 s,
+    the interval 1 s) put the move back off for good."""
+    a_addr = f"unix://{sockdir}/srv-a.sock"
+    b_addr = f"unix://{sockdir}/srv-b.sock"
+    site = [
+        {"name": "srv-a", "address": a_addr, "priority": 0},
+        {"name": "srv-b", "address": b_addr, "priority": 1},
+    ]
+    await make_server(name="srv-b", products=PROBE_PRODUCTS, credentials=PROBE_CREDS, site=site)
+    keeper = keeper_for(tmp_path, [b_addr], reprobe_interval_s=1.0)
+    try:
+        await keeper.checkout("A", "1", user="alice")
+        keeper.start()
+        assert keeper.session is not None and keeper.session.server == "srv-b"
+        await make_server(name="srv-a", products=PROBE_PRODUCTS, credentials=PROBE_CREDS, site=site)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 4.0
+        version = 10
+        while keeper.session is None or keeper.session.server != "srv-a":
+            assert loop.time() < deadline, "never moved back while the lists kept changing"
+            version += 1  # srv-a preferred all along; srv-b's priority 1, 2, 1, ...
+            changed = [site[0], dict(site[1], priority=1 + version % 2)]
+            keeper._on_event(
+                keeper.session, {"event": "servers", "servers": changed, "servers_version": version}
+            )
+            await asyncio.sleep(0.3)  # the pace of the list changes, the point of the test
+    finally:
+        await keeper.stop()
