@@ -228,7 +228,9 @@ def direct_keeper(
     servers = ServerList(config.servers.addresses, state / "servers.json" if writable else None)
     servers.load()
     holdoff = state / "auth-holdoff.json" if writable else None
-    return LeaseKeeper(Connector(config, servers, holdoff_path=holdoff), on_lost=on_lost)
+    connector = Connector(config, servers, holdoff_path=holdoff)
+    # Stopped once its seat is given back: no later session to send a checkin again on.
+    return LeaseKeeper(connector, on_lost=on_lost, checkin_passes=None)
 
 
 def _writable(config: ClientConfig) -> bool:

@@ -154,6 +154,7 @@ class LeaseKeeper:
         on_lost: Callable[[HeldLease, str], None] | None = None,
         on_change: Callable[[], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        checkin_passes: int | None = 1,
     ):
         """`on_lost(held, reason)` (sync) when a held lease is taken away.
 
@@ -168,6 +169,11 @@ class LeaseKeeper:
         """
         self.connector = connector
         self.config = connector.config
+        # Passes over the servers a checkin makes (None: the whole retry bound).  One for a
+        # keeper that lives on (the agent): what no server took it sends again later
+        # (`_give_back`).  A keeper stopped right after its checkin (`run` without an agent)
+        # has no later: it keeps trying for the whole bound.
+        self.checkin_passes = checkin_passes
         self.on_lost = on_lost
         self.on_change = on_change
         self.clock = clock
@@ -542,14 +548,11 @@ class LeaseKeeper:
         # it.  Reclaimed, it came back as a fresh lease (or `denied`, reported lost) when the
         # first attempt had been applied, and the retry then checked in the old id - the new
         # seat stayed with nobody until its TTL.
-        #
-        # One pass over the servers, not the whole retry bound: a checkin no server takes is
-        # sent again on the next session (`_give_back`), so its program need not wait.
         held = self.held.pop(handle, None)
         if held is None:
             return False
         try:
-            reply = await self.call("checkin", passes=1, lease=held.lease)
+            reply = await self.call("checkin", passes=self.checkin_passes, lease=held.lease)
         except LeaseNotFound:
             reply = {"released": False}
         except MeteringError as exc:

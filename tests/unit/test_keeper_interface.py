@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from metering_client.api import direct_keeper
 from metering_client.config import build_client_config
 from metering_client.keeper import OVERLOADED_BEATS_BEFORE_MOVING, HeldLease, LeaseKeeper
 from metering_client.serverlist import ServerEntry
@@ -85,7 +86,15 @@ class FakeStatus:
 
 
 class FakeConnector:
-    __slots__ = ("config", "connects", "learned", "paused_after", "sessions", "subscribers")
+    __slots__ = (
+        "config",
+        "connects",
+        "learned",
+        "passes",
+        "paused_after",
+        "sessions",
+        "subscribers",
+    )
 
     def __init__(self, *sessions: FakeSession):
         self.config = CONFIG
@@ -94,6 +103,7 @@ class FakeConnector:
         self.subscribers: list[Callable[[Any, dict[str, Any]], None]] = []
         self.learned: list[list[dict[str, Any]]] = []
         self.paused_after: list[int] = []  # passes done, at each pause asked for
+        self.passes: list[int | None] = []  # the `passes` of each connect
 
     def subscribe(self, callback: Callable[[Any, dict[str, Any]], None]) -> Callable[[], None]:
         self.subscribers.append(callback)
@@ -105,6 +115,7 @@ class FakeConnector:
 
     async def connect(self, *, avoid: Sequence[str] = (), passes: int | None = None) -> Any:
         self.connects.append(list(avoid))
+        self.passes.append(passes)
         return self.sessions.pop(0)
 
     async def probe(self, entry: ServerEntry) -> Any:
@@ -305,3 +316,30 @@ async def test_a_request_faulted_by_every_server_pauses_between_passes():
     assert connector.paused_after == [1]  # one pass done, one pause: none after the last
     assert loop.time() - started >= 0.05  # the servers' retry_after_s, not the policy's 0.01
     await keeper.stop()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("checkin_passes", "expected"), [(1, 1), (None, None)])
+async def test_a_checkin_s_passes_are_the_keepers_to_say(checkin_passes, expected):
+    """Found by a review of this round: a checkin made one pass over the servers, the agent
+    sending again what no server took; a keeper stopped right after (`run` without an
+    agent) has no later, so it keeps the whole retry bound (`api.direct_keeper`)."""
+    first, second = FakeSession(A), FakeSession(B)
+    connector = FakeConnector(first, second)
+    keeper = LeaseKeeper(connector, checkin_passes=checkin_passes)
+    held, _ = await keeper.checkout("P", "1")
+    first.fail_next = ConnectionLost("reset")
+    await keeper.checkin(held.handle)
+    assert connector.passes == [None, expected]  # the checkout's connect, the checkin's
+    await keeper.stop()
+
+
+def test_a_keeper_for_a_process_without_an_agent_checks_in_for_the_whole_bound(tmp_path):
+    config = build_client_config(
+        {
+            "client": {"name": "ws-1", "state_dir": str(tmp_path)},
+            "servers": {"list": ["tcp://a:1"]},
+        },
+        tmp_path / "client.toml",
+    )
+    assert direct_keeper(config).checkin_passes is None
