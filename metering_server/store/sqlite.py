@@ -362,6 +362,11 @@ log = get_logger("metering.store")
 _ERROR_LOG_EVERY_S = 10.0
 
 
+# What SQLite says of a file that is not (or no longer) a database: the operator's to fix
+# (exit 78).  Other errors at open (SQLITE_FULL, SQLITE_IOERR, SQLITE_CANTOPEN) may pass.
+_NOT_A_DATABASE = frozenset({"SQLITE_NOTADB", "SQLITE_CORRUPT"})
+
+
 def _fold(name: str | None) -> str | None:
     return None if name is None else name.upper()
 
@@ -905,9 +910,13 @@ class SQLiteStore(LeaseStore):
                     f"store {self.path}: another process held the database's lock past "
                     f"busy_timeout_s = {self.busy_timeout_s:g}"
                 ) from None
-            if isinstance(exc, sqlite3.Error):  # a directory, not a database, unreadable
+            if getattr(exc, "sqlite_errorname", "") in _NOT_A_DATABASE:  # the file is wrong
                 raise StoreUnusable(
                     f"{self.path} (store.url): not a usable database: {exc}"
+                ) from None
+            if isinstance(exc, sqlite3.Error):  # a full disk, an I/O error, a mount not up
+                raise StoreUnavailable(  # may pass: exit 69, which the units restart
+                    f"store {self.path}: cannot open it now: {exc}"
                 ) from None
             raise
         self._loop = loop

@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 
 from metering_protocol.errors import MeteringError
 from metering_server.licensing import Pool
-from metering_server.store.base import StoreFailed, StoreUnusable
+from metering_server.store.base import StoreFailed, StoreUnavailable, StoreUnusable
 from metering_server.store.sqlite import SQLiteStore
 from tests.conftest import hello
 from tests.integration.test_store_contract import T0, req
@@ -112,3 +112,18 @@ async def test_a_store_that_cannot_have_wal_is_refused_at_start(tmp_path):
     with pytest.raises(StoreUnusable, match=r"journal_mode = memory.*WAL"):
         await store.open()
     await store.close()
+
+
+@pytest.mark.asyncio
+async def test_a_file_that_is_no_database_is_unusable_and_one_not_openable_now_unavailable(
+    tmp_path,
+):
+    """A file SQLite cannot read as a database is the operator's to fix (exit 78, which the
+    units do not restart); one it cannot open at the moment (a full disk, an I/O error, a
+    mount not up yet: here a place no file can be made) may pass (exit 69, restarted)."""
+    junk = tmp_path / "junk.db"
+    junk.write_text("hello, I am not SQLite\n")
+    with pytest.raises(StoreUnusable, match=r"store\.url.*not a database"):
+        await SQLiteStore(junk).open()
+    with pytest.raises(StoreUnavailable, match="cannot open it now"):
+        await SQLiteStore("/proc/metering.db").open()
