@@ -43,8 +43,10 @@ log = get_logger("metering.conn")
 _conn_ids = itertools.count(1)
 # A socket whose peer closed both ways (or reset it): `Connection.writable`.
 _HUNG_UP = select.POLLHUP | select.POLLERR
-# How long a closing connection's last replies get to flush before the socket is cut.
+# A closing connection's last replies: the socket is cut once its peer reads none of them
+# for FLUSH_ON_CLOSE_S, or they are not all read after FLUSH_ON_CLOSE_MAX_S.
 FLUSH_ON_CLOSE_S = 1.0
+FLUSH_ON_CLOSE_MAX_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -488,15 +490,7 @@ class Connection(asyncio.Protocol):
                     await asyncio.wait(pending)
             if self._transport is not None:
                 self._transport.close()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._lost.wait(), FLUSH_ON_CLOSE_S)
-            if not self._lost.is_set() and self._transport is not None:
-                # The replies still queued never flushed: a peer that does not read would
-                # keep the socket and its buffer for good once this connection stops
-                # counting against max_connections.
-                self._transport.abort()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._lost.wait(), FLUSH_ON_CLOSE_S)
+                await self._flushed_or_cut(self._transport)
             await self.dispatcher.connection_closed()
         finally:
             if self in self.endpoint.connections:
@@ -504,6 +498,27 @@ class Connection(asyncio.Protocol):
                 if self._lost.is_set():
                     self.endpoint.socketless -= 1
             self.finished.set()
+
+    async def _flushed_or_cut(self, transport: asyncio.BaseTransport) -> None:
+        """Until close() has written the replies still queued, while the peer goes on
+        reading them (the buffer shrinks from one FLUSH_ON_CLOSE_S to the next), for at most
+        FLUSH_ON_CLOSE_MAX_S.  A peer that reads nothing for FLUSH_ON_CLOSE_S is cut: it
+        would keep the socket and its buffer for good once this connection stops counting
+        against max_connections."""
+        size = getattr(transport, "get_write_buffer_size", lambda: 0)
+        left, deadline = size(), self._loop.time() + FLUSH_ON_CLOSE_MAX_S
+        while not self._lost.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lost.wait(), FLUSH_ON_CLOSE_S)
+            if self._lost.is_set():
+                return
+            now_left = size()
+            if now_left >= left or self._loop.time() >= deadline:
+                transport.abort()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._lost.wait(), FLUSH_ON_CLOSE_S)
+                return
+            left = now_left
 
     async def _answer_in_flight(self) -> None:
         """Until every request in flight is answered, or the socket is lost (docs/protocol.md:

@@ -205,3 +205,45 @@ async def test_a_socket_that_cannot_be_bound_names_the_key_that_gave_it(tmp_path
         BindError, match=r"^cannot listen on unix:///proc/agent.sock: .*; check client\.socket$"
     ):
         await bind(where, handler, key="client.socket")
+
+
+@pytest.mark.asyncio
+async def test_a_peer_still_reading_gets_every_reply_of_a_closing_connection(make_server):
+    """Found by a review of this round: the socket of a closing connection was cut one
+    second after the close began, also for a peer that half-closed and was still reading
+    its replies, only slowly: the replies not yet read (a grant among them) were lost."""
+    # A high slow-reader limit: this peer reads, only slowly, after the close.
+    server = await make_server(server={"max_write_buffer_bytes": 64 * 1024 * 1024})
+    path = parse_address(server.address("unix")).path
+    loop = asyncio.get_running_loop()
+    peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    peer.setblocking(False)
+    await loop.sock_connect(peer, path)
+    try:
+        before = set(server.endpoint.connections)
+        await loop.sock_sendall(peer, b'{"id":0,"op":"hello","protocol":1,"client":"slow"}\n')
+        conn = await async_wait_until(
+            lambda: next(
+                (c for c in server.endpoint.connections - before if c.dispatcher.authenticated),
+                None,
+            ),
+            what="the peer authenticated",
+        )
+        n, step = 20000, 1000  # ~0.5 MB of replies: more than the kernel holds
+        for first in range(1, n + 1, step):  # under max_inflight at a time
+            pings = b"".join(b'{"id":%d,"op":"ping"}\n' % i for i in range(first, first + step))
+            await loop.sock_sendall(peer, pings)
+            await async_wait_until(lambda: not conn.tasks, what="the pings answered")
+        assert conn.wire.get_write_buffer_size() > 0  # replies queued beyond the kernel's
+        peer.shutdown(socket.SHUT_WR)  # done asking: the server answers, then closes
+        await async_wait_until(
+            lambda: any(c.closing for c in server.endpoint.connections), what="the close begun"
+        )
+        got = bytearray()
+        while chunk := await asyncio.wait_for(loop.sock_recv(peer, 16384), 10):
+            got += chunk
+            await asyncio.sleep(0.02)  # a slow reader, the point of the test
+        replies = got.count(b'"id":')
+        assert replies == n + 1, f"{n + 1 - replies} replies lost when the socket was cut"
+    finally:
+        peer.close()
