@@ -450,7 +450,8 @@ class LeaseKeeper:
                     # between passes (or what the server asked), as when none answers at all.
                     # Back to back, every try was a new session reclaiming every lease.
                     pause = self.connector.pass_delay_s(tries // servers) or 0.0
-                    await asyncio.sleep(max(pause, exc.retry_after_s or 0.0))
+                    asked = min(exc.retry_after_s or 0.0, self.config.servers.backoff_max_ms / 1000)
+                    await asyncio.sleep(max(pause, asked))  # a server's ask, within the bound
             else:
                 self._served(session)
                 return reply

@@ -343,3 +343,28 @@ def test_a_keeper_for_a_process_without_an_agent_checks_in_for_the_whole_bound(t
         tmp_path / "client.toml",
     )
     assert direct_keeper(config).checkin_passes is None
+
+
+@pytest.mark.asyncio
+async def test_a_servers_retry_after_does_not_stretch_a_pause_past_backoff_max():
+    """Found by a review of this round: the pause between passes took a server's
+    retry_after_s as it came, so one answer of an hour held a request past its bound."""
+    sessions = [FakeSession(entry) for entry in (A, B, A, B)]
+    config = build_client_config(
+        {
+            "client": {"name": "ws-1", "user": "ws"},
+            "servers": {"list": [A.address, B.address], "retries": 2, "backoff_max_ms": 50},
+        },
+        None,
+    )
+    connector = FakeConnector(*sessions)
+    connector.config = config
+    keeper = LeaseKeeper(connector)
+    for s in sessions:
+        s.fail_next = Overloaded("busy", retry_after_s=3600.0)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(MeteringError):
+        await asyncio.wait_for(keeper.checkout("P", "1"), 5)
+    assert loop.time() - started < 2.0  # backoff_max's 0.05 s, not the hour asked
+    await keeper.stop()
