@@ -124,6 +124,12 @@ class ServiceNotifier:
         if self._status is not None:
             tasks.spawn(self.status_loop(), "systemd-status")
 
+    def extend_start(self, seconds: float, status: str) -> None:
+        """EXTEND_TIMEOUT_USEC: not ready yet, but still getting there (systemd's start
+        timeout now ends `seconds` from here at the soonest)."""
+        if self.notifier.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}", f"STATUS={status}"):
+            self._last_status = status
+
     def status(self, text: str) -> None:
         if text != self._last_status and self.notifier.send(f"STATUS={text}"):
             self._last_status = text

@@ -45,6 +45,8 @@ from metering_server.store.base import LeaseStore, StoreReadOnly
 log = get_logger("metering.server")
 
 HEALTH_TIMEOUT_S = 2.0
+# While the store opens, systemd's start timeout is pushed on this far, every half of it.
+START_EXTEND_S = 30.0
 
 
 def catalogue_of(config: ServerConfig) -> Catalogue:
@@ -169,7 +171,7 @@ class MeteringServer:
             missing_ok=cfg.auth.peercred_only,
             upgrades_aside=cfg.state_dir / UPGRADES_ASIDE,
         )
-        await self.store.open()
+        await self._open_store()
         await self.seats.start()
         self.authenticator = Authenticator(
             credentials,
@@ -219,6 +221,29 @@ class MeteringServer:
             products=len(self.seats.catalogue.pools),
         )
         self.systemd.ready(self._tasks)
+
+    async def _open_store(self) -> None:
+        """Open the store, telling systemd meanwhile that the start goes on: READY comes
+        once the store answers, and a PostgreSQL store is waited for up to
+        store.start_timeout_s (300 s; 0: for ever), past systemd's default start timeout
+        (90 s), which killed such a server before its own bound could end the wait with its
+        one line.  Past that bound (and a margin) it stops asking, and a start hung for
+        good (a database file on a mount that does not answer) is ended by systemd."""
+        loop = asyncio.get_running_loop()
+        bound = self.config.store_settings.start_timeout_s
+        until = loop.time() + bound + START_EXTEND_S if bound else float("inf")
+        opening = asyncio.ensure_future(self.store.open())
+        try:
+            while True:
+                done, _ = await asyncio.wait({opening}, timeout=START_EXTEND_S / 2)
+                if done:
+                    return opening.result()
+                if loop.time() < until:
+                    self.systemd.extend_start(START_EXTEND_S, "waiting for the store")
+        except BaseException:
+            opening.cancel()
+            await asyncio.wait({opening})
+            raise
 
     # --- health and metrics ---------------------------------------------------------------------
     async def health(self) -> dict[str, str]:
