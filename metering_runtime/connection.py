@@ -170,7 +170,7 @@ class Connection(asyncio.Protocol):
         self._transport = transport
         endpoint = self.endpoint
         if endpoint.draining:
-            transport.close()
+            _close_bounded(transport)
             return
         if self._admitted is None:
             self._admitted = endpoint.counted < self.limits.max_connections
@@ -538,7 +538,20 @@ def _refuse(transport: asyncio.Transport) -> None:
     """Over max_connections: one `overloaded` frame, then close (after it is written)."""
     err = Overloaded("too many connections", retry_after_s=1.0)
     transport.write(framing.encode({"id": None, "ok": False, "error": err.to_wire()}))
+    _close_bounded(transport)
+
+
+def _close_bounded(transport: asyncio.Transport) -> None:
+    """Close a connection never served, and cut it FLUSH_ON_CLOSE_S later.  A TLS close
+    waits for the peer's close_notify (up to 30 s): peers that never send one kept their
+    sockets open past every limit, counted nowhere, until the server ran out of them."""
     transport.close()
+    asyncio.get_running_loop().call_later(FLUSH_ON_CLOSE_S, _abort_if_open, transport)
+
+
+def _abort_if_open(transport: asyncio.Transport) -> None:
+    with contextlib.suppress(Exception):  # gone already: nothing to cut
+        transport.abort()
 
 
 class Endpoint:

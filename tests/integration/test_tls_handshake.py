@@ -234,3 +234,66 @@ async def test_socket_activated_tls_listener_and_the_shedding_bound(tls_pki):
         listener.close()
         endpoint.abort_all()
         await endpoint.wait_closed(2.0)
+
+
+REFUSED_PEERS = 100  # more than Limits.max_shed_handshakes (64)
+
+
+async def _handshake_then_ignore(host, port, ca):
+    reader, writer = await asyncio.open_connection(host, port)
+    ctx = ssl.create_default_context(cafile=str(ca))
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(inc, out, server_hostname="127.0.0.1")
+    while True:
+        try:
+            obj.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            writer.write(out.read())
+            data = await asyncio.wait_for(reader.read(65536), 5)
+            assert data, "closed during handshake"
+            inc.write(data)
+    writer.write(out.read())  # our Finished; from here on we never speak TLS again
+    return reader, writer
+
+
+@pytest.mark.asyncio
+async def test_refused_tls_peers_do_not_keep_sockets_open(make_server, tls_pki):
+    """Found by a review: over max_connections a TLS peer gets its handshake, the
+    `overloaded` frame, then a close that waits for its close_notify (30 s). Peers that
+    never send one kept their server sockets open, counted against no limit."""
+    srv, addr = await tls_server(make_server, tls_pki, hello_timeout_s=1.0, max_connections=1)
+    holder = await ProtocolClient.connect(
+        f"tls://127.0.0.1:{addr.port}", timeout=5, ssl_context=client_ctx(tls_pki[0])
+    )
+    await holder.hello("ws-1", user="ws", token=TOKEN, timeout=5)
+    peers = []
+    for _ in range(REFUSED_PEERS):
+        peers.append(await _handshake_then_ignore(addr.host, addr.port, tls_pki[0]))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5.0  # hello_timeout_s (1 s) + generous slack
+
+    async def closed(reader) -> bool:
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            try:
+                data = await asyncio.wait_for(reader.read(65536), left)
+            except TimeoutError:
+                return False
+            except ConnectionError:
+                return True
+            if not data:
+                return True
+
+    results = await asyncio.gather(*(closed(r) for r, _ in peers))
+    still_open = results.count(False)
+    assert srv.endpoint.counted <= 1
+    for _, w in peers:
+        w.transport.abort()
+    await holder.close()
+    assert still_open == 0, (
+        f"{still_open} of {REFUSED_PEERS} refused TLS peers still hold a server socket 5 s later "
+        f"(counted against max_connections: {srv.endpoint.counted})"
+    )
