@@ -218,7 +218,9 @@ class Connection(asyncio.Protocol):
         if self not in self.endpoint.connections:
             return False
         self._finish()
-        return True
+        # Over TLS a close_notify ends the connection whatever is answered: the TLS layer
+        # closes it (True would only make asyncio warn, once per client that closes).
+        return self.kind != "tls"
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._lost.is_set() and self in self.endpoint.connections:

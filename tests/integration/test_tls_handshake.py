@@ -297,3 +297,21 @@ async def test_refused_tls_peers_do_not_keep_sockets_open(make_server, tls_pki):
         f"{still_open} of {REFUSED_PEERS} refused TLS peers still hold a server socket 5 s later "
         f"(counted against max_connections: {srv.endpoint.counted})"
     )
+
+
+@pytest.mark.asyncio
+async def test_a_tls_client_closing_properly_makes_the_server_warn_of_nothing(
+    make_server, tls_pki, caplog
+):
+    """Found by a review: every TLS client that closed with close_notify made asyncio warn
+    "returning true from eof_received() has no effect when using ssl", a bare line on the
+    server's stderr, once per client."""
+    srv, addr = await tls_server(make_server, tls_pki)
+    caplog.set_level(logging.WARNING)
+    c = await ProtocolClient.connect(
+        f"tls://127.0.0.1:{addr.port}", timeout=5, ssl_context=client_ctx(tls_pki[0])
+    )
+    await c.hello("ws-1", user="ws", token=TOKEN, timeout=5)
+    await c.close()
+    await async_wait_until(lambda: srv.endpoint.counted == 0, what="the connection closed")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
