@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import signal
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any
@@ -104,6 +106,17 @@ AT_START = (
 )
 
 
+def _tls_files(config: ServerConfig) -> bytes:
+    """What the certificate and key files hold now (their digest)."""
+    digest = hashlib.sha256()
+    for path in (config.tls_cert, config.tls_key):
+        if path is not None:
+            with contextlib.suppress(OSError):  # unreadable: found when loaded
+                digest.update(path.read_bytes())
+        digest.update(b"\0")
+    return digest.digest()
+
+
 def limits_of(config: ServerConfig) -> Limits:
     return Limits.of(config.server)
 
@@ -144,6 +157,7 @@ class MeteringServer:
         self._reload_lock = asyncio.Lock()
         self.metrics: ServerMetrics | None = None
         self.http: HttpEndpoint | None = None
+        self._tls: tuple[ssl.SSLContext, bytes] | None = None  # the live context, its files
 
     @property
     def events(self) -> EventBus:
@@ -189,6 +203,7 @@ class MeteringServer:
         ssl_ctx = None
         if cfg.tls_cert is not None:
             ssl_ctx = server_ssl_context(cfg.tls_cert, cfg.tls_key)
+            self._tls = (ssl_ctx, _tls_files(cfg))
         inherited = systemd.listen_sockets()
         try:
             for text in cfg.server.listen:
@@ -221,6 +236,33 @@ class MeteringServer:
             products=len(self.seats.catalogue.pools),
         )
         self.systemd.ready(self._tasks)
+
+    def _tls_renewed(self, new: ServerConfig) -> bool:
+        """A certificate renewed in place (same paths, new files: certbot's way) is taken
+        by the running server: new handshakes get it.  Read and checked first, so a broken
+        file is a refused reload (ConfigError) that leaves the running one serving; before,
+        the reload said nothing and the next restart failed on it.  Other paths need a
+        restart (`restart_required`)."""
+        if self._tls is None or (new.tls_cert, new.tls_key) != (
+            self.config.tls_cert,
+            self.config.tls_key,
+        ):
+            return False
+        context, files = self._tls
+        now = _tls_files(new)
+        if now == files:
+            return False
+        assert new.tls_cert is not None and new.path is not None
+        try:
+            server_ssl_context(new.tls_cert, new.tls_key)  # whole and matching, or refused
+            context.load_cert_chain(new.tls_cert, new.tls_key)
+        except (ssl.SSLError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+            raise ConfigError(
+                new.path, "server.tls_cert_file", f"cannot load certificate/key: {reason}"
+            ) from None
+        self._tls = (context, now)
+        return True
 
     async def _open_store(self) -> None:
         """Open the store, telling systemd meanwhile that the start goes on: READY comes
@@ -401,11 +443,14 @@ class MeteringServer:
                     missing_ok=new.auth.peercred_only,
                     upgrades_aside=self.config.state_dir / UPGRADES_ASIDE,
                 )
+                tls_renewed = self._tls_renewed(new)
             except (ConfigError, CredentialsError) as exc:
                 log.error("reload_failed", error=str(exc))
                 raise ReloadFailed(f"kept the running config: {exc}") from None
             old = self.config
             changed: dict[str, Any] = {}
+            if tls_renewed:
+                changed["tls"] = "certificate and key read again"
             before = {(p.name, p.roles, p.token_hash) for p in self.authenticator.credentials}
             if before != {(p.name, p.roles, p.token_hash) for p in credentials}:
                 changed["credentials"] = f"{len(credentials)} principal(s)"

@@ -21,14 +21,18 @@ from typing import Any
 
 import pytest
 import structlog
+import trustme
 from structlog.testing import capture_logs
 
 from metering_protocol.address import parse_address
 from metering_protocol.client import ProtocolClient
+from metering_protocol.errors import MeteringError
 from metering_runtime.connection import Endpoint, Limits
 from metering_runtime.listeners import bind, server_ssl_context
 from metering_runtime.logs import forget_loggers
+from tests.integration.test_reload import Reloadable
 from tests.support import async_wait_until
+from tests.system.test_tls import write_pki
 
 TOKEN = "tls-token"
 HELLO_S = 0.5
@@ -315,3 +319,62 @@ async def test_a_tls_client_closing_properly_makes_the_server_warn_of_nothing(
     await c.close()
     await async_wait_until(lambda: srv.endpoint.counted == 0, what="the connection closed")
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+# --- a certificate renewed in place, and `reload` --------------------------------------------
+def _tls_reloadable(tmp_path: Path):
+    _, chain, key = write_pki(trustme.CA(), tmp_path / "pki")
+    listen = {"listen": ["tcp://127.0.0.1:0", "tls://127.0.0.1:0"]}
+    tls = {"server": {**listen, "tls_cert_file": str(chain), "tls_key_file": str(key)}}
+    return Reloadable(tmp_path / "srv"), chain, key, tls
+
+
+async def _served_by(server, cafile: Path) -> bool:
+    """Whether a client trusting `cafile` alone completes a handshake with the server."""
+    port = next(lst.bound.port for lst in server.listeners if lst.bound.scheme == "tls")
+    ctx = ssl.create_default_context(cafile=str(cafile))
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="127.0.0.1"), 5
+        )
+    except ssl.SSLCertVerificationError:
+        return False
+    writer.close()
+    return True
+
+
+@pytest.mark.asyncio
+async def test_a_certificate_renewed_in_place_is_served_after_a_reload(tmp_path):
+    """Found by a review: a reload after the certificate and key were renewed in place (the
+    same paths: certbot's way) said nothing changed and went on serving the old one."""
+    r, chain, key, tls = _tls_reloadable(tmp_path)
+    server = await r.start(**tls)
+    try:
+        ca2, chain2, key2 = write_pki(trustme.CA(), tmp_path / "renewed")
+        chain.write_bytes(chain2.read_bytes())
+        key.write_bytes(key2.read_bytes())
+        assert not await _served_by(server, ca2)
+        changed = await r.reload(**tls)
+        assert changed.get("tls") and "restart_required" not in changed, changed
+        assert await _served_by(server, ca2)
+    finally:
+        await server.shutdown(timeout=1.0)
+
+
+@pytest.mark.asyncio
+async def test_a_broken_certificate_in_place_is_a_refused_reload_and_the_old_one_serves(
+    tmp_path,
+):
+    """Found by a review: a certificate file replaced with garbage passed the reload in
+    silence; the next restart then failed on it (exit 78, not restarted)."""
+    r, chain, _, tls = _tls_reloadable(tmp_path)
+    ca = tmp_path / "pki" / "ca.pem"
+    server = await r.start(**tls)
+    try:
+        chain.write_text("not a certificate\n")
+        with pytest.raises(MeteringError) as err:
+            await r.reload(**tls)
+        assert err.value.code == "reload_failed" and "server.tls_cert_file" in err.value.message
+        assert await _served_by(server, ca)  # the running certificate, as before
+    finally:
+        await server.shutdown(timeout=1.0)
