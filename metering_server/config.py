@@ -195,6 +195,20 @@ def build_server_config(data: dict, path: Path | None) -> ServerConfig:
     for key, p in (("server.tls_cert_file", tls_cert), ("server.tls_key_file", tls_key)):
         if p is not None and not p.is_file():
             raise ConfigError(where, key, f"file {p} does not exist")
+    # The private key (in its own file, or with the certificate): like a token or a
+    # database password, never open to every user of the host.
+    key_of_tls = ("server.tls_key_file", tls_key) if tls_key else ("server.tls_cert_file", tls_cert)
+    if (
+        key_of_tls[1] is not None
+        and _holds_key(key_of_tls[1])
+        and key_of_tls[1].stat().st_mode & 0o007
+    ):
+        raise ConfigError(
+            where,
+            key_of_tls[0],
+            f"{key_of_tls[1]} holds the private key and is open to every user (mode "
+            f"{key_of_tls[1].stat().st_mode & 0o777:o}); chmod o-rwx it",
+        )
     state_dir = resolve(base, cfg.server.state_dir)
     store_url, store_settings = _store(cfg.store, data.get("store", {}), where, base, state_dir)
     return ServerConfig(
@@ -235,6 +249,13 @@ def _check_auth(cfg: _File, where: Path | str) -> None:
                 "auth.peercred_only",
                 "needs a unix:// address in server.listen (peer credentials exist only there)",
             )
+
+
+def _holds_key(path: Path) -> bool:
+    try:
+        return b"PRIVATE KEY-----" in path.read_bytes()
+    except OSError:  # unreadable: the TLS context says so when it loads it
+        return False
 
 
 def _store(

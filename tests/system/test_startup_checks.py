@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from metering_protocol.client import ProtocolClient
 from tests.support import (
@@ -28,6 +29,7 @@ from tests.support import (
     write_token,
     write_toml,
 )
+from tests.system.test_tls import write_pki
 
 pytestmark = pytest.mark.system
 
@@ -344,3 +346,36 @@ def test_a_sqlite_store_url_that_cannot_be_a_database_is_a_config_error(tmp_path
     if what != "not-a-database":  # that one is found only by opening it
         line = one_line(checked.stderr, "metering-server")
         assert checked.returncode == 78 and "store.url" in line, line
+
+
+# --- the TLS files ------------------------------------------------------------------------
+def _tls_config(tmp: Path, cert: Path, key: Path | None) -> Path:
+    write_credentials(tmp / "credentials.toml", {})
+    tls = {"tls_cert_file": str(cert), **({"tls_key_file": str(key)} if key else {})}
+    data = server_config(name="s", listen=["tls://127.0.0.1:0"], state_dir=tmp,
+                         store=tmp / "x.db", server=tls)  # fmt: skip
+    return write_toml(tmp / "server.toml", data)
+
+
+@pytest.mark.parametrize("case", ["garbage-key", "another-key", "no-key", "key-for-all"])
+def test_tls_files_that_cannot_serve_name_their_key_and_file(tmp_path, case):
+    """Found by a review: a broken or mismatched key, or none, was reported under
+    server.tls_cert_file as OpenSSL's "[SSL] PEM lib (_ssl.c:3926)"; a key open to every
+    user of the host was accepted, where a token or a password file is refused."""
+    _, chain, key = write_pki(trustme.CA(), tmp_path / "pki")
+    expected = ("server.tls_key_file", str(key))
+    if case == "garbage-key":
+        key.write_text("-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n")
+    elif case == "another-key":
+        _, _, other = write_pki(trustme.CA(), tmp_path / "other")
+        key.write_bytes(other.read_bytes())
+    elif case == "key-for-all":
+        key.chmod(0o644)
+    proc = run_server(
+        "--check-config", str(_tls_config(tmp_path, chain, None if case == "no-key" else key))
+    )
+    if case == "no-key":
+        expected = ("server.tls_cert_file", "server.tls_key_file")
+    assert proc.returncode == 78, proc.stdout + proc.stderr
+    line = one_line(proc.stderr, "metering-server")
+    assert all(part in line for part in expected), line
