@@ -145,6 +145,19 @@ PROBE_PRODUCTS = [{"name": "A", "version": "1", "seats": 5}]
 PROBE_CREDS = {"ws": (["agent"], "secret-ws")}
 
 
+async def _ranked_site(make_server, sockdir, *start: str) -> tuple[str, str, list[dict]]:
+    """A site of srv-a (preferred) and srv-b, over Unix sockets; `start` the ones to run."""
+    a_addr = f"unix://{sockdir}/srv-a.sock"
+    b_addr = f"unix://{sockdir}/srv-b.sock"
+    site = [
+        {"name": "srv-a", "address": a_addr, "priority": 0},
+        {"name": "srv-b", "address": b_addr, "priority": 1},
+    ]
+    for name in start:
+        await make_server(name=name, products=PROBE_PRODUCTS, credentials=PROBE_CREDS, site=site)
+    return a_addr, b_addr, site
+
+
 @pytest.mark.asyncio
 async def test_probing_dark_preferred_servers_does_not_starve_heartbeats(
     make_server, tmp_path, sockdir
@@ -165,28 +178,11 @@ async def test_probing_dark_preferred_servers_does_not_starve_heartbeats(
         site=site,
         leases={"ttl_s": 4.0, "heartbeat_s": 1.0},
     )
-    config = build_client_config(
-        {
-            "client": {
-                "name": "ws-1",
-                "user": "ws",
-                "token_file": str(write_token(tmp_path / "token", "secret-ws")),
-                "state_dir": str(tmp_path / "state"),
-            },
-            "servers": {
-                "list": [b_addr],
-                "retries": 2,
-                "retry_interval_ms": 10,
-                "connect_timeout_ms": 1000,
-                "request_timeout_ms": 1500,
-                "reprobe_interval_s": 0.5,
-            },
-        },
-        tmp_path / "client.toml",
+    keeper = keeper_for(
+        tmp_path, [b_addr], connect_timeout_ms=1000, request_timeout_ms=1500, reprobe_interval_s=0.5
     )
-    servers = ServerList(config.servers.addresses, None)
+    servers = keeper.connector.servers
     servers.learn(site, 1)  # as from servers.json: the site's list is known
-    keeper = LeaseKeeper(Connector(config, servers))
     try:
         keeper.start()  # as the agent does: the maintainer makes the first session
         held, _ = await keeper.checkout("A", "1", user="alice")  # the darks cost 4.5 s once
@@ -221,34 +217,9 @@ async def test_a_client_configured_with_the_backup_alone_moves_to_the_preferred_
     preferred), but the keeper judged by the session's own entry and never probed. Its
     first session is a program's checkout, before the keeper's loop starts (`run` without
     an agent), which also left the loop never probing."""
-    a_addr = f"unix://{sockdir}/srv-a.sock"
-    b_addr = f"unix://{sockdir}/srv-b.sock"
-    site = [
-        {"name": "srv-a", "address": a_addr, "priority": 0},
-        {"name": "srv-b", "address": b_addr, "priority": 1},
-    ]
-    await make_server(name="srv-a", products=PROBE_PRODUCTS, credentials=PROBE_CREDS, site=site)
-    await make_server(name="srv-b", products=PROBE_PRODUCTS, credentials=PROBE_CREDS, site=site)
-    config = build_client_config(
-        {
-            "client": {
-                "name": "ws-1",
-                "user": "ws",
-                "token_file": str(write_token(tmp_path / "token", "secret-ws")),
-                "state_dir": str(tmp_path / "state"),
-            },
-            # the workstation image names only the backup server
-            "servers": {
-                "list": [b_addr],
-                "retries": 2,
-                "retry_interval_ms": 10,
-                "reprobe_interval_s": 0.2,
-            },
-        },
-        tmp_path / "client.toml",
-    )
-    servers = ServerList(config.servers.addresses, None)
-    keeper = LeaseKeeper(Connector(config, servers))
+    a_addr, b_addr, _ = await _ranked_site(make_server, sockdir, "srv-a", "srv-b")
+    keeper = keeper_for(tmp_path, [b_addr], reprobe_interval_s=0.2)
+    servers = keeper.connector.servers
     try:
         await keeper.checkout("A", "1", user="alice")
         keeper.start()
@@ -271,34 +242,9 @@ async def test_a_client_moves_when_a_servers_event_re_ranks_the_site(
 ):
     """Found by a review: srv-a demoted by a `servers` event with a higher version; the
     client on srv-a never probed srv-b (its session's entry still said priority 0)."""
-    a_addr = f"unix://{sockdir}/srv-a.sock"
-    b_addr = f"unix://{sockdir}/srv-b.sock"
-    site = [
-        {"name": "srv-a", "address": a_addr, "priority": 0},
-        {"name": "srv-b", "address": b_addr, "priority": 1},
-    ]
-    await make_server(name="srv-a", products=PROBE_PRODUCTS, credentials=PROBE_CREDS, site=site)
-    await make_server(name="srv-b", products=PROBE_PRODUCTS, credentials=PROBE_CREDS, site=site)
-    config = build_client_config(
-        {
-            "client": {
-                "name": "ws-1",
-                "user": "ws",
-                "token_file": str(write_token(tmp_path / "token", "secret-ws")),
-                "state_dir": str(tmp_path / "state"),
-            },
-            "servers": {
-                "list": [a_addr, b_addr],
-                "retries": 2,
-                "retry_interval_ms": 10,
-                "reprobe_interval_s": 0.2,
-            },
-        },
-        tmp_path / "client.toml",
-    )
-    servers = ServerList(config.servers.addresses, None)
-    connector = Connector(config, servers)
-    keeper = LeaseKeeper(connector)
+    a_addr, b_addr, _ = await _ranked_site(make_server, sockdir, "srv-a", "srv-b")
+    keeper = keeper_for(tmp_path, [a_addr, b_addr], reprobe_interval_s=0.2)
+    servers = keeper.connector.servers
     try:
         await keeper.checkout("A", "1", user="alice")
         keeper.start()
@@ -349,26 +295,13 @@ async def test_a_keeper_stopped_while_it_probes_closes_the_sessions_its_probes_o
         {"name": "srv-b", "address": b_addr, "priority": 1},
     ]
     await make_server(name="srv-b", products=PROBE_PRODUCTS, credentials=PROBE_CREDS, site=site)
-    config = build_client_config(
-        {
-            "client": {
-                "name": "ws-1",
-                "user": "ws",
-                "token_file": str(write_token(tmp_path / "token", "secret-ws")),
-                "state_dir": str(tmp_path / "state"),
-            },
-            "servers": {
-                "list": [b_addr],
-                "retries": 2,
-                "retry_interval_ms": 10,
-                "connect_timeout_ms": 10000,
-                "request_timeout_ms": 10000,
-                "reprobe_interval_s": 0.2,
-            },
-        },
-        tmp_path / "client.toml",
+    keeper = keeper_for(
+        tmp_path,
+        [b_addr],
+        connect_timeout_ms=10000,
+        request_timeout_ms=10000,
+        reprobe_interval_s=0.2,
     )
-    keeper = LeaseKeeper(Connector(config, ServerList(config.servers.addresses, None)))
     probed: list = []
     real_probe = keeper.connector.probe
 
@@ -411,19 +344,13 @@ async def test_server_lists_changing_often_do_not_put_off_moving_back(
     """Found by a review of this round: each list change set the next probe a whole
     reprobe_interval_s away, so lists changing more often than that (here every 0.3 s,
     the interval 1 s) put the move back off for good."""
-    a_addr = f"unix://{sockdir}/srv-a.sock"
-    b_addr = f"unix://{sockdir}/srv-b.sock"
-    site = [
-        {"name": "srv-a", "address": a_addr, "priority": 0},
-        {"name": "srv-b", "address": b_addr, "priority": 1},
-    ]
-    await make_server(name="srv-b", products=PROBE_PRODUCTS, credentials=PROBE_CREDS, site=site)
+    _, b_addr, site = await _ranked_site(make_server, sockdir, "srv-b")
     keeper = keeper_for(tmp_path, [b_addr], reprobe_interval_s=1.0)
     try:
         await keeper.checkout("A", "1", user="alice")
         keeper.start()
         assert keeper.session is not None and keeper.session.server == "srv-b"
-        await make_server(name="srv-a", products=PROBE_PRODUCTS, credentials=PROBE_CREDS, site=site)
+        await _ranked_site(make_server, sockdir, "srv-a")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 4.0
         version = 10

@@ -8,12 +8,9 @@ import json
 
 import pytest
 
-from metering_client.config import build_client_config
-from metering_client.connector import Connector
-from metering_client.keeper import HeldLease, LeaseKeeper
-from metering_client.serverlist import ServerList
+from metering_client.keeper import HeldLease
 from tests.conftest import hello
-from tests.support import async_wait_until
+from tests.support import async_wait_until, keeper_for
 
 
 async def _overloaded_on_checkout(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
@@ -62,22 +59,13 @@ async def test_reclaim_fault_moves_on_to_next_server(make_server, tmp_path):
     c = await hello(server.address("tcp"), client="ws-1", user="ws", token="secret-ws")
     lease = (await c.request("checkout", timeout=5, product="A", version="1"))["lease"]
     await c.close()
-    token = tmp_path / "token"
-    token.write_text("secret-ws\n")
-    token.chmod(0o600)
-    config = build_client_config(
-        {
-            "client": {"name": "ws-1", "user": "ws", "token_file": str(token)},
-            "servers": {
-                "list": [busy_addr, server.address("tcp")],
-                "retries": 1,
-                "request_timeout_ms": 1000,
-                "connect_timeout_ms": 1000,
-            },
-        },
-        tmp_path / "client.toml",
+    keeper = keeper_for(
+        tmp_path,
+        [busy_addr, server.address("tcp")],
+        retries=1,
+        request_timeout_ms=1000,
+        connect_timeout_ms=1000,
     )
-    keeper = LeaseKeeper(Connector(config, ServerList(config.servers.addresses, None)))
     keeper.adopt(HeldLease(handle=lease, lease=lease, product="A", version="1", user="ws"))
     try:
         session = await keeper.ensure_session()
@@ -131,23 +119,14 @@ async def test_a_refused_reclaim_is_tried_again_soon_not_after_backoff_max(tmp_p
     session, no heartbeats, and its leases (TTL 10 s) expired meanwhile."""
     site = _RefusesTheFirstReclaim()
     server = await asyncio.start_server(site.serve, "127.0.0.1", 0)
-    token = tmp_path / "token"
-    token.write_text("secret-ws\n")
-    token.chmod(0o600)
-    config = build_client_config(
-        {
-            "client": {"name": "ws-1", "user": "ws", "token_file": str(token)},
-            "servers": {
-                "list": [f"tcp://127.0.0.1:{server.sockets[0].getsockname()[1]}"],
-                "retries": 3,
-                "retry_interval_ms": 100,
-                "request_timeout_ms": 1000,
-                "backoff_max_ms": 60000,
-            },
-        },
-        tmp_path / "client.toml",
+    keeper = keeper_for(
+        tmp_path,
+        [f"tcp://127.0.0.1:{server.sockets[0].getsockname()[1]}"],
+        retries=3,
+        retry_interval_ms=100,
+        request_timeout_ms=1000,
+        backoff_max_ms=60000,
     )
-    keeper = LeaseKeeper(Connector(config, ServerList(config.servers.addresses, None)))
     try:
         keeper.start()
         held, _ = await keeper.checkout("A", "1", user="alice")
