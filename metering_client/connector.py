@@ -143,10 +143,6 @@ class Connector:
     def server_count(self) -> int:
         return len(self.servers.entries())
 
-    def preferred_priority(self) -> int:
-        """The best (lowest) priority of any known server."""
-        return self.servers.preferred_priority()
-
     def priority_of(self, address: str) -> int:
         """`address`'s priority in the list as it is now; a server no longer listed ranks
         below every listed one."""
@@ -157,9 +153,11 @@ class Connector:
         return max((e.priority for e in entries), default=0) + 1
 
     def better_than(self, entry: ServerEntry) -> list[ServerEntry]:
-        """Servers preferred over `entry`, in the order they are listed: what to probe
-        before moving back."""
-        return [e for e in self.servers.entries() if e.priority < entry.priority]
+        """Servers preferred over `entry`'s server by the list as it is now (not by the
+        priority `entry` had in the list it came from: a config naming the backup alone,
+        a re-ranked site), in the order they are listed: what to probe before moving back."""
+        mine = self.priority_of(entry.address)
+        return [e for e in self.servers.entries() if e.priority < mine]
 
     def learn_servers(self, servers: list[dict[str, Any]], version: Any = None) -> bool:
         """Take the site's server list and its `servers_version` (as a server sends them, at

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import secrets
 import time
@@ -112,10 +111,6 @@ class SessionSource(Protocol):
     async def probe(self, entry: ServerEntry) -> Session | None: ...
 
     def server_count(self) -> int: ...
-
-    def preferred_priority(self) -> int: ...
-
-    def priority_of(self, address: str) -> int: ...
 
     def better_than(self, entry: ServerEntry) -> list[ServerEntry]: ...
 
@@ -663,9 +658,7 @@ class LeaseKeeper:
     def _next_probe_time(self, session: Session | None) -> float:
         if session is None or session.dead:
             return float("inf")
-        # The priority the site's list gives its server now, not the one of the list the
-        # session was opened from (a config naming the backup alone; a re-ranked site).
-        if self.connector.priority_of(session.entry.address) > self.connector.preferred_priority():
+        if self.connector.better_than(session.entry):
             return self.clock() + self.config.servers.reprobe_interval_s
         return float("inf")
 
@@ -742,10 +735,7 @@ class LeaseKeeper:
     async def _move_back(self, session: Session | None) -> None:
         if session is None or session.dead:
             return
-        now_ranked = dataclasses.replace(
-            session.entry, priority=self.connector.priority_of(session.entry.address)
-        )
-        better = self.connector.better_than(now_ranked)
+        better = self.connector.better_than(session.entry)
         if not better:
             return
         # Probed side by side: one after another, each dark server cost its timeouts while

@@ -124,12 +124,6 @@ class FakeConnector:
     def server_count(self) -> int:
         return 2
 
-    def preferred_priority(self) -> int:
-        return 0
-
-    def priority_of(self, address: str) -> int:
-        return next(e.priority for e in (A, B) if e.address == address)
-
     def better_than(self, entry: ServerEntry) -> list[ServerEntry]:
         return [e for e in (A, B) if e.priority < entry.priority]
 
