@@ -28,7 +28,7 @@ from metering_protocol.errors import ReloadFailed
 from metering_runtime import systemd
 from metering_runtime.connection import Connection, Endpoint, Limits
 from metering_runtime.http import HttpEndpoint, Response
-from metering_runtime.listeners import Listener, bind, server_ssl_context
+from metering_runtime.listeners import Listener, bind
 from metering_runtime.logs import bind_context, get_logger
 from metering_runtime.tasks import TaskOwner
 from metering_server.auth.credentials import UPGRADES_ASIDE, Credentials, CredentialsError
@@ -43,6 +43,7 @@ from metering_server.seats import SeatService, SeatSettings
 from metering_server.session import Session
 from metering_server.store import open_store
 from metering_server.store.base import LeaseStore, StoreReadOnly
+from metering_server.tls import tls_context
 
 log = get_logger("metering.server")
 
@@ -202,7 +203,7 @@ class MeteringServer:
         )
         ssl_ctx = None
         if cfg.tls_cert is not None:
-            ssl_ctx = server_ssl_context(cfg.tls_cert, cfg.tls_key)
+            ssl_ctx = tls_context(cfg)
             self._tls = (ssl_ctx, _tls_files(cfg))
         inherited = systemd.listen_sockets()
         try:
@@ -252,15 +253,13 @@ class MeteringServer:
         now = _tls_files(new)
         if now == files:
             return False
-        assert new.tls_cert is not None and new.path is not None
+        tls_context(new)  # whole and matching, or a refused reload naming the file
+        assert new.tls_cert is not None
         try:
-            server_ssl_context(new.tls_cert, new.tls_key)  # whole and matching, or refused
             context.load_cert_chain(new.tls_cert, new.tls_key)
-        except (ssl.SSLError, OSError) as exc:
-            reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
-            raise ConfigError(
-                new.path, "server.tls_cert_file", f"cannot load certificate/key: {reason}"
-            ) from None
+        except (ssl.SSLError, OSError):  # replaced again since: say what is wrong now
+            tls_context(new)
+            raise
         self._tls = (context, now)
         return True
 

@@ -15,11 +15,12 @@ from pathlib import Path
 from metering_protocol.config import ConfigError
 from metering_runtime.cliargs import UsageParser
 from metering_runtime.exitcodes import EX_CONFIG, EX_SOFTWARE, EX_UNAVAILABLE
-from metering_runtime.listeners import BindError, server_ssl_context
+from metering_runtime.listeners import BindError
 from metering_runtime.logs import configure_logging, get_logger
 from metering_server.auth.credentials import Credentials, CredentialsError
 from metering_server.config import ServerConfig, build_server_config, load_server_config
 from metering_server.store.base import StoreUnavailable, StoreUnusable
+from metering_server.tls import tls_context
 
 log = get_logger("metering.server")
 # Net allocations between collections of the youngest generation (CPython's default: 700).
@@ -81,12 +82,7 @@ def preflight(cfg: ServerConfig) -> None:
     """What the TOML types cannot say: the files and directories named must be usable."""
     where = cfg.path or "<defaults>"
     if cfg.tls_cert is not None:
-        try:
-            server_ssl_context(cfg.tls_cert, cfg.tls_key)
-        except (ssl.SSLError, OSError) as exc:
-            reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
-            key, what = _tls_fault(cfg)
-            raise ConfigError(where, key, f"{what} ({reason})") from None
+        tls_context(cfg)  # loads, or names the file at fault
     for key, directory in (
         ("server.state_dir", cfg.state_dir),
         ("store.url", _sqlite_dir(cfg.store_url)),
@@ -101,27 +97,6 @@ def preflight(cfg: ServerConfig) -> None:
         if not os.access(existing, os.W_OK | os.X_OK):
             raise ConfigError(where, key, f"{existing} is not writable by this user")
     _sqlite_file(where, cfg.store_url)
-
-
-def _tls_fault(cfg: ServerConfig) -> tuple[str, str]:
-    """Which of the TLS files did not load, as far as can be told: OpenSSL's error alone
-    ("PEM lib") names neither."""
-    assert cfg.tls_cert is not None
-    try:
-        text = cfg.tls_cert.read_text(errors="replace")
-        start = text.index("-----BEGIN CERTIFICATE-----")
-        end = text.index("-----END CERTIFICATE-----", start) + len("-----END CERTIFICATE-----")
-        ssl.PEM_cert_to_DER_cert(text[start:end])
-    except (OSError, ValueError):
-        return "server.tls_cert_file", f"{cfg.tls_cert} holds no usable certificate"
-    if cfg.tls_key is None:
-        return "server.tls_cert_file", (
-            f"{cfg.tls_cert}: no private key that loads with its certificate; "
-            "name it in server.tls_key_file"
-        )
-    return "server.tls_key_file", (
-        f"{cfg.tls_key}: the private key does not load, or is not the certificate's"
-    )
 
 
 def _sqlite_file(where: Path | str, url: str) -> None:
