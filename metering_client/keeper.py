@@ -741,26 +741,16 @@ class LeaseKeeper:
         # Probed side by side: one after another, each dark server cost its timeouts while
         # no heartbeat went out, and three of them outlasted a short lease's TTL.
         probes = [asyncio.ensure_future(self.connector.probe(entry)) for entry in better]
+        adopted: Session | None = None
         try:
             await asyncio.wait(probes)
-        except BaseException:  # stopped meanwhile: no probe's session may outlive us
-            for probe in probes:
-                probe.cancel()
-            await asyncio.wait(probes)
-            for probe in probes:
-                if not probe.cancelled() and probe.exception() is None and probe.result():
-                    await probe.result().close()
-            raise
-        probed = [p.exception() or p.result() for p in probes]
-        candidates = [p for p in probed if p is not None and not isinstance(p, BaseException)]
-        try:
+            probed = [p.exception() or p.result() for p in probes]
             for failure in probed:
                 if isinstance(failure, BaseException) and not isinstance(failure, MeteringError):
                     raise failure  # cancelled, or a bug
             if any(isinstance(p, MeteringError) for p in probed):
                 return  # the credential was refused: no move on it
-            while candidates:  # the most preferred first
-                candidate = candidates.pop(0)
+            for candidate in [p for p in probed if p is not None]:  # the most preferred first
                 async with self._connect_lock:
                     try:
                         await self._reclaim_all(candidate)
@@ -768,7 +758,7 @@ class LeaseKeeper:
                         await candidate.close()
                         continue
                     self._watch(candidate)
-                    old, self.session = self.session, candidate
+                    adopted, old, self.session = candidate, self.session, candidate
                 log.info(
                     "moved_back",
                     server=candidate.server,
@@ -779,8 +769,15 @@ class LeaseKeeper:
                     self._retire(old)
                 return
         finally:
-            for unused in candidates:
-                await unused.close()
+            # Whatever ended the move (done, refused, the keeper stopped while probing), no
+            # probe's session but the one adopted may outlive it.
+            for probe in probes:
+                probe.cancel()
+            await asyncio.wait(probes)
+            for probe in probes:
+                opened = None if probe.cancelled() or probe.exception() else probe.result()
+                if opened is not None and opened is not adopted and not opened.dead:
+                    await opened.close()
 
     def _retire(self, old: Session) -> None:
         """Close a session we moved away from once the requests it carries are answered:
