@@ -130,10 +130,9 @@ async def test_a_checkin_no_server_took_is_sent_again_when_a_server_is_back(make
                     return False
                 return True
 
-            deadline = time.monotonic() + 15.0  # far less than the lease's 60 s TTL
-            while not await seat_taken():
-                assert time.monotonic() < deadline, f"{reply['lease']} was never given back"
-                await asyncio.sleep(0.1)  # polling for the give-back, bounded above
+            await async_wait_until(  # 15 s: far less than the lease's 60 s TTL
+                seat_taken, timeout=15.0, interval=0.1, what=f"{reply['lease']} given back"
+            )
         finally:
             await bob.close()
     finally:
