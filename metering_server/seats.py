@@ -122,6 +122,9 @@ class SeatService:
         self._waiting: dict[Holder, dict[int, Waiter]] = {}  # holder -> request id -> waiter
         self._holders: dict[str, Holder] = {}  # lease -> the local session that holds it
         self._pool_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        # Store tickets of withdrawn waiters the store failed to take out: the sweep tries
+        # again, since this server's liveness keeps them alive (and ahead) in the store.
+        self._dequeues_owed: set[int] = set()
         self._tasks = TaskOwner("seats")
         self._repools_owed = 0  # passes of `repool` a reload still needs (the first claims)
         self._claim_owed = False  # the next `repool` makes this catalogue the site's
@@ -407,8 +410,20 @@ class SeatService:
     async def _dequeue(self, ticket: int) -> None:
         try:
             await self.store.dequeue(ticket, self.settings.server)
-        except Exception as exc:  # the entry times out in the store by itself
+        except Exception as exc:
+            # Its entry would live as long as this server does (`touch_server` keeps every
+            # entry of a live server), counted ahead of each checkout of its pool.
+            self._dequeues_owed.add(ticket)
             log.warning("dequeue_failed", ticket=ticket, error=str(exc))
+        else:
+            self._dequeues_owed.discard(ticket)
+
+    async def _settle_dequeues(self) -> None:
+        for ticket in sorted(self._dequeues_owed):
+            if self._waiters.ticket_held(ticket):  # a keyed retry here took the place over
+                self._dequeues_owed.discard(ticket)
+            else:
+                await self._dequeue(ticket)
 
     def cancel(self, holder: Holder, request_id: int) -> bool:
         """Withdraw a waiting checkout of this holder; False when it was already answered."""
@@ -633,6 +648,7 @@ class SeatService:
         servers reach this one's holders and waiters (at most one sweep interval late)."""
         now = self.clock()
         await self.store.touch_server(self.settings.server, now, self.settings.ttl_s)
+        await self._settle_dequeues()
         try:
             await self.settle_catalogue()
         except MeteringError as exc:  # owed still; expiry and waiters must not wait for it

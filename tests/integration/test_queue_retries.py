@@ -230,3 +230,43 @@ async def test_a_checkout_refused_for_waiters_ahead_says_so_not_that_all_seats_a
     assert err.value.fields["in_use"] == 0 and err.value.fields["seats"] == 1
     assert "waiting before this one" in err.value.message
     assert "all seats are in use" not in err.value.message
+
+
+@pytest.mark.asyncio
+async def test_a_place_the_store_failed_to_give_up_is_given_up_later(make_server, monkeypatch):
+    """Found by a review: a waiter withdrawn while the store failed (`dequeue_failed`) left
+    its entry in the store, and this live server, saying itself alive every sweep, kept the
+    entry alive with it: every checkout of the pool across the site was refused "waiting
+    before this one", seats free, until the withdrawn checkout's `wait_s` ran out."""
+    server = await make_server(products=ONE_SEAT, credentials=CREDS)
+    queued = Queued(server)
+    bob = await hello(server.address("tcp"), client="ws-b", user="bob", token="tok-bob")
+    alice = await hello(server.address("tcp"), client="ws-a", user="alice", token="tok-alice")
+    try:
+        lease = (await bob.request("checkout", timeout=5, product="A", version="1"))["lease"]
+        rid = alice.next_id()
+        waiting = alice.send("checkout", rid, product="A", version="1", wait_s=600)
+        await queued.reach(1)
+        dequeue, failed = server.store.dequeue, asyncio.Event()
+
+        async def fails_once(*args, **kwargs) -> None:
+            if not failed.is_set():
+                failed.set()
+                raise OSError("disk I/O error")
+            await dequeue(*args, **kwargs)
+
+        monkeypatch.setattr(server.store, "dequeue", fails_once)
+        assert (await alice.request("cancel", timeout=5, request=rid))["cancelled"] is True
+        assert (await asyncio.wait_for(waiting, 5))["error"]["code"] == "cancelled"
+        await asyncio.wait_for(failed.wait(), 5)
+        await bob.request("checkin", timeout=5, lease=lease)
+
+        async def gone() -> bool:
+            return not await server.store.queued(server.clock())
+
+        await async_wait_until(gone, what="the withdrawn place to leave the store", timeout=10)
+        granted = await bob.request("checkout", timeout=5, product="A", version="1")
+        assert granted["in_use"] == 1
+    finally:
+        for c in (bob, alice):
+            await c.close()
