@@ -41,7 +41,7 @@ from metering_server.licensing import Catalogue, Pool
 from metering_server.metrics import ServerMetrics
 from metering_server.seats import SeatService, SeatSettings
 from metering_server.session import Session
-from metering_server.store import open_store
+from metering_server.store import open_store, redact_url
 from metering_server.store.base import LeaseStore, StoreReadOnly
 from metering_server.tls import tls_context
 
@@ -233,7 +233,7 @@ class MeteringServer:
         log.info(
             "server_started",
             listen=self.addresses,
-            store=_redact(cfg.store_url),
+            store=redact_url(cfg.store_url),
             products=len(self.seats.catalogue.pools),
         )
         self.systemd.ready(self._tasks)
@@ -554,10 +554,3 @@ def check_servers_version(new: ServerConfig, old: ServerConfig) -> None:
             f"[[site.servers]] changed but the version is still {was}: set it above {was}, "
             "the same on every server of the site",
         )
-
-
-def _redact(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url

@@ -20,7 +20,7 @@ from metering_protocol.config import (
     resolve,
 )
 from metering_runtime.http import parse_listen
-from metering_server.store import POSTGRES_SCHEMES, StoreSettings
+from metering_server.store import POSTGRES_SCHEMES, SECRET_URL_PARAMS, StoreSettings
 
 Pos = Annotated[int, msgspec.Meta(gt=0)]
 
@@ -282,12 +282,19 @@ def _store(
         query = parse_qs(parts.query)
     except ValueError as exc:
         raise ConfigError(where, "store.url", f"not a valid URL: {exc}") from None
-    if parts.password is not None or "password" in query:
+    if parts.password is not None or "password" in {k.lower() for k in query}:
         raise ConfigError(
             where,
             "store.url",
             "must not contain a password (it would end up in logs): "
             "put it in a file named by store.password_file",
+        )
+    if {k.lower() for k in query} & SECRET_URL_PARAMS:
+        raise ConfigError(
+            where,
+            "store.url",
+            "must not contain sslpassword (it would end up in logs): "
+            "give sslkey a key file without a passphrase, readable only by the server's user",
         )
     if section.pool_min > section.pool_max:
         raise ConfigError(

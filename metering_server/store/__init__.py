@@ -6,11 +6,35 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 from metering_server.store.base import LeaseStore
 from metering_server.store.sqlite import SQLiteStore
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+# Query parameters of a PostgreSQL URL that asyncpg reads as secrets: refused in a config
+# (`metering_server.config`), masked by `redact_url` wherever a URL is shown.
+SECRET_URL_PARAMS = frozenset({"password", "sslpassword"})
+
+
+def redact_url(url: str) -> str:
+    """The store URL as logs and messages show it: a password, in the address or in the
+    query, replaced by `***` (the config refuses them; this is for URLs it did not read)."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            netloc = f"{parts.username or ''}:***@{netloc.rsplit('@', 1)[1]}"
+        fields = parts.query.split("&") if parts.query else []
+        query = "&".join(
+            f"{f.split('=', 1)[0]}=***"
+            if unquote_plus(f.split("=", 1)[0]).lower() in SECRET_URL_PARAMS
+            else f
+            for f in fields
+        )
+        return urlunsplit(parts._replace(netloc=netloc, query=query))
+    except ValueError:
+        return "<unparsable store url>"
 
 
 @dataclass(frozen=True, slots=True)

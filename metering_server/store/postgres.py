@@ -49,7 +49,6 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import msgspec
@@ -68,6 +67,7 @@ from metering_server.licensing import (
     reclaim_verdict,
     release_verdict,
 )
+from metering_server.store import redact_url
 
 from .base import (
     RETAIN_REVOKED_S,
@@ -240,18 +240,6 @@ def _renew_args(lease: LeaseRecord) -> tuple[float, float, str, str]:
     return (lease.renewed_at, lease.expires_at, lease.server, lease.lease)
 
 
-def redact(url: str) -> str:
-    """The URL without a password, for logs and messages."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        host = parts.netloc.rsplit("@", 1)[1]
-        return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
-    except ValueError:
-        return "<unparsable store url>"
-
-
 def describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     name = type(exc).__name__
@@ -348,7 +336,7 @@ class PostgresStore(LeaseStore):
         if not url.startswith(("postgresql://", "postgres://")):
             raise ValueError("a PostgresStore url starts with postgresql:// or postgres://")
         self.url = url
-        self.where = redact(url)
+        self.where = redact_url(url)
         self.password_file = Path(password_file) if password_file is not None else None
         self.pool_min = pool_min
         self.pool_max = max(pool_max, pool_min, 1)

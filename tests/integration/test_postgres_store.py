@@ -24,11 +24,11 @@ from metering_server.app import MeteringServer
 from metering_server.cli import main as server_main
 from metering_server.config import build_server_config, load_server_config
 from metering_server.licensing import Pool
-from metering_server.store import StoreSettings, open_store
+from metering_server.store import StoreSettings, open_store, redact_url
 from metering_server.store import postgres as postgres_store
 from metering_server.store.base import StoreUnavailable, StoreUnusable
 from metering_server.store.migrations_pg import LATEST, MIGRATIONS, migrate
-from metering_server.store.postgres import PostgresStore, redact
+from metering_server.store.postgres import PostgresStore
 from tests.conftest import hello
 from tests.integration.test_store_contract import ALICE, T0, req
 from tests.pg import Cluster, create_database, drop_database, postgres_site, started
@@ -145,7 +145,7 @@ async def test_start_gives_up_after_start_timeout_s_with_one_clear_error(pg_priv
         await store.open()
     message = str(err.value)
     assert "\n" not in message and "start_timeout_s = 0.3" in message
-    assert "last error" in message and redact(store.url) in message
+    assert "last error" in message and redact_url(store.url) in message
     attempts = [e["attempt"] for e in logs if e["event"] == "store_unavailable"]
     assert len(attempts) >= 2 and attempts == list(range(1, len(attempts) + 1))
     [failed] = [e for e in logs if e["event"] == "store_start_failed"]
@@ -301,8 +301,13 @@ async def test_the_password_is_in_no_log_line_and_no_error(pg_private, tmp_path,
 
 
 def test_redact_drops_a_password_from_a_url():
-    assert redact("postgresql://m:s3cret@db:5432/m") == "postgresql://m:***@db:5432/m"
-    assert redact("postgres://m@db/m?sslmode=require") == "postgres://m@db/m?sslmode=require"
+    assert redact_url("postgresql://m:s3cret@db:5432/m") == "postgresql://m:***@db:5432/m"
+    assert redact_url("postgres://m@db/m?sslmode=require") == "postgres://m@db/m?sslmode=require"
+    # found by a review: asyncpg reads the TLS key's passphrase from the query
+    assert (
+        redact_url("postgresql://m@db/m?sslmode=require&sslpassword=hunter2&Password=x")
+        == "postgresql://m@db/m?sslmode=require&sslpassword=***&Password=***"
+    )
 
 
 # --- two servers of one site on one database -------------------------------------------------

@@ -43,6 +43,18 @@ def write(tmp_path: Path, text: str) -> Path:
         ("[store]\nurl = 'mysql://x'\n", "store.url", "must start with sqlite://"),
         ("[store]\nurl = 'postgresql://u:pw@db/m'\n", "store.url", "must not contain a password"),
         (
+            "[store]\nurl = 'postgresql://u@db/m?PASSWORD=pw'\n",
+            "store.url",
+            "must not contain a password",
+        ),
+        # Found by a review: asyncpg reads the TLS key's passphrase from the URL, and the URL
+        # is in the server's logs.
+        (
+            "[store]\nurl = 'postgresql://u@db/m?sslmode=require&sslpassword=pw'\n",
+            "store.url",
+            "must not contain sslpassword",
+        ),
+        (
             "[[site.servers]]\nname = 'a'\naddress = 'tcp://nope'\n",
             "site.servers[0].address",
             "HOST:PORT",
