@@ -150,7 +150,6 @@ class MeteringServer:
         self.authenticator: Authenticator
         self.handlers: Handlers
         self._site = site_view(config)
-        self._sweeper: asyncio.Task | None = None
         self._tasks = TaskOwner("server")
         self.systemd = systemd.ServiceNotifier(self.status_line)  # READY, STATUS, watchdog
         self._stop = asyncio.Event()
@@ -227,7 +226,7 @@ class MeteringServer:
         for sock in inherited:  # passed by systemd but matching no listen address
             log.warning("inherited_socket_unused", address=str(sock.getsockname()))
             sock.close()
-        self._sweeper = self._tasks.spawn(self._sweep_loop(), "sweeper")
+        self._tasks.spawn(self._sweep_loop(), "sweeper")
         if cfg.metrics.listen is not None:
             await self._start_metrics(cfg.metrics.listen)
         log.info(

@@ -1,6 +1,6 @@
 """The store interface: the one source of truth for seats, leases and lockout state.
 
-Implementations (SQLite now, PostgreSQL later) make `grant` one atomic check-and-grant
+Implementations (SQLite, PostgreSQL) make `grant` one atomic check-and-grant
 transaction, durable before it returns, so that servers sharing a store can never hand out
 the same seat twice.  All times are wall-clock UTC epoch seconds supplied by the caller (the
 server's clock decides expiry; tests inject one).

@@ -78,6 +78,7 @@ from .base import (
     Notice,
     RenewOutcome,
     StoreBusy,
+    StoreFailed,
     StoreReadOnly,
     StoreUnavailable,
     StoreUnreachable,
@@ -128,7 +129,6 @@ _USAGE_COLUMNS = (
     'record_id, product, version, pool_product, pool_version, "user", client, principal, '
     "started_at, ended_at, outcome, server, received_at"
 )
-# `licensing.is_live` in SQL; bind `now` as $1.
 # A lease with its checkout's idempotency key.  A conflict can only be that key's lease for
 # another product, made meanwhile by a grant under another product's lock (a key reused
 # across products on two servers at once): not inserted, and answered `key_reused` (a unique
@@ -182,11 +182,12 @@ _RENEW_BATCH = (
     f"WHERE lease = ANY($1::text[]) AND expires_at > ({_RENEW_ASK.format(0)})::float8 "
     "RETURNING lease, principal, client"
 )
+# `licensing.is_live` in SQL; bind `now` as $1.
 _LIVE = "expires_at > $1"
 _EXPIRED = "expires_at <= $1"
 
 # The database is not there (down, restarting, unreachable, out of connections): retried at
-# start, `Internal` while serving.
+# start, `StoreUnreachable` while serving (less `_REFUSED_BY_THE_DATABASE`: `StoreFailed`).
 _UNREACHABLE: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
@@ -204,7 +205,6 @@ _MISCONFIGURED = (
     asyncpg.exceptions.InsufficientPrivilegeError,
     asyncpg.ClientConfigurationError,
 )
-# InterfaceErrors that are our mistakes, not a lost connection.
 # The database is there but cannot take the work now: a statement cancelled by a server-side
 # `statement_timeout`, a lock wait past `lock_timeout`, no connection slot left on the
 # database.  (A statement past `query_timeout_s`, asyncpg's command timeout, is a TimeoutError
@@ -222,10 +222,17 @@ _BUSY = (
 QUEUED_PER_CONNECTION = 1000
 # At most one `store_busy` line per this many seconds (with the count of calls refused).
 _BUSY_LOG_EVERY_S = 10.0
+# Our mistakes (a value the database cannot take, a client setting), not the database's.
 _NOT_A_FAULT_OF_THE_DATABASE = (
     asyncpg.ClientConfigurationError,
     asyncpg.exceptions.DataError,
     asyncpg.exceptions.UnsupportedClientFeatureError,
+)
+# Errors among `_UNREACHABLE`'s classes that come from a database that answered: a full disk,
+# out of memory (InsufficientResourcesError, less TooManyConnectionsError which `_BUSY` has).
+_REFUSED_BY_THE_DATABASE = (
+    *_NOT_A_FAULT_OF_THE_DATABASE,
+    asyncpg.exceptions.InsufficientResourcesError,
 )
 
 
@@ -367,6 +374,7 @@ class PostgresStore(LeaseStore):
         )
         self._renewals: Batches[_Heartbeat, RenewOutcome] = Batches(self._renew_all, "renewals")
         self._busy_lines = Throttle(_BUSY_LOG_EVERY_S, time.monotonic)  # `store_busy`
+        self._error_lines = Throttle(_BUSY_LOG_EVERY_S, time.monotonic)  # `store_error`
         self.retry_base_s = retry_base_s
         self.retry_max_s = retry_max_s
         self._sleep = sleep
@@ -650,15 +658,35 @@ class PostgresStore(LeaseStore):
         return StoreBusy(f"store busy: {op}: {why}")
 
     def _fault(self, op: str, exc: BaseException) -> Internal:
-        if isinstance(exc, _UNREACHABLE) and not isinstance(exc, _NOT_A_FAULT_OF_THE_DATABASE):
+        if isinstance(exc, _UNREACHABLE) and not isinstance(exc, _REFUSED_BY_THE_DATABASE):
             if not self._lost:  # one line per outage, not one per request
                 self._lost = True
                 log.warning("store_lost", store=self.where, op=op, error=describe(exc))
             return StoreUnreachable(
                 f"store unavailable: {op}: the database did not answer ({describe(exc)})"
             )
-        log.error("store_error", store=self.where, op=op, error=describe(exc))
-        return Internal(f"store error: {op}: {describe(exc)}")
+        if isinstance(exc, _NOT_A_FAULT_OF_THE_DATABASE):  # ours to fix: every one logged
+            log.error("store_error", store=self.where, op=op, error=describe(exc))
+            return Internal(f"store error: {op}: {describe(exc)}")
+        # The database answered and refused (a full disk, read-only, a constraint broken by a
+        # row written by hand): as SQLite's refusals, retryable after a pause, and for the
+        # operator one line a period with the count of calls refused, not one per request.
+        refused = self._error_lines.due()
+        if refused:
+            log.error(
+                "store_error",
+                store=self.where,
+                op=op,
+                error=describe(exc),
+                sqlstate=getattr(exc, "sqlstate", None),
+                refused=refused,
+            )
+        if isinstance(exc, asyncpg.exceptions.ReadOnlySQLTransactionError):
+            return StoreReadOnly(
+                f"store error: {op}: the database is read-only ({describe(exc)}); "
+                "nothing was changed"
+            )
+        return StoreFailed(f"store error: {op}: {describe(exc)}")
 
     # --- leases --------------------------------------------------------------------------------
     async def grant(self, req: GrantRequest) -> GrantOutcome:
@@ -1775,10 +1803,6 @@ def _usage_values(r: UsageRecord) -> tuple:
         r.server,
         r.received_at,
     )
-
-
-def _now(req: GrantRequest) -> float:
-    return req.now
 
 
 def _values(r: LeaseRecord) -> tuple:

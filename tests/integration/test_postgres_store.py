@@ -14,6 +14,7 @@ import contextlib
 import os
 from pathlib import Path
 
+import asyncpg
 import pytest
 import pytest_asyncio
 from structlog.testing import capture_logs
@@ -26,7 +27,13 @@ from metering_server.config import build_server_config, load_server_config
 from metering_server.licensing import Pool
 from metering_server.store import StoreSettings, open_store, redact_url
 from metering_server.store import postgres as postgres_store
-from metering_server.store.base import StoreUnavailable, StoreUnusable
+from metering_server.store.base import (
+    StoreFailed,
+    StoreReadOnly,
+    StoreUnavailable,
+    StoreUnreachable,
+    StoreUnusable,
+)
 from metering_server.store.migrations_pg import LATEST, MIGRATIONS, migrate
 from metering_server.store.postgres import PostgresStore
 from tests.conftest import hello
@@ -525,8 +532,16 @@ async def test_health_is_degraded_while_the_database_is_read_only(pg_private, tm
             lambda: _health_is(server, {"status": "degraded", "store": "read_only"}),
             what="health degraded",
         )
-        with pytest.raises(Internal):  # what every call meets meanwhile
-            await server.store.grant(req())
+        # What every write meets meanwhile.  Found by a review: a plain `internal` without
+        # `retry_after_s`, and one `store_error` line per refused call (SQLite: one a period).
+        with capture_logs() as logs:
+            for i in range(5):
+                with pytest.raises(StoreReadOnly) as err:
+                    await server.store.grant(req(who=(f"u{i}", f"ws{i}")))
+                wire = err.value.to_wire()
+                assert wire["code"] == "internal" and wire["retryable"] is True, wire
+                assert wire["retry_after_s"] == 1.0, wire
+        assert len([e for e in logs if e["event"] == "store_error"]) == 1, logs
         async with pg_private.connect(superuser=True) as su:
             await su.execute("ALTER SYSTEM RESET default_transaction_read_only")
             await su.execute("SELECT pg_reload_conf()")
@@ -535,6 +550,25 @@ async def test_health_is_degraded_while_the_database_is_read_only(pg_private, tm
         )
     finally:
         await server.shutdown(timeout=1.0)
+
+
+def test_a_full_disk_is_a_refusal_not_a_database_that_did_not_answer():
+    """Found by a review: PostgreSQL's "disk full" (53100, among the InsufficientResources
+    errors) was filed with the lost connections: "the database did not answer", `store_lost`
+    once, where the database answered and refused, as SQLite's full disk is `StoreFailed`."""
+    store = PostgresStore("postgresql://m@db.invalid/m")
+    with capture_logs() as logs:
+        faults = [
+            store._fault("grant", asyncpg.exceptions.DiskFullError("could not extend file"))
+            for _ in range(3)
+        ]
+        lost = store._fault("grant", ConnectionResetError("reset by peer"))
+    assert all(isinstance(f, StoreFailed) for f in faults), faults
+    assert "could not extend file" in faults[0].message
+    assert faults[0].to_wire()["retry_after_s"] == 1.0
+    assert isinstance(lost, StoreUnreachable) and not isinstance(lost, StoreFailed)
+    assert [e["event"] for e in logs] == ["store_error", "store_lost"]
+    assert logs[0]["sqlstate"] == "53100" and logs[0]["refused"] == 1
 
 
 async def _health_is(server: MeteringServer, expected: dict[str, str]) -> bool:
