@@ -358,7 +358,6 @@ class PostgresStore(LeaseStore):
         self.max_queued = max(max_queued, 0)
         self._line = _Admission(self.pool_max, self.max_queued)
         self._auth_reads: KeyedReads[FailureState] = KeyedReads(self._fetch_states, "auth-states")
-        self._in_use_seen: dict[tuple[str, str], int] = {}  # per pool, at this server's last grant
         # lease -> its pool, for the leases this server granted, reclaimed or renewed: a
         # heartbeat batch whose leases are all here takes its pools' locks with its BEGIN, two
         # round trips fewer than looking them up first.  A catalogue change may move a lease
@@ -779,7 +778,6 @@ class PostgresStore(LeaseStore):
             return GrantOutcome(True, in_use + 1, lease)
 
         outcome = await self._run("grant", grant)
-        self._in_use_seen[req.pool.key] = outcome.in_use
         if outcome.lease is not None:
             self._remember(outcome.lease.lease, outcome.lease.pool_key)
         return outcome
@@ -866,8 +864,7 @@ class PostgresStore(LeaseStore):
             return out
 
         outcomes = await self._run("grant", grant_all, locks=tuple(map(_pool_lock, pools)))
-        for req, outcome in zip(reqs, outcomes, strict=True):
-            self._in_use_seen[req.pool.key] = outcome.in_use
+        for outcome in outcomes:
             if outcome.lease is not None:
                 self._remember(outcome.lease.lease, outcome.lease.pool_key)
         return outcomes
@@ -920,14 +917,18 @@ class PostgresStore(LeaseStore):
         between.  Anything that is not a plain renewal (gone, revoked, expired, another
         holder's) is None: the locked check-and-grant decides it.
 
-        A reply's `in_use` is this server's last count of the pool where it has one (a
-        reclaim changes no count): counting scans the pool's rows, dead row versions
-        included — milliseconds each at 10,000 leases, most of a reclaim's cost."""
+        A reply's `in_use` is counted once per pool and batch, under the pool's lock (shared
+        with the other reclaims, so no grant or release of the pool is between the count and
+        the commit): counting scans the pool's rows, dead row versions included, some
+        milliseconds at 10,000 leases — once per reclaim it was most of a reclaim's cost.
+        (A count this server remembered from its last grant was stale after releases,
+        expiries and other servers' grants: found by a review.)"""
 
         async def renew(db: asyncpg.Connection) -> list[GrantOutcome | None]:
             held = await self._lock_rows(db, [req.reclaim for req in reqs if req.reclaim])
             out: list[GrantOutcome | None] = []
             renewed: dict[str, LeaseRecord] = {}
+            counted: dict[tuple[str, str], int] = {}
             current = self.effective_now(0.0)  # after the locks: as it commits
             for req in reqs:
                 if req.now < current:
@@ -951,11 +952,9 @@ class PostgresStore(LeaseStore):
                     continue
                 lease = renewed_lease(lease, req.server, req.now, req.ttl_s)
                 held[lease.lease] = renewed[lease.lease] = lease
-                in_use = self._in_use_seen.get(req.pool.key)
+                in_use = counted.get(req.pool.key)
                 if in_use is None:
-                    in_use = self._in_use_seen[req.pool.key] = await self._count(
-                        db, req.pool.key, req.now
-                    )
+                    in_use = counted[req.pool.key] = await self._count(db, req.pool.key, req.now)
                 out.append(GrantOutcome(True, in_use, lease, reclaimed=True))
             if renewed:
                 await db.executemany(_RENEW, [_renew_args(r) for r in renewed.values()])
@@ -1352,9 +1351,7 @@ class PostgresStore(LeaseStore):
             )
             return {(r[0], r[1]): r[2] for r in rows}
 
-        counted = await self._run("in_use", count, write=False)
-        self._in_use_seen = {key: counted.get(key, 0) for key in self._in_use_seen} | counted
-        return counted
+        return await self._run("in_use", count, write=False)
 
     async def repool(
         self,

@@ -139,6 +139,18 @@ async def test_reclaim_of_a_live_own_lease_keeps_its_id_and_costs_no_seat(store)
     assert [r.lease for r in await store.leases(T0 + TTL + 1)] == [rec.lease]
 
 
+async def test_a_reclaims_in_use_is_the_pools_live_count(store):
+    """Found by a review: PostgreSQL answered a reclaim with its own count from its last
+    grant, stale after releases and expiries (3 where 1 was held)."""
+    pool = Pool("THREE", "1", 3, "enforce")
+    first = await granted(store, req(pool, now=T0))
+    others = [await granted(store, req(pool, ("alice", f"ws-{i}"), now=T0)) for i in (2, 3)]
+    for rec in others:
+        assert await store.release(rec.lease, rec.principal, rec.client, T0 + 1) == rec
+    out = await store.grant(req(pool, now=T0 + 2, reclaim=first.lease))
+    assert out.granted and out.reclaimed and out.in_use == 1
+
+
 @pytest.mark.parametrize("other", [("bob", "ws-1"), ("alice", "ws-2")], ids=["principal", "client"])
 async def test_reclaim_by_another_principal_or_client_is_a_fresh_grant(store, other):
     rec = await granted(store, req(now=T0))
