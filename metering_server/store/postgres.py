@@ -1309,8 +1309,10 @@ class PostgresStore(LeaseStore):
         sql = f"SELECT {_COLUMNS} FROM leases WHERE {_LIVE}"
         args: list[Any] = [now]
         if product is not None:
-            args.append(product)
-            sql += f" AND upper(product) = upper(${len(args)})"
+            # The names that match as the catalogue matches them (Python's case folding:
+            # PostgreSQL's `upper` follows the database's locale, ASCII only under C).
+            args.append(None)  # the names, found first in `select`
+            sql += f" AND product = ANY(${len(args)}::text[])"
         if after is None and limit is None:
             sql += " ORDER BY granted_at, lease"
         else:  # paged: by lease id in code-point order, whatever the database's collation
@@ -1323,6 +1325,9 @@ class PostgresStore(LeaseStore):
                 sql += f" LIMIT ${len(args)}"
 
         async def select(db: asyncpg.Connection) -> list[LeaseRecord]:
+            if product is not None:
+                names = await db.fetch(f"SELECT DISTINCT product FROM leases WHERE {_LIVE}", now)
+                args[1] = [n for (n,) in names if n.upper() == product.upper()]
             rows = await db.fetch(sql, *args)
             return [rec for rec in map(_record, rows) if is_live(rec.expires_at, now)]
 

@@ -417,6 +417,17 @@ async def test_leases_paged_by_lease_id_with_a_cursor(store):
     assert [r for p in await pages(store, later, 2) for r in p] == live
 
 
+async def test_leases_of_a_product_named_beyond_ascii_match_in_any_case(store):
+    """Found by a review: PostgreSQL folded the names with its own `upper`, ASCII only under
+    the C locale: "Grün" found nothing for "GRÜN" where the catalogue (and SQLite) matched."""
+    pool = Pool("Grün", "1", 5, "enforce")
+    held = await granted(store, req(pool, now=T0, product="grün", version="1"))
+    for name in ("Grün", "GRÜN", "grün"):
+        assert await store.leases(T0 + 1, name) == [held], name
+        assert await store.leases(T0 + 1, name, limit=5) == [held], name
+    assert await store.leases(T0 + 1, "GRUN") == []
+
+
 async def test_leases_pages_of_one_product(store):
     recs = []
     for i in range(9):
