@@ -52,8 +52,8 @@ class MeteringError(Exception):
             retry_after = None
         exc = klass(str(error.get("message", "")), retry_after_s=retry_after, **extra)
         if klass is UnknownError:
-            exc.wire_code = str(code)
-            exc.wire_retryable = bool(error.get("retryable", False))
+            exc.wire_code = code if isinstance(code, str) else "unknown"
+            exc.retryable = error.get("retryable") is True  # type: ignore[misc]  # the peer's
         return exc
 
     def __str__(self) -> str:
@@ -183,12 +183,17 @@ class CredentialUnusable(MeteringError):
 
 
 class UnknownError(MeteringError):
-    """An error code this release does not know; keep the peer's verdict on retrying."""
+    """An error code this release does not know (a newer peer's).  An instance made by
+    `from_wire` keeps the peer's code and its verdict on retrying (`retryable`, set on the
+    instance): a client retries as the peer said, and a relay (the agent's local API)
+    passes both on unchanged."""
 
     code = "unknown"
-    retryable = False
+    retryable = False  # made here, with no peer's verdict
     wire_code: str = "unknown"
-    wire_retryable: bool = False
+
+    def to_wire(self) -> dict[str, Any]:
+        return {**super().to_wire(), "code": self.wire_code}
 
 
 AUTH_TERMINAL = (AuthFailed, LockedOut)

@@ -63,7 +63,7 @@ EXIT_CODES: Mapping[type[e.MeteringError], int] = MappingProxyType(
         e.LeaseNotFound: EX_FAIL,
         e.LeaseRevoked: EX_TEMPFAIL,  # treated like a denial: the program had to stop
         # A code this release does not know: the peer's retry verdict decides (see exit_code);
-        # this entry is the not-retryable case.
+        # this entry is one made here, not retryable.
         e.UnknownError: EX_FAIL,
     }
 )
@@ -72,7 +72,7 @@ EXIT_CODES: Mapping[type[e.MeteringError], int] = MappingProxyType(
 def exit_code(exc: e.MeteringError) -> int:
     """The exit code for a command that ended with `exc`."""
     if isinstance(exc, e.UnknownError):
-        return EX_TEMPFAIL if exc.wire_retryable else EX_FAIL
+        return EX_TEMPFAIL if exc.retryable else EX_FAIL
     for klass in type(exc).__mro__:
         code = EXIT_CODES.get(klass)
         if code is not None:

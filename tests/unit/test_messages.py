@@ -1,6 +1,6 @@
 import pytest
 
-from metering_protocol.errors import BadRequest, MeteringError
+from metering_protocol.errors import BadRequest, MeteringError, UnknownError
 from metering_protocol.messages import MAX_ID, Checkout, parse_request, parse_time, request_id
 from metering_runtime.exitcodes import EX_USAGE
 from metering_server.admin_cli import AdminError, _when
@@ -62,9 +62,18 @@ def test_error_round_trip_keeps_code_fields_and_retryability():
     assert err.to_wire() == wire
 
 
-def test_unknown_error_code_is_not_retried():
-    err = MeteringError.from_wire({"code": "martian", "message": "?", "retryable": True})
-    assert err.retryable is False and err.wire_code == "martian"
+@pytest.mark.parametrize("retryable", [True, False])
+def test_an_unknown_error_code_keeps_the_peers_code_and_verdict(retryable):
+    """Found by a review: the verdict was dropped (`retryable` False whatever the peer
+    said), so the keeper, the watcher and `Seat` gave up where a newer server had said
+    "again", and the agent relayed the error to its local clients as `unknown`."""
+    wire = {"code": "martian", "message": "?", "retryable": retryable, "retry_after_s": 2.0}
+    err = MeteringError.from_wire(wire)
+    assert isinstance(err, UnknownError)
+    assert err.retryable is retryable and err.wire_code == "martian"
+    assert err.to_wire() == wire  # relayed as it came
+    assert UnknownError("made here").retryable is False  # the class keeps its own
+    assert MeteringError.from_wire({"code": 7, "message": "?"}).to_wire()["code"] == "unknown"
 
 
 @pytest.mark.parametrize(
