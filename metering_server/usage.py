@@ -91,10 +91,10 @@ def steps(intervals: Iterable[tuple[float, float]]) -> list[tuple[float, int]]:
     return out
 
 
-def peak(intervals: Iterable[tuple[float, float]]) -> tuple[int, float | None]:
-    """(the most intervals holding at one instant, the first instant it is reached)."""
+def peak(points: Iterable[tuple[float, int]]) -> tuple[int, float | None]:
+    """(the highest count of `steps`' points, the first instant it is reached)."""
     best, at = 0, None
-    for t, n in steps(intervals):
+    for t, n in points:
         if n > best:
             best, at = n, t
     return best, at
@@ -245,10 +245,7 @@ def _product_view(
     g: _Group, since: float, until: float, max_points: int, time_text: Callable[[float], str]
 ) -> dict[str, Any]:
     points = steps(g.intervals)
-    top, top_at = 0, None
-    for t, n in points:
-        if n > top:
-            top, top_at = n, t
+    top, top_at = peak(points)
     line, bucket = timeline(points, since, until, max_points)
     users = sorted(g.users.items(), key=lambda item: (-item[1].seconds, item[0]))
     return {

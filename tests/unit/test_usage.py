@@ -193,8 +193,8 @@ def test_steps_merge_touching_ends_and_drop_empty_intervals():
     assert steps([(0, 10), (10, 20)]) == [(0, 1), (20, 0)]
     assert steps([(5, 5), (3, 3)]) == []
     assert steps([(0, 10), (0, 10), (5, 6)]) == [(0, 2), (5, 3), (6, 2), (10, 0)]
-    assert peak([]) == (0, None)
-    assert peak([(0, 10), (10, 20), (15, 16)]) == (2, 15)
+    assert peak(steps([])) == (0, None)
+    assert peak(steps([(0, 10), (10, 20), (15, 16)])) == (2, 15)
 
 
 def test_timeline_starts_at_since_with_the_count_then():
@@ -217,7 +217,7 @@ interval = st.tuples(endpoints, endpoints).map(lambda p: (min(p), max(p)))
 @settings(max_examples=500, deadline=None)
 @given(st.lists(interval, max_size=40))
 def test_peak_equals_brute_force_count_over_all_endpoints(intervals):
-    top, at = peak(intervals)
+    top, at = peak(steps(intervals))
     assert top == brute_force_peak(intervals)
     if top:
         assert sum(1 for s, e in intervals if s <= at < e) == top
