@@ -98,6 +98,7 @@ from .base import (
 )
 from .coalesce import Batches, KeyedReads
 from .migrations_pg import lock_key, migrate
+from .notices import pool_text
 
 T = TypeVar("T")
 I = TypeVar("I")  # noqa: E741 - an item of a batch
@@ -1221,7 +1222,7 @@ class PostgresStore(LeaseStore):
             if row is None:
                 return None
             held = _record(row)
-            await self._notify(db, [("freed", _pool_text(held.pool_key))])
+            await self._notify(db, [("freed", pool_text(held.pool_key))])
             return held
 
         held = await self._run("give_back", give_back)
@@ -1258,7 +1259,7 @@ class PostgresStore(LeaseStore):
                 by,
                 row["idempotency_key"],
             )
-            await self._notify(db, [("revoked", lease), ("freed", _pool_text(held.pool_key))])
+            await self._notify(db, [("revoked", lease), ("freed", pool_text(held.pool_key))])
             return held
 
         judged = now if now is not None else time.time()
@@ -1293,7 +1294,7 @@ class PostgresStore(LeaseStore):
             gone = [_record(r) for r in rows]
             gone.sort(key=lambda r: (r.granted_at, r.lease))
             freed = [r.pool_key for r in gone] + [(r[0], r[1]) for r in left]
-            await self._notify(db, [("freed", _pool_text(key)) for key in freed])
+            await self._notify(db, [("freed", pool_text(key)) for key in freed])
             return gone
 
         return await self._run("expire", expire)
@@ -1474,7 +1475,7 @@ class PostgresStore(LeaseStore):
                 server,
             )
             if row is not None:  # the waiters behind it may be next now
-                await self._notify(db, [("freed", _pool_text((row[0], row[1])))])
+                await self._notify(db, [("freed", pool_text((row[0], row[1])))])
 
         await self._run("dequeue", dequeue)
 
@@ -1487,7 +1488,7 @@ class PostgresStore(LeaseStore):
             )
             await db.execute("DELETE FROM servers WHERE name = $1", server)
             # Orphans no longer hold back the live waiters of other servers.
-            await self._notify(db, [("freed", _pool_text((r[0], r[1]))) for r in rows])
+            await self._notify(db, [("freed", pool_text((r[0], r[1]))) for r in rows])
 
         await self._run("detach", detach)
 
@@ -1530,7 +1531,7 @@ class PostgresStore(LeaseStore):
         one was ahead, they hear of it now (`freed`), not at their server's next sweep."""
         await db.execute("DELETE FROM waiters WHERE id = $1", waiter)
         if in_use < pool.seats:
-            await self._notify(db, [("freed", _pool_text(pool.key))])
+            await self._notify(db, [("freed", pool_text(pool.key))])
 
     async def _notify(self, db: asyncpg.Connection, notices: list[Notice]) -> None:
         """Queue notices in the transaction: PostgreSQL delivers them at commit, and only
@@ -1783,10 +1784,6 @@ async def _begin_locked(
 
 def _json(value: Any) -> str:
     return msgspec.json.encode(value).decode()
-
-
-def _pool_text(key: tuple[str, str]) -> str:
-    return f"{key[0]}\x1f{key[1]}"
 
 
 def _usage_values(r: UsageRecord) -> tuple:

@@ -48,6 +48,7 @@ from .base import (
     GrantRequest,
     LeaseRecord,
     LeaseStore,
+    Notice,
     RenewOutcome,
     StoreBusy,
     StoreFailed,
@@ -66,6 +67,7 @@ from .base import (
     repool_moves,
     same_checkout,
 )
+from .notices import NoticeBoard, pool_text
 from .worker import StoreThread
 
 T = TypeVar("T")
@@ -401,6 +403,7 @@ class SQLiteStore(LeaseStore):
         # use: they must not hold up grants queued behind them on the store's thread.
         self._reader: tuple[StoreThread, sqlite3.Connection] | None = None
         self._error_lines = Throttle(_ERROR_LOG_EVERY_S, time.monotonic)  # `store_error`
+        self._board: NoticeBoard | None = None  # other servers on this file (`listen`)
 
     # --- plumbing --------------------------------------------------------------------------
     def _read(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
@@ -922,6 +925,9 @@ class SQLiteStore(LeaseStore):
         self._loop = loop
 
     async def close(self) -> None:
+        if self._board is not None:
+            self._board.close()
+            self._board = None
         await self._close_reader()
         if self._thread is None:
             return
@@ -937,6 +943,38 @@ class SQLiteStore(LeaseStore):
         self._thread.shutdown()
         self._thread = None
         self._loop = None
+
+    # --- notices to the other servers on this file ----------------------------------------------
+    async def listen(self, on_notice: Callable[[Notice], None]) -> bool:
+        """Other servers' notices as they commit, through a socket each beside the database
+        (`notices.NoticeBoard`).  Best effort: `listening` stays False, so the seat service's
+        sweep still looks for what a lost notice would have said."""
+        if self._board is not None:
+            raise RuntimeError("listen() was called already")
+        board = NoticeBoard(self.path.with_name(self.path.name + "-notices"))
+        if not board.open(on_notice):
+            return False
+        self._board = board
+        return True
+
+    def _peers(self) -> bool:
+        return self._board is not None and self._board.has_peers()
+
+    def _announce(self, changes: list[tuple[str, Any]]) -> None:
+        """("freed", pool key) and ("revoked", lease id), committed, to the other servers."""
+        if changes and self._peers():
+            assert self._board is not None
+            self._board.announce(
+                (kind, pool_text(what) if kind == "freed" else what) for kind, what in changes
+            )
+
+    def _announce_freed(self, done: asyncio.Future[LeaseRecord | None]) -> None:
+        if not done.cancelled() and done.exception() is None and done.result() is not None:
+            self._announce([("freed", done.result().pool_key)])
+
+    def _announce_if_done(self, done: asyncio.Future, changes: list[tuple[str, Any]]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            self._announce(changes)
 
     # --- leases ------------------------------------------------------------------------------
     def grant(self, req: GrantRequest) -> asyncio.Future[GrantOutcome]:
@@ -1014,7 +1052,13 @@ class SQLiteStore(LeaseStore):
             return GrantOutcome(True, in_use + 1, lease)
 
         plain = req.reclaim is None and req.waiter is None and req.idempotency_key is None
-        return self._write(grant, req if plain and self._bulk else None)
+        future = self._write(grant, req if plain and self._bulk else None)
+        if req.waiter is not None and self._peers():
+            # Its entry left the queue: waiters behind it on other servers may be next now
+            # (seats still free, or the entry was what held them back).
+            key = req.pool.key
+            future.add_done_callback(lambda f: self._announce_if_done(f, [("freed", key)]))
+        return future
 
     @staticmethod
     def _count_and_ahead(
@@ -1169,7 +1213,11 @@ class SQLiteStore(LeaseStore):
             # concerned.
             return held if verdict is Release.RELEASE else None
 
-        return self._write(release, _Checkin(lease, principal, client, now) if self._bulk else None)
+        bulk = _Checkin(lease, principal, client, now) if self._bulk else None
+        future = self._write(release, bulk)
+        if self._peers():
+            future.add_done_callback(self._announce_freed)
+        return future
 
     def give_back(
         self, lease: str, principal: str, client: str
@@ -1182,7 +1230,10 @@ class SQLiteStore(LeaseStore):
             ).fetchall()
             return _record(rows[0]) if rows else None
 
-        return self._write(give_back)
+        future = self._write(give_back)
+        if self._peers():
+            future.add_done_callback(self._announce_freed)
+        return future
 
     async def revoke(
         self, lease: str, *, now: float | None = None, by: str | None = None
@@ -1205,7 +1256,10 @@ class SQLiteStore(LeaseStore):
 
         judged = now if now is not None else time.time()
 
-        return await self._write(revoke)
+        held = await self._write(revoke)
+        if held is not None and self._peers():
+            self._announce([("revoked", lease), ("freed", held.pool_key)])
+        return held
 
     async def revoked_among(self, leases: list[str]) -> list[str]:
         def select(db: sqlite3.Connection) -> list[str]:
@@ -1306,20 +1360,28 @@ class SQLiteStore(LeaseStore):
         return await self._write(enqueue)
 
     async def dequeue(self, ticket: int, server: str | None = None) -> None:
-        def dequeue(db: sqlite3.Connection) -> None:
-            db.execute(
-                "DELETE FROM waiters WHERE id = ? AND (? IS NULL OR server = ?)",
+        def dequeue(db: sqlite3.Connection) -> list[tuple[str, str]]:
+            return db.execute(
+                "DELETE FROM waiters WHERE id = ? AND (? IS NULL OR server = ?) "
+                "RETURNING pool_product, pool_version",
                 (ticket, server, server),
-            )
+            ).fetchall()
 
-        await self._write(dequeue)
+        left = await self._write(dequeue)  # the waiters behind it may be next now
+        self._announce([("freed", (p, v)) for p, v in left])
 
     async def detach(self, server: str) -> None:
-        def detach(db: sqlite3.Connection) -> None:
-            db.execute("UPDATE waiters SET server = '' WHERE server = ?", (server,))
+        def detach(db: sqlite3.Connection) -> list[tuple[str, str]]:
+            rows = db.execute(
+                "UPDATE waiters SET server = '' WHERE server = ? "
+                "RETURNING pool_product, pool_version",
+                (server,),
+            ).fetchall()
             db.execute("DELETE FROM servers WHERE name = ?", (server,))
+            return rows
 
-        await self._write(detach)
+        orphaned = await self._write(detach)  # no longer ahead of other servers' waiters
+        self._announce([("freed", (p, v)) for p, v in orphaned])
 
     async def queued(self, now: float) -> dict[tuple[str, str], int]:
         def count(db: sqlite3.Connection) -> dict[tuple[str, str], int]:
@@ -1351,11 +1413,17 @@ class SQLiteStore(LeaseStore):
             rows = db.execute(_EXPIRED_LEASES, (now,))
             gone = [rec for rec in map(_record, rows) if not is_live(rec.expires_at, now)]
             db.executemany(_DELETE_LEASE, [(r.lease,) for r in gone])
-            db.execute("DELETE FROM waiters WHERE deadline <= ? OR kept_until <= ?", (now, now))
+            left = db.execute(
+                "DELETE FROM waiters WHERE deadline <= ? OR kept_until <= ? "
+                "RETURNING pool_product, pool_version",
+                (now, now),
+            ).fetchall()
             db.execute("DELETE FROM revoked WHERE revoked_at < ?", (now - RETAIN_REVOKED_S,))
-            return gone
+            return gone, left
 
-        return await self._write(expire)
+        gone, left = await self._write(expire)
+        self._announce([("freed", r.pool_key) for r in gone] + [("freed", (p, v)) for p, v in left])
+        return gone
 
     async def leases(
         self,
