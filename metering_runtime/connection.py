@@ -148,6 +148,7 @@ class Connection(asyncio.Protocol):
         self.withdrawn: set[int] = set()  # request ids withdrawn by the peer (`cancel`)
         self.bad_frames = 0
         self.closing = False
+        self._draining = False  # closing after its last reply; requests read meanwhile refused
         self.finished = asyncio.Event()
         self.peer: Peer
         self.dispatcher: Dispatcher
@@ -197,6 +198,8 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
+            if self._draining:
+                self._refuse_draining(self.decoder.feed(data, self._frame_budget()))
             return
         self._last_read = self._loop.time()
         self._frames.extend(self.decoder.feed(data, self._frame_budget()))
@@ -284,7 +287,10 @@ class Connection(asyncio.Protocol):
                 task.cancel()
 
     def close_when_idle(self) -> None:
-        """Drain: stop reading; close now if nothing is in flight, else after the last reply."""
+        """Drain: take no more requests; close now if nothing is in flight, else after the
+        last reply.  A request read meanwhile is answered `shutting_down` (retryable: send it
+        to another server), so its client knows it was not done; dropped unanswered, a
+        checkin or a revoke left its client guessing."""
         self.closing = True
         transport = self._transport
         if transport is None:
@@ -292,6 +298,9 @@ class Connection(asyncio.Protocol):
         if not self.tasks:
             transport.close()
             return
+        self._draining = True
+        frames, self._frames = list(self._frames), collections.deque()
+        self._refuse_draining(frames)  # read behind a hello, not yet taken
         pending = set(self.tasks)
 
         def done(task: asyncio.Task) -> None:
@@ -310,6 +319,20 @@ class Connection(asyncio.Protocol):
         self.withdrawn.add(rid)
         task.cancel()
         return True
+
+    def _refuse_draining(self, frames: list[bytes]) -> None:
+        for raw in frames:
+            try:
+                rid = m.request_id(framing.decode(raw))
+            except BadRequest:
+                rid = None
+            if rid is not None:
+                self.reply_error(
+                    rid,
+                    ShuttingDown(
+                        "server is draining: send it to another server", retry_after_s=0.1
+                    ),
+                )
 
     # --- input --------------------------------------------------------------------------------
     def _handle_frames(self) -> None:

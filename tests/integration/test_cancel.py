@@ -212,6 +212,43 @@ async def test_a_checkout_that_would_queue_while_the_server_drains_hears_shuttin
 
 
 @pytest.mark.asyncio
+async def test_requests_read_while_the_server_drains_are_answered_shutting_down(
+    make_server, tmp_path
+):
+    """Found by a review: a draining connection with a request in flight dropped what it
+    read after the drain began, unanswered, and closed after the last reply: a checkin or a
+    revoke sent then left its client guessing whether it was done.  PROTOCOL.md:
+    `shutting_down` (retryable), "reconnect to another server"."""
+    server = await make_server(products=PRODUCTS)
+    raw = await Raw.open(server.address("unix"))
+    try:
+        await raw.hello()
+        with sqlite_write_lock(tmp_path / "shared.db"):
+            await raw.send(checkout_frame(5))  # in the store's hands while the drain begins
+            conn = await async_wait_until(
+                lambda: next((c for c in server.endpoint.connections if 5 in c.by_id), None),
+                what="the checkout to reach the server",
+            )
+            stopping = asyncio.create_task(server.shutdown(timeout=30))
+            await async_wait_until(lambda: conn.closing, what="the drain to begin")
+            await raw.send({"id": 6, "op": "ping"})
+            await raw.send({"id": 7, "op": "checkin", "lease": "L-any"})
+            got = [await raw.recv() for _ in range(3)]  # the `shutdown` event, two replies
+            assert not conn.wire.is_closing()  # answered while the checkout is in flight
+        assert got[0] == {"event": "shutdown", "retry_after_s": 0.1}, got
+        refused = got[1:]
+        assert [r["id"] for r in refused] == [6, 7], refused
+        for reply in refused:
+            assert reply["error"]["code"] == "shutting_down", reply
+            assert reply["error"]["retryable"] is True, reply
+        checkout = await raw.recv()
+        assert checkout is not None and checkout["id"] == 5, checkout
+        await asyncio.wait_for(stopping, 10)
+    finally:
+        await raw.close()
+
+
+@pytest.mark.asyncio
 async def test_a_client_closing_after_its_caller_left_a_checkout_gives_the_seat_back(
     make_server,
 ):
