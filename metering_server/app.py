@@ -17,7 +17,7 @@ import json
 import signal
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -34,7 +34,7 @@ from metering_runtime.tasks import TaskOwner
 from metering_server.auth.credentials import UPGRADES_ASIDE, Credentials, CredentialsError
 from metering_server.auth.lockout import LockoutSettings
 from metering_server.authn import Authenticator
-from metering_server.config import ServerConfig, load_server_config
+from metering_server.config import Product, ServerConfig, load_server_config
 from metering_server.events import EventBus
 from metering_server.handlers import Handlers, SiteView
 from metering_server.licensing import Catalogue, Pool
@@ -453,10 +453,9 @@ class MeteringServer:
             if before != {(p.name, p.roles, p.token_hash) for p in credentials}:
                 changed["credentials"] = f"{len(credentials)} principal(s)"
             if new.products != old.products:
-                changed["products"] = (
-                    sorted({p.name for p in new.products} ^ {p.name for p in old.products})
-                    or "updated"
-                )
+                # Every product added, removed or changed (seats, mode, versions, executables);
+                # "updated" when only their order in the file changed.
+                changed["products"] = _products_changed(old.products, new.products) or "updated"
             if new.site_servers != old.site_servers:
                 changed["site_servers"] = [s.address for s in new.site_servers]
             if new.site_servers_version != old.site_servers_version:
@@ -553,3 +552,14 @@ def check_servers_version(new: ServerConfig, old: ServerConfig) -> None:
             f"[[site.servers]] changed but the version is still {was}: set it above {was}, "
             "the same on every server of the site",
         )
+
+
+def _products_changed(old: Sequence[Product], new: Sequence[Product]) -> list[str]:
+    def by_name(products: Sequence[Product]) -> dict[str, set[bytes]]:
+        found: dict[str, set[bytes]] = {}
+        for p in products:
+            found.setdefault(p.name, set()).add(msgspec.json.encode(p))
+        return found
+
+    before, after = by_name(old), by_name(new)
+    return sorted(n for n in before.keys() | after.keys() if before.get(n) != after.get(n))

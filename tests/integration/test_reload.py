@@ -370,6 +370,20 @@ STAR = {**CLOCK, "version": "*"}
 
 
 @pytest.mark.asyncio
+async def test_a_reloads_summary_names_every_product_it_changed(reloadable):
+    """Found by a review: a reload that changed CLOCK.EXE's seats and added NEW.EXE said
+    `products: ["NEW.EXE"]`; the seat change was in no summary."""
+    await reloadable.start(products=[CLOCK])
+    new = {"name": "NEW.EXE", "version": "1", "seats": 1}
+    changed = await reloadable.reload(products=[{**CLOCK, "seats": 3}, new])
+    assert changed["products"] == ["CLOCK.EXE", "NEW.EXE"]
+    changed = await reloadable.reload(products=[new, {**CLOCK, "seats": 3}])
+    assert changed == {"products": "updated"}  # only their order
+    changed = await reloadable.reload(products=[new])
+    assert changed["products"] == ["CLOCK.EXE"]
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize(
     ("before", "after", "key"),
     [

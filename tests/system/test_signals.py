@@ -51,7 +51,7 @@ async def test_sighup_reloads_without_dropping_a_lease(tmp_path):
             what="the reload",
         )
         reloaded = next(e for e in daemon.events() if e.get("event") == "config_reloaded")
-        assert reloaded["changed"] == {"products": "updated"}
+        assert reloaded["changed"] == {"products": [PRODUCT]}  # its seats
         assert await in_use(ops) == (1, 3)  # the lease is still held, the pool grew
         beat = await holder.request("heartbeat", timeout=5, leases=[lease])
         assert beat["renewed"] == [lease]
