@@ -55,13 +55,19 @@ async def try_hello(address: str, **kw: Any) -> BaseException | dict[str, Any]:
 # --- hello itself ---------------------------------------------------------------------------
 @pytest.mark.asyncio
 async def test_op_before_hello_is_auth_required(make_server):
-    server = await make_server(credentials=CREDS)
+    server = await make_server(credentials=CREDS, server={"max_bad_frames_before_hello": 8})
     c = await connect(server.address("tcp"))
     try:
         with pytest.raises(AuthRequired):
             await c.request("ping", timeout=5)
         with pytest.raises(AuthRequired):
             await c.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00")
+        # Found by a review: an op this server does not know, or one with bad fields, was
+        # `bad_request` before hello; PROTOCOL.md says anything but hello is auth_required.
+        with pytest.raises(AuthRequired):
+            await c.request("frobnicate", timeout=5)
+        with pytest.raises(AuthRequired):
+            await c.request("checkout", timeout=5, product=5, version="4.00")
         # a hello after that still works on the same connection
         reply = await c.hello("ws-1", user="alice", token=ALICE, timeout=5)
         assert reply["roles"] == ["user"]
