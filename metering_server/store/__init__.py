@@ -20,6 +20,8 @@ SECRET_URL_PARAMS = frozenset({"password", "sslpassword"})
 def redact_url(url: str) -> str:
     """The store URL as logs and messages show it: a password, in the address or in the
     query, replaced by `***` (the config refuses them; this is for URLs it did not read)."""
+    if not url.startswith(POSTGRES_SCHEMES):
+        return url  # sqlite:///path holds no secret (and urlunsplit would drop its `//`)
     try:
         parts = urlsplit(url)
         netloc = parts.netloc

@@ -310,6 +310,7 @@ async def test_the_password_is_in_no_log_line_and_no_error(pg_private, tmp_path,
 def test_redact_drops_a_password_from_a_url():
     assert redact_url("postgresql://m:s3cret@db:5432/m") == "postgresql://m:***@db:5432/m"
     assert redact_url("postgres://m@db/m?sslmode=require") == "postgres://m@db/m?sslmode=require"
+    assert redact_url("sqlite:///var/lib/metering/site.db") == "sqlite:///var/lib/metering/site.db"
     # found by a review: asyncpg reads the TLS key's passphrase from the query
     assert (
         redact_url("postgresql://m@db/m?sslmode=require&sslpassword=hunter2&Password=x")
