@@ -62,7 +62,9 @@ install-systemd:
 	done
 	install -m 0644 configs/systemd/metering.sysusers.conf $(DESTDIR)$(SYSUSERSDIR)/metering.conf
 	install -m 0644 configs/systemd/metering.tmpfiles.conf $(DESTDIR)$(TMPFILESDIR)/metering.conf
-	install -m 0644 docs/operations.md $(DESTDIR)$(DOCDIR)/operations.md
+	install -d $(DESTDIR)$(DOCDIR)/examples
+	install -m 0644 docs/*.md docs/*.png $(DESTDIR)$(DOCDIR)/
+	install -m 0644 configs/server.toml configs/client.toml $(DESTDIR)$(DOCDIR)/examples/
 	@if [ -n "$(DESTDIR)" ]; then \
 	    echo "install-systemd: staged in $(DESTDIR); on the target host run:" \
 	        "systemd-sysusers; systemd-tmpfiles --create; systemctl daemon-reload"; \
