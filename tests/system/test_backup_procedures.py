@@ -7,6 +7,7 @@ history when a site moves from SQLite to PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -20,6 +21,10 @@ from tests.pg import create_database
 from tests.stores import opened
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.system]
+
+
+async def run(argv: list[str], **kw) -> None:
+    await asyncio.to_thread(subprocess.run, argv, check=True, timeout=60, **kw)
 
 
 def need(program: str) -> str:
@@ -39,7 +44,7 @@ async def test_a_backup_taken_while_the_store_serves_has_every_commit(tmp_path: 
         await store.record_usage([rec(f"r{i}", start=i) for i in range(50)])
         assert (tmp_path / "site.db-wal").stat().st_size > 0  # commits not checkpointed yet
         backup = tmp_path / "backup.db"
-        subprocess.run([sqlite3, str(db), f".backup '{backup}'"], check=True, timeout=60)
+        await run([sqlite3, str(db), f".backup '{backup}'"])
     copy = SQLiteStore(backup)
     async with opened(copy):
         assert len(await copy.usage_between(0, 2e9)) == 50
@@ -56,14 +61,9 @@ async def test_usage_moves_from_sqlite_to_postgresql_as_documented(tmp_path: Pat
         await new.record_usage([rec("r0", user="u,0")])
     csv = tmp_path / "usage.csv"
     with csv.open("w") as out:
-        subprocess.run(
-            [sqlite3, "-csv", str(tmp_path / "site.db"), "SELECT * FROM usage"],
-            stdout=out,
-            check=True,
-            timeout=60,
-        )
+        await run([sqlite3, "-csv", str(tmp_path / "site.db"), "SELECT * FROM usage"], stdout=out)
     env = {**os.environ, "PGPASSWORD": pg_private.pg.password}
-    subprocess.run(
+    await run(
         [
             psql,
             pg_private.url(database),
@@ -76,8 +76,6 @@ async def test_usage_moves_from_sqlite_to_postgresql_as_documented(tmp_path: Pat
             "-c",
             "INSERT INTO usage SELECT * FROM old_usage ON CONFLICT (record_id) DO NOTHING",
         ],
-        check=True,
-        timeout=60,
         env=env,
         cwd=tmp_path,
     )
