@@ -8,7 +8,9 @@ import argparse
 import asyncio
 import gc
 import os
+import pwd
 import ssl
+import stat
 import sys
 from pathlib import Path
 
@@ -100,11 +102,31 @@ def preflight(cfg: ServerConfig) -> None:
 
 
 def _sqlite_file(where: Path | str, url: str) -> None:
-    """SQLite opens a file or makes one: anything else there is the operator's to fix."""
-    if url.startswith("sqlite://"):
-        path = Path(url[len("sqlite://") :])
-        if path.exists() and not path.is_file():
-            raise ConfigError(where, "store.url", f"{path} is not a file")
+    """SQLite opens a file or makes one: anything else there is the operator's to fix.  So is
+    a database (or its WAL or shared-memory file) this user may not write, such as one a
+    first run as root left behind: SQLite opens it, and the first write fails."""
+    if not url.startswith("sqlite://"):
+        return
+    path = Path(url[len("sqlite://") :])
+    if path.exists() and not path.is_file():
+        raise ConfigError(where, "store.url", f"{path} is not a file")
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if file.exists() and not os.access(file, os.R_OK | os.W_OK):
+            st = file.stat()
+            raise ConfigError(
+                where,
+                "store.url",
+                f"{file} is not writable by user {_user_name(os.geteuid())} (owner "
+                f"{_user_name(st.st_uid)}, mode {stat.S_IMODE(st.st_mode):04o}): "
+                "chown it to the server's user",
+            )
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def _sqlite_dir(url: str) -> Path | None:

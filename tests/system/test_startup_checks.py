@@ -379,3 +379,30 @@ def test_tls_files_that_cannot_serve_name_their_key_and_file(tmp_path, case):
     assert proc.returncode == 78, proc.stdout + proc.stderr
     line = one_line(proc.stderr, "metering-server")
     assert all(part in line for part in expected), line
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop DAC capabilities (setpriv)")
+def test_a_database_file_this_user_cannot_write_is_a_config_error_naming_its_owner(tmp_path):
+    """Found by an operator walkthrough: a first foreground run as root left a root-owned
+    database; the service user's `--check-config` said OK and its start exited 70 with a
+    traceback ("attempt to write a readonly database"), restarted by systemd every 2 s."""
+    path = server_toml(tmp_path, ["tcp://127.0.0.1:0"])
+    write_credentials(path.parent / "credentials.toml", {})
+    db = path.parent / "metering.db"
+    db.write_bytes(b"")
+    os.chown(db, 65534, 65534)  # another user's (nobody's), as root's would be to the service
+    db.chmod(0o644)
+    # Root without the capabilities that override file modes: an ordinary user to the kernel.
+    as_user = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+    for args in (["--check-config", str(path)], ["--config", str(path)]):
+        proc = subprocess.run(
+            [*as_user, cli_path("metering-server"), *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+        )
+        assert proc.returncode == 78, proc.stderr
+        line = one_line(proc.stderr, "metering-server")
+        assert "store.url" in line and f"{db} is not writable" in line, line
+        assert "owner nobody, mode 0644" in line and "chown" in line, line
