@@ -43,7 +43,7 @@ def configure_logging(fmt: str = "json", level: str = "info", stream: TextIO | N
         factory = structlog.PrintLoggerFactory(file=stream)
     elif binary is not None:
         processors = [LineHeader(render=_json.encode)]  # no Python call to render
-        lines = LineWriter(binary)
+        lines = LineWriter(binary, syslog_priorities=_to_journal(binary))
         factory = lambda *_: lines  # noqa: E731 - one writer for every logger
     else:  # a text-only stream (a test's StringIO)
         processors = [LineHeader(), structlog.processors.JSONRenderer()]
@@ -234,14 +234,42 @@ class LineHeader:
         return event if self._render is None else self._render(event)
 
 
+def _to_journal(stream: BinaryIO) -> bool:
+    """The stream is systemd's journal (`JOURNAL_STREAM` names its device and inode)."""
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return os.environ.get("JOURNAL_STREAM") == f"{st.st_dev}:{st.st_ino}"
+
+
+# syslog priorities (journald reads a `<N>` line prefix: `journalctl -p warning` then works).
+_PRIORITIES = {
+    "debug": 7,
+    "info": 6,
+    "warn": 4,
+    "warning": 4,
+    "error": 3,
+    "exception": 3,
+    "critical": 2,
+}
+
+
 class LineWriter:
     """structlog's output for JSON lines on a binary stream: the lines logged while the
     event loop runs its ready callbacks are written together, in one write at the end of
     that pass (a write per line was a system call per grant and per release); off the loop
     (start-up, tools, other threads) a line is written at once, after any gathered ones.
-    At most one loop pass of lines is lost if the process is killed."""
+    At most one loop pass of lines is lost if the process is killed.
 
-    def __init__(self, stream: BinaryIO):
+    To the journal (`syslog_priorities`) each line starts with its level's syslog priority,
+    `<4>` for a warning: journald takes it off and files the line at that priority."""
+
+    def __init__(self, stream: BinaryIO, *, syslog_priorities: bool = False):
+        if syslog_priorities:
+            for method, priority in _PRIORITIES.items():
+                prefix = b"<%d>" % priority
+                setattr(self, method, lambda message, p=prefix: self.msg(p + message))
         self._stream = stream
         self._pending: list[bytes] = []
         self._lock = threading.Lock()

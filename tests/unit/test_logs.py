@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import logging
+import os
 import re
 import time
 from datetime import datetime
@@ -52,6 +53,30 @@ def test_json_lines_on_a_file_with_a_binary_buffer(tmp_path, restore_structlog):
     assert lines[0]["in_use"] == 3 and lines[0]["level"] == "info" and lines[0]["timestamp"]
     assert lines[0]["peer"] == ["10.0.0.1", 5]
     assert lines[1]["error"] == "bad" and "ValueError: bad" in lines[1]["exception"]
+
+
+def test_lines_to_the_journal_carry_their_syslog_priority(tmp_path, restore_structlog, monkeypatch):
+    """Found by an operator walkthrough: every line reached the journal at one priority, so
+    `journalctl -p warning` could not pick out warnings and errors; journald reads `<N>`."""
+    path = tmp_path / "journal"
+    with open(path, "w") as stream:
+        st = os.fstat(stream.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+        configure_logging("json", "debug", stream)
+        log = structlog.get_logger("test")
+        log.debug("d")
+        log.info("i")
+        log.warning("w")
+        log.error("e")
+    lines = path.read_bytes().splitlines()
+    assert [line[:3] for line in lines] == [b"<7>", b"<6>", b"<4>", b"<3>"]
+    assert [json.loads(line[3:])["event"] for line in lines] == ["d", "i", "w", "e"]
+    # Elsewhere (a file, a terminal, another process's pipe): plain JSON lines.
+    monkeypatch.setenv("JOURNAL_STREAM", "1:2")
+    with open(path, "w") as stream:
+        configure_logging("json", "info", stream)
+        structlog.get_logger("test").warning("w")
+    assert json.loads(path.read_bytes())["event"] == "w"
 
 
 def test_json_lines_on_a_text_only_stream(restore_structlog):
