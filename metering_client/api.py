@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from metering_client.config import ClientConfig, check_agent_credential, load_client_config
+from metering_client.config import ClientConfig, check_direct_credential, load_client_config
 from metering_client.connector import Connector
 from metering_client.keeper import HeldLease, LeaseKeeper
 from metering_client.programs import announce_direct_seat, withdraw_direct_seat
@@ -111,7 +111,7 @@ class Seat:
             return self
         # No agent: this process logs on itself, with the credential an agent would check
         # at its start (a config problem, not a refused logon).
-        check_agent_credential(self.config)
+        check_direct_credential(self.config)
         self._keeper = direct_keeper(self.config, on_lost=self._on_lost)
         try:
             held, self.reply = await self._keeper.checkout(

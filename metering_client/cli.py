@@ -18,7 +18,7 @@ from typing import Any, get_args
 
 from metering_client.agent import Agent
 from metering_client.api import Seat, agent_request_timeout, connect_agent, direct_keeper
-from metering_client.config import ClientConfig, check_agent_credential, load_client_config
+from metering_client.config import ClientConfig, check_direct_credential, load_client_config
 from metering_client.keeper import LeaseKeeper
 from metering_protocol.config import ConfigError
 from metering_protocol.errors import MeteringError
@@ -387,7 +387,7 @@ def _status_text(reply: dict[str, Any]) -> str:
 
 
 def _direct_keeper(config: ClientConfig) -> LeaseKeeper:
-    check_agent_credential(config)  # as an agent would at start: a config problem is 78
+    check_direct_credential(config)  # as an agent would at start: a config problem is 78
     return direct_keeper(config)
 
 

@@ -21,6 +21,7 @@ from metering_protocol.config import (
     read_toml,
     resolve,
 )
+from metering_protocol.errors import Unavailable
 from metering_protocol.messages import MAX_USAGE_RECORDS
 from metering_runtime.http import parse_listen
 from metering_runtime.tokens import TokenFileError, read_token_file, require_token_file
@@ -275,6 +276,25 @@ def check_agent_credential(config: ClientConfig) -> None:
         require_token_file(config.token_file)
     except TokenFileError as exc:
         raise ConfigError(where, key, str(exc).removeprefix("token file ")) from None
+
+
+def check_direct_credential(config: ClientConfig) -> None:
+    """For a command that logs on itself because no agent answered (`run`, `status`, ...):
+    as `check_agent_credential`, except that a token file this user may not read at all is
+    the agent's (0600, the agent's user) — what is missing is the agent, not a fix to the
+    config: `Unavailable` (exit 75, "try again later"), naming the agent's socket."""
+    path = config.token_file
+    if path is not None:
+        try:
+            theirs = path.exists() and not os.access(path, os.R_OK)
+        except PermissionError:  # a directory on the way this user may not search
+            theirs = True
+        if theirs:
+            raise Unavailable(
+                f"no agent answers at {config.socket}, and the token file {path} is not "
+                "readable by this user: start the agent (systemctl start metering-client)"
+            )
+    check_agent_credential(config)
 
 
 def token_stamp(path: Path | None) -> str | None:

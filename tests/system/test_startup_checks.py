@@ -406,3 +406,28 @@ def test_a_database_file_this_user_cannot_write_is_a_config_error_naming_its_own
         line = one_line(proc.stderr, "metering-server")
         assert "store.url" in line and f"{db} is not writable" in line, line
         assert "owner nobody, mode 0644" in line and "chown" in line, line
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop DAC capabilities (setpriv)")
+@pytest.mark.parametrize(
+    "command", [["status"], ["run", "--product", "A", "--version", "1", "--", "true"]]
+)
+def test_a_user_without_the_agents_token_is_told_the_agent_is_down(tmp_path, sockdir, command):
+    """Found by an operator walkthrough: an ordinary user's `run` or `status` while the agent
+    was down or restarting exited 78, `client.token_file: …: Permission denied` — a config
+    problem to fix, where the agent was simply not there: 75, naming the agent's socket."""
+    cfg = client_toml(tmp_path, ["tcp://127.0.0.1:1"], sockdir, token_file=str(tmp_path / "tok"))
+    token = write_token(tmp_path / "tok", TOKEN)
+    os.chown(token, 65534, 65534)  # the agent's user's, 0600: not this user's to read
+    as_user = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+    proc = subprocess.run(
+        [*as_user, cli_path("metering-client"), "--config", str(cfg), *command],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 75, proc.stderr
+    line = one_line(proc.stderr)
+    assert f"no agent answers at {sockdir / 'agent.sock'}" in line, line
+    assert "start the agent" in line, line
