@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ from metering_client.agent import Agent
 from metering_client.api import Seat, agent_request_timeout, connect_agent, direct_keeper
 from metering_client.config import ClientConfig, check_direct_credential, load_client_config
 from metering_client.keeper import LeaseKeeper
+from metering_client.watcher import LinuxProcTable, Proc
 from metering_protocol.config import ConfigError
 from metering_protocol.errors import MeteringError
 from metering_protocol.messages import Seconds
@@ -180,7 +182,16 @@ async def run_command(
 ) -> int:
     async with Seat(product, version, config=config, wait_s=wait_s) as seat:
         loop = asyncio.get_running_loop()
-        forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+        # Every signal whose default would end `run` and leave its command running without
+        # anyone to give its seat back (USR1 and USR2 too: found by a review).
+        forwarded = (
+            signal.SIGINT,
+            signal.SIGTERM,
+            signal.SIGHUP,
+            signal.SIGQUIT,
+            signal.SIGUSR1,
+            signal.SIGUSR2,
+        )
         # Caught from the moment the seat is held: a signal before the command exists is
         # passed on as soon as it does.  Caught only after the start, one in between took
         # Python's default way (KeyboardInterrupt, or the end of `run`) and left the command
@@ -227,18 +238,56 @@ async def run_command(
 
 
 async def _stop(proc: asyncio.subprocess.Process, exited: asyncio.Future, grace_s: float) -> None:
-    """SIGTERM, then SIGKILL if it is still running after `grace_s`."""
-    _forward(proc, signal.SIGTERM)
+    """SIGTERM to the command and every process it started, then SIGKILL to whatever of them
+    still runs after `grace_s`.  Not the command alone: a program started by a wrapper
+    script ran on without its seat once the script was gone (found by a review)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace_s
+    table = LinuxProcTable()
+    tree = _descendants(table, proc.pid)  # now: once the command exits, they are init's
+    _forward(proc, signal.SIGTERM, tree=tree, table=table)
     try:
         await asyncio.wait_for(asyncio.shield(exited), grace_s)
     except TimeoutError:
         _forward(proc, signal.SIGKILL)
-        await exited
+    for child in tree:
+        if not await table.wait_gone(child, max(0.0, deadline - loop.time())):
+            _signal(table, child, signal.SIGKILL)
+    await exited
 
 
-def _forward(proc: asyncio.subprocess.Process, sig: int) -> None:
+def _forward(
+    proc: asyncio.subprocess.Process,
+    sig: int,
+    *,
+    tree: list[Proc] | None = None,
+    table: LinuxProcTable | None = None,
+) -> None:
+    """`sig` to the command and to `tree`, the processes it started (found now if None):
+    what a terminal's signal to the foreground process group would reach."""
     if proc.returncode is None:
         proc.send_signal(sig)
+    table = table or LinuxProcTable()
+    for child in _descendants(table, proc.pid) if tree is None else tree:
+        _signal(table, child, sig)
+
+
+def _descendants(table: LinuxProcTable, pid: int) -> list[Proc]:
+    children: dict[int, list[Proc]] = {}
+    for p in table.snapshot().values():
+        children.setdefault(p.ppid, []).append(p)
+    found: list[Proc] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child.pid)
+    return found
+
+
+def _signal(table: LinuxProcTable, proc: Proc, sig: int) -> None:
+    with contextlib.suppress(PermissionError):  # a setuid program of another user's
+        table.signal(proc, sig)
 
 
 def _relay(proc: asyncio.subprocess.Process, sig: int) -> None:

@@ -415,3 +415,29 @@ def test_a_signal_before_the_command_starts_reaches_it_once_it_does(site):
     )  # fmt: skip
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
     assert site.in_use() == 0  # the command ended by the signal, and its seat went back
+
+
+# Exits 42 on SIGUSR1 (a ready file first).
+EXITS_ON_USR1 = """
+import signal, sys, time
+signal.signal(signal.SIGUSR1, lambda s, f: sys.exit(42))
+open(sys.argv[1], "w").close()
+while True:
+    time.sleep(0.02)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1], ids=["USR1"])
+def test_a_user_signal_to_run_reaches_the_command_and_run_stays(site, sig):
+    """Found by a review: SIGUSR1 or SIGUSR2 to `run` ended `run` by the signal's default,
+    and the command ran on alone: its seat held by nobody (freed at once through the agent,
+    at its TTL without one)."""
+    site.start_agent()
+    ready = site.tmp / "ready"
+    proc = site.run_popen(sys.executable, "-c", EXITS_ON_USR1, str(ready))
+    wait_until(ready.exists, what="the command running")
+    wait_until(lambda: site.in_use() == 1, what="seat held")
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 42, err
+    assert site.in_use() == 0

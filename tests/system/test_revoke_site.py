@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from metering_client.watcher import LinuxProcTable
 from tests.support import cli_path, short_tmpdir, wait_until, write_toml
 from tests.system.test_failover import (
     PRODUCT,
@@ -36,13 +37,18 @@ def on_term(signum, frame):
     if not stubborn:
         sys.exit(0)
 signal.signal(signal.SIGTERM, on_term)
-open(marker + ".started", "w").close()
+open(marker + ".started", "w").write(str(os.getpid()))
 while True:
     time.sleep(0.05)
 """
 
 
-def run(config: Path, marker: Path, stubborn: bool, stderr: Path) -> subprocess.Popen:
+def run(
+    config: Path, marker: Path, stubborn: bool, stderr: Path, wrapped: bool = False
+) -> subprocess.Popen:
+    program = [sys.executable, "-c", STUBBORN, str(marker), "1" if stubborn else "0"]
+    if wrapped:  # a wrapper script: the program is its child, not run's
+        program = ["sh", "-c", '"$@"; echo the program ended', "sh", *program]
     with open(stderr, "wb") as err:
         return subprocess.Popen(
             [
@@ -55,11 +61,7 @@ def run(config: Path, marker: Path, stubborn: bool, stderr: Path) -> subprocess.
                 "--version",
                 VERSION,
                 "--",
-                sys.executable,
-                "-c",
-                STUBBORN,
-                str(marker),
-                "1" if stubborn else "0",
+                *program,
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -69,8 +71,16 @@ def run(config: Path, marker: Path, stubborn: bool, stderr: Path) -> subprocess.
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("stubborn", [False, True])
-async def test_revoke_through_another_server_stops_the_run_and_is_not_replaced(tmp_path, stubborn):
+@pytest.mark.parametrize(
+    ("stubborn", "wrapped"),
+    [(False, False), (True, False), (True, True)],
+    ids=["stops", "stubborn", "stubborn-behind-a-wrapper"],
+)
+async def test_revoke_through_another_server_stops_the_run_and_is_not_replaced(
+    tmp_path, stubborn, wrapped
+):
+    """Found by a review (wrapped): `run` stopped only its command, a wrapper script; the
+    program the script had started ran on without a seat."""
     site = Site(tmp_path, seats=2)
     short = short_tmpdir()
     for name in ("srv-a", "srv-b"):
@@ -87,10 +97,12 @@ async def test_revoke_through_another_server_stops_the_run_and_is_not_replaced(t
     agent = start_agent(config)
     marker = tmp_path / "marker"
     stderr = tmp_path / "run.stderr"
-    proc = run(config, marker, stubborn, stderr)
+    proc = run(config, marker, stubborn, stderr, wrapped)
     ops = await admin(site.addr("srv-b"))
     try:
-        wait_until(lambda: Path(str(marker) + ".started").exists(), what="the program running")
+        started = Path(str(marker) + ".started")
+        wait_until(lambda: started.exists() and started.read_text(), what="the program running")
+        program = int(started.read_text())
         held = await poll(lambda: leases_on(ops), 10, "the seat held")
         (lease,) = held
         assert held[lease]["server"] == "srv-a"
@@ -99,6 +111,8 @@ async def test_revoke_through_another_server_stops_the_run_and_is_not_replaced(t
         err = stderr.read_text()
         assert code == 75, err
         assert marker.read_text() == "TERM"  # it was asked to stop first
+        # and is gone (exited; a zombie of init's at most): `run` waited for it
+        assert LinuxProcTable().read(program) is None
         assert "revoked by an administrator" in err
         assert await leases_on(ops) == {}  # no seat quietly checked out again
         events = event_names(agent)
