@@ -81,6 +81,7 @@ class Seat:
         self.lost = asyncio.Event()
         self.lost_reason: str | None = None  # "revoked" when an admin took the seat back
         self.via_agent = False
+        self.checkin_error: MeteringError | None = None  # no server (or agent) took it back
         self._agent: ProtocolClient | None = None
         self._keeper: LeaseKeeper | None = None
         self._note: Path | None = None  # this process's direct seat, for an agent's watcher
@@ -202,6 +203,7 @@ class Seat:
             elif self._keeper is not None and self.lease is not None:
                 released = await self._keeper.checkin(self.lease)
         except MeteringError as exc:
+            self.checkin_error = exc
             log.warning("checkin_failed", lease=self.lease, error=str(exc))
         finally:
             withdraw_direct_seat(self._note)

@@ -234,6 +234,13 @@ async def run_command(
                 f"metering-client run: the seat ({seat.lease}) was lost while {cmd[0]} ran",
                 file=sys.stderr,
             )
+    if seat.checkin_error is not None:
+        later = "the agent gives it back later" if seat.via_agent else "freed at its TTL"
+        print(
+            f"metering-client run: checkin_failed: the seat ({seat.lease}) was not given "
+            f"back ({seat.checkin_error}); {later}",
+            file=sys.stderr,
+        )
     return 128 - code if code < 0 else code
 
 

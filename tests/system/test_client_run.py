@@ -385,6 +385,9 @@ def test_run_exits_with_its_commands_status_when_no_server_takes_the_checkin(sit
     code = run.wait(60)
     _, err = run.communicate()
     assert code == 3, f"run exited {code}, not its command's 3; stderr: {err.strip()}"
+    if not use_agent:  # the agent gives it back itself later: nothing for run to say
+        # Found by a review: the documented `checkin_failed` line came only with -v.
+        assert "checkin_failed" in err and "its TTL" in err, err
 
 
 # `metering-client run` with a signal arriving after its seat is held but before its command
