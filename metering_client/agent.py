@@ -55,7 +55,16 @@ class Agent:
     def __init__(self, config: ClientConfig):
         self.config = config
         self.name = config.name
-        config.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            config.state_dir.mkdir(parents=True, exist_ok=True)
+            # Usage: every run of a watched program and every seat taken through the local
+            # API is one record, spooled durably (state_dir/spool) and uploaded with `usage`.
+            self.spool = Spool(config.state_dir / "spool")
+        except OSError as exc:  # one line naming the key, as for every config problem
+            where = exc.filename or config.state_dir
+            raise ConfigError(
+                config.path or "<defaults>", "client.state_dir", f"{where}: {exc.strerror}"
+            ) from None
         self.servers = ServerList(config.servers.addresses, config.state_dir / "servers.json")
         self.servers.load()
         if self.servers.load_error:
@@ -66,9 +75,6 @@ class Agent:
         self.journal = LeaseJournal(config.state_dir / "leases.json")
         self._journal_failing = False  # its last write failed: logged once, written again
         self.keeper = LeaseKeeper(self.connector, on_lost=self._lost, on_change=self._persist)
-        # Usage: every run of a watched program and every seat taken through the local API
-        # is one record, spooled durably (state_dir/spool) and uploaded with `usage`.
-        self.spool = Spool(config.state_dir / "spool")
         self.usage = UsageLog(self.spool, self.name)
         self.uploader = Uploader(
             self.spool,

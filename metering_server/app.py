@@ -179,7 +179,12 @@ class MeteringServer:
     async def start(self) -> None:
         cfg = self.config
         bind_context(server=cfg.server.name)
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # one line naming the key, as for every config problem
+            raise ConfigError(
+                cfg.path or "<defaults>", "server.state_dir", f"{cfg.state_dir}: {exc.strerror}"
+            ) from None
         credentials = Credentials.load(
             cfg.credentials_path,
             missing_ok=cfg.auth.peercred_only,

@@ -17,7 +17,15 @@ from metering_client.programs import pid_alive, pid_start
 from metering_protocol.address import Address, parse_address
 from metering_runtime.listeners import BindError, bind
 from tests.conftest import hello
-from tests.support import async_wait_until, cli_path, short_tmpdir, write_token, write_toml
+from tests.support import (
+    async_wait_until,
+    cli_path,
+    server_config,
+    short_tmpdir,
+    write_credentials,
+    write_token,
+    write_toml,
+)
 
 
 @pytest.mark.asyncio
@@ -107,6 +115,48 @@ def test_unusable_client_state_dir_is_one_line_exit_78(tmp_path):
     )
     assert proc.returncode == 78, proc.stderr
     assert proc.stderr.count("\n") == 1 and "/dev/null" in proc.stderr
+
+
+def test_a_client_state_dir_that_cannot_be_made_is_one_line_naming_the_key(tmp_path):
+    """Found by a review: a parent that exists but takes no directory (/proc) gave
+    `metering-client: /proc/nope: No such file or directory`, neither file nor key."""
+    cfg = write_toml(
+        tmp_path / "client.toml",
+        {
+            "client": {"state_dir": "/proc/nope", "socket": str(tmp_path / "a.sock")},
+            "servers": {"list": ["tcp://127.0.0.1:9"]},
+        },
+    )
+    proc = subprocess.run(
+        [cli_path("metering-client"), "--config", str(cfg), "agent"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 78, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert f"{cfg}: client.state_dir: /proc/nope: " in proc.stderr, proc.stderr
+
+
+def test_unusable_server_state_dir_is_one_line_naming_the_key(tmp_path):
+    data = server_config(
+        name="srv",
+        listen=["tcp://127.0.0.1:0"],
+        state_dir=Path("/proc/nope"),
+        store=tmp_path / "site.db",
+        auth={"credentials_file": str(tmp_path / "credentials.toml")},
+    )
+    cfg = write_toml(tmp_path / "server.toml", data)
+    write_credentials(tmp_path / "credentials.toml", {})
+    proc = subprocess.run(
+        [cli_path("metering-server"), "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 78, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert f"{cfg}: server.state_dir: /proc/nope: " in proc.stderr, proc.stderr
 
 
 @pytest.mark.asyncio
