@@ -41,7 +41,7 @@ REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service
 def parse_listen(text: str) -> tuple[str, int]:
     """`HOST:PORT` (IPv6 in brackets) -> (host, port); ValueError says what is wrong."""
     host, sep, port = text.rpartition(":")
-    if not sep or not host:
+    if not sep or not host or "/" in host:  # "tcp://…" or "http://…": no scheme here
         raise ValueError(f"{text!r} is not HOST:PORT")
     if not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"{text!r}: the port must be a number 0..65535")

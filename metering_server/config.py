@@ -152,11 +152,21 @@ def build_server_config(data: dict, path: Path | None) -> ServerConfig:
     where = path if path is not None else "<config>"
     cfg = convert(data, _File, where)
     base = path.parent.resolve() if path is not None else Path.cwd()
+    bound: dict[tuple, int] = {}  # what a listener binds -> its index
     for i, addr in enumerate(cfg.server.listen):
         try:
-            parse_address(addr)
+            parsed = parse_address(addr)
         except AddressError as exc:
             raise ConfigError(where, f"server.listen[{i}]", str(exc)) from None
+        # tcp:// and tls:// on one host and port are one socket: the second cannot bind.
+        socket = (parsed.path,) if parsed.is_unix else (parsed.host, parsed.port)
+        if (parsed.is_unix or parsed.port != 0) and socket in bound:
+            raise ConfigError(
+                where,
+                f"server.listen[{i}]",
+                f"{addr} binds what server.listen[{bound[socket]}] binds already",
+            )
+        bound.setdefault(socket, i)
     if not cfg.server.listen:
         raise ConfigError(where, "server.listen", "needs at least one address")
     if cfg.metrics.listen is not None:

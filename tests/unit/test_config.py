@@ -18,6 +18,18 @@ def write(tmp_path: Path, text: str) -> Path:
     [
         ("[server]\nlisen = []\n", "server.lisen", "unknown key"),
         ("[server]\nlisten = ['ftp://x:1']\n", "server.listen[0]", "unknown scheme"),
+        # Found by a review: --check-config said OK and the start exited 69.
+        (
+            "[server]\nlisten = ['tcp://127.0.0.1:7001', 'tls://127.0.0.1:7001']\n",
+            "server.listen[1]",
+            "binds what server.listen[0] binds already",
+        ),
+        (
+            "[server]\nlisten = ['unix:///run/m.sock', 'unix:///run/m.sock']\n",
+            "server.listen[1]",
+            "binds what server.listen[0] binds already",
+        ),
+        ("[metrics]\nlisten = 'tcp://127.0.0.1:9464'\n", "metrics.listen", "is not HOST:PORT"),
         ("[server]\nlisten = []\n", "server.listen", "at least one"),
         ("[server]\nmax_connections = 0\n", "server.max_connections", ">"),
         (
