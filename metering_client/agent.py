@@ -31,7 +31,7 @@ from metering_protocol.errors import CredentialUnusable, MeteringError
 from metering_protocol.unixsock import someone_listens
 from metering_runtime.connection import Connection, Endpoint, Limits
 from metering_runtime.http import HttpEndpoint, Response
-from metering_runtime.listeners import Listener, bind
+from metering_runtime.listeners import BindError, Listener, bind
 from metering_runtime.logs import get_logger
 from metering_runtime.systemd import ServiceNotifier
 from metering_runtime.tasks import TaskOwner
@@ -43,7 +43,11 @@ SEEN_REFRESH_S = 60.0  # open usage records: "still running at" is written this 
 
 
 class AgentSocketError(OSError):
-    """The agent's socket path is taken: two agents must never share one state dir."""
+    """The agent's socket path is something else than a socket: the config's to fix."""
+
+
+class AgentSocketTaken(BindError):
+    """Another agent listens on the socket: two agents must never share one state dir."""
 
 
 def local_limits(config: ClientConfig) -> Limits:
@@ -126,8 +130,11 @@ class Agent:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists() and not stat.S_ISSOCK(path.lstat().st_mode):
             raise AgentSocketError(f"client.socket: {path} exists and is not a socket")
-        if someone_listens(path):
-            raise AgentSocketError(f"client.socket: another agent is listening on {path}")
+        if someone_listens(path):  # taken now, perhaps free later: 69, as a bind failure
+            raise AgentSocketTaken(
+                f"cannot listen on unix://{path}: another agent is listening there; "
+                "check client.socket"
+            )
         self._listener = await bind(
             Address("unix", path=str(path)),
             self.endpoint.handler_for("unix"),

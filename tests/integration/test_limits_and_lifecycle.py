@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from metering_client.agent import Agent, AgentSocketError
+from metering_client.agent import Agent, AgentSocketTaken
 from metering_client.config import build_client_config
 from metering_client.programs import pid_alive, pid_start
 from metering_protocol.address import Address, parse_address
@@ -84,7 +84,8 @@ async def test_second_agent_on_the_same_socket_refuses_to_start(tmp_path):
     first = Agent(config)
     await first.start()
     try:
-        with pytest.raises(AgentSocketError, match="another agent is listening"):
+        # Taken now, perhaps free later: a bind failure (69), not a config error (78).
+        with pytest.raises(AgentSocketTaken, match="another agent is listening"):
             await Agent(config).start()
         assert config.socket.exists()
     finally:
