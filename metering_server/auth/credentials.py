@@ -173,8 +173,13 @@ def check_stored(stored: str) -> None:
     """Raise ValueError (short reason) unless `stored` is a hash this release verifies."""
     if stored.startswith("sha256$"):
         _parse_fast(stored)
-    else:
+    elif stored.startswith("scrypt$"):
         _parse_hash(stored)
+    else:  # found by a review: the message named only the older form
+        raise ValueError(
+            "token hash must look like 'sha256$<salt>$<digest>' (what add-principal writes) "
+            "or, from an older release, 'scrypt$n=..,r=..,p=..$<salt>$<hash>'"
+        )
 
 
 def hash_token(token: str, *, n: int = DEFAULT_N, r: int = DEFAULT_R, p: int = DEFAULT_P) -> str:

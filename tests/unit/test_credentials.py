@@ -16,6 +16,7 @@ from metering_server.auth.credentials import (
     CredentialsError,
     Principal,
     add_principal,
+    check_stored,
     hash_token,
     new_token,
     save_upgrades,
@@ -422,3 +423,9 @@ def test_add_principal_writes_through_a_symlinked_credentials_file(tmp_path):
     assert link.is_symlink() and link.resolve() == kept
     assert {p.name for p in Credentials.load(kept)} == {"alice", "bob"}
     assert Credentials.load(link).authenticate("bob", token) is not None
+
+
+def test_an_unknown_hash_form_is_explained_with_the_form_add_principal_writes():
+    """Found by a review: the message showed only the older scrypt form."""
+    with pytest.raises(ValueError, match=r"sha256\$<salt>\$<digest>.*scrypt\$"):
+        check_stored("bcrypt$whatever")
