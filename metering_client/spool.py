@@ -49,6 +49,10 @@ class Spool:
         self.corrupt_dir = directory / "corrupt"
         self.records: dict[str, UsageRecord] = {}  # every record in the spool, by id
         self._unwritten: set[str] = set()  # newer in memory than on disk (a write failed)
+        # Answered by a server (acknowledged: None; refused: its error) but still on disk:
+        # the delete or the move to rejected/ failed (a read-only or full file system).
+        # Never sent again by this run; `settle` retries the delete or move.
+        self._answered: dict[str, Any] = {}
         self._lock = asyncio.Lock()  # one write, delete or move at a time
         self.write_error: str | None = None  # the last write failure, until a write succeeds
         self.corrupt = 0  # files set aside since start
@@ -174,7 +178,9 @@ class Spool:
             (
                 r
                 for r in self.records.values()
-                if not r.running and r.record_id not in self._unwritten
+                if not r.running
+                and r.record_id not in self._unwritten
+                and r.record_id not in self._answered
             ),
             key=lambda r: (r.ended_at, r.record_id),
         )
@@ -188,25 +194,52 @@ class Spool:
         return batch
 
     async def ack(self, record_ids: list[str] | set[str]) -> int:
-        """Delete records a server acknowledged; returns how many were deleted."""
+        """Delete records a server acknowledged; returns how many were deleted.  One whose
+        file cannot be deleted is not sent again by this run (`_answered`): sent again at
+        once, the uploader asked the server for the same batch as fast as it answered, a
+        request and a log line per record each time (found by a review)."""
         async with self._lock:
-            done = await asyncio.to_thread(self._delete, list(record_ids))
+            done, failed = await asyncio.to_thread(self._delete, list(record_ids))
             for record_id in done:
                 self.records.pop(record_id, None)
                 self._unwritten.discard(record_id)
+                self._answered.pop(record_id, None)
+            for record_id in failed:
+                self._answered.setdefault(record_id, None)
             return len(done)
 
-    def _delete(self, record_ids: list[str]) -> list[str]:
-        done = []
+    async def settle(self) -> None:
+        """Delete (or move to rejected/) the answered records a failure left on disk."""
+        if not self._answered:
+            return
+        acked = [r for r, error in self._answered.items() if error is None]
+        if acked:
+            await self.ack(acked)
+        for record_id, error in list(self._answered.items()):
+            if error is not None:
+                await self.reject(record_id, error)
+
+    def _delete(self, record_ids: list[str]) -> tuple[list[str], list[str]]:
+        done, failed = [], []
+        error: OSError | None = None
         for record_id in record_ids:
             try:
                 os.unlink(self.path(record_id))
             except FileNotFoundError:
                 pass
-            except OSError as exc:  # stays: sent again later, a duplicate for the server
-                log.error("usage_spool_delete_failed", record_id=record_id, error=str(exc))
+            except OSError as exc:  # stays: sent again after a restart, a duplicate at worst
+                failed.append(record_id)
+                error = exc
                 continue
             done.append(record_id)
+        if error is not None:  # one line per attempt, not one per record
+            log.error(
+                "usage_spool_delete_failed",
+                records=len(failed),
+                error=str(error),
+                note="acknowledged by a server: not sent again; deleted when the spool "
+                "takes deletes again",
+            )
         if done:  # a deletion lost in a power cut only means a duplicate re-send
             with contextlib.suppress(OSError):
                 fd = os.open(self.dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -214,7 +247,7 @@ class Spool:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-        return done
+        return done, failed
 
     async def discard(self, record_id: str) -> None:
         """Forget a record that must not be uploaded (an open run that turned out to be
@@ -222,14 +255,24 @@ class Spool:
         await self.ack([record_id])
 
     async def reject(self, record_id: str, error: Any) -> None:
-        """Move a record a server refused to rejected/, with the server's error."""
+        """Move a record a server refused to rejected/, with the server's error.  A move that
+        fails (rejected/ cannot be made on a full disk) leaves the record on disk, not sent
+        again by this run: it used to escape the upload before the batch's acknowledged
+        records were deleted, and the whole batch was sent again every round."""
         async with self._lock:
             record = self.records.get(record_id)
             if record is None:
                 return
-            await asyncio.to_thread(self._move_rejected, record, error)
+            try:
+                await asyncio.to_thread(self._move_rejected, record, error)
+            except OSError as exc:
+                if record_id not in self._answered:
+                    log.error("usage_rejected_move_failed", record_id=record_id, error=str(exc))
+                self._answered[record_id] = error
+                return
             self.records.pop(record_id, None)
             self._unwritten.discard(record_id)
+            self._answered.pop(record_id, None)
             self.rejected += 1
         log.error(
             "usage_record_rejected",
@@ -257,7 +300,9 @@ class Spool:
     @property
     def depth(self) -> int:
         """Closed records waiting to be uploaded."""
-        return sum(not r.running for r in self.records.values())
+        return sum(
+            not r.running and r.record_id not in self._answered for r in self.records.values()
+        )
 
     def status(self) -> dict[str, Any]:
         return {
@@ -267,6 +312,8 @@ class Spool:
             "write_error": self.write_error,
             "rejected": self.rejected,
             "corrupt": self.corrupt,
+            # answered by a server, but the file could not be deleted or moved yet
+            "answered_on_disk": len(self._answered),
         }
 
 

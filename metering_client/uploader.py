@@ -74,6 +74,7 @@ class Uploader:
         """Send batches until the spool has no closed record on disk or a batch fails;
         True when everything that was ready went."""
         await self.spool.flush()
+        await self.spool.settle()
         while True:
             batch = self.spool.pending(self.batch_size, self.batch_max_bytes)
             if not batch:
@@ -91,10 +92,10 @@ class Uploader:
             if problem is not None:
                 self._failed(problem)  # keep them all: a re-send is a duplicate at worst
                 return False
+            acknowledged = sent - set(rejected)
+            await self.spool.ack(acknowledged)  # first: a failed move must not hold them
             for record_id, error in rejected.items():
                 await self.spool.reject(record_id, error)
-            acknowledged = sent - set(rejected)
-            await self.spool.ack(acknowledged)
             self.uploaded += len(acknowledged)
             self.last_upload = self.wall()
             if self.error is not None:
