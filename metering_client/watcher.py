@@ -55,6 +55,7 @@ from metering_protocol.errors import (
     MeteringError,
     UnknownProduct,
 )
+from metering_protocol.names import os_text
 from metering_protocol.timefmt import parse_rfc3339
 from metering_protocol.unixsock import user_name
 from metering_runtime.durable import write_atomic_async
@@ -152,7 +153,7 @@ class LinuxProcTable:
         if state in ("Z", "X", "x") or flags & PF_KTHREAD:
             return None  # exited (not reaped yet), or a kernel thread
         try:
-            exe: str | None = os.path.basename(os.readlink(f"{self.root}/{pid}/exe"))
+            exe: str | None = os_text(os.path.basename(os.readlink(f"{self.root}/{pid}/exe")))
         except OSError:
             exe = None  # another user's process (the agent not root), or exiting
         else:
@@ -168,7 +169,7 @@ class LinuxProcTable:
         parts = data.split(b"\0")
         if parts and parts[-1] == b"":
             parts.pop()
-        return tuple(os.fsdecode(a) for a in parts)
+        return tuple(os_text(os.fsdecode(a)) for a in parts)
 
     def uid(self, proc: Proc) -> int | None:
         try:

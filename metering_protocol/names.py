@@ -17,6 +17,17 @@ def is_clean_name(name: str) -> bool:
     return name.isprintable() if name.isascii() else _no_control.match(name) is not None
 
 
+def os_text(name: str) -> str:
+    """A name the system keeps as bytes (a user in the passwd file, a file name), as Python
+    gave it (undecodable bytes as lone surrogates), made text every encoder takes: those
+    bytes as `\\xNN`.  Left with surrogates, it failed the log line, the protocol frame and
+    the spool record alike: a user `j\\xf6rg` got no seat, no record, and no answer from
+    the agent (found by a review)."""
+    if name.isascii():
+        return name
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def same_product(product: str, version: str, other_product: str, other_version: str) -> bool:
     """The same product and version, names matched as the catalogue matches them (without
     regard to case): a retry repeats its checkout, a reclaim asks for its lease's product."""

@@ -8,6 +8,8 @@ import socket
 import struct
 from pathlib import Path
 
+from metering_protocol.names import os_text
+
 _UCRED = struct.Struct("3i")
 
 
@@ -24,8 +26,9 @@ def peer_credentials(
 
 
 def user_name(uid: int) -> str | None:
+    """The uid's name, as text every encoder takes (`names.os_text`); None when unknown."""
     try:
-        return pwd.getpwuid(uid).pw_name
+        return os_text(pwd.getpwuid(uid).pw_name)
     except KeyError:
         return None
 

@@ -493,7 +493,17 @@ class Connection(asyncio.Protocol):
         finally:
             if observe is not None:
                 observe(req.op, time.perf_counter() - started)
-        self.send({"id": req.id, "ok": True, **result})
+        try:
+            self.send({"id": req.id, "ok": True, **result})
+        except Exception:  # a reply no encoder takes (a bug): its client must still hear
+            cid = secrets.token_hex(6)
+            log.exception("internal_error", op=req.op, correlation_id=cid)
+            self.reply_error(
+                req.id,
+                Internal(
+                    f"internal error (correlation id {cid})", retry_after_s=1.0, correlation_id=cid
+                ),
+            )
 
     # --- closing ------------------------------------------------------------------------------
     def _finish(self) -> None:

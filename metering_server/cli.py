@@ -8,13 +8,13 @@ import argparse
 import asyncio
 import gc
 import os
-import pwd
 import ssl
 import stat
 import sys
 from pathlib import Path
 
 from metering_protocol.config import ConfigError
+from metering_protocol.unixsock import user_name
 from metering_runtime.cliargs import UsageParser
 from metering_runtime.exitcodes import EX_CONFIG, EX_SOFTWARE, EX_UNAVAILABLE
 from metering_runtime.listeners import BindError
@@ -123,10 +123,7 @@ def _sqlite_file(where: Path | str, url: str) -> None:
 
 
 def _user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
+    return user_name(uid) or str(uid)
 
 
 def _sqlite_dir(url: str) -> Path | None:

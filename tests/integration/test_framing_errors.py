@@ -8,7 +8,9 @@ import json
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
+from metering_protocol.errors import Internal
 from tests.conftest import hello
 from tests.support import Raw, async_wait_until, sqlite_write_lock
 
@@ -389,3 +391,27 @@ async def test_requests_in_flight_are_answered_however_long_the_store_takes(
     assert sorted(granted) == [1, 2, 3], frames
     held = {rec.lease for rec in await server.seats.leases()}
     assert held == set(granted.values())
+
+
+@pytest.mark.asyncio
+async def test_a_reply_no_encoder_takes_is_answered_internal_not_dropped(make_server, monkeypatch):
+    """Found by a review: a reply that could not be encoded (a user name with undecodable
+    bytes) raised out of the request's task, unlogged, and its client waited for ever."""
+    server = await make_server()
+    real = server.handlers.handle
+
+    async def bad_reply(session, req):
+        if req.op == "status":
+            return {"user": b"j\xf6rg".decode("utf-8", "surrogateescape")}
+        return await real(session, req)
+
+    monkeypatch.setattr(server.handlers, "handle", bad_reply)
+    c = await hello(server.address("unix"), client="ws-1")
+    try:
+        with capture_logs() as logs, pytest.raises(Internal) as err:
+            await c.request("status", timeout=5)
+        assert "correlation id" in err.value.message
+        assert [e["event"] for e in logs if e["log_level"] == "error"] == ["internal_error"]
+        await c.request("ping", timeout=5)  # the connection goes on
+    finally:
+        await c.close()

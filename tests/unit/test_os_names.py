@@ -1,0 +1,34 @@
+"""Names the system keeps as bytes (users, file names) that are not UTF-8.
+
+Found by a review: Python decodes such bytes to lone surrogates, which every encoder refuses
+(the log line, the protocol frame, the spool record): a user `j\\xf6rg` had no seat and no
+usage record from the watcher (an enforce-mode program ran unstopped), and the agent never
+answered that user's hello."""
+
+from __future__ import annotations
+
+import json
+import pwd
+
+import msgspec
+
+from metering_protocol import framing
+from metering_protocol.names import is_clean_name, os_text
+from metering_protocol.unixsock import user_name
+
+RAW = b"j\xf6rg".decode("utf-8", "surrogateescape")  # as pwd and os.readlink give it
+
+
+def test_a_name_that_is_not_utf8_becomes_text_every_encoder_takes():
+    name = os_text(RAW)
+    assert name == "j\\xf6rg" and is_clean_name(name)
+    assert json.loads(framing.encode({"user": name})) == {"user": name}
+    assert msgspec.json.decode(msgspec.json.encode(name)) == name
+    assert os_text("jörg") == "jörg" and os_text("alice") == "alice"  # UTF-8 stays as it is
+
+
+def test_user_name_gives_that_text(monkeypatch):
+    entry = pwd.getpwuid(0)
+    fake = pwd.struct_passwd((RAW, *entry[1:]))
+    monkeypatch.setattr(pwd, "getpwuid", lambda uid: fake)
+    assert user_name(1234) == "j\\xf6rg"
