@@ -25,6 +25,7 @@ from metering_client.holdoff import AuthHoldoff
 from metering_client.retry import RetryPolicy, RetrySettings, attempt_order
 from metering_client.serverlist import ServerEntry, ServerList
 from metering_protocol.client import ProtocolClient
+from metering_protocol.framing import DEFAULT_MAX_FRAME_BYTES
 from metering_protocol.errors import (
     AUTH_TERMINAL,
     CertificateError,
@@ -42,6 +43,14 @@ log = get_logger("metering.client")
 
 EventCallback = Callable[["ServerSession", dict[str, Any]], None]
 
+
+
+def reply_max_bytes(batch_max_bytes: int) -> int:
+    """The largest server reply a session reads.  A `usage` reply lists every refused record
+    with its error, and may outgrow its request: a batch of 400 KB all refused was answered
+    in more than the 64 KiB a session read, and each new session died on the same upload
+    (found by a review)."""
+    return max(DEFAULT_MAX_FRAME_BYTES, 4 * batch_max_bytes)
 
 class ServerSession:
     """A live, authenticated session with one server.
@@ -295,6 +304,7 @@ class Connector:
             timeout=timeout or cfg.connect_timeout_s,
             ssl_context=self.ssl_context,
             on_event=on_event,
+            max_frame_bytes=reply_max_bytes(cfg.usage.batch_max_bytes),
         )
         try:
             if token is None and entry.address.startswith("unix://"):
