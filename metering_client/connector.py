@@ -25,7 +25,6 @@ from metering_client.holdoff import AuthHoldoff
 from metering_client.retry import RetryPolicy, RetrySettings, attempt_order
 from metering_client.serverlist import ServerEntry, ServerList
 from metering_protocol.client import ProtocolClient
-from metering_protocol.framing import DEFAULT_MAX_FRAME_BYTES
 from metering_protocol.errors import (
     AUTH_TERMINAL,
     CertificateError,
@@ -34,6 +33,7 @@ from metering_protocol.errors import (
     MeteringError,
     Unavailable,
 )
+from metering_protocol.framing import DEFAULT_MAX_FRAME_BYTES
 from metering_runtime.durable import write_atomic
 from metering_runtime.logs import get_logger
 from metering_runtime.tokens import TokenFileError, require_token_file
