@@ -44,13 +44,13 @@ log = get_logger("metering.client")
 EventCallback = Callable[["ServerSession", dict[str, Any]], None]
 
 
-
 def reply_max_bytes(batch_max_bytes: int) -> int:
     """The largest server reply a session reads.  A `usage` reply lists every refused record
     with its error, and may outgrow its request: a batch of 400 KB all refused was answered
     in more than the 64 KiB a session read, and each new session died on the same upload
     (found by a review)."""
     return max(DEFAULT_MAX_FRAME_BYTES, 4 * batch_max_bytes)
+
 
 class ServerSession:
     """A live, authenticated session with one server.
