@@ -30,6 +30,7 @@ from metering_protocol.config import ConfigError
 from metering_protocol.errors import CredentialUnusable, MeteringError
 from metering_protocol.unixsock import someone_listens
 from metering_runtime.connection import Connection, Endpoint, Limits
+from metering_runtime.durable import PASSING_ERRNOS
 from metering_runtime.http import HttpEndpoint, Response
 from metering_runtime.listeners import BindError, Listener, bind
 from metering_runtime.logs import get_logger
@@ -65,6 +66,8 @@ class Agent:
             # API is one record, spooled durably (state_dir/spool) and uploaded with `usage`.
             self.spool = Spool(config.state_dir / "spool")
         except OSError as exc:  # one line naming the key, as for every config problem
+            if exc.errno in PASSING_ERRNOS:  # a full or failing disk: 75, restarted
+                raise
             where = exc.filename or config.state_dir
             raise ConfigError(
                 config.path or "<defaults>", "client.state_dir", f"{where}: {exc.strerror}"

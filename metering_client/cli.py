@@ -33,6 +33,7 @@ from metering_runtime.exitcodes import (
     EX_UNAVAILABLE,
     EX_USAGE,
     exit_code,
+    os_error_code,
 )
 from metering_runtime.listeners import BindError
 from metering_runtime.logs import configure_logging
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # a path from the config that cannot be used
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
         print(f"metering-client: {where}{exc.strerror or exc}", file=sys.stderr)
-        return EX_CONFIG
+        return os_error_code(exc)
     except Exception as exc:  # a bug: one line for the operator, details in the log
         print(f"metering-client: internal error: {exc!r}", file=sys.stderr)
         return EX_SOFTWARE

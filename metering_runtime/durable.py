@@ -27,6 +27,10 @@ import os
 import tempfile
 from pathlib import Path
 
+# A file system full, read-only (remounted so after an I/O error) or failing: nothing in a
+# config to fix, and the same start or write works once the disk is freed or repaired.
+PASSING_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
+
 __all__ = ["write_atomic", "write_atomic_async"]
 
 

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 from metering_protocol import errors as e
+from metering_runtime.durable import PASSING_ERRNOS
 
 EX_OK = 0
 EX_FAIL = 1
@@ -79,3 +80,9 @@ def exit_code(exc: e.MeteringError) -> int:
             return code
     # The base class itself (tests make sure every code has an entry): trust its verdict.
     return EX_TEMPFAIL if exc.retryable else EX_FAIL
+
+
+def os_error_code(exc: OSError) -> int:
+    """The exit code of a daemon that could not use a path of its config: 75 (the units
+    restart it) when the file system may recover by itself, else 78 (fix the file)."""
+    return EX_TEMPFAIL if exc.errno in PASSING_ERRNOS else EX_CONFIG

@@ -27,6 +27,7 @@ from metering_protocol.config import ConfigError
 from metering_protocol.errors import ReloadFailed
 from metering_runtime import systemd
 from metering_runtime.connection import Connection, Endpoint, Limits
+from metering_runtime.durable import PASSING_ERRNOS
 from metering_runtime.http import HttpEndpoint, Response
 from metering_runtime.listeners import Listener, bind
 from metering_runtime.logs import bind_context, get_logger
@@ -182,6 +183,8 @@ class MeteringServer:
         try:
             cfg.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # one line naming the key, as for every config problem
+            if exc.errno in PASSING_ERRNOS:  # a full or failing disk: 75, restarted
+                raise
             raise ConfigError(
                 cfg.path or "<defaults>", "server.state_dir", f"{cfg.state_dir}: {exc.strerror}"
             ) from None

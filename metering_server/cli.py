@@ -16,7 +16,7 @@ from pathlib import Path
 from metering_protocol.config import ConfigError
 from metering_protocol.unixsock import user_name
 from metering_runtime.cliargs import UsageParser
-from metering_runtime.exitcodes import EX_CONFIG, EX_SOFTWARE, EX_UNAVAILABLE
+from metering_runtime.exitcodes import EX_CONFIG, EX_SOFTWARE, EX_UNAVAILABLE, os_error_code
 from metering_runtime.listeners import BindError
 from metering_runtime.logs import configure_logging, get_logger
 from metering_server.auth.credentials import Credentials, CredentialsError
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             f"metering-server: cannot start: {where + ': ' if where else ''}{reason}",
             file=sys.stderr,
         )
-        return EX_CONFIG
+        return os_error_code(exc) if isinstance(exc, OSError) else EX_CONFIG
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a bug: the log has the traceback, the operator one line

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 
 import pytest
 
@@ -20,6 +22,7 @@ from metering_runtime.exitcodes import (
     EX_USAGE,
     EXIT_CODES,
     exit_code,
+    os_error_code,
 )
 from metering_server import admin_cli
 from metering_server import cli as server_cli
@@ -178,3 +181,19 @@ def test_seconds_up_to_names_the_limit():
     assert parse("2.5") == 2.5
     with pytest.raises(argparse.ArgumentTypeError, match="at most 10 seconds"):
         parse("11")
+
+
+@pytest.mark.parametrize(
+    ("err", "code"),
+    [
+        (errno.ENOSPC, EX_TEMPFAIL),
+        (errno.EROFS, EX_TEMPFAIL),
+        (errno.EIO, EX_TEMPFAIL),
+        (errno.EACCES, EX_CONFIG),
+        (errno.ENOTDIR, EX_CONFIG),
+    ],
+)
+def test_a_daemon_that_cannot_use_a_path_exits_75_when_the_disk_may_recover(err, code):
+    """Found by a review: an agent's first start on a full disk exited 78, which the unit
+    does not restart (RestartPreventExitStatus=64 78): it stayed down once space was freed."""
+    assert os_error_code(OSError(err, os.strerror(err), "/var/lib/metering-client")) == code
