@@ -9,19 +9,28 @@ import os
 from pathlib import Path
 
 
-def pid_start(pid: int | None) -> int | None:
-    """The process's start time in clock ticks since boot (Linux), to tell a reused pid."""
-    if pid is None or pid <= 0:
-        return None
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks since boot) from /proc/PID/stat (Linux)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
+    fields = stat.rsplit(")", 1)[1].split()
+    return fields[0], int(fields[19])
+
+
+def pid_start(pid: int | None) -> int | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid."""
+    if pid is None or pid <= 0:
+        return None
+    stat = _stat(pid)
+    return None if stat is None else stat[1]
 
 
 def pid_alive(pid: int | None, start: int | None = None) -> bool:
-    """Still the same process: alive, and (when known) started when it was recorded."""
+    """Still the same process: running (an exited one not yet reaped, a zombie, is not: the
+    watcher counts its run ended, and a seat it kept was found a second record by a
+    restart), and (when known) started when it was recorded."""
     if pid is None or pid <= 0:
         return False
     try:
@@ -30,7 +39,11 @@ def pid_alive(pid: int | None, start: int | None = None) -> bool:
         return False
     except PermissionError:
         pass
-    return start is None or pid_start(pid) in (start, None)
+    stat = _stat(pid)
+    if stat is None:
+        return True  # no /proc to ask: kill(0) said it is there
+    state, started = stat
+    return state not in ("Z", "X", "x") and (start is None or started == start)
 
 
 # A process holding a seat straight from the servers (`metering-client run`, or the Python

@@ -405,7 +405,10 @@ class UsageLog:
                     ended_at=record.ended_at,
                 )
         for seat in held.values():
-            if seat.handle not in known:
+            # A seat no record names whose program is gone: its run was recorded (and
+            # uploaded) before, or was over at once; the agent checks the seat in.  A
+            # record opened now was a second one for the same run (found by a review).
+            if seat.handle not in known and not _program_gone(seat):
                 record = new_record(
                     product=seat.product,
                     version=seat.version,

@@ -9,12 +9,14 @@ import errno
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from structlog.testing import capture_logs
 
+from metering_client.programs import pid_alive, pid_start
 from metering_client.spool import Spool, UsageLog
 from metering_client.usage import UsageRecord, new_record
 from metering_protocol.timefmt import rfc3339
@@ -341,3 +343,31 @@ async def test_a_run_closed_after_the_clock_stepped_back_never_ends_before_it_st
     await UsageLog(again, "ws-1", wall=lambda: T0 + 3600).recover(running, {}, watching=False)
     [closed] = again.pending(10, 10**6)
     assert closed.started_at == closed.ended_at == rfc3339(T0) and not closed.running
+
+
+@pytest.mark.asyncio
+async def test_a_journal_seat_whose_program_is_gone_gets_no_second_record(spool):
+    """Found by a review: a seat the journal kept after its run's record was closed and
+    uploaded (a zombie program: the watcher counts it ended, `pid_alive` counted it alive)
+    was opened a new record by the next restart: one run, two records."""
+    usage = UsageLog(spool, "ws-1", wall=lambda: T0 + 1000)
+    held = {"L9": seat("L9", pid=dead_pid())}
+    assert await usage.recover([], held, watching=True) == []
+    assert spool.records == {}
+
+
+def test_a_program_that_exited_unreaped_is_not_alive():
+    """The zombie of that finding: exited, not yet waited for by its parent."""
+    child = subprocess.Popen(["true"])
+    try:
+        start = pid_start(child.pid)
+        deadline = time.monotonic() + 10
+        while (
+            state := Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        ) != "Z":
+            assert time.monotonic() < deadline, state
+            time.sleep(0.01)
+        assert not pid_alive(child.pid) and not pid_alive(child.pid, start)
+    finally:
+        child.wait()
+    assert pid_alive(os.getpid(), pid_start(os.getpid()))
