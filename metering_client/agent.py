@@ -90,6 +90,7 @@ class Agent:
             interval_s=config.usage.upload_interval_s,
             batch_size=config.usage.batch_size,
             batch_max_bytes=config.usage.batch_max_bytes,
+            frame_limit=self._frame_limit,
         )
         self.watcher: Watcher | None = None
         if config.watch.enabled:
@@ -256,6 +257,10 @@ class Agent:
     def _connected(self) -> bool:
         session = self.keeper.session
         return session is not None and not session.dead
+
+    def _frame_limit(self) -> int | None:
+        session = self.keeper.session
+        return None if session is None else session.max_frame_bytes
 
     def _session_established(self) -> None:
         self.uploader.trigger()

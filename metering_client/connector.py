@@ -57,8 +57,8 @@ class ServerSession:
 
     What a user of the session may rely on: `request`, `dead`, `close`, `on_closed`, `fail`,
     `drained`, and the facts the server announced at hello (`server`, `roles`,
-    `heartbeat_s`, `ttl_s`) plus the list `entry` it was opened for.  The protocol client
-    underneath is this class's own business.
+    `heartbeat_s`, `ttl_s`, `max_frame_bytes`) plus the list `entry` it was opened for.  The
+    protocol client underneath is this class's own business.
     """
 
     def __init__(self, entry: ServerEntry, client: ProtocolClient, hello: dict[str, Any]):
@@ -68,6 +68,8 @@ class ServerSession:
         self.roles: frozenset[str] = frozenset(hello.get("roles") or ())
         self.heartbeat_s = float(hello.get("heartbeat_s", 20))
         self.ttl_s = float(hello.get("lease_ttl_s", 60))
+        limit = hello.get("max_frame_bytes")  # None from a server before this addition
+        self.max_frame_bytes: int | None = limit if type(limit) is int and limit > 0 else None
 
     @property
     def dead(self) -> bool:

@@ -72,6 +72,9 @@ class Session(Protocol):
     def ttl_s(self) -> float: ...
 
     @property
+    def max_frame_bytes(self) -> int | None: ...  # the server's, from hello (None: not said)
+
+    @property
     def dead(self) -> bool: ...
 
     async def request(self, op: str, *, timeout: float, **fields: Any) -> dict[str, Any]: ...

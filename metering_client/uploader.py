@@ -41,6 +41,7 @@ class Uploader:
         batch_size: int = 500,
         batch_max_bytes: int = 60000,
         wall: Callable[[], float] = time.time,
+        frame_limit: Callable[[], int | None] = lambda: None,
     ):
         self.spool = spool
         self.call = call  # keeper.call: one request with failover
@@ -49,6 +50,10 @@ class Uploader:
         self.batch_size = batch_size
         self.batch_max_bytes = batch_max_bytes
         self.wall = wall
+        # The current server's largest frame (its hello says it): batches stay under it, so
+        # an upload is never `too_large`, which ends the session and every lease is
+        # reclaimed on the next (found by a review).  None: unknown, `batch_max_bytes`.
+        self.frame_limit = frame_limit
         self.last_upload: float | None = None  # wall clock of the last acknowledged batch
         self.error: str | None = None  # the last upload failure, until an upload succeeds
         self.uploaded = 0  # records acknowledged since start
@@ -76,7 +81,7 @@ class Uploader:
         await self.spool.flush()
         await self.spool.settle()
         while True:
-            batch = self.spool.pending(self.batch_size, self.batch_max_bytes)
+            batch = self.spool.pending(self.batch_size, self._budget())
             if not batch:
                 return True
             sent = {r.record_id for r in batch}
@@ -108,6 +113,13 @@ class Uploader:
                 rejected=len(rejected),
                 depth=self.spool.depth,
             )
+
+    def _budget(self) -> int:
+        limit = self.frame_limit()
+        if limit is None:
+            return self.batch_max_bytes
+        # The request's own fields and the records' commas, on top of the records' sizes.
+        return max(MIN_BATCH_BYTES, min(self.batch_max_bytes, limit * 9 // 10 - 256))
 
     def _failed(self, error: str) -> None:
         if error != self.error:  # once per distinct error, not once per round

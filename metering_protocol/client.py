@@ -23,6 +23,8 @@ from .errors import CertificateError, ConnectionLost, MeteringError, ProtocolVio
 from .framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, decode, encode
 
 _CONNECTION_FATAL = {"too_large", "overloaded", "auth_required", "shutting_down"}
+# Requests this large are remembered while they wait: a `too_large` names no request.
+_LARGE_FRAME_BYTES = 4096
 EventHandler = Callable[[dict[str, Any]], None]
 
 
@@ -47,6 +49,7 @@ class ProtocolClient:
         self._decoder = FrameDecoder(max_frame_bytes)
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
+        self._large: dict[int, int] = {}  # id -> frame size, of pending requests over 4 KiB
         # Replies still due to checkouts whose callers went away (`_give_back`): `close`
         # waits for them, bounded, so that what they carry can be checked in first.
         self._orphans: set[asyncio.Future] = set()
@@ -157,7 +160,11 @@ class ProtocolClient:
             raise ConnectionLost(f"{self.address}: connection is closed")
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
-        self.writer.write(encode({"id": rid, "op": op, **fields}))
+        frame = encode({"id": rid, "op": op, **fields})
+        if len(frame) > _LARGE_FRAME_BYTES:  # the one a `too_large` may be about
+            self._large[rid] = len(frame)
+            fut.add_done_callback(lambda _: self._large.pop(rid, None))
+        self.writer.write(frame)
         return fut
 
     async def drained(self) -> None:
@@ -203,7 +210,22 @@ class ProtocolClient:
             error = MeteringError.from_wire(msg.get("error"))
             if error.code in _CONNECTION_FATAL:
                 # The server is closing this connection (overloaded, too_large, no hello).
-                self._finish(error)
+                if error.code == "too_large":
+                    self._too_large(error)
+                else:
+                    self._finish(error)
+
+    def _too_large(self, error: MeteringError) -> None:
+        """`too_large` is about one frame, the largest sent (the server read no further):
+        that request hears it; the others on the connection were not at fault, and hear the
+        connection lost (retryable) - they used to hear `too_large` too, and a program's
+        checkout that happened to share the agent's session with an oversized usage upload
+        failed for good (found by a review)."""
+        culprit = max(self._large, key=self._large.__getitem__, default=None)
+        fut = self._pending.pop(culprit, None) if culprit is not None else None
+        if fut is not None and not fut.done():
+            fut.set_exception(error)
+        self._finish(ConnectionLost(f"{self.address}: closed by the server ({error.message})"))
 
     def _finish(self, error: MeteringError) -> None:
         for fut in self._pending.values():

@@ -134,6 +134,9 @@ class Handlers:
             "heartbeat_s": site.heartbeat_s,
             "lease_ttl_s": site.lease_ttl_s,
             "roles": sorted(ident.roles),
+            # An addition: the largest frame this connection reads (a larger one is
+            # `too_large` and ends the connection), so a client sizes its uploads under it.
+            "max_frame_bytes": session.conn.limits.max_frame_bytes,
         }
 
     async def op_ping(self, session: Session, req: m.Ping) -> dict[str, Any]:

@@ -3,6 +3,7 @@ unless framing itself is lost (too_large), and other connections are never distu
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from metering_protocol.errors import Internal
+from metering_protocol.errors import ConnectionLost, Internal, TooLarge
 from tests.conftest import hello
 from tests.support import Raw, async_wait_until, sqlite_write_lock
 
@@ -415,3 +416,28 @@ async def test_a_reply_no_encoder_takes_is_answered_internal_not_dropped(make_se
         await c.request("ping", timeout=5)  # the connection goes on
     finally:
         await c.close()
+
+
+@pytest.mark.asyncio
+async def test_too_large_is_the_oversized_requests_and_the_others_hear_connection_lost(
+    make_server,
+):
+    """Found by a review: the client gave the server's connection-wide `too_large` to every
+    request in flight on the connection; a program's checkout that shared the agent's
+    session with an oversized usage upload failed for good (exit 69) instead of being
+    retried on the next session."""
+    products = [{"name": "A", "version": "1", "seats": 1}]
+    server = await make_server(products=products, server={"max_frame_bytes": 4096})
+    holder = await hello(server.address("unix"), client="holder")
+    c = await hello(server.address("unix"), client="ws-1")
+    try:
+        await holder.request("checkout", timeout=5, product="A", version="1")
+        waiting = c.send("checkout", c.next_id(), product="A", version="1", wait_s=30)
+        await async_wait_until(lambda: server.seats.queued(("A", "1")) == 1, what="queued")
+        with pytest.raises(TooLarge):
+            await c.request("ping", timeout=5, padding="x" * 10_000)
+        with pytest.raises(ConnectionLost):
+            await asyncio.wait_for(waiting, 5)
+    finally:
+        for client in (holder, c):
+            await client.close()

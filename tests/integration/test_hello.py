@@ -95,6 +95,7 @@ async def test_hello_reply_fields(make_server):
         assert r["lease_ttl_s"] == 30.0
         assert r["roles"] == ["user"]
         assert r["servers"] == [{"name": "srv-x", "address": "tcp://10.0.0.1:7001", "priority": 1}]
+        assert r["max_frame_bytes"] == server.config.server.max_frame_bytes  # an addition
     finally:
         await c.close()
 

@@ -32,6 +32,7 @@ class FakeSession:
     __slots__ = ("_closed", "_on_closed", "entry", "fail_next", "requests", "roles", "server")
     heartbeat_s = 3600.0
     ttl_s = 7200.0
+    max_frame_bytes = None
 
     def __init__(self, entry: ServerEntry, roles: tuple[str, ...] = ("agent",)):
         self.entry = entry

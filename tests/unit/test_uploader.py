@@ -28,6 +28,7 @@ class FakeServer:
     def __init__(self) -> None:
         self.stored: dict[str, dict[str, Any]] = {}
         self.batches: list[list[str]] = []
+        self.sent_records: list[list[dict[str, Any]]] = []  # each batch as sent
         self.reject: dict[str, Any] = {}  # record_id -> error
         self.reject_by_index: set[str] = set()  # rejected with record_id null, by index
         self.fail: Exception | None = None  # raised before storing
@@ -38,6 +39,7 @@ class FakeServer:
         assert op == "usage"
         records = fields["records"]
         self.batches.append([r["record_id"] for r in records])
+        self.sent_records.append(records)
         if self.fail is not None:
             raise self.fail
         accepted = duplicates = 0
@@ -257,3 +259,17 @@ async def test_a_rejected_dir_that_cannot_be_made_holds_back_nothing_the_server_
     assert await up.upload_once() is True
     assert on_disk(spool) == set() and (spool.rejected_dir / f"{bad}.json").exists()
     assert len(server.batches) == 1
+
+
+@pytest.mark.asyncio
+async def test_batches_stay_under_the_servers_frame_limit_it_told_at_hello(tmp_path):
+    """Found by a review: a server whose max_frame_bytes was under the agent's
+    batch_max_bytes answered the upload too_large, which ends the connection: the agent
+    failed over, reclaimed every lease, and halved its budget only after that, again after
+    every restart.  The server's hello says its limit; batches stay under it."""
+    spool = await filled(tmp_path, 200)
+    server = FakeServer()
+    up = uploader(spool, server, batch_max_bytes=60_000, frame_limit=lambda: 8192)
+    assert await up.upload_once() is True
+    sizes = [len(encode({"id": 1, "op": "usage", "records": b})) for b in server.sent_records]
+    assert len(sizes) > 1 and max(sizes) < 8192
