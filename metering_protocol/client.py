@@ -23,8 +23,10 @@ from .errors import CertificateError, ConnectionLost, MeteringError, ProtocolVio
 from .framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, decode, encode
 
 _CONNECTION_FATAL = {"too_large", "overloaded", "auth_required", "shutting_down"}
-# Requests this large are remembered while they wait: a `too_large` names no request.
-_LARGE_FRAME_BYTES = 4096
+# Requests this large are remembered while they wait, since a `too_large` names no request:
+# the smallest `max_frame_bytes` a server takes (its config's minimum), so any frame a
+# server could find too large is among them; the usual requests are smaller.
+_LARGE_FRAME_BYTES = 256
 EventHandler = Callable[[dict[str, Any]], None]
 
 
@@ -49,7 +51,7 @@ class ProtocolClient:
         self._decoder = FrameDecoder(max_frame_bytes)
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
-        self._large: dict[int, int] = {}  # id -> frame size, of pending requests over 4 KiB
+        self._large: dict[int, int] = {}  # id -> frame size, of pending requests a server might refuse
         # Replies still due to checkouts whose callers went away (`_give_back`): `close`
         # waits for them, bounded, so that what they carry can be checked in first.
         self._orphans: set[asyncio.Future] = set()
