@@ -51,7 +51,9 @@ class ProtocolClient:
         self._decoder = FrameDecoder(max_frame_bytes)
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
-        self._large: dict[int, int] = {}  # id -> frame size, of pending requests a server might refuse
+        self._large: dict[
+            int, int
+        ] = {}  # id -> frame size, of pending requests a server might refuse
         # Replies still due to checkouts whose callers went away (`_give_back`): `close`
         # waits for them, bounded, so that what they carry can be checked in first.
         self._orphans: set[asyncio.Future] = set()
