@@ -346,23 +346,10 @@ class SeatService:
         # have re-keyed the pool (`rekey` moved only the waiters already queued).
         pool = self.catalogue.find(req.product, req.version)
         waiter.pool_key = pool.key
+        waiter.deadline = now + req.wait_s
         self._waiters.add(waiter)  # the local bound first: `overloaded` before any store work
         try:
-            ticket = await self.store.enqueue(
-                WaitEntry(
-                    pool_key=pool.key,
-                    product=req.product,
-                    version=req.version,
-                    principal=holder.principal,
-                    client=holder.client,
-                    user=req.user,
-                    server=self.settings.server,
-                    now=now,
-                    deadline=now + req.wait_s,
-                    idempotency_key=req.idempotency_key,
-                    orphan_grace_s=self.settings.ttl_s,
-                )
-            )
+            ticket = await self.store.enqueue(self._wait_entry(waiter, now))
         except BaseException:
             self._waiters.discard(waiter)
             raise
@@ -373,7 +360,10 @@ class SeatService:
         keep_place = False
         try:
             try:
-                async with asyncio.timeout(req.wait_s):
+                # One deadline with the store's entry: timed from after a slow enqueue, the
+                # wait outlived its entry, which a sweep dropped at the deadline (found by a
+                # campaign: the waiter was then answered as if a retry had taken its place).
+                async with asyncio.timeout(max(0.0, waiter.deadline - self.clock())):
                     grant = await asyncio.shield(waiter.future)
             except TimeoutError:
                 if not waiter.future.done() or waiter.future.cancelled():
@@ -404,8 +394,44 @@ class SeatService:
             self._waiters.discard(waiter)
             # A retry of this checkout here (a new connection, the same key) took over this
             # place in the store (`enqueue` gave it the same ticket): it is the retry's now.
-            if not keep_place and not self._waiters.ticket_held(ticket.id):
-                await self._dequeue(ticket.id)
+            # (Its ticket now: `_requeue` may have given it another.)
+            if not keep_place and not self._waiters.ticket_held(waiter.ticket):
+                await self._dequeue(waiter.ticket)
+
+    def _wait_entry(self, waiter: Waiter, now: float) -> WaitEntry:
+        req, holder = waiter.request, waiter.holder
+        return WaitEntry(
+            pool_key=waiter.pool_key,
+            product=req.product,
+            version=req.version,
+            principal=holder.principal,
+            client=holder.client,
+            user=req.user,
+            server=self.settings.server,
+            now=now,
+            deadline=waiter.deadline,
+            idempotency_key=req.idempotency_key,
+            orphan_grace_s=self.settings.ttl_s,
+        )
+
+    async def _requeue(self, waiter: Waiter) -> None:
+        """A waiter still waiting whose place the store dropped (a sweep found its deadline
+        or its server's liveness lapsed: a store outage longer than the orphan grace left
+        every server's entries so): into the queue again, at its end, until its own
+        deadline.  It used to be answered `cancelled` (not retryable), as if a retry had
+        taken its place, while its client still waited (found by a campaign)."""
+        now = self.clock()
+        if now >= waiter.deadline:
+            self._waiters.discard(waiter)  # its own timer answers it, `denied`, any moment
+            return
+        try:
+            ticket = await self.store.enqueue(self._wait_entry(waiter, now))
+        except MeteringError as exc:
+            if not waiter.future.done():
+                waiter.future.set_exception(exc)
+            return
+        waiter.ticket = ticket.id
+        waiter.context.run(log.info, "checkout_requeued", ticket=ticket.id)
 
     async def _dequeue(self, ticket: int) -> None:
         try:
@@ -451,12 +477,14 @@ class SeatService:
                 outcome = await self.store.grant(
                     self._grant_request(holder, pool, req, waiter=waiter.ticket)
                 )
+                if outcome.dropped and not waiter.future.done():
+                    await self._requeue(waiter)
+                    continue
                 if outcome.superseded:
                     # Its place in the store's queue went to a retry of the same checkout
-                    # (here or on another server), which is served in its stead, or ended (its
-                    # deadline passed a moment before its own timer): this server can never
-                    # serve it.  Answer it and serve the next; left at the head, it held up
-                    # every waiter behind it until its wait ran out.
+                    # (here or on another server), which is served in its stead: this server
+                    # can never serve it.  Answer it and serve the next; left at the head, it
+                    # held up every waiter behind it until its wait ran out.
                     if not waiter.future.done():
                         waiter.future.set_exception(
                             Cancelled("its place in the queue went to a retry of this checkout")

@@ -20,6 +20,7 @@ class Waiter:
     request: Any  # the seat service's CheckoutRequest
     holder: Any  # the session that waits
     ticket: int = 0  # its place in the store's site-wide queue
+    deadline: float = 0.0  # when its wait runs out (the seat service's clock): the store's too
     future: asyncio.Future = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )

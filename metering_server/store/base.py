@@ -217,6 +217,10 @@ class GrantOutcome(msgspec.Struct, frozen=True):
     # Not granted to a waiter: its place in the queue is no longer this server's (a retry of
     # the same checkout took it over, here or on another server, or it was answered or dropped)
     superseded: bool = False
+    # ... and the place is gone altogether (`superseded` too): dropped by a sweep (its
+    # deadline, or its server's liveness, lapsed in the store while the waiter still waits
+    # here: a slow enqueue, a store outage longer than the orphan grace), or answered.
+    dropped: bool = False
     # Not granted: the idempotency key already made a lease for another product or version,
     # so this is not a retry of that checkout (replaying it would hand out a seat of a
     # product the caller did not ask for, whatever that product's count).

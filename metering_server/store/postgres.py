@@ -730,9 +730,12 @@ class PostgresStore(LeaseStore):
             # A waiter whose entry was answered, dropped, or re-attached by a retry of the
             # same checkout: whoever holds the entry now serves it, never this waiter.  A
             # lease that retry got is this attempt's answer too (as for any retry of the key).
-            superseded = req.waiter is not None and req.server != await db.fetchval(
-                "SELECT server FROM waiters WHERE id = $1", req.waiter
+            entry_server = (
+                None
+                if req.waiter is None
+                else await db.fetchval("SELECT server FROM waiters WHERE id = $1", req.waiter)
             )
+            superseded = req.waiter is not None and entry_server != req.server
             if req.idempotency_key is not None:
                 ident = (req.principal, req.client, req.idempotency_key)
                 earlier = (await self._by_keys(db, [req])).get(ident)
@@ -761,7 +764,9 @@ class PostgresStore(LeaseStore):
                     )
             if superseded:
                 in_use = await self._count(db, pool.key, req.now)
-                return GrantOutcome(False, in_use, queued_ahead=1, superseded=True)
+                return GrantOutcome(
+                    False, in_use, queued_ahead=1, superseded=True, dropped=entry_server is None
+                )
             counts = await self._counts(db, [req])
             in_use, ahead = counts[0][pool.key], counts[1][pool.key]
             if (pool.key, req.layout) in counts[2]:

@@ -1005,9 +1005,8 @@ class SQLiteStore(LeaseStore):
             # A waiter whose entry was answered, dropped, or re-attached by a retry of the
             # same checkout: whoever holds the entry now serves it, never this waiter.  A
             # lease that retry got is this attempt's answer too (as for any retry of the key).
-            superseded = req.waiter is not None and not self._entry_is_mine(
-                db, req.waiter, req.server
-            )
+            entry_server = None if req.waiter is None else self._entry_server(db, req.waiter)
+            superseded = req.waiter is not None and entry_server != req.server
             if req.idempotency_key is not None:
                 earlier = self._by_key(db, req.principal, req.client, req.idempotency_key)
                 if earlier is not None and not same_checkout(earlier, req):
@@ -1031,7 +1030,9 @@ class SQLiteStore(LeaseStore):
                     return GrantOutcome(False, self._count(db, pool.key, req.now), revoked=True)
             if superseded:
                 in_use = self._count(db, pool.key, req.now)
-                return GrantOutcome(False, in_use, queued_ahead=1, superseded=True)
+                return GrantOutcome(
+                    False, in_use, queued_ahead=1, superseded=True, dropped=entry_server is None
+                )
             in_use, ahead, retired = self._count_and_ahead(
                 db, pool.key, req.now, req.waiter, req.live_since, req.layout
             )
@@ -1109,9 +1110,10 @@ class SQLiteStore(LeaseStore):
         )
 
     @staticmethod
-    def _entry_is_mine(db: sqlite3.Connection, ticket: int, server: str) -> bool:
+    def _entry_server(db: sqlite3.Connection, ticket: int) -> str | None:
+        """The server a queue entry is with (None: no such entry)."""
         row = db.execute("SELECT server FROM waiters WHERE id = ?", (ticket,)).fetchone()
-        return row is not None and row[0] == server
+        return None if row is None else row[0]
 
     @staticmethod
     def _by_key(

@@ -7,6 +7,7 @@ freed" while a seat stood free."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 
 import pytest
@@ -172,7 +173,7 @@ async def test_a_waiter_drained_as_its_wait_runs_out_keeps_its_place(make_server
 
     def timeout(delay):  # the seat service's wait (only) ends as the server drains
         limit = real_timeout(delay)
-        if delay != racing_wait:
+        if delay is None or not racing_wait - 1 < delay <= racing_wait:  # what is left of it
             return limit
 
         class ExpiringAsDrained:
@@ -267,6 +268,62 @@ async def test_a_place_the_store_failed_to_give_up_is_given_up_later(make_server
         await async_wait_until(gone, what="the withdrawn place to leave the store", timeout=10)
         granted = await bob.request("checkout", timeout=5, product="A", version="1")
         assert granted["in_use"] == 1
+    finally:
+        for c in (bob, alice):
+            await c.close()
+
+
+@pytest.mark.asyncio
+async def test_a_waiter_whose_place_a_sweep_dropped_is_queued_again_not_cancelled(
+    make_server, tmp_path
+):
+    """Found by a campaign: after a store outage longer than the orphan grace, the first
+    server to sweep dropped every other server's queue entries (none could be kept alive
+    meanwhile); their waiters, still connected with time left, were answered `cancelled`
+    (not retryable) as if a retry had taken their place, and `run --wait` exited 75."""
+    server = await make_server(products=ONE_SEAT, credentials=CREDS)
+    queued = Queued(server)
+    bob = await hello(server.address("tcp"), client="ws-b", user="bob", token="tok-bob")
+    alice = await hello(server.address("tcp"), client="ws-a", user="alice", token="tok-alice")
+    try:
+        lease = (await bob.request("checkout", timeout=5, product="A", version="1"))["lease"]
+        waiting = checkout(alice, wait_s=30)
+        await queued.reach(1)
+        db = sqlite3.connect(tmp_path / "shared.db", isolation_level=None)
+        try:  # what another server's sweep does to entries whose grace lapsed
+            assert db.execute("DELETE FROM waiters").rowcount == 1
+        finally:
+            db.close()
+        await bob.request("checkin", timeout=5, lease=lease)
+        granted = await asyncio.wait_for(waiting, 10)
+        assert granted["ok"] is True, granted
+    finally:
+        for c in (bob, alice):
+            await c.close()
+
+
+@pytest.mark.asyncio
+async def test_a_wait_timed_from_before_a_slow_enqueue_ends_denied_not_cancelled(
+    make_server, monkeypatch
+):
+    """Found by a campaign: the store's entry was given the deadline `now + wait_s` before
+    the enqueue, the waiter's own timer started after it; a slow enqueue let a sweep drop
+    the entry at its deadline while the waiter waited on, and it was answered `cancelled`."""
+    server = await make_server(products=ONE_SEAT, credentials=CREDS)
+    bob = await hello(server.address("tcp"), client="ws-b", user="bob", token="tok-bob")
+    alice = await hello(server.address("tcp"), client="ws-a", user="alice", token="tok-alice")
+    enqueue = server.store.enqueue
+
+    async def slow(entry):
+        ticket = await enqueue(entry)
+        await asyncio.sleep(1.5)  # the reply of a slow store, past the entry's deadline
+        return ticket
+
+    monkeypatch.setattr(server.store, "enqueue", slow)
+    try:
+        await bob.request("checkout", timeout=5, product="A", version="1")
+        reply = await asyncio.wait_for(checkout(alice, wait_s=1), 10)
+        assert reply["ok"] is False and reply["error"]["code"] == "denied", reply
     finally:
         for c in (bob, alice):
             await c.close()

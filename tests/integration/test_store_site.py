@@ -269,6 +269,7 @@ async def test_an_entry_re_attached_elsewhere_is_not_the_old_servers_to_grant_or
         old = msgspec.structs.replace(grant_req(ALICE, waiter=first.id, key="k", now=T0 + 1))
         refused = await a.grant(old)
         assert not refused.granted and refused.superseded  # srv-a answers its waiter, moves on
+        assert not refused.dropped  # the place is the retry's: not to be queued again
         await a.dequeue(first.id, "srv-a")
         assert await b.queued(T0 + 1) == {ONE.key: 1}
         new = msgspec.structs.replace(old, server="srv-b")
@@ -279,3 +280,16 @@ async def test_an_entry_re_attached_elsewhere_is_not_the_old_servers_to_grant_or
         again = await a.grant(old)
         assert again.granted and again.replayed and again.lease.lease == served.lease.lease
         assert again.in_use == 1
+
+
+async def test_a_waiter_whose_entry_a_sweep_dropped_is_told_dropped(store_site):
+    """The seat service queues such a waiter again (found by a campaign: it was answered
+    `cancelled` as if a retry had taken its place)."""
+    async with opened(store_site.new_store()) as a, opened(store_site.new_store()) as b:
+        await a.touch_server("srv-a", T0)
+        ticket = await a.enqueue(entry(ALICE, server="srv-a"))
+        # No server touched for longer than the orphan grace (a store outage): b's sweep
+        # drops srv-a's entry.
+        await b.expire(T0 + 3600)
+        refused = await a.grant(grant_req(ALICE, waiter=ticket.id, now=T0 + 3600))
+        assert not refused.granted and refused.superseded and refused.dropped
