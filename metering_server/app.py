@@ -24,13 +24,13 @@ import msgspec
 
 from metering_protocol.address import parse_address
 from metering_protocol.config import ConfigError
-from metering_protocol.errors import ReloadFailed
+from metering_protocol.errors import MeteringError, ReloadFailed
 from metering_runtime import systemd
 from metering_runtime.connection import Connection, Endpoint, Limits
 from metering_runtime.durable import PASSING_ERRNOS
 from metering_runtime.http import HttpEndpoint, Response
 from metering_runtime.listeners import Listener, bind
-from metering_runtime.logs import bind_context, get_logger
+from metering_runtime.logs import Throttle, bind_context, get_logger
 from metering_runtime.tasks import TaskOwner
 from metering_server.auth.credentials import UPGRADES_ASIDE, Credentials, CredentialsError
 from metering_server.auth.lockout import LockoutSettings
@@ -152,6 +152,7 @@ class MeteringServer:
         self.handlers: Handlers
         self._site = site_view(config)
         self._tasks = TaskOwner("server")
+        self._sweep_failures = Throttle(60.0, time.monotonic)  # `sweep_failed`, store errors
         self.systemd = systemd.ServiceNotifier(self.status_line)  # READY, STATUS, watchdog
         self._stop = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -423,6 +424,10 @@ class MeteringServer:
                 await self.sweep()
             except asyncio.CancelledError:
                 raise
+            except MeteringError as exc:  # the store down or busy: its own lines say so
+                refused = self._sweep_failures.due()
+                if refused:  # not a traceback every sweep of an outage (found by a campaign)
+                    log.warning("sweep_failed", error=exc.message, sweeps=refused)
             except Exception:
                 log.exception("sweep_failed")
 

@@ -45,6 +45,8 @@ from metering_server.store.base import (
 from metering_server.waiters import Waiter, WaitQueues
 
 log = get_logger("metering.seats")
+# How long a `denied` whose wait ran out waits for the pool's count (else: all seats).
+DENIAL_COUNT_TIMEOUT_S = 1.0
 
 # A server whose catalogue is not the site's says so in its log at most this often per
 # product (it refuses every new checkout of it until reloaded: a line each would flood).
@@ -368,7 +370,7 @@ class SeatService:
             except TimeoutError:
                 if not waiter.future.done() or waiter.future.cancelled():
                     waiter.future.cancel()
-                    in_use = (await self.store.in_use(self.clock())).get(pool.key, 0)
+                    in_use = await self._in_use_for_denial(pool)
                     raise self._deny(holder, pool, req, in_use, waited=True) from None
                 # Answered in the very turn its time ran out: that answer stands, a
                 # `shutting_down` keeping its place as below.
@@ -394,9 +396,25 @@ class SeatService:
             self._waiters.discard(waiter)
             # A retry of this checkout here (a new connection, the same key) took over this
             # place in the store (`enqueue` gave it the same ticket): it is the retry's now.
-            # (Its ticket now: `_requeue` may have given it another.)
-            if not keep_place and not self._waiters.ticket_held(waiter.ticket):
+            # (Its ticket now: `_requeue` may have given it another.)  An entry past its
+            # deadline counts for nothing and the next sweep drops it: a wait that ran out
+            # is answered without a store round trip, whatever state the store is in.
+            if (
+                not keep_place
+                and self.clock() < waiter.deadline
+                and not self._waiters.ticket_held(waiter.ticket)
+            ):
                 await self._dequeue(waiter.ticket)
+
+    async def _in_use_for_denial(self, pool: Pool) -> int:
+        """The pool's count for a `denied` whose wait ran out; the store down or slow must
+        not turn that answer into `internal` or `overloaded` seconds late (found by a
+        campaign: up to 9 s past `wait_s`): then all its seats, which is why it waited."""
+        try:
+            async with asyncio.timeout(DENIAL_COUNT_TIMEOUT_S):
+                return (await self.store.in_use(self.clock())).get(pool.key, 0)
+        except (MeteringError, TimeoutError):
+            return pool.seats
 
     def _wait_entry(self, waiter: Waiter, now: float) -> WaitEntry:
         req, holder = waiter.request, waiter.holder
@@ -699,7 +717,16 @@ class SeatService:
 
     def _seat_freed(self, pool_key: tuple[str, str]) -> None:
         if self._waiters.queued(pool_key):
-            self._tasks.spawn(self.serve_waiters(pool_key), "serve_waiters", context=self._context)
+            self._tasks.spawn(self._serve_soon(pool_key), "serve_waiters", context=self._context)
+
+    async def _serve_soon(self, pool_key: tuple[str, str]) -> None:
+        """`serve_waiters` on its own: a store that fails it (down, busy) leaves the waiters
+        queued for the next seat freed or sweep; the store logs its own faults (a traceback
+        each time was noise: found by a campaign)."""
+        try:
+            await self.serve_waiters(pool_key)
+        except MeteringError as exc:
+            log.debug("serve_waiters_failed", product=pool_key[0], error=exc.message)
 
     # --- views ----------------------------------------------------------------------------------
     def queued(self, pool_key: tuple[str, str]) -> int:

@@ -384,6 +384,10 @@ class PostgresStore(LeaseStore):
         self._origin = secrets.token_hex(8)  # this instance, in the notices it sends
         self._channel = "metering.public"
         self._listener: asyncio.Task | None = None
+        # Set when a call works again after the database was lost: the listening connection,
+        # backing off meanwhile, is made at once (its backoff had grown through the outage,
+        # and it came back up to 49 s after the pool: found by a campaign).
+        self._listen_now = asyncio.Event()
 
     # --- open / close --------------------------------------------------------------------------
     def _password(self) -> str | None:
@@ -626,6 +630,7 @@ class PostgresStore(LeaseStore):
             if self._lost:
                 self._lost = False
                 log.info("store_recovered", store=self.where)
+                self._listen_now.set()
             return result
 
     async def _batched(self, op: str, batches: Batches[I, T], req: I) -> T:
@@ -1565,6 +1570,11 @@ class PostgresStore(LeaseStore):
             await asyncio.wait_for(ready.wait(), self.connect_timeout_s)
         return True
 
+    async def _listen_backoff(self, failures: int) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._listen_now.wait(), self._backoff(failures))
+        self._listen_now.clear()
+
     async def _listen_loop(self, on_notice: Callable[[Notice], None], ready: asyncio.Event) -> None:
         def deliver(_conn: object, _pid: int, _channel: str, payload: str) -> None:
             kind, origin, what = [*payload.split("\x1e", 2), "", ""][:3]
@@ -1584,7 +1594,7 @@ class PostgresStore(LeaseStore):
                 failures += 1
                 if failures == 1:
                     log.warning("store_listen_lost", store=self.where, error=describe(exc))
-                await asyncio.sleep(self._backoff(failures))
+                await self._listen_backoff(failures)
                 continue
             try:
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
@@ -1605,7 +1615,7 @@ class PostgresStore(LeaseStore):
             finally:
                 self.listening = False
                 conn.terminate()
-            await asyncio.sleep(self._backoff(failures))
+            await self._listen_backoff(failures)
 
     # --- lockout -------------------------------------------------------------------------------
     @staticmethod

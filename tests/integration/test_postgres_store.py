@@ -686,3 +686,30 @@ async def test_a_seat_left_free_by_a_waiters_grant_reaches_the_next_on_another_s
         b.seats.sweep = real_sweep
         for c in (holder, w1, w2):
             await c.close()
+
+
+@pytest.mark.asyncio
+async def test_the_listener_comes_back_with_the_pool_not_at_the_end_of_its_backoff(pg_private):
+    """Found by a campaign: the listening connection's backoff grew through an outage, and
+    it came back up to 49 s after the pool did; meanwhile other servers' changes waited for
+    the sweep (PROTOCOL.md: "at once")."""
+    a = pg_private.store(**fast_retries())
+    b = pg_private.store(retry_base_s=30.0, retry_max_s=60.0)  # a listener slow to retry
+    await a.open()
+    await b.open()
+    try:
+        heard: asyncio.Queue = asyncio.Queue()
+        assert await b.listen(heard.put_nowait)
+        pg_private.stop()
+        await async_wait_until(lambda: not b.listening, what="the listener lost")
+        with pytest.raises(Internal):  # b finds the database gone
+            await b.in_use(T0)
+        await started(pg_private)
+        await b.in_use(T0)  # b's pool works again (`store_recovered`)
+        await async_wait_until(lambda: b.listening, timeout=10, what="the listener back")
+        out = await a.grant(req(now=T0 + 1))
+        await a.release(out.lease.lease, *ALICE, T0 + 2)
+        assert await asyncio.wait_for(heard.get(), 5) == ("freed", "CLOCK.EXE\x1f4.00")
+    finally:
+        await a.close()
+        await b.close()

@@ -327,3 +327,32 @@ async def test_a_wait_timed_from_before_a_slow_enqueue_ends_denied_not_cancelled
     finally:
         for c in (bob, alice):
             await c.close()
+
+
+@pytest.mark.asyncio
+async def test_a_wait_that_runs_out_while_the_store_hangs_is_denied_on_time(
+    make_server, monkeypatch
+):
+    """Found by a campaign: a wait that ran out while the store was busy or down read the
+    pool's count for its `denied` (and took its entry out) before answering: the answer
+    came up to 9 s late, as `internal` or `overloaded`, and a retrying client waited a
+    second `wait_s`."""
+    server = await make_server(products=ONE_SEAT, credentials=CREDS)
+    bob = await hello(server.address("tcp"), client="ws-b", user="bob", token="tok-bob")
+    alice = await hello(server.address("tcp"), client="ws-a", user="alice", token="tok-alice")
+    try:
+        await bob.request("checkout", timeout=5, product="A", version="1")
+        waiting = checkout(alice, wait_s=1)
+        await async_wait_until(lambda: server.seats.queued(("A", "1")) == 1, what="queued")
+
+        async def hangs(*args, **kwargs):
+            await asyncio.Event().wait()
+
+        monkeypatch.setattr(server.store, "in_use", hangs)  # the store stops answering
+        monkeypatch.setattr(server.store, "dequeue", hangs)
+        reply = await asyncio.wait_for(waiting, 5)
+        assert reply["error"]["code"] == "denied", reply
+        assert reply["error"]["in_use"] == 1 and reply["error"]["seats"] == 1
+    finally:
+        for c in (bob, alice):
+            await c.close()
