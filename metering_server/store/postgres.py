@@ -194,6 +194,9 @@ _UNREACHABLE: tuple[type[BaseException], ...] = (
     TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    # "another operation is in progress": a connection whose backend was terminated while
+    # it worked, left in a broken state (the pool replaces it; found by a campaign).
+    asyncpg.InternalClientError,
     asyncpg.exceptions.OperatorInterventionError,  # admin/crash shutdown, starting up
     asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
 )

@@ -713,3 +713,26 @@ async def test_the_listener_comes_back_with_the_pool_not_at_the_end_of_its_backo
     finally:
         await a.close()
         await b.close()
+
+
+@pytest.mark.asyncio
+async def test_a_connection_left_broken_by_a_terminated_backend_is_a_lost_connection(
+    pg_private,
+):
+    """Found by a campaign: asyncpg's InternalClientError ("another operation is in
+    progress", after pg_terminate_backend hit a busy connection) slipped past the store's
+    errors: an `internal_error` traceback per request instead of the store's own answer."""
+    store = pg_private.store(**fast_retries())
+    await store.open()
+    try:
+
+        async def broken(db):
+            raise asyncpg.InternalClientError(
+                "cannot perform operation: another operation is in progress"
+            )
+
+        with capture_logs() as logs, pytest.raises(StoreUnreachable):
+            await store._run("in_use", broken, write=False)
+        assert [e["event"] for e in logs] == ["store_lost"]
+    finally:
+        await store.close()
