@@ -212,7 +212,7 @@ async def run_command(
             for sig in forwarded:
                 loop.add_signal_handler(sig, _relay, proc, sig)
             for sig in early:  # the command missed these, the terminal's own included
-                _forward(proc, sig)
+                _pass_on(proc, sig)
             exited = asyncio.ensure_future(proc.wait())
             lost = asyncio.ensure_future(seat.lost.wait())
             await asyncio.wait({exited, lost}, return_when=asyncio.FIRST_COMPLETED)
@@ -273,8 +273,9 @@ def _forward(
 ) -> None:
     """`sig` to the command and to `tree`, the processes it started (found now if None):
     what a terminal's signal to the foreground process group would reach."""
-    if proc.returncode is None:
-        proc.send_signal(sig)
+    if proc.returncode is not None:
+        return  # reaped: its pid may be another process's now, and so its "children"
+    proc.send_signal(sig)
     table = table or LinuxProcTable()
     for child in _descendants(table, proc.pid) if tree is None else tree:
         _signal(table, child, sig)
@@ -305,7 +306,20 @@ def _relay(proc: asyncio.subprocess.Process, sig: int) -> None:
     take a second Ctrl-C as "quit now"."""
     if sig in (signal.SIGINT, signal.SIGQUIT) and _in_terminal_foreground():
         return
-    _forward(proc, sig)
+    _pass_on(proc, sig)
+
+
+def _pass_on(proc: asyncio.subprocess.Process, sig: int) -> None:
+    if sig in _TO_THE_WHOLE_PROGRAM:
+        _forward(proc, sig)
+    elif proc.returncode is None:  # a message to the program (reload, rotate logs, report)
+        proc.send_signal(sig)
+
+
+# Signals that end a program, passed on to every process the command started (a wrapper
+# script's program among them); the others (HUP, USR1, USR2) are messages to the command,
+# whose helpers they would end by default (found by a review).
+_TO_THE_WHOLE_PROGRAM = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGQUIT})
 
 
 def _in_terminal_foreground() -> bool:

@@ -118,8 +118,10 @@ class Uploader:
         limit = self.frame_limit()
         if limit is None:
             return self.batch_max_bytes
-        # The request's own fields and the records' commas, on top of the records' sizes.
-        return max(MIN_BATCH_BYTES, min(self.batch_max_bytes, limit * 9 // 10 - 256))
+        # The request's own fields and the records' commas, on top of the records' sizes;
+        # under MIN_BATCH_BYTES too for a server that small (a batch holds one record at
+        # least, whatever its budget).
+        return max(1, min(self.batch_max_bytes, limit * 9 // 10 - 256))
 
     def _failed(self, error: str) -> None:
         if error != self.error:  # once per distinct error, not once per round

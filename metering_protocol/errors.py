@@ -195,5 +195,8 @@ class UnknownError(MeteringError):
     def to_wire(self) -> dict[str, Any]:
         return {**super().to_wire(), "code": self.wire_code}
 
+    def __str__(self) -> str:
+        return f"{self.wire_code}: {self.message}"
+
 
 AUTH_TERMINAL = (AuthFailed, LockedOut)

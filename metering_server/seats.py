@@ -397,14 +397,15 @@ class SeatService:
             # A retry of this checkout here (a new connection, the same key) took over this
             # place in the store (`enqueue` gave it the same ticket): it is the retry's now.
             # (Its ticket now: `_requeue` may have given it another.)  An entry past its
-            # deadline counts for nothing and the next sweep drops it: a wait that ran out
-            # is answered without a store round trip, whatever state the store is in.
-            if (
-                not keep_place
-                and self.clock() < waiter.deadline
-                and not self._waiters.ticket_held(waiter.ticket)
-            ):
-                await self._dequeue(waiter.ticket)
+            # deadline counts for nothing: a wait that ran out is answered first, whatever
+            # state the store is in, and taken out after.
+            if not keep_place and not self._waiters.ticket_held(waiter.ticket):
+                if self.clock() < waiter.deadline:
+                    await self._dequeue(waiter.ticket)
+                else:  # out of the store (and the notice to other servers) after the answer
+                    self._tasks.spawn(
+                        self._dequeue(waiter.ticket), "dequeue", context=self._context
+                    )
 
     async def _in_use_for_denial(self, pool: Pool) -> int:
         """The pool's count for a `denied` whose wait ran out; the store down or slow must
@@ -449,6 +450,9 @@ class SeatService:
                 waiter.future.set_exception(exc)
             return
         waiter.ticket = ticket.id
+        if waiter.future.done():  # it left meanwhile (cancelled, its client gone): its
+            await self._dequeue(ticket.id)  # `_wait` took the old ticket out, not this one
+            return
         waiter.context.run(log.info, "checkout_requeued", ticket=ticket.id)
 
     async def _dequeue(self, ticket: int) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import secrets
 import socket
@@ -49,7 +50,6 @@ class NoticeBoard:
         self._on_notice: Callable[[Notice], None] | None = None
         self._peers: list[str] = []  # addresses (paths) of the other servers' sockets
         self._peers_read_at = float("-inf")
-        self._dir_mtime = -1
         self._pending: set[Notice] = set()
         self._flush_due = False
         self._dropped = Throttle(60.0, clock)
@@ -60,6 +60,16 @@ class NoticeBoard:
         try:
             self.directory.mkdir(mode=0o700, exist_ok=True)
             self._dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+            st = os.fstat(self._dir_fd)
+            if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+                # Anyone else who may write there could make this server tell a client its
+                # lease was revoked (found by a review): only a directory of our own.
+                raise PermissionError(
+                    errno.EPERM,
+                    f"not this user's alone (owner uid {st.st_uid}, mode "
+                    f"{stat.S_IMODE(st.st_mode):04o}; it must be 0700, owned by uid "
+                    f"{os.geteuid()})",
+                )
             self._name = secrets.token_hex(6) + _SUFFIX
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             try:
@@ -83,6 +93,8 @@ class NoticeBoard:
         return True
 
     def close(self) -> None:
+        if self._pending:  # the last changes (a detach at shutdown) go before the socket
+            self._flush()
         sock, self._sock = self._sock, None
         if sock is None:
             return
@@ -120,12 +132,9 @@ class NoticeBoard:
         return f"/proc/self/fd/{self._dir_fd}/{name}"
 
     def _read_peers(self) -> None:
+        # Read whole each time (a directory's mtime can miss a peer bound in the same tick).
         self._peers_read_at = self.clock()
         try:
-            mtime = os.stat(self._dir_fd).st_mtime_ns if self._dir_fd is not None else -1
-            if mtime == self._dir_mtime:
-                return
-            self._dir_mtime = mtime
             names = [
                 e.name
                 for e in os.scandir(self._dir_fd)

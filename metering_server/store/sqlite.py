@@ -32,6 +32,7 @@ from metering_runtime.logs import Throttle, get_logger
 from metering_runtime.tasks import TaskOwner
 from metering_server.auth.lockout import FailureState, LockoutPolicy
 from metering_server.licensing import (
+    Pool,
     Reclaim,
     Release,
     decide,
@@ -972,10 +973,6 @@ class SQLiteStore(LeaseStore):
         if not done.cancelled() and done.exception() is None and done.result() is not None:
             self._announce([("freed", done.result().pool_key)])
 
-    def _announce_if_done(self, done: asyncio.Future, changes: list[tuple[str, Any]]) -> None:
-        if not done.cancelled() and done.exception() is None:
-            self._announce(changes)
-
     # --- leases ------------------------------------------------------------------------------
     def grant(self, req: GrantRequest) -> asyncio.Future[GrantOutcome]:
         def grant(db: sqlite3.Connection) -> GrantOutcome:
@@ -1055,11 +1052,22 @@ class SQLiteStore(LeaseStore):
         plain = req.reclaim is None and req.waiter is None and req.idempotency_key is None
         future = self._write(grant, req if plain and self._bulk else None)
         if req.waiter is not None and self._peers():
-            # Its entry left the queue: waiters behind it on other servers may be next now
-            # (seats still free, or the entry was what held them back).
-            key = req.pool.key
-            future.add_done_callback(lambda f: self._announce_if_done(f, [("freed", key)]))
+            pool = req.pool
+            future.add_done_callback(lambda f: self._announce_served(f, pool))
         return future
+
+    def _announce_served(self, done: asyncio.Future[GrantOutcome], pool: Pool) -> None:
+        """A waiter's entry left the queue with this grant (served, its earlier attempt's
+        lease handed back, or its key's lease revoked) and seats are left: the waiters
+        behind it, on other servers too, may be next now (as PostgreSQL's
+        `_served_waiter`).  A refused grant says nothing: told "freed" each time, two
+        servers' waiters on a full pool woke each other for ever (found by a review)."""
+        if done.cancelled() or done.exception() is not None:
+            return
+        out = done.result()
+        left = out.granted or out.revoked
+        if left and (pool.mode == "meter" or out.in_use < pool.seats):
+            self._announce([("freed", pool.key)])
 
     @staticmethod
     def _count_and_ahead(

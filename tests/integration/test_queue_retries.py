@@ -356,3 +356,52 @@ async def test_a_wait_that_runs_out_while_the_store_hangs_is_denied_on_time(
     finally:
         for c in (bob, alice):
             await c.close()
+
+
+@pytest.mark.asyncio
+async def test_a_waiter_that_leaves_while_it_is_queued_again_leaves_no_place_behind(
+    make_server, tmp_path
+):
+    """Found by a review: a waiter withdrawn while `_requeue` put it back in the store's
+    queue left the new entry behind, kept alive by this server, ahead of every checkout of
+    the pool site-wide until the abandoned `wait_s` ran out."""
+    server = await make_server(products=ONE_SEAT, credentials=CREDS)
+    store = server.seats.store
+    bob = await hello(server.address("tcp"), client="ws-b", user="bob", token="tok-bob")
+    alice = await hello(server.address("tcp"), client="ws-a", user="alice", token="tok-alice")
+    try:
+        lease = (await bob.request("checkout", timeout=5, product="A", version="1"))["lease"]
+        rid = alice.next_id()
+        waiting = alice.send("checkout", rid, product="A", version="1", wait_s=120)
+        await Queued(server).reach(1)
+        db = sqlite3.connect(tmp_path / "shared.db", isolation_level=None)
+        try:  # a sweep dropped alice's place (its server's liveness lapsed in an outage)
+            db.execute("DELETE FROM waiters")
+        finally:
+            db.close()
+        gate, entered = asyncio.Event(), asyncio.Event()
+        enqueue = store.enqueue
+
+        async def held(entry):
+            entered.set()
+            await gate.wait()
+            return await enqueue(entry)
+
+        store.enqueue = held
+        server.seats._seat_freed(("A", "1"))  # a serve round: a notice, a sweep
+        await asyncio.wait_for(entered.wait(), 10)
+        assert (await alice.request("cancel", timeout=5, request=rid))["cancelled"] is True
+        assert (await asyncio.wait_for(waiting, 10))["error"]["code"] == "cancelled"
+        gate.set()
+        store.enqueue = enqueue
+
+        async def no_place_left() -> bool:
+            return not await store.queued(server.clock())
+
+        await async_wait_until(no_place_left, what="the new place taken out too")
+        await bob.request("checkin", timeout=5, lease=lease)
+        granted = await bob.request("checkout", timeout=5, product="A", version="1")
+        assert granted["in_use"] == 1
+    finally:
+        for c in (bob, alice):
+            await c.close()

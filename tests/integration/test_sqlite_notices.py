@@ -14,6 +14,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from metering_protocol.client import ProtocolClient
 from metering_server.store.notices import NoticeBoard
@@ -142,3 +143,73 @@ async def test_no_notices_where_the_directory_cannot_be_made_and_nothing_breaks(
         await c.request("checkin", timeout=5, lease=lease)
     finally:
         await c.close()
+
+
+@pytest.mark.asyncio
+async def test_waiters_on_a_full_pool_on_several_servers_do_not_wake_each_other(make_server):
+    """Found by a review: every grant tried for a waiter told the other servers "freed",
+    refused or not; with a waiter on each of two servers and the pool full, they woke each
+    other for ever (2,400 write transactions a second each, and unfinished serve tasks
+    piling up with three servers).  Only a waiter served with seats left tells now."""
+    servers = [await make_server(products=ONE_SEAT, credentials=CREDS) for _ in range(3)]
+    hold_sweeps(*servers)
+    tried = [0] * len(servers)
+    for i, server in enumerate(servers):
+        real = server.store.grant
+
+        def counting(req, real=real, i=i):
+            if req.waiter is not None:
+                tried[i] += 1
+            return real(req)
+
+        server.store.grant = counting
+    bob = await hello(servers[0].address("tcp"), client="ws-b", user="bob", token="tok-bob")
+    waiters = []
+    try:
+        await bob.request("checkout", timeout=5, product="A", version="1")
+        for i, server in enumerate(servers):
+            c = await hello(
+                server.address("tcp"), client=f"ws-{i}", user="alice", token="tok-alice"
+            )
+            waiters.append(c)
+            c.send("checkout", c.next_id(), product="A", version="1", wait_s=60)
+            await async_wait_until(lambda s=server: s.seats.queued(("A", "1")) == 1, what="queued")
+        await async_wait_until(
+            lambda: all(not s.seats._tasks._tasks for s in servers), what="serving settled"
+        )
+        settled = list(tried)
+        await asyncio.sleep(1.0)  # a window for wake-ups that should not happen
+        assert tried == settled, (settled, tried)
+        assert all(not s.seats._tasks._tasks for s in servers)  # no serve task left running
+    finally:
+        for c in [bob, *waiters]:
+            await c.close()
+
+
+@pytest.mark.asyncio
+async def test_the_last_notices_before_a_close_are_sent(tmp_path):
+    """Found by a review: a notice is sent at the end of the loop's turn, and a store closed
+    in the same turn (the detach of a server shutting down) closed its socket first."""
+    heard: list = []
+    one, two = NoticeBoard(tmp_path / "n"), NoticeBoard(tmp_path / "n")
+    assert one.open(lambda n: None) and two.open(heard.append)
+    try:
+        one.announce([("freed", "A\x1f1")])
+        one.close()
+        await async_wait_until(lambda: heard == [("freed", "A\x1f1")], what="the notice")
+    finally:
+        two.close()
+
+
+@pytest.mark.asyncio
+async def test_a_notices_directory_others_may_write_to_is_not_used(tmp_path):
+    """Found by a review: an existing directory was taken as it was; anyone who may write
+    there could make a server tell its client a lease was revoked."""
+    directory = tmp_path / "n"
+    directory.mkdir()
+    directory.chmod(0o777)
+    board = NoticeBoard(directory)
+    with capture_logs() as logs:
+        assert board.open(lambda n: None) is False
+    assert [e["event"] for e in logs] == ["store_notices_unavailable"]
+    assert "0777" in logs[0]["error"]

@@ -72,6 +72,7 @@ def test_an_unknown_error_code_keeps_the_peers_code_and_verdict(retryable):
     assert isinstance(err, UnknownError)
     assert err.retryable is retryable and err.wire_code == "martian"
     assert err.to_wire() == wire  # relayed as it came
+    assert str(err) == "martian: ?"  # and shown with its own code
     assert UnknownError("made here").retryable is False  # the class keeps its own
     assert MeteringError.from_wire({"code": 7, "message": "?"}).to_wire()["code"] == "unknown"
 

@@ -273,3 +273,14 @@ async def test_batches_stay_under_the_servers_frame_limit_it_told_at_hello(tmp_p
     assert await up.upload_once() is True
     sizes = [len(encode({"id": 1, "op": "usage", "records": b})) for b in server.sent_records]
     assert len(sizes) > 1 and max(sizes) < 8192
+
+
+@pytest.mark.asyncio
+async def test_a_server_frame_limit_under_the_smallest_budget_still_bounds_the_batches(tmp_path):
+    """Found by a review: the budget never went under 1 KiB, over a server that reads only
+    frames of a few hundred bytes (the config allows 256): every upload was too large."""
+    spool = await filled(tmp_path, 3)
+    server = FakeServer()
+    up = uploader(spool, server, frame_limit=lambda: 600)
+    assert await up.upload_once() is True
+    assert [len(b) for b in server.batches] == [1, 1, 1]  # one record each, the least
