@@ -156,6 +156,10 @@ class Agent:
         log.info(
             "agent_started", socket=str(path), servers=[e.address for e in self.servers.entries()]
         )
+        try:  # a hold-off kept from before the restart: say why no logon is made
+            self.connector.check_holdoff()
+        except MeteringError as exc:  # found by a review: the journal said nothing of it
+            log.warning("auth_holdoff_in_force", error=str(exc))
         self.systemd.ready(self._tasks)
 
     async def serve_forever(self, *, handle_signals: bool = False) -> None:

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from metering_client.agent import Agent, AgentSocketTaken
-from metering_client.config import build_client_config
+from metering_client.config import build_client_config, token_stamp
 from metering_client.programs import pid_alive, pid_start
 from metering_protocol.address import Address, parse_address
+from metering_protocol.errors import AuthFailed
 from metering_runtime.listeners import BindError, bind
 from tests.conftest import hello
 from tests.support import (
@@ -298,3 +302,39 @@ async def test_a_peer_still_reading_gets_every_reply_of_a_closing_connection(mak
         assert replies == n + 1, f"{n + 1 - replies} replies lost when the socket was cut"
     finally:
         peer.close()
+
+
+@pytest.mark.asyncio
+async def test_an_agent_restarted_in_a_hold_off_says_why_it_does_not_log_on(tmp_path):
+    """Found by a review: an agent restarted while its saved auth hold-off was in force
+    logged `agent_started` alone; the journal never said why it made no logon."""
+    short = short_tmpdir()
+    token = write_token(tmp_path / "token", "t")
+    config = build_client_config(
+        {
+            "client": {
+                "name": "ws",
+                "state_dir": str(tmp_path / "st"),
+                "socket": str(short / "agent.sock"),
+                "token_file": str(token),
+            },
+            "servers": {"list": ["tcp://127.0.0.1:9"], "retries": 1, "retry_interval_ms": 0},
+        },
+        tmp_path / "client.toml",
+    )
+    (tmp_path / "st").mkdir()
+    held = {
+        "error": AuthFailed("wrong token").to_wire(),
+        "until": time.time() + 3600,
+        "stamp": token_stamp(token),
+        "lifted_by_new_token": True,
+    }
+    (tmp_path / "st" / "auth-holdoff.json").write_text(json.dumps(held))
+    agent = Agent(config)
+    with capture_logs() as logs:
+        await agent.start()
+    try:
+        [line] = [e for e in logs if e["event"] == "auth_holdoff_in_force"]
+        assert "wrong token" in line["error"] and "not retrying" in line["error"]
+    finally:
+        await agent.stop()
