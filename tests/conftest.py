@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,16 @@ from metering_server.config import build_server_config
 from tests.pg import pg_cluster, pg_private, pg_teardown, pytest_report_header  # noqa: F401
 from tests.stores import STORE_IDS, STORES, opened
 from tests.support import server_config, short_tmpdir, write_credentials
+
+
+@pytest.hookimpl(hookwrapper=True, trylast=True)
+def pytest_runtest_call(item):
+    """Collect garbage as each test ends, inside pytest's watch for unraisable exceptions: a
+    socket or task a test leaves open is then that test's failure.  Left to the collector's
+    own time, it failed whichever later test happened to be running (a fresh clone's run
+    failed the site storm test for a reload test's unclosed clients)."""
+    yield
+    gc.collect()
 
 
 def pytest_asyncio_loop_factories(config, item):

@@ -609,10 +609,13 @@ async def test_a_reload_that_frees_seats_serves_the_waiting_checkouts_at_once(re
         await sweep()
 
     server.seats.sweep = held_sweep
+    clients = []  # closed at the end: found open at a later test's garbage collection
     try:
         holder = await reloadable.client()
+        clients.append(holder)
         await holder.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00")
         waiter = await reloadable.client()
+        clients.append(waiter)
         waiting = waiter.send("checkout", waiter.next_id(), product="CLOCK.EXE",
                               version="4.00", wait_s=30)  # fmt: skip
 
@@ -624,9 +627,12 @@ async def test_a_reload_that_frees_seats_serves_the_waiting_checkouts_at_once(re
         await reloadable.reload(products=[new], server=slow)
         if after == "meter":
             other = await reloadable.client()
+            clients.append(other)
             got = await other.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00")
             assert got["mode"] == "meter"
         got = await asyncio.wait_for(asyncio.shield(waiting), 3.0)  # not the sweep's 5 s
         assert got["ok"] is True and got["lease"]
     finally:
         swept.set()
+        for c in clients:
+            await c.close()

@@ -243,13 +243,25 @@ def test_second_run_is_denied_75_while_the_seat_is_held(site):
 
 def test_interrupted_run_forwards_the_signal_and_checks_in(site):
     site.start_agent()
-    flag = site.tmp / "never"
-    proc = site.run_popen(*hold_until(flag))
+    ready = site.tmp / "ready"
+    proc = site.run_popen(sys.executable, "-c", RUNS_UNTIL_INTERRUPTED, str(ready))
     wait_until(lambda: site.in_use() == 1, what="seat held")
+    # Found by a fresh clone's run: a SIGINT to `run` before its command had started was
+    # passed on as the Python interpreter started, before its own handler (exit 1, not 130).
+    wait_until(ready.exists, what="the command running")
     proc.send_signal(signal.SIGINT)
     assert proc.wait(30) == 128 + signal.SIGINT
     proc.communicate()
     assert site.in_use() == 0
+
+
+# Runs until interrupted (a ready file first): dies of its SIGINT, as Python does.
+RUNS_UNTIL_INTERRUPTED = """
+import sys, time
+open(sys.argv[1], "w").close()
+while True:
+    time.sleep(0.02)
+"""
 
 
 # Counts the SIGINTs it gets; exits with that count 1 s after the first (a ready file first).
