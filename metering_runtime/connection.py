@@ -481,14 +481,7 @@ class Connection(asyncio.Protocol):
                 self.reply_error(req.id, ShuttingDown("shutting down", retry_after_s=0.1))
             raise
         except Exception:
-            cid = secrets.token_hex(6)
-            log.exception("internal_error", op=req.op, correlation_id=cid)
-            self.reply_error(
-                req.id,
-                Internal(
-                    f"internal error (correlation id {cid})", retry_after_s=1.0, correlation_id=cid
-                ),
-            )
+            self._reply_internal(req)
             return
         finally:
             if observe is not None:
@@ -496,14 +489,19 @@ class Connection(asyncio.Protocol):
         try:
             self.send({"id": req.id, "ok": True, **result})
         except Exception:  # a reply no encoder takes (a bug): its client must still hear
-            cid = secrets.token_hex(6)
-            log.exception("internal_error", op=req.op, correlation_id=cid)
-            self.reply_error(
-                req.id,
-                Internal(
-                    f"internal error (correlation id {cid})", retry_after_s=1.0, correlation_id=cid
-                ),
-            )
+            self._reply_internal(req)
+
+    def _reply_internal(self, req: m.Request) -> None:
+        """A bug met serving `req`: the traceback in the log, the client a retryable
+        `internal` with the id that finds that line."""
+        cid = secrets.token_hex(6)
+        log.exception("internal_error", op=req.op, correlation_id=cid)
+        self.reply_error(
+            req.id,
+            Internal(
+                f"internal error (correlation id {cid})", retry_after_s=1.0, correlation_id=cid
+            ),
+        )
 
     # --- closing ------------------------------------------------------------------------------
     def _finish(self) -> None:
