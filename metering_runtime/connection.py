@@ -353,23 +353,15 @@ class Connection(asyncio.Protocol):
         frame = None
         try:
             frame = framing.decode(raw)
-            req = m.parse_request(frame, self.dispatcher.ops)
-        except BadRequest as exc:  # answered under the frame's id if it has a valid one
-            rid = None if frame is None else m.request_id(frame)
-            answer: MeteringError = exc
-            if (
-                frame is not None
-                and not self.dispatcher.authenticated
-                and frame.get("op") != "hello"
-            ):
+            if not self.dispatcher.authenticated and frame.get("op") != "hello":
                 # PROTOCOL.md: before hello, anything but a hello is `auth_required`, also
                 # an op this server does not know or one with bad fields.
-                answer = AuthRequired("send hello first")
-            self.reply_error(rid, answer)
-            self._count_bad()
-            return
-        if not self.dispatcher.authenticated and req.op != "hello":
-            self.reply_error(req.id, AuthRequired("send hello first"))
+                self.reply_error(m.request_id(frame), AuthRequired("send hello first"))
+                self._count_bad()
+                return
+            req = m.parse_request(frame, self.dispatcher.ops)
+        except BadRequest as exc:  # answered under the frame's id if it has a valid one
+            self.reply_error(None if frame is None else m.request_id(frame), exc)
             self._count_bad()
             return
         if req.op == "hello":

@@ -1267,7 +1267,7 @@ class SQLiteStore(LeaseStore):
         judged = now if now is not None else time.time()
 
         held = await self._write(revoke)
-        if held is not None and self._peers():
+        if held is not None:
             self._announce([("revoked", lease), ("freed", held.pool_key)])
         return held
 
