@@ -121,10 +121,12 @@ def keeper_for(
     addresses: list[str],
     *,
     on_lost: Callable[[HeldLease, str], None] | None = None,
+    usage: dict[str, Any] | None = None,
     **servers: Any,
 ) -> LeaseKeeper:
     """A lease keeper for client `ws-1` authenticating as principal `ws` with token
-    `secret-ws`, on `addresses` (fast retries; `servers` keys override)."""
+    `secret-ws`, on `addresses` (fast retries; `servers` keys override; `usage`: the
+    `[usage]` section, which sizes the replies its sessions read)."""
     config = build_client_config(
         {
             "client": {
@@ -134,6 +136,7 @@ def keeper_for(
                 "state_dir": str(tmp_path / "state"),
             },
             "servers": {"list": addresses, "retries": 2, "retry_interval_ms": 10, **servers},
+            "usage": usage or {},
         },
         tmp_path / "client.toml",
     )

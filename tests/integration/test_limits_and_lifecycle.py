@@ -15,7 +15,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from metering_client.agent import Agent, AgentSocketTaken
-from metering_client.config import build_client_config, token_stamp
+from metering_client.config import ClientConfig, build_client_config, token_stamp
 from metering_client.programs import pid_alive, pid_start
 from metering_protocol.address import Address, parse_address
 from metering_protocol.errors import AuthFailed
@@ -70,21 +70,26 @@ async def test_inherited_unix_socket_file_stays_for_systemd(sockdir):
     assert path.exists()
 
 
-@pytest.mark.asyncio
-async def test_second_agent_on_the_same_socket_refuses_to_start(tmp_path):
-    short = short_tmpdir()
-    config = build_client_config(
+def agent_config(tmp_path: Path) -> ClientConfig:
+    """An agent `ws` with state in tmp_path/st, token file tmp_path/token, and one server
+    that is not there."""
+    return build_client_config(
         {
             "client": {
                 "name": "ws",
                 "state_dir": str(tmp_path / "st"),
-                "socket": str(short / "agent.sock"),
+                "socket": str(short_tmpdir() / "agent.sock"),
                 "token_file": str(write_token(tmp_path / "token", "t")),
             },
             "servers": {"list": ["tcp://127.0.0.1:9"], "retries": 1, "retry_interval_ms": 0},
         },
         tmp_path / "client.toml",
     )
+
+
+@pytest.mark.asyncio
+async def test_second_agent_on_the_same_socket_refuses_to_start(tmp_path):
+    config = agent_config(tmp_path)
     first = Agent(config)
     await first.start()
     try:
@@ -104,31 +109,20 @@ def test_a_reused_pid_is_not_the_recorded_program():
     assert pid_alive(me)  # nothing recorded: trust the pid
 
 
-def test_unusable_client_state_dir_is_one_line_exit_78(tmp_path):
+@pytest.mark.parametrize(
+    ("state_dir", "problem"),
+    [
+        ("/dev/null/state", "/dev/null exists and is not a directory"),
+        # Found by a review: a parent that exists but takes no directory (/proc) gave
+        # `metering-client: /proc/nope: No such file or directory`, neither file nor key.
+        ("/proc/nope", "/proc/nope: "),
+    ],
+)
+def test_unusable_client_state_dir_is_one_line_naming_the_key_exit_78(tmp_path, state_dir, problem):
     cfg = write_toml(
         tmp_path / "client.toml",
         {
-            "client": {"state_dir": "/dev/null/state", "socket": str(tmp_path / "a.sock")},
-            "servers": {"list": ["tcp://127.0.0.1:9"]},
-        },
-    )
-    proc = subprocess.run(
-        [cli_path("metering-client"), "--config", str(cfg), "agent"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert proc.returncode == 78, proc.stderr
-    assert proc.stderr.count("\n") == 1 and "/dev/null" in proc.stderr
-
-
-def test_a_client_state_dir_that_cannot_be_made_is_one_line_naming_the_key(tmp_path):
-    """Found by a review: a parent that exists but takes no directory (/proc) gave
-    `metering-client: /proc/nope: No such file or directory`, neither file nor key."""
-    cfg = write_toml(
-        tmp_path / "client.toml",
-        {
-            "client": {"state_dir": "/proc/nope", "socket": str(tmp_path / "a.sock")},
+            "client": {"state_dir": state_dir, "socket": str(tmp_path / "a.sock")},
             "servers": {"list": ["tcp://127.0.0.1:9"]},
         },
     )
@@ -140,7 +134,7 @@ def test_a_client_state_dir_that_cannot_be_made_is_one_line_naming_the_key(tmp_p
     )
     assert proc.returncode == 78, proc.stderr
     assert proc.stderr.count("\n") == 1, proc.stderr
-    assert f"{cfg}: client.state_dir: /proc/nope: " in proc.stderr, proc.stderr
+    assert f"{cfg}: client.state_dir: {problem}" in proc.stderr, proc.stderr
 
 
 def test_unusable_server_state_dir_is_one_line_naming_the_key(tmp_path):
@@ -308,25 +302,12 @@ async def test_a_peer_still_reading_gets_every_reply_of_a_closing_connection(mak
 async def test_an_agent_restarted_in_a_hold_off_says_why_it_does_not_log_on(tmp_path):
     """Found by a review: an agent restarted while its saved auth hold-off was in force
     logged `agent_started` alone; the journal never said why it made no logon."""
-    short = short_tmpdir()
-    token = write_token(tmp_path / "token", "t")
-    config = build_client_config(
-        {
-            "client": {
-                "name": "ws",
-                "state_dir": str(tmp_path / "st"),
-                "socket": str(short / "agent.sock"),
-                "token_file": str(token),
-            },
-            "servers": {"list": ["tcp://127.0.0.1:9"], "retries": 1, "retry_interval_ms": 0},
-        },
-        tmp_path / "client.toml",
-    )
+    config = agent_config(tmp_path)
     (tmp_path / "st").mkdir()
     held = {
         "error": AuthFailed("wrong token").to_wire(),
         "until": time.time() + 3600,
-        "stamp": token_stamp(token),
+        "stamp": token_stamp(config.token_file),
         "lifted_by_new_token": True,
     }
     (tmp_path / "st" / "auth-holdoff.json").write_text(json.dumps(held))

@@ -10,14 +10,10 @@ import time
 
 import pytest
 
-from metering_client.config import build_client_config
-from metering_client.connector import Connector
-from metering_client.keeper import LeaseKeeper
-from metering_client.serverlist import ServerList
 from metering_client.spool import Spool
 from metering_client.uploader import Uploader
 from metering_client.usage import new_record
-from tests.support import write_token
+from tests.support import keeper_for
 
 AGENT = {"ws": (["agent"], "secret-ws")}
 
@@ -25,20 +21,12 @@ AGENT = {"ws": (["agent"], "secret-ws")}
 @pytest.mark.asyncio
 async def test_a_whole_large_batch_refused_is_read_and_set_aside(make_server, tmp_path):
     server = await make_server(credentials=AGENT, server={"max_frame_bytes": 1024 * 1024})
-    config = build_client_config(
-        {
-            "client": {
-                "name": "ws-1",
-                "user": "ws",
-                "token_file": str(write_token(tmp_path / "token", "secret-ws")),
-                "state_dir": str(tmp_path / "state"),
-            },
-            "servers": {"list": [server.address("tcp")], "retries": 1},
-            "usage": {"batch_size": 1000, "batch_max_bytes": 400_000},
-        },
-        tmp_path / "client.toml",
+    keeper = keeper_for(
+        tmp_path,
+        [server.address("tcp")],
+        retries=1,
+        usage={"batch_size": 1000, "batch_max_bytes": 400_000},
     )
-    keeper = LeaseKeeper(Connector(config, ServerList(config.servers.addresses, None)))
     spool = Spool(tmp_path / "spool")
     spool.load()
     ahead = time.time() + 3 * 86400  # a clock three days ahead: every record refused
@@ -60,8 +48,8 @@ async def test_a_whole_large_batch_refused_is_read_and_set_aside(make_server, tm
         spool,
         keeper.call,
         lambda: True,
-        batch_size=config.usage.batch_size,
-        batch_max_bytes=config.usage.batch_max_bytes,
+        batch_size=1000,
+        batch_max_bytes=400_000,
     )
     try:
         assert await uploader.upload_once() is True, uploader.error
