@@ -170,20 +170,21 @@ class NoticeBoard:
             os.unlink(os.path.basename(peer), dir_fd=self._dir_fd)
 
     def _receive(self) -> None:
-        sock = self._sock
-        while sock is not None:
+        sock, on_notice = self._sock, self._on_notice
+        if sock is None:
+            return
+        assert on_notice is not None  # set with the reader, in `open`
+        while True:  # every datagram waiting, until the socket has none (or fails)
             try:
                 datagram = sock.recv(65536)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
+            except OSError:  # BlockingIOError among them: nothing more to read
                 return
             for line in datagram.decode("utf-8", "replace").split("\n"):
                 kind, sep, what = line.partition("\x1e")
-                if not sep or self._on_notice is None:
+                if not sep:
                     continue
                 try:
-                    self._on_notice((kind, what))
+                    on_notice((kind, what))
                 except Exception:
                     log.exception("store_notice_failed", notice=kind)
 
