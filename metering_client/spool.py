@@ -16,6 +16,10 @@ run`, the Python API, `metering-client checkout`): opened when the keeper hands 
 keyed on the keeper's seat handle (stable across reclaims), closed when the seat leaves the
 keeper.  It also refreshes every open record's `ended_at` (the last time the run was known to
 go on) so that after a kill -9 the restarted agent can close the runs that ended meanwhile.
+
+Runs are measured on CLOCK_BOOTTIME (usage.py says why); `read_boottime` and `read_boot_id`
+are the clocks the agent reads for it, injected like the wall clock so tests can step one
+and not the other.
 """
 
 from __future__ import annotations
@@ -31,7 +35,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from metering_client.programs import pid_alive
-from metering_client.usage import BadRecord, UsageRecord, decode, encode, new_record, wire_size
+from metering_client.usage import (
+    BadRecord,
+    BootTime,
+    UsageRecord,
+    decode,
+    encode,
+    new_record,
+    wire_size,
+)
 from metering_protocol.timefmt import rfc3339
 from metering_runtime.durable import write_atomic, write_atomic_async
 from metering_runtime.logs import get_logger
@@ -40,6 +52,23 @@ log = get_logger("metering.usage")
 
 SUFFIX = ".json"
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+
+
+def read_boottime() -> float:
+    """CLOCK_BOOTTIME: monotonic, counts through suspend, one count for every process of a
+    boot (an agent restarted goes on measuring the runs it left open)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def read_boot_id() -> str | None:
+    """This boot's id: a boottime reading means something only within its boot.  None when
+    it cannot be read (runs are then measured on the wall clock)."""
+    try:
+        with open(BOOT_ID_PATH, encoding="ascii") as f:
+            return f.read().strip() or None
+    except (OSError, ValueError):
+        return None
 
 
 class Spool:
@@ -159,15 +188,15 @@ class Spool:
                 return False
         return True
 
-    async def touch_open(self, now: float) -> None:
-        """Open runs are still going at `now`: the time a restart after a crash takes as
-        their end if they are gone by then."""
+    async def touch_open(self, now: float, boot: BootTime | None = None) -> None:
+        """Open runs are still going at `now` (CLOCK_BOOTTIME `boot`): the time a restart
+        after a crash takes as their end if they are gone by then."""
         for record in [r for r in self.records.values() if r.running]:
             # Each write waits its turn: a record discarded or closed meanwhile (a seat
             # yielded, a run ended) must not be written back as running.
             if self.records.get(record.record_id) is not record or not record.running:
                 continue
-            record.seen(now)
+            record.seen(now, boot)
             await self.put(record)
 
     # --- uploading -----------------------------------------------------------------------------
@@ -339,11 +368,24 @@ def _program_gone(seat: HeldSeat) -> bool:
 class UsageLog:
     """Records of seats taken through the agent's local API, keyed on the seat handle."""
 
-    def __init__(self, spool: Spool, client: str, *, wall: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        spool: Spool,
+        client: str,
+        *,
+        wall: Callable[[], float] = time.time,
+        boottime: Callable[[], float] = read_boottime,
+        boot_id: Callable[[], str | None] = read_boot_id,
+    ):
         self.spool = spool
         self.client = client
         self.wall = wall
+        self.boottime = boottime
+        self.boot_id = boot_id()  # one boot for the agent's life
         self.by_handle: dict[str, UsageRecord] = {}  # open records of local-API seats
+
+    def _boot_now(self) -> BootTime:
+        return BootTime(self.boot_id, self.boottime())
 
     async def seat_taken(
         self, held: HeldSeat, reply: Mapping[str, Any], still_held: Callable[[str], bool]
@@ -358,6 +400,7 @@ class UsageLog:
             user=held.user,
             client=self.client,
             started=self.wall(),
+            started_boot=self._boot_now(),
             outcome="overuse" if reply.get("overuse") else "granted",
             running=True,
             source="api",
@@ -366,15 +409,15 @@ class UsageLog:
         if still_held(held.handle):
             self.by_handle[held.handle] = record
         else:  # lost before we got here: a run that ended at once
-            record.end(self.wall())
+            record.end(self.wall(), self._boot_now())
         await self.spool.put(record)
 
     async def seats_changed(self, held: Mapping[str, Any]) -> None:
         """After any change of the keeper's seats: close the records of seats gone."""
-        now = self.wall()
+        now, boot = self.wall(), self._boot_now()
         for handle in [h for h in self.by_handle if h not in held]:
             record = self.by_handle.pop(handle)
-            record.end(now)
+            record.end(now, boot)
             await self.spool.put(record)
 
     async def recover(
@@ -383,7 +426,9 @@ class UsageLog:
         """After a restart: keep the records of seats still held, close the others at the
         last time they were known to run, open one for a held seat that has none (the agent
         died between the checkout and the record).  Returns the watcher's open records when
-        the watcher is on (it decides by their processes)."""
+        the watcher is on (it decides by their processes).  A record kept from another boot
+        (a detached seat the journal kept) goes on by the wall clock: its boottime is of a
+        boot that is over."""
         handed: list[UsageRecord] = []
         # Every seat a spooled record names, closed ones too: a run that ended while its
         # checkin waited for a server (the journal still holds the seat) is one record, not a
@@ -415,6 +460,7 @@ class UsageLog:
                     user=seat.user,
                     client=self.client,
                     started=self.wall(),
+                    started_boot=self._boot_now(),
                     outcome="granted",
                     running=True,
                     source="api",
@@ -428,5 +474,5 @@ class UsageLog:
         """Refresh open runs' last-seen time and write what a failure left unwritten."""
         while True:
             await asyncio.sleep(every_s)
-            await self.spool.touch_open(self.wall())
+            await self.spool.touch_open(self.wall(), self._boot_now())
             await self.spool.flush()

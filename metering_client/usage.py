@@ -5,13 +5,22 @@ the agent's local API from checkout to checkin), however many failovers, outages
 reclaims happen while it runs.  The wire fields are those of the protocol's `usage` op;
 the rest is the agent's own bookkeeping and never leaves the workstation.
 
-Pure: no I/O, no clock (callers pass wall-clock epoch seconds).
+A run's length is measured on CLOCK_BOOTTIME, not the wall clock: NTP stepping a wrong clock
+by five hours during a 600 s run must not bill 18,600 s (or, stepped back, 0 s).  The record
+keeps the boot it started in and the boottime at its start; every time the open run is seen
+or ended it is placed on the wall clock at that latest reading (`ended_at` = wall now,
+`started_at` = wall now - its length).  Until it ends it is never uploaded, so moving its
+`started_at` is safe; a closed record is never placed again.  Records without those fields
+(written by an older agent, or in a boot whose id could not be read) and runs seen from
+another boot keep the wall-clock rule: there their boottime means nothing.
+
+Pure: no I/O, no clock (callers pass the readings: wall-clock epoch seconds, `BootTime`).
 """
 
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 
@@ -32,6 +41,15 @@ WIRE_FIELDS = (
 )
 
 
+class BootTime(NamedTuple):
+    """A reading of CLOCK_BOOTTIME with the boot it counts from: two readings of one boot
+    give a length no wall-clock step changes (suspend included); readings of different
+    boots give nothing."""
+
+    boot_id: str | None  # /proc/sys/kernel/random/boot_id; None when it cannot be read
+    seconds: float  # CLOCK_BOOTTIME: seconds since that boot
+
+
 class UsageRecord(msgspec.Struct, kw_only=True):
     record_id: Name  # made by the client (uuid4 hex); also the spool file's name
     product: Name
@@ -46,22 +64,49 @@ class UsageRecord(msgspec.Struct, kw_only=True):
     source: Literal["watch", "api"] = "api"  # the process watcher, or the local API
     handle: str | None = None  # the keeper's seat handle (stable across reclaims)
     pids: list[tuple[int, int | None]] = []  # watched processes: (pid, start ticks)
+    # Optional, so that spool files of older agents still load (and an older agent reading
+    # ours ignores them: msgspec skips unknown fields).  None: measured on the wall clock.
+    boot_id: str | None = None  # the boot the run started in
+    started_since_boot: float | None = None  # CLOCK_BOOTTIME at the run's start, seconds
 
     def to_wire(self) -> dict[str, Any]:
         return {f: getattr(self, f) for f in WIRE_FIELDS}
 
-    def seen(self, at: float) -> None:
-        """The open run was still going at `at` (never before it started: a wall clock
-        stepped back would otherwise make a record every server refuses)."""
-        self.ended_at = rfc3339(max(at, parse_rfc3339(self.started_at)))
+    def length_at(self, boot: BootTime | None) -> float | None:
+        """How long the run has gone on at `boot`, by CLOCK_BOOTTIME; None when the record
+        cannot tell (no boot fields, or `boot` is of another boot)."""
+        if (
+            boot is None
+            or self.boot_id is None
+            or self.started_since_boot is None
+            or boot.boot_id != self.boot_id
+        ):
+            return None
+        return max(0.0, boot.seconds - self.started_since_boot)
 
-    def end(self, at: float) -> None:
-        """Close the run at `at` (never before it started)."""
-        self.seen(at)
+    def seen(self, at: float, boot: BootTime | None = None) -> None:
+        """The open run was still going at wall time `at` (CLOCK_BOOTTIME `boot`, read
+        together).  Measured by boottime where the record can be: placed to end at `at`,
+        its length unchanged by any wall-clock step.  Else by the wall clock, never before it
+        started (a wall clock stepped back would otherwise make a record every server
+        refuses).  A closed record is never changed again: it may be on its way to a server."""
+        if not self.running:
+            return
+        length = self.length_at(boot)
+        if length is None:
+            self.ended_at = rfc3339(max(at, parse_rfc3339(self.started_at)))
+        else:
+            self.started_at = rfc3339(at - length)
+            self.ended_at = rfc3339(at)
+
+    def end(self, at: float, boot: BootTime | None = None) -> None:
+        """Close the run at `at` (see `seen`); it is never placed again."""
+        self.seen(at, boot)
         self.running = False
 
     def end_at_last_seen(self) -> None:
-        """Close a run found open after a restart at the last time it was known to go on
+        """Close a run found open after a restart (or a reboot) at the last time it was
+        known to go on, placed as it was then: the agent's downtime is not its length
         (records written before `seen` clamped it included)."""
         self.end(parse_rfc3339(self.ended_at))
 
@@ -83,7 +128,14 @@ def new_record(
     handle: str | None = None,
     pids: list[tuple[int, int | None]] | None = None,
     ended: float | None = None,
+    started_boot: BootTime | None = None,
 ) -> UsageRecord:
+    """`started_boot`: CLOCK_BOOTTIME at `started`, to measure the run by (see the module
+    docstring); without it, or without a boot id, the run is measured on the wall clock."""
+    boot_id: str | None = None
+    started_since_boot: float | None = None
+    if started_boot is not None and started_boot.boot_id is not None:
+        boot_id, started_since_boot = started_boot
     return UsageRecord(
         record_id=new_record_id(),
         product=product,
@@ -97,6 +149,8 @@ def new_record(
         source=source,  # type: ignore[arg-type]
         handle=handle,
         pids=list(pids or ()),
+        boot_id=boot_id,
+        started_since_boot=started_since_boot,
     )
 
 

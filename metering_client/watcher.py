@@ -28,6 +28,10 @@ a server grants one, for `offline_grace_s` after the agent lost its servers; "st
 grace over) treats an `enforce` program like a denied one.
 
 The process table is an interface (`ProcessTable`): /proc here, a fake in unit tests.
+
+A run's length is measured on CLOCK_BOOTTIME (usage.py says why): its start is exact, as
+/proc's start ticks count from the boot, and its record is placed on the wall clock at each
+latest reading.  The clocks (monotonic, wall, boottime, boot id) are injected.
 """
 
 from __future__ import annotations
@@ -46,8 +50,8 @@ from typing import Any, Protocol
 
 from metering_client.config import WatchSection
 from metering_client.programs import direct_seat_products, pid_start
-from metering_client.spool import Spool
-from metering_client.usage import UsageRecord, new_record
+from metering_client.spool import Spool, read_boot_id, read_boottime
+from metering_client.usage import BootTime, UsageRecord, new_record
 from metering_protocol.errors import (
     AUTH_TERMINAL,
     CredentialUnusable,
@@ -102,8 +106,8 @@ class ProcessTable(Protocol):
         """The real uid; None when the process is gone."""
         ...
 
-    def started_at(self, proc: Proc) -> float | None:
-        """When the process started, epoch seconds; None when unknown."""
+    def since_boot(self, proc: Proc) -> float | None:
+        """When the process started, in CLOCK_BOOTTIME seconds; None when unknown."""
         ...
 
     def signal(self, proc: Proc, sig: int) -> bool:
@@ -181,13 +185,13 @@ class LinuxProcTable:
             return None
         return None
 
-    def started_at(self, proc: Proc) -> float | None:
-        """The start in clock ticks since boot, on the wall clock: to the tick (10 ms),
-        where /proc/stat's btime would be to the whole second."""
+    def since_boot(self, proc: Proc) -> float | None:
+        """The start ticks are boot-relative (CLOCK_BOOTTIME, suspend included): the run's
+        boottime at start to the tick (10 ms), where /proc/stat's btime would give the whole
+        second, and no wall-clock step in it."""
         if proc.start is None:
             return None
-        since_boot = time.clock_gettime(time.CLOCK_BOOTTIME)
-        return time.time() - since_boot + proc.start / CLOCK_TICKS
+        return proc.start / CLOCK_TICKS
 
     def _same(self, proc: Proc) -> bool:
         return proc.start is None or pid_start(proc.pid) == proc.start
@@ -378,7 +382,8 @@ class Run:
     product: Product
     user: str
     procs: dict[ProcKey, Proc]  # its processes (several only with instances = "shared")
-    started: float  # wall clock: when it was first seen
+    started: float  # wall clock: when it started (placed from `started_boot` at the scan)
+    started_boot: BootTime | None = None  # CLOCK_BOOTTIME then: what its record measures by
     record: UsageRecord | None = None
     handle: str | None = None  # the keeper's seat, while it holds one
     state: str = "asking"  # asking | seated | unseated | refused | stopping | ended
@@ -387,6 +392,7 @@ class Run:
     reclaim: str | None = None  # a seat it held before the agent restarted
     next_try: float = 0.0  # monotonic: when an unseated run asks again
     gone_at: float | None = None  # wall clock: its last process exited
+    gone_boot: BootTime | None = None  # CLOCK_BOOTTIME then
 
     def pids(self) -> list[tuple[int, int | None]]:
         return list(self.procs)
@@ -405,6 +411,8 @@ class Watcher:
         catalogue_path: Path | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        boottime: Callable[[], float] = read_boottime,
+        boot_id: Callable[[], str | None] = read_boot_id,
         user_of: Callable[[int], str | None] = user_name,
         direct_dir: Path | None = None,
     ):
@@ -418,6 +426,8 @@ class Watcher:
         self.catalogue_path = catalogue_path
         self.clock = clock
         self.wall = wall
+        self.boottime = boottime
+        self.boot_id = boot_id()  # one boot for the agent's life
         self.user_of = user_of
         self.catalogue = Catalogue()
         self.generation = 0  # grows with every catalogue change: non-matches are re-checked
@@ -497,6 +507,17 @@ class Watcher:
             "products": sum(bool(p.executables) for p in self.catalogue.products),
         }
 
+    def _now(self) -> tuple[float, BootTime]:
+        """The wall clock and CLOCK_BOOTTIME, read together: a record is measured by the
+        second and placed by the first."""
+        return self.wall(), BootTime(self.boot_id, self.boottime())
+
+    def _end_of(self, run: Run) -> tuple[float, BootTime | None]:
+        """When the run ended: its last process seen gone, else now."""
+        if run.gone_at is not None:
+            return run.gone_at, run.gone_boot
+        return self._now()
+
     def _spawn(self, coro: Any, name: str) -> asyncio.Task:
         task = self._tasks.spawn(coro, name)
         self._busy.add(task)
@@ -553,13 +574,13 @@ class Watcher:
     def apply(self, procs: Mapping[int, Proc]) -> None:
         """Act on one snapshot of the process table.  Synchronous: what it starts (checkouts,
         checkins, record writes, stops) runs in owned tasks."""
-        now = self.wall()
+        now, boot = self._now()
         connected = self.connected()
         if connected:
             self._last_connected = self.clock()
         alive = {p.key: p for p in procs.values()}
         for key in [k for k in self.runs if k not in alive]:
-            self._exited(key, now)
+            self._exited(key, now, boot)
         for key in [k for k in self.stopping if k not in alive]:
             del self.stopping[key]
         self.covered = {k: v for k, v in self.covered.items() if k in alive}
@@ -587,7 +608,7 @@ class Watcher:
                     self.covered[key] = product.product.upper()
                     log.debug("program_holds_its_own_seat", pid=proc.pid, product=product.product)
                 else:
-                    self._started(proc, product, now)
+                    self._started(proc, product, now, boot)
         for run in self._live_runs():
             if run.state == "seated" and any(
                 self._holds_own_seat(p, procs, api, run.product.product) for p in run.procs.values()
@@ -656,7 +677,7 @@ class Watcher:
         return False
 
     # --- a program starts ------------------------------------------------------------------------
-    def _started(self, proc: Proc, product: Product, now: float) -> None:
+    def _started(self, proc: Proc, product: Product, now: float, boot: BootTime) -> None:
         uid = self.table.uid(proc)
         if uid is None:
             return  # gone already
@@ -679,8 +700,16 @@ class Watcher:
                 return
         # The record starts when the program did, not when a scan (or an agent started
         # after it) noticed it; never after `now`, whatever the clocks say.
-        started = self.table.started_at(proc)
-        run = Run(product, user, {proc.key: proc}, started=min(now, started or now))
+        since_boot = self.table.since_boot(proc)
+        if since_boot is None or since_boot > boot.seconds:
+            since_boot = boot.seconds
+        run = Run(
+            product,
+            user,
+            {proc.key: proc},
+            started=now - (boot.seconds - since_boot),
+            started_boot=BootTime(boot.boot_id, since_boot),
+        )
         self.runs[proc.key] = run
         if self.config.instances == "shared":
             self.groups[group] = run
@@ -752,7 +781,7 @@ class Watcher:
         )
         await self.spool.put(run.record)
         if not run.procs:  # exited while we asked
-            await self._finish(run, run.gone_at or self.wall())
+            await self._finish(run, *self._end_of(run))
 
     def _new_record(self, run: Run, outcome: str) -> UsageRecord:
         return new_record(
@@ -761,6 +790,7 @@ class Watcher:
             user=run.user,
             client=self.client,
             started=run.started,
+            started_boot=run.started_boot,
             outcome=outcome,
             running=True,
             source="watch",
@@ -797,7 +827,7 @@ class Watcher:
             )
             await self.spool.put(run.record)
         if not run.procs:
-            await self._finish(run, run.gone_at or self.wall())
+            await self._finish(run, *self._end_of(run))
 
     def _refused(self, run: Run, exc: MeteringError) -> None:
         """A checkout the servers will never grant (unknown product, forbidden ...)."""
@@ -814,12 +844,12 @@ class Watcher:
         if isinstance(exc, UnknownProduct):
             self._catalogue_wake.set()
         if not run.procs and run.record is not None:
-            self._spawn(self._finish(run, run.gone_at or self.wall()), "finish")
+            self._spawn(self._finish(run, *self._end_of(run)), "finish")
 
     # --- no seat: stop it ------------------------------------------------------------------------
     def _deny(self, run: Run, reason: str) -> None:
         """Stop the run's programs; the denial is on disk before the first signal."""
-        now = self.wall()
+        now, boot = self._now()
         procs = list(run.procs.values())
         # One denial per program stopped: the processes a program forked are not others.
         pids = {p.pid for p in procs}
@@ -829,7 +859,7 @@ class Watcher:
         if run.record is not None:  # it ran offline, or lost its seat: its one record ends
             if not run.seated_once:
                 run.record.outcome = "denied"
-            run.record.end(now)
+            run.record.end(now, boot)
             records.append(run.record)
             rest = list(programs[1:]) if not run.seated_once else []
         for proc in rest:
@@ -888,24 +918,24 @@ class Watcher:
             log.error("program_not_stoppable", pid=proc.pid, error=str(exc))
 
     # --- a program ends, or its seat goes --------------------------------------------------------
-    def _exited(self, key: ProcKey, now: float) -> None:
+    def _exited(self, key: ProcKey, now: float, boot: BootTime) -> None:
         run = self.runs.pop(key)
         run.procs.pop(key, None)
         if run.procs:
             self._save_pids(run)
             return
-        run.gone_at = now
+        run.gone_at, run.gone_boot = now, boot
         self._forget_group(run)
         if run.state in ("seated", "unseated", "refused"):
-            self._spawn(self._finish(run, now), "finish")
+            self._spawn(self._finish(run, now, boot), "finish")
         # "asking": _acquire finishes it when the answer comes
 
-    async def _finish(self, run: Run, at: float) -> None:
+    async def _finish(self, run: Run, at: float, boot: BootTime | None) -> None:
         run.state = "ended"
         handle, run.handle = run.handle, None
         jobs: list[Awaitable[Any]] = []
         if run.record is not None and run.record.running:
-            run.record.end(at)
+            run.record.end(at, boot)
             jobs.append(self.spool.put(run.record))
         if handle is not None:
             jobs.append(self._checkin(handle))
@@ -980,7 +1010,7 @@ class Watcher:
         )
         records = []
         if run.record is not None:
-            run.record.end(self.wall())
+            run.record.end(*self._now())
             records.append(run.record)
         self._stop_run(run, records)
 

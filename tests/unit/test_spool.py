@@ -18,8 +18,8 @@ from structlog.testing import capture_logs
 
 from metering_client.programs import pid_alive, pid_start
 from metering_client.spool import Spool, UsageLog
-from metering_client.usage import UsageRecord, new_record
-from metering_protocol.timefmt import rfc3339
+from metering_client.usage import BootTime, UsageRecord, new_record
+from metering_protocol.timefmt import parse_rfc3339, rfc3339
 
 T0 = 1_700_000_000.0
 
@@ -371,3 +371,175 @@ def test_a_program_that_exited_unreaped_is_not_alive():
     finally:
         child.wait()
     assert pid_alive(os.getpid(), pid_start(os.getpid()))
+
+
+# --- run lengths by CLOCK_BOOTTIME: the wall clock may step ---------------------------------
+UP0 = 5_000.0  # CLOCK_BOOTTIME at T0
+BOOT = "boot-1"
+HOUR = 3600.0
+
+
+class Clocks:
+    """The agent's clocks, faked: the wall clock steps when a test says so, the boot's clock
+    only goes forward."""
+
+    def __init__(self, boot: str | None = BOOT) -> None:
+        self.wall = T0
+        self.up = UP0
+        self.boot = boot
+
+    def advance(self, seconds: float) -> None:
+        self.wall += seconds
+        self.up += seconds
+
+    def usage_log(self, spool: Spool) -> UsageLog:
+        return UsageLog(
+            spool,
+            "ws-1",
+            wall=lambda: self.wall,
+            boottime=lambda: self.up,
+            boot_id=lambda: self.boot,
+        )
+
+    def boot_time(self) -> BootTime:
+        return BootTime(self.boot, self.up)
+
+
+def run_length(record: UsageRecord) -> float:
+    return parse_rfc3339(record.ended_at) - parse_rfc3339(record.started_at)
+
+
+def reloaded(directory: Path, record_id: str) -> UsageRecord:
+    again = Spool(directory)
+    again.load()
+    return again.records[record_id]
+
+
+@pytest.mark.parametrize("step", [+5 * HOUR, -1 * HOUR])
+@pytest.mark.asyncio
+async def test_an_api_run_keeps_its_length_across_a_wall_clock_step(spool, step):
+    """Found in the field: a 600 s seat was billed 18,600 s after NTP stepped the clock +5 h,
+    and 0 s after a -1 h step."""
+    clocks = Clocks()
+    usage = clocks.usage_log(spool)
+    held = {"L1": seat("L1")}
+    await usage.seat_taken(held["L1"], {}, held.__contains__)
+    [rec] = spool.records.values()
+    clocks.advance(60)
+    await spool.touch_open(clocks.wall, clocks.boot_time())  # the minute's upkeep
+    clocks.wall += step
+    clocks.advance(240)
+    await spool.touch_open(clocks.wall, clocks.boot_time())
+    assert run_length(rec) == 300 and rec.ended_at == rfc3339(T0 + step + 300)
+    clocks.advance(300)
+    del held["L1"]
+    await usage.seats_changed(held)
+    assert not rec.running and run_length(rec) == 600
+    assert rec.ended_at == rfc3339(T0 + step + 600)
+    on_disk = reloaded(spool.dir, rec.record_id)
+    assert run_length(on_disk) == 600 and spool.pending(10, 10**6) == [rec]
+
+
+@pytest.mark.parametrize("step", [+5 * HOUR, -1 * HOUR])
+@pytest.mark.asyncio
+async def test_an_api_run_spans_an_agent_restart_and_a_wall_clock_step_in_one_boot(tmp_path, step):
+    """Through the spool's files: the agent stops, the wall clock steps, the agent starts
+    again in the same boot and measures the run it left open on the same clock."""
+    clocks = Clocks()
+    first = Spool(tmp_path / "spool")
+    first.load()
+    held = {"L1": seat("L1")}
+    await clocks.usage_log(first).seat_taken(held["L1"], {}, held.__contains__)
+    [record_id] = first.records
+    clocks.advance(120)
+    await first.touch_open(clocks.wall, clocks.boot_time())
+    del first  # the agent stops (kill -9: nothing more is written)
+
+    clocks.wall += step
+    clocks.advance(30)
+    again = Spool(tmp_path / "spool")
+    running = again.load()
+    usage = clocks.usage_log(again)
+    assert await usage.recover(running, held, watching=False) == []
+    [rec] = running
+    assert rec.running and usage.by_handle["L1"] is rec  # the seat is still held: it goes on
+    clocks.advance(450)
+    del held["L1"]
+    await usage.seats_changed(held)
+    closed = reloaded(tmp_path / "spool", record_id)
+    assert not closed.running and run_length(closed) == 600
+    assert closed.ended_at == rfc3339(T0 + step + 600)
+
+
+@pytest.mark.asyncio
+async def test_an_api_run_from_an_older_agents_spool_file_is_measured_as_before(tmp_path):
+    """No boot fields (written by the previous release): the wall clock's difference, as
+    that release measured it; a step back is clamped at its start."""
+    clocks = Clocks()
+    first = Spool(tmp_path / "spool")
+    first.load()
+    held = {"L1": seat("L1"), "L2": seat("L2")}
+    for handle in held:
+        await clocks.usage_log(first).seat_taken(held[handle], {}, held.__contains__)
+    for rec in first.records.values():  # rewritten as the older agent wrote them
+        on_disk = json.loads(first.path(rec.record_id).read_text())
+        del on_disk["boot_id"], on_disk["started_since_boot"]
+        first.path(rec.record_id).write_text(json.dumps(on_disk))
+    again = Spool(tmp_path / "spool")
+    running = again.load()
+    usage = clocks.usage_log(again)
+    await usage.recover(running, held, watching=False)
+    forward, back = usage.by_handle["L1"], usage.by_handle["L2"]
+    clocks.wall += 5 * HOUR
+    clocks.advance(600)
+    del held["L1"]
+    await usage.seats_changed(held)
+    clocks.wall -= 6 * HOUR  # now an hour before the runs began
+    del held["L2"]
+    await usage.seats_changed(held)
+    assert run_length(reloaded(tmp_path / "spool", forward.record_id)) == 5 * HOUR + 600
+    assert run_length(reloaded(tmp_path / "spool", back.record_id)) == 0
+
+
+@pytest.mark.asyncio
+async def test_an_api_run_found_open_after_a_reboot_closes_at_last_seen(tmp_path):
+    """Another boot's boottime means nothing now: a run left open by it ends where it was
+    last seen, placed as it was then, whatever either clock says now."""
+    clocks = Clocks()
+    first = Spool(tmp_path / "spool")
+    first.load()
+    held = {"L1": seat("L1")}
+    await clocks.usage_log(first).seat_taken(held["L1"], {}, held.__contains__)
+    [record_id] = first.records
+    clocks.advance(400)
+    await first.touch_open(clocks.wall, clocks.boot_time())
+
+    rebooted = Clocks(boot="boot-2")  # boottime from zero again, the wall clock 2 h on
+    rebooted.wall, rebooted.up = T0 + 2 * HOUR, 40.0
+    again = Spool(tmp_path / "spool")
+    running = again.load()
+    await rebooted.usage_log(again).recover(running, {}, watching=False)
+    closed = reloaded(tmp_path / "spool", record_id)
+    assert not closed.running
+    assert (closed.started_at, closed.ended_at) == (rfc3339(T0), rfc3339(T0 + 400))
+
+
+@pytest.mark.asyncio
+async def test_a_detached_seat_kept_across_a_reboot_goes_on_by_the_wall_clock(tmp_path):
+    """A seat not bound to a program (`metering-client checkout`) that the journal kept over
+    a reboot: its record stays open, measured as before (its boottime is of a boot that is
+    over), from its start to the agent's now."""
+    clocks = Clocks()
+    first = Spool(tmp_path / "spool")
+    first.load()
+    detached = SimpleNamespace(**{**vars(seat("L1")), "detached": True, "pid": None})
+    await clocks.usage_log(first).seat_taken(detached, {}, {"L1": detached}.__contains__)
+    rebooted = Clocks(boot="boot-2")
+    rebooted.wall, rebooted.up = T0 + 2 * HOUR, 40.0
+    again = Spool(tmp_path / "spool")
+    usage = rebooted.usage_log(again)
+    await usage.recover(again.load(), {"L1": detached}, watching=False)
+    [rec] = usage.by_handle.values()
+    rebooted.advance(60)
+    await usage.seats_changed({})
+    assert (rec.started_at, rec.ended_at) == (rfc3339(T0), rfc3339(T0 + 2 * HOUR + 60))

@@ -22,7 +22,7 @@ from structlog.testing import capture_logs
 from metering_client.config import WatchSection
 from metering_client.programs import pid_start
 from metering_client.spool import Spool
-from metering_client.usage import new_record
+from metering_client.usage import BootTime, new_record
 from metering_client.watcher import (
     Catalogue,
     LinuxProcTable,
@@ -33,10 +33,12 @@ from metering_client.watcher import (
     match,
 )
 from metering_protocol.errors import Denied, Unavailable, UnknownProduct
-from metering_protocol.timefmt import rfc3339
+from metering_protocol.timefmt import parse_rfc3339, rfc3339
 from tests.support import async_wait_until
 
 T0 = 1_700_000_000.0
+UP0 = 5_000.0  # CLOCK_BOOTTIME at T0
+BOOT = "boot-1"
 CLOCK = Product("CLOCK.EXE", "4.00", "enforce", ("clock.exe", "Clock"))
 REPORT = Product("REPORT", "*", "meter", ("report-gen",))
 LONG = Product("LONGNAME", "1", "meter", ("report-generator-2000",))
@@ -50,7 +52,7 @@ class FakeTable:
         self.procs: dict[int, Proc] = {}
         self.argvs: dict[int, tuple[str, ...]] = {}
         self.uids: dict[int, int] = {}
-        self.starts: dict[int, float] = {}  # started_at, epoch seconds (unknown: None)
+        self.starts: dict[int, float] = {}  # since_boot, CLOCK_BOOTTIME seconds (unknown: None)
         self.ignores_term: set[int] = set()
         self.signals: list[tuple[int, str]] = []
         self.on_signal: Any = None
@@ -88,7 +90,7 @@ class FakeTable:
     def uid(self, proc: Proc) -> int | None:
         return self.uids[proc.pid] if self._same(proc) else None
 
-    def started_at(self, proc: Proc) -> float | None:
+    def since_boot(self, proc: Proc) -> float | None:
         return self.starts.get(proc.pid)
 
     def signal(self, proc: Proc, sig: int) -> bool:
@@ -151,6 +153,8 @@ class Env:
         self.online = True
         self.mono = 0.0
         self.now = T0
+        self.up = UP0  # CLOCK_BOOTTIME
+        self.boot_id: str | None = BOOT
         self.watcher = self.make(**watch)
         self.watcher.catalogue = CATALOGUE
 
@@ -164,12 +168,15 @@ class Env:
             table=self.table,
             clock=lambda: self.mono,
             wall=lambda: self.now,
+            boottime=lambda: self.up,
+            boot_id=lambda: self.boot_id,
             user_of=USERS.get,
         )
 
     async def scan(self, advance: float = 0.5) -> None:
         self.now += advance
         self.mono += advance
+        self.up += advance
         self.watcher.apply(self.table.snapshot())
         await self.watcher.settle()
 
@@ -264,9 +271,9 @@ async def test_a_record_starts_when_its_program_did_not_when_it_was_noticed(env)
     """Found by a campaign: a program started while the agent was down got a record from
     the agent's restart (2 s of a 5 s run).  Never after the scan, whatever the clocks."""
     env.table.add(100, exe="Clock", start=7)
-    env.table.starts[100] = T0 - 3.0
+    env.table.starts[100] = UP0 - 3.0  # 3 s before T0 on the boot's clock
     env.table.add(101, exe="report-gen", start=8)
-    env.table.starts[101] = T0 + 99.0  # a clock stepped back since: the scan's time
+    env.table.starts[101] = UP0 + 99.0  # read as after the scan: the scan's time
     await env.scan()
     started = {r.product: r.started_at for r in env.records()}
     assert started == {"CLOCK.EXE": rfc3339(T0 - 3.0), "REPORT": rfc3339(T0 + 0.5)}
@@ -570,6 +577,125 @@ async def test_after_a_restart_gone_runs_close_at_last_seen_and_live_ones_go_on(
     assert env.keeper.checkins == ["L8"] and not alive.running
 
 
+# --- run lengths by CLOCK_BOOTTIME: the wall clock may step ---------------------------------
+HOUR = 3600.0
+
+
+def run_length(record: Any) -> float:
+    return parse_rfc3339(record.ended_at) - parse_rfc3339(record.started_at)
+
+
+async def upkeep(env: Env) -> None:
+    """The agent's minute refresh of open runs (UsageLog.upkeep), at the env's clocks."""
+    await env.spool.touch_open(env.now, BootTime(env.boot_id, env.up))
+
+
+async def restart(env: Env, tmp_path: Path) -> None:
+    """The agent starts again on the same spool directory (the keeper's journal kept its
+    seats): a new Spool read from the files, a new Watcher recovering the open runs."""
+    env.spool = Spool(tmp_path / "spool")
+    running = env.spool.load()
+    env.watcher = env.make()
+    env.watcher.catalogue = CATALOGUE
+    closed = [r for r in env.spool.records.values() if not r.running]
+    await env.watcher.recover(running, closed)
+    await env.watcher.settle()
+
+
+def on_disk(tmp_path: Path) -> list[Any]:
+    spool = Spool(tmp_path / "spool")
+    spool.load()
+    return list(spool.records.values())
+
+
+@pytest.mark.parametrize("step", [+5 * HOUR, -1 * HOUR])
+@pytest.mark.asyncio
+async def test_a_watched_run_keeps_its_length_across_a_wall_clock_step(env, tmp_path, step):
+    """Found in the field: a 600 s run was billed 18,600 s after NTP stepped the clock +5 h,
+    and 0 s after a -1 h step.  Its start is /proc's, 100 s before the first scan."""
+    env.table.add(100, start=7)
+    env.table.starts[100] = UP0 - 99.5  # the scan is at UP0 + 0.5
+    await env.scan()
+    [rec] = env.records()
+    assert rec.started_at == rfc3339(T0 - 99.5)
+    await env.scan(200)
+    await upkeep(env)
+    assert run_length(rec) == 300
+    env.now += step
+    await env.scan(200)
+    await upkeep(env)
+    assert rec.running and run_length(rec) == 500
+    env.table.exit(100)
+    await env.scan(100)
+    assert not rec.running and env.keeper.checkins == ["L1"]
+    [closed] = on_disk(tmp_path)
+    assert run_length(closed) == 600
+    assert closed.ended_at == rfc3339(T0 + step + 500.5)
+
+
+@pytest.mark.parametrize("step", [+5 * HOUR, -1 * HOUR])
+@pytest.mark.asyncio
+async def test_a_watched_run_spans_an_agent_restart_and_a_wall_clock_step(env, tmp_path, step):
+    """Through the spool's files: the agent stops, the wall clock steps, the agent starts
+    again in the same boot and measures the run it left open on the same clock."""
+    env.table.add(100, start=7)
+    env.table.starts[100] = UP0 + 0.5  # started as the scan looked
+    await env.scan()
+    await env.scan(119.5)
+    await upkeep(env)
+    env.now += step  # while the agent is down
+    env.up += 30
+    env.now += 30
+    await restart(env, tmp_path)
+    [rec] = env.records()
+    assert rec.running and env.watcher.owns("L1")
+    await env.scan(200)
+    await upkeep(env)
+    env.table.exit(100)
+    await env.scan(250.5)
+    [closed] = on_disk(tmp_path)
+    assert not closed.running and run_length(closed) == 600
+    assert closed.ended_at == rfc3339(T0 + step + 600.5)
+    assert env.keeper.checkins == ["L1"] and len(env.keeper.checkouts) == 1
+
+
+@pytest.mark.asyncio
+async def test_a_watched_run_from_an_older_agents_spool_file_is_measured_as_before(env, tmp_path):
+    """No boot fields (written by the previous release): the wall clock's difference."""
+    env.table.add(100, start=7)
+    await env.scan()
+    [rec] = env.records()
+    data = json.loads(env.spool.path(rec.record_id).read_text())
+    del data["boot_id"], data["started_since_boot"]
+    env.spool.path(rec.record_id).write_text(json.dumps(data))
+    await restart(env, tmp_path)
+    env.now += 5 * HOUR
+    await env.scan(600)
+    env.table.exit(100)
+    await env.scan(0)
+    [closed] = on_disk(tmp_path)
+    assert not closed.running and run_length(closed) == 5 * HOUR + 600
+
+
+@pytest.mark.asyncio
+async def test_a_watched_run_found_open_after_a_reboot_closes_at_last_seen(env, tmp_path):
+    """Another boot's boottime means nothing now: the run ends where it was last seen,
+    placed as it was then, whatever either clock says now."""
+    env.table.add(100, start=7)
+    await env.scan()
+    await env.scan(400)
+    await upkeep(env)
+    [rec] = env.records()
+    placed = (rec.started_at, rec.ended_at)
+    assert run_length(rec) == 400
+    env.table.exit(100)  # the machine reboots: every process is gone
+    env.keeper.held.clear()
+    env.boot_id, env.up, env.now = "boot-2", 40.0, T0 + 2 * HOUR
+    await restart(env, tmp_path)
+    [closed] = on_disk(tmp_path)
+    assert not closed.running and (closed.started_at, closed.ended_at) == placed
+
+
 # --- the real /proc -------------------------------------------------------------------------------
 def test_the_proc_table_reads_this_process():
     table = LinuxProcTable()
@@ -578,8 +704,9 @@ def test_the_proc_table_reads_this_process():
     assert me.exe is not None and me.exe.startswith("python")
     assert table.argv(me)[0].endswith(("python", "python3")) or "python" in table.argv(me)[0]
     assert table.uid(me) == os.getuid()
-    started = table.started_at(me)
-    assert started is not None and time.time() - 3600 < started <= time.time() + 1
+    since_boot = table.since_boot(me)
+    up = time.clock_gettime(time.CLOCK_BOOTTIME)
+    assert since_boot is not None and up - 3600 < since_boot <= up
 
 
 @pytest.mark.asyncio
