@@ -48,15 +48,42 @@ class ClientSection(_S):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+# Upper bounds of the `_ms` keys: each generous for what the key does, so that a slip of the
+# keyboard (3000000 for 3000) is a config error naming the key, not an agent that sits for
+# most of an hour before it fails over, retries or notices a program.
+MINUTE_MS = 60_000
+# A connection attempt (TCP connect and TLS handshake): the kernel itself gives up on an
+# unanswered connect after about 2 minutes (tcp_syn_retries = 6).
+MAX_CONNECT_TIMEOUT_MS = 5 * MINUTE_MS
+# A request or heartbeat unanswered: a server silent this long has let the leases of its
+# clients expire several times over (lease TTL 60 s by default); fail over well before.
+MAX_REQUEST_TIMEOUT_MS = 5 * MINUTE_MS
+# The first wait between passes over the server list (it doubles up to backoff_max_ms).
+MAX_RETRY_INTERVAL_MS = 10 * MINUTE_MS
+# The longest wait between passes: a big site may spread its agents' retries over minutes,
+# but an agent that tries its servers less than once an hour is as good as off.
+MAX_BACKOFF_MS = 60 * MINUTE_MS
+# The process scan period: a program that runs for less than it goes unmetered, and in
+# enforce mode a program runs that long without a seat.
+MAX_WATCH_INTERVAL_MS = 5 * MINUTE_MS
+MS_BOUNDS = {
+    "servers.connect_timeout_ms": MAX_CONNECT_TIMEOUT_MS,
+    "servers.request_timeout_ms": MAX_REQUEST_TIMEOUT_MS,
+    "servers.retry_interval_ms": MAX_RETRY_INTERVAL_MS,
+    "servers.backoff_max_ms": MAX_BACKOFF_MS,
+    "watch.interval_ms": MAX_WATCH_INTERVAL_MS,
+}
+
+
 class ServersSection(_S):
     addresses: list[str] = msgspec.field(
         name="list", default_factory=lambda: ["tcp://127.0.0.1:7001"]
     )
     retries: Pos = 5
-    retry_interval_ms: NonNeg = 1000
-    backoff_max_ms: Pos = 60000
-    connect_timeout_ms: Pos = 2000
-    request_timeout_ms: Pos = 2000
+    retry_interval_ms: Annotated[int, msgspec.Meta(ge=0, le=MAX_RETRY_INTERVAL_MS)] = 1000
+    backoff_max_ms: Annotated[int, msgspec.Meta(gt=0, le=MAX_BACKOFF_MS)] = 60000
+    connect_timeout_ms: Annotated[int, msgspec.Meta(gt=0, le=MAX_CONNECT_TIMEOUT_MS)] = 2000
+    request_timeout_ms: Annotated[int, msgspec.Meta(gt=0, le=MAX_REQUEST_TIMEOUT_MS)] = 2000
     reprobe_interval_s: Seconds = 60.0
     auth_holdoff_s: SecondsOrZero = 3600.0
     tls_ca_file: str | None = None
@@ -64,7 +91,7 @@ class ServersSection(_S):
 
 class WatchSection(_S):
     enabled: bool = True
-    interval_ms: Pos = 500
+    interval_ms: Annotated[int, msgspec.Meta(gt=0, le=MAX_WATCH_INTERVAL_MS)] = 500
     kill_grace_s: SecondsOrZero = 10.0  # SIGTERM, then SIGKILL after this
     # Several instances of one product run by one user: one seat (and one record) for all,
     # held while any runs ("shared"), or a seat and a record each ("each").
@@ -163,7 +190,16 @@ def _user_state_dir() -> Path:
 
 def build_client_config(data: dict, path: Path | None) -> ClientConfig:
     where = path if path is not None else "<defaults>"
-    cfg = convert(data, _File, where)
+    try:
+        cfg = convert(data, _File, where)
+    except ConfigError as exc:
+        bound = MS_BOUNDS.get(exc.key)
+        if bound is not None and exc.problem.endswith(f"<= {bound}"):
+            # "expected `int` <= 300000": say in what unit, and how long that is.
+            raise ConfigError(
+                where, exc.key, f"{exc.problem} (milliseconds: {bound // MINUTE_MS} minutes)"
+            ) from None
+        raise
     base = path.parent.resolve() if path is not None else Path.cwd()
     if cfg.metrics.listen is not None:
         try:

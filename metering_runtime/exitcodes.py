@@ -6,6 +6,7 @@ The codes follow sysexits(3), so a script can tell what to do next without parsi
     69 EX_UNAVAILABLE  the service is not there for this: no such product, a peer that does
                        not speak this protocol, a listener that cannot bind
     70 EX_SOFTWARE     a bug in this program (one line on stderr, never a traceback)
+    73 EX_CANTCREAT    an output file the user named cannot be made there (`report --output`)
     75 EX_TEMPFAIL     try again later: denied, no server reachable, overloaded, shutting down
     77 EX_NOPERM       who you are was refused, or what you asked is not allowed
     78 EX_CONFIG       fix a file: config, token file, CA file, credentials file
@@ -28,6 +29,7 @@ EX_FAIL = 1
 EX_USAGE = 64
 EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
+EX_CANTCREAT = 73
 EX_TEMPFAIL = 75
 EX_NOPERM = 77
 EX_CONFIG = 78

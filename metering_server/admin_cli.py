@@ -5,15 +5,18 @@
 Commands talk protocol v1 to one server (status, leases, revoke, reload, report), except
 `add-principal`, which edits a credentials file locally. Only this module turns errors into
 exit codes, through the table shared by the three commands (metering_runtime.exitcodes):
-64 usage, 69 unavailable, 75 temporary failure, 77 no permission, 78 config; 1 for a revoke of
-a lease that is not there. Every error is one line on stderr.
+64 usage, 69 unavailable, 73 an output file that cannot be made, 75 temporary failure, 77 no
+permission, 78 config; 1 for a revoke of a lease that is not there. Every error is one line on
+stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
+import errno
 import io
 import json
 import os
@@ -21,6 +24,7 @@ import pwd
 import socket
 import ssl
 import sys
+import tempfile
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -35,13 +39,15 @@ from metering_protocol.errors import (
     MeteringError,
     ProtocolViolation,
     UnknownError,
+    UnknownProduct,
 )
 from metering_protocol.framing import DEFAULT_MAX_FRAME_BYTES
 from metering_protocol.messages import parse_time
 from metering_protocol.timefmt import rfc3339
 from metering_runtime.cliargs import UsageParser
-from metering_runtime.durable import write_atomic
+from metering_runtime.durable import PASSING_ERRNOS, write_atomic
 from metering_runtime.exitcodes import (
+    EX_CANTCREAT,
     EX_CONFIG,
     EX_FAIL,
     EX_SOFTWARE,
@@ -52,7 +58,12 @@ from metering_runtime.exitcodes import (
 )
 from metering_runtime.tokens import TokenFileError, read_token_file
 from metering_server import report_html
-from metering_server.auth.credentials import ROLES, CredentialsError, add_principal
+from metering_server.auth.credentials import (
+    ROLES,
+    CredentialsError,
+    add_principal,
+    validate_name,
+)
 
 PROG = "metering-admin"
 DEFAULT_TIMEOUT_S = 5.0  # the connection, the hello and each reply
@@ -136,9 +147,9 @@ def parser() -> argparse.ArgumentParser:
         description="Administer a license metering server: pools, leases, config reload, "
         "usage reports, and principals in the credentials file.",
         epilog="Exit codes: 0 ok; 1 revoke of an unknown lease; 64 usage; 69 server "
-        "unreachable, op not provided or unknown product; 75 temporary failure; "
-        "77 authentication refused or not allowed; 78 config (token file, server config, "
-        "credentials file, CA file, failed reload).",
+        "unreachable, op not provided or unknown product; 73 report --output cannot be "
+        "written there; 75 temporary failure; 77 authentication refused or not allowed; "
+        "78 config (token file, server config, credentials file, CA file, failed reload).",
     )
     _globals(p, sub=False)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -146,7 +157,13 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="the server's license pools: seats, in use, queued")
     _globals(s, sub=True)
 
-    le = sub.add_parser("leases", help="leases held now (admin)")
+    le = sub.add_parser(
+        "leases",
+        help="leases held now (admin)",
+        description="Leases held now across the site. With --product P: only P's (compared "
+        "without regard to case); a P that is not in the catalogue and holds no lease is "
+        "refused (exit 69), like `report --product`.",
+    )
     le.add_argument("--product", metavar="P", help="only leases of product P")
     _globals(le, sub=True)
 
@@ -237,7 +254,11 @@ def parser() -> argparse.ArgumentParser:
         "token and role. The file keeps only a salted hash; the token is printed once on "
         "stdout. The server sees the change after `reload` (or SIGHUP).",
     )
-    ap.add_argument("name", metavar="NAME", help="principal name")
+    ap.add_argument(
+        "name",
+        metavar="NAME",
+        help="principal name: 1 to 128 characters, no whitespace or control characters",
+    )
     ap.add_argument("--role", required=True, choices=ROLES, help="user, agent or admin")
     where = ap.add_mutually_exclusive_group()
     where.add_argument("--credentials", metavar="FILE", type=Path, help="credentials file")
@@ -449,6 +470,8 @@ async def cmd_leases(args: argparse.Namespace) -> int:
     # The reply is paged (`next`, docs/protocol.md): every page, on one session.
     reply = await _call(args, "leases", pages_of="leases", **fields)
     leases = reply.get("leases") or []
+    if args.product and not leases:
+        await _require_known_product(args, args.product)
     # The server pages by lease id; listed oldest grant first, as before paging.
     leases.sort(key=lambda x: (str(x.get("granted_at")), str(x.get("lease"))))
     if args.json:
@@ -461,6 +484,27 @@ async def cmd_leases(args: argparse.Namespace) -> int:
     rows = [[lease.get(k) for k in keys] for lease in leases]
     print(table([k.upper() for k in keys], rows))
     return 0
+
+
+async def _require_known_product(args: argparse.Namespace, product: str) -> None:
+    """`leases --product` with nothing to list: a product the catalogue does not have is most
+    likely a typo, refused as `report --product` refuses it (UnknownProduct, exit 69) rather
+    than answered "no leases". The server's `leases` op answers an empty list for any name,
+    so the catalogue comes from `status`. A product taken out of the catalogue while its
+    leases live on still lists them (this is only asked when the list is empty)."""
+    reply = await _call(args, "status")
+    names = [
+        p["product"]
+        for p in reply.get("products") or []
+        if isinstance(p, dict) and isinstance(p.get("product"), str)
+    ]
+    if product.upper() in {name.upper() for name in names}:
+        return
+    known = ", ".join(dict.fromkeys(names[:10])) + (", ..." if len(names) > 10 else "")
+    raise UnknownProduct(
+        f"no product {product!r} in the catalogue, and no leases of it "
+        f"(the catalogue: {known or 'empty'})"
+    )
 
 
 async def cmd_revoke(args: argparse.Namespace) -> int:
@@ -580,8 +624,8 @@ async def cmd_report(args: argparse.Namespace) -> int:
     if since >= until:
         raise AdminError("report: --since must be before --until", EX_USAGE)
     output: Path | None = args.output
-    if output is not None and not output.parent.is_dir():
-        raise AdminError(f"report: --output {output}: no such directory", EX_USAGE)
+    if output is not None:
+        _check_output(output)
     fields: dict[str, Any] = {"since": rfc3339(since), "until": rfc3339(until)}
     if args.product:
         fields["product"] = args.product
@@ -611,9 +655,52 @@ async def cmd_report(args: argparse.Namespace) -> int:
     try:
         write_atomic(output, text.encode("utf-8"), mode=_file_mode())
     except OSError as exc:
-        raise AdminError(f"report: --output {output}: {exc.strerror or exc}", EX_FAIL) from None
+        raise AdminError(
+            f"report: --output {output}: cannot write it: {exc.strerror or exc}",
+            _output_exit_code(exc),
+        ) from None
     print(f"{PROG}: report written to {output}", file=sys.stderr)
     return 0
+
+
+# A disk that is full or failing: the same command works once it is freed or repaired (75, as
+# for the daemons' state dirs). A read-only file system is not among them here: a path the
+# operator chose on a read-only mount needs another path, not patience.
+_OUTPUT_PASSING_ERRNOS = PASSING_ERRNOS - {errno.EROFS}
+
+
+def _output_exit_code(exc: OSError) -> int:
+    return EX_TEMPFAIL if exc.errno in _OUTPUT_PASSING_ERRNOS else EX_CANTCREAT
+
+
+def _check_output(output: Path) -> None:
+    """Refuse an --output the report could not be written to before asking the server: a
+    year's report is a long wait to lose at the last step. The file is replaced whole (a new
+    file renamed over it), so its directory must take a new file, and the path must not be a
+    directory or a device, pipe or socket (which the rename would replace, not write to).
+    Exit 73 (EX_CANTCREAT: an output file cannot be created), one line naming the path."""
+
+    def refuse(problem: str, code: int = EX_CANTCREAT) -> AdminError:
+        return AdminError(f"report: --output {output}: {problem}", code)
+
+    parent = output.parent
+    try:
+        if output.is_dir():
+            raise refuse("is a directory; name a file to write the report to")
+        if output.exists() and not output.is_file():
+            raise refuse("exists and is not a regular file (the report replaces a file whole)")
+        if not parent.exists():
+            raise refuse(f"directory {parent} does not exist")
+        if not parent.is_dir():
+            raise refuse(f"{parent} is not a directory")
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{output.name}.", suffix=".tmp")
+    except OSError as exc:  # a directory on the way this user may not search, or write to
+        raise refuse(
+            f"cannot create a file in {parent}: {exc.strerror or exc}", _output_exit_code(exc)
+        ) from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
 
 
 def _file_mode() -> int:
@@ -722,6 +809,12 @@ def report_csv(data: dict[str, Any]) -> str:
 
 
 def cmd_add_principal(args: argparse.Namespace) -> int:
+    # A bad NAME is a bad argument (64), checked before any file is read: 78 is for a
+    # credentials file or server config that is itself wrong.
+    problem = validate_name(args.name)
+    if problem:
+        shown = repr(args.name) if len(args.name) <= 60 else f"{args.name[:40]!r}..."
+        raise AdminError(f"add-principal: NAME {shown}: {problem}", EX_USAGE)
     if args.credentials is not None:
         path = args.credentials
     elif args.config is not None:

@@ -31,7 +31,8 @@ class _S(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
 
 class ServerSection(_S):
     name: Annotated[str, msgspec.Meta(min_length=1)] = "metering"
-    site: str = "default"
+    # Told to every client at hello; "" would be a site nobody can name in logs or reports.
+    site: Annotated[str, msgspec.Meta(min_length=1)] = "default"
     listen: list[str] = msgspec.field(default_factory=lambda: ["tcp://127.0.0.1:7001"])
     state_dir: str = "state"
     max_frame_bytes: Annotated[int, msgspec.Meta(ge=256, le=16 * 1024 * 1024)] = 65536
@@ -88,7 +89,7 @@ class AuthSection(_S):
 
 
 class SiteServer(_S):
-    name: str
+    name: Annotated[str, msgspec.Meta(min_length=1)]
     address: str
     priority: int = 0
 
@@ -174,11 +175,7 @@ def build_server_config(data: dict, path: Path | None) -> ServerConfig:
             parse_listen(cfg.metrics.listen)
         except ValueError as exc:
             raise ConfigError(where, "metrics.listen", str(exc)) from None
-    for i, srv in enumerate(cfg.site.servers):
-        try:
-            parse_address(srv.address)
-        except AddressError as exc:
-            raise ConfigError(where, f"site.servers[{i}].address", str(exc)) from None
+    _check_site_servers(cfg, where)
     seen: set[tuple[str, str]] = set()
     for i, prod in enumerate(cfg.products):
         key = (prod.name.upper(), prod.version)
@@ -187,6 +184,7 @@ def build_server_config(data: dict, path: Path | None) -> ServerConfig:
                 where, f"products[{i}]", f"duplicate product {prod.name} {prod.version}"
             )
         seen.add(key)
+        _check_executables(prod, f"products[{i}].executables", where)
     if cfg.server.idle_timeout_s <= cfg.leases.heartbeat_s:
         raise ConfigError(
             where,
@@ -238,6 +236,42 @@ def build_server_config(data: dict, path: Path | None) -> ServerConfig:
         metrics=cfg.metrics,
         raw=data,
     )
+
+
+def _check_site_servers(cfg: _File, where: Path | str) -> None:
+    """Leases, logs and the site's queue know a server by its name: two entries of one name
+    would hand clients two addresses for what the site counts as one server."""
+    first: dict[str, int] = {}
+    for i, srv in enumerate(cfg.site.servers):
+        try:
+            parse_address(srv.address)
+        except AddressError as exc:
+            raise ConfigError(where, f"site.servers[{i}].address", str(exc)) from None
+        if srv.name in first:
+            raise ConfigError(
+                where,
+                f"site.servers[{i}].name",
+                f"{srv.name!r} is already the name of site.servers[{first[srv.name]}] "
+                "(each server of the site needs its own name)",
+            )
+        first[srv.name] = i
+
+
+def _check_executables(prod: Product, key: str, where: Path | str) -> None:
+    """The agents' watcher compares these with a process's executable *file name*: an entry
+    that is empty or holds a directory would never match, and the program would run unmetered
+    without a word."""
+    for j, exe in enumerate(prod.executables):
+        if not exe:
+            raise ConfigError(where, f"{key}[{j}]", "must not be empty (an executable's file name)")
+        if "/" in exe:
+            name = exe.rstrip("/").rsplit("/", 1)[-1]
+            hint = f": write {name!r}" if name else ""
+            raise ConfigError(
+                where,
+                f"{key}[{j}]",
+                f"{exe!r} is a path; the watcher matches executable file names only{hint}",
+            )
 
 
 def _check_auth(cfg: _File, where: Path | str) -> None:

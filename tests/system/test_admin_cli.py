@@ -226,9 +226,44 @@ def test_add_principal_errors(tmp_path):
     bad_name = admin(
         "add-principal", "has space", "--role", "user", "--credentials", str(tmp_path / "n")
     )
-    assert bad_name.returncode == 78
+    assert bad_name.returncode == 64  # a bad argument, not a bad file
     one_line(bad_name.stderr)
     assert not (tmp_path / "n").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "shown", "rule"),
+    [
+        ("", "''", "must be 1 to 128 characters"),
+        ("x" * 129, repr("x" * 40) + "...", "must be 1 to 128 characters"),
+        ("has space", "'has space'", "contains whitespace or a control character (' ')"),
+        ("tab\there", "'tab\\there'", "contains whitespace or a control character ('\\t')"),
+    ],
+    ids=["empty", "too-long", "space", "control"],
+)
+@pytest.mark.parametrize("where", ["--credentials", "--config"])
+def test_an_invalid_principal_name_is_a_usage_error_naming_it_and_the_rule(
+    tmp_path, name, shown, rule, where
+):
+    """Found by a review: a bad NAME exited 78 (config), as if the credentials file or
+    server config were wrong; it is a bad argument (64), and no file is read or written."""
+    creds = tmp_path / "creds.toml"
+    if where == "--credentials":
+        target = creds
+    else:
+        target = write_toml(
+            tmp_path / "server.toml",
+            {"auth": {"credentials_file": str(creds)}},
+        )
+    proc = admin("add-principal", name, "--role", "user", where, str(target))
+    assert proc.returncode == 64, proc.stderr
+    line = one_line(proc.stderr)
+    assert line == f"metering-admin: add-principal: NAME {shown}: {rule}", line
+    assert proc.stdout == "" and not creds.exists()
+    # The same file takes a good name: 78 stays for a file that is itself wrong (above).
+    good = admin("add-principal", "good-name", "--role", "user", where, str(target))
+    assert good.returncode == 0, good.stderr
+    assert creds.exists()
 
 
 def test_reload_of_a_broken_config_is_reported(site):
@@ -317,6 +352,58 @@ def test_leases_then_revoke_releases_the_seat(site):
     assert again.returncode == 1
     assert one_line(again.stderr).startswith(f"metering-admin: revoke: no lease {lease}")
     assert again.stdout == ""
+
+
+def test_leases_of_a_product_not_in_the_catalogue_is_refused_like_report(site):
+    """Found by a review: `leases --product NOPE` said "no leases of NOPE" and exited 0 while
+    `report --product NOPE` exited 69. A product the catalogue does not have and that holds
+    no lease is most likely a typo: both now say so and exit 69."""
+    for argv in (["leases", "--product", "NOPE"], ["--json", "leases", "--product", "NOPE"]):
+        proc = admin(*site.as_ops(), *argv)
+        assert proc.returncode == 69, (argv, proc.returncode, proc.stdout, proc.stderr)
+        line = one_line(proc.stderr)
+        assert line.startswith("metering-admin: leases: unknown_product: no product 'NOPE' in")
+        assert "CLOCK.EXE" in line and "REV.EXE" in line  # what the catalogue does have
+        assert proc.stdout == ""
+    report = admin(*site.as_ops(), "report", "--product", "NOPE")
+    assert report.returncode == 69 and "unknown_product" in one_line(report.stderr)
+    # A product of the catalogue with no lease now is an ordinary empty answer (any case).
+    empty = admin(*site.as_ops(), "leases", "--product", "clock.exe")
+    assert empty.returncode == 0, empty.stderr
+    assert empty.stdout.strip() == "no leases of clock.exe"
+
+
+def test_leases_of_a_product_taken_out_of_the_catalogue_are_still_listed(tmp_path):
+    """The other side of the rule above: like `report` for a product that had usage, the
+    leases still held of a product a reload removed are listed, exit 0."""
+    sock = bind_tcp()
+    tcp = tcp_address(sock)
+    cfg = server_config(name="srv-r", listen=[tcp], state_dir=tmp_path, products=PRODUCTS)
+    write_credentials(
+        tmp_path / "credentials.toml",
+        {"ops": (["admin"], "secret-ops"), "ws": (["agent"], "secret-ws")},
+    )
+    config = write_toml(tmp_path / "server.toml", cfg)
+    srv = server_daemon(config, sockets=[sock]).start()
+    ops = ["--server", tcp, "--user", "ops"]
+    ops += ["--token-file", str(write_token(tmp_path / "ops.token", "secret-ops"))]
+    try:
+        lease = checkout(tcp, "REV.EXE", "1", user="carol")
+        write_toml(config, {**cfg, "products": PRODUCTS[:1]})
+        reloaded = admin(*ops, "reload")
+        assert reloaded.returncode == 0, reloaded.stderr
+        assert [
+            p["product"] for p in json.loads(admin(*ops, "--json", "status").stdout)["products"]
+        ] == ["CLOCK.EXE"]
+        proc = admin(*ops, "--json", "leases", "--product", "rev.exe")
+        assert proc.returncode == 0, proc.stderr
+        assert [x["lease"] for x in json.loads(proc.stdout)["leases"]] == [lease]
+        assert admin(*ops, "revoke", lease).returncode == 0
+        gone = admin(*ops, "leases", "--product", "REV.EXE")  # now: nothing, and not listed
+        assert gone.returncode == 69 and "unknown_product" in one_line(gone.stderr)
+    finally:
+        srv.stop()
+        sock.close()
 
 
 # --- refusals and failures -------------------------------------------------------------------

@@ -267,6 +267,54 @@ def test_one_product(site):
     assert [p["product"] for p in data["products"]] == ["CAD"]
     proc = admin(*site.ops, "report", "--product", "NOPE")
     assert proc.returncode == 69 and "unknown_product" in proc.stderr
+    # Not in the catalogue, but used in the period: reported (`leases --product` refuses
+    # such a name only when it holds no lease either).
+    old = json.loads(report(site, "--format", "json", "--product", "oldtool").stdout)
+    assert [(p["product"], p["seats"]) for p in old["products"]] == [("OLDTOOL", None)]
+
+
+@pytest.mark.parametrize("case", ["a-directory", "no-parent", "parent-is-a-file", "a-fifo"])
+@pytest.mark.parametrize("server", ["serving", "unreachable"])
+def test_an_output_that_cannot_be_written_exits_73_naming_it(site, case, server):
+    """Found by a review: `--output DIR` asked the server for the whole report, then failed
+    the rename with exit 1; a missing directory was a usage error (64). An output file that
+    cannot be made is EX_CANTCREAT (73), one line naming the path and the problem, found
+    before the server is asked (an unreachable server would be 69: not asked at all)."""
+    base = site.tmp / f"out-{case}-{server}"
+    base.mkdir()
+    output = base / "report.csv"
+    if case == "a-directory":
+        output.mkdir()
+        (output / "keep").write_text("x")
+        problem = "is a directory"
+    elif case == "no-parent":
+        output = base / "nope" / "report.csv"
+        problem = f"directory {base / 'nope'} does not exist"
+    elif case == "parent-is-a-file":
+        (base / "afile").write_text("x")
+        output = base / "afile" / "report.csv"
+        problem = f"{base / 'afile'} is not a directory"
+    else:
+        os.mkfifo(output)
+        problem = "exists and is not a regular file"
+    ops = list(site.ops)
+    if server == "unreachable":
+        ops[1] = "tcp://127.0.0.1:9"  # discard: nothing listens
+    proc = admin(*ops, "report", "--format", "csv", "--output", str(output))
+    assert proc.returncode == 73, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"metering-admin: report: --output {output}: {problem}"), lines
+    assert proc.stdout == ""
+    assert sorted(p.name for p in base.iterdir()) == sorted(
+        {
+            "a-directory": ["report.csv"],
+            "parent-is-a-file": ["afile"],
+            "a-fifo": ["report.csv"],
+        }.get(case, [])
+    )  # nothing written, no temp file left
+    if case == "a-directory":
+        assert [p.name for p in output.iterdir()] == ["keep"]
 
 
 def test_errors_are_one_line_with_sysexits(site):
@@ -280,7 +328,7 @@ def test_errors_are_one_line_with_sysexits(site):
     assert "--since" in fails(64, "--since", "yesterday")
     assert "--until" in fails(64, "--until", "2024-13-01")
     assert "before" in fails(64, "--since", "2024-05-02", "--until", "2024-05-01T00:00:00Z")
-    assert "no such directory" in fails(64, "--output", str(site.tmp / "nope" / "r.html"))
+    assert "does not exist" in fails(73, "--output", str(site.tmp / "nope" / "r.html"))
     assert "forbidden" in fails(77, agent=True)
 
 

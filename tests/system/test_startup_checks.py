@@ -169,6 +169,61 @@ def test_peercred_only_server_and_agent_need_no_credentials_or_token(tmp_path, s
         srv.stop()
 
 
+# --- the server's site names and watched executables ---------------------------------------
+SITE_SERVER = {"address": "tcp://127.0.0.1:7001", "priority": 0}
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "problem"),
+    [
+        ({"server": {"site": ""}}, "server.site", "expected `str` of length >= 1"),
+        (
+            {"site": {"servers": [{"name": "", **SITE_SERVER}]}},
+            "site.servers[0].name",
+            "expected `str` of length >= 1",
+        ),
+        (
+            {"site": {"servers": [{"name": "srv", **SITE_SERVER}, {"name": "srv", **SITE_SERVER}]}},
+            "site.servers[1].name",
+            "'srv' is already the name of site.servers[0] (each server of the site needs its "
+            "own name)",
+        ),
+        (
+            {"executables": ["clock", "/usr/local/bin/clock"]},
+            "products[0].executables[1]",
+            "'/usr/local/bin/clock' is a path; the watcher matches executable file names only: "
+            "write 'clock'",
+        ),
+        (
+            {"executables": [""]},
+            "products[0].executables[0]",
+            "must not be empty (an executable's file name)",
+        ),
+    ],
+    ids=["empty-site", "nameless-site-server", "two-site-servers-one-name", "path", "empty"],
+)
+@pytest.mark.parametrize("mode", ["--check-config", "--config"])
+def test_site_names_and_executables_that_cannot_work_are_config_errors(
+    tmp_path, mode, change, key, problem
+):
+    """Found by a review: an empty site name, a nameless or twice-named site server and an
+    executable given as a path (which the watcher, matching file names, never matches) were
+    accepted by --check-config and at start."""
+    path = server_toml(tmp_path, ["tcp://127.0.0.1:0"])
+    write_credentials(path.parent / "credentials.toml", {})
+    data = tomllib.loads(path.read_text())
+    if "executables" in change:
+        data["products"][0]["executables"] = change["executables"]
+    else:
+        for section, values in change.items():
+            data.setdefault(section, {}).update(values)
+    write_toml(path, data)
+    proc = run_server(mode, str(path))
+    assert proc.returncode == 78, proc.stdout + proc.stderr
+    line = one_line(proc.stderr, "metering-server")
+    assert line == f"metering-server: {path}: {key}: {problem}", line
+
+
 # --- the agent's token file ------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("setup", "problem"),
@@ -234,6 +289,29 @@ def test_agent_paths_that_cannot_work_name_the_file_and_key(tmp_path, sockdir, c
     assert proc.returncode == 78, proc.stdout + proc.stderr
     line = one_line(proc.stderr)
     assert line.startswith(f"metering-client: {cfg}: {key}: ") and problem in line, line
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "bound"),
+    [
+        ("servers.request_timeout_ms", 3_000_000, "<= 300000 (milliseconds: 5 minutes)"),
+        ("watch.interval_ms", 3_000_000, "<= 300000 (milliseconds: 5 minutes)"),
+    ],
+)
+def test_an_agent_ms_key_past_its_bound_is_a_config_error(tmp_path, sockdir, key, value, bound):
+    """Found by a review: 3000000 typed for 3000 was accepted, and the agent waited the best
+    part of an hour for a reply, or between two scans of the process table."""
+    token = write_token(tmp_path / "agent.token", TOKEN)
+    cfg = client_toml(tmp_path, ["tcp://127.0.0.1:9"], sockdir, token_file=str(token))
+    data = tomllib.loads(cfg.read_text())
+    section, name = key.split(".")
+    data.setdefault(section, {})[name] = value
+    write_toml(cfg, data)
+    proc = run_client(cfg, "agent")
+    assert proc.returncode == 78, proc.stdout + proc.stderr
+    line = one_line(proc.stderr)
+    assert line == f"metering-client: {cfg}: {key}: expected `int` {bound}", line
+    assert not (sockdir / "agent.sock").exists()  # it never listened
 
 
 # --- `metering-client status` while the agent cannot authenticate ---------------------------

@@ -82,6 +82,38 @@ def write(tmp_path: Path, text: str) -> Path:
         ("[leases]\nttl_s = 1e12\n", "leases.ttl_s", "<= 31622400"),
         ("[store]\nstart_timeout_s = 1e9\n", "store.start_timeout_s", "<= 31622400"),
         ("[auth]\nlockout_s = 1e10\n", "auth.lockout_s", "<= 31622400"),
+        # Found by a review: an empty site name, a nameless site server and two site servers
+        # of one name were accepted (clients were handed them at hello).
+        ("[server]\nsite = ''\n", "server.site", "length >= 1"),
+        (
+            "[[site.servers]]\nname = ''\naddress = 'tcp://127.0.0.1:7001'\n",
+            "site.servers[0].name",
+            "length >= 1",
+        ),
+        (
+            "[[site.servers]]\nname = 'a'\naddress = 'tcp://127.0.0.1:7001'\n"
+            "[[site.servers]]\nname = 'b'\naddress = 'tcp://127.0.0.1:7002'\n"
+            "[[site.servers]]\nname = 'a'\naddress = 'tcp://127.0.0.1:7003'\n",
+            "site.servers[2].name",
+            "'a' is already the name of site.servers[0]",
+        ),
+        # Found by a review: the watcher matches file names, so these never matched anything.
+        (
+            "[[products]]\nname='A'\nversion='1'\nseats=1\nexecutables = ['a', '']\n",
+            "products[0].executables[1]",
+            "must not be empty",
+        ),
+        (
+            "[[products]]\nname='A'\nversion='1'\nseats=1\nexecutables = ['/opt/a/bin/clock']\n",
+            "products[0].executables[0]",
+            "'/opt/a/bin/clock' is a path; the watcher matches executable file names only: "
+            "write 'clock'",
+        ),
+        (
+            "[[products]]\nname='A'\nversion='1'\nseats=1\nexecutables = ['bin/']\n",
+            "products[0].executables[0]",
+            "'bin/' is a path",
+        ),
     ],
 )
 def test_server_config_errors_name_file_key_and_problem(tmp_path, text, key, problem):
@@ -129,6 +161,31 @@ def test_client_config_keys_and_errors(tmp_path):
     for key in ("name", "user"):
         with pytest.raises(ConfigError, match=rf"client\.{key}: expected `str` of length >= 1"):
             build_client_config({"client": {key: ""}}, path)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "bound"),
+    [
+        ("servers", "connect_timeout_ms", 300_000),
+        ("servers", "request_timeout_ms", 300_000),
+        ("servers", "retry_interval_ms", 600_000),
+        ("servers", "backoff_max_ms", 3_600_000),
+        ("watch", "interval_ms", 300_000),
+    ],
+)
+def test_client_ms_keys_have_an_upper_bound_naming_key_and_bound(tmp_path, section, key, bound):
+    """Found by a review: no `_ms` key had an upper bound, so 3000000 typed for 3000 made
+    the agent wait the best part of an hour without a word."""
+    path = tmp_path / "client.toml"
+    cfg = build_client_config({section: {key: bound}}, path)
+    assert getattr(getattr(cfg, section), key) == bound  # the bound itself is fine
+    with pytest.raises(ConfigError) as err:
+        build_client_config({section: {key: bound + 1}}, path)
+    line = str(err.value)
+    assert line == (
+        f"{path}: {section}.{key}: expected `int` <= {bound} "
+        f"(milliseconds: {bound // 60_000} minutes)"
+    )
 
 
 def test_token_file_must_be_private(tmp_path):
