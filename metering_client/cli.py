@@ -21,7 +21,8 @@ from metering_client.agent import Agent
 from metering_client.api import Seat, agent_request_timeout, connect_agent, direct_keeper
 from metering_client.config import ClientConfig, check_direct_credential, load_client_config
 from metering_client.keeper import LeaseKeeper
-from metering_client.watcher import LinuxProcTable, Proc
+from metering_client.reaper import Leftovers, become_subreaper
+from metering_client.watcher import LinuxProcTable, Proc, ProcKey
 from metering_protocol.config import ConfigError
 from metering_protocol.errors import MeteringError
 from metering_protocol.messages import Seconds
@@ -77,8 +78,10 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser(
         "run",
         help="check out a seat, run CMD, check in; exit with CMD's status",
-        description="Exit codes: CMD's own; 64 usage; 69 unknown product; "
-        "75 denied or no server reachable; 77 authentication refused; 78 config problem.",
+        description="The seat is held while CMD runs, and until every process it left "
+        "running (a program that daemonizes) has ended.  Exit codes: CMD's own; 64 usage; "
+        "69 unknown product; 75 denied, no server reachable, or the seat revoked (enforce "
+        "mode); 77 authentication refused; 78 config problem.",
     )
     _globals(r, sub=True)
     _product_args(r)
@@ -170,7 +173,9 @@ async def _dispatch(args: argparse.Namespace, config: ClientConfig) -> int:
         await agent.serve_forever(handle_signals=True)
         return 0
     if args.command == "run":
-        return await run_command(config, args.product, args.version, args.wait, args.cmd)
+        return await run_command(
+            config, args.product, args.version, args.wait, args.cmd, verbose=args.verbose
+        )
     if args.command == "checkout":
         return await _checkout(config, args)
     if args.command == "checkin":
@@ -179,7 +184,13 @@ async def _dispatch(args: argparse.Namespace, config: ClientConfig) -> int:
 
 
 async def run_command(
-    config: ClientConfig, product: str, version: str, wait_s: float, cmd: list[str]
+    config: ClientConfig,
+    product: str,
+    version: str,
+    wait_s: float,
+    cmd: list[str],
+    *,
+    verbose: bool = False,
 ) -> int:
     async with Seat(product, version, config=config, wait_s=wait_s) as seat:
         loop = asyncio.get_running_loop()
@@ -200,7 +211,11 @@ async def run_command(
         early: list[int] = []
         for sig in forwarded:
             loop.add_signal_handler(sig, early.append, sig)
+        leftovers: Leftovers | None = None
         try:
+            # Before the start: what the command leaves running (a program that daemonizes)
+            # becomes run's, holds the seat and gets run's signals (metering_client/reaper.py).
+            subreaper = become_subreaper()
             try:
                 proc = await asyncio.create_subprocess_exec(*cmd)
             except OSError as exc:
@@ -213,23 +228,48 @@ async def run_command(
                 loop.add_signal_handler(sig, _relay, proc, sig)
             for sig in early:  # the command missed these, the terminal's own included
                 _pass_on(proc, sig)
+            if subreaper:
+                leftovers = Leftovers(proc)
             exited = asyncio.ensure_future(proc.wait())
             lost = asyncio.ensure_future(seat.lost.wait())
-            await asyncio.wait({exited, lost}, return_when=asyncio.FIRST_COMPLETED)
-            if not exited.done() and seat.revoked and seat.enforced:
-                # Treated like a denial: the program may not go on without its seat.
+
+            async def stopped_by_revoke(running: asyncio.Future, what: str) -> bool:
+                """Wait for `running` to end or the seat to go; a revoke of an enforced seat
+                is treated like a denial: the program may not go on without its seat."""
+                await asyncio.wait({running, lost}, return_when=asyncio.FIRST_COMPLETED)
+                if running.done() or not (seat.revoked and seat.enforced):
+                    return False
                 print(
                     f"metering-client run: the seat ({seat.lease}) was revoked by an "
-                    f"administrator; stopping {cmd[0]}",
+                    f"administrator; stopping {what}",
                     file=sys.stderr,
                 )
-                await _stop(proc, exited, config.watch.kill_grace_s)
+                await _stop(proc, exited, leftovers, config.watch.kill_grace_s)
+                return True
+
+            if await stopped_by_revoke(exited, cmd[0]):
                 return EX_TEMPFAIL
             code = await exited
+            left = 0 if leftovers is None else leftovers.command_exited()
+            if leftovers is not None and left:
+                # The program goes on in what the command left running (a launcher that
+                # started it detached and exited): the seat is held until they have ended.
+                if verbose:  # their own children counted too: what a user sees running
+                    left = len(_below_run(LinuxProcTable(), proc)) or left
+                    print(
+                        f"metering-client run: {cmd[0]} exited; waiting for the {left} "
+                        "process(es) it left running",
+                        file=sys.stderr,
+                    )
+                if await stopped_by_revoke(leftovers.alone, f"what {cmd[0]} left running"):
+                    return EX_TEMPFAIL
+                await leftovers.alone
             lost.cancel()
         finally:
             for sig in forwarded:
                 loop.remove_signal_handler(sig)
+            if leftovers is not None:
+                await leftovers.aclose()
         if seat.lost.is_set():
             print(
                 f"metering-client run: the seat ({seat.lease}) was lost while {cmd[0]} ran",
@@ -245,14 +285,21 @@ async def run_command(
     return 128 - code if code < 0 else code
 
 
-async def _stop(proc: asyncio.subprocess.Process, exited: asyncio.Future, grace_s: float) -> None:
-    """SIGTERM to the command and every process it started, then SIGKILL to whatever of them
-    still runs after `grace_s`.  Not the command alone: a program started by a wrapper
-    script ran on without its seat once the script was gone (found by a review)."""
+async def _stop(
+    proc: asyncio.subprocess.Process,
+    exited: asyncio.Future,
+    leftovers: Leftovers | None,
+    grace_s: float,
+) -> None:
+    """SIGTERM to the command and every process below `run` (those the command started, and
+    those it left running: `run`'s own once orphaned), then SIGKILL to whatever of them still
+    runs after `grace_s`.  Not the command alone: a program started by a wrapper script ran
+    on without its seat once the script was gone (found by a review).  Returns once they
+    have ended (and the leftovers been reaped): the program does not outlive its seat."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace_s
     table = LinuxProcTable()
-    tree = _descendants(table, proc.pid)  # now: once the command exits, they are init's
+    tree = _below_run(table, proc)
     _forward(proc, signal.SIGTERM, tree=tree, table=table)
     try:
         await asyncio.wait_for(asyncio.shield(exited), grace_s)
@@ -262,6 +309,22 @@ async def _stop(proc: asyncio.subprocess.Process, exited: asyncio.Future, grace_
         if not await table.wait_gone(child, max(0.0, deadline - loop.time())):
             _signal(table, child, signal.SIGKILL)
     await exited
+    if leftovers is None:
+        return
+    leftovers.command_exited()
+    # Started (or orphaned to `run`) after the snapshot above: no second grace.  Each round
+    # finds at most what the last one's processes forked before their SIGKILL arrived; one
+    # that outlives its SIGKILL (another user's, stuck in the kernel) is not waited for twice.
+    killed: set[ProcKey] = {p.key for p in tree}
+    while rest := [p for p in _below_run(table, proc) if p.key not in killed]:
+        for child in rest:
+            _signal(table, child, signal.SIGKILL)
+            killed.add(child.key)
+        for child in rest:
+            await table.wait_gone(child, grace_s)
+    with contextlib.suppress(TimeoutError):  # a process stuck in the kernel: left to init
+        async with asyncio.timeout(grace_s):
+            await asyncio.shield(leftovers.alone)
 
 
 def _forward(
@@ -271,14 +334,22 @@ def _forward(
     tree: list[Proc] | None = None,
     table: LinuxProcTable | None = None,
 ) -> None:
-    """`sig` to the command and to `tree`, the processes it started (found now if None):
-    what a terminal's signal to the foreground process group would reach."""
-    if proc.returncode is not None:
-        return  # reaped: its pid may be another process's now, and so its "children"
-    proc.send_signal(sig)
+    """`sig` to the command while it runs and to `tree`, the other processes below `run`
+    (found now if None): what a terminal's signal to the foreground process group would
+    reach, and what the command left running as well (reparented to `run`, its subreaper)."""
     table = table or LinuxProcTable()
-    for child in _descendants(table, proc.pid) if tree is None else tree:
+    if proc.returncode is None:  # once reaped, its pid may be another process's
+        proc.send_signal(sig)
+    for child in _below_run(table, proc) if tree is None else tree:
         _signal(table, child, sig)
+
+
+def _below_run(table: LinuxProcTable, proc: asyncio.subprocess.Process) -> list[Proc]:
+    """Every process below `run` but the command while it runs (signalled through `proc`,
+    which knows when its pid stops being the command's).  Without the subreaper: the
+    command's descendants alone, as before it."""
+    running = proc.returncode is None
+    return [p for p in _descendants(table, os.getpid()) if not (running and p.pid == proc.pid)]
 
 
 def _descendants(table: LinuxProcTable, pid: int) -> list[Proc]:
@@ -303,10 +374,27 @@ def _relay(proc: asyncio.subprocess.Process, sig: int) -> None:
     """Pass a signal `run` received on to its command, once.  A keyboard's SIGINT or SIGQUIT
     (Ctrl-C, Ctrl-\\) goes to the terminal's whole foreground process group, the command
     included (it is in run's group): relayed as well, it arrived twice, and many programs
-    take a second Ctrl-C as "quit now"."""
+    take a second Ctrl-C as "quit now".  Once the command has exited, what it left running
+    outside that group (a detached program) gets it from `run`: `run` waits for them, and
+    the keyboard is how its user stops it."""
     if sig in (signal.SIGINT, signal.SIGQUIT) and _in_terminal_foreground():
+        if proc.returncode is None:
+            return
+        table = LinuxProcTable()
+        _forward(proc, sig, tree=_outside_group(_below_run(table, proc), os.getpgrp()))
         return
     _pass_on(proc, sig)
+
+
+def _outside_group(procs: list[Proc], pgid: int) -> list[Proc]:
+    out = []
+    for p in procs:
+        try:
+            if os.getpgid(p.pid) != pgid:
+                out.append(p)
+        except ProcessLookupError:
+            continue
+    return out
 
 
 def _pass_on(proc: asyncio.subprocess.Process, sig: int) -> None:
@@ -314,11 +402,14 @@ def _pass_on(proc: asyncio.subprocess.Process, sig: int) -> None:
         _forward(proc, sig)
     elif proc.returncode is None:  # a message to the program (reload, rotate logs, report)
         proc.send_signal(sig)
+    # else dropped: the command it was for has exited.  What it left running detached from
+    # it, most often to outlive a hangup (HUP) it would now be sent; and a USR1 or USR2 a
+    # leftover does not handle would end it.
 
 
-# Signals that end a program, passed on to every process the command started (a wrapper
-# script's program among them); the others (HUP, USR1, USR2) are messages to the command,
-# whose helpers they would end by default (found by a review).
+# Signals that end a program, passed on to every process below `run` (a wrapper script's
+# program among them, and what the command left running); the others (HUP, USR1, USR2) are
+# messages to the command, whose helpers they would end by default (found by a review).
 _TO_THE_WHOLE_PROGRAM = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGQUIT})
 
 
