@@ -35,6 +35,7 @@ from metering_runtime.tasks import TaskOwner
 from metering_server.auth.credentials import UPGRADES_ASIDE, Credentials, CredentialsError
 from metering_server.auth.lockout import LockoutSettings
 from metering_server.authn import Authenticator
+from metering_server.certinfo import CertificateUnreadable, ExpiryWatch, Notice
 from metering_server.config import Product, ServerConfig, load_server_config
 from metering_server.events import EventBus
 from metering_server.handlers import Handlers, SiteView
@@ -44,7 +45,7 @@ from metering_server.seats import SeatService, SeatSettings
 from metering_server.session import Session
 from metering_server.store import open_store, redact_url
 from metering_server.store.base import LeaseStore, StoreReadOnly
-from metering_server.tls import tls_context
+from metering_server.tls import expiry_watch, serves_tls, tls_context
 
 log = get_logger("metering.server")
 
@@ -160,6 +161,7 @@ class MeteringServer:
         self.metrics: ServerMetrics | None = None
         self.http: HttpEndpoint | None = None
         self._tls: tuple[ssl.SSLContext, bytes] | None = None  # the live context, its files
+        self._certificate: ExpiryWatch | None = None  # the served one's dates, when they read
 
     @property
     def events(self) -> EventBus:
@@ -213,6 +215,7 @@ class MeteringServer:
         if cfg.tls_cert is not None:
             ssl_ctx = tls_context(cfg)
             self._tls = (ssl_ctx, _tls_files(cfg))
+            self._certificate_loaded(read=True)
         inherited = systemd.listen_sockets()
         try:
             for text in cfg.server.listen:
@@ -321,6 +324,7 @@ class MeteringServer:
         self.authenticator.observers.append(metrics.observe_auth)
         metrics.start()
         self.metrics = metrics
+        self._certificate_loaded(read=False, log_it=False)  # the gauge
 
         async def scrape() -> Response:
             return await metrics.scrape(draining=self.draining)
@@ -432,9 +436,39 @@ class MeteringServer:
                 log.exception("sweep_failed")
 
     async def sweep(self) -> None:
-        """Expire leases and serve waiters (the seat service), flush the security log."""
+        """Expire leases and serve waiters (the seat service), flush the security log; and
+        the daily warning of a certificate that runs out (first: a store down must not
+        silence it)."""
+        if self._certificate is not None:
+            self._log_notices([self._certificate.due()])
         await self.seats.sweep()
         self.authenticator.seclog.flush()
+
+    # --- the served certificate's expiry ------------------------------------------------------
+    def _certificate_loaded(self, *, read: bool, log_it: bool = True) -> None:
+        """Log the served certificate's dates (and warning) and set the gauge: at start and
+        at each reload.  `read`: its file was (re)loaded, so read its dates again; else the
+        ones read when it was loaded are the ones served.  Dates that do not read are logged
+        once, and the certificate is served all the same (OpenSSL loaded it)."""
+        if not serves_tls(self.config):
+            return
+        if read:
+            try:
+                self._certificate = expiry_watch(self.config, self.clock)
+            except CertificateUnreadable as exc:
+                self._certificate = None
+                log.warning("tls_certificate_expiry_unknown", error=str(exc))
+        watch = self._certificate
+        if log_it and watch is not None:
+            self._log_notices(watch.loaded())
+        if self.metrics is not None:
+            self.metrics.set_tls_expiry(None if watch is None else watch.not_after_timestamp)
+
+    @staticmethod
+    def _log_notices(notices: Sequence[Notice | None]) -> None:
+        for notice in notices:
+            if notice is not None:
+                getattr(log, notice.level)(notice.event, **notice.fields)
 
     # --- site & reload -------------------------------------------------------------------------
     async def reload(self) -> dict[str, Any]:
@@ -528,6 +562,7 @@ class MeteringServer:
                 new.auth.spray_principals,
             )
             log.info("config_reloaded", changed=changed)
+            self._certificate_loaded(read=tls_renewed)
             try:
                 await self.seats.settle_catalogue()
             except Exception as exc:  # applied all the same: the sweep tries again

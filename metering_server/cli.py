@@ -11,6 +11,7 @@ import os
 import ssl
 import stat
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 from metering_protocol.config import ConfigError
@@ -22,7 +23,7 @@ from metering_runtime.logs import configure_logging, get_logger
 from metering_server.auth.credentials import Credentials, CredentialsError
 from metering_server.config import ServerConfig, build_server_config, load_server_config
 from metering_server.store.base import StoreUnavailable, StoreUnusable
-from metering_server.tls import tls_context
+from metering_server.tls import expiry_warning, tls_context
 
 log = get_logger("metering.server")
 # Net allocations between collections of the youngest generation (CPython's default: 700).
@@ -138,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"metering-server: {exc}", file=sys.stderr)
         return EX_CONFIG
     if args.check_config:
+        # A warning, exit 0: the server does start with this certificate (its unix:// and
+        # tcp:// listeners serve, and a reload takes the renewed one), and this check is
+        # systemd's ExecStartPre: 78 here would keep the whole server down for it.
+        warning = expiry_warning(cfg, datetime.now(UTC))
+        if warning is not None:
+            print(f"metering-server: warning: {warning}", file=sys.stderr)
         print(
             f"{args.check_config}: OK: server {cfg.server.name!r}, site {cfg.server.site!r}, "
             f"{len(cfg.server.listen)} listener(s), {len(cfg.products)} product(s)"

@@ -108,6 +108,7 @@ class ServerMetrics:
         Info("metering_build", "Version of this server", registry=r).info(
             {"version": package_version(), "python": platform.python_version(), "server": server}
         )
+        self.tls_expiry: Gauge | None = None  # registered once a tls:// certificate is served
         self._sub = seats.events.subscribe(max_queue=100_000)
         self._tasks = TaskOwner("metrics")
 
@@ -137,6 +138,23 @@ class ServerMetrics:
             return self.seats.catalogue.find(product, version).key
         except Exception:
             return (product, version)
+
+    def set_tls_expiry(self, not_after: float | None) -> None:
+        """The served certificate's notAfter (Unix time), for an alert well before it runs
+        out; None: no tls:// listener, or dates that do not read.  Then the gauge is left
+        out of the exposition, not 0, which would read as "expired in 1970"."""
+        if not_after is None:
+            if self.tls_expiry is not None:
+                self.registry.unregister(self.tls_expiry)
+                self.tls_expiry = None
+            return
+        if self.tls_expiry is None:
+            self.tls_expiry = Gauge(
+                "metering_tls_certificate_expiry_timestamp_seconds",
+                "notAfter of the certificate the tls:// listeners serve, as a Unix time",
+                registry=self.registry,
+            )
+        self.tls_expiry.set(not_after)
 
     def observe_auth(self, outcome: str) -> None:
         if outcome == "auth_failed":

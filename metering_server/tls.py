@@ -1,15 +1,34 @@
 """The server's TLS files, loaded the one way for a start's checks and for a reload: a
 context, or one ConfigError line naming the file and the key at fault (OpenSSL's own error,
-"PEM lib", names neither)."""
+"PEM lib", names neither); and the dates of the certificate served, for the warnings before it
+runs out (certinfo.py)."""
 
 from __future__ import annotations
 
+import re
 import ssl
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 from metering_protocol.config import ConfigError
 from metering_runtime.listeners import server_ssl_context
+from metering_server.certinfo import (
+    CertificateUnreadable,
+    ExpiryWatch,
+    Validity,
+    days_left,
+    standing,
+    validity_of,
+)
 from metering_server.config import ServerConfig
+
+# The blocks OpenSSL takes the served certificate from: the file's first of them (a key may
+# come before it, its chain after it).
+_SERVED_PEM = re.compile(
+    r"-----BEGIN (CERTIFICATE|X509 CERTIFICATE|TRUSTED CERTIFICATE)-----.*?-----END \1-----",
+    re.DOTALL,
+)
 
 
 def tls_context(cfg: ServerConfig) -> ssl.SSLContext:
@@ -41,3 +60,66 @@ def _fault(cert: Path, key: Path | None) -> tuple[str, str]:
         "server.tls_key_file",
         f"{key}: the private key does not load, or is not the certificate's",
     )
+
+
+def serves_tls(cfg: ServerConfig) -> bool:
+    """A tls:// listener serves `cfg.tls_cert` (the file may be named without one)."""
+    return cfg.tls_cert is not None and any(a.startswith("tls://") for a in cfg.server.listen)
+
+
+def served_validity(cfg: ServerConfig) -> Validity:
+    """The dates of the certificate `cfg` serves, read from its file (CertificateUnreadable
+    when they cannot be: the file then no longer reads, or holds what certinfo does not
+    follow)."""
+    assert cfg.tls_cert is not None
+    try:
+        served = _SERVED_PEM.search(cfg.tls_cert.read_text(errors="replace"))
+    except OSError as exc:
+        raise CertificateUnreadable(f"{cfg.tls_cert}: {exc.strerror or exc}") from None
+    if served is None:
+        raise CertificateUnreadable(f"{cfg.tls_cert}: no PEM certificate")
+    if served[1] != "CERTIFICATE":  # one OpenSSL serves, with its own trust settings after it
+        raise CertificateUnreadable(f"{cfg.tls_cert}: its first certificate is {served[1]}")
+    try:
+        der = ssl.PEM_cert_to_DER_cert(served[0])
+    except ValueError:
+        raise CertificateUnreadable(f"{cfg.tls_cert}: its certificate is not base64") from None
+    try:
+        return validity_of(der)
+    except CertificateUnreadable as exc:
+        raise CertificateUnreadable(f"{cfg.tls_cert}: {exc}") from None
+
+
+def expiry_watch(cfg: ServerConfig, clock: Callable[[], float]) -> ExpiryWatch:
+    return ExpiryWatch(served_validity(cfg), clock)
+
+
+def expiry_warning(cfg: ServerConfig, now: datetime) -> str | None:
+    """`--check-config`'s one line when the certificate served is expired, expiring or not
+    valid yet, or when its dates do not read (None when it is fine, or no tls:// listener)."""
+    if not serves_tls(cfg):
+        return None
+    where = f"{cfg.path or '<defaults>'}: server.tls_cert_file"
+    try:
+        validity = served_validity(cfg)
+    except CertificateUnreadable as exc:
+        return f"{where}: its expiry date does not read, so it is not watched ({exc})"
+    after = validity.not_after.strftime("%Y-%m-%d %H:%M:%S UTC")
+    state = standing(validity, now)
+    if state == "expired":
+        return (
+            f"{where}: {cfg.tls_cert} expired on {after}: clients refuse the tls:// "
+            "listeners until it is renewed"
+        )
+    if state == "expiring":
+        return (
+            f"{where}: {cfg.tls_cert} expires on {after} "
+            f"({days_left(validity, now)} day(s) left): renew it"
+        )
+    if state == "not_yet_valid":
+        before = validity.not_before.strftime("%Y-%m-%d %H:%M:%S UTC")
+        return (
+            f"{where}: {cfg.tls_cert} is not valid before {before}: is this host's clock "
+            "(or the CA's) wrong?"
+        )
+    return None
