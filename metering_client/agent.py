@@ -277,6 +277,13 @@ class Agent:
         up = self.uploader.status()
         return {**spool, **up, "error": spool["write_error"] or up["upload_error"]}
 
+    async def requeue_rejected(self, record_ids: list[str] | None) -> dict[str, Any]:
+        """The local op `requeue_rejected`: back in the spool, and sent at once."""
+        result = await self.spool.requeue_rejected(record_ids)
+        if result.requeued:
+            self.uploader.trigger()
+        return result.to_dict()
+
     def watch_status(self) -> dict[str, Any] | None:
         return self.watcher.status() if self.watcher is not None else None
 

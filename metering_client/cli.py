@@ -22,6 +22,16 @@ from metering_client.api import Seat, agent_request_timeout, connect_agent, dire
 from metering_client.config import ClientConfig, check_direct_credential, load_client_config
 from metering_client.keeper import LeaseKeeper
 from metering_client.reaper import Leftovers, become_subreaper
+from metering_client.spool_cli import (
+    AgentTooOld,
+    SpoolNotPermitted,
+    SpoolRefused,
+    SpoolUsageError,
+    add_spool_parser,
+    spool_command,
+    spool_from_disk,
+    spool_from_disk_text,
+)
 from metering_client.watcher import LinuxProcTable, Proc, ProcKey
 from metering_protocol.config import ConfigError
 from metering_protocol.errors import MeteringError
@@ -29,6 +39,8 @@ from metering_protocol.messages import Seconds
 from metering_runtime.cliargs import UsageParser, seconds_up_to
 from metering_runtime.exitcodes import (
     EX_CONFIG,
+    EX_FAIL,
+    EX_NOPERM,
     EX_SOFTWARE,
     EX_TEMPFAIL,
     EX_UNAVAILABLE,
@@ -95,8 +107,16 @@ def parser() -> argparse.ArgumentParser:
     i = sub.add_parser("checkin", help="release a lease")
     _globals(i, sub=True)
     i.add_argument("lease")
-    s = sub.add_parser("status", help="agent state and the servers' license pools")
+    s = sub.add_parser(
+        "status",
+        help="agent state, the usage spool and the servers' license pools",
+        description="With no agent answering, the servers are asked directly and the usage "
+        "spool is read from the state dir.  Exit codes: 0 the agent has a server session "
+        "(or, with no agent, the servers answered); 75 not connected / no server reachable; "
+        "77 the agent's credential is refused; 78 its token file is unusable.",
+    )
     _globals(s, sub=True)
+    add_spool_parser(sub, _globals)
     return p
 
 
@@ -180,6 +200,8 @@ async def _dispatch(args: argparse.Namespace, config: ClientConfig) -> int:
         return await _checkout(config, args)
     if args.command == "checkin":
         return await _checkin(config, args)
+    if args.command == "spool":
+        return await _spool(config, args)
     return await _status(config, args)
 
 
@@ -486,14 +508,39 @@ async def _status(config: ClientConfig, args: argparse.Namespace) -> int:
         finally:
             await agent.close()
     else:
-        keeper = _direct_keeper(config)
+        # The agent's records wait on disk meanwhile: shown even when no server answers
+        # (the error line and exit code are then main's, as before).
+        spool = spool_from_disk(config)
         try:
-            reply = await keeper.call("status")
-            reply["agent"] = None
-        finally:
-            await keeper.stop()
+            keeper = _direct_keeper(config)
+            try:
+                reply = await keeper.call("status")
+            finally:
+                await keeper.stop()
+        except (MeteringError, ConfigError, OSError):
+            _print(args, {"agent": None, "spool": spool}, spool_from_disk_text(spool))
+            raise
+        reply["agent"] = None
+        reply["spool"] = spool
     _print(args, reply, _status_text(reply))
     return _status_exit(reply.get("agent"))
+
+
+# `metering-client spool ...`: a refusal's kind -> its exit code (1: some record not done).
+SPOOL_REFUSALS = {
+    SpoolUsageError: EX_USAGE,
+    SpoolNotPermitted: EX_NOPERM,
+    AgentTooOld: EX_UNAVAILABLE,
+}
+
+
+async def _spool(config: ClientConfig, args: argparse.Namespace) -> int:
+    try:
+        done = await spool_command(config, args)
+    except SpoolRefused as exc:
+        print(f"metering-client spool {args.spool_command}: {exc}", file=sys.stderr)
+        return SPOOL_REFUSALS.get(type(exc), EX_FAIL)
+    return 0 if done else EX_FAIL
 
 
 def _status_exit(agent: dict[str, Any] | None) -> int:
@@ -537,6 +584,8 @@ def _status_text(reply: dict[str, Any]) -> str:
                 f"watcher: {watch['programs']} licensed program(s) running, "
                 f"{watch['seats']} seat(s) held for them"
             )
+    if reply.get("spool"):  # no agent: read from disk
+        lines.append(spool_from_disk_text(reply["spool"]))
     if reply.get("server"):
         lines.append(f"server: {reply['server']}")
     lines.append(f"{'PRODUCT':<20} {'VERSION':<10} {'IN USE':>6} {'SEATS':>6} {'QUEUED':>6}  MODE")

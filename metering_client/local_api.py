@@ -5,6 +5,10 @@ agent's own limits (`[local]`).  The end user of a seat is the peer's uid (SO_PE
 local user acts only on its own seats, root and the agent's own user on any.  A seat belongs
 to the program's connection: when the connection closes (the program ended) the seat is
 checked in, unless it was checked out with `detach` (scripting).
+
+`requeue_rejected` is the one op that is not about seats: it puts usage records a server
+refused back in the spool (`metering-client spool requeue`).  The agent owns the spool, so
+the files move through it; only root and the agent's own user may ask.
 """
 
 from __future__ import annotations
@@ -13,13 +17,15 @@ import contextlib
 import hashlib
 import os
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
+
+import msgspec
 
 from metering_client.keeper import HeldLease, LeaseKeeper
 from metering_client.programs import pid_start
-from metering_client.spool import UsageLog
+from metering_client.spool import RECORD_NAME_MAX, RECORD_NAME_PATTERN, UsageLog
 from metering_protocol import messages as m
-from metering_protocol.errors import Forbidden, LeaseNotFound, MeteringError
+from metering_protocol.errors import BadRequest, Forbidden, LeaseNotFound, MeteringError
 from metering_protocol.unixsock import user_name
 from metering_runtime.connection import Connection
 from metering_runtime.logs import get_logger
@@ -35,6 +41,18 @@ class LocalCheckin(m.Checkin, frozen=True, kw_only=True):
     pass
 
 
+RecordName = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=RECORD_NAME_MAX, pattern=RECORD_NAME_PATTERN)
+]
+
+
+class RequeueRejected(m.Request, frozen=True, kw_only=True):
+    """Records of spool/rejected/ back to the spool: `all`, or the `records` named."""
+
+    all: bool = False
+    records: Annotated[list[RecordName], msgspec.Meta(max_length=100_000)] = []
+
+
 LOCAL_OPS: dict[str, type[m.Request]] = {
     "hello": m.Hello,
     "ping": m.Ping,
@@ -43,6 +61,7 @@ LOCAL_OPS: dict[str, type[m.Request]] = {
     "heartbeat": m.Heartbeat,
     "status": m.Status,
     "cancel": m.Cancel,
+    "requeue_rejected": RequeueRejected,
 }
 
 
@@ -58,6 +77,8 @@ class AgentSeats(Protocol):
     def usage_status(self) -> dict[str, Any]: ...  # the spool: depth, last upload, error
 
     def watch_status(self) -> dict[str, Any] | None: ...
+
+    async def requeue_rejected(self, record_ids: list[str] | None) -> dict[str, Any]: ...
 
 
 class LocalSession:
@@ -209,6 +230,17 @@ class LocalSession:
         agent["spool"] = self.agent.usage_status()
         agent["watch"] = self.agent.watch_status()
         return {"server": server, "products": products, "agent": agent}
+
+    async def op_requeue_rejected(self, req: RequeueRejected) -> dict[str, Any]:
+        """Privileged: the records are every local user's, and sending them again is the
+        operator's decision once the cause of the refusal is fixed."""
+        if not self.privileged:
+            raise Forbidden(
+                f"uid {self.uid} may not requeue usage records (root or the agent's own user)"
+            )
+        if req.all == bool(req.records):
+            raise BadRequest("give `all: true` or a non-empty `records` list, not both")
+        return await self.agent.requeue_rejected(None if req.all else list(req.records))
 
 
 def _agent_key(user: str | None, key: str | None) -> str | None:

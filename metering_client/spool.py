@@ -11,6 +11,12 @@ never a torn file.  A record whose write failed (ENOSPC ...) stays in memory, ma
 unwritten, and is written again at the next flush; it is not uploaded before it is on disk.
 The uploader sends closed records only and deletes a file only once a server acknowledged it.
 
+A record in rejected/ goes back to the spool only when someone asks (`metering-client spool
+requeue`, once the cause is fixed: a clock, a principal's role): `requeue_rejected_files`
+strips the note `_move_rejected` added and renames the file back, so it is in one place at
+every instant.  While the agent runs it does this itself (`Spool.requeue_rejected`, the local
+op `requeue_rejected`): the spool it holds in memory and the files must agree.
+
 `UsageLog` keeps the records of seats taken through the agent's local API (`metering-client
 run`, the Python API, `metering-client checkout`): opened when the keeper hands out a seat,
 keyed on the keeper's seat handle (stable across reclaims), closed when the seat leaves the
@@ -29,8 +35,10 @@ import contextlib
 import errno
 import json
 import os
+import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -51,6 +59,11 @@ from metering_runtime.logs import get_logger
 log = get_logger("metering.usage")
 
 SUFFIX = ".json"
+REJECTED_NOTE = "rejected"  # the key `_move_rejected` adds to a refused record: error, at
+# What a record id may be to name a file of the spool: no path separator, NUL or leading dot
+# (a temp file's mark).  A requeue takes ids from a command line: "../x" must name nothing.
+RECORD_NAME_PATTERN = r"^[^/.\x00][^/\x00]*\Z"
+RECORD_NAME_MAX = 128
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 
@@ -69,6 +82,10 @@ def read_boot_id() -> str | None:
             return f.read().strip() or None
     except (OSError, ValueError):
         return None
+
+
+def is_record_name(text: str) -> bool:
+    return len(text) <= RECORD_NAME_MAX and re.match(RECORD_NAME_PATTERN, text) is not None
 
 
 class Spool:
@@ -325,6 +342,27 @@ class Spool:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path(record.record_id))
 
+    async def requeue_rejected(self, record_ids: list[str] | None) -> RequeueResult:
+        """Put records a server refused back in the spool (all of rejected/ for None), on
+        disk and in memory together: the agent holds its spool in memory, so a file moved
+        behind its back would wait for its next start.  The next upload round sends them
+        once; one still refused goes back to rejected/ and stays there (no loop)."""
+        async with self._lock:  # no write, delete or move of a record meanwhile
+            result = await asyncio.to_thread(
+                requeue_rejected_files, self.dir, record_ids, queued=set(self.records)
+            )
+            for record in result.requeued:
+                self.records[record.record_id] = record
+        if result.requeued or result.failed:
+            log.info(
+                "usage_records_requeued",
+                requeued=[r.record_id for r in result.requeued],
+                already_queued=result.already_queued,
+                not_found=result.not_found,
+                failed=result.failed,
+            )
+        return result
+
     # --- status --------------------------------------------------------------------------------
     @property
     def depth(self) -> int:
@@ -344,6 +382,211 @@ class Spool:
             # answered by a server, but the file could not be deleted or moved yet
             "answered_on_disk": len(self._answered),
         }
+
+
+# --- records a server refused, read and requeued from the files ----------------------------------
+@dataclass(frozen=True)
+class RejectedRecord:
+    """A file of rejected/ as `metering-client spool rejected` lists it."""
+
+    record_id: str
+    record: UsageRecord | None  # None: the file is no record (`problem` says why)
+    error: Any  # the server's error object; None when the note is missing
+    rejected_at: str | None
+    problem: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {"record_id": self.record_id}
+        if self.record is not None:
+            fields.update(self.record.to_wire())
+        return {
+            **fields,
+            "error": self.error,
+            "rejected_at": self.rejected_at,
+            "problem": self.problem,
+        }
+
+
+@dataclass
+class RequeueResult:
+    """What a requeue did with each record asked for.  Nothing is lost either way: a record
+    not requeued stays where it was."""
+
+    requeued: list[UsageRecord] = field(default_factory=list)  # back in the spool
+    # In the spool already (a crash between `_move_rejected`'s write and its unlink leaves
+    # both copies): the spool's copy is the one sent; the rejected/ one is left alone.
+    already_queued: list[str] = field(default_factory=list)
+    not_found: list[str] = field(default_factory=list)  # no such file in rejected/
+    failed: dict[str, str] = field(default_factory=dict)  # id -> why (unreadable, I/O error)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "requeued": [r.record_id for r in self.requeued],
+            "already_queued": self.already_queued,
+            "not_found": self.not_found,
+            "failed": self.failed,
+        }
+
+
+def without_rejected_note(data: bytes, *, name: str) -> tuple[UsageRecord, dict[str, Any] | None]:
+    """A rejected/ file's record and the note `_move_rejected` added (None if it has none).
+    The note is taken off, not just ignored by `decode`: the file goes back to being what
+    the agent wrote, and an old note can never be mistaken for a new refusal.  BadRecord
+    when the rest is no record."""
+    try:
+        body = json.loads(data)
+    except ValueError as exc:
+        raise BadRecord(f"invalid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRecord("not a JSON object")
+    note = body.pop(REJECTED_NOTE, None)
+    record = decode(json.dumps(body).encode(), name=name)
+    return record, note if isinstance(note, dict) else None
+
+
+def _record_files(directory: Path) -> list[os.DirEntry[str]]:
+    """The record files of a spool directory (temp files and subdirectories left out); none
+    when it does not exist (nothing was ever spooled or refused)."""
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return []
+    return sorted(
+        (
+            e
+            for e in entries
+            if e.name.endswith(SUFFIX)
+            and not e.name.startswith(".")
+            and e.is_file(follow_symlinks=False)
+        ),
+        key=lambda e: e.name,
+    )
+
+
+def read_rejected(spool_dir: Path) -> list[RejectedRecord]:
+    """Every record of spool_dir/rejected/, oldest refusal first.  OSError when the
+    directory cannot be read (PermissionError: not this user's)."""
+    found: list[RejectedRecord] = []
+    for entry in _record_files(spool_dir / "rejected"):
+        record_id = entry.name[: -len(SUFFIX)]
+        try:
+            record, note = without_rejected_note(Path(entry.path).read_bytes(), name=record_id)
+        except BadRecord as exc:
+            found.append(RejectedRecord(record_id, None, None, None, problem=str(exc)))
+            continue
+        note = note or {}
+        found.append(RejectedRecord(record_id, record, note.get("error"), note.get("at")))
+    return sorted(found, key=lambda r: (r.rejected_at or "", r.record_id))
+
+
+def requeue_rejected_files(
+    spool_dir: Path, record_ids: list[str] | None, *, queued: Collection[str] = ()
+) -> RequeueResult:
+    """Move records (every one for None) from spool_dir/rejected/ back to spool_dir, each
+    first rewritten in place without its note (atomically: `write_atomic`), then renamed:
+    one rename on one file system, so at every instant the record is in rejected/ or in the
+    spool, never in both and never nowhere.  A record in the spool already (on disk, or in
+    `queued`: the agent's memory) is left where it is.  The server keeps one copy of a
+    record_id, so a record sent again after a refusal is never counted twice.
+
+    Sync: the CLI calls it while no agent runs; the agent calls it in a thread under its
+    spool lock (`Spool.requeue_rejected`).  Nothing else writes a record the agent does not
+    hold, so the existence check before the rename cannot be raced into a clobber."""
+    rejected_dir = spool_dir / "rejected"
+    if record_ids is None:
+        record_ids = [e.name[: -len(SUFFIX)] for e in _record_files(rejected_dir)]
+    result = RequeueResult()
+    owner = _spool_owner(spool_dir)
+    for record_id in dict.fromkeys(record_ids):  # each once, in the order asked
+        if not is_record_name(record_id):
+            result.not_found.append(record_id)
+            continue
+        source = rejected_dir / f"{record_id}{SUFFIX}"
+        target = spool_dir / f"{record_id}{SUFFIX}"
+        try:
+            data = source.read_bytes()
+        except FileNotFoundError:
+            result.not_found.append(record_id)
+            continue
+        except OSError as exc:
+            result.failed[record_id] = f"cannot read {source}: {exc.strerror or exc}"
+            continue
+        try:
+            record, _ = without_rejected_note(data, name=record_id)
+        except BadRecord as exc:
+            result.failed[record_id] = f"{source} is no usage record: {exc}"
+            continue
+        if record_id in queued or target.exists():
+            result.already_queued.append(record_id)
+            continue
+        try:
+            clean = encode(record)
+            if clean != data:
+                write_atomic(source, clean)
+            _give_to(source, owner)
+            os.rename(source, target)
+        except OSError as exc:  # the file is still in rejected/, whole (old or new content)
+            result.failed[record_id] = f"cannot move {source}: {exc.strerror or exc}"
+            continue
+        result.requeued.append(record)
+    if result.requeued:  # the renames on disk, both directories
+        for directory in (spool_dir, rejected_dir):
+            _sync_directory(directory)
+    return result
+
+
+def _spool_owner(spool_dir: Path) -> tuple[int, int] | None:
+    """The owner a requeued file must have: the spool directory's (the agent's user).  Only
+    root can give a file away, and only root needs to: a 0600 record that root rewrote and
+    moved back would be a file the agent, started as its own user, cannot read."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        st = os.stat(spool_dir)
+    except OSError:
+        return None
+    return st.st_uid, st.st_gid
+
+
+def _give_to(path: Path, owner: tuple[int, int] | None) -> None:
+    if owner is None:
+        return
+    st = os.stat(path)
+    if (st.st_uid, st.st_gid) != owner:
+        os.chown(path, *owner)
+
+
+def _sync_directory(directory: Path) -> None:
+    """A rename is durable once its directories are synced; failing that, a power cut can
+    only bring the record back to rejected/ (whole), never lose it."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def read_spool_on_disk(spool_dir: Path) -> dict[str, int]:
+    """The spool as its files say, for `metering-client status` while no agent answers:
+    `depth` (closed records waiting to be uploaded), `open` (runs going on when the agent
+    stopped), `rejected`, `corrupt`, and `unreadable` (files the agent will set aside at
+    its start).  Reads only: nothing moved, nothing removed.  OSError (PermissionError) when
+    this user may not read the spool."""
+    counts = {"depth": 0, "open": 0, "rejected": 0, "corrupt": 0, "unreadable": 0}
+    for entry in _record_files(spool_dir):
+        try:
+            record = decode(Path(entry.path).read_bytes(), name=entry.name[: -len(SUFFIX)])
+        except BadRecord:
+            counts["unreadable"] += 1
+            continue
+        counts["open" if record.running else "depth"] += 1
+    counts["rejected"] = len(_record_files(spool_dir / "rejected"))
+    try:
+        counts["corrupt"] = sum(1 for _ in os.scandir(spool_dir / "corrupt"))
+    except FileNotFoundError:
+        pass
+    return counts
 
 
 class HeldSeat(Protocol):

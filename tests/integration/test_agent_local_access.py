@@ -7,13 +7,16 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from metering_client.agent import Agent
 from metering_client.config import build_client_config
-from metering_protocol.errors import ConnectionLost
+from metering_client.spool import Spool
+from metering_client.usage import new_record
+from metering_protocol.errors import BadRequest, ConnectionLost
 from tests.conftest import hello
 from tests.support import async_wait_until, short_tmpdir, sqlite_write_lock, write_token
 
@@ -277,4 +280,78 @@ async def test_a_program_gone_while_its_granted_seat_is_journalled_leaves_no_sea
         if held_here:  # not the agent's own hold of it
             journalling.release()
         await boss.close()
+        await stop_local_agent(agent, short)
+
+
+REQUEUE_PEER_SCRIPT = r"""
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile("rwb")
+def ask(**req):
+    f.write(json.dumps(req).encode() + b"\n"); f.flush()
+    return json.loads(f.readline())
+ask(id=1, op="hello", protocol=1, client="evil")
+print(json.dumps(ask(id=2, op="requeue_rejected", all=True)))
+"""
+
+
+@pytest.mark.asyncio
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a peer as another uid")
+async def test_only_root_and_the_agents_user_may_requeue_refused_records(make_server, tmp_path):
+    """Requeue goes through the agent that owns the spool: the record is back in its memory
+    and sent at once; a local user may not send every user's records again."""
+    exe = python_for_nobody()
+    if exe is None:
+        pytest.skip("no python the `nobody` user can run")
+    refused = Spool(tmp_path / "st" / "spool")  # what an earlier run of the agent left
+    refused.load()
+    rec = new_record(
+        product="A",
+        version="1",
+        user="alice",
+        client="ws-1",
+        started=time.time() - 60,
+        outcome="granted",
+        running=False,
+        source="api",
+    )
+    await refused.put(rec)
+    await refused.reject(rec.record_id, {"code": "forbidden", "message": "user role"})
+    in_rejected = refused.rejected_dir / f"{rec.record_id}.json"
+    server = await make_server(
+        products=[{"name": "A", "version": "1", "seats": 2}], credentials={"ws": (["agent"], "tok")}
+    )
+    agent, short = await start_local_agent(server, tmp_path, shared=True)
+    try:
+        proc = await asyncio.to_thread(
+            subprocess.run,
+            [exe, "-c", REQUEUE_PEER_SCRIPT, str(agent.config.socket)],
+            preexec_fn=lambda: os.setuid(NOBODY),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["error"]["code"] == "forbidden"
+        assert in_rejected.exists() and rec.record_id not in agent.spool.records
+
+        root = await hello(f"unix://{agent.config.socket}", client="ops")
+        try:
+            with pytest.raises(BadRequest):  # neither `all` nor `records`
+                await root.request("requeue_rejected", timeout=10)
+            with pytest.raises(BadRequest):  # a path, not a record id
+                await root.request("requeue_rejected", timeout=10, records=["../leases"])
+            reply = await root.request("requeue_rejected", timeout=10, records=[rec.record_id])
+        finally:
+            await root.close()
+        assert reply["requeued"] == [rec.record_id] and not in_rejected.exists()
+        # In the agent's memory, so sent at once (not at its next start), then deleted.
+        await async_wait_until(
+            lambda: (
+                rec.record_id not in agent.spool.records
+                and not (refused.dir / f"{rec.record_id}.json").exists()
+            ),
+            what="the requeued record uploaded",
+        )
+        assert agent.uploader.uploaded == 1
+    finally:
         await stop_local_agent(agent, short)
