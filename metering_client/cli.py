@@ -23,6 +23,7 @@ from metering_client.config import ClientConfig, check_direct_credential, load_c
 from metering_client.keeper import LeaseKeeper
 from metering_client.reaper import Leftovers, become_subreaper
 from metering_client.spool_cli import (
+    AgentNotAnswering,
     AgentTooOld,
     SpoolNotPermitted,
     SpoolRefused,
@@ -531,6 +532,7 @@ SPOOL_REFUSALS = {
     SpoolUsageError: EX_USAGE,
     SpoolNotPermitted: EX_NOPERM,
     AgentTooOld: EX_UNAVAILABLE,
+    AgentNotAnswering: EX_TEMPFAIL,
 }
 
 

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,7 @@ from metering_client.spool import (
     is_record_name,
     read_rejected,
     read_spool_on_disk,
+    rejected_ids,
     requeue_rejected_files,
 )
 from metering_protocol.errors import MeteringError
@@ -50,6 +52,10 @@ class AgentTooOld(SpoolRefused):
     """The agent that answers has no `requeue_rejected` op."""
 
 
+class AgentNotAnswering(SpoolRefused):
+    """An agent listens on its socket but did not answer (busy, at its `[local]` limits)."""
+
+
 def spool_dir(config: ClientConfig) -> Path:
     return config.state_dir / "spool"
 
@@ -67,9 +73,10 @@ def add_spool_parser(
         "`requeue` puts them back in the spool: the agent sends them once more (a server "
         "keeps one copy of each record, so none is counted twice), and one still refused "
         "goes back to rejected/.  Exit codes: 0 done; 1 a record named is not in rejected/ "
-        "or cannot be moved; 64 usage; 69 the agent is too old for requeue; 77 not "
-        "permitted (the agent refused, or with no agent the spool is not this user's to "
-        "read or write); 78 config problem.",
+        "or cannot be moved; 64 usage; 69 the agent is too old for requeue; 75 an agent "
+        "listens but did not answer (nothing moved: try again); 77 not permitted (the agent "
+        "refused, or with no agent the spool is not this user's to read or write); 78 "
+        "config problem.",
     )
     add_globals(s, True)
     spool_sub = s.add_subparsers(dest="spool_command", required=True, metavar="SPOOL_COMMAND")
@@ -160,7 +167,7 @@ async def _requeue(config: ClientConfig, args: argparse.Namespace) -> bool:
         try:
             reply = await agent.request(
                 "requeue_rejected",
-                timeout=agent_request_timeout(config),
+                timeout=agent_request_timeout(config) + REQUEUE_S_PER_RECORD * _asked(config, args),
                 all=args.all,
                 records=args.record_ids,
             )
@@ -182,6 +189,11 @@ async def _requeue(config: ClientConfig, args: argparse.Namespace) -> bool:
                 f"no agent answers at {config.socket}, and {problem}: run as root or the "
                 "agent's user, or start the agent"
             )
+        if _agent_listening(config.socket):
+            raise AgentNotAnswering(
+                f"the agent at {config.socket} did not answer in time (busy?); nothing was "
+                "moved (records moved behind a running agent wait for its restart): try again"
+            )
         try:
             result = await asyncio.to_thread(
                 requeue_rejected_files, directory, None if args.all else args.record_ids
@@ -191,6 +203,40 @@ async def _requeue(config: ClientConfig, args: argparse.Namespace) -> bool:
         reply = result.to_dict()
         via = "disk"
     return _report_requeue(config, args, {**reply, "via": via})
+
+
+# The agent moves each record with two fsyncs (about a millisecond on an SSD): the wait for
+# its reply grows with the records asked for, so that a big requeue is not reported failed
+# while the agent goes on and completes it (found by a review).
+REQUEUE_S_PER_RECORD = 0.01
+
+
+def _asked(config: ClientConfig, args: argparse.Namespace) -> int:
+    """How many records the requeue asks for (--all: those in rejected/, where readable)."""
+    if not args.all:
+        return len(args.record_ids)
+    try:
+        return len(rejected_ids(spool_dir(config)))
+    except OSError:
+        return 0
+
+
+def _agent_listening(path: Path) -> bool:
+    """Whether an agent is there although it did not answer: `connect_agent` also gives None
+    for an agent too busy to say hello in time, and files moved behind a running agent are
+    out of its memory until its next start (found by a review).  Only a socket nobody
+    listens on (or none at all) means no agent."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        return False
+    except OSError:  # a full backlog (EAGAIN), a timeout, a socket not ours to connect to
+        return True
+    finally:
+        probe.close()
+    return True
 
 
 def _not_writable(directory: Path) -> str | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import sqlite3
 import subprocess
 import time
@@ -271,5 +272,41 @@ def test_a_user_who_may_not_read_the_spool_is_told_so_in_one_line(tmp_path):
             assert refused.returncode == EX_NOPERM
             assert one_line(refused.stderr).startswith(f"metering-client spool {args[1]}: ")
         assert (home / "st" / "spool" / "rejected" / f"{rec.record_id}.json").exists()
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_no_files_move_behind_an_agent_that_listens_but_does_not_answer(tmp_path):
+    """Found by a review: `connect_agent` gives None also for an agent too busy to say hello
+    in time, and the command then moved the files behind it (out of its memory until its
+    next start).  Something listening on the socket is an agent: 75, nothing moved."""
+    home = short_tmpdir()
+    try:
+        rec = spooled(home / "st" / "spool" / "rejected", "alice")
+        token = write_token(home / "token", "tok-ws")
+        busy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        busy.bind(str(home / "a.sock"))
+        busy.listen(8)  # accepts into its backlog, never answers
+        config = write_toml(
+            home / "client.toml",
+            {
+                "client": {
+                    "user": "ws",
+                    "token_file": str(token),
+                    "state_dir": str(home / "st"),
+                    "socket": str(home / "a.sock"),
+                },
+                "servers": {"list": ["tcp://127.0.0.1:1"], "request_timeout_ms": 300},
+            },
+        )
+        proc = run_client(config, "spool", "requeue", "--all")
+        assert proc.returncode == EX_TEMPFAIL, proc.stderr
+        assert "did not answer" in one_line(proc.stderr), proc.stderr
+        assert (home / "st" / "spool" / "rejected" / f"{rec.record_id}.json").exists()
+        assert not (home / "st" / "spool" / f"{rec.record_id}.json").exists()
+        busy.close()  # gone: a socket file nobody listens on is no agent; the disk move runs
+        proc = run_client(config, "spool", "requeue", "--all")
+        assert proc.returncode == 0, proc.stderr
+        assert (home / "st" / "spool" / f"{rec.record_id}.json").exists()
     finally:
         shutil.rmtree(home, ignore_errors=True)

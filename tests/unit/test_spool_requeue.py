@@ -5,13 +5,16 @@ local op, `Spool.requeue_rejected`) use."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
 
 import pytest
 
+import metering_client.spool as spool_module
 from metering_client.spool import (
+    REQUEUE_CHUNK,
     Spool,
     read_rejected,
     read_spool_on_disk,
@@ -232,3 +235,49 @@ def test_a_spool_never_made_reads_as_empty(tmp_path):
         "corrupt": 0,
         "unreadable": 0,
     }
+
+
+@pytest.mark.asyncio
+async def test_a_record_written_during_a_big_requeue_waits_for_one_chunk_not_all(
+    spool, monkeypatch
+):
+    """Found by a review: the agent's requeue held the spool lock for the whole batch (two
+    fsyncs a record), so a seat's record — on disk before its program hears of the seat —
+    waited 1.5 s behind 1,500 records.  Now it waits for the chunk being moved."""
+    count = 4 * REQUEUE_CHUNK
+    for n in range(count):
+        rec = record(n)
+        await spool.put(rec)
+        await spool.reject(rec.record_id, FORBIDDEN)
+    loop = asyncio.get_running_loop()
+    moved_some = asyncio.Event()
+    move = spool_module.requeue_rejected_files
+
+    def moving(*args, **kwargs):
+        done = move(*args, **kwargs)
+        loop.call_soon_threadsafe(moved_some.set)
+        return done
+
+    monkeypatch.setattr(spool_module, "requeue_rejected_files", moving)
+    requeue = asyncio.ensure_future(spool.requeue_rejected(None))
+    await moved_some.wait()  # the requeue holds the lock, its first chunk moved
+    await spool.put(record(10_000, running=True))
+    assert not requeue.done()  # the new run's record did not wait for the rest
+    result = await requeue
+    assert len(result.requeued) == count
+    assert not list(spool.rejected_dir.glob("*.json"))
+
+
+@pytest.mark.asyncio
+async def test_a_note_with_a_time_that_is_no_string_is_listed_not_a_crash(spool):
+    """Found by a review: `{"at": 5}` in a hand-edited note made `spool rejected` exit 70
+    (sorting an int against strings)."""
+    first, second = await refused(spool, FORBIDDEN, TOO_LATE)
+    body = json.loads(rejected_file(spool, first).read_text())
+    body["rejected"]["at"] = 5
+    rejected_file(spool, first).write_text(json.dumps(body))
+
+    listed = {r.record_id: r for r in read_rejected(spool.dir)}
+
+    assert listed[first.record_id].record == first and listed[first.record_id].rejected_at is None
+    assert listed[second.record_id].rejected_at.endswith("Z")
