@@ -19,6 +19,18 @@ def _stat(pid: int) -> tuple[str, int] | None:
     return fields[0], int(fields[19])
 
 
+def live_thread(pid: int, proc_root: str = "/proc") -> int | None:
+    """A thread of `pid` other than its main thread, when one runs on.  /proc shows a process
+    by its main thread's state: "Z" is an exited process not reaped yet, but also a live one
+    whose main thread called pthread_exit while its other threads work on (found by a
+    review: such a program was taken for ended, out of reach of signals and stops)."""
+    try:
+        tids = os.listdir(f"{proc_root}/{pid}/task")
+    except OSError:
+        return None
+    return next((int(t) for t in tids if t.isdigit() and int(t) != pid), None)
+
+
 def pid_start(pid: int | None) -> int | None:
     """The process's start time in clock ticks since boot (Linux), to tell a reused pid."""
     if pid is None or pid <= 0:
@@ -30,7 +42,8 @@ def pid_start(pid: int | None) -> int | None:
 def pid_alive(pid: int | None, start: int | None = None) -> bool:
     """Still the same process: running (an exited one not yet reaped, a zombie, is not: the
     watcher counts its run ended, and a seat it kept was found a second record by a
-    restart), and (when known) started when it was recorded."""
+    restart; one whose main thread alone has exited is), and (when known) started when it
+    was recorded."""
     if pid is None or pid <= 0:
         return False
     try:
@@ -43,7 +56,9 @@ def pid_alive(pid: int | None, start: int | None = None) -> bool:
     if stat is None:
         return True  # no /proc to ask: kill(0) said it is there
     state, started = stat
-    return state not in ("Z", "X", "x") and (start is None or started == start)
+    if state in ("X", "x") or (state == "Z" and live_thread(pid) is None):
+        return False
+    return start is None or started == start
 
 
 # A process holding a seat straight from the servers (`metering-client run`, or the Python

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from metering_client.config import WatchSection
-from metering_client.programs import direct_seat_products, pid_start
+from metering_client.programs import direct_seat_products, live_thread, pid_start
 from metering_client.spool import Spool, read_boot_id, read_boottime
 from metering_client.usage import BootTime, UsageRecord, new_record
 from metering_protocol.errors import (
@@ -154,10 +154,17 @@ class LinuxProcTable:
             state, ppid, flags, start = rest[0], int(rest[1]), int(rest[6]), int(rest[19])
         except (IndexError, ValueError):
             return None
-        if state in ("Z", "X", "x") or flags & PF_KTHREAD:
-            return None  # exited (not reaped yet), or a kernel thread
+        if flags & PF_KTHREAD or state in ("X", "x"):
+            return None
+        task = pid  # the thread whose links (exe) still lead somewhere
+        if state == "Z":  # exited, not reaped yet; or alive with its main thread gone
+            task = live_thread(pid, self.root)
+            if task is None:
+                return None
         try:
-            exe: str | None = os_text(os.path.basename(os.readlink(f"{self.root}/{pid}/exe")))
+            where = f"{self.root}/{pid}" if task == pid else f"{self.root}/{pid}/task/{task}"
+            link = os.readlink(f"{where}/exe")
+            exe: str | None = os_text(os.path.basename(link))
         except OSError:
             exe = None  # another user's process (the agent not root), or exiting
         else:

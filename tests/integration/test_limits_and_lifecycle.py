@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from structlog.testing import capture_logs
 from metering_client.agent import Agent, AgentSocketTaken
 from metering_client.config import ClientConfig, build_client_config, token_stamp
 from metering_client.programs import pid_alive, pid_start
+from metering_client.watcher import LinuxProcTable
 from metering_protocol.address import Address, parse_address
 from metering_protocol.errors import AuthFailed
 from metering_runtime.listeners import BindError, bind
@@ -26,6 +28,7 @@ from tests.support import (
     cli_path,
     server_config,
     short_tmpdir,
+    wait_until,
     write_credentials,
     write_token,
     write_toml,
@@ -107,6 +110,42 @@ def test_a_reused_pid_is_not_the_recorded_program():
     assert start is not None and pid_alive(me, start)
     assert not pid_alive(me, start + 1)  # same pid, another process start time
     assert pid_alive(me)  # nothing recorded: trust the pid
+
+
+def test_a_program_whose_main_thread_exited_is_alive_until_its_last_thread_ends():
+    """/proc shows "Z" for a process whose main thread called pthread_exit while another
+    works on: alive (found by a review); once the last thread ends, an exited process not
+    reaped yet (a zombie) is not."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import ctypes, sys, threading\n"
+            "threading.Thread(target=sys.stdin.read).start()\n"
+            "ctypes.CDLL(None).pthread_exit(None)\n",
+        ],
+        stdin=subprocess.PIPE,
+    )
+    try:
+        start = pid_start(proc.pid)
+        wait_until(lambda: _state(proc.pid) == "Z", what="the main thread to exit")
+        assert pid_alive(proc.pid, start)
+        assert LinuxProcTable().read(proc.pid) is not None
+        proc.stdin.close()  # the other thread's read ends: so does the process
+        wait_until(
+            lambda: len(os.listdir(f"/proc/{proc.pid}/task")) == 1,
+            what="the process to exit (not reaped: a zombie)",
+        )
+        assert not pid_alive(proc.pid, start)
+        assert LinuxProcTable().read(proc.pid) is None
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _state(pid: int) -> str:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rfind(")") + 2]
 
 
 @pytest.mark.parametrize(

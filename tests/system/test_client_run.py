@@ -36,7 +36,7 @@ CLIENT = cli_path("metering-client")
 
 
 class Site:
-    def __init__(self, tmp: Path, seats: int = 1):
+    def __init__(self, tmp: Path, seats: int = 1, executables: list[str] | None = None):
         self.tmp = tmp
         self.sock = bind_tcp()
         self.addr = "tcp://{}:{}".format(*self.sock.getsockname())
@@ -48,7 +48,10 @@ class Site:
             listen=[self.addr],
             state_dir=state,
             store=tmp / "site.db",
-            products=[{"name": "CLOCK.EXE", "version": "4.00", "seats": seats}],
+            products=[
+                {"name": "CLOCK.EXE", "version": "4.00", "seats": seats}
+                | ({"executables": executables} if executables else {})
+            ],
             leases={"ttl_s": 30.0, "heartbeat_s": 1.0},
         )
         self.server = server_daemon(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -327,4 +328,147 @@ async def test_a_revoke_stops_what_the_command_left_running(tmp_path, stubborn):
             run.kill()
             run.wait(10)
         agent.stop()
+        site.close()
+
+
+# --- a leftover whose main thread has exited ---------------------------------------------------
+# /proc shows a process by its main thread's state: after pthread_exit in the main thread,
+# with other threads working on, the process reads "Z" (ps: "Zl").  Taken for an exited
+# process, it was out of reach of run's signals and of a revoke's stop, and the watcher did
+# not see it as the parent of a licensed program it started (found by a review).
+MAIN_THREAD_EXITS = r"""
+import ctypes, os, sys, threading, time
+pidfile, program = sys.argv[1], sys.argv[2:]
+if os.fork() == 0:
+    os.setsid()
+    threading.Thread(target=time.sleep, args=(300,)).start()
+    child = os.fork() if program else 0
+    if program and child == 0:
+        os.execv(program[0], program)
+    with open(pidfile + ".tmp", "w") as f:
+        f.write(f"{os.getpid()} {child}")
+    os.rename(pidfile + ".tmp", pidfile)
+    ctypes.CDLL(None).pthread_exit(None)
+while not os.path.exists(pidfile):
+    time.sleep(0.02)
+sys.exit(3)
+"""
+
+
+def noted_pids(tmp: Path, cleanup: list[int]) -> tuple[int, int]:
+    """The leftover's pid and its program's (0: none), as it noted them; both go on `cleanup`
+    at once, so that a failing test leaves no such process behind (one left over would be
+    watched by the next tests' agents: it runs `clock`)."""
+    pidfile = tmp / "pid"
+    wait_until(pidfile.exists, what="the leftover to note its pid")
+    leftover, program = (int(p) for p in pidfile.read_text().split())
+    cleanup += [program, leftover]
+    return leftover, program
+
+
+def main_thread_exited(tmp: Path, run: subprocess.Popen, cleanup: list[int]) -> tuple[int, int]:
+    """The leftover (a child of run's now, its main thread gone) and its program."""
+    leftover, program = noted_pids(tmp, cleanup)
+    wait_until(
+        lambda: _state(leftover) == "Z" and procs_parent(leftover) == run.pid,
+        what="the leftover to be run's, its main thread exited",
+    )
+    assert len(os.listdir(f"/proc/{leftover}/task")) > 1  # its other thread runs on
+    return leftover, program
+
+
+def procs_parent(pid: int) -> int | None:
+    proc = LinuxProcTable().read(pid)
+    return None if proc is None else proc.ppid
+
+
+def kill_quietly(*pids: int) -> None:
+    for pid in pids:
+        if pid > 0:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_sigterm_reaches_a_leftover_whose_main_thread_exited(site):
+    argv = [sys.executable, "-c", MAIN_THREAD_EXITS, str(site.tmp / "pid")]
+    run = run_popen(site.client_toml, "CLOCK.EXE", "4.00", argv, site.tmp / "run.stderr")
+    cleanup: list[int] = []
+    try:
+        leftover, _ = main_thread_exited(site.tmp, run, cleanup)
+        assert site.in_use() == 1
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(30) == 3  # the leftover ended by the TERM: the command's status
+        assert reaped(leftover)
+        assert site.in_use() == 0
+    finally:
+        kill_quietly(*cleanup)
+        if run.poll() is None:
+            run.kill()
+            run.wait(10)
+
+
+@pytest.mark.asyncio
+async def test_a_revoke_stops_a_leftover_whose_main_thread_exited(tmp_path):
+    site = failover.Site(tmp_path, seats=1)  # enforce mode
+    site.bind("srv-a")
+    site.write_config("srv-a", [("srv-a", 0)])
+    site.start("srv-a")
+    config = failover.client_config(
+        tmp_path / "ws", "ws-1", [site.addr("srv-a")], socket_path=short_tmpdir() / "agent.sock"
+    )
+    data = tomllib.loads(config.read_text())
+    data["watch"]["kill_grace_s"] = 1.0
+    write_toml(config, data)
+    agent = failover.start_agent(config)
+    argv = [sys.executable, "-c", MAIN_THREAD_EXITS, str(tmp_path / "pid")]
+    stderr = tmp_path / "run.stderr"
+    run = run_popen(config, failover.PRODUCT, failover.VERSION, argv, stderr)
+    ops = await failover.admin(site.addr("srv-a"))
+    cleanup: list[int] = []
+    try:
+        leftover, _ = main_thread_exited(tmp_path, run, cleanup)
+        (lease,) = await failover.poll(lambda: failover.leases_on(ops), 10, "the seat held")
+        await ops.request("revoke", timeout=5, lease=lease)
+        assert run.wait(20) == 75, stderr.read_text()
+        assert reaped(leftover)  # stopped and reaped: not running on without its seat
+        assert await failover.leases_on(ops) == {}
+    finally:
+        await ops.close()
+        kill_quietly(*cleanup)
+        if run.poll() is None:
+            run.kill()
+            run.wait(10)
+        agent.stop()
+        site.close()
+
+
+def test_the_watcher_sees_a_program_below_such_a_leftover_as_covered_by_runs_seat(tmp_path):
+    """The agent's watcher walks a program's parents for a seat that covers it: with the
+    leftover missing from its table, the walk stopped short and the watcher took a second
+    seat for a program `run`'s seat covers."""
+    site = Site(tmp_path, seats=2, executables=["clock"])
+    data = tomllib.loads(site.client_toml.read_text())
+    data["client"]["log_level"] = "debug"  # program_holds_its_own_seat
+    write_toml(site.client_toml, data)
+    agent = site.start_agent()
+    clock = tmp_path / "clock"
+    shutil.copy("/bin/sleep", clock)
+    argv = [sys.executable, "-c", MAIN_THREAD_EXITS, str(tmp_path / "pid"), str(clock), "300"]
+    run = run_popen(site.client_toml, "CLOCK.EXE", "4.00", argv, tmp_path / "run.stderr")
+    cleanup: list[int] = []
+    try:
+        _, program = main_thread_exited(tmp_path, run, cleanup)
+        wait_until(
+            lambda: any(
+                e.get("event") == "program_holds_its_own_seat" and e.get("pid") == program
+                for e in agent.events()
+            ),
+            what="the watcher to find the program covered by run's seat",
+        )
+        assert site.in_use() == 1  # run's seat alone
+    finally:
+        kill_quietly(*cleanup)
+        if run.poll() is None:
+            run.kill()
+            run.wait(10)
         site.close()
