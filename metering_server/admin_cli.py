@@ -23,6 +23,7 @@ import os
 import pwd
 import socket
 import ssl
+import stat
 import sys
 import tempfile
 from datetime import UTC, date, datetime, timedelta
@@ -693,6 +694,11 @@ def _check_output(output: Path) -> None:
             raise refuse(f"directory {parent} does not exist")
         if not parent.is_dir():
             raise refuse(f"{parent} is not a directory")
+        if _not_ours_to_replace(output):
+            raise refuse(
+                "belongs to another user in a sticky directory (such as /tmp), where only its "
+                "owner may replace it; name another file"
+            )
         fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{output.name}.", suffix=".tmp")
     except OSError as exc:  # a directory on the way this user may not search, or write to
         raise refuse(
@@ -701,6 +707,23 @@ def _check_output(output: Path) -> None:
     os.close(fd)
     with contextlib.suppress(OSError):
         os.unlink(probe)
+
+
+def _not_ours_to_replace(output: Path) -> bool:
+    """Whether the rename over an existing `output` will be refused: in a sticky directory
+    only the file's owner, the directory's owner or root may (found by a review: the probe
+    file could be made there, and the report was lost at the rename)."""
+    try:
+        existing = output.lstat()  # the rename replaces a symlink itself, not its target
+    except FileNotFoundError:
+        return False
+    directory = output.parent.stat()
+    me = os.geteuid()
+    return bool(directory.st_mode & stat.S_ISVTX) and me not in (
+        0,
+        existing.st_uid,
+        directory.st_uid,
+    )
 
 
 def _file_mode() -> int:

@@ -264,8 +264,8 @@ def _check_executables(prod: Product, key: str, where: Path | str) -> None:
     for j, exe in enumerate(prod.executables):
         if not exe:
             raise ConfigError(where, f"{key}[{j}]", "must not be empty (an executable's file name)")
-        if "/" in exe:
-            name = exe.rstrip("/").rsplit("/", 1)[-1]
+        if "/" in exe or "\\" in exe:  # a Windows path too (a catalogue from the classic system)
+            name = exe.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
             hint = f": write {name!r}" if name else ""
             raise ConfigError(
                 where,

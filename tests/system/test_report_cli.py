@@ -16,6 +16,7 @@ import random
 import re
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,6 +28,8 @@ from metering_protocol.client import ProtocolClient
 from metering_protocol.timefmt import rfc3339
 from tests.support import (
     bind_tcp,
+    cli_path,
+    one_line,
     server_config,
     server_daemon,
     short_tmpdir,
@@ -315,6 +318,37 @@ def test_an_output_that_cannot_be_written_exits_73_naming_it(site, case, server)
     )  # nothing written, no temp file left
     if case == "a-directory":
         assert [p.name for p in output.iterdir()] == ["keep"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the command as another uid")
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+def test_an_output_another_user_owns_in_a_sticky_directory_is_refused_before_asking(tmp_path):
+    """Found by a review: in /tmp (mode 1777) a file of another user's cannot be replaced,
+    though a new file can be made beside it: the probe passed, and the report was fetched
+    whole, then lost at the rename (exit 73 only then)."""
+    sticky = Path(tempfile.mkdtemp(prefix="metering-sticky-"))
+    try:
+        sticky.chmod(0o1777)
+        theirs = sticky / "report.csv"
+        theirs.write_text("root's\n")  # the test runs as root: a file of another user's
+        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        admin_cmd = [cli_path("metering-admin"), "--server", "tcp://127.0.0.1:9"]
+        # The token file is not read: the output is refused before anything else.
+        options = ["--user", "ops", "--token-file", "/nonexistent", "report", "--format", "csv"]
+        proc = subprocess.run(
+            [*as_nobody, *admin_cmd, *options, "--output", str(theirs)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 73, proc.stderr
+        assert "belongs to another user in a sticky directory" in one_line(
+            proc.stderr, "metering-admin"
+        )
+        assert theirs.read_text() == "root's\n"
+        assert [p.name for p in sticky.iterdir()] == ["report.csv"]  # no probe left
+    finally:
+        shutil.rmtree(sticky, ignore_errors=True)
 
 
 def test_errors_are_one_line_with_sysexits(site):

@@ -114,6 +114,13 @@ def write(tmp_path: Path, text: str) -> Path:
             "products[0].executables[0]",
             "'bin/' is a path",
         ),
+        # A Windows path (a catalogue carried over from the classic system) never matched.
+        (
+            "[[products]]\nname='A'\nversion='1'\nseats=1\n"
+            "executables = ['C:\\\\Apps\\\\clock.exe']\n",
+            "products[0].executables[0]",
+            "is a path; the watcher matches executable file names only: write 'clock.exe'",
+        ),
     ],
 )
 def test_server_config_errors_name_file_key_and_problem(tmp_path, text, key, problem):
