@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -41,6 +41,20 @@ class CertificateUnreadable(ValueError):
 class Validity:
     not_before: datetime
     not_after: datetime
+    # Of a served chain: which certificate ends the window first (0: the server's own; N: the
+    # Nth of the chain after it, an intermediate).  Clients refuse an expired intermediate
+    # as they refuse an expired certificate.
+    expires_first: int = 0
+
+    def within(self, chain: list[Validity]) -> Validity:
+        """The window in which this certificate and every one of its `chain` are valid."""
+        window = self
+        for n, link in enumerate(chain, start=1):
+            if link.not_after < window.not_after:
+                window = replace(window, not_after=link.not_after, expires_first=n)
+            if link.not_before > window.not_before:
+                window = replace(window, not_before=link.not_before)
+        return window
 
 
 def validity_of(der: bytes) -> Validity:
@@ -231,11 +245,14 @@ class ExpiryWatch:
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC)
 
-    def _dates(self) -> dict[str, str]:
-        return {
+    def _dates(self) -> dict[str, Any]:
+        dates: dict[str, Any] = {
             "not_before": _iso(self.validity.not_before),
             "not_after": _iso(self.validity.not_after),
         }
+        if self.validity.expires_first:  # an intermediate runs out before the certificate
+            dates["expires_first"] = f"chain certificate {self.validity.expires_first}"
+        return dates
 
 
 def _iso(when: datetime) -> str:

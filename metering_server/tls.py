@@ -31,6 +31,9 @@ _SERVED_PEM = re.compile(
 )
 
 
+_CHAIN_PEM = re.compile(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", re.DOTALL)
+
+
 def tls_context(cfg: ServerConfig) -> ssl.SSLContext:
     """The server context for `cfg`'s certificate and key (`tls_cert` must be set)."""
     assert cfg.tls_cert is not None
@@ -73,9 +76,10 @@ def served_validity(cfg: ServerConfig) -> Validity:
     follow)."""
     assert cfg.tls_cert is not None
     try:
-        served = _SERVED_PEM.search(cfg.tls_cert.read_text(errors="replace"))
+        text = cfg.tls_cert.read_text(errors="replace")
     except OSError as exc:
         raise CertificateUnreadable(f"{cfg.tls_cert}: {exc.strerror or exc}") from None
+    served = _SERVED_PEM.search(text)
     if served is None:
         raise CertificateUnreadable(f"{cfg.tls_cert}: no PEM certificate")
     if served[1] != "CERTIFICATE":  # one OpenSSL serves, with its own trust settings after it
@@ -85,9 +89,23 @@ def served_validity(cfg: ServerConfig) -> Validity:
     except ValueError:
         raise CertificateUnreadable(f"{cfg.tls_cert}: its certificate is not base64") from None
     try:
-        return validity_of(der)
+        own = validity_of(der)
     except CertificateUnreadable as exc:
         raise CertificateUnreadable(f"{cfg.tls_cert}: {exc}") from None
+    return own.within(_chain_after(text, served.end()))
+
+
+def _chain_after(text: str, start: int) -> list[Validity]:
+    """The dates of the chain OpenSSL serves after the certificate: the CERTIFICATE blocks
+    that follow it in the file (intermediates; one that does not read is left out: the
+    certificate's own dates are still watched)."""
+    chain = []
+    for block in _CHAIN_PEM.finditer(text, start):
+        try:
+            chain.append(validity_of(ssl.PEM_cert_to_DER_cert(block[0])))
+        except (ValueError, CertificateUnreadable):
+            continue
+    return chain
 
 
 def expiry_watch(cfg: ServerConfig, clock: Callable[[], float]) -> ExpiryWatch:
@@ -105,15 +123,18 @@ def expiry_warning(cfg: ServerConfig, now: datetime) -> str | None:
     except CertificateUnreadable as exc:
         return f"{where}: its expiry date does not read, so it is not watched ({exc})"
     after = validity.not_after.strftime("%Y-%m-%d %H:%M:%S UTC")
+    which = str(cfg.tls_cert)
+    if validity.expires_first:
+        which = f"{cfg.tls_cert}'s chain certificate {validity.expires_first} (an intermediate)"
     state = standing(validity, now)
     if state == "expired":
         return (
-            f"{where}: {cfg.tls_cert} expired on {after}: clients refuse the tls:// "
+            f"{where}: {which} expired on {after}: clients refuse the tls:// "
             "listeners until it is renewed"
         )
     if state == "expiring":
         return (
-            f"{where}: {cfg.tls_cert} expires on {after} "
+            f"{where}: {which} expires on {after} "
             f"({days_left(validity, now)} day(s) left): renew it"
         )
     if state == "not_yet_valid":

@@ -154,3 +154,28 @@ async def test_dates_that_do_not_read_are_logged_once_and_the_certificate_served
     assert server.address("tls").startswith("tls://")
     _, text = await http_get(server.http.address, "/metrics")
     assert "metering_tls_certificate" not in text
+
+
+@pytest.mark.asyncio
+async def test_an_intermediate_that_runs_out_first_is_warned_of(make_server, tmp_path):
+    """Clients refuse a chain whose intermediate has expired as they refuse an expired
+    certificate: the window watched is the chain's (found reading the first version, which
+    read the served certificate alone)."""
+    year = (datetime.now(UTC) + timedelta(days=365)).replace(microsecond=0)
+    soon = (datetime.now(UTC) + timedelta(days=10)).replace(microsecond=0)
+    chain, key = expiring_pki(tmp_path / "pki", year)
+    intermediate = trustme.CA().issue_cert("intermediate.example", not_after=soon)
+    with chain.open("ab") as f:  # served after the certificate, as a chain file holds it
+        f.write(intermediate.cert_chain_pems[0].bytes())
+    clock = Clock()
+    with capture_logs() as logs:
+        server = await make_server(
+            clock=clock, server=tls_section(chain, key), metrics={"listen": "127.0.0.1:0"}
+        )
+        (info,) = named(logs, "tls_certificate")
+        assert info["not_after"] == soon.strftime("%Y-%m-%dT%H:%M:%SZ")
+        assert info["expires_first"] == "chain certificate 1"
+        (warning,) = named(logs, "tls_certificate_expiring")
+        assert warning["days_left"] == 9 and warning["expires_first"] == "chain certificate 1"
+        _, text = await http_get(server.http.address, "/metrics")
+        assert samples(text)[GAUGE] == soon.timestamp()

@@ -351,3 +351,14 @@ def test_a_certificate_not_valid_yet_is_warned_of_until_it_is():
     assert watch.due() is None
     clock.advance(DAY)
     assert watch.due() is None
+
+
+def test_a_chains_window_is_where_every_certificate_of_it_is_valid():
+    own = Validity(utc(2026, 1, 1), utc(2027, 1, 1))
+    assert own.within([]) == own
+    late_start = Validity(utc(2026, 3, 1), utc(2030, 1, 1))
+    early_end = Validity(utc(2020, 1, 1), utc(2026, 6, 1))
+    assert own.within([late_start, early_end]) == Validity(
+        utc(2026, 3, 1), utc(2026, 6, 1), expires_first=2
+    )
+    assert own.within([late_start]) == Validity(utc(2026, 3, 1), utc(2027, 1, 1))
