@@ -128,10 +128,13 @@ def expiry_warning(cfg: ServerConfig, now: datetime) -> str | None:
         which = f"{cfg.tls_cert}'s chain certificate {validity.expires_first} (an intermediate)"
     state = standing(validity, now)
     if state == "expired":
-        return (
-            f"{where}: {which} expired on {after}: clients refuse the tls:// "
-            "listeners until it is renewed"
+        consequence = (
+            "clients whose path to their CA goes through it refuse the tls:// listeners: "
+            "replace the chain"
+            if validity.expires_first
+            else "clients refuse the tls:// listeners until it is renewed"
         )
+        return f"{where}: {which} expired on {after}: {consequence}"
     if state == "expiring":
         return (
             f"{where}: {which} expires on {after} "

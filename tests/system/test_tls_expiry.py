@@ -249,3 +249,16 @@ def test_a_server_with_an_expired_certificate_starts_and_serves_tcp(tmp_path):
         srv.stop()
         tls_sock.close()
         tcp_sock.close()
+
+
+def test_check_config_names_an_expired_intermediate_of_the_chain(tmp_path):
+    chain = issue(trustme.CA(), tmp_path / "pki", days_from_now(300))
+    expired = days_from_now(-3)
+    old = trustme.CA().issue_cert("old-intermediate.example", not_after=expired)
+    with chain.open("ab") as f:
+        f.write(old.cert_chain_pems[0].bytes())
+    proc = check_config(write_server(tmp_path, ["tls://127.0.0.1:7443"], chain))
+    assert proc.returncode == 0, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert f"{chain}'s chain certificate 1 (an intermediate) expired on " in line, line
+    assert f"{expired:%Y-%m-%d %H:%M:%S} UTC" in line and "replace the chain" in line, line
