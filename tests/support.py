@@ -489,3 +489,28 @@ def sqlite_write_lock(path: Path) -> Iterator[sqlite3.Connection]:
         other.execute("ROLLBACK")
     finally:
         other.close()
+
+
+NOBODY = 65534
+# setpriv, not a preexec setuid: a venv whose python links into /root runs that way only.
+_SETPRIV_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+
+
+def as_nobody() -> list[str]:
+    """The argv prefix that runs a command as `nobody`, or a skip where that cannot run this
+    checkout's commands: not root, no setpriv, or a checkout under a directory closed to
+    other users (a fresh clone in a 0700 temporary directory)."""
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a command as another uid")
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv (util-linux)")
+    probe = subprocess.run(
+        [*_SETPRIV_NOBODY, cli_path("metering-client"), "--help"],
+        capture_output=True,
+        timeout=60,
+    )
+    if probe.returncode != 0:
+        pytest.skip("nobody cannot run this checkout's commands (a directory on its way is closed)")
+    return list(_SETPRIV_NOBODY)

@@ -27,6 +27,7 @@ import pytest
 from metering_protocol.client import ProtocolClient
 from metering_protocol.timefmt import rfc3339
 from tests.support import (
+    as_nobody,
     bind_tcp,
     cli_path,
     one_line,
@@ -320,23 +321,21 @@ def test_an_output_that_cannot_be_written_exits_73_naming_it(site, case, server)
         assert [p.name for p in output.iterdir()] == ["keep"]
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the command as another uid")
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
 def test_an_output_another_user_owns_in_a_sticky_directory_is_refused_before_asking(tmp_path):
     """Found by a review: in /tmp (mode 1777) a file of another user's cannot be replaced,
     though a new file can be made beside it: the probe passed, and the report was fetched
     whole, then lost at the rename (exit 73 only then)."""
+    nobody = as_nobody()
     sticky = Path(tempfile.mkdtemp(prefix="metering-sticky-"))
     try:
         sticky.chmod(0o1777)
         theirs = sticky / "report.csv"
         theirs.write_text("root's\n")  # the test runs as root: a file of another user's
-        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
         admin_cmd = [cli_path("metering-admin"), "--server", "tcp://127.0.0.1:9"]
         # The token file is not read: the output is refused before anything else.
         options = ["--user", "ops", "--token-file", "/nonexistent", "report", "--format", "csv"]
         proc = subprocess.run(
-            [*as_nobody, *admin_cmd, *options, "--output", str(theirs)],
+            [*nobody, *admin_cmd, *options, "--output", str(theirs)],
             capture_output=True,
             text=True,
             timeout=60,

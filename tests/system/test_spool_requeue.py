@@ -10,7 +10,6 @@ agent's JSON log), never a sleep."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import sqlite3
@@ -25,6 +24,7 @@ from metering_client.usage import UsageRecord, decode, encode, new_record
 from metering_runtime.exitcodes import EX_NOPERM, EX_TEMPFAIL
 from tests.support import (
     Daemon,
+    as_nobody,
     bind_tcp,
     cli_path,
     one_line,
@@ -40,7 +40,6 @@ from tests.support import (
 
 pytestmark = pytest.mark.system
 CLIENT = cli_path("metering-client")
-NOBODY = 65534
 
 
 class Site:
@@ -222,16 +221,11 @@ def test_refused_records_are_sent_again_once_the_principal_may_send_them(site):
         assert db.execute("SELECT count(*) FROM usage").fetchone()[0] == 2
 
 
-# setpriv, not a preexec setuid: a venv whose python links into /root runs that way only.
-AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the command as another uid")
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
 def test_a_user_who_may_not_read_the_spool_is_told_so_in_one_line(tmp_path):
     """No agent, and the state dir is the agent's (0700): `status` says the spool cannot be
     read and keeps its exit code (75: the token file is not this user's either); `spool
     requeue` and `spool rejected` refuse in one line, 77, and move nothing."""
+    nobody = as_nobody()
     home = short_tmpdir()
     home.chmod(0o755)
     try:
@@ -251,9 +245,9 @@ def test_a_user_who_may_not_read_the_spool_is_told_so_in_one_line(tmp_path):
             },
         )
 
-        def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
+        def run_as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
             proc = subprocess.run(
-                [*AS_NOBODY, CLIENT, "--config", str(config), *args],
+                [*nobody, CLIENT, "--config", str(config), *args],
                 capture_output=True,
                 text=True,
                 timeout=60,
@@ -261,14 +255,14 @@ def test_a_user_who_may_not_read_the_spool_is_told_so_in_one_line(tmp_path):
             assert "Traceback" not in proc.stderr, proc.stderr
             return proc
 
-        status = as_nobody("status")
+        status = run_as_nobody("status")
         assert status.returncode == EX_TEMPFAIL
         assert "usage spool (no agent answers): cannot read" in status.stdout
         assert "Permission denied" in status.stdout
-        status = as_nobody("status", "--json")
+        status = run_as_nobody("status", "--json")
         assert json.loads(status.stdout)["spool"]["error"].startswith("cannot read")
         for args in (("spool", "requeue", "--all"), ("spool", "rejected")):
-            refused = as_nobody(*args)
+            refused = run_as_nobody(*args)
             assert refused.returncode == EX_NOPERM
             assert one_line(refused.stderr).startswith(f"metering-client spool {args[1]}: ")
         assert (home / "st" / "spool" / "rejected" / f"{rec.record_id}.json").exists()
