@@ -17,7 +17,7 @@ import pytest
 
 from metering_client.reaper import children_by_parent, own_children
 from metering_client.watcher import LinuxProcTable, Proc
-from tests.support import cli_path, short_tmpdir, wait_until, write_toml
+from tests.support import Daemon, cli_path, short_tmpdir, wait_until, write_toml
 from tests.system import test_failover as failover
 from tests.system.test_client_run import Site
 
@@ -288,10 +288,10 @@ def test_ctrl_c_at_a_terminal_reaches_a_detached_leftover_once(site):
         os.close(master)
 
 
-@pytest.mark.asyncio
-@pytest.mark.parametrize("stubborn", [False, True], ids=["stops", "stubborn"])
-async def test_a_revoke_stops_what_the_command_left_running(tmp_path, stubborn):
-    site = failover.Site(tmp_path, seats=1)  # enforce mode
+def enforced_site_with_agent(tmp_path: Path) -> tuple[failover.Site, Path, Daemon]:
+    """A server with one enforce-mode seat and an agent; `kill_grace_s` 1 s keeps the SIGKILL
+    cases quick."""
+    site = failover.Site(tmp_path, seats=1)
     site.bind("srv-a")
     site.write_config("srv-a", [("srv-a", 0)])
     site.start("srv-a")
@@ -299,9 +299,15 @@ async def test_a_revoke_stops_what_the_command_left_running(tmp_path, stubborn):
         tmp_path / "ws", "ws-1", [site.addr("srv-a")], socket_path=short_tmpdir() / "agent.sock"
     )
     data = tomllib.loads(config.read_text())
-    data["watch"]["kill_grace_s"] = 1.0  # keeps the SIGKILL case quick
+    data["watch"]["kill_grace_s"] = 1.0
     write_toml(config, data)
-    agent = failover.start_agent(config)
+    return site, config, failover.start_agent(config)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("stubborn", [False, True], ids=["stops", "stubborn"])
+async def test_a_revoke_stops_what_the_command_left_running(tmp_path, stubborn):
+    site, config, agent = enforced_site_with_agent(tmp_path)
     procs = Daemonized(tmp_path, stubborn=stubborn)
     stderr = tmp_path / "run.stderr"
     run = run_popen(config, failover.PRODUCT, failover.VERSION, procs.argv, stderr)
@@ -409,17 +415,7 @@ def test_sigterm_reaches_a_leftover_whose_main_thread_exited(site):
 
 @pytest.mark.asyncio
 async def test_a_revoke_stops_a_leftover_whose_main_thread_exited(tmp_path):
-    site = failover.Site(tmp_path, seats=1)  # enforce mode
-    site.bind("srv-a")
-    site.write_config("srv-a", [("srv-a", 0)])
-    site.start("srv-a")
-    config = failover.client_config(
-        tmp_path / "ws", "ws-1", [site.addr("srv-a")], socket_path=short_tmpdir() / "agent.sock"
-    )
-    data = tomllib.loads(config.read_text())
-    data["watch"]["kill_grace_s"] = 1.0
-    write_toml(config, data)
-    agent = failover.start_agent(config)
+    site, config, agent = enforced_site_with_agent(tmp_path)
     argv = [sys.executable, "-c", MAIN_THREAD_EXITS, str(tmp_path / "pid")]
     stderr = tmp_path / "run.stderr"
     run = run_popen(config, failover.PRODUCT, failover.VERSION, argv, stderr)
