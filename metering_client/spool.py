@@ -53,7 +53,7 @@ from metering_client.usage import (
     wire_size,
 )
 from metering_protocol.timefmt import rfc3339
-from metering_runtime.durable import write_atomic, write_atomic_async
+from metering_runtime.durable import fsync_directory, write_atomic, write_atomic_async
 from metering_runtime.logs import get_logger
 
 log = get_logger("metering.usage")
@@ -590,11 +590,7 @@ def _sync_directory(directory: Path) -> None:
     """A rename is durable once its directories are synced; failing that, a power cut can
     only bring the record back to rejected/ (whole), never lose it."""
     with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_directory(directory)
 
 
 def read_spool_on_disk(spool_dir: Path) -> dict[str, int]:
