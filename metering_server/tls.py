@@ -31,6 +31,7 @@ _SERVED_PEM = re.compile(
 )
 
 
+# A plain certificate block: the one `_fault` checks, and those of the chain after the served one.
 _CHAIN_PEM = re.compile(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", re.DOTALL)
 
 
@@ -48,10 +49,10 @@ def tls_context(cfg: ServerConfig) -> ssl.SSLContext:
 def _fault(cert: Path, key: Path | None) -> tuple[str, str]:
     """Which of the files did not load, as far as can be told."""
     try:
-        text = cert.read_text(errors="replace")
-        start = text.index("-----BEGIN CERTIFICATE-----")
-        end = text.index("-----END CERTIFICATE-----", start) + len("-----END CERTIFICATE-----")
-        ssl.PEM_cert_to_DER_cert(text[start:end])
+        first = _CHAIN_PEM.search(cert.read_text(errors="replace"))
+        if first is None:
+            raise ValueError("no certificate")
+        ssl.PEM_cert_to_DER_cert(first[0])
     except (OSError, ValueError):
         return "server.tls_cert_file", f"{cert} holds no usable certificate"
     if key is None:
