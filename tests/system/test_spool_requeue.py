@@ -221,6 +221,24 @@ def test_refused_records_are_sent_again_once_the_principal_may_send_them(site):
         assert db.execute("SELECT count(*) FROM usage").fetchone()[0] == 2
 
 
+def config_in(home: Path, **servers: Any) -> Path:
+    """A client config with its token, state dir (st/) and agent socket (a.sock) in `home`,
+    and a server list nobody answers."""
+    token = write_token(home / "token", "tok-ws")
+    return write_toml(
+        home / "client.toml",
+        {
+            "client": {
+                "user": "ws",
+                "token_file": str(token),
+                "state_dir": str(home / "st"),
+                "socket": str(home / "a.sock"),
+            },
+            "servers": {"list": ["tcp://127.0.0.1:1"], **servers},
+        },
+    )
+
+
 def test_a_user_who_may_not_read_the_spool_is_told_so_in_one_line(tmp_path):
     """No agent, and the state dir is the agent's (0700): `status` says the spool cannot be
     read and keeps its exit code (75: the token file is not this user's either); `spool
@@ -231,19 +249,7 @@ def test_a_user_who_may_not_read_the_spool_is_told_so_in_one_line(tmp_path):
     try:
         rec = spooled(home / "st" / "spool" / "rejected", "alice")
         (home / "st").chmod(0o700)
-        token = write_token(home / "token", "tok-ws")
-        config = write_toml(
-            home / "client.toml",
-            {
-                "client": {
-                    "user": "ws",
-                    "token_file": str(token),
-                    "state_dir": str(home / "st"),
-                    "socket": str(home / "a.sock"),
-                },
-                "servers": {"list": ["tcp://127.0.0.1:1"], "retries": 1},
-            },
-        )
+        config = config_in(home, retries=1)
 
         def run_as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
             proc = subprocess.run(
@@ -277,22 +283,10 @@ def test_no_files_move_behind_an_agent_that_listens_but_does_not_answer(tmp_path
     home = short_tmpdir()
     try:
         rec = spooled(home / "st" / "spool" / "rejected", "alice")
-        token = write_token(home / "token", "tok-ws")
         busy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         busy.bind(str(home / "a.sock"))
         busy.listen(8)  # accepts into its backlog, never answers
-        config = write_toml(
-            home / "client.toml",
-            {
-                "client": {
-                    "user": "ws",
-                    "token_file": str(token),
-                    "state_dir": str(home / "st"),
-                    "socket": str(home / "a.sock"),
-                },
-                "servers": {"list": ["tcp://127.0.0.1:1"], "request_timeout_ms": 300},
-            },
-        )
+        config = config_in(home, request_timeout_ms=300)
         proc = run_client(config, "spool", "requeue", "--all")
         assert proc.returncode == EX_TEMPFAIL, proc.stderr
         assert "did not answer" in one_line(proc.stderr), proc.stderr
