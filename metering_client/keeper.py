@@ -185,11 +185,13 @@ class LeaseKeeper:
         self._tasks = TaskOwner("lease-keeper")  # the maintainer, retiring sessions
         self._notes = TaskOwner("lease-keeper-on-change")  # on_change calls: never cancelled
         self._task: asyncio.Task | None = None
-        # Servers that failed us (a dead session, a fault on a request or a reclaim) since
-        # each last served a request, oldest failure first: tried after every other one.
-        # Only the last one was remembered before, and two servers that took a hello but
-        # faulted every request were tried in turn while a third, healthy one never was.
+        # Servers that failed us (a dead session, a fault on a request or a reclaim, a
+        # move-back probe unanswered) since each last served a request, oldest failure
+        # first: tried after every other one.  Only the last one was remembered before, and
+        # two servers that took a hello but faulted every request were tried in turn while
+        # a third, healthy one never was.
         self._failed: dict[str, None] = {}
+        self._answered: dict[str, float] = {}  # when each server last served a request
         self._failing_over = False
         self._dead_logged: Session | None = None
         self._gave_up = False  # after a full bounded attempt failed: one pass per backoff_max
@@ -282,7 +284,7 @@ class LeaseKeeper:
                 await old.close()
             faults = 0
             while True:
-                session = await self.connector.connect(avoid=list(self._failed), passes=passes)
+                session = await self.connector.connect(avoid=self._avoid(), passes=passes)
                 try:
                     await self._reclaim_all(session)
                     break
@@ -324,13 +326,26 @@ class LeaseKeeper:
         self._wake.set()
 
     def _failed_over(self, address: str) -> None:
+        self._unanswered(address)
+        self._failing_over = True
+
+    def _unanswered(self, address: str) -> None:
         self._failed.pop(address, None)
         self._failed[address] = None  # the latest failure goes last
-        self._failing_over = True
 
     def _served(self, session: Session) -> None:
         """A request answered: its server is a first choice again."""
         self._failed.pop(session.entry.address, None)
+        self._answered[session.entry.address] = self.clock()
+
+    def _avoid(self) -> list[str]:
+        """The servers that failed us, in the order to try them after the others: the one
+        that served us last first, then the oldest failure first.  A server that answered
+        until one heartbeat went unanswered is likelier back than servers not heard from
+        (dark preferred servers that the move-back probes found silent, each costing its
+        timeouts while the leases the failover was for ran out)."""
+        never = float("-inf")
+        return sorted(self._failed, key=lambda address: -self._answered.get(address, never))
 
     async def _reclaim_all(self, session: Session) -> None:
         for held in list(self.held.values()):
@@ -621,7 +636,13 @@ class LeaseKeeper:
         next_beat = 0.0
         next_probe = float("inf")
         probing_for: Session | None = None  # the session next_probe was worked out for
+        # The move-back probes run beside this loop: a dark preferred server costs them its
+        # timeouts, and the heartbeats must not wait for those (a short TTL ran out).
+        probe: asyncio.Task | None = None
         while True:
+            if probe is not None and probe.done():
+                probe = None
+                probing_for, next_probe = self.session, self._next_probe_time(self.session)
             session = self.session
             if session is not probing_for or self._list_changed:
                 # A session made by a request (`call`, a program's checkout before `start`)
@@ -644,7 +665,7 @@ class LeaseKeeper:
             if self._unreturned:  # at once on a session back, else once a wake-up or a beat
                 await self._give_back(session)
             now = self.clock()
-            due = min(next_beat, next_probe)
+            due = min(next_beat, next_probe if probe is None else float("inf"))
             if due > now:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -654,9 +675,9 @@ class LeaseKeeper:
             if now >= next_beat:
                 sooner = await self._beat(session)
                 next_beat = self.clock() + (sooner if sooner is not None else session.heartbeat_s)
-            if self.clock() >= next_probe:
-                await self._move_back(session)
-                probing_for, next_probe = self.session, self._next_probe_time(self.session)
+            if probe is None and self.clock() >= next_probe:
+                probe = self._tasks.spawn(self._move_back(session), "move-back")
+                probe.add_done_callback(lambda _: self._wake.set())
 
     def _next_probe_time(self, session: Session | None) -> float:
         if session is None or session.dead:
@@ -753,8 +774,14 @@ class LeaseKeeper:
                     raise failure  # cancelled, or a bug
             if any(isinstance(p, MeteringError) for p in probed):
                 return  # the credential was refused: no move on it
+            for entry, outcome in zip(better, probed, strict=True):
+                if outcome is None:
+                    self._unanswered(entry.address)  # not a first choice for a failover
             for candidate in [p for p in probed if p is not None]:  # the most preferred first
                 async with self._connect_lock:
+                    current = self.session
+                    if current is not session and not self._worse(current, candidate):
+                        return  # failed over meanwhile, to a server as good as this one
                     try:
                         await self._reclaim_all(candidate)
                     except SESSION_FAULTS:
@@ -781,6 +808,12 @@ class LeaseKeeper:
                 opened = None if probe.cancelled() or probe.exception() else probe.result()
                 if opened is not None and opened is not adopted and not opened.dead:
                     await opened.close()
+
+    def _worse(self, current: Session | None, candidate: Session) -> bool:
+        if current is None or current.dead:
+            return True
+        priority = self.connector.priority_of
+        return priority(candidate.entry.address) < priority(current.entry.address)
 
     def _retire(self, old: Session) -> None:
         """Close a session we moved away from once the requests it carries are answered:

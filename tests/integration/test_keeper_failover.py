@@ -208,6 +208,118 @@ async def test_probing_dark_preferred_servers_does_not_starve_heartbeats(
 
 
 @pytest.mark.asyncio
+async def test_heartbeats_go_on_while_a_move_back_probe_waits_on_a_dark_server(
+    make_server, tmp_path, sockdir
+):
+    """The move-back probe ran in the heartbeat loop: a preferred server that takes the
+    connection and never answers held every heartbeat for the probe's whole timeout (a
+    default config: 2 s; a long one here), however short the lease's TTL."""
+    dark = bind_tcp()
+    dark_addr = f"tcp://127.0.0.1:{dark.getsockname()[1]}"
+    b_addr = f"unix://{sockdir}/srv-b.sock"
+    site = [
+        {"name": "dark", "address": dark_addr, "priority": 0},
+        {"name": "srv-b", "address": b_addr, "priority": 1},
+    ]
+    b = await make_server(
+        name="srv-b",
+        products=PROBE_PRODUCTS,
+        credentials=PROBE_CREDS,
+        site=site,
+        leases={"ttl_s": 60.0, "heartbeat_s": 0.2},
+    )
+    keeper = keeper_for(
+        tmp_path,
+        [b_addr],
+        connect_timeout_ms=60000,
+        request_timeout_ms=60000,
+        reprobe_interval_s=0.2,
+    )
+    dark.setblocking(False)
+    probes: list = []
+    try:
+        held, _ = await keeper.checkout("A", "1", user="alice")
+        assert keeper.session.server == "srv-b"
+        assert keeper.connector.better_than(keeper.session.entry)[0].address == dark_addr
+        keeper.start()
+
+        def probing() -> bool:  # the probe's connection, taken and never answered
+            try:
+                probes.append(dark.accept()[0])
+            except BlockingIOError:
+                pass
+            return bool(probes)
+
+        await async_wait_until(probing, timeout=10.0, what="a move-back probe of the dark server")
+
+        async def expiry() -> float:
+            (lease,) = [x for x in await b.store.leases(b.clock()) if x.lease == held.lease]
+            return lease.expires_at
+
+        before = await expiry()
+
+        async def renewed() -> bool:
+            return await expiry() != before
+
+        await async_wait_until(renewed, timeout=10.0, what="a heartbeat while the probe waits")
+        assert len(probes) == 1, "the probe ended: it was not waiting all along"
+        assert keeper.session.server == "srv-b" and not keeper.session.dead
+    finally:
+        await keeper.stop()
+        for conn in probes:
+            conn.close()
+        dark.close()
+
+
+@pytest.mark.asyncio
+async def test_a_heartbeat_gone_unanswered_tries_its_server_before_dark_preferred_ones(
+    make_server, tmp_path, sockdir
+):
+    """Seen once in CI: a heartbeat to srv-b went unanswered past the request timeout on a
+    loaded machine, and the failover tried the three preferred servers first, each taking
+    the connection and never answering, though the move-back probes had found all three
+    silent: 3 x the hello timeout, past the TTL, and the lease came back under a new id.
+    Servers a probe found silent are tried after the one that served us last."""
+    dark = [bind_tcp() for _ in range(3)]
+    dark_addrs = [f"tcp://127.0.0.1:{s.getsockname()[1]}" for s in dark]
+    b_addr = f"unix://{sockdir}/srv-b.sock"
+    site = [{"name": f"dark{i}", "address": a, "priority": 0} for i, a in enumerate(dark_addrs)]
+    site.append({"name": "srv-b", "address": b_addr, "priority": 1})
+    await make_server(
+        name="srv-b",
+        products=PROBE_PRODUCTS,
+        credentials=PROBE_CREDS,
+        site=site,
+        leases={"ttl_s": 4.0, "heartbeat_s": 0.5},
+    )
+    keeper = keeper_for(
+        tmp_path, [b_addr], connect_timeout_ms=3000, request_timeout_ms=3000, reprobe_interval_s=0.2
+    )
+    try:
+        held, _ = await keeper.checkout("A", "1", user="alice")
+        lease, original = held.lease, keeper.session
+        assert original.server == "srv-b"
+        keeper.start()
+        # a probe round found the three silent (each costs it the 3 s hello timeout)
+        await async_wait_until(
+            lambda: set(dark_addrs) <= set(keeper._failed), timeout=10.0, what="probes failed"
+        )
+        # one heartbeat unanswered: the session is dead, as after request_timeout_ms
+        keeper.session_failed(original, "heartbeat: no answer within 3.0 s")
+        await async_wait_until(
+            lambda: keeper.session is not None and keeper.session is not original,
+            timeout=20.0,
+            what="a new session",
+        )
+        assert keeper.session.server == "srv-b"
+        assert keeper.held[held.handle].lease == lease, "the lease expired meanwhile"
+    finally:
+        await keeper.stop()
+        for s in dark:
+            s.close()
+
+
+@pytest.mark.asyncio
 async def test_a_client_configured_with_the_backup_alone_moves_to_the_preferred_server(
     make_server, tmp_path, sockdir
 ):
