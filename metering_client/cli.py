@@ -92,12 +92,19 @@ def parser() -> argparse.ArgumentParser:
         "run",
         help="check out a seat, run CMD, check in; exit with CMD's status",
         description="The seat is held while CMD runs, and until every process it left "
-        "running (a program that daemonizes) has ended.  Exit codes: CMD's own; 64 usage; "
+        "running (a program that daemonizes) has ended; with --until-exit, only while CMD "
+        "runs.  Exit codes: CMD's own; 64 usage; "
         "69 unknown product; 75 denied, no server reachable, or the seat revoked (enforce "
         "mode); 77 authentication refused; 78 config problem.",
     )
     _globals(r, sub=True)
     _product_args(r)
+    r.add_argument(
+        "--until-exit",
+        action="store_true",
+        help="hold the seat only until CMD exits: what it leaves running on purpose (an "
+        "ssh-agent, a build daemon) is not waited for or signalled",
+    )
     r.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...")
     c = sub.add_parser(
         "checkout",
@@ -195,7 +202,13 @@ async def _dispatch(args: argparse.Namespace, config: ClientConfig) -> int:
         return 0
     if args.command == "run":
         return await run_command(
-            config, args.product, args.version, args.wait, args.cmd, verbose=args.verbose
+            config,
+            args.product,
+            args.version,
+            args.wait,
+            args.cmd,
+            verbose=args.verbose,
+            until_exit=args.until_exit,
         )
     if args.command == "checkout":
         return await _checkout(config, args)
@@ -214,7 +227,11 @@ async def run_command(
     cmd: list[str],
     *,
     verbose: bool = False,
+    until_exit: bool = False,
 ) -> int:
+    """`until_exit`: the seat is the command's alone; what it leaves running goes to init,
+    as it did before `run` became a subreaper (helpers started on purpose: an ssh-agent,
+    a Gradle daemon idling for hours)."""
     async with Seat(product, version, config=config, wait_s=wait_s) as seat:
         loop = asyncio.get_running_loop()
         # Every signal whose default would end `run` and leave its command running without
@@ -238,7 +255,7 @@ async def run_command(
         try:
             # Before the start: what the command leaves running (a program that daemonizes)
             # becomes run's, holds the seat and gets run's signals (metering_client/reaper.py).
-            subreaper = become_subreaper()
+            subreaper = not until_exit and become_subreaper()
             try:
                 proc = await asyncio.create_subprocess_exec(*cmd)
             except OSError as exc:

@@ -192,6 +192,29 @@ def test_what_the_command_left_running_holds_the_seat_until_it_ends(site, use_ag
             run.wait(10)
 
 
+def test_until_exit_holds_the_seat_for_the_command_alone(site):
+    """A command that leaves a helper behind on purpose (an ssh-agent, a Gradle daemon that
+    idles for hours) held the seat as long as the helper lived, with no way out but to start
+    the helper outside `run`.  With --until-exit the seat goes back when the command exits,
+    and the helper is left alone: not `run`'s, not waited for, not signalled."""
+    procs = Daemonized(site.tmp)
+    stderr = site.tmp / "run.stderr"
+    run = run_popen(site.client_toml, "CLOCK.EXE", "4.00", procs.argv, stderr, "--until-exit")
+    try:
+        _, leftover, helper = procs.started()
+        assert run.wait(30) == 3, stderr.read_text()  # the command's own status
+        assert site.in_use() == 0
+        assert not procs.gone(leftover) and not procs.gone(helper)
+        assert procs.parent(leftover) != run.pid
+        assert procs.signals() == []
+        assert stderr.read_text() == ""
+    finally:
+        procs.kill_all()
+        if run.poll() is None:
+            run.kill()
+            run.wait(10)
+
+
 def test_sigterm_to_run_reaches_what_the_command_left_running(site):
     site.start_agent()
     procs = Daemonized(site.tmp)
