@@ -246,8 +246,9 @@ class Connector:
         self, *, avoid: Sequence[str] = (), passes: int | None = None
     ) -> ServerSession:
         """A session on the most preferred server that answers; `avoid` (the servers that
-        failed us, oldest failure first) are tried last, in that order, so a dark host does
-        not cost a connect timeout first and two faulting ones do not hide a third."""
+        failed us, in the order the caller wants them tried) are tried last, in that order,
+        so a dark host does not cost a connect timeout first and two faulting ones do not
+        hide a third."""
         passes = passes if passes is not None else self.config.servers.retries
         errors: list[str] = []
         done = 0

@@ -187,11 +187,12 @@ class LeaseKeeper:
         self._task: asyncio.Task | None = None
         # Servers that failed us (a dead session, a fault on a request or a reclaim, a
         # move-back probe unanswered) since each last served a request, oldest failure
-        # first: tried after every other one.  Only the last one was remembered before, and
-        # two servers that took a hello but faulted every request were tried in turn while
-        # a third, healthy one never was.
+        # first: tried after every other one, in the order `_avoid` says.  Only the last one
+        # was remembered before, and two servers that took a hello but faulted every request
+        # were tried in turn while a third, healthy one never was.
         self._failed: dict[str, None] = {}
-        self._answered: dict[str, float] = {}  # when each server last served a request
+        # Per server: when it last served a request, and the session that did.
+        self._answered: dict[str, tuple[float, Session]] = {}
         self._failing_over = False
         self._dead_logged: Session | None = None
         self._gave_up = False  # after a full bounded attempt failed: one pass per backoff_max
@@ -280,7 +281,7 @@ class LeaseKeeper:
                 return self.session
             old, self.session = self.session, None
             if old is not None:
-                self._failed_over(old.entry.address)
+                self._failed_over(old)
                 await old.close()
             faults = 0
             while True:
@@ -298,7 +299,7 @@ class LeaseKeeper:
                     if faults >= self.connector.server_count():
                         raise
                     log.warning("session_dead", server=session.server, reason=f"reclaim: {exc}")
-                    self._failed_over(session.entry.address)
+                    self._failed_over(session)
             self._watch(session)
             self._ttl_s = session.ttl_s
             if self._failing_over:
@@ -322,10 +323,17 @@ class LeaseKeeper:
             self._dead_logged = session
             log.warning("session_dead", server=session.server, reason=why)
         session.fail(why)
-        self._failed_over(session.entry.address)
+        self._failed_over(session)
         self._wake.set()
 
-    def _failed_over(self, address: str) -> None:
+    def _failed_over(self, session: Session) -> None:
+        address = session.entry.address
+        answered = self._answered.get(address)
+        if answered is not None and answered[1] is not session:
+            # A session that took the hello and served nothing (a store wedged behind it):
+            # the server's older service no longer puts it first, or it would be tried
+            # first after every failure of its own and hide every other server.
+            del self._answered[address]
         self._unanswered(address)
         self._failing_over = True
 
@@ -336,16 +344,20 @@ class LeaseKeeper:
     def _served(self, session: Session) -> None:
         """A request answered: its server is a first choice again."""
         self._failed.pop(session.entry.address, None)
-        self._answered[session.entry.address] = self.clock()
+        self._answered[session.entry.address] = (self.clock(), session)
 
     def _avoid(self) -> list[str]:
-        """The servers that failed us, in the order to try them after the others: the one
-        that served us last first, then the oldest failure first.  A server that answered
-        until one heartbeat went unanswered is likelier back than servers not heard from
-        (dark preferred servers that the move-back probes found silent, each costing its
-        timeouts while the leases the failover was for ran out)."""
-        never = float("-inf")
-        return sorted(self._failed, key=lambda address: -self._answered.get(address, never))
+        """The servers that failed us, in the order to try them after the others: those
+        whose last session served us, the latest first, then the oldest failure first.  A
+        server that answered until one heartbeat went unanswered is likelier back than
+        servers not heard from (dark preferred servers that the move-back probes found
+        silent, each costing its timeouts while the leases the failover was for ran out)."""
+
+        def served_at(address: str) -> float:
+            answered = self._answered.get(address)
+            return float("-inf") if answered is None else answered[0]
+
+        return sorted(self._failed, key=lambda address: -served_at(address))
 
     async def _reclaim_all(self, session: Session) -> None:
         for held in list(self.held.values()):
