@@ -26,6 +26,7 @@ from metering_client.programs import pid_start
 from metering_client.spool import RECORD_NAME_MAX, RECORD_NAME_PATTERN, UsageLog
 from metering_protocol import messages as m
 from metering_protocol.errors import BadRequest, Forbidden, LeaseNotFound, MeteringError
+from metering_protocol.names import fit_name
 from metering_protocol.unixsock import user_name
 from metering_runtime.connection import Connection
 from metering_runtime.logs import get_logger
@@ -127,7 +128,7 @@ class LocalSession:
                         await self.agent.keeper.checkin(handle)
 
     async def op_hello(self, req: m.Hello) -> dict[str, Any]:
-        name = user_name(self.uid) or f"uid{self.uid}"
+        name = fit_name(user_name(self.uid) or f"uid{self.uid}")
         if req.user is not None and req.user != name and not self.privileged:
             raise Forbidden(f"peer uid {self.uid} is {name!r}, not {req.user!r}")
         self.user = req.user or name

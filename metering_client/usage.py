@@ -24,9 +24,10 @@ from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 
+from metering_protocol.names import NAME_MAX
 from metering_protocol.timefmt import parse_rfc3339, rfc3339
 
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=NAME_MAX)]
 Outcome = Literal["granted", "denied", "overuse"]
 OUTCOMES: tuple[str, ...] = ("granted", "denied", "overuse")
 WIRE_FIELDS = (

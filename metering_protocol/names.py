@@ -6,9 +6,11 @@ product and version."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 NO_CONTROL = r"\A[^\x00-\x1f\x7f]*\Z"
+NAME_MAX = 128  # the longest name the protocol takes (users, clients, products, keys)
 _no_control = re.compile(NO_CONTROL)
 
 
@@ -26,6 +28,18 @@ def os_text(name: str) -> str:
     if name.isascii():
         return name
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def fit_name(name: str, limit: int = NAME_MAX) -> str:
+    """`name` as the protocol takes it: a longer one cut, with a digest of the whole so that
+    two names sharing their first characters stay two.  A directory's user names (a
+    principal name of an AD domain through SSSD) can be longer than the wire's limit; sent
+    whole, the checkout was refused, so the program had no seat and no usage record, and an
+    enforce-mode program ran on unstopped."""
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return f"{name[: limit - len(digest) - 1]}~{digest}"
 
 
 def same_product(product: str, version: str, other_product: str, other_version: str) -> bool:

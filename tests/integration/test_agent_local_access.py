@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pwd
 import shutil
 import subprocess
 import time
@@ -17,6 +18,7 @@ from metering_client.config import build_client_config
 from metering_client.spool import Spool
 from metering_client.usage import new_record
 from metering_protocol.errors import BadRequest, ConnectionLost
+from metering_protocol.names import fit_name
 from tests.conftest import hello
 from tests.support import async_wait_until, short_tmpdir, sqlite_write_lock, write_token
 
@@ -144,6 +146,39 @@ async def test_a_programs_heartbeat_names_its_revoked_seat(make_server, tmp_path
         assert (beat["renewed"], beat["lost"], beat["revoked"]) == ([], [handle], [handle])
     finally:
         await program.close()
+        await stop_local_agent(agent, short)
+
+
+@pytest.mark.asyncio
+async def test_a_local_user_with_a_name_longer_than_the_protocol_takes_gets_a_seat(
+    make_server, tmp_path, monkeypatch
+):
+    """A directory user's name over 128 characters (through SSSD) was the seat's user as
+    it was: the server refused the checkout (`bad_request`), so the program got no seat.
+    The agent sends it fitted (`names.fit_name`), the same for every checkout of that user."""
+    long = "svc-" + "x" * 200 + "@corp.example.com"
+    entry = pwd.getpwuid(os.getuid())
+    real = pwd.getpwuid
+    monkeypatch.setattr(
+        pwd,
+        "getpwuid",
+        lambda uid: pwd.struct_passwd((long, *entry[1:])) if uid == os.getuid() else real(uid),
+    )
+    server = await make_server(
+        products=[{"name": "A", "version": "1", "seats": 2}],
+        credentials={"ws": (["agent"], "tok"), "boss": (["admin"], "boss-tok")},
+    )
+    agent, short = await start_local_agent(server, tmp_path)
+    program = await hello(f"unix://{agent.config.socket}", client="p1")
+    boss = await hello(server.address("tcp"), user="boss", token="boss-tok")
+    try:
+        granted = await program.request("checkout", timeout=10, product="A", version="1")
+        assert granted["lease"]
+        (row,) = (await boss.request("leases", timeout=5))["leases"]
+        assert row["user"] == fit_name(long)
+    finally:
+        await program.close()
+        await boss.close()
         await stop_local_agent(agent, short)
 
 

@@ -11,9 +11,12 @@ import json
 import pwd
 
 import msgspec
+import pytest
 
 from metering_protocol import framing
-from metering_protocol.names import is_clean_name, os_text
+from metering_protocol import messages as m
+from metering_protocol.errors import BadRequest
+from metering_protocol.names import NAME_MAX, fit_name, is_clean_name, os_text
 from metering_protocol.unixsock import user_name
 
 RAW = b"j\xf6rg".decode("utf-8", "surrogateescape")  # as pwd and os.readlink give it
@@ -32,3 +35,18 @@ def test_user_name_gives_that_text(monkeypatch):
     fake = pwd.struct_passwd((RAW, *entry[1:]))
     monkeypatch.setattr(pwd, "getpwuid", lambda uid: fake)
     assert user_name(1234) == "j\\xf6rg"
+
+
+def test_a_name_longer_than_the_protocol_takes_is_fitted_and_kept_apart():
+    """Sent whole, a user name over 128 characters had its checkout refused (`bad_request`):
+    the program ran with no seat and no record.  Fitted, it is taken, and two long names
+    that share their first 128 characters stay two."""
+    one, two = "a" * 150 + "-one", "a" * 150 + "-two"
+    fitted = fit_name(one)
+    assert len(fitted) == NAME_MAX and fitted.startswith("a" * 100) and fitted != fit_name(two)
+    assert fit_name(one) == fitted  # the same name, the same fitted name: one user in reports
+    assert fit_name("alice") == "alice" and fit_name("b" * NAME_MAX) == "b" * NAME_MAX
+    checkout = {"op": "checkout", "id": 1, "product": "CLOCK.EXE", "version": "4.00"}
+    with pytest.raises(BadRequest):
+        m.parse_request({**checkout, "user": one})
+    assert m.parse_request({**checkout, "user": fitted}).user == fitted

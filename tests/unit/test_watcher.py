@@ -33,6 +33,7 @@ from metering_client.watcher import (
     match,
 )
 from metering_protocol.errors import Denied, Unavailable, UnknownProduct
+from metering_protocol.names import NAME_MAX, fit_name
 from metering_protocol.timefmt import parse_rfc3339, rfc3339
 from tests.support import async_wait_until
 
@@ -302,6 +303,24 @@ async def test_a_process_that_execs_into_a_watched_program_is_noticed(env):
 
 
 # --- instances ------------------------------------------------------------------------------------
+@pytest.mark.asyncio
+async def test_a_user_name_longer_than_the_protocol_takes_is_sent_fitted(env, tmp_path):
+    """A directory user's name over 128 characters was sent whole: the server refused the
+    checkout (an enforce program ran on unstopped) and the spool could not read the record
+    back.  The name is cut, with a digest of the whole, to what the protocol takes."""
+    long = "svc-" + "x" * 200 + "@corp.example.com"
+    env.watcher.user_of = {**USERS, 1002: long}.get
+    env.table.add(100, exe="Clock", uid=1002, start=7)
+    await env.scan()
+    [checkout] = env.keeper.checkouts
+    assert checkout["user"] == fit_name(long) and len(checkout["user"]) == NAME_MAX
+    [rec] = env.records()
+    assert rec.user == checkout["user"]
+    again = Spool(tmp_path / "spool")
+    again.load()  # the record as written reads back
+    assert [r.user for r in again.records.values()] == [checkout["user"]]
+
+
 @pytest.mark.asyncio
 async def test_shared_instances_of_one_user_hold_one_seat_while_any_runs(env):
     env.table.add(100)
