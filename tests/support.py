@@ -180,6 +180,35 @@ async def async_wait_until(
         await asyncio.sleep(interval)
 
 
+# --- scripted servers -------------------------------------------------------------------------
+def scripted_hello(server: str) -> dict[str, Any]:
+    """A hello reply's fields, for the scripted servers some keeper tests talk to (a server
+    that sheds or wedges on cue, which the real one does only under load)."""
+    return {
+        "ok": True,
+        "server": server,
+        "site": "test",
+        "protocol": 1,
+        "servers": [],
+        "heartbeat_s": 1,
+        "lease_ttl_s": 10,
+        "roles": ["agent"],
+    }
+
+
+def scripted_overloaded(message: str = "busy", retry_after_s: float = 1.0) -> dict[str, Any]:
+    """An `overloaded` answer, as a store that cannot keep up gives it."""
+    return {
+        "ok": False,
+        "error": {
+            "code": "overloaded",
+            "message": message,
+            "retryable": True,
+            "retry_after_s": retry_after_s,
+        },
+    }
+
+
 # --- raw sockets ------------------------------------------------------------------------------
 class Raw:
     """A bare socket speaking bytes, for input no well-behaved client would send."""

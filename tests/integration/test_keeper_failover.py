@@ -14,7 +14,14 @@ from metering_client.keeper import LeaseKeeper
 from metering_client.serverlist import ServerList
 from metering_protocol.errors import MeteringError
 from tests.conftest import hello
-from tests.support import async_wait_until, bind_tcp, keeper_for, write_token
+from tests.support import (
+    async_wait_until,
+    bind_tcp,
+    keeper_for,
+    scripted_hello,
+    scripted_overloaded,
+    write_token,
+)
 
 PRODUCTS = [{"name": "A", "version": "1", "seats": 1}]
 
@@ -158,6 +165,20 @@ async def _ranked_site(make_server, sockdir, *start: str) -> tuple[str, str, lis
     return a_addr, b_addr, site
 
 
+async def _dark_preferred_site(make_server, sockdir, darks: int, **leases: float):
+    """`darks` preferred servers that take the connection and never answer, and srv-b
+    behind them (lease settings `leases`): their listening sockets, and srv-b's address."""
+    dark = [bind_tcp() for _ in range(darks)]
+    addrs = [f"tcp://127.0.0.1:{s.getsockname()[1]}" for s in dark]
+    b_addr = f"unix://{sockdir}/srv-b.sock"
+    site = [{"name": f"dark{i}", "address": a, "priority": 0} for i, a in enumerate(addrs)]
+    site.append({"name": "srv-b", "address": b_addr, "priority": 1})
+    b = await make_server(
+        name="srv-b", products=PROBE_PRODUCTS, credentials=PROBE_CREDS, site=site, leases=leases
+    )
+    return dark, b_addr, b, site
+
+
 @pytest.mark.asyncio
 async def test_probing_dark_preferred_servers_does_not_starve_heartbeats(
     make_server, tmp_path, sockdir
@@ -166,17 +187,8 @@ async def test_probing_dark_preferred_servers_does_not_starve_heartbeats(
     another in the heartbeat loop; three that accept TCP and never answer cost 4.5 s without
     a heartbeat, past the 4 s TTL, and the lease expired on the server that answered all
     along. Probed side by side, they cost one probe's time."""
-    dark = [bind_tcp() for _ in range(3)]
-    dark_addrs = [f"tcp://127.0.0.1:{s.getsockname()[1]}" for s in dark]
-    b_addr = f"unix://{sockdir}/srv-b.sock"
-    site = [{"name": f"dark{i}", "address": a, "priority": 0} for i, a in enumerate(dark_addrs)]
-    site.append({"name": "srv-b", "address": b_addr, "priority": 1})
-    await make_server(
-        name="srv-b",
-        products=PROBE_PRODUCTS,
-        credentials=PROBE_CREDS,
-        site=site,
-        leases={"ttl_s": 4.0, "heartbeat_s": 1.0},
+    dark, b_addr, _, site = await _dark_preferred_site(
+        make_server, sockdir, 3, ttl_s=4.0, heartbeat_s=1.0
     )
     keeper = keeper_for(
         tmp_path, [b_addr], connect_timeout_ms=1000, request_timeout_ms=1500, reprobe_interval_s=0.5
@@ -215,20 +227,10 @@ async def test_heartbeats_go_on_while_a_move_back_probe_waits_on_a_dark_server(
     """The move-back probe ran in the heartbeat loop: a preferred server that takes the
     connection and never answers held every heartbeat for the probe's whole timeout (a
     default config: 2 s; a long one here), however short the lease's TTL."""
-    dark = bind_tcp()
-    dark_addr = f"tcp://127.0.0.1:{dark.getsockname()[1]}"
-    b_addr = f"unix://{sockdir}/srv-b.sock"
-    site = [
-        {"name": "dark", "address": dark_addr, "priority": 0},
-        {"name": "srv-b", "address": b_addr, "priority": 1},
-    ]
-    b = await make_server(
-        name="srv-b",
-        products=PROBE_PRODUCTS,
-        credentials=PROBE_CREDS,
-        site=site,
-        leases={"ttl_s": 60.0, "heartbeat_s": 0.2},
+    (dark,), b_addr, b, site = await _dark_preferred_site(
+        make_server, sockdir, 1, ttl_s=60.0, heartbeat_s=0.2
     )
+    dark_addr = site[0]["address"]
     keeper = keeper_for(
         tmp_path,
         [b_addr],
@@ -281,18 +283,10 @@ async def test_a_heartbeat_gone_unanswered_tries_its_server_before_dark_preferre
     the connection and never answering, though the move-back probes had found all three
     silent: 3 x the hello timeout, past the TTL, and the lease came back under a new id.
     Servers a probe found silent are tried after the one that served us last."""
-    dark = [bind_tcp() for _ in range(3)]
-    dark_addrs = [f"tcp://127.0.0.1:{s.getsockname()[1]}" for s in dark]
-    b_addr = f"unix://{sockdir}/srv-b.sock"
-    site = [{"name": f"dark{i}", "address": a, "priority": 0} for i, a in enumerate(dark_addrs)]
-    site.append({"name": "srv-b", "address": b_addr, "priority": 1})
-    await make_server(
-        name="srv-b",
-        products=PROBE_PRODUCTS,
-        credentials=PROBE_CREDS,
-        site=site,
-        leases={"ttl_s": 4.0, "heartbeat_s": 0.5},
+    dark, b_addr, _, site = await _dark_preferred_site(
+        make_server, sockdir, 3, ttl_s=4.0, heartbeat_s=0.5
     )
+    dark_addrs = [entry["address"] for entry in site[:-1]]
     keeper = keeper_for(
         tmp_path, [b_addr], connect_timeout_ms=3000, request_timeout_ms=3000, reprobe_interval_s=0.2
     )
@@ -341,27 +335,10 @@ def wedging_server(state: dict):
                 req = json.loads(line)
                 op = req["op"]
                 if op == "hello":
-                    reply = {
-                        "ok": True,
-                        "server": "srv-w",
-                        "site": "test",
-                        "protocol": 1,
-                        "servers": [],
-                        "heartbeat_s": 1,
-                        "lease_ttl_s": 10,
-                        "roles": ["agent"],
-                    }
+                    reply = scripted_hello("srv-w")
                 elif not state["ok"]:
                     state["refused"] += 1
-                    reply = {
-                        "ok": False,
-                        "error": {
-                            "code": "overloaded",
-                            "message": "busy",
-                            "retryable": True,
-                            "retry_after_s": 0.1,
-                        },
-                    }
+                    reply = scripted_overloaded(retry_after_s=0.1)
                 elif op == "ping":
                     reply = {"ok": True}
                 elif op == "heartbeat":

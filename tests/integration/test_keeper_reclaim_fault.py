@@ -10,7 +10,7 @@ import pytest
 
 from metering_client.keeper import HeldLease
 from tests.conftest import hello
-from tests.support import async_wait_until, keeper_for
+from tests.support import async_wait_until, keeper_for, scripted_hello, scripted_overloaded
 
 
 async def _overloaded_on_checkout(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
@@ -19,28 +19,9 @@ async def _overloaded_on_checkout(reader: asyncio.StreamReader, writer: asyncio.
         while line := await reader.readline():
             req = json.loads(line)
             if req["op"] == "hello":
-                reply = {
-                    "id": req["id"],
-                    "ok": True,
-                    "server": "busy",
-                    "site": "test",
-                    "protocol": 1,
-                    "servers": [],
-                    "heartbeat_s": 1,
-                    "lease_ttl_s": 10,
-                    "roles": ["agent"],
-                }
+                reply = {"id": req["id"], **scripted_hello("busy")}
             else:
-                reply = {
-                    "id": req["id"],
-                    "ok": False,
-                    "error": {
-                        "code": "overloaded",
-                        "message": "busy",
-                        "retryable": True,
-                        "retry_after_s": 1.0,
-                    },
-                }
+                reply = {"id": req["id"], **scripted_overloaded()}
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
     finally:
@@ -92,14 +73,11 @@ class _RefusesTheFirstReclaim:
                 req = json.loads(line)
                 reply: dict = {"id": req["id"], "ok": True}
                 if req["op"] == "hello":
-                    reply |= {"server": "srv-a", "site": "test", "protocol": 1, "servers": [],
-                              "heartbeat_s": 1, "lease_ttl_s": 10, "roles": ["agent"]}  # fmt: skip
+                    reply |= scripted_hello("srv-a")
                 elif req["op"] == "checkout":
                     self.reclaims += "lease" in req
                     if self.reclaims == 1 and "lease" in req:
-                        reply = {"id": req["id"], "ok": False, "error": {
-                            "code": "overloaded", "message": "store busy", "retryable": True,
-                            "retry_after_s": 1.0}}  # fmt: skip
+                        reply = {"id": req["id"], **scripted_overloaded("store busy")}
                     else:
                         reply |= {"lease": req.get("lease", "L1"), "reclaimed": "lease" in req,
                                   "expires_in_s": 10, "in_use": 1, "seats": 5,
