@@ -301,17 +301,21 @@ class LeaseKeeper:
                     log.warning("session_dead", server=session.server, reason=f"reclaim: {exc}")
                     self._failed_over(session)
             self._watch(session)
-            self._ttl_s = session.ttl_s
-            if self._failing_over:
-                self.failovers += 1
-                log.info("failed_over", server=session.server, leases=len(self.held))
-            self._failing_over = False
-            self._gave_up = False
-            self._refused_reclaims = 0
+            self._reconnected(session)
             self.session = session
             self._wake.set()
             self._session_established()
             return session
+
+    def _reconnected(self, session: Session) -> None:
+        """A session after none or a dead one: a failover done, and no longer given up."""
+        self._ttl_s = session.ttl_s
+        if self._failing_over:
+            self.failovers += 1
+            log.info("failed_over", server=session.server, leases=len(self.held))
+        self._failing_over = False
+        self._gave_up = False
+        self._refused_reclaims = 0
 
     def _watch(self, session: Session) -> None:
         # A reset or EOF wakes the maintainer at once: fail over now, not at the next beat.
@@ -801,6 +805,8 @@ class LeaseKeeper:
                         continue
                     self._watch(candidate)
                     adopted, old, self.session = candidate, self.session, candidate
+                    if current is None or current.dead:
+                        self._reconnected(candidate)  # what the loop's reconnect was for
                 log.info(
                     "moved_back",
                     server=candidate.server,

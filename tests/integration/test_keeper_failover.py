@@ -415,6 +415,108 @@ async def test_a_server_that_served_once_and_wedged_does_not_hide_the_others(
         await w.wait_closed()
 
 
+class GatedProxy:
+    """A TCP relay to a server: the first connection's replies are held until `gate` is set
+    (a probe on a slow link), and later connections are refused while `refusing`."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.refusing = False
+        self.connections = 0
+        self.target = 0  # the server's port, known once it runs
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return f"tcp://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        if self.refusing:
+            writer.close()
+            return
+        held = self.connections == 1
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, gated: bool):
+            try:
+                while data := await src.read(65536):
+                    if gated:
+                        await self.gate.wait()
+                    dst.write(data)
+                    await dst.drain()
+            finally:
+                dst.close()
+
+        await asyncio.gather(
+            pipe(reader, up_writer, False), pipe(up_reader, writer, held), return_exceptions=True
+        )
+
+    async def close(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+
+@pytest.mark.asyncio
+async def test_a_probe_that_ends_a_failed_reconnect_resumes_the_heartbeats(
+    make_server, tmp_path, sockdir
+):
+    """Found by a review of the probes running beside the heartbeats: srv-b died while a
+    probe of srv-p waited for its answer, the reconnect found no server and parked the
+    loop for backoff_max (60 s); then the probe's answer came and it adopted srv-p.  The
+    failover was not counted (`status`), and the keeper still took itself for one that
+    had given up: the next outage would get one pass instead of the retry bound."""
+    proxy = GatedProxy()
+    p_addr = await proxy.start()
+    b_addr = f"unix://{sockdir}/srv-b.sock"
+    site = [
+        {"name": "srv-p", "address": p_addr, "priority": 0},
+        {"name": "srv-b", "address": b_addr, "priority": 1},
+    ]
+    leases = {"ttl_s": 4.0, "heartbeat_s": 0.5}
+    kw = {"products": PROBE_PRODUCTS, "credentials": PROBE_CREDS, "site": site, "leases": leases}
+    p = await make_server(name="srv-p", **kw)
+    proxy.target = int(p.address("tcp").rsplit(":", 1)[1])
+    b = await make_server(name="srv-b", **kw)
+    keeper = keeper_for(
+        tmp_path,
+        [b_addr],
+        retries=1,
+        connect_timeout_ms=5000,
+        request_timeout_ms=5000,
+        reprobe_interval_s=0.2,
+        backoff_max_ms=60000,
+    )
+    try:
+        held, _ = await keeper.checkout("A", "1", user="alice")
+        assert keeper.session.server == "srv-b"
+        keeper.start()
+        await async_wait_until(lambda: proxy.connections == 1, what="the probe of srv-p")
+        proxy.refusing = True  # srv-p unreachable for the reconnect, as on a flapping link
+        await b.shutdown(timeout=1.0)
+        await async_wait_until(lambda: keeper._gave_up, what="the reconnect to give up")
+        proxy.gate.set()  # the probe's answers arrive
+        await async_wait_until(
+            lambda: keeper.session is not None and keeper.session.server == "srv-p",
+            what="the probe to adopt srv-p",
+        )
+
+        async def expiry() -> float:
+            (row,) = [x for x in await p.store.leases(p.clock()) if x.lease == held.lease]
+            return row.expires_at
+
+        adopted = await expiry()  # the reclaim's renewal
+
+        async def renewed() -> bool:
+            return await expiry() > adopted
+
+        await async_wait_until(renewed, timeout=3.0, what="a heartbeat on srv-p")
+        assert keeper.status()["failovers"] == 1
+        assert not keeper._gave_up
+    finally:
+        await keeper.stop()
+        await proxy.close()
+
+
 @pytest.mark.asyncio
 async def test_a_client_configured_with_the_backup_alone_moves_to_the_preferred_server(
     make_server, tmp_path, sockdir
