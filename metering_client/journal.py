@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
+
+import msgspec
 
 from metering_client.keeper import HeldLease
 from metering_runtime.durable import write_atomic_async
@@ -30,15 +33,38 @@ class LeaseJournal:
         self._written = 0  # sequence number of the snapshot on disk
 
     def load(self) -> list[HeldLease]:
-        """Sync on purpose: it runs once, at start-up, before the agent serves anyone."""
+        """Sync on purpose: it runs once, at start-up, before the agent serves anyone.
+
+        Judged lease by lease: a field this version does not know (a journal a newer agent
+        wrote, before a downgrade) is ignored, and one entry it cannot read is skipped.  One
+        such entry lost every lease before: each running program then took a second seat
+        while its first was held until the TTL, and its usage run was split in two.  A file
+        that is not a journal at all is kept beside it for the operator (the next save would
+        have replaced it) and the agent starts with no leases."""
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
-            return [HeldLease(**item) for item in data.get("leases", [])]
+            entries = data["leases"]
+            if not isinstance(entries, list):
+                raise TypeError(f"`leases` is {type(entries).__name__}, not a list")
         except FileNotFoundError:
             return []
-        except (ValueError, TypeError, OSError) as exc:
-            log.error("lease_journal_unreadable", path=str(self.path), error=str(exc))
+        except (ValueError, TypeError, KeyError, OSError) as exc:
+            kept = self.path.with_name(self.path.name + ".unreadable")
+            try:
+                os.replace(self.path, kept)
+            except OSError:
+                kept = self.path
+            log.error("lease_journal_unreadable", path=str(kept), error=str(exc))
             return []
+        held: list[HeldLease] = []
+        for n, entry in enumerate(entries):
+            try:
+                held.append(msgspec.convert(entry, HeldLease))
+            except msgspec.ValidationError as exc:
+                log.error(
+                    "lease_journal_entry_unreadable", path=str(self.path), entry=n, error=str(exc)
+                )
+        return held
 
     @property
     def behind(self) -> bool:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import stat
 import threading
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from metering_client.journal import LeaseJournal
 from metering_client.keeper import HeldLease
@@ -208,3 +210,30 @@ async def test_a_failed_save_raises_and_the_next_one_writes(tmp_path):
     path.parent.mkdir()
     await journal.save([lease(1)])
     assert journal.load() == [lease(1)]
+
+
+def test_a_journal_entry_is_judged_alone_and_unknown_fields_are_ignored(tmp_path):
+    """One entry the agent could not read (a field a newer agent wrote, before a downgrade;
+    a hand edit) cost every lease: each running program took a second seat while its first
+    was held until the TTL, and its usage run was split in two."""
+    path = tmp_path / "leases.json"
+    newer = {**lease(1).to_json(), "priority_hint": 3}  # from a newer agent
+    broken = {**lease(2).to_json(), "pid": "4242"}
+    path.write_text(json.dumps({"version": 1, "leases": [newer, broken, lease(3).to_json()]}))
+    with capture_logs() as logs:
+        assert LeaseJournal(path).load() == [lease(1), lease(3)]
+    assert [(e["event"], e["entry"]) for e in logs] == [("lease_journal_entry_unreadable", 1)]
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"version": 1}', '{"leases": {}}', "[]"])
+def test_a_file_that_is_no_journal_is_kept_for_the_operator(tmp_path, text):
+    """The next save replaced it: whatever a failing disk or a hand edit had left was gone."""
+    path = tmp_path / "leases.json"
+    path.write_text(text)
+    with capture_logs() as logs:
+        assert LeaseJournal(path).load() == []
+    assert (tmp_path / "leases.json.unreadable").read_text() == text
+    assert not path.exists()
+    [line] = logs
+    assert line["event"] == "lease_journal_unreadable"
+    assert line["path"] == str(tmp_path / "leases.json.unreadable")
