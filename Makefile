@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo demo-site bench bench-instructions clean
+.PHONY: install test lint demo demo-site bench bench-instructions bench-failover clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ bench: $(STAMP)
 # Server instructions per request under callgrind: repeatable where timings are not (needs valgrind).
 bench-instructions: $(STAMP)
 	$(BIN)/python benchmarks/instructions.py $(BENCH_ARGS)
+
+# The agent beside silent preferred servers: heartbeat gaps while probes wait, and one failover.
+bench-failover: $(STAMP)
+	PYTHONPATH=. $(BIN)/pytest -q -s benchmarks/failover_dark_preferred.py -p tests.conftest
 
 # systemd units, users and directories for a venv at $(PREFIX) (docs/operations.md, "Install
 # and run"). The units' /opt/metering is rewritten to $(PREFIX). DESTDIR stages everything
