@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -25,8 +27,9 @@ class LeaseJournal:
     two writes rather than one per change.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, wall: Callable[[], float] = time.time):
         self.path = path
+        self.wall = wall  # names the copy of an unreadable journal kept for the operator
         self._lock = asyncio.Lock()
         self._taken = 0  # sequence number of the newest snapshot handed to save()
         self._latest: bytes = b""
@@ -40,7 +43,7 @@ class LeaseJournal:
         such entry lost every lease before: each running program then took a second seat
         while its first was held until the TTL, and its usage run was split in two.  A file
         that is not a journal at all is kept beside it for the operator (the next save would
-        have replaced it) and the agent starts with no leases."""
+        have replaced it), under a name of its own, and the agent starts with no leases."""
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
             entries = data["leases"]
@@ -49,11 +52,7 @@ class LeaseJournal:
         except FileNotFoundError:
             return []
         except (ValueError, TypeError, KeyError, OSError) as exc:
-            kept = self.path.with_name(self.path.name + ".unreadable")
-            try:
-                os.replace(self.path, kept)
-            except OSError:
-                kept = self.path
+            kept = self._keep_aside()
             log.error("lease_journal_unreadable", path=str(kept), error=str(exc))
             return []
         held: list[HeldLease] = []
@@ -65,6 +64,18 @@ class LeaseJournal:
                     "lease_journal_entry_unreadable", path=str(self.path), entry=n, error=str(exc)
                 )
         return held
+
+    def _keep_aside(self) -> Path:
+        """Move the unreadable file to a name of its own (`leases.json.unreadable-<UTC
+        time>`; an earlier one is never replaced) and return where it is now."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self.wall()))
+        kept = self.path.with_name(f"{self.path.name}.unreadable-{stamp}")
+        try:
+            os.link(self.path, kept)  # refuses an existing name, where rename would not
+            os.unlink(self.path)
+        except OSError:
+            return self.path  # a read-only state dir, or a second one this second: left
+        return kept
 
     @property
     def behind(self) -> bool:

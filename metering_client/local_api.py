@@ -26,7 +26,7 @@ from metering_client.programs import pid_start
 from metering_client.spool import RECORD_NAME_MAX, RECORD_NAME_PATTERN, UsageLog
 from metering_protocol import messages as m
 from metering_protocol.errors import BadRequest, Forbidden, LeaseNotFound, MeteringError
-from metering_protocol.names import fit_name
+from metering_protocol.names import NO_CONTROL, fit_name
 from metering_protocol.unixsock import user_name
 from metering_runtime.connection import Connection
 from metering_runtime.logs import get_logger
@@ -34,7 +34,18 @@ from metering_runtime.logs import get_logger
 log = get_logger("metering.agent")
 
 
+# An end user named by a privileged caller (a launcher acting for users), by its OS name:
+# that may be longer than the wire takes, and the agent fits it as it fits the names it
+# finds itself (`names.fit_name`), so the same person is one user either way.
+LocalUser = Annotated[str, msgspec.Meta(min_length=1, max_length=4096, pattern=NO_CONTROL)]
+
+
+class LocalHello(m.Hello, frozen=True, kw_only=True):
+    user: LocalUser | None = None
+
+
 class LocalCheckout(m.Checkout, frozen=True, kw_only=True):
+    user: LocalUser | None = None
     detach: bool = False  # held until checkin, not until the program's connection closes
 
 
@@ -55,7 +66,7 @@ class RequeueRejected(m.Request, frozen=True, kw_only=True):
 
 
 LOCAL_OPS: dict[str, type[m.Request]] = {
-    "hello": m.Hello,
+    "hello": LocalHello,
     "ping": m.Ping,
     "checkout": LocalCheckout,
     "checkin": LocalCheckin,
@@ -127,11 +138,12 @@ class LocalSession:
                     with contextlib.suppress(MeteringError):
                         await self.agent.keeper.checkin(handle)
 
-    async def op_hello(self, req: m.Hello) -> dict[str, Any]:
+    async def op_hello(self, req: LocalHello) -> dict[str, Any]:
         name = fit_name(user_name(self.uid) or f"uid{self.uid}")
-        if req.user is not None and req.user != name and not self.privileged:
-            raise Forbidden(f"peer uid {self.uid} is {name!r}, not {req.user!r}")
-        self.user = req.user or name
+        user = None if req.user is None else fit_name(req.user)
+        if user is not None and user != name and not self.privileged:
+            raise Forbidden(f"peer uid {self.uid} is {name!r}, not {user!r}")
+        self.user = user or name
         return {
             "server": f"agent:{self.agent.name}",
             "protocol": 1,
@@ -162,21 +174,22 @@ class LocalSession:
         return self.privileged or held.user == self.user
 
     async def op_checkout(self, req: LocalCheckout) -> dict[str, Any]:
-        if req.user is not None and req.user != self.user and not self.privileged:
-            raise Forbidden(f"{self.user!r} may not check out seats for {req.user!r}")
+        named = None if req.user is None else fit_name(req.user)
+        if named is not None and named != self.user and not self.privileged:
+            raise Forbidden(f"{self.user!r} may not check out seats for {named!r}")
         reclaim = req.lease
         if reclaim is not None and reclaim in self.agent.keeper.held and not self._mine(reclaim):
             reclaim = None  # another user's seat: answered like a fresh checkout
         held, reply = await self.agent.keeper.checkout(
             req.product,
             req.version,
-            user=req.user or self.user,
+            user=named or self.user,
             wait_s=req.wait_s,
             pid=self.pid,
             pid_start=pid_start(self.pid),
             detached=req.detach,
             reclaim=reclaim,
-            idempotency_key=_agent_key(req.user or self.user, req.idempotency_key),
+            idempotency_key=_agent_key(named or self.user, req.idempotency_key),
             on_held=self._hold,  # before the journal write: a close during it gives it back
         )
         # On disk before the program hears of its seat (a reclaim adds nothing).

@@ -36,10 +36,20 @@ def fit_name(name: str, limit: int = NAME_MAX) -> str:
     principal name of an AD domain through SSSD) can be longer than the wire's limit; sent
     whole, the checkout was refused, so the program had no seat and no usage record, and an
     enforce-mode program ran on unstopped."""
-    if len(name) <= limit:
+    if len(name) < limit or (len(name) == limit and not _looks_fitted(name)):
         return name
-    digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-    return f"{name[: limit - len(digest) - 1]}~{digest}"
+    # A name already in the fitted shape is fitted again: taken as it was, a user who could
+    # choose its directory name could take another's fitted name (found by a review).
+    digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:_DIGEST]
+    return f"{name[: limit - _DIGEST - 1]}~{digest}"
+
+
+_DIGEST = 16  # hex digits of the whole name's SHA-256 that a fitted name ends with
+_FITTED_TAIL = re.compile(rf"~[0-9a-f]{{{_DIGEST}}}\Z")
+
+
+def _looks_fitted(name: str) -> bool:
+    return _FITTED_TAIL.search(name, len(name) - _DIGEST - 1) is not None
 
 
 def same_product(product: str, version: str, other_product: str, other_version: str) -> bool:

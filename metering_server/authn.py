@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from metering_protocol.errors import AuthFailed, LockedOut
+from metering_protocol.names import fit_name
 from metering_protocol.timefmt import rfc3339
 from metering_protocol.unixsock import user_name
 from metering_runtime.logs import get_logger
@@ -331,6 +332,8 @@ class Authenticator:
 
     def _by_peer(self, user: str | None, uid: int, source: str) -> Identity:
         name = user_name(uid)
+        if name is not None:
+            name = fit_name(name)  # as the agent names such a user: one person, one name
         privileged = uid in (0, self.own_uid)
         if name is None and not privileged:
             raise self._failed(

@@ -183,6 +183,31 @@ async def test_a_local_user_with_a_name_longer_than_the_protocol_takes_gets_a_se
 
 
 @pytest.mark.asyncio
+async def test_a_launcher_naming_a_long_user_gets_a_seat_for_that_user(make_server, tmp_path):
+    """Found by a review: a privileged caller (root, the agent's own user: a launcher acting
+    for users) naming a user by its OS name over 128 characters was refused `bad_request`,
+    while the watcher seated the same person under the fitted name."""
+    long = "svc-" + "x" * 200 + "@corp.example.com"
+    server = await make_server(
+        products=[{"name": "A", "version": "1", "seats": 2}],
+        credentials={"ws": (["agent"], "tok")},
+    )
+    agent, short = await start_local_agent(server, tmp_path)
+    launcher = await hello(f"unix://{agent.config.socket}", client="launcher")  # our uid
+    try:
+        granted = await launcher.request(
+            "checkout", timeout=10, product="A", version="1", user=long
+        )
+        assert agent.keeper.held[granted["lease"]].user == fit_name(long)
+        as_user = await hello(f"unix://{agent.config.socket}", client="for-long", user=long)
+        assert as_user.hello_reply["user"] == fit_name(long)
+        await as_user.close()
+    finally:
+        await launcher.close()
+        await stop_local_agent(agent, short)
+
+
+@pytest.mark.asyncio
 async def test_a_programs_checkout_keeps_the_protocols_promises(make_server, tmp_path):
     """Found by a campaign: through the agent, a retried checkout (same key) took a second
     seat, another product's lease was answered as a reclaim of this one, and a reclaim of

@@ -4,6 +4,8 @@ that apply before it, and the quiet security log."""
 from __future__ import annotations
 
 import asyncio
+import os
+import pwd
 from typing import Any
 
 import pytest
@@ -20,6 +22,7 @@ from metering_protocol.errors import (
     MeteringError,
     UnsupportedProtocol,
 )
+from metering_protocol.names import fit_name
 from metering_server.auth.credentials import Credentials, add_principal
 from tests.conftest import hello
 from tests.support import Raw, async_wait_until
@@ -202,6 +205,28 @@ async def test_peercred_root_may_name_any_principal_and_is_admin(make_server):
         assert view["lease"] == got["lease"]
         assert view["user"] == "somebody"
         assert view["client"] == "ws-p"
+    finally:
+        await c.close()
+
+
+@pytest.mark.asyncio
+async def test_peercred_names_a_long_user_as_the_agent_does(make_server, monkeypatch):
+    """Found by a review: a program on the server's unix socket (`run` with no agent, peer
+    credentials) was seated under its OS name whole, over the protocol's 128 characters,
+    while the agent names the same person fitted: two users in the leases and reports."""
+    long = "svc-" + "x" * 200 + "@corp.example.com"
+    entry, real = pwd.getpwuid(os.getuid()), pwd.getpwuid
+    monkeypatch.setattr(
+        pwd,
+        "getpwuid",
+        lambda uid: pwd.struct_passwd((long, *entry[1:])) if uid == os.getuid() else real(uid),
+    )
+    server = await make_server(credentials=CREDS)
+    c = await hello(server.address("unix"), client="ws-p")
+    try:
+        await c.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00")
+        (view,) = (await c.request("leases", timeout=5))["leases"]
+        assert view["user"] == fit_name(long)
     finally:
         await c.close()
 

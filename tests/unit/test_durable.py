@@ -232,8 +232,20 @@ def test_a_file_that_is_no_journal_is_kept_for_the_operator(tmp_path, text):
     path.write_text(text)
     with capture_logs() as logs:
         assert LeaseJournal(path).load() == []
-    assert (tmp_path / "leases.json.unreadable").read_text() == text
+    [kept] = tmp_path.glob("leases.json.unreadable-*")
+    assert kept.read_text() == text
     assert not path.exists()
     [line] = logs
     assert line["event"] == "lease_journal_unreadable"
-    assert line["path"] == str(tmp_path / "leases.json.unreadable")
+    assert line["path"] == str(kept)
+
+
+def test_a_second_unreadable_journal_does_not_replace_the_first_kept(tmp_path):
+    """Found by a review: the copy kept from an earlier incident was replaced by the next
+    one before anybody had looked at it."""
+    path = tmp_path / "leases.json"
+    for text, now in (("{first incident", 1_700_000_000.0), ("{second incident", 1_700_086_400.0)):
+        path.write_text(text)
+        assert LeaseJournal(path, wall=lambda now=now: now).load() == []
+    kept = sorted(p.read_text() for p in tmp_path.glob("leases.json.unreadable-*"))
+    assert kept == ["{first incident", "{second incident"]

@@ -50,3 +50,14 @@ def test_a_name_longer_than_the_protocol_takes_is_fitted_and_kept_apart():
     with pytest.raises(BadRequest):
         m.parse_request({**checkout, "user": one})
     assert m.parse_request({**checkout, "user": fitted}).user == fitted
+
+
+def test_a_name_shaped_like_a_fitted_one_is_fitted_too():
+    """Found by a review: a name of exactly 128 characters in the fitted shape (111
+    characters, `~`, 16 hex digits) went as it was, so a user who could choose its
+    directory name could take another's fitted name and act on that user's seats."""
+    victim = "svc-" + "x" * 200 + "@corp.example.com"
+    mimic = fit_name(victim)
+    assert fit_name(mimic) != fit_name(victim) and len(fit_name(mimic)) == NAME_MAX
+    near = mimic[:-1] + "g"  # not hex: not the fitted shape, kept as it is
+    assert fit_name(near) == near

@@ -322,6 +322,18 @@ async def test_a_user_name_longer_than_the_protocol_takes_is_sent_fitted(env, tm
 
 
 @pytest.mark.asyncio
+async def test_a_user_named_like_anothers_fitted_name_gets_a_seat_of_its_own(env):
+    """Found by a review: shared instances grouped a 128-character name in the fitted shape
+    with the long name it mimicked: one seat and one record for two users."""
+    victim = "svc-" + "x" * 200 + "@corp.example.com"
+    env.watcher.user_of = {**USERS, 1002: victim, 1003: fit_name(victim)}.get
+    env.table.add(100, exe="Clock", uid=1002, start=7)
+    env.table.add(101, exe="Clock", uid=1003, start=8)
+    await env.scan()
+    assert len({c["user"] for c in env.keeper.checkouts}) == 2
+
+
+@pytest.mark.asyncio
 async def test_shared_instances_of_one_user_hold_one_seat_while_any_runs(env):
     env.table.add(100)
     env.table.add(101)
