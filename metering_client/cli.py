@@ -103,7 +103,7 @@ def parser() -> argparse.ArgumentParser:
         "--until-exit",
         action="store_true",
         help="hold the seat only until CMD exits: what it leaves running on purpose (an "
-        "ssh-agent, a build daemon) is not waited for or signalled",
+        "ssh-agent, a build daemon) is not waited for, nor signalled once CMD has exited",
     )
     r.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...")
     c = sub.add_parser(
