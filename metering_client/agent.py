@@ -10,8 +10,11 @@ leases whose program is still running and checks in the rest.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import signal
 import stat
+from pathlib import Path
 from typing import Any
 
 from metering_client.config import ClientConfig, check_agent_credential, check_agent_socket
@@ -49,6 +52,36 @@ class AgentSocketError(OSError):
 
 class AgentSocketTaken(BindError):
     """Another agent listens on the socket: two agents must never share one state dir."""
+
+
+class AgentStateDirTaken(BindError):
+    """Another agent holds the state dir: taken now, perhaps free later (69, as a bind)."""
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Hold `state_dir/agent.lock` (flock, exclusive) for the agent's life, its pid inside.
+
+    Two agents on one state dir (a second one started by hand beside the unit, or a config
+    naming another socket) both read and wrote the lease journal and the usage spool; the
+    socket check came after the second had loaded the journal and recovered usage records.
+    The lock goes with the process, however it ends: a killed agent leaves none behind."""
+    path = state_dir / "agent.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+        os.close(fd)
+        raise AgentStateDirTaken(
+            f"client.state_dir: {state_dir} is in use by another agent (pid {holder}); "
+            "two agents must not share one state dir"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 def local_limits(config: ClientConfig) -> Limits:
@@ -113,6 +146,7 @@ class Agent:
         self._stop = asyncio.Event()
         self.metrics: AgentMetrics | None = None
         self.http: HttpEndpoint | None = None
+        self._state_lock: int | None = None  # the fd holding state_dir/agent.lock
 
     def _new_session(self, conn: Connection) -> LocalSession:
         return LocalSession(conn, self)
@@ -125,6 +159,19 @@ class Agent:
         except ConfigError as exc:
             raise CredentialUnusable(str(exc)) from None  # the CLI: one line, exit 78
         check_agent_socket(self.config)
+        self._state_lock = lock_state_dir(self.config.state_dir)
+        try:
+            await self._start_holding_state_dir()
+        except BaseException:
+            self._unlock_state_dir()
+            raise
+
+    def _unlock_state_dir(self) -> None:
+        if self._state_lock is not None:
+            os.close(self._state_lock)
+            self._state_lock = None
+
+    async def _start_holding_state_dir(self) -> None:
         for held in self.journal.load():
             self.keeper.adopt(held)
         if self.keeper.held:
@@ -203,6 +250,7 @@ class Agent:
         if self.http is not None:
             await self.http.close()
         await self.keeper.stop()
+        self._unlock_state_dir()
         log.info("agent_stopped", leases_kept=len(self.keeper.held))
 
     async def _start_metrics(self, listen: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from metering_client.agent import Agent, AgentSocketTaken
+from metering_client.agent import Agent, AgentSocketTaken, AgentStateDirTaken
 from metering_client.config import ClientConfig, build_client_config, token_stamp
 from metering_client.programs import pid_alive, pid_start
 from metering_client.watcher import LinuxProcTable
@@ -97,11 +98,38 @@ async def test_second_agent_on_the_same_socket_refuses_to_start(tmp_path):
     await first.start()
     try:
         # Taken now, perhaps free later: a bind failure (69), not a config error (78).
+        other = dataclasses.replace(config, state_dir=tmp_path / "other-state")
         with pytest.raises(AgentSocketTaken, match="another agent is listening"):
-            await Agent(config).start()
+            await Agent(other).start()
         assert config.socket.exists()
     finally:
         await first.stop()
+
+
+@pytest.mark.asyncio
+async def test_second_agent_on_the_same_state_dir_refuses_before_touching_it(tmp_path):
+    """Found by a review: a second agent on the same state dir (started by hand beside the
+    unit, or with a config naming another socket) loaded the lease journal and recovered
+    usage records before the socket check stopped it, or ran beside the first with another
+    socket: two agents writing one journal and one spool."""
+    config = agent_config(tmp_path)
+    first = Agent(config)
+    await first.start()
+    journal = config.state_dir / "leases.json"
+    journal.write_text('{"version": 1, "leases": [{"handle": 7}]}')  # unreadable: moved if read
+    other = dataclasses.replace(config, socket=short_tmpdir() / "agent.sock")
+    try:
+        with pytest.raises(
+            AgentStateDirTaken, match=rf"in use by another agent \(pid {os.getpid()}\)"
+        ):
+            await Agent(other).start()
+        assert journal.exists() and not list(config.state_dir.glob("leases.json.unreadable-*"))
+        assert not other.socket.exists()
+    finally:
+        await first.stop()
+    second = Agent(other)  # the first has stopped: its lock is gone
+    await second.start()
+    await second.stop()
 
 
 def test_a_reused_pid_is_not_the_recorded_program():
