@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -178,6 +179,23 @@ async def async_wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+# --- long user names ----------------------------------------------------------------------------
+# A directory user's name (a principal of an AD domain through SSSD) longer than the protocol's
+# 128 characters: the agent and the server send it fitted (`metering_protocol.names.fit_name`).
+LONG_USER = "svc-" + "x" * 200 + "@corp.example.com"
+
+
+def name_this_uid(monkeypatch: Any, name: str) -> None:
+    """Make the passwd lookup of this process's uid answer `name` (other uids as they are):
+    the only way to give a test's peer a name that useradd would refuse."""
+    entry, real = pwd.getpwuid(os.getuid()), pwd.getpwuid
+    monkeypatch.setattr(
+        pwd,
+        "getpwuid",
+        lambda uid: pwd.struct_passwd((name, *entry[1:])) if uid == os.getuid() else real(uid),
+    )
 
 
 # --- scripted servers -------------------------------------------------------------------------

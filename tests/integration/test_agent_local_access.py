@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import pwd
 import shutil
 import subprocess
 import time
@@ -20,7 +19,14 @@ from metering_client.usage import new_record
 from metering_protocol.errors import BadRequest, ConnectionLost
 from metering_protocol.names import fit_name
 from tests.conftest import hello
-from tests.support import async_wait_until, short_tmpdir, sqlite_write_lock, write_token
+from tests.support import (
+    LONG_USER,
+    async_wait_until,
+    name_this_uid,
+    short_tmpdir,
+    sqlite_write_lock,
+    write_token,
+)
 
 NOBODY = 65534
 PEER_SCRIPT = r"""
@@ -156,14 +162,8 @@ async def test_a_local_user_with_a_name_longer_than_the_protocol_takes_gets_a_se
     """A directory user's name over 128 characters (through SSSD) was the seat's user as
     it was: the server refused the checkout (`bad_request`), so the program got no seat.
     The agent sends it fitted (`names.fit_name`), the same for every checkout of that user."""
-    long = "svc-" + "x" * 200 + "@corp.example.com"
-    entry = pwd.getpwuid(os.getuid())
-    real = pwd.getpwuid
-    monkeypatch.setattr(
-        pwd,
-        "getpwuid",
-        lambda uid: pwd.struct_passwd((long, *entry[1:])) if uid == os.getuid() else real(uid),
-    )
+    long = LONG_USER
+    name_this_uid(monkeypatch, long)
     server = await make_server(
         products=[{"name": "A", "version": "1", "seats": 2}],
         credentials={"ws": (["agent"], "tok"), "boss": (["admin"], "boss-tok")},
@@ -187,7 +187,7 @@ async def test_a_launcher_naming_a_long_user_gets_a_seat_for_that_user(make_serv
     """Found by a review: a privileged caller (root, the agent's own user: a launcher acting
     for users) naming a user by its OS name over 128 characters was refused `bad_request`,
     while the watcher seated the same person under the fitted name."""
-    long = "svc-" + "x" * 200 + "@corp.example.com"
+    long = LONG_USER
     server = await make_server(
         products=[{"name": "A", "version": "1", "seats": 2}],
         credentials={"ws": (["agent"], "tok")},

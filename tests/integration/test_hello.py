@@ -4,8 +4,6 @@ that apply before it, and the quiet security log."""
 from __future__ import annotations
 
 import asyncio
-import os
-import pwd
 from typing import Any
 
 import pytest
@@ -25,7 +23,7 @@ from metering_protocol.errors import (
 from metering_protocol.names import fit_name
 from metering_server.auth.credentials import Credentials, add_principal
 from tests.conftest import hello
-from tests.support import Raw, async_wait_until
+from tests.support import LONG_USER, Raw, async_wait_until, name_this_uid
 
 ALICE, BOB, AGENT, ADMIN = "tok-alice", "tok-bob", "tok-agent", "tok-admin"
 CREDS = {
@@ -214,13 +212,8 @@ async def test_peercred_names_a_long_user_as_the_agent_does(make_server, monkeyp
     """Found by a review: a program on the server's unix socket (`run` with no agent, peer
     credentials) was seated under its OS name whole, over the protocol's 128 characters,
     while the agent names the same person fitted: two users in the leases and reports."""
-    long = "svc-" + "x" * 200 + "@corp.example.com"
-    entry, real = pwd.getpwuid(os.getuid()), pwd.getpwuid
-    monkeypatch.setattr(
-        pwd,
-        "getpwuid",
-        lambda uid: pwd.struct_passwd((long, *entry[1:])) if uid == os.getuid() else real(uid),
-    )
+    long = LONG_USER
+    name_this_uid(monkeypatch, long)
     server = await make_server(credentials=CREDS)
     c = await hello(server.address("unix"), client="ws-p")
     try:

@@ -18,6 +18,7 @@ from metering_protocol import messages as m
 from metering_protocol.errors import BadRequest
 from metering_protocol.names import NAME_MAX, fit_name, is_clean_name, os_text
 from metering_protocol.unixsock import user_name
+from tests.support import LONG_USER
 
 RAW = b"j\xf6rg".decode("utf-8", "surrogateescape")  # as pwd and os.readlink give it
 
@@ -56,7 +57,7 @@ def test_a_name_shaped_like_a_fitted_one_is_fitted_too():
     """Found by a review: a name of exactly 128 characters in the fitted shape (111
     characters, `~`, 16 hex digits) went as it was, so a user who could choose its
     directory name could take another's fitted name and act on that user's seats."""
-    victim = "svc-" + "x" * 200 + "@corp.example.com"
+    victim = LONG_USER
     mimic = fit_name(victim)
     assert fit_name(mimic) != fit_name(victim) and len(fit_name(mimic)) == NAME_MAX
     near = mimic[:-1] + "g"  # not hex: not the fitted shape, kept as it is

@@ -35,7 +35,7 @@ from metering_client.watcher import (
 from metering_protocol.errors import Denied, Unavailable, UnknownProduct
 from metering_protocol.names import NAME_MAX, fit_name
 from metering_protocol.timefmt import parse_rfc3339, rfc3339
-from tests.support import async_wait_until
+from tests.support import LONG_USER, async_wait_until
 
 T0 = 1_700_000_000.0
 UP0 = 5_000.0  # CLOCK_BOOTTIME at T0
@@ -308,7 +308,7 @@ async def test_a_user_name_longer_than_the_protocol_takes_is_sent_fitted(env, tm
     """A directory user's name over 128 characters was sent whole: the server refused the
     checkout (an enforce program ran on unstopped) and the spool could not read the record
     back.  The name is cut, with a digest of the whole, to what the protocol takes."""
-    long = "svc-" + "x" * 200 + "@corp.example.com"
+    long = LONG_USER
     env.watcher.user_of = {**USERS, 1002: long}.get
     env.table.add(100, exe="Clock", uid=1002, start=7)
     await env.scan()
@@ -325,7 +325,7 @@ async def test_a_user_name_longer_than_the_protocol_takes_is_sent_fitted(env, tm
 async def test_a_user_named_like_anothers_fitted_name_gets_a_seat_of_its_own(env):
     """Found by a review: shared instances grouped a 128-character name in the fitted shape
     with the long name it mimicked: one seat and one record for two users."""
-    victim = "svc-" + "x" * 200 + "@corp.example.com"
+    victim = LONG_USER
     env.watcher.user_of = {**USERS, 1002: victim, 1003: fit_name(victim)}.get
     env.table.add(100, exe="Clock", uid=1002, start=7)
     env.table.add(101, exe="Clock", uid=1003, start=8)
