@@ -26,7 +26,7 @@ from metering_client.programs import pid_start
 from metering_client.spool import RECORD_NAME_MAX, RECORD_NAME_PATTERN, UsageLog
 from metering_protocol import messages as m
 from metering_protocol.errors import BadRequest, Forbidden, LeaseNotFound, MeteringError
-from metering_protocol.names import NO_CONTROL, fit_name
+from metering_protocol.names import NO_CONTROL, fit_sent_name, local_user
 from metering_protocol.unixsock import user_name
 from metering_runtime.connection import Connection
 from metering_runtime.logs import get_logger
@@ -36,7 +36,7 @@ log = get_logger("metering.agent")
 
 # An end user named by a privileged caller (a launcher acting for users), by its OS name:
 # that may be longer than the wire takes, and the agent fits it as it fits the names it
-# finds itself (`names.fit_name`), so the same person is one user either way.
+# finds itself (`names.fit_sent_name`), so the same person is one user either way.
 LocalUser = Annotated[str, msgspec.Meta(min_length=1, max_length=4096, pattern=NO_CONTROL)]
 
 
@@ -139,8 +139,8 @@ class LocalSession:
                         await self.agent.keeper.checkin(handle)
 
     async def op_hello(self, req: LocalHello) -> dict[str, Any]:
-        name = fit_name(user_name(self.uid) or f"uid{self.uid}")
-        user = None if req.user is None else fit_name(req.user)
+        name = local_user(user_name(self.uid), self.uid)
+        user = None if req.user is None else fit_sent_name(req.user)
         if user is not None and user != name and not self.privileged:
             raise Forbidden(f"peer uid {self.uid} is {name!r}, not {user!r}")
         self.user = user or name
@@ -174,7 +174,7 @@ class LocalSession:
         return self.privileged or held.user == self.user
 
     async def op_checkout(self, req: LocalCheckout) -> dict[str, Any]:
-        named = None if req.user is None else fit_name(req.user)
+        named = None if req.user is None else fit_sent_name(req.user)
         if named is not None and named != self.user and not self.privileged:
             raise Forbidden(f"{self.user!r} may not check out seats for {named!r}")
         reclaim = req.lease

@@ -59,7 +59,7 @@ from metering_protocol.errors import (
     MeteringError,
     UnknownProduct,
 )
-from metering_protocol.names import fit_name, os_text
+from metering_protocol.names import local_user, os_text
 from metering_protocol.timefmt import parse_rfc3339
 from metering_protocol.unixsock import user_name
 from metering_runtime.durable import write_atomic_async
@@ -688,7 +688,7 @@ class Watcher:
         uid = self.table.uid(proc)
         if uid is None:
             return  # gone already
-        user = fit_name(self.user_of(uid) or f"uid{uid}")
+        user = local_user(self.user_of(uid), uid)
         group = (user, product.key)
         if self.config.instances == "shared":
             run = self.groups.get(group)

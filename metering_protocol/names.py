@@ -44,6 +44,22 @@ def fit_name(name: str, limit: int = NAME_MAX) -> str:
     return f"{name[: limit - _DIGEST - 1]}~{digest}"
 
 
+def fit_sent_name(name: str, limit: int = NAME_MAX) -> str:
+    """A user name a local caller sent: one the wire takes as it came, a longer one (an OS
+    name, from a launcher acting for users) fitted as the agent fits the names it finds.
+    Only the names the agent finds itself are refitted when they look fitted: a program
+    sending back the fitted name its hello was answered with had it fitted again, so its
+    checkout was refused (`forbidden`), or a launcher's seat went to another name (found by
+    a review).  A caller naming a user that is not its own is privileged anyway."""
+    return name if len(name) <= limit else fit_name(name, limit)
+
+
+def local_user(name: str | None, uid: int) -> str:
+    """The name the agent and the server give a local uid: its OS name fitted, or
+    `uid<N>` when the system has no name for it."""
+    return fit_name(name or f"uid{uid}")
+
+
 _DIGEST = 16  # hex digits of the whole name's SHA-256 that a fitted name ends with
 _FITTED_TAIL = re.compile(rf"~[0-9a-f]{{{_DIGEST}}}\Z")
 

@@ -187,14 +187,15 @@ async def async_wait_until(
 LONG_USER = "svc-" + "x" * 200 + "@corp.example.com"
 
 
-def name_this_uid(monkeypatch: Any, name: str) -> None:
-    """Make the passwd lookup of this process's uid answer `name` (other uids as they are):
-    the only way to give a test's peer a name that useradd would refuse."""
-    entry, real = pwd.getpwuid(os.getuid()), pwd.getpwuid
+def name_this_uid(monkeypatch: Any, name: str, uid: int | None = None) -> None:
+    """Make this process's passwd lookup of `uid` (its own by default) answer `name` (other
+    uids as they are): the only way to give a test's peer a name that useradd would refuse."""
+    named = os.getuid() if uid is None else uid
+    entry, real = pwd.getpwuid(named), pwd.getpwuid
     monkeypatch.setattr(
         pwd,
         "getpwuid",
-        lambda uid: pwd.struct_passwd((name, *entry[1:])) if uid == os.getuid() else real(uid),
+        lambda asked: pwd.struct_passwd((name, *entry[1:])) if asked == named else real(asked),
     )
 
 

@@ -207,6 +207,84 @@ async def test_a_launcher_naming_a_long_user_gets_a_seat_for_that_user(make_serv
         await stop_local_agent(agent, short)
 
 
+ECHO_PEER_SCRIPT = r"""
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile("rwb")
+def ask(**req):
+    f.write(json.dumps(req).encode() + b"\n"); f.flush()
+    return json.loads(f.readline())
+out = {"hello": ask(id=1, op="hello", protocol=1, client="long-one")}
+user = out["hello"]["user"]
+out["checkout"] = ask(id=2, op="checkout", product="A", version="1", user=user, detach=True)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.asyncio
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a peer as another uid")
+async def test_a_long_named_user_may_name_itself_as_its_hello_was_answered(
+    make_server, tmp_path, monkeypatch
+):
+    """Found by a review: a program of a user whose name is over 128 characters, naming
+    itself in its checkout by the `user` its hello was answered with (the fitted name), was
+    refused `forbidden`: the agent fitted the fitted name again, and took it for another
+    user's."""
+    exe = python_for_nobody()
+    if exe is None:
+        pytest.skip("no python the `nobody` user can run")
+    name_this_uid(monkeypatch, LONG_USER, NOBODY)  # the agent's lookup of the peer's uid
+    server = await make_server(
+        products=[{"name": "A", "version": "1", "seats": 2}], credentials={"ws": (["agent"], "tok")}
+    )
+    agent, short = await start_local_agent(server, tmp_path, shared=True)
+    try:
+        proc = await asyncio.to_thread(
+            subprocess.run,
+            [exe, "-c", ECHO_PEER_SCRIPT, str(agent.config.socket)],
+            preexec_fn=lambda: os.setuid(NOBODY),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        assert out["hello"]["user"] == fit_name(LONG_USER)
+        lease = out["checkout"]["lease"]  # a KeyError here is the refusal
+        assert agent.keeper.held[lease].user == fit_name(LONG_USER)
+    finally:
+        await stop_local_agent(agent, short)
+
+
+@pytest.mark.asyncio
+async def test_a_launcher_naming_a_user_by_its_fitted_name_seats_that_user(
+    make_server, tmp_path, monkeypatch
+):
+    """Found by a review: a launcher passing on the fitted name the agent gave a long-named
+    user (from a hello's reply, a `leases` row) had it fitted again, so the seat went to a
+    name no program of that user has, and the watcher's seat for the same person to
+    another."""
+    long = LONG_USER
+    name_this_uid(monkeypatch, long)
+    fitted = fit_name(long)
+    server = await make_server(
+        products=[{"name": "A", "version": "1", "seats": 2}],
+        credentials={"ws": (["agent"], "tok")},
+    )
+    agent, short = await start_local_agent(server, tmp_path)
+    program = await hello(f"unix://{agent.config.socket}", client="p1")
+    launcher = await hello(f"unix://{agent.config.socket}", client="launcher", user=fitted)
+    try:
+        assert program.hello_reply["user"] == fitted == launcher.hello_reply["user"]
+        granted = await launcher.request(
+            "checkout", timeout=10, product="A", version="1", user=fitted
+        )
+        assert agent.keeper.held[granted["lease"]].user == fitted
+    finally:
+        await program.close()
+        await launcher.close()
+        await stop_local_agent(agent, short)
+
+
 @pytest.mark.asyncio
 async def test_a_programs_checkout_keeps_the_protocols_promises(make_server, tmp_path):
     """Found by a campaign: through the agent, a retried checkout (same key) took a second

@@ -16,7 +16,14 @@ import pytest
 from metering_protocol import framing
 from metering_protocol import messages as m
 from metering_protocol.errors import BadRequest
-from metering_protocol.names import NAME_MAX, fit_name, is_clean_name, os_text
+from metering_protocol.names import (
+    NAME_MAX,
+    fit_name,
+    fit_sent_name,
+    is_clean_name,
+    local_user,
+    os_text,
+)
 from metering_protocol.unixsock import user_name
 from tests.support import LONG_USER
 
@@ -62,3 +69,15 @@ def test_a_name_shaped_like_a_fitted_one_is_fitted_too():
     assert fit_name(mimic) != fit_name(victim) and len(fit_name(mimic)) == NAME_MAX
     near = mimic[:-1] + "g"  # not hex: not the fitted shape, kept as it is
     assert fit_name(near) == near
+
+
+def test_a_name_sent_back_as_it_was_given_stays_that_name():
+    """Found by a review: the agent fitted a caller's name the way it fits the names it
+    finds, so the fitted name it had answered a hello with, sent back, became a third name.
+    A caller's name the wire takes is kept; a longer one is fitted like an OS name."""
+    fitted = fit_name(LONG_USER)
+    assert fit_sent_name(fitted) == fitted == fit_sent_name(LONG_USER)
+    assert fit_sent_name("alice") == "alice" and len(fit_sent_name("x" * 4096)) == NAME_MAX
+    # The names the agent finds itself are still refitted when they look fitted.
+    assert local_user(fitted, 1000) != fitted and local_user(LONG_USER, 1000) == fitted
+    assert local_user(None, 1234) == "uid1234" and local_user("", 7) == "uid7"
