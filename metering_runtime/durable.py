@@ -31,7 +31,15 @@ from pathlib import Path
 # config to fix, and the same start or write works once the disk is freed or repaired.
 PASSING_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
 
-__all__ = ["write_atomic", "write_atomic_async"]
+__all__ = ["replaced_file", "write_atomic", "write_atomic_async"]
+
+
+def replaced_file(path: str | os.PathLike[str]) -> Path:
+    """The file a write of `path` must replace: a symlink's target (config management and
+    web roots often link a name to where the file is kept), not the link, which the atomic
+    rename would turn into a file of its own while what it pointed at never got the
+    change.  A shell's `>` writes through the link the same way."""
+    return Path(os.path.realpath(path))
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:

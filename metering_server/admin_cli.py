@@ -46,7 +46,7 @@ from metering_protocol.framing import DEFAULT_MAX_FRAME_BYTES
 from metering_protocol.messages import parse_time
 from metering_protocol.timefmt import rfc3339
 from metering_runtime.cliargs import UsageParser
-from metering_runtime.durable import PASSING_ERRNOS, write_atomic
+from metering_runtime.durable import PASSING_ERRNOS, replaced_file, write_atomic
 from metering_runtime.exitcodes import (
     EX_CANTCREAT,
     EX_CONFIG,
@@ -244,7 +244,7 @@ def parser() -> argparse.ArgumentParser:
         "--output",
         metavar="FILE",
         type=Path,
-        help="write the report to FILE (replaced atomically) instead of stdout",
+        help="write the report to FILE (replaced atomically; a symlink's target) instead of stdout",
     )
     _globals(rp, sub=True)
 
@@ -654,7 +654,7 @@ async def cmd_report(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         return 0
     try:
-        write_atomic(output, text.encode("utf-8"), mode=_file_mode())
+        write_atomic(replaced_file(output), text.encode("utf-8"), mode=_file_mode())
     except OSError as exc:
         raise AdminError(
             f"report: --output {output}: cannot write it: {exc.strerror or exc}",
@@ -679,27 +679,31 @@ def _check_output(output: Path) -> None:
     year's report is a long wait to lose at the last step. The file is replaced whole (a new
     file renamed over it), so its directory must take a new file, and the path must not be a
     directory or a device, pipe or socket (which the rename would replace, not write to).
-    Exit 73 (EX_CANTCREAT: an output file cannot be created), one line naming the path."""
+    Exit 73 (EX_CANTCREAT: an output file cannot be created), one line naming the path.
+    A symlink is written through, to its target, as a shell's `>` writes (found by a review:
+    the rename replaced the link with a file of its own, and the page it pointed at, the one
+    a web server published, stayed last month's)."""
 
     def refuse(problem: str, code: int = EX_CANTCREAT) -> AdminError:
         return AdminError(f"report: --output {output}: {problem}", code)
 
-    parent = output.parent
+    target = replaced_file(output)
+    parent = target.parent
     try:
-        if output.is_dir():
+        if target.is_dir():
             raise refuse("is a directory; name a file to write the report to")
-        if output.exists() and not output.is_file():
+        if target.exists() and not target.is_file():
             raise refuse("exists and is not a regular file (the report replaces a file whole)")
         if not parent.exists():
             raise refuse(f"directory {parent} does not exist")
         if not parent.is_dir():
             raise refuse(f"{parent} is not a directory")
-        if _not_ours_to_replace(output):
+        if _not_ours_to_replace(target):
             raise refuse(
                 "belongs to another user in a sticky directory (such as /tmp), where only its "
                 "owner may replace it; name another file"
             )
-        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{output.name}.", suffix=".tmp")
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{target.name}.", suffix=".tmp")
     except OSError as exc:  # a directory on the way this user may not search, or write to
         raise refuse(
             f"cannot create a file in {parent}: {exc.strerror or exc}", _output_exit_code(exc)
@@ -714,7 +718,7 @@ def _not_ours_to_replace(output: Path) -> bool:
     only the file's owner, the directory's owner or root may (found by a review: the probe
     file could be made there, and the report was lost at the rename)."""
     try:
-        existing = output.lstat()  # the rename replaces a symlink itself, not its target
+        existing = output.lstat()
     except FileNotFoundError:
         return False
     directory = output.parent.stat()

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from metering_runtime.durable import write_atomic
+from metering_runtime.durable import replaced_file, write_atomic
 
 __all__ = [
     "DEFAULT_N",
@@ -416,7 +416,7 @@ def save_upgrades(
     operator rotated its token or removed it since the server read the file) is left as the
     file has it: writing the server's copy of the whole file instead lost every principal
     added after the server's last load."""
-    path = _written_file(path)
+    path = replaced_file(path)
     with _writers_serialised(path):
         principals = list(Credentials.load(path))
         written = []
@@ -456,13 +456,6 @@ def save_upgrades_aside(path: Path, upgraded: Mapping[str, tuple[str, str]]) -> 
     return sorted(upgraded)
 
 
-def _written_file(path: str | os.PathLike[str]) -> Path:
-    """The file a write must replace: a symlink's target (config management often links
-    /etc's file to where it keeps it), not the link, which the atomic rename would turn
-    into a file of its own while what it pointed at never got the change."""
-    return Path(os.path.realpath(path))
-
-
 @contextlib.contextmanager
 def _writers_serialised(path: Path) -> Iterator[None]:
     """One writer of a credentials file at a time (`metering-admin add-principal`, a server
@@ -490,7 +483,7 @@ def add_principal(path: str | os.PathLike[str], name: str, role: str) -> str:
     existing file is an error rather than being overwritten. Writers of the file (other runs,
     a server saving upgraded hashes) go one at a time, each reading it afresh.
     """
-    path = _written_file(path)
+    path = replaced_file(path)
     problem = validate_name(name)
     if problem:
         raise CredentialsError(f"{path}: principal name {name!r}: {problem}")

@@ -266,6 +266,26 @@ def test_html_to_an_output_file_is_one_self_contained_page(site):
     assert target.read_text(encoding="utf-8").startswith("scope,product,")
 
 
+def test_an_output_that_is_a_symlink_is_written_through(site):
+    """Found by a review: the report's rename replaced a symlink (a web root's name for
+    where the reports are kept) with a file of its own; the file it pointed at, the one
+    published, kept the old report."""
+    kept = site.tmp / "kept"
+    kept.mkdir()
+    published = kept / "latest.csv"
+    published.write_text("last month\n")
+    root = site.tmp / "www"
+    root.mkdir()
+    link = root / "usage.csv"
+    link.symlink_to(published)
+    proc = report(site, "--format", "csv", "--output", str(link))
+    assert proc.stdout == "" and str(link) in proc.stderr
+    assert link.is_symlink() and link.resolve() == published
+    assert published.read_text(encoding="utf-8").startswith("scope,product,")
+    assert [p.name for p in kept.iterdir()] == ["latest.csv"]  # no temp file left
+    assert [p.name for p in root.iterdir()] == ["usage.csv"]
+
+
 def test_one_product(site):
     data = json.loads(report(site, "--format", "json", "--product", "cad").stdout)
     assert [p["product"] for p in data["products"]] == ["CAD"]
