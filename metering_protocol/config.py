@@ -43,6 +43,11 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(path, "", "permission denied") from None
     except IsADirectoryError:
         raise ConfigError(path, "", "is a directory, not a config file") from None
+    except OSError as exc:
+        # A path through a file, a symlink loop, a failing disk: one line all the same, and
+        # a reload refused (found by a review: a traceback from --check-config, and a
+        # reload answered `internal`, retryable, for a file no retry would read).
+        raise ConfigError(path, "", f"cannot read: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, "", f"invalid TOML: {exc}") from None
     except UnicodeDecodeError:

@@ -14,7 +14,7 @@ import pytest
 import pytest_asyncio
 from structlog.testing import capture_logs
 
-from metering_protocol.errors import Denied, Overloaded, TooLarge
+from metering_protocol.errors import Denied, Overloaded, ReloadFailed, TooLarge
 from metering_server.app import MeteringServer
 from metering_server.config import load_server_config
 from metering_server.licensing import Catalogue, Pool
@@ -123,6 +123,29 @@ async def test_connection_limits_apply_to_connections_opened_after_the_reload(re
         for c in (before, after):
             with contextlib.suppress(Exception):
                 await c.close()
+
+
+@pytest.mark.asyncio
+async def test_a_config_file_that_became_a_symlink_loop_is_a_refused_reload(reloadable):
+    """Found by a review: a config path the OS would not open for a reason other than a
+    missing file or a permission (a symlink loop, a path through a file) made the reload
+    op answer `internal`, retryable, with a traceback in the log: `metering-admin reload`
+    exited 75 for a file no retry would read."""
+    await reloadable.start()
+    config = reloadable.root / "server.toml"
+    config.unlink()
+    config.symlink_to(config.name)
+    admin = await reloadable.client("ops")
+    try:
+        with pytest.raises(ReloadFailed, match="cannot read: Too many levels of symbolic"):
+            await admin.request("reload", timeout=5)
+    finally:
+        await admin.close()
+    ws = await reloadable.client("ws")  # still serving on the config it runs
+    try:
+        assert (await ws.request("status", timeout=5))["products"]
+    finally:
+        await ws.close()
 
 
 @pytest.mark.asyncio

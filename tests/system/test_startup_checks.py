@@ -509,3 +509,37 @@ def test_a_user_without_the_agents_token_is_told_the_agent_is_down(tmp_path, soc
     line = one_line(proc.stderr)
     assert f"no agent answers at {sockdir / 'agent.sock'}" in line, line
     assert "start the agent" in line, line
+
+
+@pytest.mark.parametrize("how", ["through-a-file", "a-symlink-loop"])
+@pytest.mark.parametrize("command", ["metering-server", "metering-client", "metering-admin"])
+def test_a_config_path_that_cannot_be_opened_is_one_line_and_78(tmp_path, how, command):
+    """Found by a review: a config path the OS refused for another reason than a missing
+    file, a permission or a directory (a path through a file, a symlink loop: config
+    management gone wrong) printed a traceback from `--check-config` and `metering-client`,
+    and `metering-admin add-principal --config` said `internal error` (exit 70)."""
+    if how == "through-a-file":
+        (tmp_path / "plain").write_text("")
+        path = tmp_path / "plain" / "config.toml"
+        problem = "Not a directory"
+    else:
+        path = tmp_path / "config.toml"
+        path.symlink_to(path.name)
+        problem = "Too many levels of symbolic links"
+    argv = {
+        "metering-server": ["--check-config", str(path)],
+        "metering-client": ["--config", str(path), "status"],
+        "metering-admin": ["add-principal", "x", "--role", "user", "--config", str(path)],
+    }[command]
+    proc = subprocess.run(
+        [cli_path(command), *argv],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+        env={k: v for k, v in os.environ.items() if k != "METERING_CLIENT_CONFIG"},
+    )
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 78, (proc.returncode, proc.stderr)
+    line = proc.stderr.strip()
+    assert "\n" not in line and f"{path}: cannot read: {problem}" in line, line
