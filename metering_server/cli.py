@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import gc
 import os
+import signal
 import ssl
 import stat
 import sys
@@ -193,8 +194,16 @@ def _run(cfg: ServerConfig) -> None:
     sys.setswitchinterval(0.001)
 
     async def serve() -> None:
+        # A SIGHUP while the server starts (its store may take minutes to come up) is a
+        # reload asked for once it serves: left at its default action it ended the server,
+        # and systemd does not restart a service a SIGHUP ended (found by a review).
+        # `serve_forever` then replaces this handler, never passing through the default.
+        hangups: list[int] = []
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hangups.append, 1)
         server = MeteringServer(cfg)
         await server.start()
+        if hangups:
+            server.request_reload()
         # What start-up made (modules, config, catalogue) lives as long as the process: out
         # of the cyclic collector's sight, a full collection no longer walks it — those
         # walks were 25-37 ms pauses of every connection under load (docs/performance.md).

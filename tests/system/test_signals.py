@@ -5,6 +5,8 @@ ends the drain at once."""
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import signal
 import sqlite3
 import time
@@ -13,7 +15,15 @@ import tomllib
 import pytest
 
 from metering_protocol.client import ProtocolClient
-from tests.support import short_tmpdir, wait_until, write_toml
+from tests.support import (
+    server_config,
+    server_daemon,
+    short_tmpdir,
+    sqlite_write_lock,
+    wait_until,
+    write_credentials,
+    write_toml,
+)
 from tests.system.test_failover import (
     PRODUCT,
     Site,
@@ -189,3 +199,55 @@ async def test_sighup_leaves_the_agent_running_with_its_seat(tmp_path):
     finally:
         agent.stop()
         site.close()
+
+
+def test_a_sighup_while_the_server_starts_is_a_reload_once_it_serves(tmp_path):
+    """Found by a review: a SIGHUP while the server waited for its store (up to
+    `store.start_timeout_s` on PostgreSQL, the busy timeout on SQLite) ended it: the handler
+    came only once it served, and systemd does not restart a service a SIGHUP ended.  Now
+    the reload it asked for is done once the server serves."""
+    state = tmp_path / "state"
+    state.mkdir()
+    db = tmp_path / "site.db"
+    sockdir = short_tmpdir()
+    write_credentials(state / "credentials.toml", {"ops": (["admin"], "secret-ops")})
+
+    def config(seats: int) -> dict:
+        return server_config(
+            name="srv-a",
+            listen=[f"unix://{sockdir}/srv.sock"],
+            state_dir=state,
+            store=db,
+            products=[{"name": "CLOCK.EXE", "version": "4.00", "seats": seats}],
+        )
+
+    path = write_toml(state / "server.toml", config(1))
+    daemon = server_daemon(path, ready_event=None)
+
+    def holds_the_store_open() -> bool:
+        fds = f"/proc/{daemon.pid}/fd"
+        try:
+            return any(os.readlink(f"{fds}/{fd}") == str(db) for fd in os.listdir(fds))
+        except OSError:
+            return False
+
+    try:
+        with sqlite_write_lock(db):  # the server's start waits for it
+            daemon.start()
+            wait_until(holds_the_store_open, 20, "the server to open its store")
+            write_toml(path, config(3))
+            daemon.signal(signal.SIGHUP)  # a config tool's `kill -HUP`
+        wait_until(
+            lambda: (
+                daemon.proc.poll() is not None
+                or any(e.get("event") == "config_reloaded" for e in daemon.events())
+            ),
+            30,
+            "the server to reload, or to die",
+        )
+        assert daemon.proc.poll() is None, f"ended by the SIGHUP ({daemon.proc.returncode})"
+        events = [e["event"] for e in daemon.events()]
+        assert events.index("server_started") < events.index("config_reloaded")
+    finally:
+        daemon.stop()
+        shutil.rmtree(sockdir, ignore_errors=True)
