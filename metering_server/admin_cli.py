@@ -554,10 +554,17 @@ async def cmd_lockouts(args: argparse.Namespace) -> int:
 async def cmd_unlock(args: argparse.Namespace) -> int:
     if (args.principal is None) == (args.source is None):
         raise AdminError("unlock: give a PRINCIPAL or --source ADDR (one of them)", EX_USAGE)
-    fields = {"principal": args.principal} if args.principal else {"source": args.source}
+    if args.principal == "" or args.source == "":
+        raise AdminError(
+            f"unlock: {'PRINCIPAL' if args.source is None else 'ADDR'} is empty", EX_USAGE
+        )
+    # `is not None`: an empty PRINCIPAL went as `source: null`, and the server's answer
+    # ("give exactly one of principal and source") told the operator what they had done.
+    by_principal = args.principal is not None
+    fields = {"principal": args.principal} if by_principal else {"source": args.source}
     reply = await _call(args, "unlock", **fields)
     lifted = reply.get("unlocked") or []
-    what = args.principal or f"source {args.source}"
+    what = args.principal if by_principal else f"source {args.source}"
     if args.json:
         _emit_json(_reply_data(reply))
     elif lifted:

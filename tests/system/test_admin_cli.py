@@ -560,6 +560,12 @@ def test_lockouts_lists_a_locked_principal_and_unlock_lifts_it(tmp_path):
         usage = admin(*ops, "unlock")
         assert usage.returncode == 64
         one_line(usage.stderr)
+        # Found by a review: an empty PRINCIPAL went as `source: null`, and the line said
+        # "give exactly one of principal and source" to an operator who had.
+        for argv, named in ((["unlock", ""], "PRINCIPAL"), (["unlock", "--source", ""], "ADDR")):
+            empty = admin(*ops, *argv)
+            assert empty.returncode == 64
+            assert one_line(empty.stderr) == (f"metering-admin: unlock: {named} is empty")
     finally:
         srv.stop()
         sock.close()
