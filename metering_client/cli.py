@@ -148,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"metering-client: {exc}", file=sys.stderr)
         return EX_CONFIG
+    except OSError as exc:  # a file the checks could not name by key (they name most)
+        print(f"metering-client: {args.config or 'config'}: {exc}", file=sys.stderr)
+        return EX_CONFIG
     if args.command == "run":
         cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
         if not cmd:

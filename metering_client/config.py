@@ -6,6 +6,7 @@ import hashlib
 import os
 import socket
 import ssl
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -18,8 +19,10 @@ from metering_protocol.config import (
     Seconds,
     SecondsOrZero,
     convert,
+    is_file_at,
     read_toml,
     resolve,
+    stat_of,
 )
 from metering_protocol.errors import Unavailable
 from metering_protocol.messages import MAX_USAGE_RECORDS
@@ -229,7 +232,7 @@ def build_client_config(data: dict, path: Path | None) -> ClientConfig:
         token_file = resolve(base, cfg.client.token_file)
     _check_dir(where, "client.state_dir", state_dir)
     ca = resolve(base, cfg.servers.tls_ca_file) if cfg.servers.tls_ca_file else None
-    if ca is not None and not ca.is_file():
+    if ca is not None and not is_file_at(where, "servers.tls_ca_file", ca):
         raise ConfigError(where, "servers.tls_ca_file", f"file {ca} does not exist")
     if ca is not None:
         try:
@@ -264,8 +267,9 @@ def _check_dir(where: Path | str, key: str, path: Path) -> None:
     """A directory the agent will create or use must not be something else: found only at
     `mkdir` or `bind`, it was a bare `File exists` naming neither file nor key."""
     for part in (path, *path.parents):
-        if part.exists():
-            if not part.is_dir():
+        found = stat_of(where, key, part)
+        if found is not None:
+            if not stat.S_ISDIR(found.st_mode):
                 raise ConfigError(where, key, f"{part} exists and is not a directory")
             return
 

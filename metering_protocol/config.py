@@ -8,6 +8,8 @@ ConfigError line: "<file>: <key>: <problem>".
 from __future__ import annotations
 
 import math
+import os
+import stat
 import tomllib
 import typing
 from pathlib import Path
@@ -52,6 +54,25 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(path, "", f"invalid TOML: {exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(path, "", "not valid UTF-8") from None
+
+
+def stat_of(where: Path | str, key: str, path: Path) -> os.stat_result | None:
+    """`path`'s stat; None when nothing is there.  A path this user may not reach (a
+    directory on the way it may not search: Debian's /etc/ssl/private is 0710 root:ssl-cert)
+    is the config's problem, named by key: pathlib's `exists` and `is_file` raised it, and
+    the daemons printed a traceback (found by a review)."""
+    try:
+        return path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise ConfigError(where, key, f"cannot reach {path}: {exc.strerror or exc}") from None
+
+
+def is_file_at(where: Path | str, key: str, path: Path) -> bool:
+    """A regular file is at `path` (following links); see `stat_of`."""
+    found = stat_of(where, key, path)
+    return found is not None and stat.S_ISREG(found.st_mode)
 
 
 def _non_finite(data: Any, where: str = "") -> str | None:

@@ -489,7 +489,8 @@ class MeteringServer:
                     upgrades_aside=self.config.state_dir / UPGRADES_ASIDE,
                 )
                 tls_renewed = self._tls_renewed(new)
-            except (ConfigError, CredentialsError) as exc:
+            except (ConfigError, CredentialsError, OSError) as exc:
+                # OSError: a file the checks could not name (they name most, by key).
                 log.error("reload_failed", error=str(exc))
                 raise ReloadFailed(f"kept the running config: {exc}") from None
             old = self.config

@@ -15,7 +15,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from metering_protocol.config import ConfigError
+from metering_protocol.config import ConfigError, stat_of
 from metering_protocol.unixsock import user_name
 from metering_runtime.cliargs import UsageParser
 from metering_runtime.exitcodes import EX_CONFIG, EX_SOFTWARE, EX_UNAVAILABLE, os_error_code
@@ -68,7 +68,7 @@ def check_credentials(cfg: ServerConfig) -> None:
     where = cfg.path or "<defaults>"
     key = "auth.credentials_file"
     path = cfg.credentials_path
-    if not cfg.auth.peercred_only and not path.exists():
+    if not cfg.auth.peercred_only and stat_of(where, key, path) is None:
         raise ConfigError(
             where,
             key,
@@ -94,9 +94,11 @@ def preflight(cfg: ServerConfig) -> None:
         if directory is None:
             continue
         existing = directory
-        while not existing.exists() and existing != existing.parent:
+        found = stat_of(where, key, existing)
+        while found is None and existing != existing.parent:
             existing = existing.parent
-        if not existing.is_dir():
+            found = stat_of(where, key, existing)
+        if found is None or not stat.S_ISDIR(found.st_mode):
             raise ConfigError(where, key, f"{existing} is not a directory")
         if not os.access(existing, os.W_OK | os.X_OK):
             raise ConfigError(where, key, f"{existing} is not writable by this user")
@@ -138,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load(args.check_config or args.config)
     except (ConfigError, CredentialsError) as exc:
         print(f"metering-server: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except OSError as exc:  # a file the checks could not name by key (they name most)
+        print(f"metering-server: {args.check_config or args.config}: {exc}", file=sys.stderr)
         return EX_CONFIG
     if args.check_config:
         # A warning, exit 0: the server does start with this certificate (its unix:// and

@@ -16,6 +16,7 @@ from metering_protocol.config import (
     Seconds,
     SecondsOrZero,
     convert,
+    is_file_at,
     read_toml,
     resolve,
 )
@@ -201,7 +202,7 @@ def build_server_config(data: dict, path: Path | None) -> ServerConfig:
     if uses_tls and tls_cert is None:
         raise ConfigError(where, "server.tls_cert_file", "required for a tls:// listen address")
     for key, p in (("server.tls_cert_file", tls_cert), ("server.tls_key_file", tls_key)):
-        if p is not None and not p.is_file():
+        if p is not None and not is_file_at(where, key, p):
             raise ConfigError(where, key, f"file {p} does not exist")
     # The private key (in its own file, or with the certificate): like a token or a
     # database password, never open to every user of the host.
