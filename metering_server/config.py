@@ -154,26 +154,31 @@ def build_server_config(data: dict, path: Path | None) -> ServerConfig:
     where = path if path is not None else "<config>"
     cfg = convert(data, _File, where)
     base = path.parent.resolve() if path is not None else Path.cwd()
-    bound: dict[tuple, int] = {}  # what a listener binds -> its index
+    bound: list[tuple[str, str | tuple[str, int]]] = []  # (key, what it binds)
+
+    def clash(key: str, text: str, binds: str | tuple[str, int]) -> None:
+        # --check-config is the units' ExecStartPre: an OK here and a start that cannot
+        # bind (exit 69) is the failure it is there to prevent.
+        for other_key, other in bound:
+            if _binds_same(binds, other):
+                raise ConfigError(where, key, f"{text} binds what {other_key} binds already")
+        bound.append((key, binds))
+
     for i, addr in enumerate(cfg.server.listen):
         try:
             parsed = parse_address(addr)
         except AddressError as exc:
             raise ConfigError(where, f"server.listen[{i}]", str(exc)) from None
         # tcp:// and tls:// on one host and port are one socket: the second cannot bind.
-        socket = (parsed.path,) if parsed.is_unix else (parsed.host, parsed.port)
-        if (parsed.is_unix or parsed.port != 0) and socket in bound:
-            raise ConfigError(
-                where,
-                f"server.listen[{i}]",
-                f"{addr} binds what server.listen[{bound[socket]}] binds already",
-            )
-        bound.setdefault(socket, i)
+        if parsed.is_unix:
+            clash(f"server.listen[{i}]", addr, os.path.normpath(parsed.path))
+        else:
+            clash(f"server.listen[{i}]", addr, (parsed.host, parsed.port))
     if not cfg.server.listen:
         raise ConfigError(where, "server.listen", "needs at least one address")
     if cfg.metrics.listen is not None:
         try:
-            parse_listen(cfg.metrics.listen)
+            clash("metrics.listen", cfg.metrics.listen, parse_listen(cfg.metrics.listen))
         except ValueError as exc:
             raise ConfigError(where, "metrics.listen", str(exc)) from None
     _check_site_servers(cfg, where)
@@ -294,6 +299,26 @@ def _check_auth(cfg: _File, where: Path | str) -> None:
                 "auth.peercred_only",
                 "needs a unix:// address in server.listen (peer credentials exist only there)",
             )
+
+
+def _binds_same(one: str | tuple[str, int], other: str | tuple[str, int]) -> bool:
+    """Two listeners the second of which cannot bind: one unix path (normalised: `a//b` is
+    `a/b`), or one TCP port on one host or on a wildcard that covers the other's host —
+    0.0.0.0 covers every IPv4 address and name, :: only IPv6 (the server binds IPv6 alone,
+    IPV6_V6ONLY).  Port 0 picks a free port each time: never a clash."""
+    if isinstance(one, str) or isinstance(other, str):
+        return one == other
+    (host, port), (other_host, other_port) = one, other
+    if port != other_port or port == 0:
+        return False
+    if host == other_host:
+        return True
+    v6 = ":" in host, ":" in other_host
+    if "0.0.0.0" in (host, other_host):
+        return not any(v6)
+    if "::" in (host, other_host):
+        return all(v6)
+    return False
 
 
 def _holds_key(path: Path) -> bool:

@@ -29,6 +29,27 @@ def write(tmp_path: Path, text: str) -> Path:
             "server.listen[1]",
             "binds what server.listen[0] binds already",
         ),
+        # Found by a review: the same socket spelled another way, also OK and then 69.
+        (
+            "[server]\nlisten = ['tcp://0.0.0.0:7001', 'tcp://127.0.0.1:7001']\n",
+            "server.listen[1]",
+            "binds what server.listen[0] binds already",
+        ),
+        (
+            "[server]\nlisten = ['tcp://[::1]:7001', 'tls://[::]:7001']\n",
+            "server.listen[1]",
+            "binds what server.listen[0] binds already",
+        ),
+        (
+            "[server]\nlisten = ['unix:///run/m.sock', 'unix:///run//m.sock']\n",
+            "server.listen[1]",
+            "binds what server.listen[0] binds already",
+        ),
+        (
+            "[server]\nlisten = ['tcp://0.0.0.0:7001']\n[metrics]\nlisten = 'localhost:7001'\n",
+            "metrics.listen",
+            "binds what server.listen[0] binds already",
+        ),
         ("[metrics]\nlisten = 'tcp://127.0.0.1:9464'\n", "metrics.listen", "is not HOST:PORT"),
         ("[server]\nlisten = []\n", "server.listen", "at least one"),
         ("[server]\nmax_connections = 0\n", "server.max_connections", ">"),
@@ -131,6 +152,20 @@ def test_server_config_errors_name_file_key_and_problem(tmp_path, text, key, pro
     assert "\n" not in line
     assert line.startswith(f"{path}: {key}: "), line
     assert problem in line
+
+
+@pytest.mark.parametrize(
+    "listen",
+    [
+        ["tcp://0.0.0.0:7001", "tcp://[::1]:7001"],  # IPv6 is bound alone (IPV6_V6ONLY)
+        ["tcp://[::]:7001", "tcp://127.0.0.1:7001"],
+        ["tcp://127.0.0.1:7001", "tcp://127.0.0.2:7001"],
+        ["tcp://127.0.0.1:0", "tcp://127.0.0.1:0"],  # each picks a free port
+    ],
+)
+def test_listeners_that_can_all_bind_are_taken(tmp_path, listen):
+    text = f"[server]\nlisten = {listen!r}\n".replace("'", '"')
+    assert load_server_config(write(tmp_path, text)).server.listen == listen
 
 
 def test_invalid_toml_and_missing_file(tmp_path):
