@@ -119,9 +119,10 @@ class ProtocolClient:
             async with asyncio.timeout(timeout):
                 reply = await asyncio.shield(fut)
         except asyncio.CancelledError:
-            if op == "checkout" and "lease" not in fields and not self.closed.done():
+            waiting = bool(fields.get("wait_s"))
+            if op == "checkout" and ("lease" not in fields or waiting) and not self.closed.done():
                 orphan = True
-                self._give_back(rid, fut, waiting=bool(fields.get("wait_s")))
+                self._give_back(rid, fut, waiting=waiting, keep=fields.get("lease"))
             raise
         except TimeoutError:
             self._pending.pop(rid, None)
@@ -134,14 +135,25 @@ class ProtocolClient:
             return reply
         raise MeteringError.from_wire(reply.get("error"))
 
-    def _give_back(self, rid: int, fut: asyncio.Future, *, waiting: bool) -> None:
+    def _give_back(
+        self, rid: int, fut: asyncio.Future, *, waiting: bool, keep: str | None = None
+    ) -> None:
         """A checkout whose caller went away (a program that left the agent, Ctrl-C): no
         seat may stay with nobody.  A waiting one is withdrawn (`cancel`); and whatever the
         server had granted meanwhile, or grants before the cancel reaches it, is checked in
         when its reply comes — else the seat stayed taken until its lease expired.  That
         checkin is `abandoned`: a retry of the same checkout (its idempotency key) may have
         been handed the same lease meanwhile, on another connection, and then it stays.  The
-        replies to both are not awaited."""
+        replies to both are not awaited.
+
+        A waiting reclaim (`keep`: the lease it names; a program's stale handle, which the
+        agent forwards) is withdrawn and given back alike, but the lease it named, renewed,
+        is left to whoever holds it: only a fresh seat it was granted (its lease had
+        expired) is nobody's.  Reclaims were left out, and such a one whose program left
+        was granted the next free seat, held for nobody (found by a review).  A reclaim
+        that does not wait (the agent's own, after a failover) is left out still: asked
+        again, its idempotency key gets it the seat granted meanwhile, which a checkin
+        would have given away."""
         if waiting:
             self.writer.write(encode({"id": self.next_id(), "op": "cancel", "request": rid}))
 
@@ -152,7 +164,7 @@ class ProtocolClient:
                 return
             reply = done.result()
             lease = reply.get("lease") if reply.get("ok") is True else None
-            if isinstance(lease, str):  # its reply, to an id nobody waits for, is dropped
+            if isinstance(lease, str) and lease != keep:  # its reply, to nobody, is dropped
                 checkin = {"id": self.next_id(), "op": "checkin", "lease": lease, "abandoned": True}
                 self.writer.write(encode(checkin))
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
+import shutil
 
 import pytest
 import pytest_asyncio
@@ -20,6 +22,7 @@ from tests.support import (
     Raw,
     agent_config,
     async_wait_until,
+    scripted_hello,
     server_config,
     short_tmpdir,
     sqlite_write_lock,
@@ -59,9 +62,14 @@ async def _zero(coro) -> bool:
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("reattach", [False, True], ids=["fresh", "stale-lease"])
 async def test_agent_local_cancel_and_disconnect_withdraw_the_server_side_wait(
-    make_server, tmp_path
+    make_server, tmp_path, reattach
 ):
+    """`stale-lease`, found by a review: a program's checkout naming a lease the agent no
+    longer holds (a re-attach with a handle given back meanwhile) goes to the server as a
+    reclaim, which waits like a fresh checkout; its wait was not withdrawn when the program
+    went, and the next free seat went to nobody."""
     server = await make_server(products=PRODUCTS, credentials={"ws": (["agent"], "tok")})
     short = short_tmpdir()
     config = agent_config(tmp_path, server.address("tcp"), short)
@@ -69,18 +77,24 @@ async def test_agent_local_cancel_and_disconnect_withdraw_the_server_side_wait(
     await agent.start()
     admin = await hello(server.address("unix"), client="watch")
     try:
+        prog = await hello(f"unix://{config.socket}", client="p2")
+        stale: dict[str, str] = {}
+        if reattach:
+            lease = (await prog.request("checkout", timeout=10, product="A", version="1"))["lease"]
+            await prog.request("checkin", timeout=10, lease=lease)
+            assert lease not in agent.keeper.held
+            stale["lease"] = lease
         holder = await hello(f"unix://{config.socket}", client="p1")
         await holder.request("checkout", timeout=10, product="A", version="1")
-        prog = await hello(f"unix://{config.socket}", client="p2")
         rid = prog.next_id()
-        fut = prog.send("checkout", rid, product="A", version="1", wait_s=30)
+        fut = prog.send("checkout", rid, product="A", version="1", wait_s=30, **stale)
         await async_wait_until(lambda: queued(admin), what="the agent's checkout to queue")
         assert (await prog.request("cancel", timeout=5, request=rid))["cancelled"] is True
         reply = await asyncio.wait_for(fut, 5)
         assert reply["ok"] is False and reply["error"]["code"] == Cancelled.code
         await async_wait_until(lambda: _zero(queued(admin)), what="the server queue to empty")
         # Again, but the program simply goes away while it waits.
-        prog.send("checkout", prog.next_id(), product="A", version="1", wait_s=30)
+        prog.send("checkout", prog.next_id(), product="A", version="1", wait_s=30, **stale)
         await async_wait_until(lambda: queued(admin), what="the second checkout to queue")
         await prog.close()
         await async_wait_until(lambda: _zero(queued(admin)), what="the server queue to empty")
@@ -413,6 +427,58 @@ async def test_a_client_gives_back_an_abandoned_checkouts_lease_only_if_no_retry
         store.grant = real
         await gone.close()
         await retry.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("answered", ["named", "fresh"])
+async def test_a_waiting_reclaim_abandoned_gives_back_only_a_fresh_seat(tmp_path, answered):
+    """A waiting reclaim whose caller left is withdrawn (`cancel`); a reply that comes all
+    the same (the cancel too late) with a fresh seat is checked in, but the lease it named,
+    renewed, is its holder's and stays.  A scripted server, to answer after the cancel."""
+    seen: list[dict] = []
+    cancelled = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async for line in reader:
+            frame = json.loads(line)
+            seen.append(frame)
+            rid, op = frame["id"], frame["op"]
+            if op == "hello":
+                writer.write(json.dumps({"id": rid, **scripted_hello("srv")}).encode() + b"\n")
+            elif op == "checkout":
+                asked = rid
+            elif op == "cancel":
+                lease = "L-named" if answered == "named" else "L-fresh"
+                reply = {"id": asked, "ok": True, "lease": lease, "expires_in_s": 10}
+                writer.write(json.dumps(reply).encode() + b"\n")
+                cancelled.set()
+            elif op == "ping":
+                writer.write(json.dumps({"id": rid, "ok": True}).encode() + b"\n")
+        writer.close()
+
+    path = short_tmpdir() / "s.sock"
+    listener = await asyncio.start_unix_server(serve, path)
+    client = await ProtocolClient.connect(f"unix://{path}", timeout=5)
+    try:
+        await client.hello("ws", user=None, token=None, timeout=5)
+        asking = asyncio.ensure_future(
+            client.request(
+                "checkout", timeout=30, product="A", version="1", lease="L-named", wait_s=10
+            )
+        )
+        await async_wait_until(lambda: any(f["op"] == "checkout" for f in seen), what="it")
+        asking.cancel()  # the program left
+        with contextlib.suppress(asyncio.CancelledError):
+            await asking
+        await asyncio.wait_for(cancelled.wait(), 10)
+        await asyncio.wait_for(client.drained(), 10)
+        await client.request("ping", timeout=5)  # after any give-back, on the same stream
+        given_back = [f["lease"] for f in seen if f["op"] == "checkin"]
+        assert given_back == ([] if answered == "named" else ["L-fresh"])
+    finally:
+        await client.close()
+        listener.close()
+        shutil.rmtree(path.parent, ignore_errors=True)
 
 
 @pytest_asyncio.fixture
