@@ -23,7 +23,7 @@ from metering_client.keeper import HeldLease, LeaseKeeper
 from metering_client.programs import announce_direct_seat, withdraw_direct_seat
 from metering_client.serverlist import ServerList
 from metering_protocol.client import ProtocolClient
-from metering_protocol.errors import LeaseRevoked, MeteringError
+from metering_protocol.errors import Denied, LeaseRevoked, MeteringError
 from metering_runtime.logs import get_logger
 
 log = get_logger("metering.client")
@@ -174,8 +174,14 @@ class Seat:
                     )
                 except MeteringError as exc:
                     await client.close()
-                    if not exc.retryable:
+                    # `denied`: the seat did not outlive the agent's restart (its lease ran
+                    # out meanwhile and the pool is full).  Retryable for a checkout, but a
+                    # re-attach asked again every 0.5 s for ever, and the program was never
+                    # told it ran without its seat (found by a review).
+                    if not exc.retryable or isinstance(exc, Denied):
                         self._set_lost("revoked" if isinstance(exc, LeaseRevoked) else str(exc))
+                        gone, self._agent = self._agent, None  # no seat left to check in
+                        await gone.close()
                         return
                     continue
                 client.on_event = self._on_agent_event
