@@ -326,9 +326,11 @@ class Agent:
         return {**spool, **up, "error": spool["write_error"] or up["upload_error"]}
 
     async def requeue_rejected(self, record_ids: list[str] | None) -> dict[str, Any]:
-        """The local op `requeue_rejected`: back in the spool, and sent at once."""
-        result = await self.spool.requeue_rejected(record_ids)
-        if result.requeued:
+        """The local op `requeue_rejected`: back in the spool, and sent at once (also what
+        a requester that left meanwhile had moved)."""
+        try:
+            result = await self.spool.requeue_rejected(record_ids)
+        finally:
             self.uploader.trigger()
         return result.to_dict()
 

@@ -7,11 +7,13 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+import metering_client.spool as spool_module
 from metering_client.agent import Agent
 from metering_client.config import build_client_config
 from metering_client.spool import Spool
@@ -492,4 +494,68 @@ async def test_only_root_and_the_agents_user_may_requeue_refused_records(make_se
         )
         assert agent.uploader.uploaded == 1
     finally:
+        await stop_local_agent(agent, short)
+
+
+@pytest.mark.asyncio
+async def test_a_requeue_whose_requester_left_still_reaches_the_agents_memory(
+    make_server, tmp_path, monkeypatch
+):
+    """Found by a review: the agent moves a chunk of rejected records in a thread, then
+    takes them into memory; a requester gone meanwhile (Ctrl-C on `metering-client spool
+    requeue`) cancelled the op at once, the thread moved the files all the same, and they
+    waited in spool/ unknown to the agent until its next start.  (A slow disk, made here by
+    a move that waits for an event.)"""
+    refused = Spool(tmp_path / "st" / "spool")  # what an earlier run of the agent left
+    refused.load()
+    rec = new_record(
+        product="A",
+        version="1",
+        user="alice",
+        client="ws-1",
+        started=time.time() - 60,
+        outcome="granted",
+        running=False,
+        source="api",
+    )
+    await refused.put(rec)
+    await refused.reject(rec.record_id, {"code": "forbidden", "message": "user role"})
+    in_rejected = refused.rejected_dir / f"{rec.record_id}.json"
+    in_spool = refused.dir / f"{rec.record_id}.json"
+
+    entered, release = threading.Event(), threading.Event()
+    real = spool_module.requeue_rejected_files
+
+    def slow_disk(*args, **kw):  # a slow disk: the move takes a while
+        entered.set()
+        release.wait(10)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(spool_module, "requeue_rejected_files", slow_disk)
+    server = await make_server(
+        products=[{"name": "A", "version": "1", "seats": 2}], credentials={"ws": (["agent"], "tok")}
+    )
+    agent, short = await start_local_agent(server, tmp_path)
+    try:
+        ops = await hello(f"unix://{agent.config.socket}", client="ops")
+        asked = ops.send("requeue_rejected", ops.next_id(), records=[rec.record_id])
+        await async_wait_until(entered.is_set, what="the agent moving the record")
+        await ops.close()  # Ctrl-C on `metering-client spool requeue`
+        assert asked.exception() is not None
+        await async_wait_until(  # its request cancelled: ended, or ending
+            lambda: all(t.cancelling() for c in agent.endpoint.connections for t in c.tasks),
+            what="the requester's request cancelled in the agent",
+        )
+        release.set()
+        await async_wait_until(
+            lambda: not in_rejected.exists(), what="the worker thread to finish the move"
+        )
+        # Moved by the agent, so in its memory, and sent at once (then deleted).
+        await async_wait_until(
+            lambda: agent.uploader.uploaded == 1 and not in_spool.exists(),
+            what="the requeued record uploaded",
+        )
+        assert rec.record_id not in agent.spool.records
+    finally:
+        release.set()
         await stop_local_agent(agent, short)
