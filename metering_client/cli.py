@@ -93,7 +93,7 @@ def parser() -> argparse.ArgumentParser:
         help="check out a seat, run CMD, check in; exit with CMD's status",
         description="The seat is held while CMD runs, and until every process it left "
         "running (a program that daemonizes) has ended; with --until-exit, only while CMD "
-        "runs.  Exit codes: CMD's own; 64 usage; "
+        "runs.  Exit codes: CMD's own (127 CMD not found, 126 it cannot be run); 64 usage; "
         "69 unknown product; 75 denied, no server reachable, or the seat revoked (enforce "
         "mode); 77 authentication refused; 78 config problem.",
     )

@@ -150,9 +150,11 @@ def hold_until(flag: Path, code: int = 0) -> list[str]:
 
 
 @pytest.mark.parametrize("use_agent", [True, False], ids=["agent", "direct"])
-def test_run_passes_exit_codes_through_and_always_checks_in(site, use_agent):
+def test_run_passes_exit_codes_through_and_always_checks_in(site, use_agent, tmp_path):
     if use_agent:
         site.start_agent()
+    not_executable = tmp_path / "notes.txt"
+    not_executable.write_text("not a program\n")
     for cmd, expected in (
         (["true"], 0),
         ([sys.executable, "-c", "import sys; sys.exit(3)"], 3),
@@ -160,7 +162,8 @@ def test_run_passes_exit_codes_through_and_always_checks_in(site, use_agent):
             [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"],
             128 + signal.SIGTERM,
         ),
-        (["/nonexistent/program"], 127),
+        (["/nonexistent/program"], 127),  # as a shell says it: not found
+        ([str(not_executable)], 126),  # found, cannot be run
     ):
         proc = site.client("run", "--product", "CLOCK.EXE", "--version", "4.00", "--", *cmd)
         assert proc.returncode == expected, proc.stderr
