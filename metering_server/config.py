@@ -21,7 +21,12 @@ from metering_protocol.config import (
     resolve,
 )
 from metering_runtime.http import parse_listen
-from metering_server.store import POSTGRES_SCHEMES, SECRET_URL_PARAMS, StoreSettings
+from metering_server.store import (
+    POSTGRES_SCHEMES,
+    SECRET_URL_PARAMS,
+    StoreSettings,
+    address_cut_short,
+)
 
 Pos = Annotated[int, msgspec.Meta(gt=0)]
 
@@ -346,12 +351,22 @@ def _store(
         return f"sqlite://{resolve(base, db)}", StoreSettings()
     if not url.startswith(POSTGRES_SCHEMES):
         raise ConfigError(where, "store.url", "must start with sqlite:// or postgresql://")
+    # Never the parser's own words: they quote what they could not read, which may be the
+    # password (a review found it on stderr, in the log and in a reload's reply).
+    unreadable = ConfigError(
+        where,
+        "store.url",
+        "not a valid URL (a `/`, `#`, `?` or `@` in the user name must be percent-encoded, "
+        "and a password belongs in store.password_file)",
+    )
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a bad port
         query = parse_qs(parts.query)
-    except ValueError as exc:
-        raise ConfigError(where, "store.url", f"not a valid URL: {exc}") from None
+    except ValueError:
+        raise unreadable from None
+    if address_cut_short(parts):
+        raise unreadable
     if parts.password is not None or "password" in {k.lower() for k in query}:
         raise ConfigError(
             where,

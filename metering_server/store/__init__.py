@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote_plus, urlsplit, urlunsplit
+from urllib.parse import SplitResult, unquote_plus, urlsplit, urlunsplit
 
 from metering_server.store.base import LeaseStore
 from metering_server.store.sqlite import SQLiteStore
@@ -17,6 +17,18 @@ POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 SECRET_URL_PARAMS = frozenset({"password", "sslpassword"})
 
 
+def address_cut_short(parts: SplitResult) -> bool:
+    """Whether an `@` past the address says the user or password held a `/`, `#` or `?`
+    not percent-encoded: the URL parser ended the address there, so what it took for the
+    host and port (or a parse error quoting it) is the password, and no check for one saw
+    it (found by a review: `metering:S3cr/et@db` in a config error's text, and
+    `metering:2024/Winter@db` logged whole as a host and port).  An `@` in a query value
+    (`user=me@corp`) is not one."""
+    if "@" in parts.path or "@" in parts.fragment:
+        return True
+    return any("@" in field.partition("=")[0] for field in parts.query.split("&"))
+
+
 def redact_url(url: str) -> str:
     """The store URL as logs and messages show it: a password, in the address or in the
     query, replaced by `***` (the config refuses them; this is for URLs it did not read)."""
@@ -24,6 +36,8 @@ def redact_url(url: str) -> str:
         return url  # sqlite:///path holds no secret (and urlunsplit would drop its `//`)
     try:
         parts = urlsplit(url)
+        if address_cut_short(parts):
+            return "<unparsable store url>"
         netloc = parts.netloc
         if parts.password is not None:
             netloc = f"{parts.username or ''}:***@{netloc.rsplit('@', 1)[1]}"

@@ -316,6 +316,11 @@ def test_redact_drops_a_password_from_a_url():
         redact_url("postgresql://m@db/m?sslmode=require&sslpassword=hunter2&Password=x")
         == "postgresql://m@db/m?sslmode=require&sslpassword=***&Password=***"
     )
+    # found by a review: a `/`, `#` or `?` in the password ends the address early, and the
+    # parser took the rest for a path, a fragment or a query, shown as it was
+    for cut in "/#?":
+        assert redact_url(f"postgresql://m:2024{cut}Winter@db/m") == "<unparsable store url>"
+    assert redact_url("postgresql://m@db/m?user=me@corp") == "postgresql://m@db/m?user=me@corp"
 
 
 # --- two servers of one site on one database -------------------------------------------------

@@ -168,6 +168,21 @@ def test_listeners_that_can_all_bind_are_taken(tmp_path, listen):
     assert load_server_config(write(tmp_path, text)).server.listen == listen
 
 
+@pytest.mark.parametrize("cut", ["/", "#", "?"])
+@pytest.mark.parametrize("head", ["Zq9vX2kLmW", "2024"])
+def test_a_store_url_password_the_parser_misreads_is_refused_unquoted(tmp_path, cut, head):
+    """Found by a review: a `/`, `#` or `?` in a store.url password ends the URL's address
+    early.  The parser's error quoted the password's first part as a bad port (on stderr,
+    in the log, in a reload's reply), and one of digits passed as a port: no password
+    seen, none refused, the URL logged whole."""
+    url = f"postgresql://metering:{head}{cut}Winter@db.example:5432/metering"
+    with pytest.raises(ConfigError) as err:
+        load_server_config(write(tmp_path, f"[store]\nurl = '{url}'\n"))
+    line = str(err.value)
+    assert "store.url: not a valid URL" in line and head not in line.split("store.url")[1]
+    assert "Winter" not in line
+
+
 def test_invalid_toml_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="invalid TOML"):
         load_server_config(write(tmp_path, "[server\n"))
