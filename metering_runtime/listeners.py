@@ -317,8 +317,24 @@ def _refuse_if_live(path: Path, address: Address) -> None:
         raise BindError(f"{address}: another process is listening on {path}")
 
 
+class KeyNeedsPassphrase(ssl.SSLError):
+    """The private key is encrypted: a daemon has nobody to ask for its passphrase."""
+
+
+def _no_passphrase() -> bytes:
+    # Without this, OpenSSL asked on the terminal ("Enter PEM pass phrase:") and waited:
+    # `--check-config` hung, and a reload would have held the event loop (found by a
+    # review).
+    raise KeyNeedsPassphrase("the private key is encrypted (protected by a passphrase)")
+
+
+def load_server_chain(ctx: ssl.SSLContext, cert: Path, key: Path | None) -> None:
+    """Load the certificate and key into `ctx`, never prompting for a passphrase."""
+    ctx.load_cert_chain(str(cert), str(key) if key else None, password=_no_passphrase)
+
+
 def server_ssl_context(cert: Path, key: Path | None) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(cert), str(key) if key else None)
+    load_server_chain(ctx, cert, key)
     return ctx

@@ -29,7 +29,7 @@ from metering_runtime import systemd
 from metering_runtime.connection import Connection, Endpoint, Limits
 from metering_runtime.durable import PASSING_ERRNOS
 from metering_runtime.http import HttpEndpoint, Response
-from metering_runtime.listeners import Listener, bind
+from metering_runtime.listeners import Listener, bind, load_server_chain
 from metering_runtime.logs import Throttle, bind_context, get_logger
 from metering_runtime.tasks import TaskOwner
 from metering_server.auth.credentials import UPGRADES_ASIDE, Credentials, CredentialsError
@@ -267,7 +267,7 @@ class MeteringServer:
         tls_context(new)  # whole and matching, or a refused reload naming the file
         assert new.tls_cert is not None
         try:
-            context.load_cert_chain(new.tls_cert, new.tls_key)
+            load_server_chain(context, new.tls_cert, new.tls_key)
         except (ssl.SSLError, OSError):  # replaced again since: say what is wrong now
             tls_context(new)
             raise

@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 
 from metering_protocol.config import ConfigError
-from metering_runtime.listeners import server_ssl_context
+from metering_runtime.listeners import KeyNeedsPassphrase, server_ssl_context
 from metering_server.certinfo import (
     CertificateUnreadable,
     ExpiryWatch,
@@ -40,6 +40,14 @@ def tls_context(cfg: ServerConfig) -> ssl.SSLContext:
     assert cfg.tls_cert is not None
     try:
         return server_ssl_context(cfg.tls_cert, cfg.tls_key)
+    except KeyNeedsPassphrase:
+        raise ConfigError(
+            cfg.path or "<defaults>",
+            "server.tls_key_file" if cfg.tls_key else "server.tls_cert_file",
+            f"{cfg.tls_key or cfg.tls_cert}: the private key is encrypted, and the server has "
+            "nobody to ask for its passphrase: store it without one (`openssl pkey -in KEY "
+            "-out NEW`), readable only by the server's user",
+        ) from None
     except (ssl.SSLError, OSError) as exc:
         reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
         key, what = _fault(cfg.tls_cert, cfg.tls_key)

@@ -8,13 +8,19 @@ The CAs are generated at test time with trustme; nothing is read from the host's
 
 from __future__ import annotations
 
+import contextlib
+import os
+import pty
+import select
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import trustme
+from cryptography.hazmat.primitives import serialization
 
 from tests.support import (
     Daemon,
@@ -232,3 +238,53 @@ def test_tls_listen_without_certificate_is_a_config_error(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "server.tls_cert_file" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_an_encrypted_key_is_one_line_on_a_terminal_not_a_prompt(tmp_path):
+    """Found by a review: the key was loaded without a passphrase callback, so OpenSSL asked
+    on the terminal ("Enter PEM pass phrase:") and waited: `--check-config` hung, and a
+    reload of a renewed key would have held the server's event loop.  Run on a terminal
+    (a pty), it now says in one line that the key is encrypted."""
+    _, chain, key = write_pki(trustme.CA(), tmp_path / "pki")
+    plain = serialization.load_pem_private_key(key.read_bytes(), None)
+    key.write_bytes(
+        plain.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"hunter2-passphrase"),
+        )
+    )
+    state = tmp_path / "srv"
+    state.mkdir()
+    write_credentials(state / "credentials.toml", {})
+    cfg = server_config(
+        name="srv",
+        listen=["tls://127.0.0.1:7443"],
+        state_dir=state,
+        server={"tls_cert_file": str(chain), "tls_key_file": str(key)},
+    )
+    path = write_toml(state / "server.toml", cfg)
+    argv = [cli_path("metering-server"), "--check-config", str(path)]
+    pid, terminal = pty.fork()
+    if pid == 0:  # an operator's shell on a terminal
+        os.execv(argv[0], argv)
+    out, deadline = b"", time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([terminal], [], [], deadline - time.monotonic())
+            try:
+                chunk = os.read(terminal, 4096) if ready else b""
+            except OSError:  # EIO: the command has exited and closed the terminal
+                chunk = b""
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        os.close(terminal)
+    text = out.decode(errors="replace")
+    assert "pass phrase" not in text.lower(), f"prompted on the terminal: {text!r}"
+    assert os.waitstatus_to_exitcode(status) == 78, text
+    assert "server.tls_key_file" in text and "encrypted" in text, text
