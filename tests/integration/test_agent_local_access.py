@@ -17,7 +17,7 @@ import metering_client.spool as spool_module
 from metering_client.agent import Agent
 from metering_client.config import build_client_config
 from metering_client.spool import Spool
-from metering_client.usage import new_record
+from metering_client.usage import UsageRecord, new_record
 from metering_protocol.errors import BadRequest, ConnectionLost
 from metering_protocol.names import fit_name
 from tests.conftest import hello
@@ -434,15 +434,10 @@ print(json.dumps(ask(id=2, op="requeue_rejected", all=True)))
 """
 
 
-@pytest.mark.asyncio
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a peer as another uid")
-async def test_only_root_and_the_agents_user_may_requeue_refused_records(make_server, tmp_path):
-    """Requeue goes through the agent that owns the spool: the record is back in its memory
-    and sent at once; a local user may not send every user's records again."""
-    exe = python_for_nobody()
-    if exe is None:
-        pytest.skip("no python the `nobody` user can run")
-    refused = Spool(tmp_path / "st" / "spool")  # what an earlier run of the agent left
+async def a_refused_record(tmp_path: Path) -> tuple[Spool, UsageRecord]:
+    """A usage record a server refused, in `spool/rejected/` as an earlier run of the agent
+    (state dir `tmp_path/st`) left it."""
+    refused = Spool(tmp_path / "st" / "spool")
     refused.load()
     rec = new_record(
         product="A",
@@ -456,6 +451,18 @@ async def test_only_root_and_the_agents_user_may_requeue_refused_records(make_se
     )
     await refused.put(rec)
     await refused.reject(rec.record_id, {"code": "forbidden", "message": "user role"})
+    return refused, rec
+
+
+@pytest.mark.asyncio
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a peer as another uid")
+async def test_only_root_and_the_agents_user_may_requeue_refused_records(make_server, tmp_path):
+    """Requeue goes through the agent that owns the spool: the record is back in its memory
+    and sent at once; a local user may not send every user's records again."""
+    exe = python_for_nobody()
+    if exe is None:
+        pytest.skip("no python the `nobody` user can run")
+    refused, rec = await a_refused_record(tmp_path)
     in_rejected = refused.rejected_dir / f"{rec.record_id}.json"
     server = await make_server(
         products=[{"name": "A", "version": "1", "seats": 2}], credentials={"ws": (["agent"], "tok")}
@@ -506,20 +513,7 @@ async def test_a_requeue_whose_requester_left_still_reaches_the_agents_memory(
     requeue`) cancelled the op at once, the thread moved the files all the same, and they
     waited in spool/ unknown to the agent until its next start.  (A slow disk, made here by
     a move that waits for an event.)"""
-    refused = Spool(tmp_path / "st" / "spool")  # what an earlier run of the agent left
-    refused.load()
-    rec = new_record(
-        product="A",
-        version="1",
-        user="alice",
-        client="ws-1",
-        started=time.time() - 60,
-        outcome="granted",
-        running=False,
-        source="api",
-    )
-    await refused.put(rec)
-    await refused.reject(rec.record_id, {"code": "forbidden", "message": "user role"})
+    refused, rec = await a_refused_record(tmp_path)
     in_rejected = refused.rejected_dir / f"{rec.record_id}.json"
     in_spool = refused.dir / f"{rec.record_id}.json"
 
