@@ -437,7 +437,17 @@ class PostgresStore(LeaseStore):
         # then the statement is known to have changed nothing (`overloaded`), even one that
         # commits itself (`_run`'s `single`), where our own timeout could not tell.
         stop_ms = round(1000 * max(0.9 * self.query_timeout_s, self.query_timeout_s - 1.0))
-        server = {**(settings.pop("server_settings") or {}), "statement_timeout": f"{stop_ms}"}
+        # A transaction of ours is never idle between its statements for long: one that is
+        # belongs to a server frozen in it (stopped, its VM suspended, its network to the
+        # database cut), and it held a pool's advisory lock, so every server of the site
+        # refused that product's checkouts until TCP keepalive gave up, hours later (found
+        # by a review).  The database now ends it after `query_timeout_s`; what it did is
+        # rolled back, and nobody was told of it (replies wait for the COMMIT).
+        server = {
+            **(settings.pop("server_settings") or {}),
+            "statement_timeout": f"{stop_ms}",
+            "idle_in_transaction_session_timeout": f"{round(1000 * self.query_timeout_s)}",
+        }
         return await asyncpg.create_pool(
             **settings,
             server_settings=server,

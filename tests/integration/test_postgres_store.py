@@ -28,6 +28,7 @@ from metering_server.licensing import Pool
 from metering_server.store import StoreSettings, open_store, redact_url
 from metering_server.store import postgres as postgres_store
 from metering_server.store.base import (
+    StoreBusy,
     StoreFailed,
     StoreReadOnly,
     StoreUnavailable,
@@ -305,6 +306,47 @@ async def test_the_password_is_in_no_log_line_and_no_error(pg_private, tmp_path,
     }
     for line in [*map(repr, logs), *errors, caplog.text]:  # caplog: asyncpg's own logger
         assert password not in line
+
+
+@pytest.mark.asyncio
+async def test_a_server_frozen_in_its_transaction_does_not_block_the_site(pg_private):
+    """Found by a review: a server stopped right after its grant took the product's lock
+    (paused, its VM suspended, its network to the database cut) kept its session idle in
+    that transaction, and every other server refused the product's checkouts until TCP
+    keepalive gave up, hours later.  The database now ends such a transaction after
+    `query_timeout_s`, and what it did is rolled back."""
+    a = pg_private.store(query_timeout_s=2.0)
+    b = pg_private.store(query_timeout_s=2.0)
+    await a.open()
+    await b.open()
+    frozen, thawed = asyncio.Event(), asyncio.Event()
+    counts = a._counts
+
+    async def freeze(db, first):  # server A stops with the product's lock held
+        frozen.set()
+        await thawed.wait()
+        return await counts(db, first)
+
+    a._counts = freeze
+    stuck = asyncio.ensure_future(a.grant(req(who=("alice", "ws-a"))))
+    try:
+        await asyncio.wait_for(frozen.wait(), 20)
+
+        async def b_grants() -> bool:
+            with contextlib.suppress(StoreBusy):  # A's lock, until the database ends it
+                return (await b.grant(req(who=("bob", "ws-b")))).granted
+            return False
+
+        await async_wait_until(b_grants, timeout=30, what="server B to grant while A is frozen")
+        thawed.set()
+        with pytest.raises((StoreBusy, Internal, StoreUnavailable)):
+            await asyncio.wait_for(stuck, 20)  # its transaction is gone: no seat, no reply
+        assert [lease.user for lease in await b.leases(T0)] == ["bob-user"]
+    finally:
+        thawed.set()
+        await asyncio.gather(stuck, return_exceptions=True)
+        await b.close()
+        await a.close()
 
 
 def test_redact_drops_a_password_from_a_url():
