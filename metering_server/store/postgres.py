@@ -596,24 +596,24 @@ class PostgresStore(LeaseStore):
                 # (re)connect, and a timeout there is a database that does not answer.
                 async with pool.acquire(timeout=self.query_timeout_s) as conn:
                     acquired = True
-                    if write:
-                        started = time.perf_counter()
-                        if single:
-                            sent = True  # from the first byte its outcome may be lost
-                            result = await fn(conn)
-                        else:
-                            async with (
-                                _begin_locked(conn, locks, shared)
-                                if locks
-                                else conn.transaction(isolation="read_committed")
-                            ):
-                                sent = True  # BEGIN went through: a rerun is not safe now
+                    try:
+                        if write:
+                            started = time.perf_counter()
+                            if single:
+                                sent = True  # from the first byte its outcome may be lost
                                 result = await fn(conn)
-                                done = True  # only COMMIT is left: a fault loses the outcome
-                        if self.on_commit is not None:
-                            self.on_commit(time.perf_counter() - started)
-                    else:
-                        result = await fn(conn)
+                            else:
+                                async with _begin_locked(conn, locks, shared):
+                                    sent = True  # BEGIN went through: a rerun is not safe
+                                    result = await fn(conn)
+                                    done = True  # only COMMIT is left: a fault loses it
+                            if self.on_commit is not None:
+                                self.on_commit(time.perf_counter() - started)
+                        else:
+                            result = await fn(conn)
+                    except TimeoutError:
+                        _abandon(conn)
+                        raise
             except MeteringError:
                 raise
             except StoreUnusable as exc:  # e.g. the password file vanished before a reconnect
@@ -1800,14 +1800,30 @@ async def _begin_locked(
     drops it."""
     mode = "_shared" if shared else ""
     taken = "".join(f"SELECT pg_advisory_xact_lock{mode}({int(key)});" for key in locks)
-    await conn.execute(f"BEGIN ISOLATION LEVEL READ COMMITTED;{taken}")
     try:
+        # In the try: when `statement_timeout` cancels the lock's wait, BEGIN went through
+        # and the transaction is left aborted; not rolled back here, asyncpg's pool found it
+        # and logged an ERROR for every such refusal (found by a review).
+        await conn.execute(f"BEGIN ISOLATION LEVEL READ COMMITTED;{taken}")
         yield
-    except BaseException:
-        with contextlib.suppress(Exception):
-            await conn.execute("ROLLBACK")
+        await conn.execute("COMMIT")
+    except BaseException as exc:
+        if isinstance(exc, TimeoutError):
+            _abandon(conn)
+        else:
+            with contextlib.suppress(Exception):
+                await conn.execute("ROLLBACK")
         raise
-    await conn.execute("COMMIT")
+
+
+def _abandon(conn: asyncpg.Connection) -> None:
+    """A connection whose statement outlived asyncpg's command timeout: the database does
+    not answer (host frozen, storage hung, network cut).  Closed at once: a ROLLBACK, and
+    the pool's release, each waited for asyncpg's cancel request as long again, so a call
+    answered after twice `query_timeout_s` (found by a review).  The database rolls back
+    a transaction whose connection is gone."""
+    with contextlib.suppress(asyncpg.InterfaceError):  # released already: abandoned before
+        conn.terminate()
 
 
 def _json(value: Any) -> str:

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import signal
+import time
 from pathlib import Path
 
 import asyncpg
@@ -35,7 +38,7 @@ from metering_server.store.base import (
     StoreUnreachable,
     StoreUnusable,
 )
-from metering_server.store.migrations_pg import LATEST, MIGRATIONS, migrate
+from metering_server.store.migrations_pg import LATEST, MIGRATIONS, lock_key, migrate
 from metering_server.store.postgres import PostgresStore
 from tests.conftest import hello
 from tests.integration.test_store_contract import ALICE, T0, req
@@ -347,6 +350,78 @@ async def test_a_server_frozen_in_its_transaction_does_not_block_the_site(pg_pri
         await asyncio.gather(stuck, return_exceptions=True)
         await b.close()
         await a.close()
+
+
+@pytest.mark.asyncio
+async def test_a_lock_waits_refusals_are_store_busy_lines_only(pg_private, caplog):
+    """Found by a review: a grant whose lock wait `statement_timeout` cancelled left its
+    connection in the aborted transaction (the BEGIN went through), and asyncpg's pool
+    logged an ERROR ("Resetting connection with an active transaction") for every such
+    refusal, where the operator is promised one `store_busy` line per 10 s."""
+    store = pg_private.store(query_timeout_s=1.5)
+    await store.open()
+    try:
+        async with pg_private.connect() as other:  # another server, mid-grant
+            await other.execute("BEGIN")
+            await other.execute(
+                "SELECT pg_advisory_xact_lock($1)", lock_key("product", "CLOCK.EXE")
+            )
+            caplog.clear()
+            with caplog.at_level(logging.WARNING):
+                for i in range(3):
+                    with pytest.raises(StoreBusy):
+                        await store.grant(req(who=(f"u{i}", f"ws{i}")))
+            await other.execute("ROLLBACK")
+        errors = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= 40]
+        assert errors == []
+        assert (await store.grant(req())).granted  # and the store goes on
+    finally:
+        await store.close()
+
+
+def _cluster_processes(cluster: Cluster) -> set[int]:
+    assert cluster.proc is not None
+    root, found = cluster.proc.pid, {cluster.proc.pid}
+    for entry in os.listdir("/proc"):
+        with (
+            contextlib.suppress(OSError, ValueError, IndexError),
+            open(f"/proc/{entry}/stat") as st,
+        ):
+            if int(st.read().rsplit(")", 1)[1].split()[1]) == root:
+                found.add(int(entry))
+    return found
+
+
+@pytest.mark.asyncio
+async def test_a_database_that_hangs_is_answered_within_query_timeout_s(pg_private):
+    """Found by a review: against a database that stopped answering without closing its
+    connections (its host frozen, its storage hung: here every process of the cluster
+    stopped), a call answered after twice `query_timeout_s`: the ROLLBACK and the pool's
+    release each waited for asyncpg's cancel request as long again.  The connection is now
+    closed at the timeout.  (A deadline with slack: the doubled wait is 8 s.)"""
+    store = pg_private.store(query_timeout_s=4.0, connect_timeout_s=4.0)
+    await store.open()
+    processes = _cluster_processes(pg_private)
+    try:
+        assert (await store.grant(req())).granted  # a pooled connection, open and working
+        for pid in processes:
+            os.kill(pid, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises((StoreBusy, StoreUnreachable)):
+            await asyncio.wait_for(store.grant(req(who=("bob", "ws-2"))), 60)
+        assert time.monotonic() - started < 6.5
+    finally:
+        for pid in processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        await store.close()
+    # and the store comes back with the database (a fresh connection)
+    store = pg_private.store(query_timeout_s=4.0)
+    await store.open()
+    try:
+        assert (await store.grant(req(who=("carol", "ws-3")))).granted
+    finally:
+        await store.close()
 
 
 def test_redact_drops_a_password_from_a_url():
