@@ -44,7 +44,7 @@ from metering_server.metrics import ServerMetrics
 from metering_server.seats import SeatService, SeatSettings
 from metering_server.session import Session
 from metering_server.store import open_store, redact_url
-from metering_server.store.base import LeaseStore, StoreReadOnly
+from metering_server.store.base import LeaseStore, StoreBusy, StoreReadOnly
 from metering_server.tls import expiry_watch, serves_tls, tls_context
 
 log = get_logger("metering.server")
@@ -299,13 +299,16 @@ class MeteringServer:
 
     # --- health and metrics ---------------------------------------------------------------------
     async def health(self) -> dict[str, str]:
-        """serving / draining / degraded (the store does not answer); store ok / unreachable."""
+        """serving / draining / degraded (the store does not answer, or is busy); store ok /
+        unreachable / busy / read_only."""
         try:
             async with asyncio.timeout(HEALTH_TIMEOUT_S):
                 await self.store.ping()
             store = "ok"
         except StoreReadOnly:
             store = "read_only"
+        except StoreBusy:  # it answers, but no connection was free: not a database down
+            store = "busy"
         except Exception:
             store = "unreachable"
         if self.draining:

@@ -226,6 +226,7 @@ _BUSY = (
 QUEUED_PER_CONNECTION = 1000
 # At most one `store_busy` line per this many seconds (with the count of calls refused).
 _BUSY_LOG_EVERY_S = 10.0
+_PING_LINE_WAIT_S = 1.0  # a health ping's wait for a connection: under the check's 2 s
 # Our mistakes (a value the database cannot take, a client setting), not the database's.
 _NOT_A_FAULT_OF_THE_DATABASE = (
     asyncpg.ClientConfigurationError,
@@ -552,12 +553,14 @@ class PostgresStore(LeaseStore):
         single: bool = False,
         locks: tuple[int, ...] = (),
         shared: bool = False,
+        line_wait_s: float | None = None,
     ) -> T:
         """Run `fn` on a pooled connection, in a READ COMMITTED transaction when `write`;
         `single`: a write that is one statement, its own transaction (no BEGIN and COMMIT
         round trips).  `locks`: transaction advisory locks for a write to take first, in the
         given order, sent with its BEGIN in one round trip (`_begin_locked`); `shared`: in
         shared mode (renewals), which only an exclusive holder (a grant) waits for.
+        `line_wait_s`: how long to wait in line, when not `acquire_timeout_s`.
 
         The call first waits its turn for one of the `pool_max` connections (`_Admission`:
         first come, first served, `urgent` calls — renewals — before the others).  What the
@@ -574,10 +577,11 @@ class PostgresStore(LeaseStore):
         if pool is None:
             raise Internal(f"store {op}: the store is not open")
         tries = 0
+        waits = self.acquire_timeout_s if line_wait_s is None else line_wait_s
         while True:
             tries += 1
             try:
-                await self._line.enter(urgent, self.acquire_timeout_s)
+                await self._line.enter(urgent, waits)
             except _LineFull:
                 raise self._busy(
                     op,
@@ -587,8 +591,7 @@ class PostgresStore(LeaseStore):
             except TimeoutError:
                 raise self._busy(
                     op,
-                    f"no connection free within {self.acquire_timeout_s:g} s "
-                    f"({self.pool_max} in use)",
+                    f"no connection free within {waits:g} s ({self.pool_max} in use)",
                 ) from None
             acquired = sent = done = False
             try:
@@ -1368,7 +1371,13 @@ class PostgresStore(LeaseStore):
                 )
             )
 
-        if await self._run("ping", read_only, write=False):
+        # First in line, and not for long: every connection busy (calls waiting for a lock
+        # another server's transaction holds) is a busy database, answered before the health
+        # check's own 2 s run out, which it called unreachable (found by a review).
+        refuses_writes = await self._run(
+            "ping", read_only, write=False, urgent=True, line_wait_s=_PING_LINE_WAIT_S
+        )
+        if refuses_writes:
             raise StoreReadOnly(f"store {self.where}: the database is read-only")
 
     async def in_use(self, now: float) -> dict[tuple[str, str], int]:

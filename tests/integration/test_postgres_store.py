@@ -37,11 +37,12 @@ from metering_server.store.base import (
     StoreUnavailable,
     StoreUnreachable,
     StoreUnusable,
+    WaitEntry,
 )
 from metering_server.store.migrations_pg import LATEST, MIGRATIONS, lock_key, migrate
 from metering_server.store.postgres import PostgresStore
 from tests.conftest import hello
-from tests.integration.test_store_contract import ALICE, T0, req
+from tests.integration.test_store_contract import ALICE, ENFORCE, T0, req
 from tests.pg import Cluster, create_database, drop_database, postgres_site, started
 from tests.stores import opened
 from tests.support import async_wait_until, server_config, write_credentials
@@ -422,6 +423,48 @@ async def test_a_database_that_hangs_is_answered_within_query_timeout_s(pg_priva
         assert (await store.grant(req(who=("carol", "ws-3")))).granted
     finally:
         await store.close()
+
+
+@pytest.mark.asyncio
+async def test_health_calls_a_busy_database_busy_not_unreachable(pg_private, tmp_path, sockdir):
+    """Found by a review: while every pooled connection waited for a lock another server's
+    transaction held, the health ping waited in line behind them past the check's 2 s,
+    and `health` (`/healthz`, `metering-admin health`) said the store was unreachable: an
+    operator looked for a database that was down.  The ping goes first in line, and a line
+    with no connection free is `busy`."""
+    state = tmp_path / "srv"
+    state.mkdir()
+    write_credentials(state / "credentials.toml", {})
+    data = server_config(name="srv", state_dir=state, listen=[f"unix://{sockdir}/srv.sock"])
+    store = pg_private.store(pool_min=1, pool_max=2, query_timeout_s=20.0)
+    server = MeteringServer(build_server_config(data, None), store=store)
+    await server.start()
+    calls: list[asyncio.Future] = []
+    try:
+        assert await server.health() == {"status": "serving", "store": "ok"}
+        async with pg_private.connect() as other:  # another server's transaction, mid-grant
+            await other.execute("BEGIN")
+            grant_lock = lock_key("product", "CLOCK.EXE")
+            await other.execute("SELECT pg_advisory_xact_lock($1)", grant_lock)
+            now = time.time()
+            waiter = WaitEntry(
+                ENFORCE.key, "CLOCK.EXE", "4.00", "bob", "ws-2", "bob", "srv", now, now + 30
+            )  # a grant and a queued checkout: two calls, each on a connection of its own
+            calls = [
+                asyncio.ensure_future(store.grant(req(now=now))),
+                asyncio.ensure_future(store.enqueue(waiter)),
+            ]
+            await async_wait_until(lambda: store._line.free == 0, what="every connection busy")
+            health = await server.health()
+            await other.execute("ROLLBACK")
+        await asyncio.gather(*calls, return_exceptions=True)
+        assert health == {"status": "degraded", "store": "busy"}
+        assert await server.health() == {"status": "serving", "store": "ok"}
+    finally:
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
+        await server.shutdown(timeout=2.0)
 
 
 def test_redact_drops_a_password_from_a_url():
