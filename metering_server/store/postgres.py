@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import random
 import secrets
 import time
@@ -121,6 +122,27 @@ class _Checkin(NamedTuple):
 
 
 log = get_logger("metering.store")
+
+
+class _FloorRetries(logging.Filter):
+    """asyncpg's own warning while the database is down ("Failed to restore the pool
+    connection floor; retrying", with a traceback): its retries come after 1, 2, 4 … s,
+    so a minute's outage logged six of them, each a traceback, where the operator is
+    promised at most one a minute (found by a review).  One a minute, without the
+    traceback: `store_lost` has said what failed."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.lines = Throttle(60.0, clock)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Failed to restore the pool connection floor"):
+            return True
+        record.exc_info = record.exc_text = None
+        return self.lines.due() > 0
+
+
+logging.getLogger("asyncpg.pool").addFilter(_FloorRetries())
 
 _COLUMNS = (
     'lease, product, version, pool_product, pool_version, principal, "user", client, server, '

@@ -24,6 +24,7 @@ from structlog.testing import capture_logs
 
 from metering_protocol.config import ConfigError
 from metering_protocol.errors import Denied, Internal
+from metering_runtime.logs import Throttle
 from metering_server.app import MeteringServer
 from metering_server.cli import main as server_main
 from metering_server.config import build_server_config, load_server_config
@@ -465,6 +466,34 @@ async def test_health_calls_a_busy_database_busy_not_unreachable(pg_private, tmp
             call.cancel()
         await asyncio.gather(*calls, return_exceptions=True)
         await server.shutdown(timeout=2.0)
+
+
+@pytest.mark.asyncio
+async def test_asyncpgs_floor_retries_in_an_outage_are_one_line(pg_private, caplog):
+    """Found by a review: asyncpg's "Failed to restore the pool connection floor" warning,
+    a traceback each, came after 1, 2, 4 … s of an outage.  Its second retry is let by."""
+    [floor] = [
+        f
+        for f in logging.getLogger("asyncpg.pool").filters
+        if isinstance(f, postgres_store._FloorRetries)
+    ]
+    store = pg_private.store(pool_min=2)
+    await store.open()
+    try:
+        await store.in_use(T0)
+        floor.lines = Throttle(60.0, time.monotonic)  # none logged yet in this test
+        with caplog.at_level(logging.WARNING, logger="asyncpg"):
+            pg_private.stop()  # at once, as a crash or a failover
+            with pytest.raises(Internal):
+                await store.in_use(T0)
+            await async_wait_until(
+                lambda: floor.lines._last.get(None, (0, 0))[1] >= 1,
+                what="asyncpg's second retry of the pool's floor",
+            )
+        lines = [r for r in caplog.records if "connection floor" in r.getMessage()]
+        assert len(lines) == 1 and lines[0].exc_info is None
+    finally:
+        await store.close()
 
 
 def test_redact_drops_a_password_from_a_url():
