@@ -27,7 +27,7 @@ from metering_client.spool import RECORD_NAME_MAX, RECORD_NAME_PATTERN, UsageLog
 from metering_protocol import messages as m
 from metering_protocol.errors import BadRequest, Forbidden, LeaseNotFound, MeteringError
 from metering_protocol.names import NO_CONTROL, fit_sent_name, local_user
-from metering_protocol.unixsock import user_name
+from metering_protocol.unixsock import is_user_name, user_name
 from metering_runtime.connection import Connection
 from metering_runtime.logs import get_logger
 
@@ -140,7 +140,7 @@ class LocalSession:
 
     async def op_hello(self, req: LocalHello) -> dict[str, Any]:
         name = local_user(user_name(self.uid), self.uid)
-        user = None if req.user is None else fit_sent_name(req.user)
+        user = None if req.user is None else fit_sent_name(req.user, is_user_name)
         if user is not None and user != name and not self.privileged:
             raise Forbidden(f"peer uid {self.uid} is {name!r}, not {user!r}")
         self.user = user or name
@@ -174,7 +174,7 @@ class LocalSession:
         return self.privileged or held.user == self.user
 
     async def op_checkout(self, req: LocalCheckout) -> dict[str, Any]:
-        named = None if req.user is None else fit_sent_name(req.user)
+        named = None if req.user is None else fit_sent_name(req.user, is_user_name)
         if named is not None and named != self.user and not self.privileged:
             raise Forbidden(f"{self.user!r} may not check out seats for {named!r}")
         reclaim = req.lease

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 
 NO_CONTROL = r"\A[^\x00-\x1f\x7f]*\Z"
 NAME_MAX = 128  # the longest name the protocol takes (users, clients, products, keys)
@@ -44,14 +45,18 @@ def fit_name(name: str, limit: int = NAME_MAX) -> str:
     return f"{name[: limit - _DIGEST - 1]}~{digest}"
 
 
-def fit_sent_name(name: str, limit: int = NAME_MAX) -> str:
-    """A user name a local caller sent: one the wire takes as it came, a longer one (an OS
-    name, from a launcher acting for users) fitted as the agent fits the names it finds.
-    Only the names the agent finds itself are refitted when they look fitted: a program
-    sending back the fitted name its hello was answered with had it fitted again, so its
-    checkout was refused (`forbidden`), or a launcher's seat went to another name (found by
-    a review).  A caller naming a user that is not its own is privileged anyway."""
-    return name if len(name) <= limit else fit_name(name, limit)
+def fit_sent_name(name: str, is_os_user: Callable[[str], bool], limit: int = NAME_MAX) -> str:
+    """A user name a local caller sent, as the agent names that user: a longer one than the
+    wire takes (an OS name, from a launcher acting for users) fitted; a fitted name sent
+    back (the `user` a hello was answered with) kept — fitted again, a program's own name
+    was refused `forbidden` and a launcher's seat went to a third name (found by a review).
+    But a name in the fitted shape that is an OS user's own (`is_os_user`) is that user's,
+    refitted as the agent refits it: kept, a launcher acting for a user who chose a
+    look-alike directory name seated it under the long-named user's name (found by the
+    next review)."""
+    if len(name) > limit or (len(name) == limit and _looks_fitted(name) and is_os_user(name)):
+        return fit_name(name, limit)
+    return name
 
 
 def local_user(name: str | None, uid: int) -> str:

@@ -33,6 +33,15 @@ def user_name(uid: int) -> str | None:
         return None
 
 
+def is_user_name(name: str) -> bool:
+    """The system has a user by this name."""
+    try:
+        pwd.getpwnam(name)
+    except (KeyError, UnicodeEncodeError, ValueError):  # unknown, or no name the OS keeps
+        return False
+    return True
+
+
 def someone_listens(path: Path) -> bool:
     """A live listener answers on `path`; a missing or stale socket file does not."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

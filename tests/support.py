@@ -188,15 +188,14 @@ LONG_USER = "svc-" + "x" * 200 + "@corp.example.com"
 
 
 def name_this_uid(monkeypatch: Any, name: str, uid: int | None = None) -> None:
-    """Make this process's passwd lookup of `uid` (its own by default) answer `name` (other
-    uids as they are): the only way to give a test's peer a name that useradd would refuse."""
+    """Make this process's passwd lookups of `uid` (its own by default) and of `name` answer
+    each other (other users as they are): the only way to give a test's peer a name that
+    useradd would refuse."""
     named = os.getuid() if uid is None else uid
-    entry, real = pwd.getpwuid(named), pwd.getpwuid
-    monkeypatch.setattr(
-        pwd,
-        "getpwuid",
-        lambda asked: pwd.struct_passwd((name, *entry[1:])) if asked == named else real(asked),
-    )
+    entry = pwd.struct_passwd((name, *pwd.getpwuid(named)[1:]))
+    by_uid, by_name = pwd.getpwuid, pwd.getpwnam
+    monkeypatch.setattr(pwd, "getpwuid", lambda asked: entry if asked == named else by_uid(asked))
+    monkeypatch.setattr(pwd, "getpwnam", lambda asked: entry if asked == name else by_name(asked))
 
 
 # --- scripted servers -------------------------------------------------------------------------

@@ -288,6 +288,42 @@ async def test_a_launcher_naming_a_user_by_its_fitted_name_seats_that_user(
 
 
 @pytest.mark.asyncio
+async def test_a_launcher_seat_for_a_look_alike_os_user_is_not_the_long_users(
+    make_server, tmp_path, monkeypatch
+):
+    """Found by a review of the change that keeps a fitted name sent back: a launcher acting
+    for an OS user whose directory name was chosen to be another user's fitted name seated
+    it under that other user's name."""
+    victim = fit_name(LONG_USER)  # the long-named user's name on the wire, in every seat
+    lookalike = victim  # an OS user (chosen directory name) spelled exactly like it
+    assert len(lookalike) == 128
+    name_this_uid(monkeypatch, lookalike)  # this uid *is* the look-alike OS user
+    server = await make_server(
+        products=[{"name": "A", "version": "1", "seats": 2}],
+        credentials={"ws": (["agent"], "tok")},
+    )
+    agent, short = await start_local_agent(server, tmp_path)
+    program = await hello(f"unix://{agent.config.socket}", client="own-program")
+    launcher = await hello(f"unix://{agent.config.socket}", client="launcher")
+    try:
+        own_name = program.hello_reply["user"]
+        assert own_name == fit_name(lookalike) != victim  # the agent refits it, as documented
+        # A launcher (privileged) starting a program for that same OS user, by its OS name,
+        # as the local API asks of launchers:
+        granted = await launcher.request(
+            "checkout", timeout=10, product="A", version="1", user=lookalike
+        )
+        seat_user = agent.keeper.held[granted["lease"]].user
+        # One person, one name; and never the long-named user's:
+        assert seat_user == own_name, (seat_user, own_name)
+        assert seat_user != victim
+    finally:
+        await program.close()
+        await launcher.close()
+        await stop_local_agent(agent, short)
+
+
+@pytest.mark.asyncio
 async def test_a_programs_checkout_keeps_the_protocols_promises(make_server, tmp_path):
     """Found by a campaign: through the agent, a retried checkout (same key) took a second
     seat, another product's lease was answered as a reclaim of this one, and a reclaim of

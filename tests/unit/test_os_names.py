@@ -76,8 +76,14 @@ def test_a_name_sent_back_as_it_was_given_stays_that_name():
     finds, so the fitted name it had answered a hello with, sent back, became a third name.
     A caller's name the wire takes is kept; a longer one is fitted like an OS name."""
     fitted = fit_name(LONG_USER)
-    assert fit_sent_name(fitted) == fitted == fit_sent_name(LONG_USER)
-    assert fit_sent_name("alice") == "alice" and len(fit_sent_name("x" * 4096)) == NAME_MAX
+    nobody_is_called_so = {"alice"}.__contains__
+    assert fit_sent_name(fitted, nobody_is_called_so) == fitted
+    assert fit_sent_name(LONG_USER, nobody_is_called_so) == fitted
+    assert fit_sent_name("alice", nobody_is_called_so) == "alice"
+    assert len(fit_sent_name("x" * 4096, nobody_is_called_so)) == NAME_MAX
+    # Found by the next review: an OS user who chose the look-alike as its directory name
+    # is named as the agent names it, never as the long-named user.
+    assert fit_sent_name(fitted, {fitted}.__contains__) == fit_name(fitted) != fitted
     # The names the agent finds itself are still refitted when they look fitted.
     assert local_user(fitted, 1000) != fitted and local_user(LONG_USER, 1000) == fitted
     assert local_user(None, 1234) == "uid1234" and local_user("", 7) == "uid7"
