@@ -249,6 +249,7 @@ QUEUED_PER_CONNECTION = 1000
 # At most one `store_busy` line per this many seconds (with the count of calls refused).
 _BUSY_LOG_EVERY_S = 10.0
 _PING_LINE_WAIT_S = 1.0  # a health ping's wait for a connection: under the check's 2 s
+_PING_PROBE_S = 0.8  # … and then for one of its own, to tell busy from down
 # Our mistakes (a value the database cannot take, a client setting), not the database's.
 _NOT_A_FAULT_OF_THE_DATABASE = (
     asyncpg.ClientConfigurationError,
@@ -1396,11 +1397,36 @@ class PostgresStore(LeaseStore):
         # First in line, and not for long: every connection busy (calls waiting for a lock
         # another server's transaction holds) is a busy database, answered before the health
         # check's own 2 s run out, which it called unreachable (found by a review).
-        refuses_writes = await self._run(
-            "ping", read_only, write=False, urgent=True, line_wait_s=_PING_LINE_WAIT_S
-        )
+        try:
+            refuses_writes = await self._run(
+                "ping", read_only, write=False, urgent=True, line_wait_s=_PING_LINE_WAIT_S
+            )
+        except StoreBusy:
+            # No connection free: calls hold them all, waiting for a lock (busy) or for a
+            # database that no longer answers (down: a review found that called busy too).
+            # A connection of the ping's own tells the two apart.
+            await self._answers_apart()
+            raise
         if refuses_writes:
             raise StoreReadOnly(f"store {self.where}: the database is read-only")
+
+    async def _answers_apart(self) -> None:
+        """Return if the database answers a connection of its own within
+        `_PING_PROBE_S`; else StoreUnreachable."""
+        try:
+            async with asyncio.timeout(_PING_PROBE_S):
+                conn = await asyncpg.connect(**{**self._settings(), "timeout": _PING_PROBE_S})
+                try:
+                    await conn.fetchval("SELECT 1")
+                finally:
+                    conn.terminate()
+        except asyncpg.TooManyConnectionsError:
+            return  # it answers: full, as busy as can be
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise StoreUnreachable(
+                f"store {self.where}: no connection free, and the database does not answer "
+                f"a new one ({describe(exc)})"
+            ) from None
 
     async def in_use(self, now: float) -> dict[tuple[str, str], int]:
         async def count(db: asyncpg.Connection) -> dict[tuple[str, str], int]:

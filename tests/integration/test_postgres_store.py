@@ -496,6 +496,37 @@ async def test_asyncpgs_floor_retries_in_an_outage_are_one_line(pg_private, capl
         await store.close()
 
 
+@pytest.mark.asyncio
+async def test_health_calls_a_frozen_database_unreachable_not_busy(pg_private, tmp_path, sockdir):
+    """Found by a review of the `busy` state: a database that froze (its host hung) soon has
+    every pooled connection held by calls stuck on it, and the ping, finding none free,
+    said `busy` ("the database answers").  A connection of the ping's own tells them apart."""
+    state = tmp_path / "srv"
+    state.mkdir()
+    write_credentials(state / "credentials.toml", {})
+    data = server_config(name="srv", state_dir=state, listen=[f"unix://{sockdir}/srv.sock"])
+    store = pg_private.store(pool_min=2, pool_max=2, query_timeout_s=20.0)
+    server = MeteringServer(build_server_config(data, None), store=store)
+    await server.start()
+    processes = _cluster_processes(pg_private)
+    calls: list[asyncio.Future] = []
+    try:
+        assert await server.health() == {"status": "serving", "store": "ok"}
+        for pid in processes:
+            os.kill(pid, signal.SIGSTOP)
+        calls = [asyncio.ensure_future(store.in_use(T0)) for _ in range(2)]
+        await async_wait_until(lambda: store._line.free == 0, what="every connection taken")
+        assert await server.health() == {"status": "degraded", "store": "unreachable"}
+    finally:
+        for pid in processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
+        await server.shutdown(timeout=2.0)
+
+
 def test_redact_drops_a_password_from_a_url():
     assert redact_url("postgresql://m:s3cret@db:5432/m") == "postgresql://m:***@db:5432/m"
     assert redact_url("postgres://m@db/m?sslmode=require") == "postgres://m@db/m?sslmode=require"
