@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -316,14 +317,24 @@ def _binds_same(one: str | tuple[str, int], other: str | tuple[str, int]) -> boo
     (host, port), (other_host, other_port) = one, other
     if port != other_port or port == 0:
         return False
-    if host == other_host:
+    a, b = _ip_or_name(host), _ip_or_name(other_host)
+    if a == b:  # IP literals compared as addresses: `::1` is `0:0:0:0:0:0:0:1`
         return True
-    v6 = ":" in host, ":" in other_host
-    if "0.0.0.0" in (host, other_host):
-        return not any(v6)
-    if "::" in (host, other_host):
-        return all(v6)
+    for wild, named in ((a, b), (b, a)):
+        if isinstance(wild, ipaddress.IPv4Address | ipaddress.IPv6Address) and (
+            wild.is_unspecified
+        ):
+            if isinstance(named, str):  # a name: IPv4 for all we know (0.0.0.0 covers it)
+                return wild.version == 4
+            return named.version == wild.version
     return False
+
+
+def _ip_or_name(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | str:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return host.lower()
 
 
 def _holds_key(path: Path) -> bool:

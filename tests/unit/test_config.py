@@ -40,6 +40,16 @@ def write(tmp_path: Path, text: str) -> Path:
             "server.listen[1]",
             "binds what server.listen[0] binds already",
         ),
+        (  # found by a review of that fix: IPv6 literals compared as written
+            "[server]\nlisten = ['tcp://[::1]:7001', 'tcp://[0:0:0:0:0:0:0:1]:7001']\n",
+            "server.listen[1]",
+            "binds what server.listen[0] binds already",
+        ),
+        (
+            "[server]\nlisten = ['tcp://[0::0]:7001', 'tcp://[::1]:7001']\n",
+            "server.listen[1]",
+            "binds what server.listen[0] binds already",
+        ),
         (
             "[server]\nlisten = ['unix:///run/m.sock', 'unix:///run//m.sock']\n",
             "server.listen[1]",
@@ -159,6 +169,7 @@ def test_server_config_errors_name_file_key_and_problem(tmp_path, text, key, pro
     [
         ["tcp://0.0.0.0:7001", "tcp://[::1]:7001"],  # IPv6 is bound alone (IPV6_V6ONLY)
         ["tcp://[::]:7001", "tcp://127.0.0.1:7001"],
+        ["tcp://[::]:7001", "tcp://localhost:7001"],  # a name: IPv4 for all we know
         ["tcp://127.0.0.1:7001", "tcp://127.0.0.2:7001"],
         ["tcp://127.0.0.1:0", "tcp://127.0.0.1:0"],  # each picks a free port
     ],
