@@ -79,6 +79,7 @@ INTERPRETER = re.compile(
 )
 
 ProcKey = tuple[int, int | None]
+_BEING_STOPPED = object()  # a watched ancestor being stopped: its processes are left alone
 
 
 # --- the process table ---------------------------------------------------------------------------
@@ -601,14 +602,25 @@ class Watcher:
             # Parents before the processes they forked, so that a forked child finds its
             # parent's run (oldest first; pids break ties).
             for key, proc in sorted(alive.items(), key=lambda kv: (kv[1].start or 0, kv[1].pid)):
-                if key in self.runs or key in self.covered or key in self.stopping:
+                if key in self.covered or key in self.stopping:
                     continue
-                if self._part_of_a_watched_program(proc, procs):
+                run = self.runs.get(key)
+                if run is not None:
+                    if not self._became_another_program(run, proc):
+                        continue
+                    self._exited(key, now, boot)  # that program's run ends without it
+                ancestor = self._watched_ancestor(proc, procs)
+                if ancestor is _BEING_STOPPED:
                     continue
                 seen = (proc.exe, proc.comm, self.generation)
-                if self._nomatch.get(key) == seen:
+                if ancestor is None and self._nomatch.get(key) == seen:
                     continue
                 product = match(self.catalogue, proc, lambda p=proc: self.table.argv(p))
+                if isinstance(ancestor, Run) and (
+                    product is None or product.key == ancestor.product.key
+                ):
+                    self._join(ancestor, proc)  # another product's program is a run of its own
+                    continue
                 if product is None:
                     self._nomatch[key] = seen
                 elif self._holds_own_seat(proc, procs, api, product.product):
@@ -627,23 +639,51 @@ class Watcher:
                 elif not connected and self._must_stop_offline(run):
                     self._deny(run, "no server reachable; offline grace over")
 
-    def _part_of_a_watched_program(self, proc: Proc, procs: Mapping[int, Proc]) -> bool:
-        """A process forked by a program already watched (a `#!/bin/sh` script running its
-        commands looks exactly like the script) is that program, not another run: it joins
-        its ancestor's run, or is left alone while that program is being stopped."""
+    def _watched_ancestor(self, proc: Proc, procs: Mapping[int, Proc]) -> Run | object | None:
+        """The run of the watched program that forked `proc` (a `#!/bin/sh` script running
+        its commands looks exactly like the script), `_BEING_STOPPED` when that program is
+        being stopped (its processes are left alone), else None."""
         node = procs.get(proc.ppid)
         for _ in range(64):
             if node is None or node.pid <= 1:
-                return False
+                return None
             run = self.runs.get(node.key)
             if run is not None:
-                if run.state not in ("stopping", "ended"):
-                    run.procs[proc.key] = proc
-                    self.runs[proc.key] = run
-                return True
+                return run if run.state not in ("stopping", "ended") else _BEING_STOPPED
             if node.key in self.stopping:
-                return True
+                return _BEING_STOPPED
             node = procs.get(node.ppid)
+        return None
+
+    def _join(self, run: Run, proc: Proc) -> None:
+        """A process forked by a watched program, running it or no licensed program of its
+        own, is that program: on its record's list of processes too, so that a restart of
+        the agent after the first process has gone still finds the program running (found
+        by a review: one program became two records and two seats)."""
+        run.procs[proc.key] = proc
+        self.runs[proc.key] = run
+        self._save_pids(run)
+
+    def _became_another_program(self, run: Run, proc: Proc) -> bool:
+        """A watched process that has exec'd another catalogue product's program (same pid
+        and start, another executable) is that program now: it went on under the first
+        program's seat and record, and an enforce pool's program ran unseated (found by a
+        review).  An exec into the same product's program, or into none, is the program
+        going on (a launcher exec'ing its real binary, a script its interpreter)."""
+        known = run.procs.get(proc.key)
+        if known is None or (known.exe, known.comm) == (proc.exe, proc.comm):
+            return False
+        product = match(self.catalogue, proc, lambda: self.table.argv(proc))
+        if product is not None and product.key != run.product.key:
+            log.info(
+                "program_became_another",
+                pid=proc.pid,
+                was=run.product.product,
+                now=product.product,
+                executable=proc.exe or proc.comm,
+            )
+            return True
+        run.procs[proc.key] = proc  # looked at once per image, not every scan
         return False
 
     def _api_seats(self) -> dict[ProcKey, set[str | None]]:
@@ -1041,6 +1081,11 @@ class Watcher:
         alive = {p.key: p for p in procs.values()}
         for record in running:
             keys = [tuple(k) for k in record.pids if tuple(k) in alive]
+            if record.boot_id is not None and self.boot_id not in (None, record.boot_id):
+                # A run of an earlier boot has ended with it, whatever process now has its
+                # pid and start tick (found by a review: taken for it, the run was billed
+                # the whole downtime).
+                keys = []
             if not keys:
                 record.end_at_last_seen()
                 await self.spool.put(record)
