@@ -147,7 +147,8 @@ def parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Administer a license metering server: pools, leases, config reload, "
         "usage reports, and principals in the credentials file.",
-        epilog="Exit codes: 0 ok; 1 revoke of an unknown lease; 64 usage; 69 server "
+        epilog="Exit codes: 0 ok; 1 revoke of an unknown lease, unlock with nothing to "
+        "lift; 64 usage; 69 server "
         "unreachable, op not provided or unknown product; 73 report --output cannot be "
         "written there; 75 temporary failure; 77 authentication refused or not allowed; "
         "78 config (token file, server config, credentials file, CA file, failed reload).",
@@ -189,7 +190,8 @@ def parser() -> argparse.ArgumentParser:
         "health",
         help="is the server serving, and does its store answer",
         description="Prints serving / draining / degraded and the store's state; exits 0 "
-        "while serving, 75 otherwise.",
+        "while serving, 75 while draining or degraded (and the usual codes when the server "
+        "cannot be asked: 69 unreachable, 77 authentication refused).",
     )
     _globals(h, sub=True)
 

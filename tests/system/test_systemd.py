@@ -226,6 +226,40 @@ def test_the_agent_may_see_and_stop_other_users_programs_and_nothing_more():
     ]
 
 
+def allowed_syscalls(analyze: str, name: str) -> set[str]:
+    """The system calls a unit's SystemCallFilter= lines let through, as systemd reads them:
+    the allow-lists joined, then the `~` lists taken away, groups expanded."""
+
+    def expand(items: list[str]) -> set[str]:
+        out: set[str] = set()
+        for item in items:
+            if not item.startswith("@"):
+                out.add(item)
+                continue
+            listed = run(analyze, "syscall-filter", item).stdout.split()
+            out |= expand([w for w in listed if not w.startswith("#") and w != item])
+        return out
+
+    allowed: set[str] = set()
+    refused: set[str] = set()
+    for line in unit(name)["SystemCallFilter"]:
+        if line.startswith("~"):
+            refused |= expand(line[1:].split())
+        else:
+            allowed |= expand(line.split())
+    return allowed - refused
+
+
+@pytest.mark.parametrize("name", UNITS)
+def test_no_unit_may_read_or_write_another_process_memory(name):
+    """Found by a review: the agent's unit said `process_vm_readv/writev` were outside
+    `@system-service`; they are in it (through `@ipc`), and with CAP_SYS_PTRACE the agent
+    could read and write any user's process memory.  Each unit refuses them by name."""
+    allowed = allowed_syscalls(need("systemd-analyze"), name)
+    assert "read" in allowed and "execve" in allowed  # the expansion worked
+    assert not {"ptrace", "process_vm_readv", "process_vm_writev"} & allowed
+
+
 # --- (b) the notify protocol, spoken by the daemons as processes ------------------------------
 class NotifySocket:
     """What systemd listens on: an AF_UNIX datagram socket; one datagram per message."""
