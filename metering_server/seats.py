@@ -597,7 +597,7 @@ class SeatService:
     ) -> Grant:
         lease = outcome.lease
         assert lease is not None
-        self._holders[lease.lease] = holder
+        self._keep_holder(lease.lease, holder)
         log.info(
             "lease_granted" if not outcome.reclaimed else "lease_reclaimed",
             lease=lease.lease,
@@ -663,8 +663,17 @@ class SeatService:
             self._ttl_for(holder),
         )
         for lease in outcome.renewed:
-            self._holders[lease] = holder
+            self._keep_holder(lease, holder)
         return outcome
+
+    def _keep_holder(self, lease: str, holder: Holder) -> None:
+        """Who to tell of this lease's revoke.  Not a holder whose connection is closing:
+        `holder_gone` has dropped its entries already, and a request of it that finished
+        afterwards (a heartbeat, a checkout sent before a half-close) put one back for good
+        once the lease ended on another server of the site — a closed session kept alive
+        per such client, and every close and sweep scanning them (found by a review)."""
+        if not holder.closed:
+            self._holders[lease] = holder
 
     async def release(self, holder: Holder, lease: str, *, abandoned: bool = False) -> bool:
         """Check a lease in; False when it was already gone (checkin is idempotent).
