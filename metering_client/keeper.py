@@ -345,6 +345,16 @@ class LeaseKeeper:
         self._failed.pop(address, None)
         self._failed[address] = None  # the latest failure goes last
 
+    def _forget_unlisted(self) -> None:
+        """What the keeper remembers of servers the site no longer lists goes: kept, each
+        server ever used stayed for the agent's life, its last session (and connection)
+        with it, and every connect sorted them all (found by a review)."""
+        listed = {entry.address for entry in self.connector.servers.entries()}
+        for address in [a for a in self._answered if a not in listed]:
+            del self._answered[address]
+        for address in [a for a in self._failed if a not in listed]:
+            del self._failed[address]
+
     def _served(self, session: Session) -> None:
         """A request answered: its server is a first choice again."""
         self._failed.pop(session.entry.address, None)
@@ -627,6 +637,7 @@ class LeaseKeeper:
         if event == "servers":
             if self.connector.learn_servers(msg.get("servers") or [], msg.get("servers_version")):
                 self._list_changed = True  # a re-ranked site: look for a better server again
+                self._forget_unlisted()
                 self._wake.set()
         elif event == "shutdown":
             self.session_failed(session, "server is shutting down")
