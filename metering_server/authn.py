@@ -141,9 +141,13 @@ class Authenticator:
         if token is None and peer_uid is not None and self.allow_peercred:
             return self._by_peer(user, peer_uid, source)
         if token is None or user is None:
-            raise self._failed(
-                user or "-", source, "token and user required",
-                "hello needs `user` and `token` on this transport",
+            # Counted like a wrong token, toward the principal's lock and the source's spray
+            # count: refused here without being counted, a sprayer leaving the token out
+            # was never locked and had one full line logged per name (found by a review).
+            return await self._judge(
+                user or "-", None, source,
+                reason="token and user required",
+                message="hello needs `user` and `token` on this transport",
             )  # fmt: skip
         if self.credentials.needs_upgrade(user):
             # A slow scrypt hash: its hellos are judged one at a time, each after the lock
@@ -160,7 +164,16 @@ class Authenticator:
                     del self._slow_judging[user]
         return await self._judge(user, token, source)
 
-    async def _judge(self, user: str, token: str, source: str) -> Identity:
+    async def _judge(
+        self,
+        user: str,
+        token: str | None,
+        source: str,
+        *,
+        reason: str = "unknown principal or wrong token",
+        message: str = "unknown principal or wrong token",
+    ) -> Identity:
+        """`token` None: a hello without one, judged as a wrong one."""
         pkey, skey, pair = principal_key(user), source_key(source), pair_key(user, source)
         now = self.clock()
         states = await self.store.auth_states([pkey, skey])
@@ -171,7 +184,9 @@ class Authenticator:
         # bystander behind the same address (a NAT) with its right token is served.
         spraying = self.spray.retry_after(states.get(skey), now)
         credentials = self.credentials
-        if credentials.needs_upgrade(user):  # a slow scrypt hash of an earlier release
+        if token is None:
+            principal = None
+        elif credentials.needs_upgrade(user):  # a slow scrypt hash of an earlier release
             if spraying:  # no slow hash for a sprayer: such a bystander waits out the lock
                 raise self._locked_out(SOURCE_LOCK, source, spraying)
             loop = asyncio.get_running_loop()
@@ -199,13 +214,9 @@ class Authenticator:
             )
             self._refused("auth_failed")
             self.seclog.event(
-                "auth_failed",
-                principal=user,
-                source=source,
-                reason="unknown principal or wrong token",
-                locked=bool(locked),
+                "auth_failed", principal=user, source=source, reason=reason, locked=bool(locked)
             )
-            raise AuthFailed("unknown principal or wrong token")
+            raise AuthFailed(message)
         if pkey in states:  # earlier failures of this principal: a success forgives them
             await self.store.clear_auth_failures([pkey, pair], self.clock(), self.policy)
         return Identity(principal.name, frozenset(principal.roles))
