@@ -154,6 +154,9 @@ class Connector:
     def server_count(self) -> int:
         return len(self.servers.entries())
 
+    def listed(self) -> list[str]:
+        return [entry.address for entry in self.servers.entries()]
+
     def priority_of(self, address: str) -> int:
         """`address`'s priority in the list as it is now; a server no longer listed ranks
         below every listed one."""

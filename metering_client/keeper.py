@@ -115,6 +115,8 @@ class SessionSource(Protocol):
 
     def server_count(self) -> int: ...
 
+    def listed(self) -> list[str]: ...  # the addresses of the server list as it is now
+
     def better_than(self, entry: ServerEntry) -> list[ServerEntry]: ...
 
     def learn_servers(self, servers: list[dict[str, Any]], version: Any = None) -> bool: ...
@@ -349,7 +351,7 @@ class LeaseKeeper:
         """What the keeper remembers of servers the site no longer lists goes: kept, each
         server ever used stayed for the agent's life, its last session (and connection)
         with it, and every connect sorted them all (found by a review)."""
-        listed = {entry.address for entry in self.connector.servers.entries()}
+        listed = set(self.connector.listed())
         for address in [a for a in self._answered if a not in listed]:
             del self._answered[address]
         for address in [a for a in self._failed if a not in listed]:

@@ -125,6 +125,9 @@ class FakeConnector:
     def server_count(self) -> int:
         return 2
 
+    def listed(self) -> list[str]:
+        return [A.address, B.address]
+
     def better_than(self, entry: ServerEntry) -> list[ServerEntry]:
         return [e for e in (A, B) if e.priority < entry.priority]
 
