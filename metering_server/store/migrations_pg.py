@@ -155,6 +155,15 @@ CREATE TABLE product_layouts (product text PRIMARY KEY, layout text NOT NULL);
 
 LATEST = MIGRATIONS[-1].version
 
+# Run after the migrations under the same lock; each does nothing on a schema that is right.
+# Migration 5 was edited after it had shipped (it first made a table `retired_pools`): a
+# database last served between 94cd7b3 and 31bf1fd has version 5 without `product_layouts`,
+# and the server died at start (found by a review that upgraded from old commits).  A repair
+# rather than a migration 6, so that a server of any release since can still open it.
+_REPAIRS = """
+CREATE TABLE IF NOT EXISTS product_layouts (product text PRIMARY KEY, layout text NOT NULL);
+"""
+
 _BOOKKEEPING = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
     version integer PRIMARY KEY,
@@ -204,6 +213,8 @@ async def migrate(
                     m.title,
                 )
             applied.append(m.version)
+        if migrations and migrations[-1].version >= 5:
+            await conn.execute(_REPAIRS)
         return applied
     finally:
         if not conn.is_closed():

@@ -333,6 +333,19 @@ def migrate(db: sqlite3.Connection) -> None:
             "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
             (str(n),),
         )
+    for statement in _statements(REPAIRS):
+        db.execute(statement)
+
+
+# Run at every open, after the migrations; each does nothing on a schema that is right.
+# Migration 8 was edited after it had shipped (it first made a table `retired_pools`): a
+# store last served between 94cd7b3 and 31bf1fd is at version 8 without `product_layouts`,
+# and the server died at start, `internal error`, its leases unserved (found by a review
+# that upgraded from old commits).  Made here rather than by a migration 9, so that a
+# server of any release since can still open the store.
+REPAIRS = """
+CREATE TABLE IF NOT EXISTS product_layouts (product TEXT PRIMARY KEY, layout TEXT NOT NULL);
+"""
 
 
 def _lock_taken(exc: sqlite3.OperationalError) -> bool:

@@ -40,7 +40,13 @@ from metering_server.store.base import (
     StoreUnusable,
     WaitEntry,
 )
-from metering_server.store.migrations_pg import LATEST, MIGRATIONS, lock_key, migrate
+from metering_server.store.migrations_pg import (
+    LATEST,
+    MIGRATIONS,
+    Migration,
+    lock_key,
+    migrate,
+)
 from metering_server.store.postgres import PostgresStore
 from tests.conftest import hello
 from tests.integration.test_store_contract import ALICE, ENFORCE, T0, req
@@ -101,6 +107,22 @@ async def test_a_first_release_database_is_migrated_and_keeps_its_leases(pg_clus
         assert [e["versions"] for e in logs if e["event"] == "store_migrated"] == [
             list(range(2, LATEST + 1))
         ]
+
+
+@pytest.mark.asyncio
+async def test_a_database_of_the_commits_whose_migration_5_was_edited_later_opens(pg_cluster):
+    """Found by a review that upgraded from old commits: migration 5 first made a table
+    `retired_pools`, then was edited to make `product_layouts`; a database last served by a
+    commit in between had version 5 without it, and the server died at start."""
+    first_5 = Migration(
+        5, "as first shipped", "CREATE TABLE retired_pools (product text PRIMARY KEY);"
+    )
+    async with database(pg_cluster) as db:
+        async with pg_cluster.connect(db) as conn:
+            assert await migrate(conn, (*MIGRATIONS[:4], first_5)) == [1, 2, 3, 4, 5]
+            await conn.execute("DROP TABLE IF EXISTS product_layouts")  # as it was then
+        async with opened(pg_cluster.store(db)) as store:
+            assert (await store.grant(req(now=T0))).granted
 
 
 @pytest.mark.asyncio

@@ -150,3 +150,23 @@ async def test_a_version_5_database_keeps_its_revokes_and_remembers_keys_from_th
         assert columns[-1] == "idempotency_key"
         assert db.execute("SELECT idempotency_key FROM revoked").fetchall() == [(None,)]
     assert version_of(path) == len(MIGRATIONS)
+
+
+async def test_a_store_of_the_commits_whose_migration_8_was_edited_later_opens(tmp_path):
+    """Found by a review that upgraded from old commits: migration 8 first made a table
+    `retired_pools`, then was edited to make `product_layouts`.  A store last served by a
+    commit in between was at version 8 without it, and the server died at start."""
+    path = tmp_path / "edited.db"
+    db = database_at(path, 7)
+    db.execute("CREATE TABLE retired_pools (product TEXT PRIMARY KEY, since REAL NOT NULL)")
+    db.execute("UPDATE meta SET value = '8' WHERE key = 'schema_version'")
+    db.execute(
+        "INSERT INTO leases VALUES ('Lold','CLOCK.EXE','4.00','CLOCK.EXE','4.00','alice',"
+        "'alice','ws-1','srv-a',?,?,?,0,NULL)",
+        (T0, T0, T0 + 100),
+    )
+    db.close()
+    async with opened(SQLiteStore(path)) as store:
+        assert [r.lease for r in await store.leases(T0 + 1)] == ["Lold"]
+        assert (await store.grant(req(now=T0 + 1))).granted
+    assert version_of(path) == len(MIGRATIONS) == 8
