@@ -20,9 +20,9 @@ from metering_protocol.config import (
     SecondsOrZero,
     convert,
     is_file_at,
+    nearest_existing,
     read_toml,
     resolve,
-    stat_of,
 )
 from metering_protocol.errors import Unavailable
 from metering_protocol.messages import MAX_USAGE_RECORDS
@@ -266,12 +266,9 @@ UNIX_PATH_MAX = 107  # bytes of a Unix socket's path (sun_path, less its termina
 def _check_dir(where: Path | str, key: str, path: Path) -> None:
     """A directory the agent will create or use must not be something else: found only at
     `mkdir` or `bind`, it was a bare `File exists` naming neither file nor key."""
-    for part in (path, *path.parents):
-        found = stat_of(where, key, part)
-        if found is not None:
-            if not stat.S_ISDIR(found.st_mode):
-                raise ConfigError(where, key, f"{part} exists and is not a directory")
-            return
+    part, found = nearest_existing(where, key, path)
+    if not stat.S_ISDIR(found.st_mode):
+        raise ConfigError(where, key, f"{part} exists and is not a directory")
 
 
 def read_token(path: Path | None) -> str | None:

@@ -69,6 +69,16 @@ def stat_of(where: Path | str, key: str, path: Path) -> os.stat_result | None:
         raise ConfigError(where, key, f"cannot reach {path}: {exc.strerror or exc}") from None
 
 
+def nearest_existing(where: Path | str, key: str, path: Path) -> tuple[Path, os.stat_result]:
+    """`path`, or its nearest parent that exists, with its stat: where a directory the
+    daemon will make would go (see `stat_of` for a path this user may not reach)."""
+    for part in (path, *path.parents):
+        found = stat_of(where, key, part)
+        if found is not None:
+            return part, found
+    raise ConfigError(where, key, f"{path}: no part of it exists")  # not even / or .
+
+
 def is_file_at(where: Path | str, key: str, path: Path) -> bool:
     """A regular file is at `path` (following links); see `stat_of`."""
     found = stat_of(where, key, path)

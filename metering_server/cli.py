@@ -15,7 +15,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from metering_protocol.config import ConfigError, stat_of
+from metering_protocol.config import ConfigError, nearest_existing, stat_of
 from metering_protocol.unixsock import user_name
 from metering_runtime.cliargs import UsageParser
 from metering_runtime.exitcodes import EX_CONFIG, EX_SOFTWARE, EX_UNAVAILABLE, os_error_code
@@ -93,12 +93,8 @@ def preflight(cfg: ServerConfig) -> None:
     ):
         if directory is None:
             continue
-        existing = directory
-        found = stat_of(where, key, existing)
-        while found is None and existing != existing.parent:
-            existing = existing.parent
-            found = stat_of(where, key, existing)
-        if found is None or not stat.S_ISDIR(found.st_mode):
+        existing, found = nearest_existing(where, key, directory)
+        if not stat.S_ISDIR(found.st_mode):
             raise ConfigError(where, key, f"{existing} is not a directory")
         if not os.access(existing, os.W_OK | os.X_OK):
             raise ConfigError(where, key, f"{existing} is not writable by this user")
