@@ -10,6 +10,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,12 +32,17 @@ from tests.support import (
 )
 
 NOBODY = 65534
-PEER_SCRIPT = r"""
+# A local peer of the agent (run as `nobody`): `ask(**request)` -> its reply.
+PEER_PRELUDE = r"""
 import json, socket, sys
 s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile("rwb")
 def ask(**req):
     f.write(json.dumps(req).encode() + b"\n"); f.flush()
     return json.loads(f.readline())
+"""
+PEER_SCRIPT = (
+    PEER_PRELUDE
+    + r"""
 out = {"hello": ask(id=1, op="hello", protocol=1, client="evil")}
 out["checkin"] = ask(id=2, op="checkin", lease=sys.argv[2])
 out["for_alice"] = ask(id=3, op="checkout", product="A", version="1", user="alice")
@@ -44,6 +50,7 @@ out["status"] = ask(id=4, op="status")
 out["heartbeat"] = ask(id=5, op="heartbeat", leases=[sys.argv[2]])
 print(json.dumps(out))
 """
+)
 
 
 def python_for_nobody() -> str | None:
@@ -57,6 +64,29 @@ def python_for_nobody() -> str | None:
         ):
             return exe
     return None
+
+
+def nobodys_python() -> str:
+    """A python the `nobody` user can run; the test is skipped where there is none."""
+    exe = python_for_nobody()
+    if exe is None:
+        pytest.skip("no python the `nobody` user can run")
+    return exe
+
+
+async def run_as_nobody(exe: str, script: str, *args: str) -> Any:
+    """`script` run by `exe` as the `nobody` user (another local user than the agent's):
+    what it printed, as JSON."""
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        [exe, "-c", script, *args],
+        preexec_fn=lambda: os.setuid(NOBODY),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
 
 
 async def start_local_agent(server, tmp_path: Path, *, shared: bool = False) -> tuple[Agent, Path]:
@@ -91,9 +121,7 @@ async def stop_local_agent(agent: Agent, short: Path) -> None:
 @pytest.mark.asyncio
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a peer as another uid")
 async def test_other_local_users_cannot_touch_a_users_seat(make_server, tmp_path):
-    exe = python_for_nobody()
-    if exe is None:
-        pytest.skip("no python the `nobody` user can run")
+    exe = nobodys_python()
     server = await make_server(
         products=[{"name": "A", "version": "1", "seats": 2}], credentials={"ws": (["agent"], "tok")}
     )
@@ -107,16 +135,7 @@ async def test_other_local_users_cannot_touch_a_users_seat(make_server, tmp_path
             )
         )["lease"]
         await root.close()
-        proc = await asyncio.to_thread(
-            subprocess.run,
-            [exe, "-c", PEER_SCRIPT, str(config.socket), lease],
-            preexec_fn=lambda: os.setuid(NOBODY),
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        assert proc.returncode == 0, proc.stderr
-        out = json.loads(proc.stdout)
+        out = await run_as_nobody(exe, PEER_SCRIPT, str(config.socket), lease)
         assert out["hello"]["ok"] and out["hello"]["user"] == "nobody"
         assert out["checkin"]["error"]["code"] == "lease_not_found"
         assert out["for_alice"]["error"]["code"] == "forbidden"
@@ -209,17 +228,15 @@ async def test_a_launcher_naming_a_long_user_gets_a_seat_for_that_user(make_serv
         await stop_local_agent(agent, short)
 
 
-ECHO_PEER_SCRIPT = r"""
-import json, socket, sys
-s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile("rwb")
-def ask(**req):
-    f.write(json.dumps(req).encode() + b"\n"); f.flush()
-    return json.loads(f.readline())
+ECHO_PEER_SCRIPT = (
+    PEER_PRELUDE
+    + r"""
 out = {"hello": ask(id=1, op="hello", protocol=1, client="long-one")}
 user = out["hello"]["user"]
 out["checkout"] = ask(id=2, op="checkout", product="A", version="1", user=user, detach=True)
 print(json.dumps(out))
 """
+)
 
 
 @pytest.mark.asyncio
@@ -231,25 +248,14 @@ async def test_a_long_named_user_may_name_itself_as_its_hello_was_answered(
     itself in its checkout by the `user` its hello was answered with (the fitted name), was
     refused `forbidden`: the agent fitted the fitted name again, and took it for another
     user's."""
-    exe = python_for_nobody()
-    if exe is None:
-        pytest.skip("no python the `nobody` user can run")
+    exe = nobodys_python()
     name_this_uid(monkeypatch, LONG_USER, NOBODY)  # the agent's lookup of the peer's uid
     server = await make_server(
         products=[{"name": "A", "version": "1", "seats": 2}], credentials={"ws": (["agent"], "tok")}
     )
     agent, short = await start_local_agent(server, tmp_path, shared=True)
     try:
-        proc = await asyncio.to_thread(
-            subprocess.run,
-            [exe, "-c", ECHO_PEER_SCRIPT, str(agent.config.socket)],
-            preexec_fn=lambda: os.setuid(NOBODY),
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        assert proc.returncode == 0, proc.stderr
-        out = json.loads(proc.stdout)
+        out = await run_as_nobody(exe, ECHO_PEER_SCRIPT, str(agent.config.socket))
         assert out["hello"]["user"] == fit_name(LONG_USER)
         lease = out["checkout"]["lease"]  # a KeyError here is the refusal
         assert agent.keeper.held[lease].user == fit_name(LONG_USER)
@@ -459,15 +465,13 @@ async def test_a_program_gone_while_its_granted_seat_is_journalled_leaves_no_sea
         await stop_local_agent(agent, short)
 
 
-REQUEUE_PEER_SCRIPT = r"""
-import json, socket, sys
-s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile("rwb")
-def ask(**req):
-    f.write(json.dumps(req).encode() + b"\n"); f.flush()
-    return json.loads(f.readline())
+REQUEUE_PEER_SCRIPT = (
+    PEER_PRELUDE
+    + r"""
 ask(id=1, op="hello", protocol=1, client="evil")
 print(json.dumps(ask(id=2, op="requeue_rejected", all=True)))
 """
+)
 
 
 async def a_refused_record(tmp_path: Path) -> tuple[Spool, UsageRecord]:
@@ -495,9 +499,7 @@ async def a_refused_record(tmp_path: Path) -> tuple[Spool, UsageRecord]:
 async def test_only_root_and_the_agents_user_may_requeue_refused_records(make_server, tmp_path):
     """Requeue goes through the agent that owns the spool: the record is back in its memory
     and sent at once; a local user may not send every user's records again."""
-    exe = python_for_nobody()
-    if exe is None:
-        pytest.skip("no python the `nobody` user can run")
+    exe = nobodys_python()
     refused, rec = await a_refused_record(tmp_path)
     in_rejected = refused.rejected_dir / f"{rec.record_id}.json"
     server = await make_server(
@@ -505,16 +507,8 @@ async def test_only_root_and_the_agents_user_may_requeue_refused_records(make_se
     )
     agent, short = await start_local_agent(server, tmp_path, shared=True)
     try:
-        proc = await asyncio.to_thread(
-            subprocess.run,
-            [exe, "-c", REQUEUE_PEER_SCRIPT, str(agent.config.socket)],
-            preexec_fn=lambda: os.setuid(NOBODY),
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        assert proc.returncode == 0, proc.stderr
-        assert json.loads(proc.stdout)["error"]["code"] == "forbidden"
+        out = await run_as_nobody(exe, REQUEUE_PEER_SCRIPT, str(agent.config.socket))
+        assert out["error"]["code"] == "forbidden"
         assert in_rejected.exists() and rec.record_id not in agent.spool.records
 
         root = await hello(f"unix://{agent.config.socket}", client="ops")

@@ -11,37 +11,18 @@ import socket
 import pytest
 
 from metering_client.agent import Agent
-from metering_client.config import build_client_config
 from metering_protocol.client import ProtocolClient
 from tests.conftest import hello
-from tests.support import async_wait_until, short_tmpdir, write_token
+from tests.support import agent_config, async_wait_until
 
 CREDS = {"ws": (["agent"], "tok")}
 PRODUCTS = [{"name": "A", "version": "1", "seats": 5}]
 
 
-def agent_for(tmp_path, addresses, **servers) -> Agent:
-    short = short_tmpdir()
-    config = build_client_config(
-        {
-            "client": {
-                "name": "ws-1",
-                "user": "ws",
-                "state_dir": str(tmp_path / "st"),
-                "token_file": str(write_token(tmp_path / "token", "tok")),
-                "socket": str(short / "agent.sock"),
-            },
-            "servers": {
-                "list": addresses,
-                "reprobe_interval_s": 0.05,
-                "retries": 2,
-                "retry_interval_ms": 10,
-                **servers,
-            },
-        },
-        tmp_path / "client.toml",
-    )
-    return Agent(config)
+def agent_for(tmp_path, sockdir, addresses, **servers) -> Agent:
+    """The agent of `tests.support.agent_config`, probing and retrying quickly."""
+    fast = {"reprobe_interval_s": 0.05, "retries": 2, "retry_interval_ms": 10, **servers}
+    return Agent(agent_config(tmp_path, addresses[0], sockdir, servers={"list": addresses, **fast}))
 
 
 def live_clients() -> int:
@@ -50,12 +31,12 @@ def live_clients() -> int:
 
 
 @pytest.mark.asyncio
-async def test_servers_replaced_on_the_site_list_are_forgotten(make_server, tmp_path):
+async def test_servers_replaced_on_the_site_list_are_forgotten(make_server, tmp_path, sockdir):
     """The site moves its service from server to server (list version after version, each
     naming only the new one).  The agent follows every move; what it keeps per server must
     not grow with the number of servers the site ever had."""
     first = await make_server(name="srv-0", products=PRODUCTS, credentials=CREDS)
-    agent = agent_for(tmp_path, [first.address("tcp")])
+    agent = agent_for(tmp_path, sockdir, [first.address("tcp")])
     await agent.start()
     keeper = agent.keeper
     current = first
@@ -103,12 +84,14 @@ async def test_servers_replaced_on_the_site_list_are_forgotten(make_server, tmp_
 
 
 @pytest.mark.asyncio
-async def test_unanswering_servers_dropped_from_the_list_are_forgotten(make_server, tmp_path):
+async def test_unanswering_servers_dropped_from_the_list_are_forgotten(
+    make_server, tmp_path, sockdir
+):
     """Each list version names a new preferred server that does not answer (probed, failed,
     remembered in `_failed`) and drops the previous one.  `_failed` must not keep servers
     the site no longer lists."""
     b = await make_server(name="srv-b", products=PRODUCTS, credentials=CREDS)
-    agent = agent_for(tmp_path, [b.address("tcp")], connect_timeout_ms=200)
+    agent = agent_for(tmp_path, sockdir, [b.address("tcp")], connect_timeout_ms=200)
     await agent.start()
     keeper = agent.keeper
     try:

@@ -448,6 +448,17 @@ async def test_a_database_that_hangs_is_answered_within_query_timeout_s(pg_priva
         await store.close()
 
 
+async def started_server(tmp_path: Path, sockdir: Path, store: PostgresStore) -> MeteringServer:
+    """A server `srv` on `store`, listening on a unix socket in `sockdir`, started."""
+    state = tmp_path / "srv"
+    state.mkdir()
+    write_credentials(state / "credentials.toml", {})
+    data = server_config(name="srv", state_dir=state, listen=[f"unix://{sockdir}/srv.sock"])
+    server = MeteringServer(build_server_config(data, None), store=store)
+    await server.start()
+    return server
+
+
 @pytest.mark.asyncio
 async def test_health_calls_a_busy_database_busy_not_unreachable(pg_private, tmp_path, sockdir):
     """Found by a review: while every pooled connection waited for a lock another server's
@@ -455,13 +466,8 @@ async def test_health_calls_a_busy_database_busy_not_unreachable(pg_private, tmp
     and `health` (`/healthz`, `metering-admin health`) said the store was unreachable: an
     operator looked for a database that was down.  The ping goes first in line, and a line
     with no connection free is `busy`."""
-    state = tmp_path / "srv"
-    state.mkdir()
-    write_credentials(state / "credentials.toml", {})
-    data = server_config(name="srv", state_dir=state, listen=[f"unix://{sockdir}/srv.sock"])
     store = pg_private.store(pool_min=1, pool_max=2, query_timeout_s=20.0)
-    server = MeteringServer(build_server_config(data, None), store=store)
-    await server.start()
+    server = await started_server(tmp_path, sockdir, store)
     calls: list[asyncio.Future] = []
     try:
         assert await server.health() == {"status": "serving", "store": "ok"}
@@ -523,13 +529,8 @@ async def test_health_calls_a_frozen_database_unreachable_not_busy(pg_private, t
     """Found by a review of the `busy` state: a database that froze (its host hung) soon has
     every pooled connection held by calls stuck on it, and the ping, finding none free,
     said `busy` ("the database answers").  A connection of the ping's own tells them apart."""
-    state = tmp_path / "srv"
-    state.mkdir()
-    write_credentials(state / "credentials.toml", {})
-    data = server_config(name="srv", state_dir=state, listen=[f"unix://{sockdir}/srv.sock"])
     store = pg_private.store(pool_min=2, pool_max=2, query_timeout_s=20.0)
-    server = MeteringServer(build_server_config(data, None), store=store)
-    await server.start()
+    server = await started_server(tmp_path, sockdir, store)
     processes = _cluster_processes(pg_private)
     calls: list[asyncio.Future] = []
     try:
@@ -765,12 +766,7 @@ async def test_health_is_degraded_while_the_database_is_read_only(pg_private, tm
     """Found by a review: health asked the store for a read alone, so a database gone
     read-only (a primary demoted to a standby after a failover, a URL reaching a replica)
     was "serving / ok" while every checkout, heartbeat and checkin failed."""
-    state = tmp_path / "srv"
-    state.mkdir()
-    write_credentials(state / "credentials.toml", {})
-    data = server_config(name="srv", state_dir=state, listen=[f"unix://{sockdir}/srv.sock"])
-    server = MeteringServer(build_server_config(data, None), store=pg_private.store())
-    await server.start()
+    server = await started_server(tmp_path, sockdir, pg_private.store())
     try:
         assert await server.health() == {"status": "serving", "store": "ok"}
         async with pg_private.connect(superuser=True) as su:
