@@ -219,7 +219,12 @@ class ProtocolClient:
                 self.on_event(msg)
             return
         rid = msg.get("id")
-        fut = self._pending.pop(rid, None) if isinstance(rid, int) else None
+        fut = None
+        if isinstance(rid, int):
+            # Answered: not the frame a later `too_large` is about.  Popped here too, since a
+            # request whose caller went away is no longer pending and its future never ends.
+            self._large.pop(rid, None)
+            fut = self._pending.pop(rid, None)
         if fut is not None and not fut.done():
             fut.set_result(msg)
         elif rid is None and msg.get("ok") is False:

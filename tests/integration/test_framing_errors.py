@@ -441,3 +441,22 @@ async def test_too_large_is_the_oversized_requests_and_the_others_hear_connectio
     finally:
         for client in (holder, c):
             await client.close()
+
+
+@pytest.mark.asyncio
+async def test_a_large_request_whose_caller_went_away_is_forgotten_once_answered(make_server):
+    """Found by a review: a request over 256 bytes is remembered while it waits, since a
+    `too_large` names no request; one whose caller was cancelled (not a checkout, so no
+    orphan) was remembered for the session's life."""
+    server = await make_server()
+    c = await hello(server.address("unix"), client="ws-1")
+    try:
+        gone = asyncio.create_task(c.request("ping", timeout=5, padding="x" * 1000))
+        await asyncio.sleep(0)  # sent; its reply cannot have been read in this turn
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        await c.request("ping", timeout=5)
+        await async_wait_until(lambda: not c._large, what="the cancelled request forgotten")
+    finally:
+        await c.close()
