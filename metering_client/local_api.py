@@ -203,9 +203,13 @@ class LocalSession:
     async def op_checkin(self, req: LocalCheckin) -> dict[str, Any]:
         if req.lease in self.agent.keeper.held and not self._mine(req.lease):
             raise LeaseNotFound(f"lease {req.lease} is not held for {self.user!r}")
-        released = await self.agent.keeper.checkin(req.lease)
-        self.handles.discard(req.lease)
-        self.agent.holders.pop(req.lease, None)
+        try:
+            released = await self.agent.keeper.checkin(req.lease)
+        finally:
+            # Not the program's any more either way: a checkin no server took now is the
+            # keeper's to give back (it left `held` before it was sent).
+            self.handles.discard(req.lease)
+            self.agent.holders.pop(req.lease, None)
         return {"released": released}
 
     async def op_cancel(self, req: m.Cancel) -> dict[str, Any]:

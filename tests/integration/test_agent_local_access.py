@@ -19,7 +19,7 @@ from metering_client.agent import Agent
 from metering_client.config import build_client_config
 from metering_client.spool import Spool
 from metering_client.usage import UsageRecord, new_record
-from metering_protocol.errors import BadRequest, ConnectionLost
+from metering_protocol.errors import BadRequest, ConnectionLost, Unavailable
 from metering_protocol.names import fit_name
 from tests.conftest import hello
 from tests.support import (
@@ -582,4 +582,30 @@ async def test_a_requeue_whose_requester_left_still_reaches_the_agents_memory(
         assert rec.record_id not in agent.spool.records
     finally:
         release.set()
+        await stop_local_agent(agent, short)
+
+
+@pytest.mark.asyncio
+async def test_a_programs_checkin_that_no_server_took_leaves_no_handle_behind(
+    make_server, tmp_path
+):
+    """Found by a review: a program's checkin that failed (no server answered) left the
+    handle as the program's, the connection `busy` and the agent's holder map holding it,
+    for as long as the program stayed connected; the keeper gives the seat back itself."""
+    server = await make_server(
+        products=[{"name": "A", "version": "1", "seats": 1}], credentials={"ws": (["agent"], "tok")}
+    )
+    agent, short = await start_local_agent(server, tmp_path)
+    program = await hello(f"unix://{agent.config.socket}", client="p1")
+    try:
+        handle = (await program.request("checkout", timeout=10, product="A", version="1"))["lease"]
+        await server.shutdown(timeout=1.0)
+        with pytest.raises(Unavailable) as refused:
+            await program.request("checkin", timeout=60, lease=handle)
+        assert refused.value.retryable
+        assert agent.holders == {}
+        await program.request("ping", timeout=5)  # still connected, and not holding it
+        assert handle not in agent.keeper.held
+    finally:
+        await program.close()
         await stop_local_agent(agent, short)
