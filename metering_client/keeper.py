@@ -601,6 +601,11 @@ class LeaseKeeper:
             if exc.retryable:  # no server took it now: the next session tries again
                 self._give_back_later(held.lease)
             raise
+        except asyncio.CancelledError:
+            # Its caller left (a program gone while no server answered): sent or not, the
+            # seat is nobody's now, and a second checkin of a released lease is harmless.
+            self._give_back_later(held.lease)
+            raise
         finally:
             await self._changed()
         return bool(reply.get("released"))

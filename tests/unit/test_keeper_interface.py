@@ -16,6 +16,7 @@ from metering_client.config import build_client_config
 from metering_client.keeper import OVERLOADED_BEATS_BEFORE_MOVING, HeldLease, LeaseKeeper
 from metering_client.serverlist import ServerEntry
 from metering_protocol.errors import ConnectionLost, MeteringError, Overloaded
+from tests.support import async_wait_until
 
 CONFIG = build_client_config(
     {
@@ -365,4 +366,43 @@ async def test_a_servers_retry_after_does_not_stretch_a_pause_past_backoff_max()
     with pytest.raises(MeteringError):
         await asyncio.wait_for(keeper.checkout("P", "1"), 5)
     assert loop.time() - started < 2.0  # backoff_max's 0.05 s, not the hour asked
+    await keeper.stop()
+
+
+class GatedConnector(FakeConnector):
+    """Every connect after the first waits for `gate`: no server answers meanwhile."""
+
+    __slots__ = ("gate",)
+
+    def __init__(self, *sessions: FakeSession):
+        super().__init__(*sessions)
+        self.gate = asyncio.Event()
+
+    async def connect(self, *, avoid: Sequence[str] = (), passes: int | None = None) -> Any:
+        if self.connects:
+            self.connects.append(list(avoid))
+            await self.gate.wait()
+            self.connects.pop()
+        return await super().connect(avoid=avoid, passes=passes)
+
+
+@pytest.mark.asyncio
+async def test_a_checkin_cancelled_while_no_server_answers_is_given_back_later():
+    """Found by a review: a program that left (Ctrl-C, an exit without waiting) while its
+    checkin waited for a server cancelled it after the lease had left `held`: nothing sent
+    it again, and the seat stayed taken until its TTL, as no server had heard of it."""
+    first, second = FakeSession(A), FakeSession(B)
+    connector = GatedConnector(first, second)
+    keeper = LeaseKeeper(connector)
+    held, _ = await keeper.checkout("P", "1")
+    await first.close()
+    checkin = asyncio.create_task(keeper.checkin(held.handle))
+    await async_wait_until(lambda: len(connector.connects) == 2, what="the checkin's connect")
+    checkin.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await checkin
+    keeper.start()
+    connector.gate.set()
+    given_back = ("checkin", {"lease": held.lease})
+    await async_wait_until(lambda: given_back in second.requests, what="the seat given back")
     await keeper.stop()
