@@ -15,7 +15,10 @@ Locks (docs/architecture.md, "PostgreSQL: transactions and locks"):
   to one product are serialised across every server, other products run in parallel.
   The count is a statement of its own after the lock, so under READ COMMITTED it sees every
   grant committed by the previous holder of the lock.  Fresh grants that arrive together
-  share one such transaction (`_grant_fresh`), their pools locked in lock-key order.
+  share one such transaction (`_grant_fresh`), their pools locked in lock-key order.  The
+  pool's own lock (`lock_key("pool", PRODUCT, VERSION)`), which servers before fbaa708 took
+  instead, is taken with it (`_pool_locks`), so such a server still running in a rolling
+  upgrade is waited for.
 - expiry is `DELETE ... RETURNING`: of servers sweeping at once, each expired row is deleted,
   and so returned, by exactly one.
 - a lease row a call decides on is read `FOR UPDATE`; several rows in one call are locked in
@@ -47,7 +50,7 @@ import random
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -289,6 +292,23 @@ def _pool_lock(key: tuple[str, str]) -> int:
     product has, or had under another catalogue, is counted under one lock — a catalogue
     change (`repool`) and the grants of servers on either catalogue go one at a time."""
     return lock_key("product", key[0].upper())
+
+
+def _pool_locks(keys: Iterable[tuple[str, str]]) -> tuple[int, ...]:
+    """The advisory locks to take, in this order, for these pools: each product's
+    (`_pool_lock`) and each pool's own, `lock_key("pool", product, version)`, which servers
+    before fbaa708 took instead.  With both, an old server still running in a rolling
+    upgrade and a new one wait for each other; with the product's alone each counted before
+    the other committed, and one seat was granted twice in most rounds (found by a review
+    of rolling upgrades).  One order for every caller, so no two wait in a circle."""
+    return tuple(sorted({k for key in keys for k in (_pool_lock(key), lock_key("pool", *key))}))
+
+
+def _locks_sql(locks: Iterable[int], *, shared: bool = False) -> str:
+    """Statements that take these transaction-level advisory locks in order (the keys are
+    integers of our own making, `lock_key`: sent in one simple-protocol round trip)."""
+    mode = "_shared" if shared else ""
+    return "".join(f"SELECT pg_advisory_xact_lock{mode}({int(key)});" for key in locks)
 
 
 class _LineFull(Exception):
@@ -745,7 +765,7 @@ class PostgresStore(LeaseStore):
             pool = req.pool
             # The pool's lock before anything is counted; the count below is a new statement,
             # so it sees everything the previous holder committed.
-            await db.execute("SELECT pg_advisory_xact_lock($1)", _pool_lock(pool.key))
+            await db.execute(_locks_sql(_pool_locks([pool.key])))
             if req.reclaim is not None:
                 now = self.effective_now(req.now)  # a reclaim renews: as it commits
                 asked = (req.reclaim, req.principal, req.client)
@@ -913,7 +933,7 @@ class PostgresStore(LeaseStore):
                         out[i] = GrantOutcome(False, outcome.in_use, key_reused=True)
             return out
 
-        outcomes = await self._run("grant", grant_all, locks=tuple(map(_pool_lock, pools)))
+        outcomes = await self._run("grant", grant_all, locks=_pool_locks(pools))
         for outcome in outcomes:
             if outcome.lease is not None:
                 self._remember(outcome.lease.lease, outcome.lease.pool_key)
@@ -1012,7 +1032,7 @@ class PostgresStore(LeaseStore):
 
         # The asked pools' locks, shared, with BEGIN: a lease of another pool is not renewed
         # here (`reclaim_verdict`), so its own pool needs no lock.
-        locks = tuple(sorted({_pool_lock(req.pool.key) for req in reqs}))
+        locks = _pool_locks(req.pool.key for req in reqs)
         outcomes = await self._run("reclaim", renew, locks=locks, shared=True)
         for outcome in outcomes:
             if outcome is not None and outcome.lease is not None:
@@ -1145,7 +1165,7 @@ class PostgresStore(LeaseStore):
 
         # Urgent: a heartbeat keeps a held seat and must not wait behind new work while its
         # lease's TTL runs (the sweep would then expire a lease whose holder renewed on time).
-        locks = tuple(sorted({_pool_lock(key) for key in pools if key is not None}))
+        locks = _pool_locks(key for key in pools if key is not None)
         return await self._run(
             "renew", renew_all, urgent=True, locks=locks if known else (), shared=True
         )
@@ -1173,11 +1193,9 @@ class PostgresStore(LeaseStore):
         )
         for lease, product, version in rows:
             self._remember(lease, (product, version))
-        keys = sorted({_pool_lock((row[1], row[2])) for row in rows})
+        keys = _pool_locks((row[1], row[2]) for row in rows)
         if keys:
-            await db.execute(
-                "SELECT pg_advisory_xact_lock_shared(k) FROM unnest($1::bigint[]) AS k", keys
-            )
+            await db.execute(_locks_sql(keys, shared=True))
 
     @staticmethod
     async def _revoked_among(
@@ -1498,7 +1516,7 @@ class PostgresStore(LeaseStore):
         async def enqueue(db: asyncpg.Connection) -> Ticket:
             # The pool's lock, as a grant takes it: ids are handed out, and positions
             # counted, in one order for the whole site.
-            await db.execute("SELECT pg_advisory_xact_lock($1)", _pool_lock(entry.pool_key))
+            await db.execute(_locks_sql(_pool_locks([entry.pool_key])))
             key = entry.idempotency_key
             ticket = None
             if key is not None:
@@ -1855,8 +1873,7 @@ async def _begin_locked(
     than BEGIN and then the locks.  Committed when the block ends, rolled back when it
     raises; a connection whose rollback failed goes back to the pool, which rolls back or
     drops it."""
-    mode = "_shared" if shared else ""
-    taken = "".join(f"SELECT pg_advisory_xact_lock{mode}({int(key)});" for key in locks)
+    taken = _locks_sql(locks, shared=shared)
     try:
         # In the try: when `statement_timeout` cancels the lock's wait, BEGIN went through
         # and the transaction is left aborted; not rolled back here, asyncpg's pool found it

@@ -979,3 +979,43 @@ async def test_a_connection_left_broken_by_a_terminated_backend_is_a_lost_connec
         assert [e["event"] for e in logs] == ["store_lost"]
     finally:
         await store.close()
+
+
+# The advisory lock servers before fbaa708 took for a pool's grants, queue and renewals.
+_LEGACY_POOL_LOCK = lock_key("pool", *ENFORCE.key)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("call", ["grant", "reclaim", "enqueue", "renew"])
+async def test_a_server_from_before_the_product_lock_is_waited_for(pg_private, call):
+    """Found by a review of rolling upgrades: servers before fbaa708 take the pool's lock
+    (`lock_key("pool", product, version)`), later ones the product's, so an old and a new
+    server on one database, as in a rolling upgrade, never waited for each other and each
+    counted before the other committed: one seat granted twice in most rounds.  A server
+    takes the old pool lock too, in the same mode, so an old server's grant (holding it
+    here) makes it wait; `query_timeout_s` then answers StoreBusy."""
+    store = pg_private.store(query_timeout_s=1.0)
+    await store.open()
+    try:
+        held = await store.grant(req(now=time.time()))
+        assert held.lease is not None
+        now = time.time()
+        calls = {
+            "grant": lambda: store.grant(req(who=("bob", "ws-2"), now=now)),
+            "reclaim": lambda: store.grant(req(now=now, reclaim=held.lease.lease)),
+            "enqueue": lambda: store.enqueue(
+                WaitEntry(
+                    ENFORCE.key, "CLOCK.EXE", "4.00", "bob", "ws-2", "bob", "srv-a", now, now + 30
+                )
+            ),
+            "renew": lambda: store.renew([held.lease.lease], *ALICE, "srv-a", now, 10.0),
+        }
+        async with pg_private.connect() as old_server:  # mid-grant, on the old lock
+            await old_server.execute("BEGIN")
+            await old_server.execute("SELECT pg_advisory_xact_lock($1)", _LEGACY_POOL_LOCK)
+            with pytest.raises(StoreBusy):
+                await calls[call]()
+            await old_server.execute("ROLLBACK")
+        await calls[call]()  # and once it is free, served
+    finally:
+        await store.close()
