@@ -35,6 +35,20 @@ class ConfigError(ValueError):
         super().__init__(f"{path}: {key}: {problem}" if key else f"{path}: {problem}")
 
 
+class PathUnavailable(ConfigError):
+    """A path of the config that cannot be written now through no fault of the file: its file
+    system is mounted read-only (a disk error remounted it, an operator's `mount -o ro`).
+    The daemons exit 75 for it (the units restart them, and they start once it is writable
+    again), not 78, which is for a file to fix."""
+
+
+def on_read_only_fs(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def read_toml(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as fh:

@@ -15,15 +15,27 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from metering_protocol.config import ConfigError, nearest_existing, stat_of
+from metering_protocol.config import (
+    ConfigError,
+    PathUnavailable,
+    nearest_existing,
+    on_read_only_fs,
+    stat_of,
+)
 from metering_protocol.unixsock import user_name
 from metering_runtime.cliargs import UsageParser
-from metering_runtime.exitcodes import EX_CONFIG, EX_SOFTWARE, EX_UNAVAILABLE, os_error_code
+from metering_runtime.exitcodes import (
+    EX_CONFIG,
+    EX_SOFTWARE,
+    EX_TEMPFAIL,
+    EX_UNAVAILABLE,
+    os_error_code,
+)
 from metering_runtime.listeners import BindError
 from metering_runtime.logs import configure_logging, get_logger
 from metering_server.auth.credentials import Credentials, CredentialsError
 from metering_server.config import ServerConfig, build_server_config, load_server_config
-from metering_server.store.base import StoreUnavailable, StoreUnusable
+from metering_server.store.base import StoreFailed, StoreUnavailable, StoreUnusable
 from metering_server.tls import expiry_warning, tls_context
 
 log = get_logger("metering.server")
@@ -97,6 +109,8 @@ def preflight(cfg: ServerConfig) -> None:
         if not stat.S_ISDIR(found.st_mode):
             raise ConfigError(where, key, f"{existing} is not a directory")
         if not os.access(existing, os.W_OK | os.X_OK):
+            if on_read_only_fs(existing):
+                raise PathUnavailable(where, key, f"{existing} is on a read-only file system")
             raise ConfigError(where, key, f"{existing} is not writable by this user")
     _sqlite_file(where, cfg.store_url)
 
@@ -112,6 +126,8 @@ def _sqlite_file(where: Path | str, url: str) -> None:
         raise ConfigError(where, "store.url", f"{path} is not a file")
     for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
         if file.exists() and not os.access(file, os.R_OK | os.W_OK):
+            if on_read_only_fs(file):
+                raise PathUnavailable(where, "store.url", f"{file} is on a read-only file system")
             st = file.stat()
             raise ConfigError(
                 where,
@@ -134,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         cfg = load(args.check_config or args.config)
+    except PathUnavailable as exc:
+        print(f"metering-server: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
     except (ConfigError, CredentialsError) as exc:
         print(f"metering-server: {exc}", file=sys.stderr)
         return EX_CONFIG
@@ -168,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     except StoreUnusable as exc:
         print(f"metering-server: store: {exc}", file=sys.stderr)
         return EX_CONFIG
+    except StoreFailed as exc:
+        # Its first write at start refused: a full disk, an I/O error, a file system gone
+        # read-only since the checks.  Not a bug (it was exit 70 and a traceback): 75, so the
+        # units restart it and it starts once the disk is freed (found by a review).
+        print(f"metering-server: {exc.message}", file=sys.stderr)  # `store_error` is logged
+        return EX_TEMPFAIL
     except (ssl.SSLError, OSError) as exc:
         where = getattr(exc, "filename", None)
         reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc

@@ -234,6 +234,11 @@ _MISCONFIGURED = (
     asyncpg.exceptions.InsufficientPrivilegeError,
     asyncpg.ClientConfigurationError,
 )
+# A database that takes no writes at start (a primary demoted to a standby, a URL that
+# reaches a replica, `default_transaction_read_only`): waited for like one that does not
+# answer, up to `start_timeout_s`, then exit 69, which the units restart; a config error
+# (78) it is not, and the units never restarted it (found by a review).
+_READ_ONLY = asyncpg.exceptions.ReadOnlySQLTransactionError
 # The database is there but cannot take the work now: a statement cancelled by a server-side
 # `statement_timeout`, a lock wait past `lock_timeout`, no connection slot left on the
 # database.  (A statement past `query_timeout_s`, asyncpg's command timeout, is a TimeoutError
@@ -517,7 +522,7 @@ class PostgresStore(LeaseStore):
                     hint = " (the server's role must own its database: ALTER DATABASE ... OWNER TO)"
                 log.error("store_unusable", store=self.where, error=describe(exc))
                 raise StoreUnusable(f"{self.where}: {describe(exc)}{hint}") from None
-            except _UNREACHABLE as exc:
+            except (*_UNREACHABLE, _READ_ONLY) as exc:
                 waited = self._clock() - started
                 left = self.start_timeout_s - waited if self.start_timeout_s > 0 else None
                 if left is not None and left <= 0:

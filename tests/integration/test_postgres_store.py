@@ -1019,3 +1019,28 @@ async def test_a_server_from_before_the_product_lock_is_waited_for(pg_private, c
         await calls[call]()  # and once it is free, served
     finally:
         await store.close()
+
+
+@pytest.mark.asyncio
+async def test_a_database_read_only_at_start_is_waited_for_not_a_config_error(pg_private):
+    """Found by a review of read-only disks: a server started while its database took no
+    writes (a primary demoted to a standby) failed its migrations' bookkeeping and exited
+    78, a config error, which the units never restart: the site's server stayed down after
+    the database was writable again.  It is waited for, like a database that does not
+    answer, and then 69 (restarted)."""
+    async with pg_private.connect(superuser=True) as su:
+        await su.execute("ALTER SYSTEM SET default_transaction_read_only = on")
+        await su.execute("SELECT pg_reload_conf()")
+    try:
+        store = pg_private.store(start_timeout_s=1.0)
+        with capture_logs() as logs, pytest.raises(StoreUnavailable) as err:
+            await store.open()
+        assert "read-only transaction" in str(err.value)
+        assert [e["event"] for e in logs if e["event"] == "store_unavailable"]  # retried
+    finally:
+        async with pg_private.connect(superuser=True) as su:
+            await su.execute("ALTER SYSTEM RESET default_transaction_read_only")
+            await su.execute("SELECT pg_reload_conf()")
+    store = pg_private.store()
+    await store.open()  # and writable again, it starts
+    await store.close()

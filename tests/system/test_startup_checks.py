@@ -6,9 +6,11 @@ status` exiting non-zero (with the reason) while the agent cannot authenticate."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -543,3 +545,80 @@ def test_a_config_path_that_cannot_be_opened_is_one_line_and_78(tmp_path, how, c
     assert proc.returncode == 78, (proc.returncode, proc.stderr)
     line = proc.stderr.strip()
     assert "\n" not in line and f"{path}: cannot read: {problem}" in line, line
+
+
+@contextlib.contextmanager
+def small_fs(path: Path, size: str = "2m") -> Iterator[Path]:
+    """A tmpfs of `size` mounted at `path` (a disk to fill or remount read-only): needs root
+    and a mount namespace that allows it, else the test is skipped."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small file system")
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(directory: Path) -> None:
+    with contextlib.suppress(OSError), open(directory / "FILL", "wb") as fh:
+        while True:
+            fh.write(b"\0" * 65536)
+            fh.flush()
+
+
+def test_a_server_restarted_on_a_full_disk_after_a_crash_exits_75_with_one_line(tmp_path):
+    """Found by a review of full disks: killed -9 (its WAL left behind) and started again on
+    a full disk, the server's first write at start failed and it exited 70 ("internal
+    error", a traceback logged: a bug, the operator was told).  The docs promise 75 for a
+    full disk: the units restart it, and it starts once the disk is freed."""
+    data = tmp_path / "data"
+    with small_fs(data):
+        sock = bind_tcp()
+        host, port = sock.getsockname()
+        cfg = server_config(
+            name="srv", listen=[f"tcp://{host}:{port}"], state_dir=data, store=data / "site.db"
+        )
+        write_credentials(tmp_path / "credentials.toml", {"ws": (["agent"], TOKEN)})
+        cfg["auth"]["credentials_file"] = str(tmp_path / "credentials.toml")
+        config = write_toml(tmp_path / "server.toml", cfg)
+        sock.close()
+        server = server_daemon(config)
+        server.start()
+        server.kill9()
+        fill(data)
+        proc = run_server("--config", str(config))
+        assert proc.returncode == 75, proc.stderr
+        line = proc.stderr.strip().splitlines()[-1]  # after its JSON log lines
+        assert line.startswith("metering-server: store error: ") and "full" in line, line
+        (data / "FILL").unlink()
+        server = server_daemon(config)
+        server.start()  # and once the disk is freed, it serves
+        server.terminate()
+
+
+@pytest.mark.parametrize("mode", ["--check-config", "--config"])
+def test_a_state_dir_on_a_read_only_file_system_is_75_not_a_config_error(tmp_path, mode):
+    """Found by a review of read-only disks: a state dir whose file system was remounted
+    read-only (ext4 after a disk error, `mount -o ro`) was refused as "not writable by this
+    user", exit 78, which the units never restart: the server stayed down after the disk was
+    back.  It is 75 (restarted), and the line says why."""
+    data = tmp_path / "data"
+    with small_fs(data):
+        config = server_toml(
+            tmp_path, ["tcp://127.0.0.1:0"], store={"url": f"sqlite://{data}/s.db"}
+        )
+        cfg = tomllib.loads(config.read_text())
+        cfg["server"]["state_dir"] = str(data)
+        write_toml(config, cfg)
+        write_credentials(Path(cfg["auth"]["credentials_file"]), {"ws": (["agent"], TOKEN)})
+        subprocess.run(["mount", "-o", "remount,ro", str(data)], check=True)
+        proc = run_server(mode, str(config))
+        assert proc.returncode == 75, proc.stderr
+        line = one_line(proc.stderr, "metering-server")
+        assert "server.state_dir" in line and "read-only file system" in line, line
