@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -404,6 +405,19 @@ class Run:
 
     def pids(self) -> list[tuple[int, int | None]]:
         return list(self.procs)
+
+    def checkout_key(self, boot_id: str | None) -> str | None:
+        """The idempotency key of this run's checkouts, made from the run itself (its user,
+        product and oldest process in this boot): an agent killed after a seat was granted
+        but before its journal had it (a full disk) asks again, restarted, with the key the
+        first checkout had, and is handed that seat.  A random key was answered `denied`
+        by the run's own lease in a full pool, and the agent stopped the program and billed
+        a denial (found by a review)."""
+        if not self.procs:
+            return None
+        pid, start = min(self.procs, key=lambda key: (key[1] is None, key[1] or 0, key[0]))
+        parts = (boot_id, self.user, self.product.product, self.product.version, pid, start)
+        return "W" + hashlib.sha256("\0".join(map(str, parts)).encode()).hexdigest()[:40]
 
 
 class Watcher:
@@ -789,6 +803,7 @@ class Watcher:
                     pid=first.pid if first else None,
                     pid_start=first.start if first else None,
                     reclaim=run.reclaim,
+                    idempotency_key=run.checkout_key(self.boot_id),
                 )
             except Denied as exc:
                 self._deny(run, str(exc))

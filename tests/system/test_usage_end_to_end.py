@@ -622,3 +622,36 @@ def test_a_run_that_ends_while_the_server_is_down_is_one_record_after_an_agent_k
     assert row["sessions"] == 1, counts(row)  # one run
     check_record(c, scene.stored()[c.record_id])
     assert len(scene.stored()) == 1, list(scene.stored().values())
+
+
+def test_a_watched_seat_the_journal_missed_is_the_programs_again_after_an_agent_kill9(scene):
+    """Found by a review of full disks: a watched program was granted its seat while the
+    agent's state dir was full, so the lease journal never named it, and the agent was
+    killed (-9).  Restarted, the watcher asked for a seat with a new idempotency key: the
+    program's own lease held the only seat (enforce), the checkout was denied, and the
+    agent stopped the program and billed a denial.  A watched run's key is made from the
+    run itself, so asking again gets the seat its first checkout made."""
+    scene.start_server()
+    scene.start_agent(ready="watch_catalogue")
+    a = scene.start("A", SOLVER, "granted", [scene.binary("clock"), "300"])
+    scene.wait_open(a, "granted")
+    [lease] = scene.leases()
+    assert scene.agent is not None
+    scene.agent.kill9()
+    # The writes the full disk refused: the lease journal's, and the run's record's (which
+    # names the seat too).
+    (scene.state / "leases.json").unlink()
+    for record in (scene.state / "spool").glob("*.json"):
+        record.unlink()
+
+    scene.start_agent(ready="agent_started")
+    granted = wait_until(
+        lambda: scene.agent_events("program_seat_granted") or scene.agent_events("program_denied"),
+        15,
+        "the watcher to ask for the running program's seat",
+    )
+    assert [e["event"] for e in granted] == ["program_seat_granted"], granted
+    assert a.proc.poll() is None  # still running
+    assert [x["lease"] for x in scene.leases()] == [lease["lease"]]  # its seat, not another
+    scene.stop(a)  # (its record is a new one: the first was lost with the disk's writes)
+    wait_until(lambda: scene.leases() == [], 10, "the seat given back")

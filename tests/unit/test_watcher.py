@@ -28,6 +28,7 @@ from metering_client.watcher import (
     LinuxProcTable,
     Proc,
     Product,
+    Run,
     Watcher,
     is_interpreter,
     match,
@@ -239,6 +240,7 @@ async def test_a_program_gets_a_seat_for_its_user_and_gives_it_back_at_exit(env)
     env.table.add(100, exe="Clock", uid=1001, start=7)
     with capture_logs() as logs:
         await env.scan()
+    key = env.keeper.checkouts[0].pop("idempotency_key")
     assert env.keeper.checkouts == [
         {
             "product": "CLOCK.EXE",
@@ -249,6 +251,8 @@ async def test_a_program_gets_a_seat_for_its_user_and_gives_it_back_at_exit(env)
             "reclaim": None,
         }
     ]
+    [run] = env.watcher.runs.values()
+    assert key == run.checkout_key(env.watcher.boot_id)  # the run's own, not a random one
     [line] = [e for e in logs if e["event"].startswith("Requesting use")]
     assert line["event"] == "Requesting use of CLOCK.EXE 4.00"
     assert (line["pid"], line["user"]) == (100, "bob")
@@ -826,3 +830,25 @@ def test_direct_seat_notes_count_while_their_process_lives(tmp_path):
     assert not stale.exists()
     withdraw_direct_seat(note)
     assert direct_seats(tmp_path) == set()
+
+
+def test_a_runs_checkout_key_is_its_own_and_the_same_after_a_restart():
+    """A restarted agent that lost its journal asks for a running program's seat with the
+    key of the first checkout (found by a review of full disks): the key is made from the
+    run, the same run giving the same key, any other run another."""
+
+    def run(user="bob", procs=((100, 7), (101, 9))):
+        return Run(product=CLOCK, user=user, procs=dict.fromkeys(procs), started=T0)
+
+    first = run().checkout_key("boot-1")
+    assert first is not None and first.startswith("W")
+    assert run(procs=((101, 9), (100, 7))).checkout_key("boot-1") == first  # its oldest
+    assert run(procs=((100, 7),)).checkout_key("boot-1") == first
+    others = [
+        run().checkout_key("boot-2"),
+        run(user="carol").checkout_key("boot-1"),
+        run(procs=((100, 8),)).checkout_key("boot-1"),
+        run(procs=((102, 7),)).checkout_key("boot-1"),
+    ]
+    assert first not in others and len(set(others)) == len(others)
+    assert run(procs=()).checkout_key("boot-1") is None
