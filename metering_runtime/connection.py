@@ -364,6 +364,13 @@ class Connection(asyncio.Protocol):
             self.reply_error(None if frame is None else m.request_id(frame), exc)
             self._count_bad()
             return
+        if req.id in self.by_id:
+            # PROTOCOL.md: an id is unique among a connection's requests in flight.  A second
+            # one replaced the first in every map keyed by id, and a waiting checkout so
+            # hidden outlived its connection: seats were granted to nobody and the pool's
+            # fresh checkouts denied behind it (found by an acceptance review).
+            self.reply_error(req.id, BadRequest(f"id {req.id} is already in flight"))
+            return
         if req.op == "hello":
             assert self._transport is not None
             self._transport.pause_reading()  # nothing more is read until it is answered

@@ -460,3 +460,32 @@ async def test_a_large_request_whose_caller_went_away_is_forgotten_once_answered
         await async_wait_until(lambda: not c._large, what="the cancelled request forgotten")
     finally:
         await c.close()
+
+
+@pytest.mark.asyncio
+async def test_a_second_request_under_an_id_in_flight_is_refused(make_server):
+    """Found by an acceptance review: two waiting checkouts under one id, then a
+    disconnect: the second had replaced the first in every map keyed by id, so the first
+    outlived its connection, was granted seats that were given back, and every fresh
+    checkout of the pool was `denied` behind it while no seat was used.  PROTOCOL.md: an
+    id is unique among a connection's requests in flight; a second is `bad_request`."""
+    products = [{"name": "A", "version": "1", "seats": 1}]
+    server = await make_server(products=products, credentials=CREDS)
+    holder = await hello(server.address("unix"), client="holder")
+    raw = await Raw.open(server.address("unix"))
+    try:
+        held = await holder.request("checkout", timeout=5, product="A", version="1")
+        await raw.hello(user="alice", token=TOKEN)
+        waiting = {"id": 7, "op": "checkout", "product": "A", "version": "1", "wait_s": 60}
+        await raw.send(waiting)
+        await async_wait_until(lambda: server.seats.queued(("A", "1")) == 1, what="queued")
+        assert_bad_request(await raw.request(waiting), 7, "already in flight")
+        assert server.seats.queued(("A", "1")) == 1  # the first waits on
+        await raw.close()
+        await async_wait_until(lambda: server.seats.queued(("A", "1")) == 0, what="dropped")
+        await holder.request("checkin", timeout=5, lease=held["lease"])
+        again = await holder.request("checkout", timeout=5, product="A", version="1")
+        assert again["lease"]  # the free seat is granted, to someone connected
+    finally:
+        await holder.close()
+        await raw.close()
