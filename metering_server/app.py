@@ -43,6 +43,7 @@ from metering_server.licensing import Catalogue, Pool
 from metering_server.metrics import ServerMetrics
 from metering_server.seats import SeatService, SeatSettings
 from metering_server.session import Session
+from metering_server.siteclock import SLEW, SiteClock
 from metering_server.store import open_store, redact_url
 from metering_server.store.base import LeaseStore, StoreBusy, StoreReadOnly
 from metering_server.tls import expiry_watch, serves_tls, tls_context
@@ -129,6 +130,11 @@ def lockout_settings(config: ServerConfig) -> LockoutSettings:
     return LockoutSettings(a.lockout_threshold, a.lockout_window_s, a.lockout_s)
 
 
+# A server's time this far from the store's reference is logged: at start (this host's clock
+# is off the database's), and once a minute while a step of the reference is absorbed.
+CLOCK_GAP_LOGGED_S = 1.0
+
+
 class MeteringServer:
     """Lifecycle only: build the parts, bind, serve, reload, drain.  Seats are the seat
     service's business, requests the handlers', sockets the shared connection engine's."""
@@ -137,10 +143,13 @@ class MeteringServer:
         self,
         config: ServerConfig,
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         store: LeaseStore | None = None,
     ):
+        """`clock`: the time stored and judged by; by default a `SiteClock` that keeps the
+        store's reference time (a test gives its own, which is left as it is)."""
         self.config = config
+        clock = SiteClock() if clock is None else clock
         self.clock = clock
         self.store = store or open_store(config.store_url, config.store_settings)
         self.store.clock = clock  # renewals are judged when they take effect
@@ -154,6 +163,7 @@ class MeteringServer:
         self._site = site_view(config)
         self._tasks = TaskOwner("server")
         self._sweep_failures = Throttle(60.0, time.monotonic)  # `sweep_failed`, store errors
+        self._clock_lines = Throttle(60.0, time.monotonic)  # `clock_step_absorbing`
         self.systemd = systemd.ServiceNotifier(self.status_line)  # READY, STATUS, watchdog
         self._stop = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -197,6 +207,7 @@ class MeteringServer:
             upgrades_aside=cfg.state_dir / UPGRADES_ASIDE,
         )
         await self._open_store()
+        await self._read_clock(first=True)
         await self.seats.start()
         self.authenticator = Authenticator(
             credentials,
@@ -444,8 +455,26 @@ class MeteringServer:
         silence it)."""
         if self._certificate is not None:
             self._log_notices([self._certificate.due()])
+        with contextlib.suppress(MeteringError):  # the store down: the time runs on
+            await self._read_clock()
         await self.seats.sweep()
         self.authenticator.seclog.flush()
+
+    async def _read_clock(self, *, first: bool = False) -> None:
+        """Move the server's time toward the store's reference (`siteclock`)."""
+        clock = self.clock
+        if not isinstance(clock, SiteClock):
+            return
+        reading = await self.store.reference_time()
+        if reading is None:
+            return
+        gap = clock.observe(*reading)
+        if abs(gap) < CLOCK_GAP_LOGGED_S:
+            return
+        if first:  # this host's clock against the site's: the server keeps the site's
+            log.warning("clock_differs_from_store", store_ahead_s=round(gap, 3))
+        elif self._clock_lines.due():
+            log.warning("clock_step_absorbing", reference_ahead_s=round(gap, 3), rate=SLEW)
 
     # --- the served certificate's expiry ------------------------------------------------------
     def _certificate_loaded(self, *, read: bool, log_it: bool = True) -> None:
