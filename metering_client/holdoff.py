@@ -29,10 +29,15 @@ class AuthHoldoff:
 
     def record(self, error: MeteringError, now: float, stamp: Any) -> None:
         if isinstance(error, LockedOut):
-            wait = max(error.retry_after_s or 0.0, 1.0)
-            self._hold = _Hold(error, now + wait, stamp, lifted_by_new_token=False)
+            self._hold = _Hold(error, now + self._length(error), stamp, lifted_by_new_token=False)
         elif isinstance(error, AuthFailed):
-            self._hold = _Hold(error, now + self.holdoff_s, stamp, lifted_by_new_token=True)
+            self._hold = _Hold(error, now + self._length(error), stamp, lifted_by_new_token=True)
+
+    def _length(self, error: MeteringError) -> float:
+        """How long `error` holds attempts off, from when it was answered."""
+        if isinstance(error, LockedOut):
+            return max(error.retry_after_s or 0.0, 1.0)
+        return self.holdoff_s
 
     def blocked(self, now: float, stamp: Any) -> MeteringError | None:
         """The error to answer instead of trying, or None when an attempt may be made."""
@@ -84,4 +89,7 @@ class AuthHoldoff:
         if not isinstance(error, AuthFailed | LockedOut) or until <= now:
             return
         stamp = tuple(stamp) if isinstance(stamp, list) else stamp
-        self._hold = _Hold(error, min(until, now + max(self.holdoff_s, 86400.0)), stamp, lifted)
+        # Never longer than the hold itself: its end is in wall-clock time, and a clock
+        # stepped back between the two processes (an hour) held a 60 s lock's attempts off
+        # for the hour (found by a review of clocks).
+        self._hold = _Hold(error, min(until, now + self._length(error)), stamp, lifted)

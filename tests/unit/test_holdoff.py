@@ -59,8 +59,21 @@ def test_a_kept_hold_that_ended_or_is_malformed_is_ignored():
         fresh = AuthHoldoff(holdoff_s=100)
         fresh.load(data, now=0.0, wall_now=200.0)  # ended 50 s ago, or unreadable
         assert fresh.blocked(now=0.0, stamp=None) is None
-    far = {**ended, "until": 10**12}  # a clock far off: held at most a day
+    far = {**ended, "until": 10**12}  # a clock far off: held at most the hold's length
     capped = AuthHoldoff(holdoff_s=100)
     capped.load(far, now=0.0, wall_now=0.0)
-    assert capped.blocked(now=86_399.0, stamp=None) is not None
-    assert capped.blocked(now=86_400.0, stamp=None) is None
+    assert capped.blocked(now=99.0, stamp=None) is not None
+    assert capped.blocked(now=100.0, stamp=None) is None
+
+
+def test_a_kept_hold_outlasts_no_clock_step_back():
+    """Found by a review of clocks: the server's 60 s lock, kept by one `run` and taken up
+    by the next after the wall clock was stepped back an hour, held attempts off for an
+    hour and a minute."""
+    locked = AuthHoldoff(holdoff_s=5)
+    locked.record(LockedOut("locked", retry_after_s=60), now=0.0, stamp=None)
+    data = locked.dump(now=0.0, wall_now=10_000.0)
+    taken = AuthHoldoff(holdoff_s=5)
+    taken.load(data, now=0.0, wall_now=10_000.0 - 3600.0)  # the clock stepped back an hour
+    assert isinstance(taken.blocked(now=59.0, stamp=None), LockedOut)
+    assert taken.blocked(now=60.0, stamp=None) is None
