@@ -25,7 +25,13 @@ from metering_client.keeper import HeldLease, LeaseKeeper
 from metering_client.programs import pid_start
 from metering_client.spool import RECORD_NAME_MAX, RECORD_NAME_PATTERN, UsageLog
 from metering_protocol import messages as m
-from metering_protocol.errors import BadRequest, Forbidden, LeaseNotFound, MeteringError
+from metering_protocol.errors import (
+    BadRequest,
+    Forbidden,
+    LeaseNotFound,
+    MeteringError,
+    UnsupportedProtocol,
+)
 from metering_protocol.names import NO_CONTROL, fit_sent_name, local_user
 from metering_protocol.unixsock import is_user_name, user_name
 from metering_runtime.connection import Connection
@@ -139,6 +145,16 @@ class LocalSession:
                         await self.agent.keeper.checkin(handle)
 
     async def op_hello(self, req: LocalHello) -> dict[str, Any]:
+        # As the server answers them (the local API is the same protocol): a version it does
+        # not speak was answered `ok` (found by an acceptance review), and a second hello
+        # would have made the connection another user's mid-way.
+        if self.authenticated:
+            raise BadRequest("hello was already accepted on this connection")
+        if req.protocol != m.PROTOCOL_VERSION:
+            raise UnsupportedProtocol(
+                f"protocol {req.protocol} is not supported; this agent speaks 1",
+                supported=[m.PROTOCOL_VERSION],
+            )
         name = local_user(user_name(self.uid), self.uid)
         user = None if req.user is None else fit_sent_name(req.user, is_user_name)
         if user is not None and user != name and not self.privileged:

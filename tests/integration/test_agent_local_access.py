@@ -19,7 +19,8 @@ from metering_client.agent import Agent
 from metering_client.config import build_client_config
 from metering_client.spool import Spool
 from metering_client.usage import UsageRecord, new_record
-from metering_protocol.errors import BadRequest, ConnectionLost, Unavailable
+from metering_protocol.client import ProtocolClient
+from metering_protocol.errors import BadRequest, ConnectionLost, Unavailable, UnsupportedProtocol
 from metering_protocol.names import fit_name
 from tests.conftest import hello
 from tests.support import (
@@ -606,6 +607,28 @@ async def test_a_programs_checkin_that_no_server_took_leaves_no_handle_behind(
         assert agent.holders == {}
         await program.request("ping", timeout=5)  # still connected, and not holding it
         assert handle not in agent.keeper.held
+    finally:
+        await program.close()
+        await stop_local_agent(agent, short)
+
+
+@pytest.mark.asyncio
+async def test_the_agents_hello_is_judged_as_the_servers(make_server, tmp_path):
+    """Found by an acceptance review: the local API answered `ok` to a hello asking for any
+    protocol version (2, 0, -5), where the server answers `unsupported_protocol`; and took a
+    second hello on the same connection."""
+    server = await make_server(credentials={"ws": (["agent"], "tok")})
+    agent, short = await start_local_agent(server, tmp_path)
+    program = await ProtocolClient.connect(f"unix://{agent.config.socket}", timeout=5)
+    try:
+        for version in (2, 0):
+            with pytest.raises(UnsupportedProtocol) as err:
+                await program.request("hello", timeout=5, protocol=version, client="p1")
+            assert err.value.to_wire()["supported"] == [1]
+        await program.hello("p1", user=None, token=None, timeout=5)
+        with pytest.raises(BadRequest):
+            await program.request("hello", timeout=5, protocol=1, client="p2")
+        await program.request("ping", timeout=5)  # the first hello stands
     finally:
         await program.close()
         await stop_local_agent(agent, short)
