@@ -569,3 +569,21 @@ def test_lockouts_lists_a_locked_principal_and_unlock_lifts_it(tmp_path):
     finally:
         srv.stop()
         sock.close()
+
+
+@pytest.mark.parametrize(
+    ("package", "command"),
+    [
+        ("metering_server", "metering-server"),
+        ("metering_client", "metering-client"),
+        ("metering_admin", "metering-admin"),
+    ],
+)
+def test_every_command_also_runs_as_python_dash_m(package, command):
+    """INTERFACE.md: each command "also runs as `python -m PACKAGE`".  Found by an
+    acceptance review: `python -m metering_admin` was "No module named metering_admin"."""
+    proc = subprocess.run(
+        [sys.executable, "-m", package, "--help"], capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"usage: {command}"), proc.stdout[:200]
