@@ -79,8 +79,12 @@ def lock_state_dir(state_dir: Path) -> int:
     except BaseException:
         os.close(fd)
         raise
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as exc:  # a full disk: the line names the file (found by a review)
+        os.close(fd)
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     return fd
 
 

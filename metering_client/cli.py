@@ -27,6 +27,7 @@ from metering_client.spool_cli import (
     AgentTooOld,
     SpoolNotPermitted,
     SpoolRefused,
+    SpoolUnavailable,
     SpoolUsageError,
     add_spool_parser,
     spool_command,
@@ -551,6 +552,7 @@ async def _status(config: ClientConfig, args: argparse.Namespace) -> int:
 SPOOL_REFUSALS = {
     SpoolUsageError: EX_USAGE,
     SpoolNotPermitted: EX_NOPERM,
+    SpoolUnavailable: EX_TEMPFAIL,
     AgentTooOld: EX_UNAVAILABLE,
     AgentNotAnswering: EX_TEMPFAIL,
 }

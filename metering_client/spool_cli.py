@@ -31,6 +31,7 @@ from metering_client.spool import (
     rejected_ids,
     requeue_rejected_files,
 )
+from metering_protocol.config import on_read_only_fs
 from metering_protocol.errors import MeteringError
 
 PROG = "metering-client spool"
@@ -46,6 +47,11 @@ class SpoolUsageError(SpoolRefused):
 
 class SpoolNotPermitted(SpoolRefused):
     """This user may not read or write the spool (no agent answers)."""
+
+
+class SpoolUnavailable(SpoolRefused):
+    """The spool is on a file system mounted read-only (no agent answers): 75, as the agent
+    exits on it; not this user's permissions (found by a review of read-only disks)."""
 
 
 class AgentTooOld(SpoolRefused):
@@ -250,6 +256,11 @@ def _not_writable(directory: Path) -> str | None:
         except OSError as exc:  # a directory on the way this user may not search
             return f"{path} cannot be read by this user ({exc.strerror})"
         if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+            if on_read_only_fs(path):
+                raise SpoolUnavailable(
+                    f"no agent answers at the socket, and {path} is on a read-only file "
+                    "system; nothing was moved"
+                )
             return f"{path} is not writable by this user"
     return None
 

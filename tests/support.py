@@ -561,3 +561,30 @@ def as_nobody() -> list[str]:
     if probe.returncode != 0:
         pytest.skip("nobody cannot run this checkout's commands (a directory on its way is closed)")
     return list(_SETPRIV_NOBODY)
+
+
+@contextlib.contextmanager
+def small_fs(path: Path, size: str = "2m") -> Iterator[Path]:
+    """A tmpfs of `size` mounted at `path` (a disk to fill or remount read-only): needs root
+    and a mount namespace that allows it, else the test is skipped."""
+    import pytest
+
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small file system")
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(directory: Path) -> None:
+    with contextlib.suppress(OSError), open(directory / "FILL", "wb") as fh:
+        while True:
+            fh.write(b"\0" * 65536)
+            fh.flush()

@@ -32,6 +32,7 @@ from tests.support import (
     server_config,
     server_daemon,
     short_tmpdir,
+    small_fs,
     wait_until,
     write_credentials,
     write_token,
@@ -296,5 +297,29 @@ def test_no_files_move_behind_an_agent_that_listens_but_does_not_answer(tmp_path
         proc = run_client(config, "spool", "requeue", "--all")
         assert proc.returncode == 0, proc.stderr
         assert (home / "st" / "spool" / f"{rec.record_id}.json").exists()
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_a_spool_on_a_read_only_file_system_is_75_not_a_permission(tmp_path):
+    """Found by a review of read-only disks: with no agent, `spool requeue` on a spool whose
+    file system was remounted read-only said "not writable by this user: run as root or the
+    agent's user" (run as root) and exited 77; it is 75, as the agent's own exit there."""
+    home = short_tmpdir()
+    try:
+        with small_fs(home / "st"):
+            rec = spooled(home / "st" / "spool" / "rejected", "alice")
+            config = config_in(home, retries=1)
+            subprocess.run(["mount", "-o", "remount,ro", str(home / "st")], check=True)
+            proc = subprocess.run(
+                [CLIENT, "--config", str(config), "spool", "requeue", "--all"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert proc.returncode == EX_TEMPFAIL, proc.stderr
+            line = one_line(proc.stderr)
+            assert "read-only file system" in line, line
+            assert (home / "st" / "spool" / "rejected" / f"{rec.record_id}.json").exists()
     finally:
         shutil.rmtree(home, ignore_errors=True)

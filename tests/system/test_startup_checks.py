@@ -6,11 +6,9 @@ status` exiting non-zero (with the reason) while the agent cannot authenticate."
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import subprocess
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +20,12 @@ from tests.support import (
     Daemon,
     bind_tcp,
     cli_path,
+    fill,
     one_line,
     run_client,
     server_config,
     server_daemon,
+    small_fs,
     wait_until,
     write_credentials,
     write_token,
@@ -547,31 +547,6 @@ def test_a_config_path_that_cannot_be_opened_is_one_line_and_78(tmp_path, how, c
     assert "\n" not in line and f"{path}: cannot read: {problem}" in line, line
 
 
-@contextlib.contextmanager
-def small_fs(path: Path, size: str = "2m") -> Iterator[Path]:
-    """A tmpfs of `size` mounted at `path` (a disk to fill or remount read-only): needs root
-    and a mount namespace that allows it, else the test is skipped."""
-    path.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a small file system")
-    made = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
-    )
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def fill(directory: Path) -> None:
-    with contextlib.suppress(OSError), open(directory / "FILL", "wb") as fh:
-        while True:
-            fh.write(b"\0" * 65536)
-            fh.flush()
-
-
 def test_a_server_restarted_on_a_full_disk_after_a_crash_exits_75_with_one_line(tmp_path):
     """Found by a review of full disks: killed -9 (its WAL left behind) and started again on
     a full disk, the server's first write at start failed and it exited 70 ("internal
@@ -622,3 +597,23 @@ def test_a_state_dir_on_a_read_only_file_system_is_75_not_a_config_error(tmp_pat
         assert proc.returncode == 75, proc.stderr
         line = one_line(proc.stderr, "metering-server")
         assert "server.state_dir" in line and "read-only file system" in line, line
+
+
+def test_an_agent_on_a_full_disk_names_the_file_it_could_not_write(tmp_path):
+    """Found by a review of full disks: an agent whose empty state dir was on a full disk
+    exited 75 (right) with "metering-client: No space left on device", naming nothing."""
+    state = tmp_path / "state"
+    with small_fs(state):
+        sockdir = tmp_path / "sock"
+        sockdir.mkdir()
+        token = write_token(tmp_path / "token", TOKEN)
+        config = client_toml(tmp_path, ["tcp://127.0.0.1:1"], sockdir, token_file=str(token))
+        cfg = tomllib.loads(config.read_text())
+        cfg["client"]["state_dir"] = str(state)
+        write_toml(config, cfg)
+        fill(state)
+        proc = run_client(config, "agent")
+        assert proc.returncode == 75, proc.stderr
+        line = proc.stderr.strip().splitlines()[-1]
+        assert line.startswith("metering-client: ") and str(state) in line, line
+        assert "No space left on device" in line, line
