@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         return EX_CONFIG
     if args.check_config:
         # A warning, exit 0: the server does start with this certificate (its unix:// and
-        # tcp:// listeners serve, and a reload takes the renewed one), and this check is
-        # systemd's ExecStartPre: 78 here would keep the whole server down for it.
+        # tcp:// listeners serve, and a reload takes the renewed one): 78 here, before a
+        # start or in an operator's deploy script, would keep the whole server down for it.
         warning = expiry_warning(cfg, datetime.now(UTC))
         if warning is not None:
             print(f"metering-server: warning: {warning}", file=sys.stderr)

@@ -163,8 +163,8 @@ def build_server_config(data: dict, path: Path | None) -> ServerConfig:
     bound: list[tuple[str, str | tuple[str, int]]] = []  # (key, what it binds)
 
     def clash(key: str, text: str, binds: str | tuple[str, int]) -> None:
-        # --check-config is the units' ExecStartPre: an OK here and a start that cannot
-        # bind (exit 69) is the failure it is there to prevent.
+        # --check-config is what an operator runs before a start: an OK here and a start
+        # that cannot bind (exit 69) is the failure it is there to prevent.
         for other_key, other in bound:
             if _binds_same(binds, other):
                 raise ConfigError(where, key, f"{text} binds what {other_key} binds already")

@@ -455,3 +455,16 @@ async def test_a_server_waiting_for_its_store_tells_systemd_its_start_goes_on(
         assert "READY=1" in ready
     finally:
         await server.shutdown(timeout=1.0)
+
+
+@pytest.mark.parametrize("name", UNITS)
+def test_a_passing_failure_is_retried_for_good_and_a_config_error_never(name):
+    """Found by a review of full disks: RestartPreventExitStatus= covers the main process
+    only, not an ExecStartPre= (systemd/systemd#11868), so the servers' `--check-config`
+    there had a bad config restarted every 2 s; and the default start rate limit (5 in
+    10 s) left a service whose start failed at once (75: a full or read-only disk) down for
+    good, where the docs promise it starts once the disk is freed."""
+    d = unit(name)
+    assert "ExecStartPre" not in d
+    assert d["StartLimitIntervalSec"] == ["0"]
+    assert d["RestartPreventExitStatus"] == ["64 78"]

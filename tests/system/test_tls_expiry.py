@@ -192,8 +192,8 @@ def check_config(config: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_check_config_warns_of_an_expired_certificate_and_passes(tmp_path):
-    """Exit 0: the server does start with it (systemd runs --check-config before each start,
-    and 78 would keep the unix:// and tcp:// listeners down too); one line on stderr."""
+    """Exit 0: the server does start with it (an operator runs --check-config before a
+    start, and 78 would keep the unix:// and tcp:// listeners down too); one line on stderr."""
     ca = trustme.CA()
     expired = days_from_now(-3)
     chain = issue(ca, tmp_path / "pki", expired, not_before=days_from_now(-100))

@@ -2,7 +2,7 @@
 /etc/ssl/private is 0710 root:ssl-cert; a 0700 secrets directory; a state dir under another
 user's home) is a config error: exit 78 and one line naming the file and the key, and a
 reload refused as `reload_failed`.  Found by a review: pathlib's `exists` and `is_file`
-raised PermissionError, so `--check-config` (the units' ExecStartPre) and the agent printed
+raised PermissionError, so `--check-config` (then the units' ExecStartPre) and the agent printed
 a traceback and exited 1, which the units' RestartPreventExitStatus does not hold back, and
 a SIGHUP's reload died as `background_task_failed`."""
 
