@@ -373,11 +373,14 @@ class LeaseStore(abc.ABC):
         """Raise unless the database answers (health checks)."""
         await self.in_use(float("inf"))
 
-    async def reference_time(self) -> tuple[float, float] | None:
-        """The time the site's servers keep (`siteclock.SiteClock`): a Unix time and the
-        monotonic time it was read at, or None when no good reading could be had.  This
-        host's wall clock: the servers that share a SQLite file run on this host."""
-        return time.time(), time.monotonic()
+    # The reference below is shared by every server of the site, on any host: followed at
+    # once (`siteclock`), not slewed.  This host's wall clock (SQLite) is slewed.
+    reference_shared = False
+
+    async def reference_time(self) -> float:
+        """The time the site's servers keep (`siteclock.SiteClock`), as a Unix time: this
+        host's wall clock, since the servers that share a SQLite file run on this host."""
+        return time.time()
 
     @abc.abstractmethod
     async def open(self) -> None: ...

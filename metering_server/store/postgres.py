@@ -257,7 +257,6 @@ QUEUED_PER_CONNECTION = 1000
 # At most one `store_busy` line per this many seconds (with the count of calls refused).
 _BUSY_LOG_EVERY_S = 10.0
 _PING_LINE_WAIT_S = 1.0  # a health ping's wait for a connection: under the check's 2 s
-_CLOCK_READ_MAX_S = 0.5  # a reading of the database's clock this slow is not used
 _PING_PROBE_S = 0.8  # … and then for one of its own, to tell busy from down
 # Our mistakes (a value the database cannot take, a client setting), not the database's.
 _NOT_A_FAULT_OF_THE_DATABASE = (
@@ -1407,22 +1406,17 @@ class PostgresStore(LeaseStore):
 
         return await self._run("leases", select, write=False)
 
-    async def reference_time(self) -> tuple[float, float] | None:
-        """The database's clock: the one every server of the site reads, on whatever host.
-        A reading that took longer than `_CLOCK_READ_MAX_S` (its error is half of that) is
-        not used; the server's time runs on meanwhile."""
+    reference_shared = True
 
-        async def read(db: asyncpg.Connection) -> tuple[float, float, float]:
-            before = time.monotonic()
-            value = await db.fetchval("SELECT extract(epoch FROM clock_timestamp())::float8")
-            return float(value), before, time.monotonic()
+    async def reference_time(self) -> float:
+        """The database's clock: the one every server of the site reads, on whatever host."""
 
-        value, before, after = await self._run(
+        async def read(db: asyncpg.Connection) -> float:
+            return float(await db.fetchval("SELECT extract(epoch FROM clock_timestamp())::float8"))
+
+        return await self._run(
             "clock", read, write=False, urgent=True, line_wait_s=_PING_LINE_WAIT_S
         )
-        if after - before > _CLOCK_READ_MAX_S:
-            return None
-        return value, (before + after) / 2
 
     async def ping(self) -> None:
         """The database answers and takes writes.  A read-only one answers reads (the

@@ -254,3 +254,21 @@ async def test_the_csv_report_writes_uploaded_names_as_text_never_as_formulas(se
     assert "'" + evil_product in [r["product"] for r in rows]  # shown as it was sent
     assert {"'" + evil_user, "'-1+2"} <= {r["user"] for r in rows}
     assert {r["sessions"] for r in rows if r["user"] == "'-1+2"} == {"1"}  # numbers stay numbers
+
+
+async def test_a_site_time_that_lags_refuses_no_record_of_a_right_clock(make_server, connect):
+    """Found by a review of the site clock: a server whose time lagged the real time by more
+    than a day (a step of its reference still being absorbed, `siteclock`) refused every
+    agent's record with a right clock as "more than a day ahead of the server's clock".
+    The check is against the later of the server's time and its host's."""
+    lagging = await make_server(
+        credentials=CREDS, products=PRODUCTS, clock=lambda: time.time() - 2 * 86400
+    )
+    c = await connect(lagging, "agent1")
+    assert await upload(c, record("now", 7100, 7190)) == {
+        "accepted": 1,
+        "duplicates": 0,
+        "rejected": [],
+    }
+    far = record("far", 7100, 7200 + 2 * 86400)  # ahead of any clock here: refused
+    assert (await upload(c, far))["rejected"][0]["record_id"] == "far"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from metering_server.siteclock import SLEW, SiteClock
+from metering_server.siteclock import SLEW, SiteClock, boottime
 
 
 class Monotonic:
@@ -18,7 +18,7 @@ class Monotonic:
 
 def make(wall: float = 1_700_000_000.0) -> tuple[SiteClock, Monotonic]:
     mono = Monotonic()
-    return SiteClock(monotonic=mono, wall=lambda: wall), mono
+    return SiteClock(base=mono, wall=lambda: wall), mono
 
 
 def test_before_any_reading_it_is_this_hosts_wall_clock_and_runs_on_the_monotonic_one():
@@ -76,8 +76,28 @@ def test_a_step_of_this_hosts_wall_clock_between_readings_changes_nothing():
     """The time runs on the monotonic clock: only a reading moves it."""
     wall = [1_700_000_000.0]
     mono = Monotonic()
-    clock = SiteClock(monotonic=mono, wall=lambda: wall[0])
+    clock = SiteClock(base=mono, wall=lambda: wall[0])
     clock.observe(wall[0], mono.now)
     wall[0] += 30.0  # stepped
     mono.now += 2.0
     assert clock() == pytest.approx(1_700_000_002.0)
+
+
+def test_a_reference_every_server_shares_is_followed_at_once():
+    """PostgreSQL: servers that each moved toward the database's clock at their own pace
+    were apart (one resumed from a suspend, one started while the others caught up a
+    step): a seat granted twice.  Found by a review of this change."""
+    clock, mono = make()
+    clock.observe(1_700_000_000.0, mono.now, follow=True)
+    mono.now += 1.0
+    assert clock.observe(1_700_000_061.0, mono.now, follow=True) == pytest.approx(60.0)
+    assert clock() == pytest.approx(1_700_000_061.0)
+
+
+def test_its_base_counts_the_time_the_host_was_suspended():
+    """CLOCK_MONOTONIC stops while the host is suspended: a server resumed after a minute
+    was a minute behind its site.  CLOCK_BOOTTIME does not stop."""
+    import time
+
+    assert SiteClock().base is boottime
+    assert abs(boottime() - time.clock_gettime(time.CLOCK_BOOTTIME)) < 1.0
