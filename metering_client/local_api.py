@@ -30,7 +30,6 @@ from metering_protocol.errors import (
     Forbidden,
     LeaseNotFound,
     MeteringError,
-    UnsupportedProtocol,
 )
 from metering_protocol.names import NO_CONTROL, fit_sent_name, local_user
 from metering_protocol.unixsock import is_user_name, user_name
@@ -148,13 +147,7 @@ class LocalSession:
         # As the server answers them (the local API is the same protocol): a version it does
         # not speak was answered `ok` (found by an acceptance review), and a second hello
         # would have made the connection another user's mid-way.
-        if self.authenticated:
-            raise BadRequest("hello was already accepted on this connection")
-        if req.protocol != m.PROTOCOL_VERSION:
-            raise UnsupportedProtocol(
-                f"protocol {req.protocol} is not supported; this agent speaks 1",
-                supported=[m.PROTOCOL_VERSION],
-            )
+        m.check_hello(req, already=self.authenticated, speaker="agent")
         name = local_user(user_name(self.uid), self.uid)
         user = None if req.user is None else fit_sent_name(req.user, is_user_name)
         if user is not None and user != name and not self.privileged:

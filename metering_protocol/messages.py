@@ -13,10 +13,24 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from .errors import BadRequest
+from .errors import BadRequest, UnsupportedProtocol
 from .names import NAME_MAX, NO_CONTROL
 
 PROTOCOL_VERSION = 1
+
+
+def check_hello(hello: Hello, *, already: bool, speaker: str) -> None:
+    """What the server and the agent's local API both ask of a hello before its credential:
+    one per connection, in a protocol version they speak (`speaker`: "server", "agent")."""
+    if already:
+        raise BadRequest("hello was already accepted on this connection")
+    if hello.protocol != PROTOCOL_VERSION:
+        raise UnsupportedProtocol(
+            f"protocol {hello.protocol} is not supported; this {speaker} speaks {PROTOCOL_VERSION}",
+            supported=[PROTOCOL_VERSION],
+        )
+
+
 MAX_ID = 2**53 - 1
 
 Id = Annotated[int, msgspec.Meta(ge=0, le=MAX_ID)]

@@ -18,7 +18,6 @@ from metering_protocol.errors import (
     BadRequest,
     Forbidden,
     UnknownProduct,
-    UnsupportedProtocol,
 )
 from metering_protocol.framing import DEFAULT_MAX_FRAME_BYTES, encode
 from metering_protocol.timefmt import rfc3339
@@ -112,13 +111,7 @@ class Handlers:
 
     # --- session ---------------------------------------------------------------------------
     async def op_hello(self, session: Session, req: m.Hello) -> dict[str, Any]:
-        if session.authenticated:
-            raise BadRequest("hello was already accepted on this connection")
-        if req.protocol != m.PROTOCOL_VERSION:
-            raise UnsupportedProtocol(
-                f"protocol {req.protocol} is not supported; this server speaks 1",
-                supported=[m.PROTOCOL_VERSION],
-            )
+        m.check_hello(req, already=session.authenticated, speaker="server")
         ident = await self.authenticator.authenticate(
             req.user, req.token, session.source, session.peer_uid
         )
