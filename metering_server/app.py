@@ -491,7 +491,7 @@ class MeteringServer:
             if clock.read:
                 return
         shared = self.store.reference_shared
-        gap = clock.observe(reference, at, follow=shared)
+        gap = clock.observe(reference, at, follow=shared, error=round_trip / 2)
         if abs(gap) < CLOCK_GAP_LOGGED_S:
             return
         if first:  # this host's clock against the site's: the server keeps the site's

@@ -64,12 +64,17 @@ class SiteClock:
         """A reading of the reference was taken (before one, it is this host's clock)."""
         return self._read_at is not None
 
-    def observe(self, reference: float, at: float, *, follow: bool = False) -> float:
-        """A reading of the reference (`reference`, Unix time) taken at `at` on `base`;
-        `follow`: taken as it is (a reference every server of the site shares).  Returns
-        how far this clock was from it (seconds, + when the reference is ahead) before the
-        reading moved it."""
+    def observe(
+        self, reference: float, at: float, *, follow: bool = False, error: float = 0.0
+    ) -> float:
+        """A reading of the reference (`reference`, Unix time) taken at `at` on `base`, give
+        or take `error` (half the reading's round trip: a gap within it moves nothing, so
+        the time does not wander with the readings' noise); `follow`: taken as it is (a
+        reference every server of the site shares).  Returns how far this clock was from it
+        (seconds, + when the reference is ahead) before the reading moved it."""
         gap = reference - (at + self._offset)
+        if self._read_at is not None and abs(gap) <= error:
+            return gap
         if self._read_at is None or follow:
             self._offset += gap
         else:

@@ -101,3 +101,15 @@ def test_its_base_counts_the_time_the_host_was_suspended():
 
     assert SiteClock().base is boottime
     assert abs(boottime() - time.clock_gettime(time.CLOCK_BOOTTIME)) < 1.0
+
+
+def test_a_gap_within_a_readings_error_moves_nothing():
+    """Half a reading's round trip either way is noise: followed, the time wandered back
+    and forth by it from one sweep to the next."""
+    clock, mono = make()
+    clock.observe(1_700_000_000.0, mono.now, follow=True)
+    mono.now += 1.0
+    clock.observe(1_700_000_000.9, mono.now, follow=True, error=0.2)  # 0.1 s: noise
+    assert clock() == pytest.approx(1_700_000_001.0)
+    clock.observe(1_700_000_001.5, mono.now, follow=True, error=0.2)  # 0.5 s: a change
+    assert clock() == pytest.approx(1_700_000_001.5)
