@@ -24,10 +24,14 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from metering_runtime.logs import get_logger
+
 from .base import StoreUnusable
 
 if TYPE_CHECKING:
     import asyncpg
+
+log = get_logger("metering.store")
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,12 +186,37 @@ def _check_order(migrations: tuple[Migration, ...]) -> None:
 _check_order(MIGRATIONS)
 
 
+async def _take_migration_lock(conn: asyncpg.Connection) -> None:
+    """The lock, waited for; who holds it is said first.  A peer frozen while it held it (its
+    host suspended mid-migration) made every attempt's wait run out as a TimeoutError,
+    logged as a database that does not answer (found by a review of upgrades)."""
+    if await conn.fetchval("SELECT pg_try_advisory_lock($1)", MIGRATION_LOCK):
+        return
+    unsigned = MIGRATION_LOCK & 0xFFFF_FFFF_FFFF_FFFF  # pg_locks shows a bigint key in halves
+    holder = await conn.fetchrow(
+        "SELECT a.pid, a.application_name, a.client_addr::text AS client_addr, a.state "
+        "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+        "AND l.classid = $1::bigint::oid AND l.objid = $2::bigint::oid",
+        unsigned >> 32,
+        unsigned & 0xFFFF_FFFF,
+    )
+    log.warning(
+        "store_migration_lock_held",
+        pid=holder["pid"] if holder else None,
+        application=holder["application_name"] if holder else None,
+        client_addr=holder["client_addr"] if holder else None,
+        state=holder["state"] if holder else None,
+    )
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+
+
 async def migrate(
     conn: asyncpg.Connection, migrations: tuple[Migration, ...] = MIGRATIONS
 ) -> list[int]:
     """Bring the schema on `conn`'s database (its current schema) to the newest version;
     returns the versions this call applied (none when another server got there first)."""
-    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+    await _take_migration_lock(conn)
     try:
         await conn.execute(_BOOKKEEPING)
         rows = await conn.fetch("SELECT version FROM schema_migrations")

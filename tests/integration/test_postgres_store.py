@@ -44,6 +44,7 @@ from metering_server.store.base import (
 )
 from metering_server.store.migrations_pg import (
     LATEST,
+    MIGRATION_LOCK,
     MIGRATIONS,
     Migration,
     lock_key,
@@ -1074,3 +1075,19 @@ async def test_a_server_keeps_the_databases_time_even_when_its_readings_are_slow
         assert "clock_reading_slow" in events and "clock_differs_from_store" in events
     finally:
         await server.shutdown(timeout=1.0)
+
+
+@pytest.mark.asyncio
+async def test_a_start_waiting_for_the_migration_lock_says_who_holds_it(pg_private):
+    """Found by a review of upgrades: a peer frozen while it held the schema migration lock
+    made a starting server log `store_unavailable … TimeoutError` attempt after attempt
+    and exit 69 with "no answer", while the database answered every time.  Who holds the
+    lock is said first."""
+    async with pg_private.connect() as frozen:
+        await frozen.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+        holder = await frozen.fetchval("SELECT pg_backend_pid()")
+        store = pg_private.store(query_timeout_s=1.0, start_timeout_s=1.0)
+        with capture_logs() as logs, pytest.raises(StoreUnavailable):
+            await store.open()
+    held = [e for e in logs if e["event"] == "store_migration_lock_held"]
+    assert held and held[0]["pid"] == holder, logs
