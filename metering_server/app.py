@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import math
 import signal
 import ssl
 import time
@@ -27,7 +28,7 @@ from metering_protocol.config import ConfigError
 from metering_protocol.errors import MeteringError, ReloadFailed
 from metering_runtime import systemd
 from metering_runtime.connection import Connection, Endpoint, Limits
-from metering_runtime.durable import PASSING_ERRNOS
+from metering_runtime.durable import PASSING_ERRNOS, write_atomic_async
 from metering_runtime.http import HttpEndpoint, Response
 from metering_runtime.listeners import Listener, bind, load_server_chain
 from metering_runtime.logs import Throttle, bind_context, get_logger
@@ -45,7 +46,7 @@ from metering_server.seats import SeatService, SeatSettings
 from metering_server.session import Session
 from metering_server.siteclock import SLEW, SiteClock
 from metering_server.store import open_store, redact_url
-from metering_server.store.base import LeaseStore, StoreBusy, StoreReadOnly
+from metering_server.store.base import LeaseStore, StoreBusy, StoreReadOnly, StoreUnavailable
 from metering_server.tls import expiry_watch, serves_tls, tls_context
 
 log = get_logger("metering.server")
@@ -135,6 +136,9 @@ def lockout_settings(config: ServerConfig) -> LockoutSettings:
 CLOCK_GAP_LOGGED_S = 1.0
 CLOCK_READ_MAX_S = 0.5  # a reading of the reference slower than this is not trusted ...
 CLOCK_READS_AT_START = 5  # ... and at start the fastest of this many is taken
+CLOCK_RETRY_S, CLOCK_RETRY_MAX_S = 0.2, 2.0  # a shared clock not read at start: asked again
+CLOCK_LAG_FILE = "site-clock.json"  # a step of this host's clock still being absorbed
+CLOCK_LAG_KEPT_S = 0.05
 
 
 class MeteringServer:
@@ -166,6 +170,8 @@ class MeteringServer:
         self._tasks = TaskOwner("server")
         self._sweep_failures = Throttle(60.0, time.monotonic)  # `sweep_failed`, store errors
         self._clock_lines = Throttle(60.0, time.monotonic)  # `clock_step_absorbing`
+        self._lag_path = config.state_dir / CLOCK_LAG_FILE
+        self._lag_saved: float | None = None
         self.systemd = systemd.ServiceNotifier(self.status_line)  # READY, STATUS, watchdog
         self._stop = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -209,10 +215,7 @@ class MeteringServer:
             upgrades_aside=cfg.state_dir / UPGRADES_ASIDE,
         )
         await self._open_store()
-        try:
-            await self._read_clock(first=True)
-        except MeteringError as exc:  # the store busy as it opens: the first sweep reads it
-            log.warning("clock_unread", error=exc.message)
+        await self._set_clock()
         await self.seats.start()
         self.authenticator = Authenticator(
             credentials,
@@ -465,6 +468,33 @@ class MeteringServer:
         await self.seats.sweep()
         self.authenticator.seclog.flush()
 
+    async def _set_clock(self) -> None:
+        """The server's time before it serves.  A database's clock (shared by the site) is
+        waited for, within `store.start_timeout_s` (then exit 69): a server that served on
+        its host's clock after one failed reading was 11 s off the site's, and granted a
+        seat twice (found by a review).  This host's wall clock (SQLite) always reads."""
+        clock = self.clock
+        if not isinstance(clock, SiteClock):
+            return
+        loop = asyncio.get_running_loop()
+        bound = self.config.store_settings.start_timeout_s
+        until = loop.time() + bound if bound else float("inf")
+        delay = CLOCK_RETRY_S
+        while True:
+            try:
+                await self._read_clock(first=True)
+                return
+            except MeteringError as exc:
+                if loop.time() >= until:
+                    raise StoreUnavailable(
+                        f"the store's clock could not be read within start_timeout_s = "
+                        f"{bound:g}: {exc.message}"
+                    ) from None
+                log.warning("clock_unread", error=exc.message, retry_in_s=delay)
+                self.systemd.extend_start(START_EXTEND_S, "reading the store's clock")
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, CLOCK_RETRY_MAX_S)
+
     async def _read_clock(self, *, first: bool = False) -> None:
         """Move the server's time toward the store's reference (`siteclock`).  A reading's
         error is half its round trip: at start the best of a few is taken (a database busy
@@ -475,15 +505,22 @@ class MeteringServer:
         if not isinstance(clock, SiteClock):
             return
         best: tuple[float, float, float] | None = None  # reference, at, round trip
+        failed: MeteringError | None = None
         for _ in range(CLOCK_READS_AT_START if first else 1):
             before = clock.base()
-            reference = await self.store.reference_time()
+            try:
+                reference = await self.store.reference_time()
+            except MeteringError as exc:  # a later try may read; one read is kept
+                failed = exc
+                continue
             after = clock.base()
             if best is None or after - before < best[2]:
                 best = (reference, (before + after) / 2, after - before)
             if best[2] <= CLOCK_READ_MAX_S:
                 break
-        assert best is not None
+        if best is None:
+            assert failed is not None
+            raise failed
         reference, at, round_trip = best
         if round_trip > CLOCK_READ_MAX_S:
             if self._clock_lines.due("slow"):
@@ -491,7 +528,15 @@ class MeteringServer:
             if clock.read:
                 return
         shared = self.store.reference_shared
+        if first and not shared:
+            lag = self._saved_lag()
+            if lag is not None:
+                clock.resume(lag, reference, at)
+                log.warning("clock_step_resumed", reference_ahead_s=round(-lag, 3), rate=SLEW)
+                return
         gap = clock.observe(reference, at, follow=shared, error=round_trip / 2)
+        if not shared:
+            await self._save_lag(clock() - time.time())
         if abs(gap) < CLOCK_GAP_LOGGED_S:
             return
         if first:  # this host's clock against the site's: the server keeps the site's
@@ -500,6 +545,32 @@ class MeteringServer:
             log.warning("clock_stepped", reference_ahead_s=round(gap, 3))
         elif self._clock_lines.due("step"):
             log.warning("clock_step_absorbing", reference_ahead_s=round(gap, 3), rate=SLEW)
+
+    # A step of this host's clock being absorbed (SQLite), kept in the state dir: a server
+    # restarted meanwhile takes it up (`SiteClock.resume`) instead of jumping it whole.
+    def _saved_lag(self) -> float | None:
+        try:
+            lag = float(json.loads(self._lag_path.read_bytes())["lag_s"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return lag if math.isfinite(lag) and abs(lag) >= CLOCK_LAG_KEPT_S else None
+
+    async def _save_lag(self, lag: float) -> None:
+        """Written when it changed by a tenth of a second or more, removed once absorbed."""
+        if abs(lag) < CLOCK_LAG_KEPT_S:
+            lag = 0.0
+        if self._lag_saved is not None and abs(lag - self._lag_saved) < 0.1:
+            return
+        try:
+            if lag == 0.0:
+                self._lag_path.unlink(missing_ok=True)
+            else:
+                await write_atomic_async(self._lag_path, json.dumps({"lag_s": lag}).encode())
+        except OSError as exc:  # a full disk: a restart meanwhile would jump the step
+            if self._clock_lines.due("save"):
+                log.warning("clock_lag_not_saved", error=str(exc))
+            return
+        self._lag_saved = lag
 
     # --- the served certificate's expiry ------------------------------------------------------
     def _certificate_loaded(self, *, read: bool, log_it: bool = True) -> None:

@@ -64,6 +64,15 @@ class SiteClock:
         """A reading of the reference was taken (before one, it is this host's clock)."""
         return self._read_at is not None
 
+    def resume(self, lag: float, wall: float, at: float) -> None:
+        """Take up, as this server starts, the time the site kept before it stopped: `lag`
+        seconds from this host's wall clock (which read `wall` at `at` on `base`), a step
+        still being absorbed.  Taken at its wall clock, a server restarted in the middle of
+        one jumped it whole, the times in the store being in the site's time: leases
+        expired under their holders, lockouts ended early (found by a review)."""
+        self._offset = wall + lag - at
+        self._read_at = at
+
     def observe(
         self, reference: float, at: float, *, follow: bool = False, error: float = 0.0
     ) -> float:

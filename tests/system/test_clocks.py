@@ -73,13 +73,16 @@ def servers(tmp_path: Path) -> Iterator[Callable[..., Shifted]]:
             env={"CLOCK_SHIFT_FILE": str(shift_file)},
         )
         started.append(daemon)
+        sockets.append(sock)  # kept: a restart listens on it again
         daemon.start()
-        sock.close()
         return Shifted(daemon, f"tcp://{host}:{port}", shift_file)
 
+    sockets: list = []
     yield start
     for daemon in started:
         daemon.stop()
+    for sock in sockets:
+        sock.close()
 
 
 async def checkout(address: str, client: str) -> tuple[object, str]:
@@ -161,3 +164,37 @@ async def test_a_clock_stepped_back_does_not_keep_a_dead_holders_seat(servers, t
         await async_wait_until(granted, timeout=3 * TTL_S, interval=0.5, what="the seat freed")
     finally:
         await asker.close()
+
+
+@pytest.mark.asyncio
+async def test_a_server_restarted_while_a_step_is_absorbed_takes_it_up(servers, tmp_path):
+    """Found by a review of the site clock: restarted in the middle of absorbing a +30 s
+    step, a server took its host's clock as it was, the times in the store being in the
+    site's: the lease expired under its holder and the seat went to the next asker."""
+    server = servers("srv", {"url": f"sqlite://{tmp_path}/site.db"})
+    holder, lease = await checkout(server.address, "ws-1")
+    try:
+        server.step(30.0)
+        await async_wait_until(
+            lambda: server.events("clock_step_absorbing") or server.events("lease_expired"),
+            what="the server to see the step",
+        )
+        await holder.close()
+        server.daemon.terminate()
+        server.daemon.start()
+        holder = await hello(server.address, client="ws-1", user="ws", token=TOKEN)
+        again = await holder.request(
+            "checkout", timeout=5, product="SOLVER", version="2", lease=lease
+        )
+        assert again["lease"] == lease and again.get("reclaimed") is True, again
+        asker = await hello(server.address, client="ws-2", user="ws", token=TOKEN)
+        with pytest.raises(Denied):
+            await asker.request("checkout", timeout=5, product="SOLVER", version="2")
+        await asker.close()
+        assert [
+            e["event"]
+            for e in server.daemon.events(since_start=True)
+            if e["event"].startswith("clock_")
+        ] == ["clock_step_resumed"]
+    finally:
+        await holder.close()
