@@ -529,7 +529,7 @@ class MeteringServer:
                 return
         shared = self.store.reference_shared
         if first and not shared:
-            lag = self._saved_lag()
+            lag = self._saved_lag(reference)
             if lag is not None:
                 clock.resume(lag, reference, at)
                 log.warning("clock_step_resumed", reference_ahead_s=round(-lag, 3), rate=SLEW)
@@ -548,12 +548,19 @@ class MeteringServer:
 
     # A step of this host's clock being absorbed (SQLite), kept in the state dir: a server
     # restarted meanwhile takes it up (`SiteClock.resume`) instead of jumping it whole.
-    def _saved_lag(self) -> float | None:
+    def _saved_lag(self, wall: float) -> float | None:
+        """What is left of the kept step at `wall`: less what the other servers of the file
+        have absorbed since it was written (a server down for long resumed a stale lag,
+        and was as far from them as that)."""
         try:
-            lag = float(json.loads(self._lag_path.read_bytes())["lag_s"])
+            kept = json.loads(self._lag_path.read_bytes())
+            lag, written = float(kept["lag_s"]), float(kept["at"])
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        return lag if math.isfinite(lag) and abs(lag) >= CLOCK_LAG_KEPT_S else None
+        if not (math.isfinite(lag) and math.isfinite(written)):
+            return None
+        left = max(0.0, abs(lag) - SLEW * max(0.0, wall - written))
+        return math.copysign(left, lag) if left >= CLOCK_LAG_KEPT_S else None
 
     async def _save_lag(self, lag: float) -> None:
         """Written when it changed by a tenth of a second or more, removed once absorbed."""
@@ -565,7 +572,8 @@ class MeteringServer:
             if lag == 0.0:
                 self._lag_path.unlink(missing_ok=True)
             else:
-                await write_atomic_async(self._lag_path, json.dumps({"lag_s": lag}).encode())
+                kept = {"lag_s": lag, "at": time.time()}
+                await write_atomic_async(self._lag_path, json.dumps(kept).encode())
         except OSError as exc:  # a full disk: a restart meanwhile would jump the step
             if self._clock_lines.due("save"):
                 log.warning("clock_lag_not_saved", error=str(exc))
