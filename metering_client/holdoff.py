@@ -28,10 +28,9 @@ class AuthHoldoff:
         self._hold: _Hold | None = None
 
     def record(self, error: MeteringError, now: float, stamp: Any) -> None:
-        if isinstance(error, LockedOut):
-            self._hold = _Hold(error, now + self._length(error), stamp, lifted_by_new_token=False)
-        elif isinstance(error, AuthFailed):
-            self._hold = _Hold(error, now + self._length(error), stamp, lifted_by_new_token=True)
+        if isinstance(error, AuthFailed | LockedOut):
+            lifted = isinstance(error, AuthFailed)  # a lock is on the principal, not the token
+            self._hold = _Hold(error, now + self._length(error), stamp, lifted)
 
     def _length(self, error: MeteringError) -> float:
         """How long `error` holds attempts off, from when it was answered."""

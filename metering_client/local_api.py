@@ -25,12 +25,7 @@ from metering_client.keeper import HeldLease, LeaseKeeper
 from metering_client.programs import pid_start
 from metering_client.spool import RECORD_NAME_MAX, RECORD_NAME_PATTERN, UsageLog
 from metering_protocol import messages as m
-from metering_protocol.errors import (
-    BadRequest,
-    Forbidden,
-    LeaseNotFound,
-    MeteringError,
-)
+from metering_protocol.errors import BadRequest, Forbidden, LeaseNotFound, MeteringError
 from metering_protocol.names import NO_CONTROL, fit_sent_name, local_user
 from metering_protocol.unixsock import is_user_name, user_name
 from metering_runtime.connection import Connection

@@ -169,7 +169,7 @@ class MeteringServer:
         self._site = site_view(config)
         self._tasks = TaskOwner("server")
         self._sweep_failures = Throttle(60.0, time.monotonic)  # `sweep_failed`, store errors
-        self._clock_lines = Throttle(60.0, time.monotonic)  # `clock_step_absorbing`
+        self._clock_lines = Throttle(60.0, time.monotonic)  # `clock_*` lines, one a minute each
         self._lag_path = config.state_dir / CLOCK_LAG_FILE
         self._lag_saved: float | None = None
         self.systemd = systemd.ServiceNotifier(self.status_line)  # READY, STATUS, watchdog

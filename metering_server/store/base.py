@@ -356,6 +356,10 @@ class LeaseStore(abc.ABC):
     # sets its own clock.  None: the caller's `now` (a store used alone, as in its tests).
     clock: Callable[[], float] | None = None
 
+    def now(self) -> float:
+        """The server's time (`clock`), or this host's for a store used alone."""
+        return (self.clock or time.time)()
+
     def effective_now(self, asked: float) -> float:
         """The time a renewal or reclaim asked at `asked` is judged at: when it is applied.
         A heartbeat sent just before its lease's expiry can wait in a batch, or for a

@@ -201,12 +201,13 @@ async def _take_migration_lock(conn: asyncpg.Connection) -> None:
         unsigned >> 32,
         unsigned & 0xFFFF_FFFF,
     )
+    found = dict(holder) if holder is not None else {}
     log.warning(
         "store_migration_lock_held",
-        pid=holder["pid"] if holder else None,
-        application=holder["application_name"] if holder else None,
-        client_addr=holder["client_addr"] if holder else None,
-        state=holder["state"] if holder else None,
+        pid=found.get("pid"),
+        application=found.get("application_name"),
+        client_addr=found.get("client_addr"),
+        state=found.get("state"),
     )
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
 

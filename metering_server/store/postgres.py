@@ -1334,7 +1334,7 @@ class PostgresStore(LeaseStore):
             await self._notify(db, [("revoked", lease), ("freed", pool_text(held.pool_key))])
             return held
 
-        judged = now if now is not None else (self.clock or time.time)()
+        judged = now if now is not None else self.now()
         return await self._run("revoke", revoke)
 
     async def revoked_among(self, leases: list[str]) -> list[str]:

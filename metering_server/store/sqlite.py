@@ -1277,7 +1277,7 @@ class SQLiteStore(LeaseStore):
             self._delete(db, lease)
             return held
 
-        judged = now if now is not None else (self.clock or time.time)()
+        judged = now if now is not None else self.now()
 
         held = await self._write(revoke)
         if held is not None:

@@ -1062,7 +1062,7 @@ async def test_a_server_keeps_the_databases_time_even_when_its_readings_are_slow
     real = PostgresStore.reference_time
 
     async def slow(self: PostgresStore) -> Any:
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(0.6)  # the slow database itself
         return await real(self)
 
     monkeypatch.setattr(PostgresStore, "reference_time", slow)
