@@ -1502,12 +1502,10 @@ class PostgresStore(LeaseStore):
                 [layout for _, layout in pairs],
             )
             site = await self._layouts(db)
+            moves = await self._legacy_locked_moves(db, resolve, site, layouts)
             moved = 0
             for table in ("leases", "waiters"):  # waiters: their place in the pool's queue
-                rows = await db.fetch(
-                    f"SELECT DISTINCT pool_product, pool_version, product, version FROM {table}"
-                )
-                for old, product, version, new in repool_moves(rows, resolve, site, layouts):
+                for old, product, version, new in moves[table]:
                     status = await db.execute(
                         f"UPDATE {table} SET pool_product = $1, pool_version = $2 WHERE "
                         "pool_product = $3 AND pool_version = $4 AND product = $5 "
@@ -1523,6 +1521,43 @@ class PostgresStore(LeaseStore):
         moved = await self._run("repool", repool)
         claimed_over(self.where, changed)
         return moved
+
+    @staticmethod
+    async def _legacy_locked_moves(
+        db: asyncpg.Connection,
+        resolve: Callable[[str, str], tuple[str, str] | None],
+        site: Mapping[str, str],
+        layouts: Mapping[str, str],
+    ) -> dict[str, list[tuple[tuple[str, str], str, str, tuple[str, str]]]]:
+        """`repool`'s moves of leases and waiters, once the old lock of every pool they
+        leave or join is held (`lock_key("pool", …)`, which servers before fbaa708 take for
+        a grant instead of the product's): else such a server, still running in a rolling
+        upgrade, counted a pool while leases were moved into it and granted a seat twice
+        (found by a review of rolling upgrades).  A grant may add a pool while the locks are
+        taken, so the rows are read again until no lock is missing; these locks come after
+        the product's, out of the one key order, and a wait in a circle that this makes is
+        PostgreSQL's deadlock error, on which the call runs again (`_RERUN`)."""
+        locked: set[int] = set()
+        while True:
+            moves = {
+                table: repool_moves(
+                    await db.fetch(
+                        f"SELECT DISTINCT pool_product, pool_version, product, version FROM {table}"
+                    ),
+                    resolve,
+                    site,
+                    layouts,
+                )
+                for table in ("leases", "waiters")
+            }
+            pools = {
+                key for table in moves.values() for old, _, _, new in table for key in (old, new)
+            }
+            need = sorted({lock_key("pool", *key) for key in pools} - locked)
+            if not need:
+                return moves
+            await db.execute(_locks_sql(need))
+            locked.update(need)
 
     @staticmethod
     async def _layouts(db: asyncpg.Connection) -> dict[str, str]:

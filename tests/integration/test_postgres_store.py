@@ -991,14 +991,16 @@ _LEGACY_POOL_LOCK = lock_key("pool", *ENFORCE.key)
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("call", ["grant", "reclaim", "enqueue", "renew"])
+@pytest.mark.parametrize("call", ["grant", "reclaim", "enqueue", "renew", "repool"])
 async def test_a_server_from_before_the_product_lock_is_waited_for(pg_private, call):
     """Found by a review of rolling upgrades: servers before fbaa708 take the pool's lock
     (`lock_key("pool", product, version)`), later ones the product's, so an old and a new
     server on one database, as in a rolling upgrade, never waited for each other and each
     counted before the other committed: one seat granted twice in most rounds.  A server
     takes the old pool lock too, in the same mode, so an old server's grant (holding it
-    here) makes it wait; `query_timeout_s` then answers StoreBusy."""
+    here) makes it wait; `query_timeout_s` then answers StoreBusy.  A catalogue change
+    (`repool`) moving leases between pools took the product's lock alone (found by the
+    next round: the old server could count a pool while leases were moved into it)."""
     store = pg_private.store(query_timeout_s=1.0)
     await store.open()
     try:
@@ -1014,6 +1016,12 @@ async def test_a_server_from_before_the_product_lock_is_waited_for(pg_private, c
                 )
             ),
             "renew": lambda: store.renew([held.lease.lease], *ALICE, "srv-a", now, 10.0),
+            # a catalogue change moving the held lease out of the old server's pool
+            "repool": lambda: store.repool(
+                lambda product, version: ("Clock.exe", "*"),
+                {"CLOCK.EXE": "Clock.exe\x1f*"},
+                claim=True,
+            ),
         }
         async with pg_private.connect() as old_server:  # mid-grant, on the old lock
             await old_server.execute("BEGIN")
