@@ -1889,8 +1889,12 @@ class PostgresStore(LeaseStore):
             if product is not None and product.isascii():
                 # A narrowing only, as in the SQLite store: rows with other than printable
                 # ASCII are left for the report, which matches names with Python's rules.
+                # Folded by the C collation's rules, not the database's: under a Turkish
+                # one `upper('i')` is 'İ', and every record of "VISIO" was lost (found by
+                # a review of reports).
                 sql += (
-                    " AND (upper(product) = upper($3) OR upper(pool_product) = upper($3) "
+                    ' AND (upper(product COLLATE "C") = upper($3 COLLATE "C") '
+                    'OR upper(pool_product COLLATE "C") = upper($3 COLLATE "C") '
                     "OR product ~ '[^ -~]' OR pool_product ~ '[^ -~]')"
                 )
                 args.append(product)

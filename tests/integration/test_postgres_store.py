@@ -40,6 +40,7 @@ from metering_server.store.base import (
     StoreUnavailable,
     StoreUnreachable,
     StoreUnusable,
+    UsageRecord,
     WaitEntry,
 )
 from metering_server.store.migrations_pg import (
@@ -1126,3 +1127,27 @@ async def test_a_server_serves_only_once_it_has_read_the_databases_clock(
         assert "clock_unread" in [e["event"] for e in logs]
     finally:
         await server.shutdown(timeout=1.0)
+
+
+@pytest.mark.asyncio
+async def test_a_product_is_matched_without_regard_to_case_under_any_collation(pg_cluster):
+    """Found by a review of reports: `report --product` narrowed the records with the
+    database's `upper()`, and under a Turkish collation that folds "i" to "İ": every record
+    of "VISIO" was lost to `--product visio`.  Names are folded by the C collation's rules."""
+    name = "db_tr_" + os.urandom(4).hex()
+    async with pg_cluster.connect("postgres", superuser=True) as su:
+        await su.execute(
+            f'CREATE DATABASE "{name}" OWNER metering TEMPLATE template0 '
+            "LOCALE_PROVIDER icu ICU_LOCALE 'tr-TR' LOCALE 'C.utf8'"
+        )
+    try:
+        async with opened(pg_cluster.store(name)) as store:
+            record = UsageRecord(
+                *("r1", "VISIO", "1", "VISIO", "1", "alice", "ws-1", "agent"),
+                *(T0, T0 + 60, "granted", "srv-a", T0 + 100),
+            )
+            await store.record_usage([record])
+            for asked in ("visio", "VISIO", "Visio"):
+                assert await store.usage_between(T0 - 10, T0 + 100, asked) == [record], asked
+    finally:
+        await drop_database(pg_cluster, name)
