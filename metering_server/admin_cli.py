@@ -616,6 +616,7 @@ def _when(text: str, option: str, *, end_of_day: bool = False) -> float:
 
 
 REPORT_DEFAULT_DAYS = 7
+EARLIEST_TIME = datetime(1, 1, 1, tzinfo=UTC).timestamp()  # the first instant RFC 3339 names
 # A report of many products and users is larger than an ordinary reply: accept one this big.
 REPORT_MAX_FRAME_BYTES = 16 * 1024 * 1024
 
@@ -629,7 +630,9 @@ async def cmd_report(args: argparse.Namespace) -> int:
     since = (
         _when(args.since, "--since")
         if args.since
-        else until - timedelta(days=REPORT_DEFAULT_DAYS).total_seconds()
+        # not before the year 1, which the request cannot name (found by a review: an
+        # `--until` in its first week was "internal error", exit 70)
+        else max(until - timedelta(days=REPORT_DEFAULT_DAYS).total_seconds(), EARLIEST_TIME)
     )
     if since >= until:
         raise AdminError("report: --since must be before --until", EX_USAGE)

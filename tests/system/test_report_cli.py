@@ -396,6 +396,16 @@ def test_default_period_is_the_last_seven_days(site):
     )["sessions"]
 
 
+def test_the_default_period_starts_no_earlier_than_the_year_1(site):
+    """Found by a review of reports: `--until` within a week of the year 1 without `--since`
+    made a default start no RFC 3339 time names: "internal error", exit 70."""
+    proc = admin(*site.ops, "--json", "report", "--until", "0001-01-03T00:00:00Z")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["since"] == "0001-01-01T00:00:00.000Z"
+    assert data["until"] == "0001-01-03T00:00:00.000Z"
+
+
 # --- the page in a browser -----------------------------------------------------------------------
 def chromium() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
