@@ -797,6 +797,12 @@ def report_table(data: dict[str, Any]) -> str:
         lines += ["", f"{p.get('product')} {p.get('version')}: per user"]
         lines.append(table([k.upper() for k in ukeys], [[u.get(k) for k in ukeys] for u in users]))
     lines += ["", "hours: time in use within the period; peak: most seats in use at one instant"]
+    still = sum(p.get("open") or 0 for p in products if isinstance(p.get("open"), int))
+    if still:
+        lines.append(
+            f"sessions include {still} run(s) still holding a seat, counted up to "
+            f"{data.get('generated_at')}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -813,6 +819,7 @@ CSV_COLUMNS = (
     "peak_in_use",
     "denials",
     "overuse",
+    "open",
 )
 
 

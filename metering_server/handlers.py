@@ -324,7 +324,10 @@ class Handlers:
         until = m.parse_time(req.until, "until")
         if since >= until:
             raise BadRequest("until: must be after since")
-        records = await self.seats.store.usage_between(since, until, req.product)
+        now = self.seats.clock()
+        runs: list[usage.Run] = [*await self.seats.store.usage_between(since, until, req.product)]
+        if since < now:  # the runs still open, up to now (`usage.OpenRun`)
+            runs += [usage.OpenRun.of(lease, now) for lease in await self.seats.store.leases(now)]
         pools = self.seats.catalogue.pools
         site = self.site()
         head = {
@@ -332,14 +335,14 @@ class Handlers:
             "site": site.site,
             "since": rfc3339(since),
             "until": rfc3339(until),
-            "generated_at": rfc3339(self.seats.clock()),
+            "generated_at": rfc3339(now),
         }
         budget = usage.timeline_budget(len(pools) + 1)
         for max_points in (budget, 60):
             # Pure but CPU-bound for long periods: off the event loop.
             products = await asyncio.to_thread(
                 usage.report,
-                records,
+                runs,
                 pools,
                 since,
                 until,

@@ -55,7 +55,8 @@ _GLOSSARY = (
     (
         "Sessions",
         "runs of the program that held a seat (granted, or beyond the seat count "
-        "in meter mode) during the period",
+        "in meter mode) during the period; a run still going when the report was made "
+        'counts up to that moment ("still running")',
     ),
     (
         "Hours",
@@ -190,7 +191,8 @@ def _section(p: dict[str, Any], since: float, until: float) -> str:
     figures = [
         f"<b>{_num(seats)}</b> seats" if seats is not None else "not in the catalogue",
         f"mode <b>{_esc(p.get('mode'))}</b>" if p.get("mode") else "",
-        f"<b>{_num(p.get('sessions'))}</b> sessions",
+        f"<b>{_num(p.get('sessions'))}</b> sessions"
+        + (f" ({_num(p.get('open'))} still running)" if p.get("open") else ""),
         f"<b>{_num(p.get('hours'))}</b> hours",
         f"peak <b>{_num(p.get('peak_in_use'))}</b> in use"
         + (f" (first at {_esc(_utc(parse_rfc3339(p['peak_at'])))})" if p.get("peak_at") else ""),

@@ -9,6 +9,9 @@ What the numbers mean (docs/operations.md, "Usage reports", says it for operator
   `overuse`: runs granted beyond the seat count in `meter` mode.
 - `seconds`: the runs' time inside the period, each interval clipped to [since, until),
   summed, unrounded; `hours` is the same, rounded to 3 decimals.
+- `open`: of those sessions, the runs still holding their seat when the report was made
+  (`OpenRun`, a live lease: counted from its grant up to then; the usage record its agent
+  uploads when it ends takes its place in later reports).
 - `peak_in_use`: the most granted/overuse runs of one pool running at the same instant, from
   the intervals themselves (a sweep over start and end points; intervals are half-open, so a
   run ending at t and another starting at t never overlap, and a zero-length run holds
@@ -137,6 +140,32 @@ def timeline(
     return out, width
 
 
+@dataclass(frozen=True, slots=True)
+class OpenRun:
+    """A run that still holds its seat: a live lease, as a run from its grant to `ended_at`
+    (the time the report is made).  Usage records are uploaded only once a run ends, so
+    without these a report left out every program running as it was made — a week-long
+    session missing from that week's sessions, hours and peak (found by a review)."""
+
+    product: str
+    version: str
+    pool_product: str
+    pool_version: str
+    user: str
+    started_at: float
+    ended_at: float
+    outcome: str
+
+    @classmethod
+    def of(cls, lease: Any, now: float) -> OpenRun:
+        """`lease`: a store's LeaseRecord, live at `now`."""
+        outcome = OVERUSE if lease.overuse else GRANTED
+        return cls(
+            *(lease.product, lease.version, lease.pool_product, lease.pool_version, lease.user),
+            *(min(lease.granted_at, now), now, outcome),
+        )
+
+
 # --- the report -----------------------------------------------------------------------------------
 @dataclass(slots=True)
 class _Tally:
@@ -144,6 +173,7 @@ class _Tally:
     seconds: float = 0.0
     denials: int = 0
     overuse: int = 0
+    open: int = 0
 
     def add(self, run: Run, since: float, until: float) -> None:
         if run.outcome == DENIED:
@@ -152,6 +182,8 @@ class _Tally:
         self.sessions += 1
         if run.outcome == OVERUSE:
             self.overuse += 1
+        if isinstance(run, OpenRun):
+            self.open += 1
         self.seconds += clipped(run.started_at, run.ended_at, since, until)
 
     def view(self) -> dict[str, Any]:
@@ -161,6 +193,7 @@ class _Tally:
             "hours": round(self.seconds / 3600, 3),
             "denials": self.denials,
             "overuse": self.overuse,
+            "open": self.open,
         }
 
 

@@ -63,6 +63,7 @@ CSV_COLUMNS = [
     "peak_in_use",
     "denials",
     "overuse",
+    "open",
 ]
 
 

@@ -592,6 +592,33 @@ def test_a_script_that_forks_is_one_program(scene):
     assert (row["sessions"], row["denials"]) == (1, 1), counts(row)
 
 
+def test_a_program_running_as_the_report_is_made_is_in_it_and_counted_once(scene):
+    """Found by a review of reports: records are uploaded when a run ends, so a report left
+    out every program still running — a week-long session missing from that week's
+    sessions, hours and peak.  A run still holding its seat counts up to the report's time
+    (`open`); once it has ended, its record takes its place: still one session."""
+    t_begin = time.time()
+    scene.start_server()
+    scene.start_agent(ready="watch_catalogue")
+    a = scene.start("A", SOLVER, "granted", [scene.binary("clock"), "300"])
+    scene.wait_open(a, "granted")
+    [lease] = scene.leases()
+    data = report(scene, t_begin)
+    row = next(p for p in data["products"] if p["product"] == "SOLVER")
+    assert (row["sessions"], row["open"], row["peak_in_use"]) == (1, 1, 1), counts(row)
+    end = min(parse_rfc3339(data["generated_at"]), parse_rfc3339(data["until"]))
+    held = end - parse_rfc3339(lease["granted_at"])  # up to the report's time, in its period
+    assert row["seconds"] == pytest.approx(held, abs=0.002), (row, lease)
+    [user] = row["users"]
+    assert (user["user"], user["sessions"], user["open"]) == (a.user, 1, 1), user
+    scene.stop(a)
+    scene.wait_closed(a)
+    scene.wait_settled([a.record_id])
+    wait_until(lambda: not scene.leases(), 10, "the seat given back")
+    row = next(p for p in report(scene, t_begin)["products"] if p["product"] == "SOLVER")
+    assert (row["sessions"], row["open"], row["peak_in_use"]) == (1, 0, 1), counts(row)
+
+
 def test_a_run_that_ends_while_the_server_is_down_is_one_record_after_an_agent_kill9(scene):
     """The program exits while no server answers: the watcher closes its record at once
     (right), but the checkin of its seat waits for a server, so the lease journal still

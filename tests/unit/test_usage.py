@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from metering_protocol.errors import UnknownProduct
 from metering_server.licensing import Pool
-from metering_server.usage import clipped, in_period, peak, report, steps, timeline
+from metering_server.store.base import LeaseRecord
+from metering_server.usage import OpenRun, clipped, in_period, peak, report, steps, timeline
 
 T0 = 1_700_000_000.0
 SINCE, UNTIL = T0, T0 + 1000
@@ -97,6 +98,7 @@ def test_sessions_seconds_denials_overuse_and_users():
         "hours": round(160.5 / 3600, 3),
         "denials": 1,
         "overuse": 0,
+        "open": 0,
     }
     assert (users["bob"]["sessions"], users["bob"]["overuse"], users["bob"]["seconds"]) == (
         2,
@@ -239,3 +241,30 @@ def test_report_peak_is_the_brute_force_peak_of_the_clipped_intervals(intervals,
     assert row["seconds"] == sum(max(0.0, e - s) for s, e in inside)
     # The timeline's highest step is the peak (no bucketing at this size).
     assert max(n for _, n in row["timeline"]) == row["peak_in_use"]
+
+
+def test_a_run_still_holding_its_seat_counts_up_to_now_as_open():
+    """A live lease is a run from its grant to the report's time (records come only once a
+    run ends): in sessions, seconds and peak, and counted in `open`; an overuse lease is an
+    overuse run."""
+    now = T0 + 900
+
+    def lease(granted: float, user: str, overuse: bool = False) -> LeaseRecord:
+        return LeaseRecord(
+            *(f"L-{user}", "CLOCK.EXE", "4.00", "CLOCK.EXE", "4.00", "agent", user, "ws-1"),
+            *("srv-a", T0 + granted, now, now + 60, overuse),
+        )
+
+    runs = [
+        r(100, 200, user="alice"),  # a closed run's record
+        OpenRun.of(lease(-50, "bob"), now),  # open since before the period
+        OpenRun.of(lease(150, "carol", overuse=True), now),
+    ]
+    got = rows(runs)[("CLOCK.EXE", "4.00")]
+    assert (got["sessions"], got["open"], got["overuse"]) == (3, 2, 1)
+    assert got["seconds"] == 100 + 900 + 750
+    assert got["peak_in_use"] == 3 and got["peak_at"] == str(T0 + 150)
+    users = {u["user"]: u["open"] for u in got["users"]}
+    assert users == {"bob": 1, "carol": 1, "alice": 0}
+    # a report of a period that ended before now clips the open run to its end
+    assert rows(runs, until=T0 + 500)[("CLOCK.EXE", "4.00")]["seconds"] == 100 + 500 + 350
