@@ -23,6 +23,7 @@ from enum import StrEnum
 import msgspec
 
 from metering_protocol.errors import UnknownProduct
+from metering_protocol.names import same_product
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,31 +88,36 @@ class Reclaim(StrEnum):
     """What a checkout naming a held lease (`reclaim`) does with it."""
 
     RENEW = "renew"
-    """Still live, same owner, same pool: renew it, return the same id, cost no seat."""
+    """Still live, same owner, same product and version: renew it, return the same id,
+    cost no seat."""
     DROP_EXPIRED = "drop_expired"
     """The owner's lease, expired: delete it, then decide a fresh grant."""
     FRESH = "fresh"
-    """Someone else's lease, or the owner's live lease in another pool: leave it alone and
-    decide a fresh grant."""
+    """Someone else's lease, or the owner's live lease of another product or version: leave
+    it alone and decide a fresh grant."""
 
 
 def reclaim_verdict(
     held_principal: str,
     held_client: str,
-    held_pool_key: tuple[str, str],
+    held_checkout: tuple[str, str],
     held_expires_at: float,
     principal: str,
     client: str,
-    pool_key: tuple[str, str],
+    checkout: tuple[str, str],
     now: float,
 ) -> Reclaim:
     """The reclaim rule for a lease the store still has (a lease it has no row for is
-    `Reclaim.FRESH` without asking)."""
+    `Reclaim.FRESH` without asking).  `held_checkout` and `checkout`: the (product,
+    version) the lease was granted for and the reclaim asks for, matched as the catalogue
+    matches names — not the pools this server resolves them to: a lease a reload on another
+    server moved to a re-keyed pool, or of a product a reload removed, is still its holder's
+    to take back (renewing a lease costs no seat; found by a review of pool changes)."""
     if not is_owner(held_principal, held_client, principal, client):
         return Reclaim.FRESH
     if not is_live(held_expires_at, now):
         return Reclaim.DROP_EXPIRED
-    if held_pool_key != pool_key:
+    if not same_product(*held_checkout, *checkout):
         return Reclaim.FRESH
     return Reclaim.RENEW
 

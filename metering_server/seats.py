@@ -178,7 +178,12 @@ class SeatService:
         """A seat now (or the reclaimed lease), else wait up to `wait_s` in FIFO order."""
         if self.draining:
             raise ShuttingDown("server is draining", retry_after_s=0.1)
-        pool = self.catalogue.find(req.product, req.version)
+        try:
+            pool = self.catalogue.find(req.product, req.version)
+        except UnknownProduct:
+            if req.reclaim is None:
+                raise
+            return await self._take_back_removed(holder, req)
         if pool.version == "*" and not is_clean_name(req.version):
             # Any version counts here, and the lease keeps it as sent (logs, reports).
             raise BadRequest("version: must not contain control characters")
@@ -223,6 +228,22 @@ class SeatService:
                 del mine[req.request_id]
             if not mine and self._waiting.get(holder) is mine:
                 del self._waiting[holder]
+
+    async def _take_back_removed(self, holder: Holder, req: CheckoutRequest) -> Grant:
+        """A product no longer in the catalogue keeps its held leases until they end
+        (docs/operations.md): a holder that reconnects takes its lease back (`reclaim`), as
+        its heartbeats renew it; nothing else of it is granted.
+        Refused with `unknown_product` before, a `run` whose connection dropped after such
+        a reload ran on without its seat (found by a review of pool changes)."""
+        # No seat to grant: only the lease the checkout names can come of it.
+        gone = Pool(req.product, req.version, 0, "enforce")
+        outcome = await self.store.grant(self._grant_request(holder, gone, req))
+        if outcome.granted and (outcome.reclaimed or outcome.replayed):
+            return self._granted(holder, gone, outcome)
+        refusal = self._final_refusal(holder, gone, req, outcome) if outcome.revoked else None
+        raise refusal or UnknownProduct(
+            f"no product {req.product!r} version {req.version!r} in the catalogue"
+        )
 
     async def _grant(
         self, holder: Holder, pool: Pool, req: CheckoutRequest, waiter: int | None = None

@@ -783,11 +783,11 @@ class PostgresStore(LeaseStore):
                     verdict = reclaim_verdict(
                         held.principal,
                         held.client,
-                        held.pool_key,
+                        (held.product, held.version),
                         held.expires_at,
                         req.principal,
                         req.client,
-                        pool.key,
+                        (req.product, req.version),
                         now,
                     )
                     if verdict is Reclaim.RENEW:
@@ -1014,11 +1014,11 @@ class PostgresStore(LeaseStore):
                     or reclaim_verdict(
                         lease.principal,
                         lease.client,
-                        lease.pool_key,
+                        (lease.product, lease.version),
                         lease.expires_at,
                         req.principal,
                         req.client,
-                        req.pool.key,
+                        (req.product, req.version),
                         req.now,
                     )
                     is not Reclaim.RENEW
@@ -1035,8 +1035,8 @@ class PostgresStore(LeaseStore):
                 await db.executemany(_RENEW, [_renew_args(r) for r in renewed.values()])
             return out
 
-        # The asked pools' locks, shared, with BEGIN: a lease of another pool is not renewed
-        # here (`reclaim_verdict`), so its own pool needs no lock.
+        # The asked pools' locks, shared, with BEGIN: a lease of another product is not
+        # renewed here (`reclaim_verdict`), and the product's lock is every pool's of it.
         locks = _pool_locks(req.pool.key for req in reqs)
         outcomes = await self._run("reclaim", renew, locks=locks, shared=True)
         for outcome in outcomes:

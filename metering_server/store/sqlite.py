@@ -999,11 +999,11 @@ class SQLiteStore(LeaseStore):
                     verdict = reclaim_verdict(
                         held.principal,
                         held.client,
-                        held.pool_key,
+                        (held.product, held.version),
                         held.expires_at,
                         req.principal,
                         req.client,
-                        pool.key,
+                        (req.product, req.version),
                         now,
                     )
                     if verdict is Reclaim.RENEW:

@@ -14,7 +14,13 @@ import pytest
 import pytest_asyncio
 from structlog.testing import capture_logs
 
-from metering_protocol.errors import Denied, Overloaded, ReloadFailed, TooLarge
+from metering_protocol.errors import (
+    Denied,
+    Overloaded,
+    ReloadFailed,
+    TooLarge,
+    UnknownProduct,
+)
 from metering_server.app import MeteringServer
 from metering_server.config import load_server_config
 from metering_server.licensing import Catalogue, Pool
@@ -485,6 +491,66 @@ async def test_servers_that_count_a_pool_differently_grant_by_the_sites_count_on
     finally:
         for c in (ca, cb):
             await c.close()
+
+
+@pytest.mark.asyncio
+async def test_a_holder_takes_back_its_lease_through_a_server_not_reloaded_after_a_re_key(
+    two_servers,
+):
+    """Found by a review of pool changes: srv-a reloaded version "4.00" to "*", its repool
+    moved the lease to the new pool, and the holder's reclaim through srv-b (not reloaded
+    yet) was refused `overloaded`: the reclaim asked for the pool srv-b resolves.  A reclaim
+    renews its own lease of the same product and version, in whatever pool it is now."""
+    a, b = two_servers
+    await a.start(products=[CLOCK])
+    await b.start(products=[CLOCK])
+    ca, cb = await a.client(), await b.client()
+    try:
+        held = await ca.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00")
+        await a.reload(products=[{**CLOCK, "version": "*"}])
+        again = await cb.request(
+            "checkout", timeout=5, product="CLOCK.EXE", version="4.00", lease=held["lease"]
+        )
+        assert (again["lease"], again["reclaimed"]) == (held["lease"], True)
+    finally:
+        for c in (ca, cb):
+            await c.close()
+
+
+@pytest.mark.asyncio
+async def test_a_lease_of_a_product_a_reload_removed_is_taken_back_after_a_reconnect(
+    reloadable,
+):
+    """Found by a review of pool changes: a product removed from the catalogue keeps its
+    held leases until they end (docs/operations.md), and its holder's heartbeats renewed
+    them, but once its connection dropped the reclaim was `unknown_product`: a `run` went
+    on with no seat while its lease ran out.  The reclaim takes the lease back; nothing
+    else of the product is granted."""
+    other = {**CLOCK, "name": "OTHER"}
+    await reloadable.start(products=[CLOCK, other])
+    c = await reloadable.client()
+    held = await c.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00")
+    await c.close()
+    await reloadable.reload(products=[other])
+    c = await reloadable.client()
+    try:
+        again = await c.request(
+            "checkout", timeout=5, product="clock.exe", version="4.00", lease=held["lease"]
+        )
+        assert (again["lease"], again["reclaimed"]) == (held["lease"], True)
+        with pytest.raises(UnknownProduct):  # no new seat of it
+            await c.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00")
+        with pytest.raises(UnknownProduct):  # nor one for a lease that is not live
+            await c.request(
+                "checkout", timeout=5, product="CLOCK.EXE", version="4.00", lease="L-none"
+            )
+        await c.request("checkin", timeout=5, lease=held["lease"])
+        with pytest.raises(UnknownProduct):  # given back, it cannot be taken again
+            await c.request(
+                "checkout", timeout=5, product="CLOCK.EXE", version="4.00", lease=held["lease"]
+            )
+    finally:
+        await c.close()
 
 
 @pytest.mark.asyncio

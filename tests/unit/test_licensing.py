@@ -61,20 +61,24 @@ def test_a_lease_answers_to_its_principal_and_client_only():
 
 
 @pytest.mark.parametrize(
-    ("who", "pool_key", "expires_at", "verdict"),
+    ("who", "checkout", "expires_at", "verdict"),
     [
         (("alice", "ws-1"), KEY, NOW + 5, Reclaim.RENEW),
+        # the product as the catalogue matches names: a lease of CLOCK.EXE in whatever
+        # pool this server resolves it to (another server's reload re-keyed it, or removed it)
+        (("alice", "ws-1"), ("clock.exe", "4.00"), NOW + 5, Reclaim.RENEW),
         (("alice", "ws-1"), KEY, NOW, Reclaim.DROP_EXPIRED),
         (("alice", "ws-1"), KEY, NOW - 5, Reclaim.DROP_EXPIRED),
-        (("alice", "ws-1"), OTHER_KEY, NOW - 5, Reclaim.DROP_EXPIRED),  # expired: any pool
-        (("alice", "ws-1"), OTHER_KEY, NOW + 5, Reclaim.FRESH),  # live, but another pool
+        (("alice", "ws-1"), OTHER_KEY, NOW - 5, Reclaim.DROP_EXPIRED),  # expired: any product
+        (("alice", "ws-1"), OTHER_KEY, NOW + 5, Reclaim.FRESH),  # live, but another product
+        (("alice", "ws-1"), ("CLOCK.EXE", "4.01"), NOW + 5, Reclaim.FRESH),  # another version
         (("bob", "ws-1"), KEY, NOW + 5, Reclaim.FRESH),
         (("alice", "ws-2"), KEY, NOW + 5, Reclaim.FRESH),
         (("bob", "ws-1"), KEY, NOW - 5, Reclaim.FRESH),  # another's expired lease is the sweep's
     ],
 )
-def test_reclaim_verdict(who, pool_key, expires_at, verdict):
-    got = reclaim_verdict("alice", "ws-1", KEY, expires_at, *who, pool_key, NOW)
+def test_reclaim_verdict(who, checkout, expires_at, verdict):
+    got = reclaim_verdict("alice", "ws-1", KEY, expires_at, *who, checkout, NOW)
     assert got is verdict
     assert got == verdict.value  # a plain string too, for logs and other stores
 
