@@ -422,7 +422,7 @@ class SeatService:
             # state the store is in, and taken out after.
             if not keep_place and not self._waiters.ticket_held(waiter.ticket):
                 if self.clock() < waiter.deadline:
-                    await self._dequeue(waiter.ticket)
+                    await self._dequeue(waiter.ticket, keep_place=waiter.sent_away)
                 else:  # out of the store (and the notice to other servers) after the answer
                     self._tasks.spawn(
                         self._dequeue(waiter.ticket), "dequeue", context=self._context
@@ -476,9 +476,9 @@ class SeatService:
             return
         waiter.context.run(log.info, "checkout_requeued", ticket=ticket.id)
 
-    async def _dequeue(self, ticket: int) -> None:
+    async def _dequeue(self, ticket: int, *, keep_place: bool = False) -> None:
         try:
-            await self.store.dequeue(ticket, self.settings.server)
+            await self.store.dequeue(ticket, self.settings.server, keep_place=keep_place)
         except Exception as exc:
             # Its entry would live as long as this server does (`touch_server` keeps every
             # entry of a live server), counted ahead of each checkout of its pool.
@@ -586,6 +586,11 @@ class SeatService:
             waiter.future.set_exception(exc)
             return
         if pool.key == waiter.pool_key:  # another server's catalogue is the site's: come back
+            # Its place stays in the store for its keyed retry on a server that agrees (or
+            # here once reloaded): dropped, the retry queued behind the checkouts that came
+            # after it - in a rolling reload, every waiter of a server reloaded after another
+            # (found by a review of pool changes).
+            waiter.sent_away = req.idempotency_key is not None
             waiter.future.set_exception(self._not_the_sites(waiter.holder, pool, req))
             return
         self._waiters.move(waiter, pool.key)

@@ -27,6 +27,9 @@ class Waiter:
     # The waiting request's log context (its connection, client, principal): the seat it is
     # granted is logged under it, not under the request that happened to free the seat.
     context: contextvars.Context = field(default_factory=contextvars.copy_context)
+    # Answered "ask another server" while this one's catalogue is not the site's: its
+    # store entry is left an orphan in its place, for its keyed retry there.
+    sent_away: bool = False
 
     @property
     def live(self) -> bool:

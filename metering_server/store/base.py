@@ -445,10 +445,14 @@ class LeaseStore(abc.ABC):
         client and idempotency key) re-attaches to its entry and keeps its place."""
 
     @abc.abstractmethod
-    async def dequeue(self, ticket: int, server: str | None = None) -> None:
+    async def dequeue(
+        self, ticket: int, server: str | None = None, *, keep_place: bool = False
+    ) -> None:
         """Drop an entry (answered, cancelled, timed out, its connection closed) — with
         `server`, only while that server holds it: an entry a retry re-attached elsewhere
-        is no longer this server's to drop."""
+        is no longer this server's to drop.  `keep_place`: the waiter was sent to ask
+        another server; its entry becomes an orphan (as `detach` makes them) that its keyed
+        retry there re-attaches, in its place."""
 
     @abc.abstractmethod
     async def detach(self, server: str) -> None:

@@ -1616,10 +1616,14 @@ class PostgresStore(LeaseStore):
 
         return await self._run("enqueue", enqueue)
 
-    async def dequeue(self, ticket: int, server: str | None = None) -> None:
+    async def dequeue(
+        self, ticket: int, server: str | None = None, *, keep_place: bool = False
+    ) -> None:
+        change = "UPDATE waiters SET server = ''" if keep_place else "DELETE FROM waiters"
+
         async def dequeue(db: asyncpg.Connection) -> None:
             row = await db.fetchrow(
-                "DELETE FROM waiters WHERE id = $1 AND ($2::text IS NULL OR server = $2) "
+                f"{change} WHERE id = $1 AND ($2::text IS NULL OR server = $2) "
                 "RETURNING pool_product, pool_version",
                 ticket,
                 server,

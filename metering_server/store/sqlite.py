@@ -1382,10 +1382,14 @@ class SQLiteStore(LeaseStore):
 
         return await self._write(enqueue)
 
-    async def dequeue(self, ticket: int, server: str | None = None) -> None:
+    async def dequeue(
+        self, ticket: int, server: str | None = None, *, keep_place: bool = False
+    ) -> None:
+        change = "UPDATE waiters SET server = ''" if keep_place else "DELETE FROM waiters"
+
         def dequeue(db: sqlite3.Connection) -> list[tuple[str, str]]:
             return db.execute(
-                "DELETE FROM waiters WHERE id = ? AND (? IS NULL OR server = ?) "
+                f"{change} WHERE id = ? AND (? IS NULL OR server = ?) "
                 "RETURNING pool_product, pool_version",
                 (ticket, server, server),
             ).fetchall()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -551,6 +552,61 @@ async def test_a_lease_of_a_product_a_reload_removed_is_taken_back_after_a_recon
             )
     finally:
         await c.close()
+
+
+@pytest.mark.asyncio
+async def test_a_waiter_sent_away_by_a_server_not_reloaded_yet_keeps_its_place(two_servers):
+    """Found by a review of pool changes: in a rolling reload (srv-b, then srv-a), srv-a
+    answered its waiter, first in line, `overloaded` ("the site's catalogue is changing")
+    and dropped its entry: its keyed retry on srv-b queued behind the waiter that came
+    after it, which got the next seat (PROTOCOL.md: a waiting checkout re-sent with the
+    same idempotency_key on another server keeps its place)."""
+    a, b = two_servers
+    one = {**CLOCK, "seats": 1}
+    await a.start(products=[one])
+    await b.start(products=[one])
+    holder, first, second, first_again = (
+        await a.client(),
+        await a.client(),
+        await b.client(),
+        await b.client(),
+    )
+    try:
+        held = await holder.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00")
+        want = {"product": "CLOCK.EXE", "version": "4.00", "wait_s": 30}
+        waits = first.send("checkout", first.next_id(), **want, idempotency_key="first")
+        status = await holder.request("status", timeout=5)
+        assert status["products"][0]["queued"] == 1
+        later = second.send("checkout", second.next_id(), **want, idempotency_key="second")
+        await async_wait_until(lambda: _queued(holder, 2), what="both queued", timeout=5)
+        await b.reload(products=[{**one, "version": "*"}])
+        sent_away = await asyncio.wait_for(waits, 10)  # a's next pass over its queue
+        assert sent_away["error"]["code"] == "overloaded", sent_away
+        retried = first_again.send(
+            "checkout", first_again.next_id(), **want, idempotency_key="first"
+        )
+        await async_wait_until(
+            lambda: _entry_server(a.store, "first") == "srv-b", what="the retry in its place"
+        )
+        await holder.request("checkin", timeout=5, lease=held["lease"])
+        granted = await asyncio.wait_for(retried, 10)
+        assert granted["ok"] is True, granted
+        assert not later.done()
+    finally:
+        for c in (holder, first, second, first_again):
+            await c.close()
+
+
+def _entry_server(store: Path, key: str) -> str | None:
+    """The server holding the queue entry of the checkout with this key ('' orphaned)."""
+    with contextlib.closing(sqlite3.connect(store)) as db:
+        row = db.execute("SELECT server FROM waiters WHERE idempotency_key = ?", (key,)).fetchone()
+    return None if row is None else row[0]
+
+
+async def _queued(client: Any, n: int) -> bool:
+    status = await client.request("status", timeout=5)
+    return status["products"][0]["queued"] == n
 
 
 @pytest.mark.asyncio

@@ -206,6 +206,22 @@ async def test_an_orphan_keeps_its_place_but_never_blocks_a_live_waiter(store_si
         assert again.id == orphan.id and again.reattached and again.position == 1
 
 
+async def test_an_entry_sent_away_keeps_its_place_for_its_retry_elsewhere(store_site):
+    """`dequeue(keep_place=True)`: a server that told its waiter to ask another (its
+    catalogue not the site's) leaves the entry an orphan, not gone, so the keyed retry on
+    the other server re-attaches in front of the waiters that came after it."""
+    async with opened(store_site.new_store()) as a, opened(store_site.new_store()) as b:
+        await a.touch_server("srv-a", T0)
+        await b.touch_server("srv-b", T0)
+        await b.grant(grant_req(BOB))
+        first = await a.enqueue(entry(ALICE, server="srv-a", now=T0 + 1, key="first"))
+        await b.enqueue(entry(("carol", "ws-3"), server="srv-b", now=T0 + 2, key="second"))
+        await a.dequeue(first.id, "srv-a", keep_place=True)
+        assert await b.queued(T0 + 3) == {ONE.key: 2}
+        again = await b.enqueue(entry(ALICE, server="srv-b", now=T0 + 3, key="first"))
+        assert again.id == first.id and again.reattached and again.position == 1
+
+
 async def test_a_clean_detach_leaves_orphans_and_the_deadline_drops_them(store: LeaseStore):
     await store.touch_server("srv-a", T0)
     mine = await store.enqueue(entry(server="srv-a", wait_s=5))
