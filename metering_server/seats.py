@@ -67,6 +67,11 @@ class Holder(Protocol):
     def push(self, event: str, **fields: Any) -> None: ...
 
 
+# The liveness of a server at the default `sweep_interval_s` (1 s): what every server judges
+# another's `seen_at` by (`SeatSettings.seen_lead_s` makes it that server's own liveness).
+LIVENESS_BASE_S = 4.0
+
+
 @dataclass(frozen=True, slots=True)
 class SeatSettings:
     server: str  # this server's name, recorded on the leases it grants or renews
@@ -78,6 +83,16 @@ class SeatSettings:
     def liveness_s(self) -> float:
         """A server not seen for this long is dead: its waiters are orphans (skipped)."""
         return 3 * self.sweep_interval_s + 1.0
+
+    @property
+    def seen_lead_s(self) -> float:
+        """How far ahead of its time a server writes its `seen_at` (`touch_server`), so
+        that every server, judging by the same `LIVENESS_BASE_S`, finds it dead after its
+        own `liveness_s` — not after the judge's: each server judged by its own interval
+        took a peer sweeping every 5 s for dead for about 1 s in 5, and a fresh checkout
+        jumped that peer's waiters (found by a review of pool changes).  No new column, so
+        servers from before this change still read the table (they judge by their own)."""
+        return self.liveness_s - LIVENESS_BASE_S
 
 
 class CheckoutRequest(msgspec.Struct, frozen=True):
@@ -145,7 +160,7 @@ class SeatService:
         # waiters ahead of every checkout of their pool, site-wide, until their wait_s ran
         # out.  Orphaned, they are skipped, and a client's keyed retry still re-attaches.
         await self.store.detach(self.settings.server)
-        await self.store.touch_server(self.settings.server, self.clock(), self.settings.ttl_s)
+        await self._touch_server(self.clock())
         await self.store.listen(self._on_notice)
         # The config may have changed while the server was down (a restart is how many
         # operators apply one): this catalogue becomes the site's.
@@ -354,7 +369,7 @@ class SeatService:
             reclaim=req.reclaim,
             idempotency_key=req.idempotency_key,
             waiter=waiter,
-            live_since=now - self.settings.liveness_s,
+            live_since=now - LIVENESS_BASE_S,
             layout=self.catalogue.layouts.get(pool.product.upper()),
         )
 
@@ -732,7 +747,7 @@ class SeatService:
         waiters.  Without store notices it is also how revokes and seats freed through other
         servers reach this one's holders and waiters (at most one sweep interval late)."""
         now = self.clock()
-        await self.store.touch_server(self.settings.server, now, self.settings.ttl_s)
+        await self._touch_server(now)
         await self._settle_dequeues()
         try:
             await self.settle_catalogue()
@@ -747,6 +762,10 @@ class SeatService:
                 self._on_notice(("revoked", lease))
         for key in self._waiters.pools():
             await self.serve_waiters(key)
+
+    async def _touch_server(self, now: float) -> None:
+        settings = self.settings
+        await self.store.touch_server(settings.server, now + settings.seen_lead_s, settings.ttl_s)
 
     def _lease_gone(self, rec: LeaseRecord, reason: str) -> None:
         holder = self._holders.pop(rec.lease, None)
