@@ -67,6 +67,9 @@ class Holder(Protocol):
     def push(self, event: str, **fields: Any) -> None: ...
 
 
+# How often the sweep forgets the holders of leases that ended through other servers.
+FORGET_ENDED_EVERY_S = 30.0
+
 # The liveness of a server at the default `sweep_interval_s` (1 s): what every server judges
 # another's `seen_at` by (`SeatSettings.seen_lead_s` makes it that server's own liveness).
 LIVENESS_BASE_S = 4.0
@@ -138,6 +141,7 @@ class SeatService:
         self._waiters = WaitQueues(settings.max_waiters)
         self._waiting: dict[Holder, dict[int, Waiter]] = {}  # holder -> request id -> waiter
         self._holders: dict[str, Holder] = {}  # lease -> the local session that holds it
+        self._next_forget = float("-inf")  # when the sweep next looks for ended leases
         self._pool_locks: dict[tuple[str, str], asyncio.Lock] = {}
         # Store tickets of withdrawn waiters the store failed to take out: the sweep tries
         # again, since this server's liveness keeps them alive (and ahead) in the store.
@@ -760,8 +764,28 @@ class SeatService:
         if not self.store.listening and self._holders:
             for lease in await self.store.revoked_among(list(self._holders)):
                 self._on_notice(("revoked", lease))
+        if self._holders and now >= self._next_forget:
+            self._next_forget = now + FORGET_ENDED_EVERY_S
+            await self._forget_ended(now)
         for key in self._waiters.pools():
             await self.serve_waiters(key)
+
+    async def _forget_ended(self, now: float) -> None:
+        """Forget the holders of leases that ended through another server of the site — a
+        checkin there (any session of the holder may check in), or that server's sweep
+        expiring it first: nothing here heard of it, and each such lease stayed in
+        `_holders` for the life of its session (found by a review of long lives).  A lease
+        revoked meanwhile whose notice never came is told to its holder now."""
+        leases = list(self._holders)
+        ended = set(leases) - set(await self.store.live_among(leases, now))
+        if not ended:
+            return
+        revoked = set(await self.store.revoked_among(sorted(ended)))
+        for lease in ended:
+            if lease in revoked:
+                self._on_notice(("revoked", lease))
+            else:
+                self._holders.pop(lease, None)
 
     async def _touch_server(self, now: float) -> None:
         settings = self.settings

@@ -438,6 +438,11 @@ class LeaseStore(abc.ABC):
     async def revoked_among(self, leases: list[str]) -> list[str]:
         """Which of these leases were revoked (for servers that cannot be notified)."""
 
+    @abc.abstractmethod
+    async def live_among(self, leases: list[str], now: float) -> list[str]:
+        """Which of these leases are live at `now`: a server forgets the sessions holding
+        the others (checked in, or expired, through another server of the site)."""
+
     # --- the site-wide queue of waiting checkouts ------------------------------------------
     @abc.abstractmethod
     async def enqueue(self, entry: WaitEntry) -> Ticket:

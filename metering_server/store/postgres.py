@@ -1350,6 +1350,21 @@ class PostgresStore(LeaseStore):
 
         return await self._run("revoked_among", select, write=False)
 
+    async def live_among(self, leases: list[str], now: float) -> list[str]:
+        if not leases:
+            return []
+
+        async def select(db: asyncpg.Connection) -> list[str]:
+            rows = await db.fetch(
+                "SELECT lease FROM leases WHERE expires_at > $1 AND lease = ANY($2::text[])",
+                now,
+                list(set(leases)),
+            )
+            found = {r["lease"] for r in rows}
+            return [x for x in leases if x in found]
+
+        return await self._run("live_among", select, write=False)
+
     async def expire(self, now: float) -> list[LeaseRecord]:
         async def expire(db: asyncpg.Connection) -> list[LeaseRecord]:
             # Of several servers sweeping at once, each row is deleted — and so returned — by

@@ -1300,6 +1300,23 @@ class SQLiteStore(LeaseStore):
 
         return await self._read(select)
 
+    async def live_among(self, leases: list[str], now: float) -> list[str]:
+        def select(db: sqlite3.Connection) -> list[str]:
+            found = set()
+            for start in range(0, len(leases), 500):
+                chunk = leases[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                found.update(
+                    r[0]
+                    for r in db.execute(
+                        f"SELECT lease FROM leases WHERE {_LIVE} AND lease IN ({marks})",
+                        (now, *chunk),
+                    )
+                )
+            return [x for x in leases if x in found]
+
+        return await self._read(select)
+
     async def repool(
         self,
         resolve: Callable[[str, str], tuple[str, str] | None],

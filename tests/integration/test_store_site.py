@@ -14,7 +14,12 @@ import pytest
 from metering_protocol.errors import Denied
 from metering_server.auth.lockout import LockoutPolicy, LockoutSettings
 from metering_server.licensing import Catalogue, Pool
-from metering_server.seats import CheckoutRequest, SeatService, SeatSettings
+from metering_server.seats import (
+    FORGET_ENDED_EVERY_S,
+    CheckoutRequest,
+    SeatService,
+    SeatSettings,
+)
 from metering_server.store.base import RETAIN_REVOKED_S, LeaseStore, WaitEntry
 from tests.integration.test_store_contract import ALICE, ENFORCE, T0, TTL, req
 from tests.stores import opened
@@ -355,3 +360,34 @@ class _SeatHolder:
 
     def push(self, event: str, **fields: object) -> None:
         pass
+
+
+async def test_a_server_forgets_the_holders_of_leases_ended_through_another(store_site):
+    """Found by a review of long lives: a server kept "this session holds that lease" for
+    leases checked in, or expired, through another server of the site, for as long as the
+    holding session stayed connected (20 more per round in the review's run).  The sweep
+    forgets them (every FORGET_ENDED_EVERY_S)."""
+    now = [T0]
+    ask = CheckoutRequest(ONE.product, ONE.version, "u")
+    two = Pool(ONE.product, ONE.version, 3, "enforce")
+    async with opened(store_site.new_store()) as sa, opened(store_site.new_store()) as sb:
+        a = SeatService(
+            sa, Catalogue([two]), SeatSettings("srv-a", 30.0, 100), clock=lambda: now[0]
+        )
+        b = SeatService(
+            sb, Catalogue([two]), SeatSettings("srv-b", 30.0, 100), clock=lambda: now[0]
+        )
+        await a.start()
+        await b.start()
+        holder = _SeatHolder("ws-1")
+        kept, elsewhere, lapsed = [(await a.checkout(holder, ask)).lease.lease for _ in range(3)]
+        assert set(a._holders) == {kept, elsewhere, lapsed}
+        await a.sweep()  # the first look: every lease live
+        assert await b.release(holder, elsewhere)  # the same client, through srv-b
+        now[0] = T0 + 10.0
+        await sa.renew([kept], "u", "ws-1", "srv-a", now[0], 30.0)  # its holder renews it
+        now[0] = T0 + FORGET_ENDED_EVERY_S + 5  # `lapsed` expired; srv-b's sweep saw it
+        await b.sweep()
+        assert set(a._holders) == {kept, elsewhere, lapsed}  # nothing told srv-a
+        await a.sweep()
+        assert set(a._holders) == {kept}
