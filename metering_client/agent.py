@@ -366,9 +366,7 @@ class Agent:
                 self.watcher.own_seat_revoked(held)
         session = self.holders.pop(held.handle, None)
         if session is not None:
-            if reason == "revoked":
-                session.revoked.add(held.handle)
-            session.send({"event": "revoked", "lease": held.handle, "reason": reason})
+            session.seat_lost(held.handle, reason)
 
     async def _reap_dead_programs(self) -> None:
         """Leases whose program died without a checkin (or died while the agent was down);

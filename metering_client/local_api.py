@@ -33,6 +33,8 @@ from metering_runtime.logs import get_logger
 
 log = get_logger("metering.agent")
 
+REMEMBER_REVOKED = 1024  # revoked handles a program's heartbeat is told of, per connection
+
 
 # An end user named by a privileged caller (a launcher acting for users), by its OS name:
 # that may be longer than the wire takes, and the agent fits it as it fits the names it
@@ -105,7 +107,9 @@ class LocalSession:
         self.uid = conn.peer.uid if conn.peer.uid is not None else -1
         self.user: str | None = None
         self.handles: set[str] = set()
-        self.revoked: set[str] = set()  # this program's handles an admin revoked
+        # This program's handles an admin revoked, newest last (a dict as an ordered set),
+        # for its heartbeat's `revoked`: the last REMEMBER_REVOKED, not its whole life's.
+        self.revoked: dict[str, None] = {}
         self.ttl_s = 0.0  # the server lease TTL last seen (`op_heartbeat`)
 
     @property
@@ -118,6 +122,17 @@ class LocalSession:
 
     def send(self, msg: dict[str, Any]) -> None:
         self.conn.send(msg)
+
+    def seat_lost(self, handle: str, reason: str) -> None:
+        """The agent lost this program's seat (revoked, expired, refused on reclaim): not
+        the program's any more.  Kept in `handles`, each such seat stayed for the life of
+        the connection (found by a review of long lives)."""
+        self.handles.discard(handle)
+        if reason == "revoked":
+            self.revoked[handle] = None
+            while len(self.revoked) > REMEMBER_REVOKED:
+                del self.revoked[next(iter(self.revoked))]
+        self.send({"event": "revoked", "lease": handle, "reason": reason})
 
     async def handle(self, req: m.Request) -> dict[str, Any]:
         return await getattr(self, f"op_{req.op}")(req)

@@ -17,6 +17,7 @@ import pytest
 import metering_client.spool as spool_module
 from metering_client.agent import Agent
 from metering_client.config import build_client_config
+from metering_client.local_api import REMEMBER_REVOKED, LocalSession
 from metering_client.spool import Spool
 from metering_client.usage import UsageRecord, new_record
 from metering_protocol.client import ProtocolClient
@@ -172,9 +173,27 @@ async def test_a_programs_heartbeat_names_its_revoked_seat(make_server, tmp_path
         await async_wait_until(lambda: events, what="the revoked event")
         beat = await program.request("heartbeat", timeout=5, leases=[handle])
         assert (beat["renewed"], beat["lost"], beat["revoked"]) == ([], [handle], [handle])
+        # Found by a review of long lives: a lost seat stayed among the connection's
+        # handles for its whole life (one more per seat lost).
+        [session] = [c.dispatcher for c in agent.endpoint.connections]
+        assert session.handles == set() and list(session.revoked) == [handle]
     finally:
         await program.close()
         await stop_local_agent(agent, short)
+
+
+def test_a_program_is_told_of_its_last_revoked_seats_not_its_lifes():
+    """What a long-lived program's connection remembers of revoked seats is bounded."""
+    session = LocalSession.__new__(LocalSession)
+    session.handles, session.revoked, sent = set(), {}, []
+    session.send = sent.append
+    for i in range(REMEMBER_REVOKED + 5):
+        session.handles.add(f"L{i}")
+        session.seat_lost(f"L{i}", "revoked")
+    session.seat_lost("Lx", "expired")
+    assert session.handles == set() and len(session.revoked) == REMEMBER_REVOKED
+    assert next(iter(session.revoked)) == "L5" and "Lx" not in session.revoked
+    assert sent[-1] == {"event": "revoked", "lease": "Lx", "reason": "expired"}
 
 
 @pytest.mark.asyncio
