@@ -3,7 +3,7 @@
 Two read-only paths do not justify a web framework, and prometheus-client's own server is
 a thread that could not answer /healthz from the daemon's state.  This one runs on the
 daemon's event loop, answers GET and HEAD only, closes every connection after one reply,
-and bounds what a client can make it hold: an 8 KiB request head, the whole exchange
+and bounds what a client can make it hold: an 8 KiB request head (431 past it), the whole exchange
 (reading, answering, writing) within 15 s, and 64 connections at once - past that a new one
 is closed unanswered (a scraper or a health check opens one at a time; without a cap, idle
 sockets held the daemon's file descriptors, which its protocol listener needs too).
@@ -32,10 +32,21 @@ class Response:
     status: int
     body: bytes
     content_type: str = "text/plain; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 Route = Callable[[], Awaitable[Response]]
-REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
+}
+# What a request that could not be read is told before its connection closes.
+HEAD_TOO_LARGE = Response(431, b"request head over 8 KiB\n")
+BAD_REQUEST = Response(400, b"not an HTTP/1.1 request line\n")
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -79,8 +90,8 @@ class HttpEndpoint:
         try:
             async with asyncio.timeout(EXCHANGE_TIMEOUT_S):
                 await self._exchange(reader, writer)
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
-            pass  # a client that cannot say GET in 8 KiB and 5 s gets nothing
+        except (TimeoutError, asyncio.IncompleteReadError):
+            pass  # a client that cannot say GET in 5 s, or left, gets nothing
         except ConnectionError:
             pass
         except Exception:
@@ -95,29 +106,44 @@ class HttpEndpoint:
                 writer.transport.abort()
 
     async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        async with asyncio.timeout(READ_TIMEOUT_S):
-            head = await reader.readuntil(b"\r\n\r\n")
-        method, path = _request_line(head)
+        # A head that cannot be read is answered, not just closed (found by a review: a
+        # large cookie or a bad request line got a reset with no status to show for it).
+        try:
+            async with asyncio.timeout(READ_TIMEOUT_S):
+                head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.LimitOverrunError:
+            return await _send(writer, HEAD_TOO_LARGE)
+        try:
+            method, path = _request_line(head)
+        except ValueError:
+            return await _send(writer, BAD_REQUEST)
         if method not in ("GET", "HEAD"):
-            response = Response(405, b"only GET\n")
+            response = Response(405, b"only GET and HEAD\n", headers=(("Allow", "GET, HEAD"),))
         else:
             route = self.routes.get(path.split("?", 1)[0])
             response = await route() if route else Response(404, b"not found\n")
-        writer.write(_encode(response, head_only=method == "HEAD"))
-        await writer.drain()
+        await _send(writer, response, head_only=method == "HEAD")
+
+
+async def _send(writer: asyncio.StreamWriter, response: Response, *, head_only: bool = False):
+    writer.write(_encode(response, head_only=head_only))
+    await writer.drain()
 
 
 def _request_line(head: bytes) -> tuple[str, str]:
     line = head.split(b"\r\n", 1)[0].decode("latin-1")
-    method, path, _version = line.split(" ", 2)
+    method, path, version = line.split(" ", 2)
+    if not method.isalpha() or not path.startswith("/") or not version.startswith("HTTP/"):
+        raise ValueError(line)
     return method, path
 
 
 def _encode(r: Response, *, head_only: bool) -> bytes:
+    extra = "".join(f"{name}: {value}\r\n" for name, value in r.headers)
     head = (
         f"HTTP/1.1 {r.status} {REASONS.get(r.status, 'OK')}\r\n"
         f"Content-Type: {r.content_type}\r\n"
         f"Content-Length: {len(r.body)}\r\n"
-        "Connection: close\r\n\r\n"
+        f"{extra}Connection: close\r\n\r\n"
     ).encode()
     return head if head_only else head + r.body

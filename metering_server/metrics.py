@@ -21,6 +21,7 @@ from metering_runtime.http import Response
 from metering_runtime.tasks import TaskOwner
 from metering_server import events as ev
 from metering_server.seats import SeatService
+from metering_server.store.base import StoreBusy, StoreReadOnly
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 POOL = ("product", "version")
@@ -102,7 +103,9 @@ class ServerMetrics:
             registry=r,
         )
         self.store_up = Gauge(
-            "metering_store_up", "1 when the store answered the last scrape", registry=r
+            "metering_store_up",
+            "1 when the store answered the last scrape and takes writes",
+            registry=r,
         )
         self.draining = Gauge("metering_draining", "1 while the server drains", registry=r)
         Info("metering_build", "Version of this server", registry=r).info(
@@ -180,20 +183,39 @@ class ServerMetrics:
         self.seats_total.clear()
         for pool in self.seats.catalogue.pools:
             self.seats_total.labels(*pool.key).set(pool.seats)
+            # Each pool's counters from 0, not from their first event: a series that
+            # appears at 1 is no increase to `rate()`, and the first denial after a start
+            # never raised the documented alert (found by a review of the metrics).
+            for counter in self.events.values():
+                counter.labels(*pool.key)
         try:
             async with asyncio.timeout(self.store_timeout_s):
                 status = await self.seats.status()
+                writable = await self._writable()
         except Exception:  # the store's failure, or no answer in time
             self.store_up.set(0)
             self.in_use.clear()  # unknown now: no stale figures beside store_up 0
             self.waiters.clear()
             return False
-        self.store_up.set(1)
+        # A database that answers but takes no writes grants nothing: down, as /healthz
+        # says (degraded); its figures, which it still reads, are kept.
+        self.store_up.set(1 if writable else 0)
         self.in_use.clear()
         self.waiters.clear()
         for s in status:
             self.in_use.labels(*s.pool.key).set(s.in_use)
             self.waiters.labels(*s.pool.key).set(s.queued)
+        return True
+
+    async def _writable(self) -> bool:
+        """False for a store that answers but refuses writes (`ping`: a PostgreSQL primary
+        demoted to a standby); a store too busy to be asked counts as writable here."""
+        try:
+            await self.seats.store.ping()
+        except StoreReadOnly:
+            return False
+        except StoreBusy:
+            return True
         return True
 
     async def scrape(self, *, draining: bool) -> Response:

@@ -255,3 +255,40 @@ async def test_a_scrape_while_the_store_is_stuck_answers_store_down_in_time(make
         assert ("metering_seats_in_use", pool()) not in got  # unknown, not the last figure
     got = samples((await http_get(server.http.address, "/metrics"))[1])
     assert got[("metering_store_up", ())] == 1
+
+
+async def http_raw(address, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection(address.host, address.port)
+    writer.write(request)
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    return raw
+
+
+@pytest.mark.asyncio
+async def test_every_pools_counters_start_at_zero(make_server):
+    """Found by a review of the metrics: a pool's counters appeared with their first event,
+    at 1, which `rate()` and `increase()` count as nothing - the documented alert on
+    `rate(metering_denials_total[1h]) > 0` missed the first denial after every start."""
+    server = await make_server(products=PRODUCTS, metrics={"listen": "127.0.0.1:0"})
+    _, text = await http_get(server.http.address, "/metrics")
+    got = samples(text)
+    for name in ("grants", "denials", "queued", "releases", "expiries", "revocations"):
+        assert got[(f"metering_{name}_total", pool())] == 0, name
+    promtool_check(text)
+
+
+@pytest.mark.asyncio
+async def test_requests_the_endpoint_cannot_serve_get_a_status(make_server):
+    """Found by a review of the metrics: a 405 without `Allow` (RFC 9110 requires it), and
+    a head over 8 KiB or a request line that does not parse closed with no status at all."""
+    server = await make_server(metrics={"listen": "127.0.0.1:0"})
+    address = server.http.address
+    post = await http_raw(address, b"POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert post.startswith(b"HTTP/1.1 405 ") and b"\r\nAllow: GET, HEAD\r\n" in post, post
+    big = b"GET /metrics HTTP/1.1\r\nCookie: " + b"x" * 9000 + b"\r\n\r\n"
+    assert (await http_raw(address, big)).startswith(b"HTTP/1.1 431 ")
+    assert (await http_raw(address, b"hello\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
+    assert (await http_raw(address, b"GET metrics HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
+    assert (await http_get(address, "/healthz"))[0] == 200

@@ -30,6 +30,7 @@ from metering_server.app import MeteringServer
 from metering_server.cli import main as server_main
 from metering_server.config import build_server_config, load_server_config
 from metering_server.licensing import Pool
+from metering_server.metrics import ServerMetrics
 from metering_server.siteclock import SiteClock
 from metering_server.store import StoreSettings, open_store, redact_url
 from metering_server.store import postgres as postgres_store
@@ -782,6 +783,11 @@ async def test_health_is_degraded_while_the_database_is_read_only(pg_private, tm
             lambda: _health_is(server, {"status": "degraded", "store": "read_only"}),
             what="health degraded",
         )
+        # Found by a review of the metrics: `metering_store_up` stayed 1 meanwhile, and
+        # its documented alert never fired while the site granted nothing.
+        metrics = ServerMetrics(server.seats, lambda: 0, "srv-a")
+        assert await metrics.refresh(draining=False)
+        assert metrics.registry.get_sample_value("metering_store_up") == 0
         # What every write meets meanwhile.  Found by a review: a plain `internal` without
         # `retry_after_s`, and one `store_error` line per refused call (SQLite: one a period).
         with capture_logs() as logs:
@@ -798,6 +804,8 @@ async def test_health_is_degraded_while_the_database_is_read_only(pg_private, tm
         await async_wait_until(
             lambda: _health_is(server, {"status": "serving", "store": "ok"}), what="health ok"
         )
+        await metrics.refresh(draining=False)
+        assert metrics.registry.get_sample_value("metering_store_up") == 1
     finally:
         await server.shutdown(timeout=1.0)
 
