@@ -163,12 +163,22 @@ class LocalSession:
         if user is not None and user != name and not self.privileged:
             raise Forbidden(f"peer uid {self.uid} is {name!r}, not {user!r}")
         self.user = user or name
+        # The fields of a server's hello reply, so that a client written to PROTOCOL.md
+        # finds them here too: a program holds seats for its own user (`roles`); the agent
+        # renews them itself, so `heartbeat_s` is only how often a program that asks
+        # (`heartbeat`) may; the timings are the agent's current server's (else the
+        # protocol's defaults); the site's servers are the agent's business.
+        session = self.agent.keeper.session
         return {
             "server": f"agent:{self.agent.name}",
             "protocol": 1,
             "agent": True,
             "user": self.user,
             "client": self.agent.name,
+            "roles": ["user"],
+            "heartbeat_s": session.heartbeat_s if session is not None else 20.0,
+            "lease_ttl_s": session.ttl_s if session is not None else 60.0,
+            "servers": [],
         }
 
     async def op_ping(self, req: m.Ping) -> dict[str, Any]:

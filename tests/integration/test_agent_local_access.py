@@ -644,7 +644,14 @@ async def test_the_agents_hello_is_judged_as_the_servers(make_server, tmp_path):
             with pytest.raises(UnsupportedProtocol) as err:
                 await program.request("hello", timeout=5, protocol=version, client="p1")
             assert err.value.to_wire()["supported"] == [1]
-        await program.hello("p1", user=None, token=None, timeout=5)
+        await async_wait_until(lambda: agent.keeper.session is not None, what="connected")
+        reply = await program.hello("p1", user=None, token=None, timeout=5)
+        # ... and its reply has the server's fields (a client written to PROTOCOL.md reads
+        # `heartbeat_s` and `roles` from it): the agent's server's timings
+        session = agent.keeper.session
+        assert session is not None
+        assert (reply["roles"], reply["servers"]) == (["user"], [])
+        assert (reply["heartbeat_s"], reply["lease_ttl_s"]) == (session.heartbeat_s, session.ttl_s)
         with pytest.raises(BadRequest):
             await program.request("hello", timeout=5, protocol=1, client="p2")
         await program.request("ping", timeout=5)  # the first hello stands
