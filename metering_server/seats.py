@@ -168,15 +168,15 @@ class SeatService:
         await self.store.listen(self._on_notice)
         # The config may have changed while the server was down (a restart is how many
         # operators apply one): this catalogue becomes the site's.
-        await self.repool(claim=True)
+        await self.repool(claim=True, whole=True)
 
-    async def repool(self, *, claim: bool) -> None:
+    async def repool(self, *, claim: bool, whole: bool = False) -> None:
         """Make the site count leases by this catalogue (`LeaseStore.repool`): `claim`, at
         start and reload, makes its pool layouts the site's; a later pass only moves leases
         granted under the old one meanwhile (and claims nothing another server claimed)."""
         catalogue, removed = self.catalogue, set(self._removed) if claim else set()
         layouts = {**dict.fromkeys(removed, ""), **catalogue.layouts}
-        moved = await self.store.repool(_resolver(catalogue), layouts, claim=claim)
+        moved = await self.store.repool(_resolver(catalogue), layouts, claim=claim, whole=whole)
         self._removed -= removed
         if moved:
             self._log_as_server("info", "leases_repooled", leases=moved)

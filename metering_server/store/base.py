@@ -241,6 +241,13 @@ def of_product(records: list[UsageRecord], product: str | None) -> list[UsageRec
     return [r for r in records if name in (r.product.upper(), r.pool_product.upper())]
 
 
+def with_removed(site: Mapping[str, str], layouts: Mapping[str, str]) -> dict[str, str]:
+    """`layouts`, and every product the site counts (`site`) that they lack, as removed
+    (""): what a server started without a product claims."""
+    gone = {name: "" for name, layout in site.items() if layout and name not in layouts}
+    return {**gone, **layouts}
+
+
 def layouts_changed(site: Mapping[str, str], layouts: Mapping[str, str]) -> list[str]:
     """The products whose site layout a claim of `layouts` replaces (not first claims)."""
     return [name for name, layout in sorted(layouts.items()) if site.get(name, layout) != layout]
@@ -513,6 +520,7 @@ class LeaseStore(abc.ABC):
         layouts: Mapping[str, str],
         *,
         claim: bool,
+        whole: bool = False,
     ) -> int:
         """Make the site count leases as this catalogue does; returns how many leases moved.
 
@@ -528,7 +536,9 @@ class LeaseStore(abc.ABC):
         product's site layout is refused (`GrantOutcome.retired`), in the same statement as
         its count, so a grant resolved under another catalogue — in flight during the
         change, or on a server not reloaded — never counts a key the site no longer holds
-        the product's leases under.  `resolve` is pure, and may run on the store's thread."""
+        the product's leases under.  `resolve` is pure, and may run on the store's thread.
+        `whole` (with `claim`: a start, whose catalogue is the whole of the server's) also
+        claims every product the site counts and `layouts` lacks as removed ("")."""
 
     # --- authentication lockout, shared by every server on the store ---------------------
     @abc.abstractmethod

@@ -99,6 +99,7 @@ from .base import (
     renewed_lease,
     repool_moves,
     same_checkout,
+    with_removed,
 )
 from .coalesce import Batches, KeyedReads
 from .migrations_pg import lock_key, migrate
@@ -1495,10 +1496,14 @@ class PostgresStore(LeaseStore):
         layouts: Mapping[str, str],
         *,
         claim: bool,
+        whole: bool = False,
     ) -> int:
         changed: list[str] = []
 
         async def repool(db: asyncpg.Connection) -> int:
+            nonlocal layouts
+            if claim and whole:  # the products this catalogue lacks, as removed
+                layouts = with_removed(await self._layouts(db), layouts)
             # Each product's lock, as its grants take it (lock-key order): a grant counts
             # wholly before the change or wholly after it, on whatever catalogue.
             keys = sorted({lock_key("product", name) for name in layouts})

@@ -67,6 +67,7 @@ from .base import (
     renewed_lease,
     repool_moves,
     same_checkout,
+    with_removed,
 )
 from .notices import NoticeBoard, pool_text
 from .worker import StoreThread
@@ -1323,11 +1324,15 @@ class SQLiteStore(LeaseStore):
         layouts: Mapping[str, str],
         *,
         claim: bool,
+        whole: bool = False,
     ) -> int:
         changed: list[str] = []
 
         def repool(db: sqlite3.Connection) -> int:
+            nonlocal layouts
             if claim:
+                if whole:
+                    layouts = with_removed(self._layouts(db), layouts)
                 changed.extend(layouts_changed(self._layouts(db), layouts))
             verb = "INSERT OR REPLACE" if claim else "INSERT OR IGNORE"
             db.executemany(

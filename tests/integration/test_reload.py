@@ -610,6 +610,35 @@ async def _queued(client: Any, n: int) -> bool:
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("how", ["reload", "restart"])
+async def test_a_product_removed_on_one_server_is_removed_for_the_site(two_servers, how):
+    """Found by a review of pool changes: a reload that removed a product made the other
+    servers send its checkouts elsewhere (`overloaded`) until they were reloaded, but a
+    restart with it removed left the site counting it, and the others granted it on -
+    though the last server to start or reload decides (docs/operations.md)."""
+    a, b = two_servers
+    other = {**CLOCK, "name": "OTHER"}
+    srv_a = await a.start(products=[CLOCK, other])
+    await b.start(products=[CLOCK, other])
+    if how == "reload":
+        await a.reload(products=[other])
+    else:
+        await srv_a.shutdown(timeout=2.0)
+        a.server = None
+        await a.start(products=[other])
+    cb = await b.client()
+    try:
+        with pytest.raises(Overloaded):
+            await cb.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00")
+        await cb.request("checkout", timeout=5, product="OTHER", version="4.00")
+        await b.reload(products=[other])
+        with pytest.raises(UnknownProduct):
+            await cb.request("checkout", timeout=5, product="CLOCK.EXE", version="4.00")
+    finally:
+        await cb.close()
+
+
+@pytest.mark.asyncio
 async def test_a_server_whose_catalogue_is_not_the_sites_says_so_once_a_minute(two_servers):
     """It answers every new checkout of the product `overloaded` until it is reloaded;
     its operator learns why from its own log, not from clients' retries."""
