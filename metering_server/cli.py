@@ -22,6 +22,7 @@ from metering_protocol.config import (
     on_read_only_fs,
     stat_of,
 )
+from metering_protocol.address import parse_address
 from metering_protocol.unixsock import user_name
 from metering_runtime.cliargs import UsageParser
 from metering_runtime.exitcodes import (
@@ -112,7 +113,30 @@ def preflight(cfg: ServerConfig) -> None:
             if on_read_only_fs(existing):
                 raise PathUnavailable(where, key, f"{existing} is on a read-only file system")
             raise ConfigError(where, key, f"{existing} is not writable by this user")
+    _unix_socket_dirs(where, cfg.server.listen)
     _sqlite_file(where, cfg.store_url)
+
+
+def _unix_socket_dirs(where: Path | str, listen: list[str]) -> None:
+    """A unix:// listener's directory this user may not write: the start could not bind
+    (exit 69, restarted for ever) while --check-config said OK (found by a review of the
+    docs).  Only a directory that exists is judged: systemd's RuntimeDirectory= makes the
+    usual one (/run/metering) as the unit starts, after an operator's check."""
+    for i, addr in enumerate(listen):
+        if not addr.startswith("unix://"):
+            continue
+        directory = Path(parse_address(addr).path).parent
+        if directory.is_dir() and not os.access(directory, os.W_OK | os.X_OK):
+            if on_read_only_fs(directory):
+                raise PathUnavailable(
+                    where, f"server.listen[{i}]", f"{directory} is on a read-only file system"
+                )
+            raise ConfigError(
+                where,
+                f"server.listen[{i}]",
+                f"{directory} is not writable by user {_user_name(os.geteuid())}: the socket "
+                "cannot be made there",
+            )
 
 
 def _sqlite_file(where: Path | str, url: str) -> None:

@@ -184,9 +184,11 @@ def build_server_config(data: dict, path: Path | None) -> ServerConfig:
         raise ConfigError(where, "server.listen", "needs at least one address")
     if cfg.metrics.listen is not None:
         try:
-            clash("metrics.listen", cfg.metrics.listen, parse_listen(cfg.metrics.listen))
+            metrics_binds = parse_listen(cfg.metrics.listen)
         except ValueError as exc:
             raise ConfigError(where, "metrics.listen", str(exc)) from None
+        # outside the `try`: its ConfigError is a ValueError, and was named twice over
+        clash("metrics.listen", cfg.metrics.listen, metrics_binds)
     _check_site_servers(cfg, where)
     seen: set[tuple[str, str]] = set()
     for i, prod in enumerate(cfg.products):
@@ -372,7 +374,11 @@ def _store(
     )
     try:
         parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a bad port
+        # Each host's port (ValueError for a bad one): libpq's list of hosts for a
+        # failover pair (`db1:5432,db2:5432`, docs/operations.md) is one to the URL parser,
+        # which refused its "port" (found by a review of the docs).
+        for host in parts.netloc.rpartition("@")[2].split(","):
+            urlsplit(f"//{host}").port  # noqa: B018
         query = parse_qs(parts.query)
     except ValueError:
         raise unreadable from None

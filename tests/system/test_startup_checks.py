@@ -489,6 +489,30 @@ def test_a_database_file_this_user_cannot_write_is_a_config_error_naming_its_own
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop DAC capabilities (setpriv)")
+def test_a_unix_socket_directory_this_user_cannot_write_is_a_config_error(tmp_path):
+    """Found by a review of the docs: --check-config as the service user said OK for a
+    unix:// listener in a directory it cannot write, and the start exited 69 - restarted by
+    the unit every 2 s for ever, where a config error (78) stops."""
+    sockets = tmp_path / "run"
+    sockets.mkdir(mode=0o755)
+    os.chown(sockets, 65534, 65534)  # nobody's, as /run/metering is to another service user
+    path = server_toml(tmp_path, [f"unix://{sockets}/server.sock"])
+    write_credentials(path.parent / "credentials.toml", {})
+    as_user = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+    for args in (["--check-config", str(path)], ["--config", str(path)]):
+        proc = subprocess.run(
+            [*as_user, cli_path("metering-server"), *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+        )
+        assert proc.returncode == 78, proc.stderr
+        line = one_line(proc.stderr, "metering-server")
+        assert "server.listen[0]" in line and f"{sockets} is not writable" in line, line
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop DAC capabilities (setpriv)")
 @pytest.mark.parametrize(
     "command", [["status"], ["run", "--product", "A", "--version", "1", "--", "true"]]
 )

@@ -161,6 +161,7 @@ def test_server_config_errors_name_file_key_and_problem(tmp_path, text, key, pro
     line = str(err.value)
     assert "\n" not in line
     assert line.startswith(f"{path}: {key}: "), line
+    assert line.count(f"{path}: ") == 1, line  # found by a review: metrics.listen's twice
     assert problem in line
 
 
@@ -342,3 +343,15 @@ def test_a_shared_config_naming_no_socket_gives_every_user_the_agents_socket(tmp
     assert own.socket == tmp_path / "st" / "agent.sock"  # a state dir the config names
     alone = build_client_config({"servers": {"list": ["tcp://a:1"]}}, None)  # no config file
     assert alone.socket == alone.state_dir / "agent.sock"
+
+
+def test_a_store_url_naming_several_hosts_is_taken_and_each_port_checked(tmp_path):
+    """Found by a review of the docs: the failover URL docs/operations.md shows (libpq's
+    list of hosts, `target_session_attrs=read-write`) was refused as "not a valid URL": the
+    URL parser read the list as one host with a bad port."""
+    url = "postgresql://metering@db1:5432,db2:5433/metering?target_session_attrs=read-write"
+    config = load_server_config(write(tmp_path, f"[store]\nurl = '{url}'\n"))
+    assert config.store_url == url
+    bad = "postgresql://metering@db1:5432,db2:54x3/metering"
+    with pytest.raises(ConfigError, match="store.url: not a valid URL"):
+        load_server_config(write(tmp_path, f"[store]\nurl = '{bad}'\n"))
