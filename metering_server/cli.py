@@ -15,6 +15,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from metering_protocol.address import parse_address
 from metering_protocol.config import (
     ConfigError,
     PathUnavailable,
@@ -22,7 +23,6 @@ from metering_protocol.config import (
     on_read_only_fs,
     stat_of,
 )
-from metering_protocol.address import parse_address
 from metering_protocol.unixsock import user_name
 from metering_runtime.cliargs import UsageParser
 from metering_runtime.exitcodes import (

@@ -353,5 +353,5 @@ def test_a_store_url_naming_several_hosts_is_taken_and_each_port_checked(tmp_pat
     config = load_server_config(write(tmp_path, f"[store]\nurl = '{url}'\n"))
     assert config.store_url == url
     bad = "postgresql://metering@db1:5432,db2:54x3/metering"
-    with pytest.raises(ConfigError, match="store.url: not a valid URL"):
+    with pytest.raises(ConfigError, match=r"store\.url: not a valid URL"):
         load_server_config(write(tmp_path, f"[store]\nurl = '{bad}'\n"))
