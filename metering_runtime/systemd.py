@@ -168,6 +168,14 @@ class ServiceNotifier:
 SD_LISTEN_FDS_START = 3
 
 
+def socket_activated() -> bool:
+    """Whether systemd passed this process listening sockets (before `listen_sockets`
+    takes them)."""
+    return os.environ.get("LISTEN_PID") == str(os.getpid()) and os.environ.get(
+        "LISTEN_FDS", "0"
+    ) not in ("", "0")
+
+
 def listen_sockets() -> list[socket.socket]:
     """Sockets passed by systemd socket activation (LISTEN_PID/LISTEN_FDS), once."""
     if os.environ.get("LISTEN_PID") != str(os.getpid()):

@@ -788,8 +788,12 @@ class SeatService:
                 self._holders.pop(lease, None)
 
     async def _touch_server(self, now: float) -> None:
-        settings = self.settings
-        await self.store.touch_server(settings.server, now + settings.seen_lead_s, settings.ttl_s)
+        # The lead moves `seen_at` only: its waiters' grace still runs `ttl_s` from now (a
+        # negative lead, a sweep under 1 s, put it in the past for a short TTL, and every
+        # sweep sent the server's own waiters to the back of the queue: found by a review).
+        lead = self.settings.seen_lead_s
+        ttl_s = self.settings.ttl_s
+        await self.store.touch_server(self.settings.server, now + lead, ttl_s - lead)
 
     def _lease_gone(self, rec: LeaseRecord, reason: str) -> None:
         holder = self._holders.pop(rec.lease, None)

@@ -391,3 +391,40 @@ async def test_a_server_forgets_the_holders_of_leases_ended_through_another(stor
         assert set(a._holders) == {kept, elsewhere, lapsed}  # nothing told srv-a
         await a.sweep()
         assert set(a._holders) == {kept}
+
+
+@pytest.mark.parametrize("sweep_s", [1.0, 0.2])
+async def test_a_fast_sweeping_server_with_a_short_ttl_keeps_its_waiters_places(
+    store_site, sweep_s
+):
+    """Found by the review of the fix above: a server sweeping faster than once a second
+    writes `seen_at` behind its time, and its waiters' grace was taken from that time too:
+    with a 2 s TTL it lay in the past, so every sweep sent the server's own waiters to the
+    back of the site's queue, and a later waiter on another server got the freed seat."""
+    now = [T0]
+    ttl = 2.0
+    ask = CheckoutRequest(ONE.product, ONE.version, "u")
+    wait = msgspec.structs.replace(ask, wait_s=30.0)
+    settings = [SeatSettings(name, ttl, 100, sweep_s) for name in ("srv-a", "srv-b")]
+    async with opened(store_site.new_store()) as sa, opened(store_site.new_store()) as sb:
+        a = SeatService(sa, Catalogue([ONE]), settings[0], clock=lambda: now[0])
+        b = SeatService(sb, Catalogue([ONE]), settings[1], clock=lambda: now[0])
+        await a.start()
+        await b.start()
+        holder = _SeatHolder("ws-0")
+        held = await b.checkout(holder, ask)
+        first = asyncio.ensure_future(a.checkout(_SeatHolder("ws-1"), wait))
+        await async_wait_until(lambda: a.queued(ONE.key) == 1, what="the first queued")
+        now[0] += 0.01
+        second = asyncio.ensure_future(b.checkout(_SeatHolder("ws-2"), wait))
+        await async_wait_until(lambda: b.queued(ONE.key) == 1, what="the second queued")
+        now[0] = T0 + 0.2
+        await b.sweep()
+        await a.sweep()  # one ordinary sweep each, the lease live
+        now[0] = T0 + 0.3
+        await b.release(holder, held.lease.lease)
+        done, _ = await asyncio.wait({first, second}, timeout=5, return_when="FIRST_COMPLETED")
+        for waiting in (first, second):
+            waiting.cancel()
+        await asyncio.gather(first, second, return_exceptions=True)
+        assert done == {first}, "the freed seat went to the later waiter"

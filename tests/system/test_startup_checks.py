@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import tomllib
 from pathlib import Path
@@ -510,6 +511,17 @@ def test_a_unix_socket_directory_this_user_cannot_write_is_a_config_error(tmp_pa
         assert proc.returncode == 78, proc.stderr
         line = one_line(proc.stderr, "metering-server")
         assert "server.listen[0]" in line and f"{sockets} is not writable" in line, line
+    # Found by the review of that check: a socket systemd made and passed (socket
+    # activation) needs no directory the server may write; refusing it stopped the service.
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listening.bind(str(sockets / "server.sock"))
+    listening.listen(16)
+    daemon = server_daemon(path, sockets=[listening], wrap=as_user)
+    try:
+        daemon.start()  # server_started, on the inherited socket
+    finally:
+        daemon.stop()
+        listening.close()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop DAC capabilities (setpriv)")
