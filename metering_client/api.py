@@ -22,7 +22,7 @@ from metering_client.connector import Connector
 from metering_client.keeper import HeldLease, LeaseKeeper
 from metering_client.programs import announce_direct_seat, withdraw_direct_seat
 from metering_client.serverlist import ServerList
-from metering_protocol.client import ProtocolClient
+from metering_protocol.client import MAX_REPLY_BYTES, ProtocolClient
 from metering_protocol.errors import Denied, LeaseRevoked, MeteringError
 from metering_runtime.logs import get_logger
 
@@ -35,7 +35,9 @@ async def connect_agent(config: ClientConfig) -> ProtocolClient | None:
         return None
     try:
         client = await ProtocolClient.connect(
-            f"unix://{config.socket}", timeout=config.connect_timeout_s
+            f"unix://{config.socket}",
+            timeout=config.connect_timeout_s,
+            max_frame_bytes=MAX_REPLY_BYTES,  # `status` holds the site's whole catalogue
         )
     except MeteringError as exc:
         log.debug("agent_not_answering", socket=str(config.socket), error=str(exc))

@@ -24,7 +24,7 @@ from metering_client.config import ClientConfig, token_stamp
 from metering_client.holdoff import AuthHoldoff
 from metering_client.retry import RetryPolicy, RetrySettings, attempt_order
 from metering_client.serverlist import ServerEntry, ServerList
-from metering_protocol.client import ProtocolClient
+from metering_protocol.client import MAX_REPLY_BYTES, ProtocolClient
 from metering_protocol.errors import (
     AUTH_TERMINAL,
     CertificateError,
@@ -48,8 +48,10 @@ def reply_max_bytes(batch_max_bytes: int) -> int:
     """The largest server reply a session reads.  A `usage` reply lists every refused record
     with its error, and may outgrow its request: a batch of 400 KB all refused was answered
     in more than the 64 KiB a session read, and each new session died on the same upload
-    (found by a review)."""
-    return max(DEFAULT_MAX_FRAME_BYTES, 4 * batch_max_bytes)
+    (found by a review).  A large site's catalogue (`status`, the watcher's) is as large as
+    it is: read up to MAX_REPLY_BYTES (at 240 KB, 600 products with long names made the
+    agent fail over again and again: found by a review of large sites)."""
+    return max(DEFAULT_MAX_FRAME_BYTES, MAX_REPLY_BYTES, 4 * batch_max_bytes)
 
 
 class ServerSession:

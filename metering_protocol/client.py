@@ -30,6 +30,11 @@ _LARGE_FRAME_BYTES = 256
 EventHandler = Callable[[dict[str, Any]], None]
 
 
+# The largest reply our own tools and agents read.  Replies have no bound the protocol
+# sets: a large site's `status` (its catalogue), `lockouts` or a reload's summary passed
+# the 64 KiB a request may be, and each such command failed, or an agent downloading
+# its catalogue failed over for ever (found by a review of large sites).
+MAX_REPLY_BYTES = 16 * 1024 * 1024
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close sends a reset
 ORPHAN_WAIT_S = 10.0  # `close` waits this long at most for abandoned checkouts' replies
 

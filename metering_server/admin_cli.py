@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from metering_protocol.address import Address, AddressError, parse_address
-from metering_protocol.client import ProtocolClient
+from metering_protocol.client import MAX_REPLY_BYTES, ProtocolClient
 from metering_protocol.config import ConfigError
 from metering_protocol.errors import (
     BadRequest,
@@ -42,7 +42,6 @@ from metering_protocol.errors import (
     UnknownError,
     UnknownProduct,
 )
-from metering_protocol.framing import DEFAULT_MAX_FRAME_BYTES
 from metering_protocol.messages import parse_time
 from metering_protocol.timefmt import rfc3339
 from metering_runtime.cliargs import UsageParser
@@ -357,7 +356,7 @@ def _ssl_context(args: argparse.Namespace, addr: Address) -> ssl.SSLContext | No
 
 
 async def _session(
-    args: argparse.Namespace, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    args: argparse.Namespace, max_frame_bytes: int = MAX_REPLY_BYTES
 ) -> ProtocolClient:
     """Connect and say hello: a token when given, else peer credentials over unix://."""
     addr = _server_address(args)
@@ -400,7 +399,7 @@ async def _call(
     args: argparse.Namespace,
     op: str,
     *,
-    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    max_frame_bytes: int = MAX_REPLY_BYTES,
     pages_of: str | None = None,
     **fields: Any,
 ) -> dict[str, Any]:
@@ -617,8 +616,6 @@ def _when(text: str, option: str, *, end_of_day: bool = False) -> float:
 
 REPORT_DEFAULT_DAYS = 7
 EARLIEST_TIME = datetime(1, 1, 1, tzinfo=UTC).timestamp()  # the first instant RFC 3339 names
-# A report of many products and users is larger than an ordinary reply: accept one this big.
-REPORT_MAX_FRAME_BYTES = 16 * 1024 * 1024
 
 
 async def cmd_report(args: argparse.Namespace) -> int:
@@ -643,7 +640,7 @@ async def cmd_report(args: argparse.Namespace) -> int:
     if args.product:
         fields["product"] = args.product
     try:
-        reply = await _call(args, "report", max_frame_bytes=REPORT_MAX_FRAME_BYTES, **fields)
+        reply = await _call(args, "report", **fields)
     except BadRequest as exc:
         if exc.message.startswith("unknown op"):
             raise AdminError(

@@ -16,6 +16,7 @@ from metering_client.config import build_client_config
 from metering_client.keeper import OVERLOADED_BEATS_BEFORE_MOVING, HeldLease, LeaseKeeper
 from metering_client.serverlist import ServerEntry
 from metering_protocol.errors import ConnectionLost, MeteringError, Overloaded
+from metering_protocol.framing import encode
 from tests.support import async_wait_until
 
 CONFIG = build_client_config(
@@ -406,3 +407,31 @@ async def test_a_checkin_cancelled_while_no_server_answers_is_given_back_later()
     given_back = ("checkin", {"lease": held.lease})
     await async_wait_until(lambda: given_back in second.requests, what="the seat given back")
     await keeper.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_heartbeat_of_many_leases_is_split_under_the_servers_frame():
+    """Found by a review of large sites: one heartbeat held every lease, and past about
+    2,300 (a terminal server's agent) the server answered `too_large` and the session died
+    at every beat.  Each request stays under the server's frame; the replies are joined."""
+
+    class Renewing(FakeSession):
+        __slots__ = ()
+        max_frame_bytes = 2048
+
+        async def request(self, op: str, *, timeout: float, **fields: Any) -> dict[str, Any]:
+            await super().request(op, timeout=timeout, **fields)
+            leases = fields["leases"]
+            return {"renewed": leases[1:], "lost": leases[:1], "revoked": []}
+
+    session = Renewing(A)
+    keeper, _ = make_keeper(FakeConnector(session))
+    leases = [f"L{i:024d}" for i in range(500)]
+    reply = await keeper._heartbeat(session, leases)
+    sent = [fields["leases"] for op, fields in session.requests]
+    assert len(sent) > 1 and [x for chunk in sent for x in chunk] == leases
+    for chunk in sent:
+        frame = encode({"id": 2**31, "op": "heartbeat", "leases": chunk})
+        assert len(frame) <= Renewing.max_frame_bytes
+    assert sorted(reply["renewed"] + reply["lost"]) == leases
+    assert reply["lost"] == [chunk[0] for chunk in sent]
