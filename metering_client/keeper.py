@@ -41,6 +41,7 @@ from metering_protocol.errors import (
     Unavailable,
 )
 from metering_protocol.framing import DEFAULT_MAX_FRAME_BYTES
+from metering_protocol.messages import MAX_HEARTBEAT_LEASES
 from metering_protocol.names import same_product
 from metering_runtime.logs import get_logger
 from metering_runtime.tasks import TaskOwner
@@ -796,13 +797,15 @@ class LeaseKeeper:
         """`heartbeat` for every held lease, in requests each under the server's largest
         frame: one request held them all, and past about 2,300 leases (a terminal server's
         agent) it was `too_large`, and the session died at every beat (found by a review
-        of large sites).  The replies' lists are joined."""
+        of large sites).  Nor more leases than a heartbeat may name (`bad_request` renewed
+        none, beat after beat, behind a server with a larger frame).  The replies' lists
+        are joined."""
         budget = (session.max_frame_bytes or DEFAULT_MAX_FRAME_BYTES) * 9 // 10 - 256
         chunks: list[list[str]] = [[]]
         size = 0
         for lease in leases:
             cost = len(json.dumps(lease)) + 1
-            if chunks[-1] and size + cost > budget:
+            if chunks[-1] and (size + cost > budget or len(chunks[-1]) >= MAX_HEARTBEAT_LEASES):
                 chunks.append([])
                 size = 0
             chunks[-1].append(lease)

@@ -79,8 +79,11 @@ class Cancel(Request, frozen=True, kw_only=True):
     request: Id
 
 
+MAX_HEARTBEAT_LEASES = 4096  # leases one heartbeat may name (more: `bad_request`)
+
+
 class Heartbeat(Request, frozen=True, kw_only=True):
-    leases: Annotated[list[LeaseId], msgspec.Meta(max_length=4096)]
+    leases: Annotated[list[LeaseId], msgspec.Meta(max_length=MAX_HEARTBEAT_LEASES)]
 
 
 class Checkin(Request, frozen=True, kw_only=True):

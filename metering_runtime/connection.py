@@ -265,9 +265,13 @@ class Connection(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        transport.write(framing.encode(message))
+        frame = framing.encode(message)
+        transport.write(frame)
+        # A slow reader is one that left more than the limit unread *before* this frame: a
+        # reply larger than the limit by itself (a large site's catalogue in `status`) is
+        # not a peer's fault, and was cut off at 1 MiB (found by a review of large sites).
         limit = self.limits.max_write_buffer_bytes
-        if transport.get_write_buffer_size() > limit:
+        if transport.get_write_buffer_size() - len(frame) > limit:
             log.warning("slow_reader_closed", conn=self.peer.conn_id, queued_bytes=limit)
             self.abort()
 

@@ -168,12 +168,28 @@ class ServiceNotifier:
 SD_LISTEN_FDS_START = 3
 
 
-def socket_activated() -> bool:
-    """Whether systemd passed this process listening sockets (before `listen_sockets`
-    takes them)."""
-    return os.environ.get("LISTEN_PID") == str(os.getpid()) and os.environ.get(
-        "LISTEN_FDS", "0"
-    ) not in ("", "0")
+def inherited_unix_paths() -> set[str]:
+    """The paths of the unix sockets systemd passed this process, looked at without taking
+    them (`listen_sockets` does that later)."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return set()
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return set()
+    paths = set()
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            continue
+        try:
+            name = sock.getsockname() if sock.family == socket.AF_UNIX else None
+        finally:
+            sock.detach()
+        if isinstance(name, str) and name:
+            paths.add(os.path.normpath(name))
+    return paths
 
 
 def listen_sockets() -> list[socket.socket]:

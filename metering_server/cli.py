@@ -122,15 +122,17 @@ def _unix_socket_dirs(where: Path | str, listen: list[str]) -> None:
     """A unix:// listener's directory this user may not write: the start could not bind
     (exit 69, restarted for ever) while --check-config said OK (found by a review of the
     docs).  Only a directory that exists is judged: systemd's RuntimeDirectory= makes the
-    usual one (/run/metering) as the unit starts, after an operator's check.  Not judged
-    under socket activation: systemd made the sockets, and the server never makes or removes
-    their files (found by a review of this check)."""
-    if systemd.socket_activated():
-        return
+    usual one (/run/metering) as the unit starts, after an operator's check.  Nor a socket
+    systemd made and passed (socket activation): the server never makes or removes its
+    file (found by a review of this check); an address without one is bound as usual."""
+    inherited = systemd.inherited_unix_paths()
     for i, addr in enumerate(listen):
         if not addr.startswith("unix://"):
             continue
-        directory = Path(parse_address(addr).path).parent
+        path = os.path.normpath(parse_address(addr).path)
+        if path in inherited:
+            continue
+        directory = Path(path).parent
         if directory.is_dir() and not os.access(directory, os.W_OK | os.X_OK):
             if on_read_only_fs(directory):
                 raise PathUnavailable(

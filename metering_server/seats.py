@@ -88,6 +88,14 @@ class SeatSettings:
         return 3 * self.sweep_interval_s + 1.0
 
     @property
+    def orphan_grace_s(self) -> float:
+        """How long a queue entry is kept past its server's last touch: the lease TTL, and
+        never less than the server's liveness - else a server sweeping every 5 s with a 4 s
+        TTL had its live waiters' entries lapse for a second of every five, and they went
+        to the back of the queue (found by a review)."""
+        return max(self.ttl_s, self.liveness_s)
+
+    @property
     def seen_lead_s(self) -> float:
         """How far ahead of its time a server writes its `seen_at` (`touch_server`), so
         that every server, judging by the same `LIVENESS_BASE_S`, finds it dead after its
@@ -470,7 +478,7 @@ class SeatService:
             now=now,
             deadline=waiter.deadline,
             idempotency_key=req.idempotency_key,
-            orphan_grace_s=self.settings.ttl_s,
+            orphan_grace_s=self.settings.orphan_grace_s,
         )
 
     async def _requeue(self, waiter: Waiter) -> None:
@@ -788,12 +796,12 @@ class SeatService:
                 self._holders.pop(lease, None)
 
     async def _touch_server(self, now: float) -> None:
-        # The lead moves `seen_at` only: its waiters' grace still runs `ttl_s` from now (a
+        # The lead moves `seen_at` only: its waiters' grace still runs from now (a
         # negative lead, a sweep under 1 s, put it in the past for a short TTL, and every
         # sweep sent the server's own waiters to the back of the queue: found by a review).
         lead = self.settings.seen_lead_s
-        ttl_s = self.settings.ttl_s
-        await self.store.touch_server(self.settings.server, now + lead, ttl_s - lead)
+        grace = self.settings.orphan_grace_s
+        await self.store.touch_server(self.settings.server, now + lead, grace - lead)
 
     def _lease_gone(self, rec: LeaseRecord, reason: str) -> None:
         holder = self._holders.pop(rec.lease, None)

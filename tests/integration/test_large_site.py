@@ -12,7 +12,7 @@ import pytest
 
 from metering_client.agent import Agent
 from metering_client.api import connect_agent
-from metering_protocol.client import ProtocolClient
+from metering_protocol.client import MAX_REPLY_BYTES, ProtocolClient
 from metering_protocol.framing import DEFAULT_MAX_FRAME_BYTES, encode
 from tests.support import agent_config, async_wait_until
 
@@ -84,3 +84,24 @@ async def test_admin_commands_read_replies_past_64_kib(make_server, tmp_path):
     assert len(status["products"]) == len(PRODUCTS)
     assert len(json.dumps(status)) > DEFAULT_MAX_FRAME_BYTES
     await admin("leases", "--product", PRODUCTS[-1]["name"])  # checked against `status`
+
+
+@pytest.mark.asyncio
+async def test_a_reply_larger_than_the_write_buffer_limit_is_sent_whole(make_server):
+    """Found by a review of the fix above: a reply larger by itself than
+    `max_write_buffer_bytes` (the slow-reader limit) had the connection cut as a slow
+    reader's, so a catalogue past 1 MiB still failed over unix://.  The limit judges what
+    was left unread before the reply."""
+    many = [{**p, "name": f"Q{i:05d}" + p["name"][5:]} for i, p in enumerate(PRODUCTS * 5)]
+    server = await make_server(
+        products=many, credentials=CREDS, server={"max_write_buffer_bytes": 65536}
+    )
+    ops = await ProtocolClient.connect(
+        server.address("unix"), timeout=5, max_frame_bytes=MAX_REPLY_BYTES
+    )
+    try:
+        await ops.hello("ops", user="ops", token="ops-tok", timeout=5)
+        status = await ops.request("status", timeout=10)
+        assert len(status["products"]) == len(many)
+    finally:
+        await ops.close()

@@ -428,3 +428,37 @@ async def test_a_fast_sweeping_server_with_a_short_ttl_keeps_its_waiters_places(
             waiting.cancel()
         await asyncio.gather(first, second, return_exceptions=True)
         assert done == {first}, "the freed seat went to the later waiter"
+
+
+async def test_a_slow_sweeping_server_keeps_its_waiters_places(store_site):
+    """Found by a review: a server sweeping every 5 s with a 4 s TTL (a valid config) kept
+    its waiters' entries for the TTL after each touch, not for its liveness (16 s): for the
+    last second of every interval another server's sweep dropped them, and a later waiter
+    on that server got the freed seat.  Entries are kept `SeatSettings.orphan_grace_s`."""
+    now = [T0]
+    ttl = 4.0
+    ask = CheckoutRequest(ONE.product, ONE.version, "u")
+    wait = msgspec.structs.replace(ask, wait_s=60.0)
+    slow, fast = SeatSettings("srv-a", ttl, 100, 5.0), SeatSettings("srv-b", ttl, 100, 0.2)
+    async with opened(store_site.new_store()) as sa, opened(store_site.new_store()) as sb:
+        a = SeatService(sa, Catalogue([ONE]), slow, clock=lambda: now[0])
+        b = SeatService(sb, Catalogue([ONE]), fast, clock=lambda: now[0])
+        await a.start()
+        await b.start()
+        holder = _SeatHolder("ws-0")  # its lease (TTL 30 s) outlives the test
+        held = await b.checkout(holder, ask)
+        first = asyncio.ensure_future(a.checkout(_SeatHolder("ws-1"), wait))
+        await async_wait_until(lambda: a.queued(ONE.key) == 1, what="the first queued")
+        await a.sweep()  # srv-a's touch at T0; its next is due at T0 + 5
+        now[0] = T0 + 0.1
+        second = asyncio.ensure_future(b.checkout(_SeatHolder("ws-2"), wait))
+        await async_wait_until(lambda: b.queued(ONE.key) == 1, what="the second queued")
+        for i in range(1, 23):  # srv-b sweeps every 0.2 s up to T0 + 4.4: srv-a is live
+            now[0] = T0 + 0.2 * i
+            await b.sweep()
+        await b.release(holder, held.lease.lease)
+        done, _ = await asyncio.wait({first, second}, timeout=5, return_when="FIRST_COMPLETED")
+        for waiting in (first, second):
+            waiting.cancel()
+        await asyncio.gather(first, second, return_exceptions=True)
+        assert done == {first}, "the freed seat went to the later waiter"

@@ -522,6 +522,19 @@ def test_a_unix_socket_directory_this_user_cannot_write_is_a_config_error(tmp_pa
     finally:
         daemon.stop()
         listening.close()
+    # ... but only the addresses systemd passed: one it did not is bound as usual, and its
+    # directory judged (else 69, restarted for ever: found by a review of that fix).
+    tcp = bind_tcp()
+    port = tcp.getsockname()[1]
+    path = server_toml(tmp_path, [f"tcp://127.0.0.1:{port}", f"unix://{sockets}/other.sock"])
+    daemon = server_daemon(path, sockets=[tcp], wrap=as_user, ready_event=None)
+    try:
+        daemon.start()
+        assert daemon.proc is not None and daemon.proc.wait(30) == 78, daemon.text()
+        assert "server.listen[1]" in daemon.text() and "is not writable" in daemon.text()
+    finally:
+        daemon.stop()
+        tcp.close()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop DAC capabilities (setpriv)")

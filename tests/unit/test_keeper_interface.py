@@ -17,6 +17,7 @@ from metering_client.keeper import OVERLOADED_BEATS_BEFORE_MOVING, HeldLease, Le
 from metering_client.serverlist import ServerEntry
 from metering_protocol.errors import ConnectionLost, MeteringError, Overloaded
 from metering_protocol.framing import encode
+from metering_protocol.messages import MAX_HEARTBEAT_LEASES
 from tests.support import async_wait_until
 
 CONFIG = build_client_config(
@@ -435,3 +436,21 @@ async def test_a_heartbeat_of_many_leases_is_split_under_the_servers_frame():
         assert len(frame) <= Renewing.max_frame_bytes
     assert sorted(reply["renewed"] + reply["lost"]) == leases
     assert reply["lost"] == [chunk[0] for chunk in sent]
+
+
+@pytest.mark.asyncio
+async def test_a_heartbeat_names_no_more_leases_than_the_protocol_takes():
+    """Found by a review of that split: behind a server with a larger frame, one chunk
+    held more than the 4,096 leases a heartbeat may name: `bad_request`, nothing renewed,
+    every beat, while the agent believed it held them all."""
+
+    class Wide(FakeSession):
+        __slots__ = ()
+        max_frame_bytes = 1 << 20
+
+    session = Wide(A)
+    keeper, _ = make_keeper(FakeConnector(session))
+    leases = [f"L{i:024d}" for i in range(MAX_HEARTBEAT_LEASES * 2 + 10)]
+    await keeper._heartbeat(session, leases)
+    sizes = [len(fields["leases"]) for _, fields in session.requests]
+    assert sizes == [MAX_HEARTBEAT_LEASES, MAX_HEARTBEAT_LEASES, 10]
