@@ -1286,37 +1286,16 @@ class SQLiteStore(LeaseStore):
         return held
 
     async def revoked_among(self, leases: list[str]) -> list[str]:
-        def select(db: sqlite3.Connection) -> list[str]:
-            found = set()
-            for start in range(0, len(leases), 500):
-                chunk = leases[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                found.update(
-                    r[0]
-                    for r in db.execute(
-                        f"SELECT lease FROM revoked WHERE lease IN ({marks})", chunk
-                    )
-                )
-            return [x for x in leases if x in found]
-
-        return await self._read(select)
+        return await self._read(
+            lambda db: _leases_among(db, "SELECT lease FROM revoked WHERE", (), leases)
+        )
 
     async def live_among(self, leases: list[str], now: float) -> list[str]:
-        def select(db: sqlite3.Connection) -> list[str]:
-            found = set()
-            for start in range(0, len(leases), 500):
-                chunk = leases[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                found.update(
-                    r[0]
-                    for r in db.execute(
-                        f"SELECT lease FROM leases WHERE {_LIVE} AND lease IN ({marks})",
-                        (now, *chunk),
-                    )
-                )
-            return [x for x in leases if x in found]
-
-        return await self._read(select)
+        return await self._read(
+            lambda db: _leases_among(
+                db, f"SELECT lease FROM leases WHERE {_LIVE} AND", (now,), leases
+            )
+        )
 
     async def repool(
         self,
@@ -1675,3 +1654,17 @@ def _values(r: LeaseRecord) -> tuple:
         r.expires_at,
         int(r.overuse),
     )
+
+
+def _leases_among(
+    db: sqlite3.Connection, select: str, params: tuple[Any, ...], leases: list[str]
+) -> list[str]:
+    """Those of `leases` that `select` ("SELECT lease FROM ... WHERE ... [AND]", its
+    `params` first) finds, in their order: asked 500 at a time (SQLite's bound on a
+    statement's parameters is 999 on older builds)."""
+    found: set[str] = set()
+    for start in range(0, len(leases), 500):
+        chunk = leases[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        found.update(r[0] for r in db.execute(f"{select} lease IN ({marks})", (*params, *chunk)))
+    return [x for x in leases if x in found]
