@@ -33,7 +33,6 @@ from metering_protocol.errors import (
     MeteringError,
     Unavailable,
 )
-from metering_protocol.framing import DEFAULT_MAX_FRAME_BYTES
 from metering_runtime.durable import write_atomic
 from metering_runtime.logs import get_logger
 from metering_runtime.tokens import TokenFileError, require_token_file
@@ -51,7 +50,7 @@ def reply_max_bytes(batch_max_bytes: int) -> int:
     (found by a review).  A large site's catalogue (`status`, the watcher's) is as large as
     it is: read up to MAX_REPLY_BYTES (at 240 KB, 600 products with long names made the
     agent fail over again and again: found by a review of large sites)."""
-    return max(DEFAULT_MAX_FRAME_BYTES, MAX_REPLY_BYTES, 4 * batch_max_bytes)
+    return max(MAX_REPLY_BYTES, 4 * batch_max_bytes)
 
 
 class ServerSession:

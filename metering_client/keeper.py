@@ -40,7 +40,7 @@ from metering_protocol.errors import (
     ShuttingDown,
     Unavailable,
 )
-from metering_protocol.framing import DEFAULT_MAX_FRAME_BYTES
+from metering_protocol.framing import DEFAULT_MAX_FRAME_BYTES, items_budget
 from metering_protocol.messages import MAX_HEARTBEAT_LEASES
 from metering_protocol.names import same_product
 from metering_runtime.logs import get_logger
@@ -800,7 +800,7 @@ class LeaseKeeper:
         of large sites).  Nor more leases than a heartbeat may name (`bad_request` renewed
         none, beat after beat, behind a server with a larger frame).  The replies' lists
         are joined."""
-        budget = (session.max_frame_bytes or DEFAULT_MAX_FRAME_BYTES) * 9 // 10 - 256
+        budget = items_budget(session.max_frame_bytes or DEFAULT_MAX_FRAME_BYTES)
         chunks: list[list[str]] = [[]]
         size = 0
         for lease in leases:

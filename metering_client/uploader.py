@@ -22,6 +22,7 @@ from typing import Any
 
 from metering_client.spool import Spool
 from metering_protocol.errors import MeteringError
+from metering_protocol.framing import items_budget
 from metering_protocol.timefmt import rfc3339
 from metering_runtime.logs import get_logger
 
@@ -121,7 +122,7 @@ class Uploader:
         # The request's own fields and the records' commas, on top of the records' sizes;
         # under MIN_BATCH_BYTES too for a server that small (a batch holds one record at
         # least, whatever its budget).
-        return max(1, min(self.batch_max_bytes, limit * 9 // 10 - 256))
+        return max(1, min(self.batch_max_bytes, items_budget(limit)))
 
     def _failed(self, error: str) -> None:
         if error != self.error:  # once per distinct error, not once per round

@@ -22,6 +22,12 @@ _BLANKS = re.compile(rb"[\r\n \t]+")
 _BLANK_BYTES = frozenset(b"\r\n \t")
 
 
+def items_budget(max_frame_bytes: int) -> int:
+    """The bytes of list items (records, lease ids) a request may carry under a server's
+    `max_frame_bytes`: room kept for the request's own fields and the items' separators."""
+    return max_frame_bytes * 9 // 10 - 256
+
+
 def encode(message: dict[str, Any]) -> bytes:
     return _encoder.encode(message) + b"\n"
 

@@ -355,9 +355,7 @@ def _ssl_context(args: argparse.Namespace, addr: Address) -> ssl.SSLContext | No
         raise AdminError(f"--ca-file {args.ca_file}: {reason}", EX_CONFIG) from None
 
 
-async def _session(
-    args: argparse.Namespace, max_frame_bytes: int = MAX_REPLY_BYTES
-) -> ProtocolClient:
+async def _session(args: argparse.Namespace) -> ProtocolClient:
     """Connect and say hello: a token when given, else peer credentials over unix://."""
     addr = _server_address(args)
     token = read_token(args.token_file) if args.token_file is not None else None
@@ -378,7 +376,7 @@ async def _session(
             addr,
             timeout=args.timeout or DEFAULT_TIMEOUT_S,
             ssl_context=ctx,
-            max_frame_bytes=max_frame_bytes,
+            max_frame_bytes=MAX_REPLY_BYTES,  # a large site's status, lockouts, report
         )
     except ConnectionLost as exc:
         raise AdminError(f"cannot connect to {exc.message}", EX_UNAVAILABLE) from None
@@ -399,13 +397,12 @@ async def _call(
     args: argparse.Namespace,
     op: str,
     *,
-    max_frame_bytes: int = MAX_REPLY_BYTES,
     pages_of: str | None = None,
     **fields: Any,
 ) -> dict[str, Any]:
     """One request on a new session; with `pages_of`, a paged op (`leases`): follow `next`
     on the same session and return the first reply with every page's `pages_of` list."""
-    client = await _session(args, max_frame_bytes)
+    client = await _session(args)
     # A year's report of a busy site is a long read: its reply gets longer by default.
     timeout = args.timeout or (REPORT_TIMEOUT_S if op == "report" else DEFAULT_TIMEOUT_S)
     try:
@@ -794,7 +791,7 @@ def report_table(data: dict[str, Any]) -> str:
         lines += ["", f"{p.get('product')} {p.get('version')}: per user"]
         lines.append(table([k.upper() for k in ukeys], [[u.get(k) for k in ukeys] for u in users]))
     lines += ["", "hours: time in use within the period; peak: most seats in use at one instant"]
-    still = sum(p.get("open") or 0 for p in products if isinstance(p.get("open"), int))
+    still = sum(p["open"] for p in products if isinstance(p.get("open"), int))
     if still:
         lines.append(
             f"sessions include {still} run(s) still holding a seat, counted up to "

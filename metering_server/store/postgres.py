@@ -1339,32 +1339,26 @@ class PostgresStore(LeaseStore):
         return await self._run("revoke", revoke)
 
     async def revoked_among(self, leases: list[str]) -> list[str]:
-        if not leases:
-            return []
-
-        async def select(db: asyncpg.Connection) -> list[str]:
-            rows = await db.fetch(
-                "SELECT lease FROM revoked WHERE lease = ANY($1::text[])", list(set(leases))
-            )
-            found = {r["lease"] for r in rows}
-            return [x for x in leases if x in found]
-
-        return await self._run("revoked_among", select, write=False)
+        return await self._leases_among("revoked_among", "SELECT lease FROM revoked WHERE", leases)
 
     async def live_among(self, leases: list[str], now: float) -> list[str]:
+        where = "SELECT lease FROM leases WHERE expires_at > $2 AND"
+        return await self._leases_among("live_among", where, leases, now)
+
+    async def _leases_among(
+        self, what: str, select: str, leases: list[str], *params: Any
+    ) -> list[str]:
+        """Those of `leases` that `select` ("SELECT lease FROM ... WHERE ... [AND]", its
+        `params` from $2 on) finds, in their order."""
         if not leases:
             return []
 
-        async def select(db: asyncpg.Connection) -> list[str]:
-            rows = await db.fetch(
-                "SELECT lease FROM leases WHERE expires_at > $1 AND lease = ANY($2::text[])",
-                now,
-                list(set(leases)),
-            )
-            found = {r["lease"] for r in rows}
-            return [x for x in leases if x in found]
+        async def found(db: asyncpg.Connection) -> list[str]:
+            sql = f"{select} lease = ANY($1::text[])"
+            rows = {r["lease"] for r in await db.fetch(sql, list(set(leases)), *params)}
+            return [x for x in leases if x in rows]
 
-        return await self._run("live_among", select, write=False)
+        return await self._run(what, found, write=False)
 
     async def expire(self, now: float) -> list[LeaseRecord]:
         async def expire(db: asyncpg.Connection) -> list[LeaseRecord]:

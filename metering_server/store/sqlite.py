@@ -1310,9 +1310,10 @@ class SQLiteStore(LeaseStore):
         def repool(db: sqlite3.Connection) -> int:
             nonlocal layouts
             if claim:
+                before = self._layouts(db)
                 if whole:
-                    layouts = with_removed(self._layouts(db), layouts)
-                changed.extend(layouts_changed(self._layouts(db), layouts))
+                    layouts = with_removed(before, layouts)
+                changed.extend(layouts_changed(before, layouts))
             verb = "INSERT OR REPLACE" if claim else "INSERT OR IGNORE"
             db.executemany(
                 f"{verb} INTO product_layouts (product, layout) VALUES (?, ?)",
