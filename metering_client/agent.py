@@ -17,7 +17,16 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from metering_client.config import ClientConfig, check_agent_credential, check_agent_socket
+from metering_client.config import (
+    CATALOGUE_FILE,
+    HOLDOFF_FILE,
+    JOURNAL_FILE,
+    SERVERS_FILE,
+    STATE_FILES,
+    ClientConfig,
+    check_agent_credential,
+    check_agent_socket,
+)
 from metering_client.connector import Connector
 from metering_client.journal import LeaseJournal
 from metering_client.keeper import HeldLease, LeaseKeeper
@@ -33,7 +42,7 @@ from metering_protocol.config import ConfigError
 from metering_protocol.errors import CredentialUnusable, MeteringError
 from metering_protocol.unixsock import someone_listens
 from metering_runtime.connection import Connection, Endpoint, Limits
-from metering_runtime.durable import PASSING_ERRNOS
+from metering_runtime.durable import PASSING_ERRNOS, remove_stale_temps
 from metering_runtime.http import HttpEndpoint, Response
 from metering_runtime.listeners import BindError, Listener, bind
 from metering_runtime.logs import get_logger
@@ -109,14 +118,14 @@ class Agent:
             raise ConfigError(
                 config.path or "<defaults>", "client.state_dir", f"{where}: {exc.strerror}"
             ) from None
-        self.servers = ServerList(config.servers.addresses, config.state_dir / "servers.json")
+        self.servers = ServerList(config.servers.addresses, config.state_dir / SERVERS_FILE)
         self.servers.load()
         if self.servers.load_error:
             log.warning("server_list_state_ignored", error=self.servers.load_error)
         self.connector = Connector(
-            config, self.servers, holdoff_path=config.state_dir / "auth-holdoff.json"
+            config, self.servers, holdoff_path=config.state_dir / HOLDOFF_FILE
         )
-        self.journal = LeaseJournal(config.state_dir / "leases.json")
+        self.journal = LeaseJournal(config.state_dir / JOURNAL_FILE)
         self._journal_failing = False  # its last write failed: logged once, written again
         self.keeper = LeaseKeeper(self.connector, on_lost=self._lost, on_change=self._persist)
         self.usage = UsageLog(self.spool, self.name)
@@ -137,7 +146,7 @@ class Agent:
                 self.spool,
                 self.name,
                 connected=self._connected,
-                catalogue_path=config.state_dir / "catalogue.json",
+                catalogue_path=config.state_dir / CATALOGUE_FILE,
                 direct_dir=config.state_dir,
             )
         self.keeper.on_session(self._session_established)
@@ -176,6 +185,8 @@ class Agent:
             self._state_lock = None
 
     async def _start_holding_state_dir(self) -> None:
+        if removed := remove_stale_temps(self.config.state_dir, STATE_FILES):
+            log.info("stale_temp_files_removed", files=removed)  # writes a crash cut short
         for held in self.journal.load():
             self.keeper.adopt(held)
         if self.keeper.held:

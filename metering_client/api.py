@@ -17,7 +17,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from metering_client.config import ClientConfig, check_direct_credential, load_client_config
+from metering_client.config import (
+    HOLDOFF_FILE,
+    SERVERS_FILE,
+    ClientConfig,
+    check_direct_credential,
+    load_client_config,
+)
 from metering_client.connector import Connector
 from metering_client.keeper import HeldLease, LeaseKeeper
 from metering_client.programs import announce_direct_seat, withdraw_direct_seat
@@ -235,9 +241,9 @@ def direct_keeper(
     credential the servers had refused, one more logon each (the seed's logon storm)."""
     writable = _writable(config)
     state = config.state_dir
-    servers = ServerList(config.servers.addresses, state / "servers.json" if writable else None)
+    servers = ServerList(config.servers.addresses, state / SERVERS_FILE if writable else None)
     servers.load()
-    holdoff = state / "auth-holdoff.json" if writable else None
+    holdoff = state / HOLDOFF_FILE if writable else None
     connector = Connector(config, servers, holdoff_path=holdoff)
     # Stopped once its seat is given back: no later session to send a checkin again on.
     return LeaseKeeper(connector, on_lost=on_lost, checkin_passes=None)

@@ -181,6 +181,15 @@ def load_client_config(path: Path | str | None = None) -> ClientConfig:
     return build_client_config(read_toml(path), path)
 
 
+# The files of a state dir, each replaced whole by `write_atomic`: the agent's, of which a
+# `run` with no agent shares the server list and the hold-off (spool/ and direct-seats/ keep
+# their own rules).
+JOURNAL_FILE = "leases.json"
+SERVERS_FILE = "servers.json"
+HOLDOFF_FILE = "auth-holdoff.json"
+CATALOGUE_FILE = "catalogue.json"
+STATE_FILES = (JOURNAL_FILE, SERVERS_FILE, HOLDOFF_FILE, CATALOGUE_FILE)
+
 # The agent's socket where a config file names neither `socket` nor `state_dir`
 # (INTERFACE.md's; the shipped units' tmpfiles make its directory).
 SITE_AGENT_SOCKET = Path("/run/metering-client/agent.sock")

@@ -24,14 +24,29 @@ import asyncio
 import contextlib
 import errno
 import os
+import stat
 import tempfile
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 # A file system full, read-only (remounted so after an I/O error) or failing: nothing in a
 # config to fix, and the same start or write works once the disk is freed or repaired.
 PASSING_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
 
-__all__ = ["replaced_file", "write_atomic", "write_atomic_async"]
+# A write's temp file lives for milliseconds; one this old was left by a process that died
+# between `mkstemp` and the rename. Removed by age, not on sight: a file a process of another
+# kind shares (an agent and a `run` with no agent both write the server list) may be
+# mid-write at the very moment a daemon starts.
+STALE_TEMP_S = 60.0
+
+__all__ = [
+    "STALE_TEMP_S",
+    "remove_stale_temps",
+    "replaced_file",
+    "write_atomic",
+    "write_atomic_async",
+]
 
 
 def replaced_file(path: str | os.PathLike[str]) -> Path:
@@ -68,6 +83,37 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -
             os.unlink(tmp)
         raise
     fsync_directory(directory)
+
+
+def remove_stale_temps(
+    directory: Path,
+    targets: Iterable[str],
+    *,
+    older_than_s: float = STALE_TEMP_S,
+    now: Callable[[], float] = time.time,
+) -> list[str]:
+    """Remove the temp files that writes of `targets` (names in `directory`) left behind when
+    their process died before the rename: one per crash, or they pile up in a state dir for
+    ever.  A daemon calls this at start; the names removed, for its log."""
+    removed: list[str] = []
+    prefixes = tuple(f".{name}." for name in targets)
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed  # no directory yet, or unreadable: the daemon's own checks say so
+    cutoff = now() - older_than_s
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(prefixes) and name.endswith(".tmp")):
+            continue
+        try:
+            left = entry.stat(follow_symlinks=False)
+            if stat.S_ISREG(left.st_mode) and left.st_mtime < cutoff:
+                os.unlink(entry.path)
+                removed.append(name)
+        except OSError:
+            continue  # gone meanwhile, or not ours to remove: left as it is
+    return sorted(removed)
 
 
 def fsync_directory(directory: Path) -> None:

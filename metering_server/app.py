@@ -28,7 +28,7 @@ from metering_protocol.config import ConfigError
 from metering_protocol.errors import MeteringError, ReloadFailed
 from metering_runtime import systemd
 from metering_runtime.connection import Connection, Endpoint, Limits
-from metering_runtime.durable import PASSING_ERRNOS, write_atomic_async
+from metering_runtime.durable import PASSING_ERRNOS, remove_stale_temps, write_atomic_async
 from metering_runtime.http import HttpEndpoint, Response
 from metering_runtime.listeners import Listener, bind, load_server_chain
 from metering_runtime.logs import Throttle, bind_context, get_logger
@@ -209,6 +209,8 @@ class MeteringServer:
             raise ConfigError(
                 cfg.path or "<defaults>", "server.state_dir", f"{cfg.state_dir}: {exc.strerror}"
             ) from None
+        if removed := remove_stale_temps(cfg.state_dir, (CLOCK_LAG_FILE, UPGRADES_ASIDE)):
+            log.info("stale_temp_files_removed", files=removed)  # writes a crash cut short
         credentials = Credentials.load(
             cfg.credentials_path,
             missing_ok=cfg.auth.peercred_only,

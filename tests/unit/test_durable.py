@@ -7,6 +7,7 @@ import json
 import os
 import stat
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -249,3 +250,40 @@ def test_a_second_unreadable_journal_does_not_replace_the_first_kept(tmp_path):
         assert LeaseJournal(path, wall=lambda now=now: now).load() == []
     kept = sorted(p.read_text() for p in tmp_path.glob("leases.json.unreadable-*"))
     assert kept == ["{first incident", "{second incident"]
+
+
+# --- remove_stale_temps ------------------------------------------------------------------------
+def _left_temp(directory: Path, target: str, age_s: float) -> Path:
+    """The temp file a writer of `target` left when it died `age_s` ago (mkstemp's name)."""
+    fd, name = durable.tempfile.mkstemp(dir=directory, prefix=f".{target}.", suffix=".tmp")
+    os.close(fd)
+    when = time.time() - age_s
+    os.utime(name, (when, when))
+    return Path(name)
+
+
+def test_stale_temps_of_the_named_targets_are_removed_fresh_ones_and_others_kept(tmp_path):
+    stale = _left_temp(tmp_path, "leases.json", age_s=3600)
+    fresh = _left_temp(tmp_path, "leases.json", age_s=1)  # a write under way right now
+    other = _left_temp(tmp_path, "notes.json", age_s=3600)  # not a target of this owner
+    (tmp_path / "leases.json").write_text("{}")
+    removed = durable.remove_stale_temps(tmp_path, ("leases.json", "servers.json"))
+    assert removed == [stale.name]
+    assert names(tmp_path) == sorted([fresh.name, other.name, "leases.json"])
+
+
+def test_stale_temps_with_an_injected_clock_and_a_missing_directory(tmp_path):
+    left = _left_temp(tmp_path, "servers.json", age_s=0)
+    later = time.time() + durable.STALE_TEMP_S + 1
+    assert durable.remove_stale_temps(tmp_path, ("servers.json",), now=lambda: later) == [left.name]
+    assert durable.remove_stale_temps(tmp_path / "absent", ("servers.json",)) == []
+
+
+def test_a_stale_temp_that_is_a_directory_or_a_link_is_left_alone(tmp_path):
+    (tmp_path / ".leases.json.abc.tmp").mkdir()
+    (tmp_path / ".leases.json.def.tmp").symlink_to(tmp_path / "elsewhere")
+    old = time.time() - 3600
+    os.utime(tmp_path / ".leases.json.abc.tmp", (old, old))
+    assert (
+        durable.remove_stale_temps(tmp_path, ("leases.json",), now=lambda: time.time() + 3600) == []
+    )
