@@ -168,28 +168,33 @@ class ServiceNotifier:
 SD_LISTEN_FDS_START = 3
 
 
-def inherited_unix_paths() -> set[str]:
-    """The paths of the unix sockets systemd passed this process, looked at without taking
-    them (`listen_sockets` does that later)."""
+def inherited_names() -> set[str | tuple[str, int]]:
+    """What the sockets systemd passed this process are bound to, looked at without taking
+    them (`listen_sockets` does that later): a unix socket's path, an inet socket's
+    (address, port)."""
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
         return set()
     try:
         count = int(os.environ.get("LISTEN_FDS", "0"))
     except ValueError:
         return set()
-    paths = set()
+    names: set[str | tuple[str, int]] = set()
     for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
         try:
             sock = socket.socket(fileno=fd)
         except OSError:
             continue
         try:
-            name = sock.getsockname() if sock.family == socket.AF_UNIX else None
+            name = sock.getsockname()
+        except OSError:
+            continue
         finally:
             sock.detach()
         if isinstance(name, str) and name:
-            paths.add(os.path.normpath(name))
-    return paths
+            names.add(os.path.normpath(name))
+        elif isinstance(name, tuple):
+            names.add((str(name[0]), int(name[1])))
+    return names
 
 
 def listen_sockets() -> list[socket.socket]:

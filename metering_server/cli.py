@@ -9,6 +9,7 @@ import asyncio
 import gc
 import os
 import signal
+import socket
 import ssl
 import stat
 import sys
@@ -33,10 +34,16 @@ from metering_runtime.exitcodes import (
     EX_UNAVAILABLE,
     os_error_code,
 )
+from metering_runtime.http import parse_listen
 from metering_runtime.listeners import BindError
 from metering_runtime.logs import configure_logging, get_logger
 from metering_server.auth.credentials import Credentials, CredentialsError
-from metering_server.config import ServerConfig, build_server_config, load_server_config
+from metering_server.config import (
+    ServerConfig,
+    binds_same,
+    build_server_config,
+    load_server_config,
+)
 from metering_server.store.base import StoreFailed, StoreUnavailable, StoreUnusable
 from metering_server.tls import expiry_warning, tls_context
 
@@ -115,6 +122,7 @@ def preflight(cfg: ServerConfig) -> None:
                 raise PathUnavailable(where, key, f"{existing} is on a read-only file system")
             raise ConfigError(where, key, f"{existing} is not writable by this user")
     _unix_socket_dirs(where, cfg.server.listen)
+    _names_resolved(where, cfg)
     _sqlite_file(where, cfg.store_url)
 
 
@@ -125,7 +133,7 @@ def _unix_socket_dirs(where: Path | str, listen: list[str]) -> None:
     usual one (/run/metering) as the unit starts, after an operator's check.  Nor a socket
     systemd made and passed (socket activation): the server never makes or removes its
     file (found by a review of this check); an address without one is bound as usual."""
-    inherited = systemd.inherited_unix_paths()
+    inherited = {name for name in systemd.inherited_names() if isinstance(name, str)}
     for i, addr in enumerate(listen):
         if not addr.startswith("unix://"):
             continue
@@ -144,6 +152,44 @@ def _unix_socket_dirs(where: Path | str, listen: list[str]) -> None:
                 f"{directory} is not writable by user {_user_name(os.geteuid())}: the socket "
                 "cannot be made there",
             )
+
+
+def _names_resolved(where: Path | str, cfg: ServerConfig) -> None:
+    """Two listeners whose texts differ but whose names resolve to one address and port
+    (`localhost:7000` beside `127.0.0.1:7000`): the config's own check compares what is
+    written, so --check-config said OK and the start exited 69 (from a review's list).
+    The resolver is asked here, as the bind will ask it.  A name that does not resolve now
+    is left to the bind to report; so is a port systemd passed a socket for."""
+    passed = {name[1] for name in systemd.inherited_names() if isinstance(name, tuple)}
+    named: list[tuple[str, str, str, int]] = []  # (key, text, host, port)
+    for i, text in enumerate(cfg.server.listen):
+        addr = parse_address(text)
+        if not addr.is_unix:
+            named.append((f"server.listen[{i}]", text, addr.host, addr.port))
+    if cfg.metrics.listen is not None:
+        host, port = parse_listen(cfg.metrics.listen)
+        named.append(("metrics.listen", cfg.metrics.listen, host, port))
+    bound: list[tuple[str, str, str, int]] = []  # (key, text, address, port), earlier ones
+    for key, text, host, port in named:
+        if port == 0 or port in passed:
+            continue
+        try:
+            infos = socket.getaddrinfo(
+                host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+        except (OSError, UnicodeError):
+            continue
+        ips = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        for other_key, other_text, other_ip, other_port in bound:
+            for ip in ips:
+                if binds_same((ip, port), (other_ip, other_port)):
+                    raise ConfigError(
+                        where,
+                        key,
+                        f"{text} binds {ip} port {port}, which {other_key} ({other_text}) "
+                        "binds already",
+                    )
+        bound.extend((key, text, ip, port) for ip in ips)
 
 
 def _sqlite_file(where: Path | str, url: str) -> None:

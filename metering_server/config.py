@@ -166,7 +166,7 @@ def build_server_config(data: dict, path: Path | None) -> ServerConfig:
         # --check-config is what an operator runs before a start: an OK here and a start
         # that cannot bind (exit 69) is the failure it is there to prevent.
         for other_key, other in bound:
-            if _binds_same(binds, other):
+            if binds_same(binds, other):
                 raise ConfigError(where, key, f"{text} binds what {other_key} binds already")
         bound.append((key, binds))
 
@@ -309,7 +309,7 @@ def _check_auth(cfg: _File, where: Path | str) -> None:
             )
 
 
-def _binds_same(one: str | tuple[str, int], other: str | tuple[str, int]) -> bool:
+def binds_same(one: str | tuple[str, int], other: str | tuple[str, int]) -> bool:
     """Two listeners the second of which cannot bind: one unix path (normalised: `a//b` is
     `a/b`), or one TCP port on one host or on a wildcard that covers the other's host —
     0.0.0.0 covers every IPv4 address and name, :: only IPv6 (the server binds IPv6 alone,

@@ -666,3 +666,42 @@ def test_an_agent_on_a_full_disk_names_the_file_it_could_not_write(tmp_path):
         line = proc.stderr.strip().splitlines()[-1]
         assert line.startswith("metering-client: ") and str(state) in line, line
         assert "No space left on device" in line, line
+
+
+# --- two names for one address ----------------------------------------------------------------
+@pytest.mark.parametrize(
+    "listen, metrics, key",
+    [
+        (["tcp://localhost:{port}", "tcp://127.0.0.1:{port}"], None, "server.listen[1]"),
+        (["tcp://127.0.0.1:{port}", "tls://localhost:{port}"], None, "server.listen[1]"),
+        (["tcp://localhost:{port}"], "127.0.0.1:{port}", "metrics.listen"),
+    ],
+)
+def test_two_names_that_resolve_to_one_address_are_a_config_error(tmp_path, listen, metrics, key):
+    """From a review's list: the config's check compared what was written, so `localhost:P`
+    beside `127.0.0.1:P` passed --check-config and the start exited 69, restarted for ever."""
+    free = bind_tcp()
+    port = free.getsockname()[1]
+    free.close()
+    sections: dict[str, Any] = {}
+    if metrics is not None:
+        sections["metrics"] = {"listen": metrics.format(port=port)}
+    if any(a.startswith("tls://") for a in listen):
+        _, chain, private = write_pki(trustme.CA(), tmp_path / "pki")
+        sections["server"] = {"tls_cert_file": str(chain), "tls_key_file": str(private)}
+    path = server_toml(tmp_path, [a.format(port=port) for a in listen], **sections)
+    write_credentials(path.parent / "credentials.toml", {})
+    proc = run_server("--check-config", str(path))
+    assert proc.returncode == 78, proc.stdout + proc.stderr
+    line = one_line(proc.stderr, "metering-server")
+    assert f"{key}: " in line and f"127.0.0.1 port {port}" in line and "binds already" in line
+
+
+def test_names_of_different_addresses_pass(tmp_path):
+    free = bind_tcp()
+    port = free.getsockname()[1]
+    free.close()
+    path = server_toml(tmp_path, [f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.2:{port}"])
+    write_credentials(path.parent / "credentials.toml", {})
+    proc = run_server("--check-config", str(path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
