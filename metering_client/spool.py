@@ -50,6 +50,7 @@ from metering_client.usage import (
     decode,
     encode,
     new_record,
+    read_boottime,
     wire_size,
 )
 from metering_protocol.timefmt import rfc3339
@@ -67,12 +68,6 @@ RECORD_NAME_MAX = 128
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 REQUEUE_CHUNK = 32  # records moved back per hold of the spool lock
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
-
-
-def read_boottime() -> float:
-    """CLOCK_BOOTTIME: monotonic, counts through suspend, one count for every process of a
-    boot (an agent restarted goes on measuring the runs it left open)."""
-    return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 def read_boot_id() -> str | None:

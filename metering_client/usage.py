@@ -19,6 +19,7 @@ Pure: no I/O, no clock (callers pass the readings: wall-clock epoch seconds, `Bo
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Annotated, Any, Literal, NamedTuple
 
@@ -40,6 +41,12 @@ WIRE_FIELDS = (
     "ended_at",
     "outcome",
 )
+
+
+def read_boottime() -> float:
+    """CLOCK_BOOTTIME: monotonic, counts through suspend, one count for every process of a
+    boot (an agent restarted goes on measuring the runs it left open)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 class BootTime(NamedTuple):

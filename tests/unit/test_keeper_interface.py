@@ -454,3 +454,55 @@ async def test_a_heartbeat_names_no_more_leases_than_the_protocol_takes():
     await keeper._heartbeat(session, leases)
     sizes = [len(fields["leases"]) for _, fields in session.requests]
     assert sizes == [MAX_HEARTBEAT_LEASES, MAX_HEARTBEAT_LEASES, 10]
+
+
+class ListingConnector(FakeConnector):
+    """A connector whose list the test changes, as a `servers` event does."""
+
+    __slots__ = ("addresses",)
+
+    def __init__(self, *sessions: FakeSession):
+        super().__init__(*sessions)
+        self.addresses = [A.address, B.address]
+
+    def listed(self) -> list[str]:
+        return list(self.addresses)
+
+
+class GatedSession(FakeSession):
+    """Holds its next heartbeat's answer until `gate` is set."""
+
+    __slots__ = ("gate", "waiting")
+
+    def __init__(self, entry: ServerEntry):
+        super().__init__(entry)
+        self.gate = asyncio.Event()
+        self.waiting = asyncio.Event()
+
+    async def request(self, op: str, *, timeout: float, **fields: Any) -> dict[str, Any]:
+        if op == "heartbeat":
+            self.waiting.set()
+            await self.gate.wait()
+            return {"ok": True, "renewed": fields["leases"], "lost": [], "revoked": []}
+        return await super().request(op, timeout=timeout, **fields)
+
+
+@pytest.mark.asyncio
+async def test_a_server_answering_after_the_list_dropped_it_is_not_remembered():
+    """A heartbeat on its way to a server when a list change dropped it put the server back
+    in `_answered` after `_forget_unlisted`, for the agent's life (a flaky test under load,
+    test_keeper_server_list, found it)."""
+    session = GatedSession(A)
+    connector = ListingConnector(session)
+    keeper = LeaseKeeper(connector)
+    await keeper.checkout("P", "1", user="alice")
+    beat = asyncio.create_task(keeper._beat(session))
+    await session.waiting.wait()
+    connector.addresses = [B.address]  # the site moved on
+    keeper._forget_unlisted()
+    session.gate.set()
+    await beat
+    assert A.address not in keeper._answered
+    keeper._unanswered(A.address)
+    assert A.address not in keeper._failed
+    await keeper.stop()

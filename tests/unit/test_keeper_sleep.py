@@ -1,0 +1,99 @@
+"""A workstation that sleeps (found by a review): the keeper learns at once after a wake-up
+that its leases ran out meanwhile, and asks for a seat again rather than letting it go."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from metering_client.keeper import MAX_WAIT_S, HeldLease, LeaseKeeper
+from tests.support import async_wait_until
+from tests.unit.test_keeper_interface import A, FakeConnector, FakeSession
+
+HEARTBEAT_S = 30.0  # the loop would wait this long for the next beat
+TTL_S = 40.0
+
+
+class ExpiringSession(FakeSession):
+    """Answers heartbeats `renewed` until `expired`, then `lost`; a reclaim of a lost lease
+    is a fresh lease (the seat was free)."""
+
+    __slots__ = ("beats", "expired")
+    heartbeat_s = HEARTBEAT_S
+    ttl_s = TTL_S
+
+    def __init__(self, entry):
+        super().__init__(entry)
+        self.beats = 0
+        self.expired = False
+
+    async def request(self, op: str, *, timeout: float, **fields: Any) -> dict[str, Any]:
+        if op == "heartbeat":
+            self.beats += 1
+            leases = fields["leases"]
+            if self.expired:
+                self.expired = False
+                return {"ok": True, "renewed": [], "lost": leases, "revoked": []}
+            return {"ok": True, "renewed": leases, "lost": [], "revoked": []}
+        if op == "checkout" and fields.get("lease"):
+            self.requests.append((op, fields))
+            return {"ok": True, "lease": "Lfresh", "reclaimed": False}
+        return await super().request(op, timeout=timeout, **fields)
+
+
+class BootClock:
+    """CLOCK_BOOTTIME as the keeper sees it: the loop's clock plus the time slept, which
+    CLOCK_MONOTONIC (the loop's timers) does not count."""
+
+    def __init__(self) -> None:
+        self.slept = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.slept
+
+
+async def started_keeper(clock: BootClock) -> tuple[LeaseKeeper, ExpiringSession, HeldLease]:
+    session = ExpiringSession(A)
+    keeper = LeaseKeeper(FakeConnector(session), clock=clock)
+    held, _ = await keeper.checkout("CLOCK.EXE", "4.00", user="alice")
+    keeper.start()
+    await async_wait_until(lambda: session.beats == 1, what="the first beat")
+    return keeper, session, held
+
+
+@pytest.mark.asyncio
+async def test_a_beat_that_fell_due_during_a_suspend_goes_out_at_the_wake_up():
+    clock = BootClock()
+    keeper, session, held = await started_keeper(clock)
+    try:
+        session.expired = True
+        clock.slept += TTL_S + 5  # the lid closed past the TTL; the loop's clock stood still
+        woke = time.monotonic()
+        # Before, the next beat waited for the rest of heartbeat_s on the loop's clock.
+        await async_wait_until(lambda: session.beats == 2, timeout=MAX_WAIT_S + 5, what="a beat")
+        assert time.monotonic() - woke < HEARTBEAT_S / 2
+        # ... which found the lease lost and asked for a seat again, under the same handle
+        await async_wait_until(lambda: held.lease == "Lfresh", what="the seat asked for again")
+        assert keeper.held == {held.handle: held}
+    finally:
+        await keeper.stop()
+
+
+@pytest.mark.asyncio
+async def test_an_expired_event_asks_for_the_seat_again_a_revoke_does_not():
+    clock = BootClock()
+    keeper, session, held = await started_keeper(clock)
+    try:
+        session.expired = True  # the sweep took it while the agent was frozen
+        keeper.connector.push(
+            session, {"event": "revoked", "lease": held.lease, "reason": "expired"}
+        )
+        await async_wait_until(lambda: held.lease == "Lfresh", what="the seat asked for again")
+        assert keeper.held == {held.handle: held}
+        assert session.beats == 2  # at once, not after heartbeat_s
+        keeper.connector.push(session, {"event": "revoked", "lease": "Lfresh", "reason": "revoked"})
+        assert keeper.held == {}  # an administrator's revoke is never replaced
+    finally:
+        await keeper.stop()
