@@ -27,8 +27,13 @@ class LeaseJournal:
     two writes rather than one per change.
     """
 
-    def __init__(self, path: Path, *, wall: Callable[[], float] = time.time):
+    def __init__(
+        self, path: Path, *, wall: Callable[[], float] = time.time, machine_id: str | None = None
+    ):
+        """`machine_id`: this machine's (`usage.read_machine_id`), written with the leases;
+        a journal another machine wrote is not reclaimed (see `load`)."""
         self.path = path
+        self.machine_id = machine_id
         self.wall = wall  # names the copy of an unreadable journal kept for the operator
         self._lock = asyncio.Lock()
         self._taken = 0  # sequence number of the newest snapshot handed to save()
@@ -54,6 +59,19 @@ class LeaseJournal:
         except (ValueError, TypeError, KeyError, OSError) as exc:
             kept = self._keep_aside()
             log.error("lease_journal_unreadable", path=str(kept), error=str(exc))
+            return []
+        written_on = data.get("machine_id")
+        if None not in (written_on, self.machine_id) and written_on != self.machine_id:
+            # A state dir copied with a disk image (found by a review of cloned
+            # workstations): reclaimed here, the seats of the machine that holds them were
+            # held by two workstations and counted once.  Nor checked in: that machine may
+            # be running their programs still.  The next save replaces the file.
+            log.warning(
+                "lease_journal_of_another_machine",
+                path=str(self.path),
+                machine_id=written_on,
+                leases=len(entries),
+            )
             return []
         held: list[HeldLease] = []
         for n, entry in enumerate(entries):
@@ -86,7 +104,9 @@ class LeaseJournal:
         """Persist `held`; on return it (or a newer snapshot) is on disk. Raises OSError."""
         self._taken += 1
         seq = self._taken
-        self._latest = json.dumps({"version": 1, "leases": [h.to_json() for h in held]}).encode()
+        self._latest = json.dumps(
+            {"version": 1, "machine_id": self.machine_id, "leases": [h.to_json() for h in held]}
+        ).encode()
         async with self._lock:
             if self._written >= seq:
                 return  # a newer snapshot was written while this call waited for the lock

@@ -218,7 +218,7 @@ class LocalSession:
             pid_start=pid_start(self.pid),
             detached=req.detach,
             reclaim=reclaim,
-            idempotency_key=_agent_key(named or self.user, req.idempotency_key),
+            idempotency_key=_agent_key(named or self.user, req.idempotency_key, self.agent.host),
             on_held=self._hold,  # before the journal write: a close during it gives it back
         )
         # On disk before the program hears of its seat (a reclaim adds nothing).
@@ -290,10 +290,14 @@ class LocalSession:
         return await self.agent.requeue_rejected(None if req.all else list(req.records))
 
 
-def _agent_key(user: str | None, key: str | None) -> str | None:
+def _agent_key(user: str | None, key: str | None, host: str) -> str | None:
     """A program's idempotency key as the agent sends it: the server knows one principal
     and client (the agent) for every local user, so the key is made per local user —
-    another user's program choosing the same key must not get this one's seat."""
+    another user's program choosing the same key must not get this one's seat.  And per
+    agent (`Agent.host`: this boot and state dir): workstations cloned from one image share
+    their host name, so `client.name`, and a program's fixed key ("nightly-build") on two
+    of them was one seat on two hosts, counted once (found by a review of cloned
+    workstations).  A program's retry is to the same agent, within one boot."""
     if key is None:
         return None
-    return "P" + hashlib.sha256(f"{user}\0{key}".encode()).hexdigest()[:40]
+    return "P" + hashlib.sha256(f"{user}\0{key}\0{host}".encode()).hexdigest()[:40]

@@ -85,10 +85,14 @@ def is_record_name(text: str) -> bool:
 
 
 class Spool:
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, *, machine_id: str | None = None):
+        """`machine_id`: this machine's (`read_machine_id`), written into every record; an
+        open run another machine wrote is not this agent's to close (see `load`)."""
         self.dir = directory
         self.rejected_dir = directory / "rejected"
         self.corrupt_dir = directory / "corrupt"
+        self.other_machine_dir = directory / "other-machine"
+        self.machine_id = machine_id
         self.records: dict[str, UsageRecord] = {}  # every record in the spool, by id
         self._unwritten: set[str] = set()  # newer in memory than on disk (a write failed)
         # Answered by a server (acknowledged: None; refused: its error) but still on disk:
@@ -130,6 +134,9 @@ class Spool:
             except BadRecord as exc:
                 self._set_aside(Path(entry.path), str(exc))
                 continue
+            if record.running and self._of_another_machine(record):
+                self._set_aside_other_machine(Path(entry.path), record)
+                continue
             self.records[record.record_id] = record
         if self.records:
             log.info(
@@ -138,6 +145,29 @@ class Spool:
                 open=sum(r.running for r in self.records.values()),
             )
         return [r for r in self.records.values() if r.running]
+
+    def _of_another_machine(self, record: UsageRecord) -> bool:
+        return None not in (record.machine_id, self.machine_id) and (
+            record.machine_id != self.machine_id
+        )
+
+    def _set_aside_other_machine(self, path: Path, record: UsageRecord) -> None:
+        """An open run from a spool copied with a disk image (found by a review of cloned
+        workstations): closed here at its last sighting and uploaded, it was the record the
+        machine that runs it uploads later, its longer run then a `duplicate` and lost.
+        Closed records are uploaded as they are: the same from every copy, counted once."""
+        try:
+            self.other_machine_dir.mkdir(exist_ok=True)
+            os.replace(path, self.other_machine_dir / path.name)
+        except OSError as exc:
+            log.error("usage_spool_other_machine_run", file=str(path), move_error=str(exc))
+            return
+        log.warning(
+            "usage_spool_other_machine_run",
+            file=str(path),
+            machine_id=record.machine_id,
+            moved_to=str(self.other_machine_dir / path.name),
+        )
 
     def _set_aside(self, path: Path, why: str) -> None:
         try:
@@ -159,6 +189,8 @@ class Spool:
         """Write `record` as it is now (new or changed); True when it is on disk.  Never
         raises OSError: a failure is logged once, kept in `write_error`, and the record stays
         in memory to be written by a later `put` or `flush`."""
+        if record.machine_id is None:
+            record.machine_id = self.machine_id
         self.records[record.record_id] = record
         self._unwritten.add(record.record_id)
         return await self._write(record.record_id)

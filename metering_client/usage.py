@@ -49,6 +49,25 @@ def read_boottime() -> float:
     return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
+MACHINE_ID_PATHS = ("/etc/machine-id", "/var/lib/dbus/machine-id")
+
+
+def read_machine_id(paths: tuple[str, ...] = MACHINE_ID_PATHS) -> str | None:
+    """This machine's id (systemd's machine-id): what tells a workstation cloned from an
+    image, with its state dir copied, from the machine that wrote that state, where the host
+    name and the client name do not.  None when it cannot be read (nothing is then judged
+    by it)."""
+    for path in paths:
+        try:
+            with open(path, encoding="ascii") as f:
+                text = f.read().strip()
+        except (OSError, ValueError):
+            continue
+        if text:
+            return text
+    return None
+
+
 class BootTime(NamedTuple):
     """A reading of CLOCK_BOOTTIME with the boot it counts from: two readings of one boot
     give a length no wall-clock step changes (suspend included); readings of different
@@ -76,6 +95,7 @@ class UsageRecord(msgspec.Struct, kw_only=True):
     # ours ignores them: msgspec skips unknown fields).  None: measured on the wall clock.
     boot_id: str | None = None  # the boot the run started in
     started_since_boot: float | None = None  # CLOCK_BOOTTIME at the run's start, seconds
+    machine_id: str | None = None  # the machine whose spool wrote it (`read_machine_id`)
 
     def to_wire(self) -> dict[str, Any]:
         return {f: getattr(self, f) for f in WIRE_FIELDS}

@@ -658,3 +658,44 @@ async def test_the_agents_hello_is_judged_as_the_servers(make_server, tmp_path):
     finally:
         await program.close()
         await stop_local_agent(agent, short)
+
+
+@pytest.mark.asyncio
+async def test_cloned_workstations_with_one_client_name_never_share_a_keyed_seat(
+    make_server, tmp_path
+):
+    """Found by a review of cloned workstations: two agents of one client name (an image's
+    host name) turned a program's fixed key into one server key, and the second was handed
+    the first's seat: one seat on two hosts, counted once."""
+    server = await make_server(
+        products=[{"name": "A", "version": "1", "seats": 3}],
+        credentials={"ws": (["agent"], "tok")},
+    )
+    for host in ("one", "two"):
+        (tmp_path / host).mkdir()
+    first, first_dir = await start_local_agent(server, tmp_path / "one")
+    second, second_dir = await start_local_agent(server, tmp_path / "two")
+    assert first.name == second.name
+    leases = []
+    try:
+        for agent in (first, second):
+            program = await hello(f"unix://{agent.config.socket}", client="job")
+            try:
+                reply = await program.request(
+                    "checkout",
+                    timeout=10,
+                    product="A",
+                    version="1",
+                    detach=True,
+                    idempotency_key="nightly-build",
+                )
+            finally:
+                await program.close()
+            leases.append(next(iter(agent.keeper.held.values())).lease)
+            assert reply["lease"]
+        assert leases[0] != leases[1]
+        counted = await server.store.in_use(server.seats.clock())
+        assert counted[("A", "1")] == 2
+    finally:
+        await stop_local_agent(second, second_dir)
+        await stop_local_agent(first, first_dir)

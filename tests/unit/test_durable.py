@@ -287,3 +287,21 @@ def test_a_stale_temp_that_is_a_directory_or_a_link_is_left_alone(tmp_path):
     assert (
         durable.remove_stale_temps(tmp_path, ("leases.json",), now=lambda: time.time() + 3600) == []
     )
+
+
+@pytest.mark.asyncio
+async def test_a_journal_another_machine_wrote_is_not_reclaimed(tmp_path):
+    """Found by a review of cloned workstations: a state dir copied with a disk image made
+    every clone reclaim the golden machine's seats: one seat held on several workstations,
+    counted once."""
+    path = tmp_path / "leases.json"
+    await LeaseJournal(path, machine_id="golden").save([lease(1), lease(2, detached=True)])
+    assert json.loads(path.read_text())["machine_id"] == "golden"
+    with capture_logs() as logs:
+        assert LeaseJournal(path, machine_id="clone").load() == []
+    assert [(e["event"], e["leases"]) for e in logs] == [("lease_journal_of_another_machine", 2)]
+    assert len(LeaseJournal(path, machine_id="golden").load()) == 2
+    assert len(LeaseJournal(path).load()) == 2  # a machine id that cannot be read judges nothing
+    older = {"version": 1, "leases": [lease(3).to_json()]}  # an agent before machine ids
+    path.write_text(json.dumps(older))
+    assert LeaseJournal(path, machine_id="clone").load() == [lease(3)]

@@ -543,3 +543,28 @@ async def test_a_detached_seat_kept_across_a_reboot_goes_on_by_the_wall_clock(tm
     rebooted.advance(60)
     await usage.seats_changed({})
     assert (rec.started_at, rec.ended_at) == (rfc3339(T0), rfc3339(T0 + 2 * HOUR + 60))
+
+
+# --- a spool copied with a disk image ---------------------------------------------------------
+@pytest.mark.asyncio
+async def test_an_open_run_of_another_machine_is_set_aside_its_closed_runs_are_kept(tmp_path):
+    """Found by a review of cloned workstations: a clone closed the golden machine's open
+    run at its last sighting and uploaded it, and the golden machine's own, longer record of
+    that run was then a `duplicate`: its time lost."""
+    golden = Spool(tmp_path / "spool", machine_id="golden")
+    golden.load()
+    still_running, finished = record(1, running=True, handle="L1"), record(2)
+    for rec in (still_running, finished):
+        await golden.put(rec)
+    assert still_running.machine_id == "golden"  # stamped by the spool that wrote it
+    with capture_logs() as logs:
+        clone = Spool(tmp_path / "spool", machine_id="clone")
+        assert clone.load() == []
+    assert set(clone.records) == {finished.record_id}  # the same from every copy: counted once
+    assert files(tmp_path / "spool" / "other-machine") == [f"{still_running.record_id}.json"]
+    assert [e["event"] for e in logs] == ["usage_spool_other_machine_run", "usage_spool_loaded"]
+    # the machine that wrote them (or one whose id cannot be read) keeps its open runs
+    await golden.put(still_running)
+    for machine in ("golden", None):
+        again = Spool(tmp_path / "spool", machine_id=machine)
+        assert [r.record_id for r in again.load()] == [still_running.record_id]
