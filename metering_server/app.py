@@ -52,6 +52,10 @@ from metering_server.tls import expiry_watch, serves_tls, tls_context
 log = get_logger("metering.server")
 
 HEALTH_TIMEOUT_S = 2.0
+# A drain past `drain_timeout_s` aborts the connections left and waits this long for them.
+ABORT_WAIT_S = 2.0
+# What is left of the drain's budget for closing the store, at least (then it is abandoned).
+STORE_CLOSE_MIN_S = 1.0
 # While the store opens, systemd's start timeout is pushed on this far, every half of it.
 START_EXTEND_S = 30.0
 
@@ -88,7 +92,8 @@ def site_view(config: ServerConfig) -> SiteView:
 # [server] keys a reload applies: the connection limits, to connections opened after it (one
 # already open keeps the limits it was accepted under); max_waiters, sweep_interval_s,
 # drain_timeout_s and site at once.  The rest are used at start only: a reload that changes
-# them keeps the running value and reports `restart_required`.
+# them keeps the running value and reports `restart_required`; except the name, which
+# refuses the reload (`check_same_server`).
 LIVE_LIMITS = (
     "max_frame_bytes",
     "max_connections",
@@ -377,6 +382,13 @@ class MeteringServer:
         return next(a for a in self.addresses if a.startswith(scheme + "://"))
 
     async def serve_forever(self, *, handle_signals: bool = False) -> None:
+        """Serve until stopped, then drain.  `handle_signals`: SIGTERM and SIGINT stop (a
+        second one at once), SIGHUP reloads; the process is this server's (the CLI's).
+
+        Once stopped, those signals are ignored, not set back to their default actions,
+        which end the process: found by a review, a second SIGTERM or a SIGHUP between
+        `server_stopped` and the exit killed it (exit -15 or -1, a failure to systemd)
+        instead of exit 0.  What is left to do then is the process's exit."""
         loop = asyncio.get_running_loop()
         installed: list[int] = []
         if handle_signals:
@@ -393,6 +405,7 @@ class MeteringServer:
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)
+                signal.signal(sig, signal.SIG_IGN)
 
     def request_stop(self) -> None:
         if self._stop.is_set():
@@ -413,6 +426,8 @@ class MeteringServer:
             await self._stopped.wait()
             return
         timeout = self.config.server.drain_timeout_s if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        until = loop.time() + timeout + ABORT_WAIT_S  # the whole drain's, the store's too
         self.systemd.stopping(f"draining {len(self.endpoint.connections)} connection(s)")
         log.info("server_draining", connections=len(self.endpoint.connections))
         self.endpoint.draining = True
@@ -424,18 +439,43 @@ class MeteringServer:
         self.endpoint.close_when_idle()
         if not await self.endpoint.wait_closed(timeout):
             self.endpoint.abort_all()
-            await self.endpoint.wait_closed(2.0)
+            await self.endpoint.wait_closed(ABORT_WAIT_S)
         await self._tasks.cancel_all()
         if self.metrics is not None:
             await self.metrics.close()
         if self.http is not None:
             await self.http.close()
+        await self._close_store(max(until - loop.time(), STORE_CLOSE_MIN_S))
+        log.info("server_stopped")
+        self._stopped.set()
+
+    async def _close_store(self, budget: float) -> None:
+        """Detach from the site's queue, write what is left, close the store: within what is
+        left of the drain's budget, then the store is abandoned as a second signal does.
+
+        Found by a review: with another process holding the SQLite file's write lock (a
+        backup, a stuck tool), a SIGTERM exited only once that lock was released (44.6 s
+        for a 45 s lock), past drain_timeout_s and systemd's TimeoutStopSec (SIGKILL): each
+        write still queued waited for it up to the store's busy timeout.  Abandoning fails
+        those waits for another process's lock at once, and no more: a COMMIT under way
+        runs on and is waited for, and a reply goes out only after its COMMIT, so only
+        writes never acknowledged are dropped (a client retries them on another server)."""
+        closing = asyncio.ensure_future(self._close_store_parts())
+        try:
+            done, _ = await asyncio.wait({closing}, timeout=budget)
+        except BaseException:  # cancelled: so is the closing, as when it was awaited here
+            closing.cancel()
+            raise
+        if not done:
+            log.warning("store_abandoned", waited_s=round(budget, 1))
+            self.store.abandon()
+        await closing
+
+    async def _close_store_parts(self) -> None:
         await self.seats.close()
         await self.authenticator.close()
         self.authenticator.seclog.flush(final=True)
         await self.store.close()
-        log.info("server_stopped")
-        self._stopped.set()
 
     async def __aenter__(self) -> MeteringServer:
         await self.start()
@@ -620,6 +660,7 @@ class MeteringServer:
             await self.authenticator.flush_upgrades()
             try:
                 new = load_server_config(self.config.path)
+                check_same_server(new, self.config)
                 check_servers_version(new, self.config)
                 credentials = Credentials.load(
                     new.credentials_path,
@@ -713,6 +754,43 @@ class MeteringServer:
                     servers_version=self._site.servers_version,
                 )
             return changed
+
+
+# What a reload reads ends up in place of the running config: a file half written is not it.
+WRITE_BY_RENAME = (
+    "write a new file beside it and rename it over this one: one rewritten in place can be "
+    "read half written"
+)
+
+
+def check_same_server(new: ServerConfig, old: ServerConfig) -> None:
+    """A reload's file against the running server's (ConfigError naming the key if it is
+    not this server's file).
+
+    Found by a review: a SIGHUP that read the file while it was being rewritten in place
+    (`cat > server.toml`: empty for a moment, or cut after a whole [[products]] table)
+    applied it.  An empty file is a valid config of defaults: every product was removed,
+    the site became "default", and the reload asked for a restart of name, listen and
+    store.  A file that is empty, lacks the [server] table the running one has, or names
+    another server or store is refused, and the running config kept: a change of those
+    needs a restart anyway.
+    """
+    where = new.path if new.path is not None else "<config>"
+    if old.raw and not new.raw:
+        raise ConfigError(where, "", f"the file is empty; {WRITE_BY_RENAME}")
+    if "server" in old.raw and "server" not in new.raw:
+        raise ConfigError(where, "server", f"no [server] table; {WRITE_BY_RENAME}")
+    for key, now, was in (
+        ("server.name", new.server.name, old.server.name),
+        ("store.url", redact_url(new.store_url), redact_url(old.store_url)),
+    ):
+        if now != was:
+            raise ConfigError(
+                where,
+                key,
+                f"{now!r}, but this server runs with {was!r} (a change of it needs a "
+                f"restart); if the file was being rewritten, {WRITE_BY_RENAME}",
+            )
 
 
 def check_servers_version(new: ServerConfig, old: ServerConfig) -> None:
