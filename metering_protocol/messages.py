@@ -229,8 +229,12 @@ def parse_time(text: str, field: str) -> float:
             text = text[:17] + "59" + text[19:]
         try:
             dt = datetime.fromisoformat(text.upper().replace("Z", "+00:00").replace(" ", "T"))
+            stamp = _in_range(dt.timestamp(), field)
             if not leap:
-                return _in_range(dt.timestamp(), field)
+                return stamp
+            # In range first: a leap second whose offset puts it past year 9999 or before
+            # year 1 raised OverflowError here, answered `internal`, and a usage batch with
+            # one such record failed whole, retryable, for ever (found by a fuzz campaign).
             utc = dt.astimezone(UTC)
             if (utc.hour, utc.minute) == (23, 59):
                 return _in_range(dt.timestamp() + 1 - dt.microsecond / 1e6, field)

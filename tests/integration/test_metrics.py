@@ -293,6 +293,11 @@ async def test_requests_the_endpoint_cannot_serve_get_a_status(make_server):
     assert (await http_raw(address, b"hello\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
     assert (await http_raw(address, b"GET metrics HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
     assert (await http_get(address, "/healthz"))[0] == 200
+    # Found by a fuzz campaign: a head ended by bare LFs (`printf ... | nc`) waited for the
+    # read timeout and closed with nothing.
+    bare = await http_raw(address, b"GET /metrics HTTP/1.0\nHost: x\n\n")
+    assert bare.startswith(b"HTTP/1.1 200 ") and b"metering_" in bare, bare[:200]
+    assert (await http_raw(address, b"GET metrics HTTP/1.0\n\n")).startswith(b"HTTP/1.1 400 ")
 
 
 @pytest.mark.asyncio

@@ -11,6 +11,7 @@ from metering_protocol.errors import ConnectionLost, Denied
 from tests.conftest import hello
 from tests.support import (
     Daemon,
+    Raw,
     async_wait_until,
     bind_tcp,
     server_config,
@@ -110,3 +111,23 @@ async def _queued(addr: str, n: int) -> bool:
         return (await admin.request("status", timeout=5))["products"][0]["queued"] == n
     finally:
         await admin.close()
+
+
+@pytest.mark.asyncio
+async def test_an_id_is_free_again_once_its_reply_is_read(tmp_path):
+    """Found by a fuzz campaign: a request whose reply was sent stayed "in flight" until its
+    task's done callback ran, so a client numbering its requests per connection (or a script
+    sending `id 1` each time) was refused `already in flight` in ~30% of tries.  A server in
+    a process of its own: in the test's loop the callback ran before the client read."""
+    sock = bind_tcp()
+    srv = start_server(tmp_path, "srv-a", sock, tmp_path / "site.db")
+    raw = await Raw.open("tcp://{}:{}".format(*sock.getsockname()))
+    try:
+        await raw.hello(client="ws-1", user="ws", token="secret-ws")
+        replies = [await raw.request({"id": 7, "op": "ping"}) for _ in range(300)]
+        refused = [r for r in replies if not r.get("ok")]
+        assert refused == [], f"{len(refused)} of 300 refused, the first: {refused[:1]}"
+    finally:
+        await raw.close()
+        srv.terminate()
+        sock.close()
