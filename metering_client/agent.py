@@ -299,7 +299,8 @@ class Agent:
         try:
             await self._save_journal()
         finally:
-            await self.usage.seats_changed(self.keeper.held)  # never raises
+            # never raises
+            await self.usage.seats_changed(self.keeper.held, self.keeper.take_lapsed())
 
     async def _save_journal(self) -> None:
         """A journal that cannot be written (the state dir's disk full) costs no seat and no

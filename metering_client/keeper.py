@@ -21,7 +21,7 @@ import hashlib
 import json
 import secrets
 from collections.abc import Awaitable, Callable, Collection, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from metering_client.config import ClientConfig
@@ -148,9 +148,16 @@ class HeldLease:
     seats: int = 0
     mode: str = ""
     in_use: int = 0  # the pool's seats in use as of its grant
+    overuse: bool = False  # granted past the seat count (meter mode), at its grant or since
+    # When the lease runs out unless renewed (the keeper's clock, CLOCK_BOOTTIME): a lease
+    # found lost after a sleep or an outage ended then, not when the agent heard of it.
+    # Not journalled: a reading of this boot.
+    valid_until: float | None = field(default=None, compare=False)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        del out["valid_until"]
+        return out
 
 
 class LeaseKeeper:
@@ -190,6 +197,7 @@ class LeaseKeeper:
         # slices of at most MAX_WAIT_S and judges what is due by this clock.
         self.clock = clock
         self._beat_now = False  # a lease expired on the server: beat (and reclaim) at once
+        self._lapsed: dict[str, float] = {}  # see `take_lapsed`
         self.held: dict[str, HeldLease] = {}
         self.session: Session | None = None
         self._connect_lock = asyncio.Lock()
@@ -410,6 +418,7 @@ class LeaseKeeper:
                 # the same fresh seat by this key, not a second one.
                 "idempotency_key": reclaim_key(held.lease),
             }
+            asked = self.clock()
             reply = await session.request(
                 "checkout", timeout=self.request_timeout, **seat_fields(session, fields)
             )
@@ -426,9 +435,17 @@ class LeaseKeeper:
             # comes back as a fresh seat): nobody holds it here, so nobody may keep it.
             await self._check_in_unheld(session, held, reply["lease"])
             return
+        held.valid_until = self._valid_until(asked, reply)
         if reply["lease"] != held.lease:
             log.warning("lease_regranted", handle=held.handle, old=held.lease, new=reply["lease"])
             held.lease = reply["lease"]
+            # A fresh grant: counted as it is now.  Past the seat count in meter mode, the
+            # run is overuse from here (its record said `granted` while the report's peak
+            # went past the seats: found by a review of sleeping workstations).
+            held.seats = reply.get("seats", held.seats)
+            held.mode = reply.get("mode", held.mode)
+            held.in_use = reply.get("in_use", held.in_use)
+            held.overuse = held.overuse or bool(reply.get("overuse"))
             await self._changed()
         log.info(
             "lease_reclaimed" if reply.get("reclaimed") else "lease_regranted_fresh",
@@ -462,6 +479,9 @@ class LeaseKeeper:
     def _drop(self, held: HeldLease, reason: str) -> bool:
         if self.held.pop(held.handle, None) is None:
             return False
+        ran_out = held.valid_until
+        if reason != "revoked" and ran_out is not None and ran_out < self.clock():
+            self._lapsed[held.handle] = ran_out
         log.warning("lease_lost", handle=held.handle, lease=held.lease, reason=reason)
         return True
 
@@ -561,7 +581,9 @@ class LeaseKeeper:
             fields["wait_s"] = wait_s
         if reclaim is not None:
             fields["lease"] = reclaim
+        asked = self.clock()
         reply = await self.call("checkout", extra_timeout=wait_s, **fields)
+        valid_until = self._valid_until(asked, reply)
         same = self._holding(reply["lease"])
         if same is not None:  # the caller's key made it before: one seat, one handle
             same.in_use = reply.get("in_use", same.in_use)
@@ -580,6 +602,8 @@ class LeaseKeeper:
             seats=reply.get("seats", 0),
             mode=reply.get("mode", ""),
             in_use=reply.get("in_use", 0),
+            overuse=bool(reply.get("overuse")),
+            valid_until=valid_until,
         )
         self.held[held.handle] = held
         if on_held is not None:
@@ -587,6 +611,21 @@ class LeaseKeeper:
         await self._changed()
         self._wake.set()  # heartbeats now matter
         return held, reply
+
+    def _valid_until(self, asked: float, reply: dict[str, Any]) -> float | None:
+        """When a lease granted or renewed by a request sent at `asked` runs out at the
+        earliest (the server counts its TTL from a moment after that)."""
+        ttl = reply.get("expires_in_s")
+        if not isinstance(ttl, int | float):
+            session = self.session
+            ttl = session.ttl_s if session is not None else None
+        return None if ttl is None else asked + ttl
+
+    def take_lapsed(self) -> dict[str, float]:
+        """Seats lost since the last call that had run out before the loss was noticed
+        (expired in a sleep or an outage, then refused): handle -> when, on `clock`."""
+        lapsed, self._lapsed = self._lapsed, {}
+        return lapsed
 
     def _holding(self, lease: str) -> HeldLease | None:
         return next((h for h in self.held.values() if h.lease == lease), None)
@@ -789,6 +828,7 @@ class LeaseKeeper:
             if not leases:
                 await session.request("ping", timeout=self.request_timeout)
                 return None
+            asked = self.clock()
             reply = await self._heartbeat(session, leases)
         except Overloaded as exc:
             if self._overloaded_beats < OVERLOADED_BEATS_BEFORE_MOVING:
@@ -807,6 +847,10 @@ class LeaseKeeper:
             return None
         self._overloaded_beats = 0
         self._served(session)
+        renewed = set(reply.get("renewed") or ())
+        for held in self.held.values():
+            if held.lease in renewed:
+                held.valid_until = asked + session.ttl_s
         revoked = set(reply.get("revoked") or ())
         for held in [h for h in self.held.values() if h.lease in revoked]:
             # An admin took it back (through whichever server): never replaced behind the

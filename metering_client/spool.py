@@ -723,13 +723,30 @@ class UsageLog:
             record.end(self.wall(), self._boot_now())
         await self.spool.put(record)
 
-    async def seats_changed(self, held: Mapping[str, Any]) -> None:
-        """After any change of the keeper's seats: close the records of seats gone."""
+    async def seats_changed(
+        self, held: Mapping[str, Any], lapsed: Mapping[str, float] | None = None
+    ) -> None:
+        """After any change of the keeper's seats: close the records of seats gone, each at
+        the time its lease ran out where it had (`lapsed`: handle -> CLOCK_BOOTTIME), else
+        now; mark `overuse` a run whose seat was granted again past the seat count.
+
+        Found by a review of sleeping workstations: a seat that ran out while the machine
+        slept, then went to another workstation, was closed at the wake-up, and the report
+        showed two runs on a one-seat enforce pool."""
         now, boot = self.wall(), self._boot_now()
         for handle in [h for h in self.by_handle if h not in held]:
             record = self.by_handle.pop(handle)
-            record.end(now, boot)
+            ran_out = (lapsed or {}).get(handle)
+            if ran_out is not None and ran_out < boot.seconds:
+                record.end(now - (boot.seconds - ran_out), BootTime(boot.boot_id, ran_out))
+            else:
+                record.end(now, boot)
             await self.spool.put(record)
+        for handle, record in self.by_handle.items():
+            seat = held.get(handle)
+            if getattr(seat, "overuse", False) and record.outcome == "granted":
+                record.outcome = "overuse"
+                await self.spool.put(record)
 
     async def recover(
         self, running: list[UsageRecord], held: Mapping[str, HeldSeat], *, watching: bool

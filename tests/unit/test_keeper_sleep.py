@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from metering_client.keeper import MAX_WAIT_S, HeldLease, LeaseKeeper
+from metering_protocol.errors import Denied
 from tests.support import async_wait_until
 from tests.unit.test_keeper_interface import A, FakeConnector, FakeSession
 
@@ -95,5 +96,65 @@ async def test_an_expired_event_asks_for_the_seat_again_a_revoke_does_not():
         assert session.beats == 2  # at once, not after heartbeat_s
         keeper.connector.push(session, {"event": "revoked", "lease": "Lfresh", "reason": "revoked"})
         assert keeper.held == {}  # an administrator's revoke is never replaced
+    finally:
+        await keeper.stop()
+
+
+class RefusingSession(ExpiringSession):
+    """The seat went to someone else meanwhile: a reclaim is `denied`, or (meter mode)
+    granted afresh past the seat count."""
+
+    __slots__ = ("meter",)
+
+    def __init__(self, entry, *, meter: bool):
+        super().__init__(entry)
+        self.meter = meter
+
+    async def request(self, op: str, *, timeout: float, **fields: Any) -> dict[str, Any]:
+        if op == "checkout" and fields.get("lease"):
+            if not self.meter:
+                raise Denied("CLOCK.EXE 4.00: all seats are in use")
+            return {"ok": True, "lease": "Lover", "reclaimed": False, "overuse": True}
+        return await super().request(op, timeout=timeout, **fields)
+
+
+@pytest.mark.asyncio
+async def test_a_seat_lost_after_a_sleep_is_reported_lapsed_when_its_lease_ran_out():
+    """Found by a review of sleeping workstations: the usage record of a seat that ran out
+    in a sleep ended at the wake-up, over the next holder's run.  The keeper knows when each
+    lease runs out unless renewed, and reports the lapse with the loss."""
+    clock = BootClock()
+    session = RefusingSession(A, meter=False)
+    keeper = LeaseKeeper(FakeConnector(session), clock=clock)
+    held, _ = await keeper.checkout("CLOCK.EXE", "4.00", user="alice")
+    keeper.start()
+    try:
+        await async_wait_until(lambda: session.beats == 1, what="the first beat")
+        renewed_until = held.valid_until
+        assert renewed_until is not None and renewed_until <= clock() + TTL_S
+        session.expired = True
+        clock.slept += TTL_S + 100
+        await async_wait_until(lambda: not keeper.held, what="the seat lost")
+        assert keeper.take_lapsed() == {held.handle: renewed_until}
+        assert keeper.take_lapsed() == {}  # taken once
+    finally:
+        await keeper.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_seat_granted_again_past_the_seat_count_is_overuse():
+    clock = BootClock()
+    session = RefusingSession(A, meter=True)
+    keeper = LeaseKeeper(FakeConnector(session), clock=clock)
+    held, _ = await keeper.checkout("CLOCK.EXE", "4.00", user="alice")
+    assert held.overuse is False
+    keeper.start()
+    try:
+        await async_wait_until(lambda: session.beats == 1, what="the first beat")
+        session.expired = True
+        clock.slept += TTL_S + 5
+        await async_wait_until(lambda: held.lease == "Lover", what="granted again")
+        assert held.overuse is True and keeper.held == {held.handle: held}
+        assert "valid_until" not in held.to_json()  # a reading of this boot: not journalled
     finally:
         await keeper.stop()

@@ -568,3 +568,27 @@ async def test_an_open_run_of_another_machine_is_set_aside_its_closed_runs_are_k
     for machine in ("golden", None):
         again = Spool(tmp_path / "spool", machine_id=machine)
         assert [r.record_id for r in again.load()] == [still_running.record_id]
+
+
+@pytest.mark.asyncio
+async def test_a_seat_that_ran_out_in_a_sleep_ends_its_run_then_and_overuse_is_recorded(spool):
+    """Found by a review of sleeping workstations: a seat whose lease ran out while the
+    machine slept, then went to another workstation, was closed at the wake-up (the report
+    showed two runs on a one-seat enforce pool); and a seat granted again past the seat
+    count (meter mode) kept `granted` (the report's overuse 0, its peak past the seats)."""
+    now, boot = [T0], [500.0]
+    usage = UsageLog(spool, "ws-1", wall=lambda: now[0], boottime=lambda: boot[0])
+    held = {"L1": seat("L1"), "L2": seat("L2", "bob")}
+    for handle in held:
+        await usage.seat_taken(held[handle], {}, held.__contains__)
+    first, second = (usage.by_handle[h] for h in ("L1", "L2"))
+    now[0], boot[0] = T0 + 3600, 4100.0  # an hour later: L1 ran out 100 s in, L2 was renewed
+    held["L2"].overuse = True  # granted again, past the seats
+    del held["L1"]
+    await usage.seats_changed(held, {"L1": 600.0})
+    assert not first.running and first.ended_at == rfc3339(T0 + 100)
+    assert first.started_at == rfc3339(T0)
+    assert second.running and second.outcome == "overuse"
+    del held["L2"]
+    await usage.seats_changed(held, {"L2": 9999.0})  # "ran out" later than now: ends now
+    assert second.ended_at == rfc3339(T0 + 3600)
