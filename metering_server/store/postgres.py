@@ -38,6 +38,13 @@ not answer is retried with capped exponential backoff (one `store_unavailable` l
 attempt) for up to `start_timeout_s` (0: for ever), then `StoreUnavailable`.  The password
 comes from `password_file`, read for each new connection (so it can be rotated), never from
 the URL, and is never logged.
+
+A URL may list several hosts, libpq's way (`db1:5432,db2:5432`, with
+`target_session_attrs=read-write`: docs/operations.md "High availability").  They are tried
+one by one, each with `connect_timeout_s` of its own, the host that last worked first, then
+the others in the URL's order; a host that is not what `target_session_attrs` asks for is
+skipped (`_connect_host_by_host`).  Pooled connections, the migration's, the listening one
+and the health probe's all connect so.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
+from urllib.parse import unquote, urlsplit
 
 import asyncpg
 import msgspec
@@ -258,6 +266,11 @@ QUEUED_PER_CONNECTION = 1000
 # At most one `store_busy` line per this many seconds (with the count of calls refused).
 _BUSY_LOG_EVERY_S = 10.0
 _PING_LINE_WAIT_S = 1.0  # a health ping's wait for a connection: under the check's 2 s
+# The listening connection is asked `SELECT 1` this often: a host gone dark (power lost, a
+# virtual IP moved to a promoted standby) sends nothing, not even a reset, to a connection
+# that only waits for notices, and it waited for ever while the pool had moved on (found by
+# a review: freed seats then reached other servers' waiters only at their next sweep).
+_LISTEN_PROBE_EVERY_S = 5.0
 _PING_PROBE_S = 0.8  # … and then for one of its own, to tell busy from down
 # Our mistakes (a value the database cannot take, a client setting), not the database's.
 _NOT_A_FAULT_OF_THE_DATABASE = (
@@ -288,6 +301,26 @@ def describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     name = type(exc).__name__
     return f"{name}: {text}" if text else name
+
+
+def _hosts_of(url: str) -> list[tuple[str, int | None]]:
+    """The hosts of a URL that lists several, libpq's way (`db1:5432,db2,[::1]:5433`), in
+    the URL's order, each with its port (None: the default); [] for a URL with one host (or
+    a list this cannot read), which is connected to as it is."""
+    hostspec = urlsplit(url).netloc.rpartition("@")[2]
+    if "," not in hostspec:
+        return []
+    hosts: list[tuple[str, int | None]] = []
+    for part in hostspec.split(","):
+        if part.startswith("["):  # an IPv6 address, its port after the bracket
+            host, _, rest = part[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else ""
+        else:
+            host, _, port = part.partition(":")
+        if not host or not (port.isdigit() or not port):
+            return []  # asyncpg reads it as it reads any other URL (and says what is wrong)
+        hosts.append((unquote(host), int(port) if port else None))
+    return hosts
 
 
 POOL_OF_MAX = 100_000  # leases whose pool the store remembers (~20 MB at most)
@@ -398,6 +431,10 @@ class PostgresStore(LeaseStore):
             raise ValueError("a PostgresStore url starts with postgresql:// or postgres://")
         self.url = url
         self.where = redact_url(url)
+        # A URL's hosts when it lists several, and which of them to try first: the one that
+        # last worked (`_connect_host_by_host`).
+        self._hosts = _hosts_of(url)
+        self._host_first = 0
         self.password_file = Path(password_file) if password_file is not None else None
         self.pool_min = pool_min
         self.pool_max = max(pool_max, pool_min, 1)
@@ -466,12 +503,51 @@ class PostgresStore(LeaseStore):
             server_settings=None if "application_name=" in self.url else dict(_APP),
         )
 
+    async def _connect_host_by_host(
+        self, dsn: str | None = None, **kwargs: Any
+    ) -> asyncpg.Connection:
+        """asyncpg.connect, one host at a time when the URL lists several (also the pool's
+        `connect`, which passes the URL as `dsn`): the host that last worked first, then the
+        others in the URL's order, each attempt with its own `timeout`.  asyncpg tries a
+        URL's hosts in order within ONE timeout, which a dark first host (silence, no reset)
+        spent whole, so the second was never tried: after a failover to a standby listed
+        second the servers never reached it, and with a dark standby listed first a server
+        could not start although the primary was up (found by a review).
+
+        A host that does not answer, is starting or stopping, is full, or is not what
+        `target_session_attrs` asks for (asyncpg checks it, as libpq does) is skipped; any
+        other error (a wrong password) is raised at once, as asyncpg does.  When no host will
+        do, the last one's error."""
+        if len(self._hosts) < 2:
+            return await asyncpg.connect(dsn, **kwargs)
+        first = self._host_first
+        order = [first, *(i for i in range(len(self._hosts)) if i != first)]
+        error: BaseException | None = None
+        for i in order:
+            host, port = self._hosts[i]
+            try:
+                conn = await asyncpg.connect(dsn, **kwargs, host=host, port=port)
+            except _UNREACHABLE as exc:  # TargetServerAttributeNotMatched among them
+                error = exc
+                continue
+            if i != self._host_first:
+                self._host_first = i
+                log.info(
+                    "store_host_changed",
+                    store=self.where,
+                    host=f"{host}:{port or 'default'}",
+                    skipped=error and describe(error),
+                )
+            return conn
+        assert error is not None
+        raise error
+
     async def _connect(self) -> asyncpg.Pool:
         self._password()  # a missing or unreadable file is a config problem, not a retry
         settings = self._settings()
         # Migrate on a connection of its own: when it ends, so does its session, and with it
         # the session advisory lock — pooled connections never carry one.
-        conn = await asyncpg.connect(**settings)
+        conn = await self._connect_host_by_host(**settings)
         try:
             applied = await migrate(conn)
             schema = await conn.fetchval("SELECT current_schema()")
@@ -500,6 +576,7 @@ class PostgresStore(LeaseStore):
         }
         return await asyncpg.create_pool(
             **settings,
+            connect=self._connect_host_by_host,
             server_settings=server,
             min_size=self.pool_min,
             max_size=self.pool_max,
@@ -1460,7 +1537,9 @@ class PostgresStore(LeaseStore):
         `_PING_PROBE_S`; else StoreUnreachable."""
         try:
             async with asyncio.timeout(_PING_PROBE_S):
-                conn = await asyncpg.connect(**{**self._settings(), "timeout": _PING_PROBE_S})
+                conn = await self._connect_host_by_host(
+                    **{**self._settings(), "timeout": _PING_PROBE_S}
+                )
                 try:
                     await conn.fetchval("SELECT 1")
                 finally:
@@ -1712,9 +1791,10 @@ class PostgresStore(LeaseStore):
 
     async def listen(self, on_notice: Callable[[Notice], None]) -> bool:
         """Deliver other servers' notices (seats freed, leases revoked) as they commit, on a
-        connection of its own.  When that connection is lost it is made again, with backoff;
-        notices sent meanwhile are lost, and the seat service's sweep and the holders'
-        heartbeats find those changes instead."""
+        connection of its own.  When that connection is lost — closed, or silent to a probe
+        (`_listen_watch`) — it is made again, with backoff; notices sent meanwhile are lost,
+        and the seat service's sweep and the holders' heartbeats find those changes instead.
+        When the pool recovers from an outage it is made anew at once."""
         if self._pool is None:
             raise Internal("store listen: the store is not open")
         if self._listener is not None:
@@ -1745,35 +1825,74 @@ class PostgresStore(LeaseStore):
 
         failures = 0
         while True:
-            lost = asyncio.Event()
             try:
-                conn = await asyncpg.connect(**self._settings())
+                conn, lost = await self._listening(deliver)
             except (*_UNREACHABLE, asyncpg.PostgresError, StoreUnusable) as exc:
                 failures += 1
                 if failures == 1:
                     log.warning("store_listen_lost", store=self.where, error=describe(exc))
                 await self._listen_backoff(failures)
                 continue
+            if failures:
+                log.info("store_listen_restored", store=self.where)
+            failures = 0
+            self.listening = True
+            ready.set()
             try:
-                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-                await conn.add_listener(self._channel, deliver)
-                if failures:
-                    log.info("store_listen_restored", store=self.where)
-                failures = 0
-                self.listening = True
-                ready.set()
-                await lost.wait()
-                self.listening = False
-                failures = 1
-                log.warning("store_listen_lost", store=self.where, error="connection closed")
+                while (why := await self._listen_watch(conn, lost)) is None:
+                    # The pool has just come back from an outage: this connection may be one
+                    # to a host that went dark meanwhile (the pool's own connections there
+                    # timed out; this one never sends).  A new one replaces it, made before
+                    # this one is let go, so no notice is missed if the old one was fine.
+                    try:
+                        fresh, fresh_lost = await self._listening(deliver)
+                    except (*_UNREACHABLE, asyncpg.PostgresError, StoreUnusable):
+                        continue  # keep this one: its probes tell whether it still works
+                    conn.terminate()
+                    conn, lost = fresh, fresh_lost
+                    log.info("store_listen_renewed", store=self.where, why="the store recovered")
             except (*_UNREACHABLE, asyncpg.PostgresError) as exc:
-                failures += 1
-                if failures == 1:
-                    log.warning("store_listen_lost", store=self.where, error=describe(exc))
+                why = describe(exc)
             finally:
                 self.listening = False
                 conn.terminate()
+            failures = 1
+            log.warning("store_listen_lost", store=self.where, error=why)
             await self._listen_backoff(failures)
+
+    async def _listening(
+        self, deliver: Callable[[object, int, str, str], None]
+    ) -> tuple[asyncpg.Connection, asyncio.Event]:
+        """A new connection LISTENing on this schema's channel, and the event its end sets."""
+        lost = asyncio.Event()
+        conn = await self._connect_host_by_host(**self._settings())
+        try:
+            conn.add_termination_listener(lambda _c: lost.set())
+            await conn.add_listener(self._channel, deliver)
+        except BaseException:
+            conn.terminate()
+            raise
+        # Made after the pool's last recovery: nothing for `_listen_watch` to replace.
+        self._listen_now.clear()
+        return conn, lost
+
+    async def _listen_watch(self, conn: asyncpg.Connection, lost: asyncio.Event) -> str | None:
+        """Return when the listening connection must go: why, when it is closed or does not
+        answer a probe (`_LISTEN_PROBE_EVERY_S`, within `connect_timeout_s`); None when the
+        pool has just recovered from an outage (`_listen_now`), to make it anew."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_LISTEN_PROBE_EVERY_S):
+                    await _first_set(lost, self._listen_now)
+            if lost.is_set():
+                return "connection closed"
+            if self._listen_now.is_set():
+                self._listen_now.clear()
+                return None
+            try:
+                await conn.fetchval("SELECT 1", timeout=self.connect_timeout_s)
+            except (*_UNREACHABLE, asyncpg.PostgresError) as exc:
+                return f"a probe failed ({describe(exc)})"
 
     # --- lockout -------------------------------------------------------------------------------
     @staticmethod
@@ -1935,6 +2054,16 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     of an open transaction, which asyncpg does anyway.  Calls never SET, LISTEN, open cursors
     or take session advisory locks on pooled connections, so the default reset (RESET ALL,
     UNLISTEN, pg_advisory_unlock_all: one more round trip per call) has nothing to undo."""
+
+
+async def _first_set(*events: asyncio.Event) -> None:
+    """Return as soon as one of `events` is set."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 def _log_crash(task: asyncio.Task) -> None:
