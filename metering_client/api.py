@@ -158,6 +158,14 @@ class Seat:
         return self.lost_reason == "revoked"
 
     @property
+    def denied(self) -> bool:
+        """The seat ran out (a sleep, an outage, an agent restart) and went to someone else
+        meanwhile: asked for again, it was `denied`.  In enforce mode its program may not go
+        on without it, as the watcher stops a watched program so denied (found by a review
+        of sleeping workstations: `run` let it run on, two programs on a one-seat pool)."""
+        return self.lost_reason is not None and self.lost_reason.startswith("denied:")
+
+    @property
     def enforced(self) -> bool:
         return self.reply.get("mode", "enforce") == "enforce"
 

@@ -95,8 +95,9 @@ def parser() -> argparse.ArgumentParser:
         description="The seat is held while CMD runs, and until every process it left "
         "running (a program that daemonizes) has ended; with --until-exit, only while CMD "
         "runs.  Exit codes: CMD's own (127 CMD not found, 126 it cannot be run); 64 usage; "
-        "69 unknown product; 75 denied, no server reachable, or the seat revoked (enforce "
-        "mode); 77 authentication refused; 78 config problem.",
+        "69 unknown product; 75 denied, no server reachable, or the seat revoked or lost "
+        "to another holder while CMD ran (enforce mode: CMD is stopped); 77 authentication "
+        "refused; 78 config problem.",
     )
     _globals(r, sub=True)
     _product_args(r)
@@ -278,14 +279,18 @@ async def run_command(
             lost = asyncio.ensure_future(seat.lost.wait())
 
             async def stopped_by_revoke(running: asyncio.Future, what: str) -> bool:
-                """Wait for `running` to end or the seat to go; a revoke of an enforced seat
-                is treated like a denial: the program may not go on without its seat."""
+                """Wait for `running` to end or the seat to go; an enforced seat revoked, or
+                lost and then denied, stops the program: it may not go on without its seat."""
                 await asyncio.wait({running, lost}, return_when=asyncio.FIRST_COMPLETED)
-                if running.done() or not (seat.revoked and seat.enforced):
+                if running.done() or not ((seat.revoked or seat.denied) and seat.enforced):
                     return False
+                why = (
+                    "was revoked by an administrator"
+                    if seat.revoked
+                    else f"ran out and went to another holder ({seat.lost_reason})"
+                )
                 print(
-                    f"metering-client run: the seat ({seat.lease}) was revoked by an "
-                    f"administrator; stopping {what}",
+                    f"metering-client run: the seat ({seat.lease}) {why}; stopping {what}",
                     file=sys.stderr,
                 )
                 await _stop(proc, exited, leftovers, config.watch.kill_grace_s)

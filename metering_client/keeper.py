@@ -31,6 +31,7 @@ from metering_protocol.errors import (
     AUTH_TERMINAL,
     ConnectionLost,
     CredentialUnusable,
+    Denied,
     Internal,
     LeaseNotFound,
     LeaseRevoked,
@@ -427,7 +428,10 @@ class LeaseKeeper:
         except LeaseRevoked:
             await self._lose(held, "revoked")
             return
-        except MeteringError as exc:  # denied, lease_not_found, forbidden ...
+        except Denied as exc:  # the seat went to someone else: "denied: ...", as a checkout's
+            await self._lose(held, str(exc))
+            return
+        except MeteringError as exc:  # lease_not_found, forbidden ...
             await self._lose(held, f"reclaim refused: {exc}")
             return
         if self.held.get(held.handle) is not held:
