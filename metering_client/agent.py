@@ -36,7 +36,7 @@ from metering_client.programs import pid_alive
 from metering_client.serverlist import ServerList
 from metering_client.spool import Spool, UsageLog
 from metering_client.uploader import Uploader
-from metering_client.usage import read_machine_id
+from metering_client.usage import read_boot_id, read_machine_id
 from metering_client.watcher import Watcher
 from metering_protocol.address import Address
 from metering_protocol.config import ConfigError
@@ -110,11 +110,14 @@ class Agent:
         # What tells this machine from one cloned from its image with the state dir copied
         # (the host name, so the client name, is the same): see Spool.load, LeaseJournal.load.
         self.machine_id = read_machine_id()
+        self.boot_id = read_boot_id()
         try:
             config.state_dir.mkdir(parents=True, exist_ok=True)
             # Usage: every run of a watched program and every seat taken through the local
             # API is one record, spooled durably (state_dir/spool) and uploaded with `usage`.
-            self.spool = Spool(config.state_dir / "spool", machine_id=self.machine_id)
+            self.spool = Spool(
+                config.state_dir / "spool", machine_id=self.machine_id, boot_id=self.boot_id
+            )
         except OSError as exc:  # one line naming the key, as for every config problem
             if exc.errno in PASSING_ERRNOS:  # a full or failing disk: 75, restarted
                 raise
@@ -129,7 +132,9 @@ class Agent:
         self.connector = Connector(
             config, self.servers, holdoff_path=config.state_dir / HOLDOFF_FILE
         )
-        self.journal = LeaseJournal(config.state_dir / JOURNAL_FILE, machine_id=self.machine_id)
+        self.journal = LeaseJournal(
+            config.state_dir / JOURNAL_FILE, machine_id=self.machine_id, boot_id=self.boot_id
+        )
         self._journal_failing = False  # its last write failed: logged once, written again
         self.keeper = LeaseKeeper(self.connector, on_lost=self._lost, on_change=self._persist)
         self.usage = UsageLog(self.spool, self.name)

@@ -24,6 +24,7 @@ from metering_client.config import ClientConfig, token_stamp
 from metering_client.holdoff import AuthHoldoff
 from metering_client.retry import RetryPolicy, RetrySettings, attempt_order
 from metering_client.serverlist import ServerEntry, ServerList
+from metering_client.usage import host_digest, read_boot_id, read_machine_id
 from metering_protocol.client import MAX_REPLY_BYTES, ProtocolClient
 from metering_protocol.errors import (
     AUTH_TERMINAL,
@@ -138,6 +139,8 @@ class Connector:
         if config.tls_ca_file is not None:
             self.ssl_context = ssl.create_default_context(cafile=str(config.tls_ca_file))
         self.attempts = 0  # connection attempts made, for status and tests
+        # hello's `host`: the servers warn of two workstations that share a client name
+        self.host = host_digest(read_machine_id(), read_boot_id())
         self.last_error: MeteringError | None = None
 
     # --- what a session user (the LeaseKeeper) sees -----------------------------------------
@@ -319,7 +322,11 @@ class Connector:
             else:
                 user_field = user
             hello = await client.hello(
-                cfg.name, user=user_field, token=token, timeout=timeout or cfg.request_timeout_s
+                cfg.name,
+                user=user_field,
+                token=token,
+                timeout=timeout or cfg.request_timeout_s,
+                host=self.host,
             )
         except AUTH_TERMINAL as exc:
             await client.close()

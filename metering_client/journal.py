@@ -28,12 +28,19 @@ class LeaseJournal:
     """
 
     def __init__(
-        self, path: Path, *, wall: Callable[[], float] = time.time, machine_id: str | None = None
+        self,
+        path: Path,
+        *,
+        wall: Callable[[], float] = time.time,
+        machine_id: str | None = None,
+        boot_id: str | None = None,
     ):
-        """`machine_id`: this machine's (`usage.read_machine_id`), written with the leases;
-        a journal another machine wrote is not reclaimed (see `load`)."""
+        """`machine_id`, `boot_id`: this machine's and boot's (`usage.read_machine_id`,
+        `read_boot_id`), written with the leases; a journal another machine wrote is not
+        reclaimed (see `load`)."""
         self.path = path
         self.machine_id = machine_id
+        self.boot_id = boot_id
         self.wall = wall  # names the copy of an unreadable journal kept for the operator
         self._lock = asyncio.Lock()
         self._taken = 0  # sequence number of the newest snapshot handed to save()
@@ -61,7 +68,13 @@ class LeaseJournal:
             log.error("lease_journal_unreadable", path=str(kept), error=str(exc))
             return []
         written_on = data.get("machine_id")
-        if None not in (written_on, self.machine_id) and written_on != self.machine_id:
+        if (
+            None not in (written_on, self.machine_id)
+            and written_on != self.machine_id
+            # This boot's is this machine's, whatever its id says now (an administrator
+            # gave it a new one: found by a review of the change, which dropped the seats).
+            and (self.boot_id is None or data.get("boot_id") != self.boot_id)
+        ):
             # A state dir copied with a disk image (found by a review of cloned
             # workstations): reclaimed here, the seats of the machine that holds them were
             # held by two workstations and counted once.  Nor checked in: that machine may
@@ -105,7 +118,12 @@ class LeaseJournal:
         self._taken += 1
         seq = self._taken
         self._latest = json.dumps(
-            {"version": 1, "machine_id": self.machine_id, "leases": [h.to_json() for h in held]}
+            {
+                "version": 1,
+                "machine_id": self.machine_id,
+                "boot_id": self.boot_id,
+                "leases": [h.to_json() for h in held],
+            }
         ).encode()
         async with self._lock:
             if self._written >= seq:

@@ -587,7 +587,10 @@ class LeaseKeeper:
             fields["lease"] = reclaim
         asked = self.clock()
         reply = await self.call("checkout", extra_timeout=wait_s, **fields)
-        valid_until = self._valid_until(asked, reply)
+        # A queued checkout is granted when a seat frees, just before its reply, not when it
+        # was asked: counted from the ask, a wait past the TTL put its lapse before its grant
+        # (found by a review).
+        valid_until = self._valid_until(self.clock() if wait_s else asked, reply)
         same = self._holding(reply["lease"])
         if same is not None:  # the caller's key made it before: one seat, one handle
             same.in_use = reply.get("in_use", same.in_use)
@@ -745,6 +748,10 @@ class LeaseKeeper:
         # The move-back probes run beside this loop: a dark preferred server costs them its
         # timeouts, and the heartbeats must not wait for those (a short TTL ran out).
         probe: asyncio.Task | None = None
+        # Checkins no server took are sent again on a session back, a wake-up or a beat: not
+        # at each of the waits' one-second slices (a checkin a second to a server refusing
+        # them: found by a review of the slices).
+        give_back = True
         while True:
             if probe is not None and probe.done():
                 probe = None
@@ -768,7 +775,9 @@ class LeaseKeeper:
                 assert session is not None
                 next_beat = self.clock() + session.heartbeat_s
                 probing_for, next_probe = session, self._next_probe_time(session)
-            if self._unreturned:  # at once on a session back, else once a wake-up or a beat
+                give_back = True
+            if self._unreturned and give_back:
+                give_back = False
                 await self._give_back(session)
             now = self.clock()
             if self._beat_now:
@@ -780,8 +789,10 @@ class LeaseKeeper:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(min(due - now, MAX_WAIT_S)):
                         await self._wake.wait()
+                        give_back = True
                 continue
             if now >= next_beat:
+                give_back = True
                 sooner = await self._beat(session)
                 next_beat = self.clock() + (sooner if sooner is not None else session.heartbeat_s)
             if probe is None and self.clock() >= next_probe:
@@ -818,10 +829,14 @@ class LeaseKeeper:
             self._gave_up = True
             wait = self.connector.background_delay_s()
             log.warning("no_server_reachable", error=exc.message, retry_in_s=round(wait, 2))
+        # On the keeper's clock, in slices: a laptop that slept through the wait tries at
+        # its wake-up, not after the rest of it on the loop's clock (found by a review).
+        until = self.clock() + wait
         self._wake.clear()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(wait):
-                await self._wake.wait()
+        while not self._wake.is_set() and (left := until - self.clock()) > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(left, MAX_WAIT_S)):
+                    await self._wake.wait()
         return False
 
     async def _beat(self, session: Session) -> float | None:

@@ -50,6 +50,7 @@ from metering_client.usage import (
     decode,
     encode,
     new_record,
+    read_boot_id,
     read_boottime,
     wire_size,
 )
@@ -67,17 +68,6 @@ RECORD_NAME_PATTERN = r"^[^/.\x00][^/\x00]*\Z"
 RECORD_NAME_MAX = 128
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 REQUEUE_CHUNK = 32  # records moved back per hold of the spool lock
-BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
-
-
-def read_boot_id() -> str | None:
-    """This boot's id: a boottime reading means something only within its boot.  None when
-    it cannot be read (runs are then measured on the wall clock)."""
-    try:
-        with open(BOOT_ID_PATH, encoding="ascii") as f:
-            return f.read().strip() or None
-    except (OSError, ValueError):
-        return None
 
 
 def is_record_name(text: str) -> bool:
@@ -85,14 +75,18 @@ def is_record_name(text: str) -> bool:
 
 
 class Spool:
-    def __init__(self, directory: Path, *, machine_id: str | None = None):
+    def __init__(
+        self, directory: Path, *, machine_id: str | None = None, boot_id: str | None = None
+    ):
         """`machine_id`: this machine's (`read_machine_id`), written into every record; an
-        open run another machine wrote is not this agent's to close (see `load`)."""
+        open run another machine wrote is not this agent's to close (see `load`).  One
+        begun in this boot (`boot_id`) is this machine's whatever its id says now."""
         self.dir = directory
         self.rejected_dir = directory / "rejected"
         self.corrupt_dir = directory / "corrupt"
         self.other_machine_dir = directory / "other-machine"
         self.machine_id = machine_id
+        self.boot_id = boot_id
         self.records: dict[str, UsageRecord] = {}  # every record in the spool, by id
         self._unwritten: set[str] = set()  # newer in memory than on disk (a write failed)
         # Answered by a server (acknowledged: None; refused: its error) but still on disk:
@@ -147,9 +141,9 @@ class Spool:
         return [r for r in self.records.values() if r.running]
 
     def _of_another_machine(self, record: UsageRecord) -> bool:
-        return None not in (record.machine_id, self.machine_id) and (
-            record.machine_id != self.machine_id
-        )
+        if None in (record.machine_id, self.machine_id) or record.machine_id == self.machine_id:
+            return False
+        return self.boot_id is None or record.boot_id != self.boot_id
 
     def _set_aside_other_machine(self, path: Path, record: UsageRecord) -> None:
         """An open run from a spool copied with a disk image (found by a review of cloned
@@ -737,6 +731,9 @@ class UsageLog:
         for handle in [h for h in self.by_handle if h not in held]:
             record = self.by_handle.pop(handle)
             ran_out = (lapsed or {}).get(handle)
+            if ran_out is not None and record.length_at(boot) is not None:
+                # never before its start (a lapse judged from a checkout's ask)
+                ran_out = max(ran_out, boot.seconds - (record.length_at(boot) or 0.0))
             if ran_out is not None and ran_out < boot.seconds:
                 record.end(now - (boot.seconds - ran_out), BootTime(boot.boot_id, ran_out))
             else:

@@ -19,6 +19,7 @@ Pure: no I/O, no clock (callers pass the readings: wall-clock epoch seconds, `Bo
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from typing import Annotated, Any, Literal, NamedTuple
@@ -49,6 +50,7 @@ def read_boottime() -> float:
     return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 MACHINE_ID_PATHS = ("/etc/machine-id", "/var/lib/dbus/machine-id")
 
 
@@ -66,6 +68,24 @@ def read_machine_id(paths: tuple[str, ...] = MACHINE_ID_PATHS) -> str | None:
         if text:
             return text
     return None
+
+
+def read_boot_id() -> str | None:
+    """This boot's id: a boottime reading means something only within its boot.  None when
+    it cannot be read (runs are then measured on the wall clock)."""
+    try:
+        with open(BOOT_ID_PATH, encoding="ascii") as f:
+            return f.read().strip() or None
+    except (OSError, ValueError):
+        return None
+
+
+def host_digest(machine_id: str | None, boot_id: str | None) -> str | None:
+    """What hello's `host` says of this machine and boot: a digest, not the ids themselves
+    (a machine id is meant to stay on its machine).  None when neither can be read."""
+    if machine_id is None and boot_id is None:
+        return None
+    return hashlib.sha256(f"{machine_id}\0{boot_id}".encode()).hexdigest()[:16]
 
 
 class BootTime(NamedTuple):

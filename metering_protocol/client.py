@@ -106,13 +106,21 @@ class ProtocolClient:
         return cls(reader, writer, addr, on_event=on_event, max_frame_bytes=max_frame_bytes)
 
     async def hello(
-        self, client: str, *, user: str | None, token: str | None, timeout: float
+        self,
+        client: str,
+        *,
+        user: str | None,
+        token: str | None,
+        timeout: float,
+        host: str | None = None,
     ) -> dict[str, Any]:
         fields: dict[str, Any] = {"protocol": 1, "client": client}
         if user is not None:
             fields["user"] = user
         if token is not None:
             fields["token"] = token
+        if host is not None:
+            fields["host"] = host
         self.hello_reply = await self.request("hello", timeout=timeout, **fields)
         return self.hello_reply
 

@@ -58,6 +58,9 @@ class Hello(Request, frozen=True, kw_only=True):
     client: CleanName
     user: CleanName | None = None
     token: Token | None = None
+    # An addition: which machine and boot the client runs on (a digest), so a server can
+    # tell two workstations that share a client name (cloned images) from one reconnecting.
+    host: CleanName | None = None
 
 
 class Ping(Request, frozen=True, kw_only=True):

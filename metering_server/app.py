@@ -469,6 +469,15 @@ class MeteringServer:
         if not done:
             log.warning("store_abandoned", waited_s=round(budget, 1))
             self.store.abandon()
+            # SQLite's writes then end at once; a store that cannot abandon (PostgreSQL, its
+            # host gone dark) is given ABORT_WAIT_S more and then left, unclosed, to the
+            # process's exit: nothing acknowledged waits on it (found by a review).
+            done, _ = await asyncio.wait({closing}, timeout=ABORT_WAIT_S)
+            if not done:
+                log.warning("store_close_abandoned", waited_s=ABORT_WAIT_S)
+                closing.cancel()
+                await asyncio.wait({closing})
+                return
         await closing
 
     async def _close_store_parts(self) -> None:
@@ -782,7 +791,9 @@ def check_same_server(new: ServerConfig, old: ServerConfig) -> None:
         raise ConfigError(where, "server", f"no [server] table; {WRITE_BY_RENAME}")
     for key, now, was in (
         ("server.name", new.server.name, old.server.name),
-        ("store.url", redact_url(new.store_url), redact_url(old.store_url)),
+        # as written: one made from server.state_dir changes with it, a restart_required
+        # key like any other (found by a review: the whole reload was refused)
+        ("store.url", _written_store_url(new), _written_store_url(old)),
     ):
         if now != was:
             raise ConfigError(
@@ -791,6 +802,12 @@ def check_same_server(new: ServerConfig, old: ServerConfig) -> None:
                 f"{now!r}, but this server runs with {was!r} (a change of it needs a "
                 f"restart); if the file was being rewritten, {WRITE_BY_RENAME}",
             )
+
+
+def _written_store_url(config: ServerConfig) -> str | None:
+    store = config.raw.get("store")
+    url = store.get("url") if isinstance(store, dict) else None
+    return redact_url(url) if isinstance(url, str) else None
 
 
 def check_servers_version(new: ServerConfig, old: ServerConfig) -> None:

@@ -24,6 +24,7 @@ from metering_protocol.timefmt import rfc3339
 from metering_runtime.logs import bind_context, get_logger
 from metering_server import usage
 from metering_server.authn import Authenticator
+from metering_server.clientnames import ClientNames
 from metering_server.seats import CheckoutRequest, Grant, SeatService
 from metering_server.session import Session
 from metering_server.store.base import LeaseRecord, UsageRecord
@@ -99,6 +100,7 @@ class Handlers:
         self.site = site
         self.reload = reload
         self.health = health
+        self.client_names = ClientNames()
         self._table: dict[str, Callable[[Session, Any], Awaitable[dict[str, Any]]]] = {
             op: getattr(self, f"op_{op}") for op in m.REQUESTS
         }
@@ -108,6 +110,8 @@ class Handlers:
 
     def session_closed(self, session: Session) -> None:
         self.seats.holder_gone(session)
+        if session.principal is not None:
+            self.client_names.left((session.principal, session.client), session)
 
     # --- session ---------------------------------------------------------------------------
     async def op_hello(self, session: Session, req: m.Hello) -> dict[str, Any]:
@@ -117,6 +121,16 @@ class Handlers:
         )
         session.principal, session.roles, session.client = ident.principal, ident.roles, req.client
         bind_context(client=req.client, principal=ident.principal)
+        other = self.client_names.arrived((ident.principal, req.client), session, req.host)
+        if other is not None:
+            log.warning(
+                "client_name_clash",
+                host=req.host,
+                other_host=other,
+                why="two live sessions of this principal and client name from different "
+                "hosts: workstations cloned from one image share a host name (give each a "
+                "client.name of its own), or one rebooted while its old session lingers",
+            )
         site = self.site()
         session.lease_ttl_s = site.lease_ttl_s
         return {

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 import metering_client.spool as spool_module
 from metering_client.agent import Agent
@@ -699,3 +700,29 @@ async def test_cloned_workstations_with_one_client_name_never_share_a_keyed_seat
     finally:
         await stop_local_agent(second, second_dir)
         await stop_local_agent(first, first_dir)
+
+
+@pytest.mark.asyncio
+async def test_two_hosts_under_one_client_name_are_reported_to_the_operator(make_server, tmp_path):
+    """Found by a review of cloned workstations: two live agents of one client name (an
+    image's host name) were one client to the server and nothing said so.  Each hello says
+    its machine and boot (`host`, a digest); two of them under one name are logged."""
+    server = await make_server(credentials={"ws": (["agent"], "tok")})
+    agent, short = await start_local_agent(server, tmp_path)
+    try:
+        await async_wait_until(
+            lambda: server.handlers.client_names.hosts(("ws", agent.name)), what="the agent's hello"
+        )
+        [mine] = server.handlers.client_names.hosts(("ws", agent.name))
+        assert mine is not None and len(mine) == 16  # the agent said its host
+        with capture_logs() as logs:
+            clone = await ProtocolClient.connect(server.address("tcp"), timeout=5)
+            await clone.hello(agent.name, user="ws", token="tok", timeout=5, host="f" * 16)
+            again = await ProtocolClient.connect(server.address("tcp"), timeout=5)
+            await again.hello(agent.name, user="ws", token="tok", timeout=5, host=mine)
+        await clone.close()
+        await again.close()
+        clashes = [e for e in logs if e["event"] == "client_name_clash"]
+        assert [(e["host"], e["other_host"]) for e in clashes] == [("f" * 16, mine)]
+    finally:
+        await stop_local_agent(agent, short)

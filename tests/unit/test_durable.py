@@ -305,3 +305,13 @@ async def test_a_journal_another_machine_wrote_is_not_reclaimed(tmp_path):
     older = {"version": 1, "leases": [lease(3).to_json()]}  # an agent before machine ids
     path.write_text(json.dumps(older))
     assert LeaseJournal(path, machine_id="clone").load() == [lease(3)]
+
+
+@pytest.mark.asyncio
+async def test_a_journal_of_this_boot_is_this_machines_whatever_its_id_says_now(tmp_path):
+    """Found by a review of the change above: an administrator who gave a machine a new id
+    (as clones need) and restarted its agent lost every seat its programs held."""
+    path = tmp_path / "leases.json"
+    await LeaseJournal(path, machine_id="old-id", boot_id="boot-1").save([lease(1)])
+    assert LeaseJournal(path, machine_id="new-id", boot_id="boot-1").load() == [lease(1)]
+    assert LeaseJournal(path, machine_id="new-id", boot_id="boot-2").load() == []

@@ -3,13 +3,14 @@ that its leases ran out meanwhile, and asks for a seat again rather than letting
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
 import pytest
 
 from metering_client.keeper import MAX_WAIT_S, HeldLease, LeaseKeeper
-from metering_protocol.errors import Denied
+from metering_protocol.errors import Denied, Overloaded, Unavailable
 from tests.support import async_wait_until
 from tests.unit.test_keeper_interface import A, FakeConnector, FakeSession
 
@@ -156,5 +157,79 @@ async def test_a_seat_granted_again_past_the_seat_count_is_overuse():
         await async_wait_until(lambda: held.lease == "Lover", what="granted again")
         assert held.overuse is True and keeper.held == {held.handle: held}
         assert "valid_until" not in held.to_json()  # a reading of this boot: not journalled
+    finally:
+        await keeper.stop()
+
+
+class Unreachable(FakeConnector):
+    """No server answers until `down` is cleared."""
+
+    __slots__ = ("down",)
+
+    def __init__(self, *sessions: FakeSession):
+        super().__init__(*sessions)
+        self.down = True
+
+    async def connect(self, *, avoid=(), passes=None):
+        if self.down:
+            self.connects.append(list(avoid))
+            raise Unavailable("no server reachable")
+        return await super().connect(avoid=avoid, passes=passes)
+
+    def background_delay_s(self) -> float:
+        return 60.0  # backoff_max's order
+
+
+@pytest.mark.asyncio
+async def test_the_wait_between_reconnects_counts_a_sleep():
+    """Found by a review: the wait after a failed reconnect ran on the loop's clock, so a
+    laptop whose session died before the lid closed waited the rest of it (up to
+    backoff_max) after an hour's sleep before it reconnected and reclaimed."""
+    clock = BootClock()
+    connector = Unreachable(FakeSession(A))
+    keeper = LeaseKeeper(connector, clock=clock)
+    keeper.start()
+    try:
+        await async_wait_until(lambda: connector.connects, what="a reconnect that failed")
+        connector.down = False
+        clock.slept += 3600.0
+        await async_wait_until(
+            lambda: keeper.session is not None, timeout=MAX_WAIT_S + 5, what="a reconnect"
+        )
+    finally:
+        await keeper.stop()
+
+
+class RefusedCheckins(FakeSession):
+    __slots__ = ("checkins",)
+    heartbeat_s = HEARTBEAT_S
+    ttl_s = 600.0
+
+    def __init__(self, entry):
+        super().__init__(entry)
+        self.checkins = 0
+
+    async def request(self, op: str, *, timeout: float, **fields: Any) -> dict[str, Any]:
+        if op == "checkin":
+            self.checkins += 1
+            raise Overloaded("busy", retry_after_s=10.0)
+        return await super().request(op, timeout=timeout, **fields)
+
+
+@pytest.mark.asyncio
+async def test_a_checkin_no_server_took_is_not_sent_at_every_slice():
+    """Found by a review of the slices: a checkin no server took was sent again at the top
+    of every round of the maintainer, and rounds came every MAX_WAIT_S: one checkin a
+    second to a server refusing them, where it was one a wake-up or a beat."""
+    session = RefusedCheckins(A)
+    keeper = LeaseKeeper(FakeConnector(session))
+    await keeper.ensure_session()
+    keeper._ttl_s = 600.0
+    keeper._give_back_later("L-unreturned")
+    keeper.start()
+    try:
+        await async_wait_until(lambda: session.checkins, what="the first checkin")
+        await asyncio.sleep(3 * MAX_WAIT_S + 0.5)  # three slices of the maintainer's wait
+        assert session.checkins <= 2  # at the start and after the first beat: not per slice
     finally:
         await keeper.stop()

@@ -592,3 +592,16 @@ async def test_a_seat_that_ran_out_in_a_sleep_ends_its_run_then_and_overuse_is_r
     del held["L2"]
     await usage.seats_changed(held, {"L2": 9999.0})  # "ran out" later than now: ends now
     assert second.ended_at == rfc3339(T0 + 3600)
+
+
+@pytest.mark.asyncio
+async def test_an_open_run_of_this_boot_is_this_machines_whatever_its_id_says_now(tmp_path):
+    """Found by a review: a machine given a new id kept none of its own open runs."""
+    before = Spool(tmp_path / "spool", machine_id="old-id", boot_id="boot-1")
+    before.load()
+    run = record(1, running=True, handle="L1", started_boot=BootTime("boot-1", 10.0))
+    await before.put(run)
+    after = Spool(tmp_path / "spool", machine_id="new-id", boot_id="boot-1")
+    assert [r.record_id for r in after.load()] == [run.record_id]
+    clone = Spool(tmp_path / "spool", machine_id="new-id", boot_id="boot-2")
+    assert clone.load() == []
