@@ -306,6 +306,9 @@ class Agent:
         finally:
             # never raises
             await self.usage.seats_changed(self.keeper.held, self.keeper.take_lapsed())
+            if self.watcher is not None:
+                for record in self.watcher.seats_changed(self.keeper.held):
+                    await self.spool.put(record)
 
     async def _save_journal(self) -> None:
         """A journal that cannot be written (the state dir's disk full) costs no seat and no
@@ -386,7 +389,7 @@ class Agent:
 
     def _lost(self, held: HeldLease, reason: str) -> None:
         if self.watcher is not None:
-            self.watcher.seat_lost(held.handle, reason)
+            self.watcher.seat_lost(held.handle, reason, self.keeper.ran_out(held, reason))
             if reason == "revoked":
                 self.watcher.own_seat_revoked(held)
         session = self.holders.pop(held.handle, None)

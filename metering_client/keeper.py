@@ -483,8 +483,8 @@ class LeaseKeeper:
     def _drop(self, held: HeldLease, reason: str) -> bool:
         if self.held.pop(held.handle, None) is None:
             return False
-        ran_out = held.valid_until
-        if reason != "revoked" and ran_out is not None and ran_out < self.clock():
+        ran_out = self.ran_out(held, reason)
+        if ran_out is not None:
             self._lapsed[held.handle] = ran_out
         log.warning("lease_lost", handle=held.handle, lease=held.lease, reason=reason)
         return True
@@ -627,6 +627,14 @@ class LeaseKeeper:
             session = self.session
             ttl = session.ttl_s if session is not None else None
         return None if ttl is None else asked + ttl
+
+    def ran_out(self, held: HeldLease, reason: str) -> float | None:
+        """When a seat lost for `reason` had run out, if it had before the loss (on `clock`):
+        a revoke takes a live seat, at once."""
+        until = held.valid_until
+        if reason != "revoked" and until is not None and until < self.clock():
+            return until
+        return None
 
     def take_lapsed(self) -> dict[str, float]:
         """Seats lost since the last call that had run out before the loss was noticed

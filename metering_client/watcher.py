@@ -402,6 +402,7 @@ class Run:
     next_try: float = 0.0  # monotonic: when an unseated run asks again
     gone_at: float | None = None  # wall clock: its last process exited
     gone_boot: BootTime | None = None  # CLOCK_BOOTTIME then
+    lapsed_at: float | None = None  # CLOCK_BOOTTIME: its lost seat's lease ran out then
 
     def pids(self) -> list[tuple[int, int | None]]:
         return list(self.procs)
@@ -819,6 +820,7 @@ class Watcher:
             await self._offline(run, failure)
             return
         run.reclaim = None
+        run.lapsed_at = None  # seated again
         self.handles.add(held.handle)
         if run.state != "asking":  # revoked or stopped meanwhile: nothing may use it
             self._spawn(self._checkin(held.handle), "checkin")
@@ -921,7 +923,13 @@ class Watcher:
         if run.record is not None:  # it ran offline, or lost its seat: its one record ends
             if not run.seated_once:
                 run.record.outcome = "denied"
-            run.record.end(now, boot)
+            if run.lapsed_at is not None and run.lapsed_at < boot.seconds:
+                # when its seat ran out (a sleep, an outage), not now: the seat has been
+                # another's since (found by a review: two runs on one seat in the report)
+                lapsed = max(run.lapsed_at, boot.seconds - (run.record.length_at(boot) or 0.0))
+                run.record.end(now - (boot.seconds - lapsed), BootTime(boot.boot_id, lapsed))
+            else:
+                run.record.end(now, boot)
             records.append(run.record)
             rest = list(programs[1:]) if not run.seated_once else []
         for proc in rest:
@@ -1047,8 +1055,22 @@ class Watcher:
         if held.pid is not None and held.handle not in self.handles:
             self._revoked_own[(held.pid, held.pid_start)] = held.product.upper()
 
-    def seat_lost(self, handle: str, reason: str) -> None:
-        """The keeper lost a watcher seat (revoked, or not reclaimable after an outage)."""
+    def seats_changed(self, held: Mapping[str, Any]) -> list[UsageRecord]:
+        """After a change of the keeper's seats: a run whose seat the keeper was granted
+        again past the seat count (meter mode, after a sleep or an outage) is overuse from
+        then (its record said `granted`: found by a review).  The records changed."""
+        changed = []
+        for run in self._live_runs():
+            seat = held.get(run.handle) if run.handle is not None else None
+            record = run.record
+            if getattr(seat, "overuse", False) and record and record.outcome == "granted":
+                record.outcome = "overuse"
+                changed.append(record)
+        return changed
+
+    def seat_lost(self, handle: str, reason: str, lapsed_at: float | None = None) -> None:
+        """The keeper lost a watcher seat (revoked, or not reclaimable after an outage);
+        `lapsed_at`: when its lease ran out (CLOCK_BOOTTIME), if it had before the loss."""
         if handle not in self.handles:
             return
         self.handles.discard(handle)
@@ -1059,6 +1081,7 @@ class Watcher:
         if reason != "revoked":
             run.state = "unseated"  # ask again at the next scan
             run.next_try = 0.0
+            run.lapsed_at = lapsed_at
             return
         run.revoked = True
         if self._mode(run) != "enforce":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,7 +45,7 @@ CREDS = {"ws-a": (["agent"], "tok-a"), "ws-b": (["agent"], "tok-b"), "ops": (["a
 class Site:
     """One server, agents as processes, programs under `run` that end when told."""
 
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, mode: str = "enforce"):
         self.tmp = tmp
         self.sock = bind_tcp()
         self.address = "tcp://{}:{}".format(*self.sock.getsockname())
@@ -56,7 +57,15 @@ class Site:
             listen=[self.address],
             state_dir=state,
             store=tmp / "site.db",
-            products=[{"name": "CLOCK.EXE", "version": "4.00", "seats": 1, "mode": "enforce"}],
+            products=[
+                {
+                    "name": "CLOCK.EXE",
+                    "version": "4.00",
+                    "seats": 1,
+                    "mode": mode,
+                    "executables": ["clockh"],
+                }
+            ],
             leases={"ttl_s": 3.0, "heartbeat_s": 1.0},
         )
         self.server = server_daemon(write_toml(state / "server.toml", cfg), sockets=[self.sock])
@@ -65,7 +74,7 @@ class Site:
         self.agents: dict[str, tuple[Daemon, Path]] = {}
         self.runs: list[subprocess.Popen] = []
 
-    def agent(self, name: str) -> Daemon:
+    def agent(self, name: str, *, watch: bool = False) -> Daemon:
         home = self.tmp / name
         home.mkdir()
         config = write_toml(
@@ -80,7 +89,7 @@ class Site:
                     "log_format": "json",
                 },
                 "servers": {"list": [self.address], "request_timeout_ms": 1000},
-                "watch": {"enabled": False},
+                "watch": {"enabled": watch, "interval_ms": 100, "kill_grace_s": 0.5},
                 "usage": {"upload_interval_s": 1},
             },
         )
@@ -103,6 +112,15 @@ class Site:
             text=True,
             start_new_session=True,
         )
+        self.runs.append(proc)
+        return proc
+
+    def watched(self) -> subprocess.Popen:
+        """A program the agent's watcher knows by its name (`clockh`: a copy of sleep)."""
+        exe = short_tmpdir() / "clockh"
+        shutil.copy("/bin/sleep", exe)
+        exe.chmod(0o755)
+        proc = subprocess.Popen([str(exe), "600"], start_new_session=True)
         self.runs.append(proc)
         return proc
 
@@ -189,3 +207,67 @@ def test_a_seat_gone_to_another_workstation_stops_the_enforced_program_and_its_r
     product = wait_until(both_runs, 30, "both runs reported")
     # A's run ended when its lease ran out, before B's began: never two on one seat
     assert product["peak_in_use"] == 1, product
+
+
+def report_of_both_runs(site: Site) -> dict:
+    def both_runs() -> dict | None:
+        [product] = site.admin("report", "--since", "2000-01-01")["products"]
+        return product if product["sessions"] == 2 and product["open"] == 0 else None
+
+    return wait_until(both_runs, 30, "both runs reported")
+
+
+def test_a_watched_program_whose_seat_went_to_another_is_stopped_its_run_ended_then(site, tmp_path):
+    """Found by a review of the fix above: it ended at the lapse only runs of seats taken
+    through the local API; a watched program's run was still ended at the wake-up."""
+    a = site.agent("ws-a", watch=True)
+    site.agent("ws-b")
+    program_a = site.watched()
+    wait_until(lambda: site.holders() == ["ws-a"], 20, "A's watched program holds the seat")
+    done_b = tmp_path / "done-b"
+    program_b = site.run("ws-b", done_b, "--wait", "60")
+    wait_until(lambda: site.admin("status")["products"][0]["queued"] == 1, 20, "B waits")
+    sleep_through(site, a, program_a, lambda: site.holders() == ["ws-b"])
+    program_a.wait(timeout=30)  # denied on the wake-up: the watcher stops it
+    done_b.touch()
+    program_b.communicate(timeout=30)
+    assert report_of_both_runs(site)["peak_in_use"] == 1
+
+
+@pytest.fixture
+def meter_site(tmp_path):
+    s = Site(tmp_path, mode="meter")
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def test_a_watched_program_granted_again_past_the_seats_is_overuse(meter_site, tmp_path):
+    """Found by a review: the keeper's fresh grant past the seat count (meter mode) after a
+    sleep left the watched run's record `granted`: the report's overuse 0, its peak 2."""
+    site = meter_site
+    a = site.agent("ws-a", watch=True)
+    site.agent("ws-b")
+    program_a = site.watched()
+    wait_until(lambda: site.holders() == ["ws-a"], 20, "A's watched program holds the seat")
+    done_b = tmp_path / "done-b"
+    runs_b: list[subprocess.Popen] = []
+
+    def b_took_it() -> bool:
+        if not runs_b and site.holders() == []:  # A's lease ran out in its sleep
+            runs_b.append(site.run("ws-b", done_b))
+        return site.holders() == ["ws-b"]
+
+    sleep_through(site, a, program_a, b_took_it)
+    wait_until(
+        lambda: [e for e in a.events() if e.get("event") == "lease_regranted_fresh"],
+        20,
+        "A granted again, past the seat",
+    )
+    os.killpg(program_a.pid, signal.SIGTERM)
+    program_a.wait(timeout=30)
+    done_b.touch()
+    runs_b[0].communicate(timeout=30)
+    product = report_of_both_runs(site)
+    assert product["peak_in_use"] == 2 and product["overuse"] >= 1, product
