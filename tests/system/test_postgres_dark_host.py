@@ -178,6 +178,10 @@ class Servers:
             products=[{"name": PRODUCT, "version": VERSION, "seats": 1, "mode": "enforce"}],
         )
         cfg["server"]["sweep_interval_s"] = SWEEP_S
+        # Leases outlive a failover (a dark host costs the pool query_timeout_s, then a
+        # connect_timeout_s per host; on a loaded machine past the default 10 s TTL, and the
+        # lease was `lost`, not renewed, on the promoted database).
+        cfg["leases"] = {"ttl_s": 90.0, "heartbeat_s": 5.0}
         cfg["store"] = {
             "url": url,
             "password_file": str(pgmod._installation().password_file),
