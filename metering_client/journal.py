@@ -12,6 +12,7 @@ from pathlib import Path
 import msgspec
 
 from metering_client.keeper import HeldLease
+from metering_client.usage import of_another_machine
 from metering_runtime.durable import write_atomic_async
 from metering_runtime.logs import get_logger
 
@@ -68,13 +69,7 @@ class LeaseJournal:
             log.error("lease_journal_unreadable", path=str(kept), error=str(exc))
             return []
         written_on = data.get("machine_id")
-        if (
-            None not in (written_on, self.machine_id)
-            and written_on != self.machine_id
-            # This boot's is this machine's, whatever its id says now (an administrator
-            # gave it a new one: found by a review of the change, which dropped the seats).
-            and (self.boot_id is None or data.get("boot_id") != self.boot_id)
-        ):
+        if of_another_machine((written_on, data.get("boot_id")), (self.machine_id, self.boot_id)):
             # A state dir copied with a disk image (found by a review of cloned
             # workstations): reclaimed here, the seats of the machine that holds them were
             # held by two workstations and counted once.  Nor checked in: that machine may

@@ -50,6 +50,7 @@ from metering_client.usage import (
     decode,
     encode,
     new_record,
+    of_another_machine,
     read_boot_id,
     read_boottime,
     wire_size,
@@ -141,9 +142,9 @@ class Spool:
         return [r for r in self.records.values() if r.running]
 
     def _of_another_machine(self, record: UsageRecord) -> bool:
-        if None in (record.machine_id, self.machine_id) or record.machine_id == self.machine_id:
-            return False
-        return self.boot_id is None or record.boot_id != self.boot_id
+        return of_another_machine(
+            (record.machine_id, record.boot_id), (self.machine_id, self.boot_id)
+        )
 
     def _set_aside_other_machine(self, path: Path, record: UsageRecord) -> None:
         """An open run from a spool copied with a disk image (found by a review of cloned
@@ -730,14 +731,7 @@ class UsageLog:
         now, boot = self.wall(), self._boot_now()
         for handle in [h for h in self.by_handle if h not in held]:
             record = self.by_handle.pop(handle)
-            ran_out = (lapsed or {}).get(handle)
-            if ran_out is not None and record.length_at(boot) is not None:
-                # never before its start (a lapse judged from a checkout's ask)
-                ran_out = max(ran_out, boot.seconds - (record.length_at(boot) or 0.0))
-            if ran_out is not None and ran_out < boot.seconds:
-                record.end(now - (boot.seconds - ran_out), BootTime(boot.boot_id, ran_out))
-            else:
-                record.end(now, boot)
+            record.end_lapsed(now, boot, (lapsed or {}).get(handle))
             await self.spool.put(record)
         for handle, record in self.by_handle.items():
             seat = held.get(handle)

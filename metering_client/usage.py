@@ -80,6 +80,19 @@ def read_boot_id() -> str | None:
         return None
 
 
+def of_another_machine(
+    written: tuple[str | None, str | None], here: tuple[str | None, str | None]
+) -> bool:
+    """Whether state written on (machine id, boot id) `written` is another machine's than
+    `here`'s: a state dir copied with a disk image.  Only ids that can be read judge, and
+    what this boot wrote is this machine's whatever its id says now (an administrator gave
+    it a new one: found by a review, which had it drop its own seats and runs)."""
+    (machine, boot), (our_machine, our_boot) = written, here
+    if None in (machine, our_machine) or machine == our_machine:
+        return False
+    return our_boot is None or boot != our_boot
+
+
 def host_digest(machine_id: str | None, boot_id: str | None) -> str | None:
     """What hello's `host` says of this machine and boot: a digest, not the ids themselves
     (a machine id is meant to stay on its machine).  None when neither can be read."""
@@ -151,6 +164,18 @@ class UsageRecord(msgspec.Struct, kw_only=True):
         """Close the run at `at` (see `seen`); it is never placed again."""
         self.seen(at, boot)
         self.running = False
+
+    def end_lapsed(self, at: float, boot: BootTime, lapsed: float | None) -> None:
+        """Close the run at `at` (`boot` read with it), or when its seat ran out if that was
+        earlier (`lapsed`: CLOCK_BOOTTIME of this boot; a seat lost after a sleep or an
+        outage, since another's), never before the run's start."""
+        length = self.length_at(boot)
+        if lapsed is not None and length is not None:
+            lapsed = max(lapsed, boot.seconds - length)  # a lapse judged from a checkout's ask
+        if lapsed is not None and lapsed < boot.seconds:
+            self.end(at - (boot.seconds - lapsed), BootTime(boot.boot_id, lapsed))
+        else:
+            self.end(at, boot)
 
     def end_at_last_seen(self) -> None:
         """Close a run found open after a restart (or a reboot) at the last time it was

@@ -923,13 +923,9 @@ class Watcher:
         if run.record is not None:  # it ran offline, or lost its seat: its one record ends
             if not run.seated_once:
                 run.record.outcome = "denied"
-            if run.lapsed_at is not None and run.lapsed_at < boot.seconds:
-                # when its seat ran out (a sleep, an outage), not now: the seat has been
-                # another's since (found by a review: two runs on one seat in the report)
-                lapsed = max(run.lapsed_at, boot.seconds - (run.record.length_at(boot) or 0.0))
-                run.record.end(now - (boot.seconds - lapsed), BootTime(boot.boot_id, lapsed))
-            else:
-                run.record.end(now, boot)
+            # when its seat ran out (a sleep, an outage), not now: the seat has been
+            # another's since (found by a review: two runs on one seat in the report)
+            run.record.end_lapsed(now, boot, run.lapsed_at)
             records.append(run.record)
             rest = list(programs[1:]) if not run.seated_once else []
         for proc in rest:
